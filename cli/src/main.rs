@@ -1,0 +1,2 @@
+//! The ratewarden command line.
+fn main() {}

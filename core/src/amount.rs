@@ -1,0 +1,286 @@
+//! Exact amounts and cost maps.
+//!
+//! Money and every other quantity are integers: an [`Amount`] is a decimal
+//! `value × 10^-scale` given by the caller, and the policy converts it to the
+//! unit's *base units* (`usd` has 6 decimals, so `0.0125` usd is 12 500 base
+//! units). No binary floating point ever touches a balance. Every base amount
+//! stays within ±[`MAX_AMOUNT`] (2^53 − 1) so the Redis scripts, whose numbers
+//! are doubles, compute exactly the same results.
+
+use std::fmt;
+
+use smallvec::SmallVec;
+
+use crate::error::{Error, Result, truncate};
+
+/// Largest magnitude of any amount, capacity or intermediate, in base units.
+pub const MAX_AMOUNT: i64 = (1 << 53) - 1;
+
+/// An exact non-negative decimal number as given by a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Amount {
+    value: i64,
+    scale: u8,
+}
+
+impl Amount {
+    /// A whole number of units.
+    #[must_use]
+    pub const fn units(value: i64) -> Self {
+        Self { value, scale: 0 }
+    }
+
+    /// `value × 10^-scale`, e.g. `Amount::decimal(125, 4)` is `0.0125`.
+    #[must_use]
+    pub const fn decimal(value: i64, scale: u8) -> Self {
+        Self { value, scale }
+    }
+
+    /// Parses a decimal string like `12`, `0.0125` or `1e-3`… (no exponent: plain decimals only).
+    ///
+    /// # Errors
+    /// [`Error::InvalidAmount`] (with `unit` empty) for anything but a plain
+    /// non-negative decimal with at most 18 significant digits.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |m: &str| Error::InvalidAmount {
+            unit: String::new(),
+            message: format!("`{}` {m}", truncate(s)),
+        };
+        let t = s.trim();
+        let t = t.strip_prefix('+').unwrap_or(t);
+        if t.starts_with('-') {
+            return Err(bad("is negative"));
+        }
+        let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+        if (int.is_empty() && frac.is_empty())
+            || !int.bytes().all(|b| b.is_ascii_digit())
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(bad("is not a plain decimal number"));
+        }
+        let frac = frac.trim_end_matches('0');
+        if int.len() + frac.len() > 18 {
+            return Err(bad("has more than 18 significant digits"));
+        }
+        let mut value: i64 = 0;
+        for b in int.bytes().chain(frac.bytes()) {
+            value = value * 10 + i64::from(b - b'0');
+        }
+        let scale = u8::try_from(frac.len()).map_err(|_| bad("has too many decimals"))?;
+        Ok(Self { value, scale })
+    }
+
+    /// Converts a binary float exactly as its shortest decimal representation
+    /// (`0.1` becomes `0.1`, not `0.1000000000000000055…`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidAmount`] for NaN, infinities and negatives.
+    pub fn from_f64(f: f64) -> Result<Self> {
+        if !f.is_finite() {
+            return Err(Error::InvalidAmount {
+                unit: String::new(),
+                message: format!("{f} is not a finite number"),
+            });
+        }
+        if f < 0.0 {
+            return Err(Error::InvalidAmount {
+                unit: String::new(),
+                message: format!("{f} is negative"),
+            });
+        }
+        // `{}` prints the shortest representation that round-trips; never exponent form for f64 Display.
+        Self::parse(&format!("{f}"))
+    }
+
+    /// The amount in base units of a unit with `decimals` decimals.
+    ///
+    /// # Errors
+    /// [`Error::InvalidAmount`] if it has finer precision than the unit allows,
+    /// is negative, or exceeds [`MAX_AMOUNT`].
+    pub fn to_base(self, unit: &str, decimals: u8) -> Result<i64> {
+        let err = |message: String| Error::InvalidAmount {
+            unit: unit.to_owned(),
+            message,
+        };
+        if self.value < 0 {
+            return Err(err(format!("{self} is negative")));
+        }
+        let base = if self.scale <= decimals {
+            10i64
+                .checked_pow(u32::from(decimals - self.scale))
+                .and_then(|m| self.value.checked_mul(m))
+        } else {
+            let div = 10i64.checked_pow(u32::from(self.scale - decimals));
+            match div {
+                Some(d) if self.value % d == 0 => Some(self.value / d),
+                Some(_) => {
+                    return Err(err(format!(
+                        "{self} is finer than the unit's {decimals} decimal places"
+                    )));
+                }
+                None => None,
+            }
+        };
+        match base {
+            Some(b) if b <= MAX_AMOUNT => Ok(b),
+            _ => Err(err(format!(
+                "{self} exceeds the largest amount (2^53-1 base units = {})",
+                format_base(MAX_AMOUNT, decimals)
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_base(self.value, self.scale))
+    }
+}
+
+impl From<i64> for Amount {
+    fn from(v: i64) -> Self {
+        Self::units(v)
+    }
+}
+
+impl From<i32> for Amount {
+    fn from(v: i32) -> Self {
+        Self::units(i64::from(v))
+    }
+}
+
+impl From<u32> for Amount {
+    fn from(v: u32) -> Self {
+        Self::units(i64::from(v))
+    }
+}
+
+impl From<u64> for Amount {
+    /// Values above `i64::MAX` saturate (and are then rejected as too large).
+    fn from(v: u64) -> Self {
+        Self::units(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+
+impl std::str::FromStr for Amount {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+
+/// Formats base units of a unit with `decimals` decimals as a decimal string (`12500`, 6 → `0.0125`).
+#[must_use]
+pub fn format_base(value: i64, decimals: u8) -> String {
+    if decimals == 0 {
+        return value.to_string();
+    }
+    let neg = value < 0;
+    let v = value.unsigned_abs();
+    let m = 10u64.pow(u32::from(decimals));
+    let frac = format!("{:0width$}", v % m, width = usize::from(decimals));
+    let frac = frac.trim_end_matches('0');
+    let sign = if neg { "-" } else { "" };
+    if frac.is_empty() {
+        format!("{sign}{}", v / m)
+    } else {
+        format!("{sign}{}.{frac}", v / m)
+    }
+}
+
+/// What a request spends: unit name → amount. Units not listed spend nothing,
+/// except `requests`, which is 1 unless given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub(crate) items: SmallVec<[(Box<str>, Amount); 2]>,
+}
+
+impl Cost {
+    /// The default cost: one request, nothing else.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the amount of `unit`.
+    #[must_use]
+    pub fn with(mut self, unit: &str, amount: impl Into<Amount>) -> Self {
+        self.set(unit, amount.into());
+        self
+    }
+
+    /// Sets the amount of `unit`, replacing any earlier one.
+    pub fn set(&mut self, unit: &str, amount: Amount) {
+        if let Some(item) = self.items.iter_mut().find(|(u, _)| &**u == unit) {
+            item.1 = amount;
+        } else {
+            self.items.push((unit.into(), amount));
+        }
+    }
+
+    /// The amount given for `unit`, if any.
+    #[must_use]
+    pub fn get(&self, unit: &str) -> Option<Amount> {
+        self.items
+            .iter()
+            .find(|(u, _)| &**u == unit)
+            .map(|(_, a)| *a)
+    }
+
+    /// Iterates over `(unit, amount)` pairs in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Amount)> {
+        self.items.iter().map(|(u, a)| (&**u, *a))
+    }
+
+    /// Whether no unit was given (so the cost is one request).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+impl<'a, A: Into<Amount>> FromIterator<(&'a str, A)> for Cost {
+    fn from_iter<T: IntoIterator<Item = (&'a str, A)>>(iter: T) -> Self {
+        let mut c = Self::new();
+        for (u, a) in iter {
+            c.set(u, a.into());
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_exact() {
+        assert_eq!(
+            Amount::parse("0.0125").unwrap().to_base("usd", 6).unwrap(),
+            12_500
+        );
+        assert_eq!(
+            Amount::from_f64(0.1).unwrap().to_base("usd", 6).unwrap(),
+            100_000
+        );
+        assert_eq!(Amount::parse("3").unwrap().to_base("tokens", 0).unwrap(), 3);
+        assert_eq!(
+            Amount::parse("3.000")
+                .unwrap()
+                .to_base("tokens", 0)
+                .unwrap(),
+            3
+        );
+        assert!(Amount::parse("0.5").unwrap().to_base("tokens", 0).is_err());
+        assert!(Amount::parse("-1").is_err());
+        assert!(Amount::parse("1e3").is_err());
+        assert!(Amount::parse("").is_err());
+        assert!(Amount::from_f64(f64::NAN).is_err());
+        assert!(Amount::from_f64(f64::INFINITY).is_err());
+        assert!(Amount::from_f64(-0.5).is_err());
+        assert!(Amount::units(1 << 53).to_base("requests", 0).is_err());
+        assert!(Amount::units(10_000_000_000).to_base("usd", 6).is_err());
+        assert_eq!(format_base(12_500, 6), "0.0125");
+        assert_eq!(format_base(-3_000_000, 6), "-3");
+    }
+}

@@ -1,0 +1,1045 @@
+//! The embedded in-process engine: sharded hash tables behind mutexes.
+//!
+//! A decision locks every shard its keys live in (in ascending order, so
+//! concurrent decisions never deadlock), evaluates every limit, and applies all
+//! changes or none. Leases live next to the state they hold and are purged by
+//! the next operation on that key; idle keys (state equal to a fresh one) are
+//! swept once per clock-second per shard, so memory stays bounded under key
+//! churn. No background thread.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hashbrown::HashTable;
+use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
+
+use super::{Backend, Op, Pending, Reply};
+use crate::clock::{Clock, Micros};
+use crate::decision::{Charge, CommitReceipt, ReservationId, ReservationInfo};
+use crate::error::{Error, Result};
+use crate::eval::{ItemEval, assemble, counter_eval, rate_debt_now, rate_eval};
+use crate::plan::{Amounts, Plan, PlannedLimit};
+use crate::policy::{LimitDef, LimitKind, Overage};
+use crate::priority::Priority;
+use crate::scope::Scope;
+
+const SHARDS: usize = 64;
+const RES_SHARDS: usize = 16;
+const SWEEP_EVERY: Micros = 1_000_000;
+/// How long an ended reservation is remembered (so commit/release stay idempotent).
+const TOMBSTONE: Micros = 10 * 60 * 1_000_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    id: u128,
+    /// The reservation this hold was carved from (a delegation), or 0.
+    parent: u128,
+    amount: i64,
+    expires: Micros,
+}
+
+#[derive(Debug)]
+struct Grant {
+    delegation: u128,
+    covers: Vec<Box<str>>,
+}
+
+#[derive(Debug)]
+enum State {
+    Rate {
+        debt: i64,
+        at: Micros,
+    },
+    Counter {
+        window: i64,
+        used: i64,
+        holds: Vec<Hold>,
+    },
+    Slots {
+        holds: Vec<Hold>,
+    },
+    Grant(Box<Grant>),
+    Starve {
+        since: Micros,
+        last: Micros,
+    },
+}
+
+#[derive(Debug)]
+struct Slot {
+    key: Box<str>,
+    /// When the state becomes equivalent to a fresh one (then it may be dropped).
+    idle_at: Micros,
+    state: State,
+}
+
+#[derive(Default)]
+struct Shard {
+    table: HashTable<Slot>,
+    next_sweep: Micros,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+#[derive(Debug)]
+struct ResItem {
+    key: Box<str>,
+    def: Arc<LimitDef>,
+    amount: i64,
+}
+
+#[derive(Debug)]
+enum ResState {
+    Active,
+    Committed(CommitReceipt),
+    Released,
+}
+
+#[derive(Debug)]
+struct ResRecord {
+    id: u128,
+    scope: Box<str>,
+    expires: Micros,
+    forget_at: Micros,
+    state: ResState,
+    items: Vec<ResItem>,
+    /// For a delegation: the key of its grant.
+    grant_key: Option<Box<str>>,
+}
+
+#[derive(Default)]
+struct ResShard {
+    table: HashTable<ResRecord>,
+    next_sweep: Micros,
+}
+
+/// Counts of what the engine holds, for tests and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Limit, grant and starvation keys currently stored.
+    pub keys: usize,
+    /// Reservation records (live and remembered) currently stored.
+    pub reservations: usize,
+}
+
+/// The embedded engine. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct MemoryBackend {
+    clock: Arc<dyn Clock>,
+    hasher: foldhash::fast::RandomState,
+    shards: Box<[Padded<Mutex<Shard>>]>,
+    reservations: Box<[Padded<Mutex<ResShard>>]>,
+    grants: AtomicUsize,
+}
+
+impl std::fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shards one operation holds, locked in ascending order.
+struct Locked<'a> {
+    ids: SmallVec<[usize; 8]>,
+    guards: SmallVec<[MutexGuard<'a, Shard>; 8]>,
+}
+
+impl Locked<'_> {
+    fn shard(&mut self, shard: usize) -> &mut Shard {
+        let pos = self.ids.iter().position(|&s| s == shard).unwrap_or(0);
+        &mut self.guards[pos]
+    }
+}
+
+fn fresh_state(def: &LimitDef, now: Micros) -> State {
+    match &def.kind {
+        LimitKind::Rate(_) => State::Rate { debt: 0, at: now },
+        LimitKind::Quota(w) | LimitKind::Budget(w) => State::Counter {
+            window: w.at(now).0,
+            used: 0,
+            holds: Vec::new(),
+        },
+        LimitKind::Concurrency => State::Slots { holds: Vec::new() },
+    }
+}
+
+/// Removes expired holds, returning carved amounts to their parent hold if it is still live.
+fn purge(holds: &mut Vec<Hold>, now: Micros) {
+    if !holds.iter().any(|h| h.expires <= now) {
+        return;
+    }
+    let expired: SmallVec<[Hold; 4]> = holds.iter().filter(|h| h.expires <= now).copied().collect();
+    holds.retain(|h| h.expires > now);
+    for h in expired {
+        give_back(holds, h.parent, h.amount);
+    }
+}
+
+fn give_back(holds: &mut [Hold], parent: u128, amount: i64) {
+    if parent != 0 && amount > 0 {
+        if let Some(p) = holds.iter_mut().find(|p| p.id == parent) {
+            p.amount += amount;
+        }
+    }
+}
+
+fn holds_idle_at(holds: &[Hold], otherwise: Micros) -> Micros {
+    holds
+        .iter()
+        .map(|h| h.expires)
+        .max()
+        .map_or(otherwise, |m| m.max(otherwise))
+}
+
+fn idle_at(def: &LimitDef, state: &State, now: Micros) -> Micros {
+    match (state, &def.kind) {
+        (State::Rate { debt, at }, LimitKind::Rate(r)) => at + crate::eval::ceil_div(*debt, r.l),
+        (State::Counter { used, holds, .. }, k) => {
+            let w = k.window().unwrap_or(crate::calendar::Window::Lifetime);
+            let (_, _, end) = w.at(now);
+            let base = if end == i64::MAX {
+                if *used == 0 { now } else { i64::MAX }
+            } else {
+                end
+            };
+            holds_idle_at(holds, base)
+        }
+        (State::Slots { holds }, _) => holds_idle_at(holds, now),
+        _ => now,
+    }
+}
+
+impl MemoryBackend {
+    /// An engine reading time from `clock`.
+    #[must_use]
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            clock,
+            hasher: foldhash::fast::RandomState::default(),
+            shards: (0..SHARDS).map(|_| Padded::default()).collect(),
+            reservations: (0..RES_SHARDS).map(|_| Padded::default()).collect(),
+            grants: AtomicUsize::new(0),
+        }
+    }
+
+    /// The clock this engine reads.
+    #[must_use]
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// What the engine currently stores.
+    #[must_use]
+    pub fn stats(&self) -> MemoryStats {
+        MemoryStats {
+            keys: self.shards.iter().map(|s| s.0.lock().table.len()).sum(),
+            reservations: self
+                .reservations
+                .iter()
+                .map(|s| s.0.lock().table.len())
+                .sum(),
+        }
+    }
+
+    /// Drops every idle key and forgotten reservation now, whatever the sweep schedule.
+    pub fn purge_idle(&self) {
+        let now = self.clock.now();
+        for s in &*self.shards {
+            self.sweep(&mut s.0.lock(), now);
+        }
+        for s in &*self.reservations {
+            let mut g = s.0.lock();
+            g.table.retain(|r| r.forget_at > now);
+            g.next_sweep = now + SWEEP_EVERY;
+        }
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn shard_of(hash: u64) -> usize {
+        // Bits the table itself uses least (hashbrown: low bits index, top 7 bits tag).
+        usize::try_from((hash >> 40) & (SHARDS as u64 - 1)).unwrap_or(0)
+    }
+
+    fn lock<'a>(&'a self, hashes: &[u64]) -> Locked<'a> {
+        let mut ids: SmallVec<[usize; 8]> = hashes.iter().map(|&h| Self::shard_of(h)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let guards = ids.iter().map(|&i| self.shards[i].0.lock()).collect();
+        Locked { ids, guards }
+    }
+
+    fn sweep(&self, shard: &mut Shard, now: Micros) {
+        let mut dropped_grants = 0;
+        shard.table.retain(|s| {
+            let keep = s.idle_at > now;
+            if !keep && matches!(s.state, State::Grant(_)) {
+                dropped_grants += 1;
+            }
+            keep
+        });
+        if dropped_grants > 0 {
+            self.grants.fetch_sub(dropped_grants, Ordering::Relaxed);
+        }
+        shard.next_sweep = now + SWEEP_EVERY;
+    }
+
+    fn maybe_sweep(&self, locked: &mut Locked<'_>, now: Micros) {
+        for g in &mut locked.guards {
+            if now >= g.next_sweep {
+                self.sweep(g, now);
+            }
+        }
+    }
+
+    fn find<'s>(&self, locked: &'s mut Locked<'_>, hash: u64, key: &str) -> Option<&'s mut Slot> {
+        locked
+            .shard(Self::shard_of(hash))
+            .table
+            .find_mut(hash, |s| &*s.key == key)
+    }
+
+    fn find_or_insert<'s>(
+        &self,
+        locked: &'s mut Locked<'_>,
+        hash: u64,
+        key: &str,
+        init: impl FnOnce() -> State,
+        now: Micros,
+    ) -> &'s mut Slot {
+        let hasher = &self.hasher;
+        let shard = locked.shard(Self::shard_of(hash));
+        let entry = shard
+            .table
+            .entry(hash, |s| &*s.key == key, |s| hasher.hash_one(&*s.key));
+        entry
+            .or_insert_with(|| Slot {
+                key: key.into(),
+                idle_at: now,
+                state: init(),
+            })
+            .into_mut()
+    }
+
+    /// Delegation shadows for a scope: limit key → delegation id whose hold it spends from.
+    fn shadows(
+        &self,
+        locked: &mut Locked<'_>,
+        grant_keys: &[(String, u64)],
+        now: Micros,
+    ) -> SmallVec<[(Box<str>, u128); 4]> {
+        let mut out: SmallVec<[(Box<str>, u128); 4]> = SmallVec::new();
+        for (key, hash) in grant_keys {
+            if let Some(slot) = self.find(locked, *hash, key) {
+                if slot.idle_at <= now {
+                    continue;
+                }
+                if let State::Grant(g) = &slot.state {
+                    for c in &g.covers {
+                        if let Some(e) = out.iter_mut().find(|(k, _)| k == c) {
+                            e.1 = g.delegation;
+                        } else {
+                            out.push((c.clone(), g.delegation));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn grant_keys(&self, scope: &Scope) -> SmallVec<[(String, u64); 4]> {
+        if self.grants.load(Ordering::Relaxed) == 0 {
+            return SmallVec::new();
+        }
+        (1..=scope.depth())
+            .map(|d| {
+                let k = Plan::grant_key(scope, d);
+                let h = self.hash(&k);
+                (k, h)
+            })
+            .collect()
+    }
+
+    fn eval_item(
+        slot: Option<&mut Slot>,
+        item: &PlannedLimit<'_>,
+        served: Priority,
+        now: Micros,
+        via: Option<u128>,
+    ) -> ItemEval {
+        let def = &**item.def;
+        let usable = def.floors.usable(def.limit, served);
+        match &def.kind {
+            LimitKind::Rate(spec) => {
+                let usable = def.floors.usable(spec.burst, served);
+                let debt = match slot.map(|s| &s.state) {
+                    Some(State::Rate { debt, at }) => rate_debt_now(spec, *debt, *at, now),
+                    _ => 0,
+                };
+                rate_eval(spec, debt, item.amount, usable).0
+            }
+            kind => {
+                let window = kind.window();
+                let (wid, end) = window.map_or((0, None), |w| {
+                    let (id, _, end) = w.at(now);
+                    (id, (end != i64::MAX).then_some(end))
+                });
+                let (used, holds): (i64, &[Hold]) = match slot.map(|s| &mut s.state) {
+                    Some(State::Counter {
+                        window,
+                        used,
+                        holds,
+                    }) => {
+                        purge(holds, now);
+                        (if *window == wid { *used } else { 0 }, holds)
+                    }
+                    Some(State::Slots { holds }) => {
+                        purge(holds, now);
+                        (0, holds)
+                    }
+                    _ => (0, &[]),
+                };
+                if let Some(d) = via {
+                    let avail = holds.iter().find(|h| h.id == d).map_or(0, |h| h.amount);
+                    let allowed = item.amount == 0 || item.amount <= avail;
+                    return ItemEval {
+                        allowed,
+                        remaining: avail - if allowed { item.amount } else { 0 },
+                        reset: end.map_or(0, |e| e - now),
+                        retry: None,
+                    };
+                }
+                let mut hv: SmallVec<[(Micros, i64); 8]> =
+                    holds.iter().map(|h| (h.expires, h.amount)).collect();
+                counter_eval(def.limit, used, &mut hv, item.amount, usable, now, end)
+            }
+        }
+    }
+
+    /// Applies an admitted item: consume (`hold = None`) or hold under a reservation.
+    fn apply_item(
+        slot: &mut Slot,
+        item: &PlannedLimit<'_>,
+        now: Micros,
+        via: Option<u128>,
+        hold: Option<(u128, Micros)>,
+    ) {
+        let def = &**item.def;
+        match (&mut slot.state, &def.kind) {
+            (State::Rate { debt, at }, LimitKind::Rate(spec)) => {
+                *debt = rate_debt_now(spec, *debt, *at, now) + item.amount * spec.p;
+                *at = now;
+            }
+            (
+                State::Counter {
+                    window,
+                    used,
+                    holds,
+                },
+                kind,
+            ) => {
+                let wid = kind.window().map_or(0, |w| w.at(now).0);
+                if *window != wid {
+                    *window = wid;
+                    *used = 0;
+                }
+                Self::take(holds, item.amount, via, hold, Some(used));
+            }
+            (State::Slots { holds }, _) if hold.is_some() => {
+                Self::take(holds, item.amount, via, hold, None);
+            }
+            _ => {}
+        }
+        slot.idle_at = idle_at(def, &slot.state, now);
+    }
+
+    fn take(
+        holds: &mut Vec<Hold>,
+        amount: i64,
+        via: Option<u128>,
+        hold: Option<(u128, Micros)>,
+        used: Option<&mut i64>,
+    ) {
+        if amount == 0 {
+            return;
+        }
+        if let Some(d) = via {
+            if let Some(h) = holds.iter_mut().find(|h| h.id == d) {
+                h.amount -= amount;
+            }
+        }
+        match hold {
+            Some((id, expires)) => holds.push(Hold {
+                id,
+                parent: via.unwrap_or(0),
+                amount,
+                expires,
+            }),
+            None => {
+                if let Some(u) = used {
+                    *u += amount;
+                }
+            }
+        }
+    }
+
+    /// Evaluates (and for acquire/reserve/delegate applies) a plan atomically.
+    #[allow(clippy::too_many_lines)]
+    fn decide(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Reply> {
+        let now = self.clock.now();
+        let mut hashes: SmallVec<[u64; 8]> = plan.limits().map(|l| self.hash(l.key)).collect();
+        let caller = plan.caller_key().map(|k| (k, self.hash(k)));
+        if let Some((_, h)) = caller {
+            hashes.push(h);
+        }
+        let grant_keys = self.grant_keys(plan.scope());
+        hashes.extend(grant_keys.iter().map(|(_, h)| *h));
+        let (child_grant, from) = match &mode {
+            Mode::Delegate { child, from, .. } => {
+                let k = Plan::grant_key(child, child.depth());
+                let h = self.hash(&k);
+                hashes.push(h);
+                (Some((k, h)), from.clone())
+            }
+            _ => (None, None),
+        };
+        let mut locked = self.lock(&hashes);
+        self.maybe_sweep(&mut locked, now);
+
+        let mut shadows = self.shadows(&mut locked, &grant_keys, now);
+        if let Some((from_id, from_keys)) = &from {
+            for k in from_keys {
+                if let Some(e) = shadows.iter_mut().find(|(s, _)| s == k) {
+                    e.1 = *from_id;
+                } else {
+                    shadows.push((k.clone(), *from_id));
+                }
+            }
+        }
+        if let Some((k, h)) = &child_grant {
+            if let Some(slot) = self.find(&mut locked, *h, k) {
+                if slot.idle_at > now && matches!(slot.state, State::Grant(_)) {
+                    return Err(Error::invalid(
+                        "delegation",
+                        format!(
+                            "scope `{}` already has an open delegation; release it first",
+                            k.trim_end_matches("#@grant")
+                        ),
+                    ));
+                }
+            }
+        }
+
+        // Starvation promotion (background only).
+        let mut served = plan.priority();
+        if let Some((key, h)) = caller {
+            if let Some(slot) = self.find(&mut locked, h, key) {
+                if let State::Starve { since, last } = slot.state {
+                    if now - last <= plan.promote_after() && now - since >= plan.promote_after() {
+                        served = Priority::Standard;
+                    }
+                }
+            }
+        }
+
+        let mut evals: SmallVec<[ItemEval; 8]> = SmallVec::with_capacity(plan.len());
+        for (i, item) in plan.limits().enumerate() {
+            let via = shadows
+                .iter()
+                .find(|(k, _)| &**k == item.key)
+                .map(|(_, d)| *d);
+            let slot = self.find(&mut locked, hashes[i], item.key);
+            evals.push(Self::eval_item(slot, &item, served, now, via));
+        }
+        let allowed = evals.iter().all(|e| e.allowed);
+
+        let mut reservation = None;
+        let mut record_items = Vec::new();
+        if allowed && !matches!(mode, Mode::Check) {
+            let hold = match &mode {
+                Mode::Reserve { id, lease } | Mode::Delegate { id, lease, .. } => {
+                    Some((id.0, now + lease))
+                }
+                _ => None,
+            };
+            for (i, item) in plan.limits().enumerate() {
+                let via = shadows
+                    .iter()
+                    .find(|(k, _)| &**k == item.key)
+                    .map(|(_, d)| *d);
+                let slot = self.find_or_insert(
+                    &mut locked,
+                    hashes[i],
+                    item.key,
+                    || fresh_state(item.def, now),
+                    now,
+                );
+                Self::apply_item(slot, &item, now, via, hold);
+                if hold.is_some() {
+                    record_items.push(ResItem {
+                        key: item.key.into(),
+                        def: Arc::clone(item.def),
+                        amount: item.amount,
+                    });
+                }
+            }
+            if let (Some((k, h)), Mode::Delegate { id, lease, .. }) = (&child_grant, &mode) {
+                let covers = plan
+                    .limits()
+                    .filter(|l| l.amount > 0 && !matches!(l.def.kind, LimitKind::Rate(_)))
+                    .map(|l| Box::<str>::from(l.key))
+                    .collect();
+                let slot = self.find_or_insert(
+                    &mut locked,
+                    *h,
+                    k,
+                    || State::Starve { since: 0, last: 0 },
+                    now,
+                );
+                slot.state = State::Grant(Box::new(Grant {
+                    delegation: id.0,
+                    covers,
+                }));
+                slot.idle_at = now + lease;
+                self.grants.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some((id, expires)) = hold {
+                reservation = Some(ReservationInfo {
+                    id: ReservationId(id),
+                    expires_at: expires,
+                });
+            }
+        }
+        if !matches!(mode, Mode::Check) {
+            if let Some((key, h)) = caller {
+                if allowed {
+                    if let Some(slot) = self.find(&mut locked, h, key) {
+                        slot.idle_at = now; // dropped by the next sweep
+                        slot.state = State::Starve {
+                            since: now,
+                            last: i64::MIN / 2,
+                        };
+                    }
+                } else {
+                    let pa = plan.promote_after();
+                    let slot = self.find_or_insert(
+                        &mut locked,
+                        h,
+                        key,
+                        || State::Starve {
+                            since: now,
+                            last: now,
+                        },
+                        now,
+                    );
+                    if let State::Starve { since, last } = &mut slot.state {
+                        if now - *last > pa {
+                            *since = now;
+                        }
+                        *last = now;
+                    }
+                    slot.idle_at = now + pa + 1; // still "continuous" at exactly last + pa
+                }
+            }
+        }
+        drop(locked);
+
+        if let Some(info) = &reservation {
+            let grant_key = child_grant.map(|(k, _)| k.into_boxed_str());
+            let scope: Box<str> = match &mode {
+                Mode::Delegate { child, .. } => child.as_str().into(),
+                _ => plan.scope().as_str().into(),
+            };
+            self.insert_record(ResRecord {
+                id: info.id.0,
+                scope,
+                expires: info.expires_at,
+                forget_at: info.expires_at + TOMBSTONE,
+                state: ResState::Active,
+                items: record_items,
+                grant_key,
+            });
+        }
+        Ok(Reply::Decision(assemble(plan, &evals, served, reservation)))
+    }
+
+    fn res_shard(&self, id: u128) -> MutexGuard<'_, ResShard> {
+        let idx = usize::try_from((id as u64) % RES_SHARDS as u64).unwrap_or(0);
+        let mut g = self.reservations[idx].0.lock();
+        let now = self.clock.now();
+        if now >= g.next_sweep {
+            g.table.retain(|r| r.forget_at > now);
+            g.next_sweep = now + SWEEP_EVERY;
+        }
+        g
+    }
+
+    fn res_hash(id: u128) -> u64 {
+        (id >> 64) as u64 ^ (id as u64).rotate_left(17)
+    }
+
+    fn insert_record(&self, rec: ResRecord) {
+        let h = Self::res_hash(rec.id);
+        let mut g = self.res_shard(rec.id);
+        g.table.insert_unique(h, rec, |r| Self::res_hash(r.id));
+    }
+
+    /// Looks up an active reservation and transitions it, returning its items.
+    fn end_reservation(&self, id: ReservationId, end: End<'_>) -> Result<EndOutcome> {
+        let now = self.clock.now();
+        let mut g = self.res_shard(id.0);
+        let Some(rec) = g.table.find_mut(Self::res_hash(id.0), |r| r.id == id.0) else {
+            return Err(Error::ReservationNotFound { id: id.to_string() });
+        };
+        match (&rec.state, &end) {
+            (ResState::Committed(r), End::Commit(_)) => {
+                let mut r = r.clone();
+                r.duplicate = true;
+                return Ok(EndOutcome::Duplicate(Reply::Committed(r)));
+            }
+            (ResState::Committed(_), _) => {
+                return Err(Error::ReservationClosed {
+                    id: id.to_string(),
+                    state: "committed",
+                });
+            }
+            (ResState::Released, End::Release) => {
+                return Ok(EndOutcome::Duplicate(Reply::Released(false)));
+            }
+            (ResState::Released, _) => {
+                return Err(Error::ReservationClosed {
+                    id: id.to_string(),
+                    state: "released",
+                });
+            }
+            (ResState::Active, _) => {}
+        }
+        if rec.expires <= now {
+            if matches!(end, End::Release) {
+                return Ok(EndOutcome::Duplicate(Reply::Released(false)));
+            }
+            return Err(Error::ReservationExpired { id: id.to_string() });
+        }
+        match end {
+            End::Extend(lease) => {
+                rec.expires = now + lease;
+                rec.forget_at = rec.expires + TOMBSTONE;
+                let keys = rec.items.iter().map(|i| i.key.clone()).collect();
+                Ok(EndOutcome::Extended(
+                    rec.expires,
+                    keys,
+                    rec.grant_key.clone(),
+                ))
+            }
+            End::Commit(actual) => {
+                if rec.grant_key.is_some() {
+                    return Err(Error::invalid(
+                        "commit",
+                        format!("{id} is a delegation; release it to close the sub-budget"),
+                    ));
+                }
+                let charges: Vec<Charge> = rec
+                    .items
+                    .iter()
+                    .map(|it| {
+                        let actual_amt = actual
+                            .iter()
+                            .find(|(u, _)| **u == *it.def.unit)
+                            .map_or(it.amount, |(_, a)| *a);
+                        let charged = match it.def.overage {
+                            Overage::Charge => actual_amt,
+                            Overage::Cap => actual_amt.min(it.amount),
+                        };
+                        Charge {
+                            name: it.def.name.clone(),
+                            key: it
+                                .key
+                                .rsplit_once('#')
+                                .map_or(&*it.key, |(k, _)| k)
+                                .to_owned(),
+                            unit: it.def.unit.clone(),
+                            reserved: it.amount,
+                            charged,
+                            uncharged: actual_amt - charged,
+                        }
+                    })
+                    .collect();
+                let receipt = CommitReceipt {
+                    id,
+                    charges,
+                    duplicate: false,
+                };
+                rec.state = ResState::Committed(receipt.clone());
+                rec.forget_at = now + TOMBSTONE;
+                let items = std::mem::take(&mut rec.items);
+                Ok(EndOutcome::Ended(
+                    items,
+                    Some(receipt),
+                    rec.grant_key.take(),
+                ))
+            }
+            End::Release => {
+                rec.state = ResState::Released;
+                rec.forget_at = now + TOMBSTONE;
+                let items = std::mem::take(&mut rec.items);
+                Ok(EndOutcome::Ended(items, None, rec.grant_key.take()))
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        id: ReservationId,
+        items: &[ResItem],
+        receipt: Option<&CommitReceipt>,
+        grant_key: Option<&str>,
+    ) {
+        let now = self.clock.now();
+        let mut hashes: SmallVec<[u64; 8]> = items.iter().map(|i| self.hash(&i.key)).collect();
+        let gh = grant_key.map(|k| self.hash(k));
+        hashes.extend(gh);
+        let mut locked = self.lock(&hashes);
+        for (n, item) in items.iter().enumerate() {
+            let charged = receipt.map_or(0, |r| r.charges[n].charged);
+            let slot = self.find_or_insert(
+                &mut locked,
+                hashes[n],
+                &item.key,
+                || fresh_state(&item.def, now),
+                now,
+            );
+            match (&mut slot.state, &item.def.kind) {
+                (State::Rate { debt, at }, LimitKind::Rate(spec)) => {
+                    let d = rate_debt_now(spec, *debt, *at, now) + (charged - item.amount) * spec.p;
+                    *debt = d.max(0);
+                    *at = now;
+                }
+                (
+                    State::Counter {
+                        window,
+                        used,
+                        holds,
+                    },
+                    kind,
+                ) => {
+                    purge(holds, now);
+                    let wid = kind.window().map_or(0, |w| w.at(now).0);
+                    if *window != wid {
+                        *window = wid;
+                        *used = 0;
+                    }
+                    *used += charged;
+                    Self::drop_hold(holds, id.0, charged);
+                }
+                (State::Slots { holds }, _) => {
+                    purge(holds, now);
+                    Self::drop_hold(holds, id.0, 0);
+                }
+                _ => {}
+            }
+            slot.idle_at = idle_at(&item.def, &slot.state, now);
+        }
+        if let (Some(k), Some(h)) = (grant_key, gh) {
+            let shard = locked.shard(Self::shard_of(h));
+            if let Ok(e) = shard.table.find_entry(h, |s| &*s.key == k) {
+                if matches!(&e.get().state, State::Grant(g) if g.delegation == id.0) {
+                    e.remove();
+                    self.grants.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Removes hold `id`; what it held beyond `charged` returns to its parent
+    /// hold, and a charge beyond it is taken from the parent as far as it goes.
+    fn drop_hold(holds: &mut Vec<Hold>, id: u128, charged: i64) {
+        let Some(pos) = holds.iter().position(|h| h.id == id) else {
+            return;
+        };
+        let h = holds.swap_remove(pos);
+        if h.parent == 0 {
+            return;
+        }
+        if let Some(p) = holds.iter_mut().find(|p| p.id == h.parent) {
+            let diff = h.amount - charged;
+            if diff >= 0 {
+                p.amount += diff;
+            } else {
+                p.amount -= (-diff).min(p.amount);
+            }
+        }
+    }
+
+    fn extend(&self, id: ReservationId, lease: Micros) -> Result<Reply> {
+        let (expires, keys, grant_key) = match self.end_reservation(id, End::Extend(lease))? {
+            EndOutcome::Extended(e, k, g) => (e, k, g),
+            EndOutcome::Duplicate(r) => return Ok(r),
+            EndOutcome::Ended(..) => return Err(Error::invalid("extend", "internal state error")),
+        };
+        let mut hashes: SmallVec<[u64; 8]> = keys.iter().map(|k| self.hash(k)).collect();
+        let gh = grant_key.as_deref().map(|k| self.hash(k));
+        hashes.extend(gh);
+        let mut locked = self.lock(&hashes);
+        for (n, key) in keys.iter().enumerate() {
+            if let Some(slot) = self.find(&mut locked, hashes[n], key) {
+                if let State::Counter { holds, .. } | State::Slots { holds } = &mut slot.state {
+                    if let Some(h) = holds.iter_mut().find(|h| h.id == id.0) {
+                        h.expires = expires;
+                    }
+                    slot.idle_at = slot.idle_at.max(expires);
+                }
+            }
+        }
+        if let (Some(k), Some(h)) = (grant_key.as_deref(), gh) {
+            if let Some(slot) = self.find(&mut locked, h, k) {
+                slot.idle_at = expires;
+            }
+        }
+        Ok(Reply::Extended(expires))
+    }
+
+    fn execute_sync(&self, op: Op<'_>) -> Result<Reply> {
+        match op {
+            Op::Check(plan) => self.decide(plan, Mode::Check),
+            Op::Acquire(plan) => self.decide(plan, Mode::Acquire),
+            Op::Reserve { plan, id, lease } => self.decide(plan, Mode::Reserve { id, lease }),
+            Op::Delegate {
+                plan,
+                from,
+                child,
+                id,
+                lease,
+                ..
+            } => {
+                let from = match from {
+                    None => None,
+                    Some(p) => Some((p.0, self.parent_keys(p, child)?)),
+                };
+                self.decide(
+                    plan,
+                    Mode::Delegate {
+                        child,
+                        from,
+                        id,
+                        lease,
+                    },
+                )
+            }
+            Op::Commit { id, actual } => match self.end_reservation(id, End::Commit(actual))? {
+                EndOutcome::Ended(items, receipt, grant) => {
+                    self.finish(id, &items, receipt.as_ref(), grant.as_deref());
+                    Ok(Reply::Committed(receipt.unwrap_or(CommitReceipt {
+                        id,
+                        charges: Vec::new(),
+                        duplicate: false,
+                    })))
+                }
+                EndOutcome::Duplicate(r) => Ok(r),
+                EndOutcome::Extended(..) => Err(Error::invalid("commit", "internal state error")),
+            },
+            Op::Release { id } => match self.end_reservation(id, End::Release)? {
+                EndOutcome::Ended(items, _, grant) => {
+                    self.finish(id, &items, None, grant.as_deref());
+                    Ok(Reply::Released(true))
+                }
+                EndOutcome::Duplicate(r) => Ok(r),
+                EndOutcome::Extended(..) => Err(Error::invalid("release", "internal state error")),
+            },
+            Op::Extend { id, lease } => self.extend(id, lease),
+        }
+    }
+
+    /// Keys of a parent reservation a delegation may carve from, after checking
+    /// it is live and the child lies under its scope.
+    fn parent_keys(&self, parent: ReservationId, child: &Scope) -> Result<Vec<Box<str>>> {
+        let now = self.clock.now();
+        let g = self.res_shard(parent.0);
+        let rec = g
+            .table
+            .find(Self::res_hash(parent.0), |r| r.id == parent.0)
+            .ok_or_else(|| Error::ReservationNotFound {
+                id: parent.to_string(),
+            })?;
+        match rec.state {
+            ResState::Active if rec.expires > now => {}
+            ResState::Active => {
+                return Err(Error::ReservationExpired {
+                    id: parent.to_string(),
+                });
+            }
+            ResState::Committed(_) => {
+                return Err(Error::ReservationClosed {
+                    id: parent.to_string(),
+                    state: "committed",
+                });
+            }
+            ResState::Released => {
+                return Err(Error::ReservationClosed {
+                    id: parent.to_string(),
+                    state: "released",
+                });
+            }
+        }
+        let depth = rec.scope.split('/').count();
+        if !(child.depth() > depth && child.prefix(depth) == &*rec.scope) {
+            return Err(Error::invalid(
+                "delegation",
+                format!(
+                    "child scope `{child}` is not under the reservation's scope `{}`",
+                    rec.scope
+                ),
+            ));
+        }
+        Ok(rec
+            .items
+            .iter()
+            .filter(|i| !matches!(i.def.kind, LimitKind::Rate(_)))
+            .map(|i| i.key.clone())
+            .collect())
+    }
+}
+
+enum Mode<'a> {
+    Check,
+    Acquire,
+    Reserve {
+        id: ReservationId,
+        lease: Micros,
+    },
+    Delegate {
+        child: &'a Scope,
+        from: Option<(u128, Vec<Box<str>>)>,
+        id: ReservationId,
+        lease: Micros,
+    },
+}
+
+enum End<'a> {
+    Commit(&'a Amounts),
+    Release,
+    Extend(Micros),
+}
+
+enum EndOutcome {
+    Ended(Vec<ResItem>, Option<CommitReceipt>, Option<Box<str>>),
+    Duplicate(Reply),
+    Extended(Micros, Vec<Box<str>>, Option<Box<str>>),
+}
+
+impl Backend for MemoryBackend {
+    fn execute<'a>(&'a self, op: Op<'a>) -> Pending<'a> {
+        Pending::Ready(self.execute_sync(op))
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+}

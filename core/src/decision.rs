@@ -1,0 +1,223 @@
+//! The answer to every check, acquire and reserve: a [`Decision`].
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::priority::Priority;
+
+/// Allow, allow with caps, or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Go ahead.
+    Allow,
+    /// Go ahead, honouring [`Decision::caps`].
+    AllowWithCaps,
+    /// Do not spend; retry after [`Decision::retry_after`] if it is set.
+    Deny,
+}
+
+impl Outcome {
+    /// `allow`, `allow_with_caps` or `deny`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::AllowWithCaps => "allow_with_caps",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Restrictions the caller must honour with [`Outcome::AllowWithCaps`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caps {
+    /// Wait this long before calling (pacing).
+    pub delay_ms: Option<u64>,
+    /// Ask the model for at most this many tokens.
+    pub max_tokens: Option<u64>,
+    /// Use this (fallback) model instead.
+    pub model: Option<String>,
+    /// Take the resource's ordered lock (cascade mode).
+    pub sequential: bool,
+}
+
+impl Caps {
+    /// Whether no cap is set.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.delay_ms.is_none()
+            && self.max_tokens.is_none()
+            && self.model.is_none()
+            && !self.sequential
+    }
+
+    /// Combines two sets of caps, keeping the stricter value of each field
+    /// (longest delay, fewest tokens, the first fallback model).
+    pub fn merge(&mut self, other: &Self) {
+        self.delay_ms = match (self.delay_ms, other.delay_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.max_tokens = match (self.max_tokens, other.max_tokens) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if self.model.is_none() {
+            self.model.clone_from(&other.model);
+        }
+        self.sequential |= other.sequential;
+    }
+}
+
+/// The state of one limit involved in a decision, after the decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitState {
+    /// The limit's name in the policy.
+    pub name: String,
+    /// `rate`, `quota`, `concurrency` or `budget`.
+    pub kind: &'static str,
+    /// The key it was counted under: a scope path, or `@` for a shared pool.
+    pub key: String,
+    /// Its unit.
+    pub unit: String,
+    /// Decimal places of the unit: amounts below are in base units (`usd`: micro-dollars).
+    pub decimals: u8,
+    /// Capacity (rate: bucket size/burst), base units.
+    pub limit: i64,
+    /// What remains now, base units (never negative).
+    pub remaining: i64,
+    /// Time until the limit is fully available again (rate: bucket full; quota/budget:
+    /// window end; lifetime budgets and concurrency: zero).
+    pub reset: Duration,
+    /// Nominal window length in seconds, for `RateLimit-Policy` `w=` (none for lifetime/concurrency).
+    pub window_secs: Option<i64>,
+    /// Whether this limit denied the request.
+    pub denied: bool,
+    /// Amount this request took (or would take) from the limit, base units.
+    pub amount: i64,
+}
+
+/// The reservation a `reserve` created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationInfo {
+    /// Its id; pass it to commit / release / extend / delegate.
+    pub id: ReservationId,
+    /// When its lease expires, µs since the epoch (backend clock).
+    pub expires_at: i64,
+}
+
+/// A reservation id: 128 random bits, shown as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReservationId(pub u128);
+
+impl ReservationId {
+    /// A fresh random id.
+    #[must_use]
+    pub fn random() -> Self {
+        Self(fastrand::u128(1..))
+    }
+
+    /// Parses 32 hex digits.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] if it is not 32 hex digits.
+    pub fn parse(s: &str) -> crate::Result<Self> {
+        if s.len() == 32 {
+            if let Ok(v) = u128::from_str_radix(s, 16) {
+                return Ok(Self(v));
+            }
+        }
+        Err(crate::Error::invalid(
+            "reservation id",
+            format!("`{}` is not 32 hex digits", crate::error::truncate(s)),
+        ))
+    }
+}
+
+impl fmt::Display for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ReservationId({self})")
+    }
+}
+
+impl std::str::FromStr for ReservationId {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Self::parse(s)
+    }
+}
+
+/// The answer to `check`, `acquire`, `reserve` and `delegate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allow, allow with caps, or deny.
+    pub outcome: Outcome,
+    /// Restrictions to honour (with `AllowWithCaps`).
+    pub caps: Caps,
+    /// With `Deny`: how long until the next attempt can succeed for this caller's
+    /// priority (exact for rate and quota, best estimate otherwise). `None` with
+    /// `Deny` means it can never succeed as asked (the cost exceeds the capacity).
+    pub retry_after: Option<Duration>,
+    /// Every limit involved, in policy order (scope chain, resource, action).
+    pub limits: Vec<LimitState>,
+    /// Why it was denied (or capped), for humans.
+    pub reason: Option<String>,
+    /// The reservation made, for an allowed `reserve` / `delegate`.
+    pub reservation: Option<ReservationInfo>,
+    /// The priority the request was served at (background may be promoted to standard).
+    pub priority: Priority,
+}
+
+impl Decision {
+    /// Whether the caller may go ahead (`Allow` or `AllowWithCaps`).
+    #[must_use]
+    pub fn allowed(&self) -> bool {
+        self.outcome != Outcome::Deny
+    }
+
+    /// The limit that denied the request, if any.
+    #[must_use]
+    pub fn denied_by(&self) -> Option<&LimitState> {
+        self.limits.iter().find(|l| l.denied)
+    }
+}
+
+/// What a commit charged, per limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    /// The limit's name.
+    pub name: String,
+    /// The key it was counted under.
+    pub key: String,
+    /// Its unit.
+    pub unit: String,
+    /// What was reserved, base units.
+    pub reserved: i64,
+    /// What was charged, base units.
+    pub charged: i64,
+    /// Actual usage beyond what was charged (overage rule `cap`), base units.
+    pub uncharged: i64,
+}
+
+/// The result of `commit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitReceipt {
+    /// The reservation.
+    pub id: ReservationId,
+    /// Per limit charges.
+    pub charges: Vec<Charge>,
+    /// `true` if this id had already been committed: nothing was charged this time.
+    pub duplicate: bool,
+}

@@ -1,0 +1,264 @@
+//! The arithmetic of each limit kind, as pure integer functions, and the
+//! assembly of a [`Decision`] from per-limit results.
+//!
+//! Backends own the state and the atomicity; this module owns the meaning, so
+//! every backend (and the Redis scripts, which mirror these formulas) answers
+//! identically. All values stay within ±2^53.
+
+use std::time::Duration;
+
+use crate::clock::{Micros, duration};
+use crate::decision::{Caps, Decision, LimitState, Outcome, ReservationInfo};
+use crate::plan::Plan;
+use crate::policy::{LimitKind, RateSpec};
+use crate::priority::Priority;
+
+/// The result of evaluating one limit for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ItemEval {
+    /// Whether this limit admits the request.
+    pub allowed: bool,
+    /// What remains after the request (if admitted) or now (if not), base units, ≥ 0.
+    pub remaining: i64,
+    /// Microseconds until the limit is fully available again.
+    pub reset: Micros,
+    /// When denied: microseconds until a retry can succeed; `None` = never.
+    pub retry: Option<Micros>,
+}
+
+/// `ceil(a / b)` for `a ≥ 0`, `b > 0` (stable-Rust stand-in for signed `div_ceil`).
+#[must_use]
+pub const fn ceil_div(a: i64, b: i64) -> i64 {
+    if a <= 0 { 0 } else { (a - 1) / b + 1 }
+}
+
+/// GCRA debt at `now` given the debt recorded at `at`.
+#[must_use]
+pub fn rate_debt_now(spec: &RateSpec, debt: i64, at: Micros, now: Micros) -> i64 {
+    if debt <= 0 || now <= at {
+        return debt.max(0);
+    }
+    let elapsed = now - at;
+    // elapsed * l could overflow 2^53 only if it exceeds debt, which we test first.
+    if elapsed >= ceil_div(debt, spec.l) {
+        0
+    } else {
+        debt - elapsed * spec.l
+    }
+}
+
+/// Evaluates a rate limit; returns the evaluation and the debt after admitting.
+#[must_use]
+pub fn rate_eval(spec: &RateSpec, debt_now: i64, amount: i64, usable: i64) -> (ItemEval, i64) {
+    let cap = spec.burst * spec.p;
+    let need = debt_now + amount * spec.p;
+    let allowed = amount == 0 || need <= usable * spec.p;
+    let debt_after = if allowed { need } else { debt_now };
+    let retry = if allowed || amount > usable {
+        None
+    } else {
+        Some(ceil_div(need - usable * spec.p, spec.l))
+    };
+    let eval = ItemEval {
+        allowed,
+        remaining: ((cap - debt_after).max(0)) / spec.p,
+        reset: ceil_div(debt_after, spec.l),
+        retry,
+    };
+    (eval, debt_after)
+}
+
+/// Earliest time (µs from now) at which holds expiring at `expiries` free at least `needed`.
+fn time_to_free(needed: i64, now: Micros, holds: &mut [(Micros, i64)]) -> Option<Micros> {
+    if needed <= 0 {
+        return Some(0);
+    }
+    holds.sort_unstable_by_key(|h| h.0);
+    let mut freed = 0;
+    for &(exp, amount) in holds.iter() {
+        freed += amount;
+        if freed >= needed {
+            return Some((exp - now).max(0));
+        }
+    }
+    None
+}
+
+/// Evaluates a counter (quota / budget / concurrency) with `used` in the current
+/// window, `holds` as `(expiry, amount)` of live reservations, the window end
+/// (`None` when it never resets).
+#[must_use]
+#[allow(clippy::too_many_arguments)]
+pub fn counter_eval(
+    limit: i64,
+    used: i64,
+    holds: &mut [(Micros, i64)],
+    amount: i64,
+    usable: i64,
+    now: Micros,
+    window_end: Option<Micros>,
+) -> ItemEval {
+    let held: i64 = holds.iter().map(|h| h.1).sum();
+    let allowed = amount == 0 || used + held + amount <= usable;
+    let taken = if allowed { amount } else { 0 };
+    let remaining = (limit - used - held - taken).max(0);
+    let reset = window_end.map_or(0, |e| (e - now).max(0));
+    let retry = if allowed || amount > usable {
+        None
+    } else {
+        let by_holds = if used + amount <= usable {
+            time_to_free(used + held + amount - usable, now, holds)
+        } else {
+            None
+        };
+        let by_window = window_end.and_then(|end| {
+            let after = time_to_free(held + amount - usable, now, holds)?;
+            Some(after.max(end - now))
+        });
+        match (by_holds, by_window) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    };
+    ItemEval {
+        allowed,
+        remaining,
+        reset,
+        retry,
+    }
+}
+
+/// Turns per-limit evaluations into a [`Decision`]. `evals[i]` belongs to `plan.get(i)`.
+#[must_use]
+pub fn assemble(
+    plan: &Plan<'_>,
+    evals: &[ItemEval],
+    served: Priority,
+    reservation: Option<ReservationInfo>,
+) -> Decision {
+    let allowed = evals.iter().all(|e| e.allowed);
+    let mut caps = Caps::default();
+    let mut cap_reason: Option<String> = None;
+    let mut limits = Vec::with_capacity(evals.len());
+    let mut retry: Option<Micros> = Some(0);
+    let mut reason = None;
+    for (i, e) in evals.iter().enumerate() {
+        let item = plan.get(i);
+        let def = item.def;
+        if !e.allowed {
+            retry = match (retry, e.retry) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+            if reason.is_none() {
+                reason = Some(deny_reason(&item, e, served));
+            }
+        } else if allowed {
+            for rule in &def.caps {
+                let cap = i128::from(def.capacity());
+                if i128::from(e.remaining) * 1000 < cap * i128::from(rule.below) {
+                    caps.merge(&rule.caps);
+                    cap_reason.get_or_insert_with(|| {
+                        format!(
+                            "{} `{}` ({}) has {} {} left",
+                            def.kind.name(),
+                            def.name,
+                            item.owner_key(),
+                            def.fmt_amount(e.remaining),
+                            def.unit
+                        )
+                    });
+                }
+            }
+        }
+        limits.push(LimitState {
+            name: def.name.clone(),
+            kind: def.kind.name(),
+            key: item.owner_key().to_owned(),
+            unit: def.unit.clone(),
+            decimals: def.decimals,
+            limit: def.capacity(),
+            remaining: e.remaining,
+            reset: duration(e.reset),
+            window_secs: match &def.kind {
+                LimitKind::Rate(r) => Some(r.period / 1_000_000),
+                k => k.window().and_then(|w| w.nominal_secs()),
+            },
+            denied: !e.allowed,
+            amount: item.amount,
+        });
+    }
+    let (outcome, retry_after) = if !allowed {
+        (
+            Outcome::Deny,
+            retry.map(|us| Duration::from_micros(us.max(1).unsigned_abs())),
+        )
+    } else if caps.is_empty() {
+        (Outcome::Allow, None)
+    } else {
+        reason = cap_reason;
+        (Outcome::AllowWithCaps, None)
+    };
+    Decision {
+        outcome,
+        caps: if outcome == Outcome::AllowWithCaps {
+            caps
+        } else {
+            Caps::default()
+        },
+        retry_after,
+        limits,
+        reason,
+        reservation: if allowed { reservation } else { None },
+        priority: served,
+    }
+}
+
+fn deny_reason(item: &crate::plan::PlannedLimit<'_>, e: &ItemEval, served: Priority) -> String {
+    let def = item.def;
+    let what = format!("{} `{}` ({})", def.kind.name(), def.name, item.owner_key());
+    if e.retry.is_none() {
+        format!(
+            "{what}: the request needs {} {} but at most {} can ever be available to {served} callers",
+            def.fmt_amount(item.amount),
+            def.unit,
+            def.fmt_amount(def.floors.usable(def.capacity(), served)),
+        )
+    } else {
+        format!(
+            "{what}: the request needs {} {}, {} of {} remain (priority {served})",
+            def.fmt_amount(item.amount),
+            def.unit,
+            def.fmt_amount(e.remaining),
+            def.fmt_amount(def.capacity()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_ten_per_second_burst_five() {
+        // 10/s, burst 5: g = gcd(1e6, 10) = 10, p = 100_000, l = 1.
+        let spec = RateSpec {
+            period: 1_000_000,
+            burst: 5,
+            p: 100_000,
+            l: 1,
+        };
+        let mut debt = 0;
+        for _ in 0..5 {
+            let (e, d) = rate_eval(&spec, debt, 1, 5);
+            assert!(e.allowed);
+            debt = d;
+        }
+        let (e, _) = rate_eval(&spec, debt, 1, 5);
+        assert!(!e.allowed);
+        assert_eq!(e.retry, Some(100_000));
+        assert_eq!(rate_debt_now(&spec, debt, 0, 100_000), 400_000);
+        let (e, _) = rate_eval(&spec, debt, 6, 5);
+        assert_eq!(e.retry, None);
+    }
+}

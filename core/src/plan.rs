@@ -1,0 +1,345 @@
+//! Requests and plans.
+//!
+//! A [`Request`] says who spends (scope), on what (resource, action), how much
+//! (cost) and at which priority. [`Plan::build`] resolves it against a policy
+//! into the exact list of limit instances it touches — scope chain × resource ×
+//! action, each with its storage key and amount in base units. A backend gets
+//! the whole plan in one call and decides it atomically.
+
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::amount::{Amount, Cost, MAX_AMOUNT};
+use crate::clock::Micros;
+use crate::error::{Error, Result};
+use crate::policy::{Attach, LimitDef, LimitKind, Policy};
+use crate::priority::Priority;
+use crate::scope::Scope;
+
+/// One request for a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Who is spending.
+    pub scope: Scope,
+    /// The upstream resource, if any (`github`, `openai:gpt-4o`).
+    pub resource: Option<String>,
+    /// The action, if any (`send_email`).
+    pub action: Option<String>,
+    /// What it spends; one request by default.
+    pub cost: Cost,
+    /// Its priority; standard by default.
+    pub priority: Priority,
+}
+
+impl Request {
+    /// A request of one unit of `requests` by `scope` at standard priority.
+    #[must_use]
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            scope,
+            resource: None,
+            action: None,
+            cost: Cost::new(),
+            priority: Priority::Standard,
+        }
+    }
+
+    /// Parses `scope` and builds a request.
+    ///
+    /// # Errors
+    /// [`Error::InvalidScope`] if the scope is malformed.
+    pub fn parse(scope: &str) -> Result<Self> {
+        Ok(Self::new(Scope::parse(scope)?))
+    }
+
+    /// Sets the resource.
+    #[must_use]
+    pub fn resource(mut self, resource: impl Into<String>) -> Self {
+        self.resource = Some(resource.into());
+        self
+    }
+
+    /// Sets the action.
+    #[must_use]
+    pub fn action(mut self, action: impl Into<String>) -> Self {
+        self.action = Some(action.into());
+        self
+    }
+
+    /// Sets the whole cost.
+    #[must_use]
+    pub fn cost(mut self, cost: Cost) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    /// Adds one unit's amount to the cost.
+    #[must_use]
+    pub fn spend(mut self, unit: &str, amount: impl Into<Amount>) -> Self {
+        self.cost.set(unit, amount.into());
+        self
+    }
+
+    /// Sets the priority.
+    #[must_use]
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+/// One limit instance of a plan.
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedLimit<'p> {
+    /// Storage key: `<scope prefix>#<limit>` or `@#<limit>` for shared pools.
+    pub key: &'p str,
+    /// The limit.
+    pub def: &'p Arc<LimitDef>,
+    /// Amount this request takes from it, base units (may be zero).
+    pub amount: i64,
+}
+
+impl PlannedLimit<'_> {
+    /// The key without the `#<limit>` suffix: the scope prefix, or `@` for pools.
+    #[must_use]
+    pub fn owner_key(&self) -> &str {
+        self.key.rsplit_once('#').map_or(self.key, |(k, _)| k)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Item<'p> {
+    start: u32,
+    end: u32,
+    def: &'p Arc<LimitDef>,
+    amount: i64,
+}
+
+/// A request resolved against a policy: every limit it touches, in order.
+#[derive(Debug, Clone)]
+pub struct Plan<'p> {
+    keys: String,
+    items: Vec<Item<'p>>,
+    caller: Option<(u32, u32)>,
+    scope: &'p Scope,
+    priority: Priority,
+    promote_after: Micros,
+}
+
+/// Base amounts per unit resolved from a [`Cost`].
+pub type Amounts = SmallVec<[(Box<str>, i64); 4]>;
+
+/// Converts a cost to base units using the policy's unit decimals.
+///
+/// # Errors
+/// [`Error::Unknown`] for a unit the policy does not know, [`Error::InvalidAmount`]
+/// for negative, too precise or too large amounts.
+pub fn resolve_cost(policy: &Policy, cost: &Cost) -> Result<Amounts> {
+    let mut out = Amounts::new();
+    for (unit, amount) in cost.iter() {
+        let def = policy
+            .unit(unit)
+            .ok_or_else(|| Error::unknown("unit", unit, policy.units.keys().map(String::as_str)))?;
+        out.push((unit.into(), amount.to_base(unit, def.decimals)?));
+    }
+    Ok(out)
+}
+
+fn amount_for(amounts: &Amounts, unit: &str, default_requests: bool) -> Option<i64> {
+    match amounts.iter().find(|(u, _)| &**u == unit) {
+        Some((_, a)) => Some(*a),
+        None if default_requests && unit == "requests" => Some(1),
+        None => None,
+    }
+}
+
+impl<'p> Plan<'p> {
+    /// Resolves `request` against `policy`.
+    ///
+    /// # Errors
+    /// [`Error::Unknown`] for undeclared scope kinds, resources, actions or units;
+    /// [`Error::InvalidAmount`] for bad amounts.
+    pub fn build(policy: &'p Policy, request: &'p Request) -> Result<Self> {
+        let mut amounts = resolve_cost(policy, &request.cost)?;
+        let action = match &request.action {
+            None => None,
+            Some(a) => Some((
+                a.as_str(),
+                policy.action(a).ok_or_else(|| {
+                    Error::unknown("action", a, policy.actions.keys().map(String::as_str))
+                })?,
+            )),
+        };
+        if let Some((_, act)) = action {
+            if act.risk > 0 && !amounts.iter().any(|(u, _)| &**u == "risk") {
+                amounts.push(("risk".into(), act.risk));
+            }
+        }
+        let resource = match &request.resource {
+            None => None,
+            Some(r) => Some((
+                r.as_str(),
+                policy.resource(r).ok_or_else(|| {
+                    Error::unknown("resource", r, policy.resources.keys().map(String::as_str))
+                })?,
+            )),
+        };
+        let scope = &request.scope;
+        let mut plan = Self {
+            keys: String::with_capacity(64 + scope.as_str().len() * 2),
+            items: Vec::with_capacity(8),
+            caller: None,
+            scope,
+            priority: request.priority,
+            promote_after: policy.defaults.promote_after,
+        };
+        for i in 0..scope.depth() {
+            let kind = scope.kind(i);
+            let limits = policy.scopes.get(kind).ok_or_else(|| {
+                Error::unknown("scope kind", kind, policy.scopes.keys().map(String::as_str))
+            })?;
+            for def in limits {
+                let amount = amount_for(&amounts, &def.unit, true).unwrap_or(0);
+                plan.push(Some(scope.prefix(i + 1)), def, amount);
+            }
+        }
+        for (_, target) in resource.into_iter().chain(action) {
+            for def in &target.limits {
+                let prefix = match &def.attach {
+                    Attach::PerScope(kind) => match scope.position_of_kind(kind) {
+                        Some(pos) => Some(scope.prefix(pos + 1)),
+                        None => continue,
+                    },
+                    _ => None,
+                };
+                let amount = amount_for(&amounts, &def.unit, true).unwrap_or(0);
+                plan.push(prefix, def, amount);
+            }
+        }
+        if request.priority == Priority::Background {
+            let start = plan.keys.len();
+            plan.keys.push_str(scope.as_str());
+            plan.keys.push_str("#@starve#");
+            plan.keys
+                .push_str(request.resource.as_deref().unwrap_or(""));
+            plan.keys.push('#');
+            plan.keys.push_str(request.action.as_deref().unwrap_or(""));
+            plan.caller = Some((as_u32(start), as_u32(plan.keys.len())));
+        }
+        Ok(plan)
+    }
+
+    /// A plan for carving a delegation out of `scope`'s own limits: only the
+    /// scope chain's quota, budget and concurrency limits whose unit is in `amounts`.
+    ///
+    /// # Errors
+    /// [`Error::Unknown`] for undeclared scope kinds.
+    pub(crate) fn for_delegation(
+        policy: &'p Policy,
+        scope: &'p Scope,
+        amounts: &Amounts,
+    ) -> Result<Self> {
+        let mut plan = Self {
+            keys: String::new(),
+            items: Vec::with_capacity(8),
+            caller: None,
+            scope,
+            priority: Priority::Critical,
+            promote_after: policy.defaults.promote_after,
+        };
+        for i in 0..scope.depth() {
+            let kind = scope.kind(i);
+            let limits = policy.scopes.get(kind).ok_or_else(|| {
+                Error::unknown("scope kind", kind, policy.scopes.keys().map(String::as_str))
+            })?;
+            for def in limits {
+                if matches!(def.kind, LimitKind::Rate(_)) {
+                    continue;
+                }
+                if let Some(amount) = amount_for(amounts, &def.unit, false) {
+                    plan.push(Some(scope.prefix(i + 1)), def, amount);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    fn push(&mut self, prefix: Option<&str>, def: &'p Arc<LimitDef>, amount: i64) {
+        let start = self.keys.len();
+        self.keys.push_str(prefix.unwrap_or("@"));
+        self.keys.push('#');
+        self.keys.push_str(&def.name);
+        self.items.push(Item {
+            start: as_u32(start),
+            end: as_u32(self.keys.len()),
+            def,
+            amount: amount.min(MAX_AMOUNT),
+        });
+    }
+
+    /// Number of limits.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the request touches no limit at all (always allowed).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The `i`-th limit.
+    #[must_use]
+    pub fn get(&self, i: usize) -> PlannedLimit<'_> {
+        let it = &self.items[i];
+        PlannedLimit {
+            key: &self.keys[it.start as usize..it.end as usize],
+            def: it.def,
+            amount: it.amount,
+        }
+    }
+
+    /// Every limit, in order.
+    pub fn limits(&self) -> impl Iterator<Item = PlannedLimit<'_>> {
+        (0..self.items.len()).map(|i| self.get(i))
+    }
+
+    /// The scope of the request.
+    #[must_use]
+    pub fn scope(&self) -> &Scope {
+        self.scope
+    }
+
+    /// The requested priority.
+    #[must_use]
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// The key tracking continuous denials of a background caller (starvation promotion).
+    #[must_use]
+    pub fn caller_key(&self) -> Option<&str> {
+        self.caller.map(|(s, e)| &self.keys[s as usize..e as usize])
+    }
+
+    /// After how long continuous denial a background caller is promoted.
+    #[must_use]
+    pub fn promote_after(&self) -> Micros {
+        self.promote_after
+    }
+
+    /// The key of a delegation grant attached to the first `depth` segments of the scope.
+    #[must_use]
+    pub fn grant_key(scope: &Scope, depth: usize) -> String {
+        let mut k = String::with_capacity(scope.prefix(depth).len() + 7);
+        k.push_str(scope.prefix(depth));
+        k.push_str("#@grant");
+        k
+    }
+}
+
+fn as_u32(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}

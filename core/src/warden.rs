@@ -1,0 +1,424 @@
+//! [`Warden`]: the public face of ratewarden. It validates every input,
+//! resolves requests against the policy, and hands each decision to the
+//! backend as one operation. `wait` adds in-process queueing in priority order.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::amount::Cost;
+use crate::backend::{Backend, MemoryBackend, Op, Reply};
+use crate::clock::{Clock, Micros, SystemClock, micros};
+use crate::decision::{CommitReceipt, Decision, ReservationId};
+use crate::error::{Error, Result};
+use crate::plan::{Plan, Request, resolve_cost};
+use crate::policy::{LimitKind, Policy};
+use crate::scope::Scope;
+
+/// Longest lease a reservation or delegation may ask for.
+pub const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Where a delegation's sub-budget comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum DelegateFrom<'a> {
+    /// From a parent scope's free capacity (the child must lie under it).
+    Scope(&'a Scope),
+    /// From what an existing reservation holds (the child must lie under its scope).
+    Reservation(ReservationId),
+}
+
+/// What `wait` does once the request is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitFor {
+    /// Consume now, like [`Warden::acquire`].
+    Acquire,
+    /// Hold under a reservation, like [`Warden::reserve`], with an optional lease.
+    Reserve(Option<Duration>),
+}
+
+/// The governor: a policy plus a backend. Clone it freely (it is an `Arc`).
+#[derive(Clone)]
+pub struct Warden {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    policy: Arc<Policy>,
+    backend: Arc<dyn Backend>,
+    clock: Arc<dyn Clock>,
+    queue: WaitQueue,
+}
+
+impl std::fmt::Debug for Warden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warden")
+            .field("policy", &self.inner.policy.source())
+            .field("backend", &self.inner.backend.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Warden {
+    /// A warden over the embedded engine with the system clock.
+    #[must_use]
+    pub fn new(policy: Policy) -> Self {
+        Self::with_clock(policy, Arc::new(SystemClock))
+    }
+
+    /// A warden over the embedded engine reading time from `clock` (tests use a [`crate::ManualClock`]).
+    #[must_use]
+    pub fn with_clock(policy: Policy, clock: Arc<dyn Clock>) -> Self {
+        let backend = Arc::new(MemoryBackend::new(Arc::clone(&clock)));
+        Self::with_backend(policy, backend, clock)
+    }
+
+    /// A warden over any backend. `clock` is used for `wait` and lease arithmetic on the
+    /// caller's side; decisions use the backend's own clock.
+    #[must_use]
+    pub fn with_backend(policy: Policy, backend: Arc<dyn Backend>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                policy: Arc::new(policy),
+                backend,
+                clock,
+                queue: WaitQueue::default(),
+            }),
+        }
+    }
+
+    /// The policy in force.
+    #[must_use]
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// The backend's name (`memory`, `redis`).
+    #[must_use]
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// The clock used for waiting.
+    #[must_use]
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    async fn run(&self, op: Op<'_>) -> Result<Reply> {
+        self.inner.backend.execute(op).resolve().await
+    }
+
+    async fn decision(&self, op: Op<'_>) -> Result<Decision> {
+        match self.run(op).await? {
+            Reply::Decision(d) => Ok(d),
+            other => Err(Error::Backend {
+                message: format!("backend answered {other:?} to a decision"),
+            }),
+        }
+    }
+
+    /// Evaluates `request` against every limit it touches without changing anything.
+    ///
+    /// # Errors
+    /// Invalid input ([`Error::Unknown`], [`Error::InvalidAmount`]…) or a backend failure.
+    pub async fn check(&self, request: &Request) -> Result<Decision> {
+        let plan = Plan::build(&self.inner.policy, request)?;
+        self.decision(Op::Check(&plan)).await
+    }
+
+    /// Admits `request` and consumes its cost from every limit, or denies it and
+    /// changes nothing. Concurrency limits are checked but not held (use `reserve`).
+    ///
+    /// # Errors
+    /// Invalid input or a backend failure. A denial is `Ok` with `Outcome::Deny`.
+    pub async fn acquire(&self, request: &Request) -> Result<Decision> {
+        let plan = Plan::build(&self.inner.policy, request)?;
+        self.decision(Op::Acquire(&plan)).await
+    }
+
+    /// Admits `request` and holds its (estimated) cost under a lease until
+    /// [`Warden::commit`], [`Warden::release`] or expiry. The decision carries the
+    /// reservation id.
+    ///
+    /// # Errors
+    /// Invalid input (including a lease of zero or over [`MAX_LEASE`]) or a backend failure.
+    pub async fn reserve(&self, request: &Request, lease: Option<Duration>) -> Result<Decision> {
+        let plan = Plan::build(&self.inner.policy, request)?;
+        let lease = self.lease(&plan, lease)?;
+        self.decision(Op::Reserve {
+            plan: &plan,
+            id: ReservationId::random(),
+            lease,
+        })
+        .await
+    }
+
+    fn lease(&self, plan: &Plan<'_>, lease: Option<Duration>) -> Result<Micros> {
+        match lease {
+            Some(d) => validate_lease(d),
+            None => Ok(plan
+                .limits()
+                .filter(|l| matches!(l.def.kind, LimitKind::Concurrency))
+                .map(|l| l.def.lease)
+                .min()
+                .unwrap_or(self.inner.policy.defaults().lease)),
+        }
+    }
+
+    /// Charges a reservation's actual usage and ends it. Units missing from
+    /// `actual` are charged at their reserved amount. Less than reserved is
+    /// refunded; more follows each limit's overage rule. Idempotent: committing
+    /// the same id again charges nothing and returns the first receipt with
+    /// `duplicate = true`.
+    ///
+    /// # Errors
+    /// [`Error::ReservationNotFound`], [`Error::ReservationExpired`],
+    /// [`Error::ReservationClosed`] (released), invalid amounts, backend failures.
+    pub async fn commit(&self, id: ReservationId, actual: &Cost) -> Result<CommitReceipt> {
+        let actual = resolve_cost(&self.inner.policy, actual)?;
+        match self
+            .run(Op::Commit {
+                id,
+                actual: &actual,
+            })
+            .await?
+        {
+            Reply::Committed(r) => Ok(r),
+            other => Err(Error::Backend {
+                message: format!("backend answered {other:?} to commit"),
+            }),
+        }
+    }
+
+    /// Ends a reservation or delegation and returns everything it holds.
+    /// Returns `true` if this call released it, `false` if it was already
+    /// released or had expired (idempotent).
+    ///
+    /// # Errors
+    /// [`Error::ReservationNotFound`], [`Error::ReservationClosed`] (committed), backend failures.
+    pub async fn release(&self, id: ReservationId) -> Result<bool> {
+        match self.run(Op::Release { id }).await? {
+            Reply::Released(b) => Ok(b),
+            other => Err(Error::Backend {
+                message: format!("backend answered {other:?} to release"),
+            }),
+        }
+    }
+
+    /// Renews a live reservation's lease to `lease` from now; returns the new
+    /// expiry (µs since the epoch, backend clock).
+    ///
+    /// # Errors
+    /// [`Error::ReservationExpired`] if it already lapsed, [`Error::ReservationClosed`]
+    /// if ended, invalid lease, backend failures.
+    pub async fn extend(&self, id: ReservationId, lease: Duration) -> Result<Micros> {
+        let lease = validate_lease(lease)?;
+        match self.run(Op::Extend { id, lease }).await? {
+            Reply::Extended(at) => Ok(at),
+            other => Err(Error::Backend {
+                message: format!("backend answered {other:?} to extend"),
+            }),
+        }
+    }
+
+    /// Carves a sub-budget of `amounts` for the sub-agent scope `child`.
+    ///
+    /// The parent's quota, budget and concurrency limits (or the parent
+    /// reservation's holds) hold the amounts under a lease; requests under
+    /// `child` then spend from that grant and can never exceed it; their spend
+    /// counts at the parent as it happens. Releasing the delegation (by its
+    /// reservation id), or its lease running out, returns what is unspent.
+    ///
+    /// # Errors
+    /// Invalid input: `child` not under the parent, no parent limit counts the
+    /// units, an open delegation already on `child`, amounts; backend failures.
+    pub async fn delegate(
+        &self,
+        from: DelegateFrom<'_>,
+        child: &Scope,
+        amounts: &Cost,
+        lease: Option<Duration>,
+    ) -> Result<Decision> {
+        let policy = &*self.inner.policy;
+        let resolved = resolve_cost(policy, amounts)?;
+        if resolved.iter().all(|(_, a)| *a == 0) {
+            return Err(Error::invalid(
+                "delegation amounts",
+                "give at least one unit with a positive amount",
+            ));
+        }
+        let (parent_scope, from_id) = match from {
+            DelegateFrom::Scope(p) => {
+                if !p.is_ancestor_of(child) {
+                    return Err(Error::invalid(
+                        "delegation",
+                        format!("child scope `{child}` is not under parent scope `{p}`"),
+                    ));
+                }
+                (p.clone(), None)
+            }
+            DelegateFrom::Reservation(id) => {
+                if child.depth() < 2 {
+                    return Err(Error::invalid(
+                        "delegation",
+                        format!("child scope `{child}` has no parent segment"),
+                    ));
+                }
+                (child.ancestor(child.depth() - 1), Some(id))
+            }
+        };
+        let plan = Plan::for_delegation(policy, &parent_scope, &resolved)?;
+        if !plan.limits().any(|l| l.amount > 0) {
+            let units: Vec<&str> = resolved.iter().map(|(u, _)| &**u).collect();
+            return Err(Error::invalid(
+                "delegation",
+                format!(
+                    "no quota, budget or concurrency limit of `{parent_scope}` or its ancestors counts {}",
+                    units.join(", ")
+                ),
+            ));
+        }
+        let lease = match lease {
+            Some(d) => validate_lease(d)?,
+            None => policy.defaults().lease,
+        };
+        self.decision(Op::Delegate {
+            plan: &plan,
+            from: from_id,
+            amounts: &resolved,
+            child,
+            id: ReservationId::random(),
+            lease,
+        })
+        .await
+    }
+
+    /// Waits until `request` is admitted (then acquires or reserves it), up to
+    /// `max_wait`. Waiters in this process whose limits overlap are served in
+    /// priority order, first come first served within a tier. Returns the last
+    /// denial if `max_wait` passes, or at once if the request can never succeed.
+    /// Cancel-safe: dropping the future leaves the queue and holds nothing.
+    ///
+    /// # Errors
+    /// Invalid input or a backend failure.
+    pub async fn wait(
+        &self,
+        request: &Request,
+        what: WaitFor,
+        max_wait: Duration,
+    ) -> Result<Decision> {
+        let plan = Plan::build(&self.inner.policy, request)?;
+        let lease = match what {
+            WaitFor::Acquire => None,
+            WaitFor::Reserve(l) => Some(self.lease(&plan, l)?),
+        };
+        let clock = &self.inner.clock;
+        let deadline = clock.now().saturating_add(micros(max_wait));
+        let keys: Vec<Box<str>> = plan.limits().map(|l| l.key.into()).collect();
+        let queue = &self.inner.queue;
+        let mut ticket: Option<Ticket<'_>> = None;
+        loop {
+            let notified = queue.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let ahead = queue.ahead(
+                ticket.as_ref().map(|t| t.key),
+                request.priority.rank(),
+                &keys,
+            );
+            if !ahead {
+                let op = match lease {
+                    None => Op::Acquire(&plan),
+                    Some(lease) => Op::Reserve {
+                        plan: &plan,
+                        id: ReservationId::random(),
+                        lease,
+                    },
+                };
+                let d = self.decision(op).await?;
+                let now = clock.now();
+                let Some(retry) = d.retry_after.filter(|_| !d.allowed() && now < deadline) else {
+                    return Ok(d);
+                };
+                if ticket.is_none() {
+                    ticket = Some(queue.join(request.priority.rank(), keys.clone()));
+                }
+                let wake = now.saturating_add(micros(retry)).min(deadline);
+                clock.sleep_until(wake).await;
+            } else {
+                if ticket.is_none() {
+                    ticket = Some(queue.join(request.priority.rank(), keys.clone()));
+                    continue; // re-check with our place in the queue
+                }
+                if clock.now() >= deadline {
+                    return self.decision(Op::Check(&plan)).await;
+                }
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = clock.sleep_until(deadline) => {}
+                }
+            }
+        }
+    }
+}
+
+fn validate_lease(d: Duration) -> Result<Micros> {
+    if d.is_zero() {
+        return Err(Error::invalid("lease", "must be longer than zero"));
+    }
+    if d > MAX_LEASE {
+        return Err(Error::invalid(
+            "lease",
+            format!("{d:?} is longer than the maximum of 7 days"),
+        ));
+    }
+    Ok(micros(d).max(1))
+}
+
+/// Place in the wait queue: priority rank, then arrival order.
+type QueueKey = (u8, u64);
+
+/// In-process queue of `wait` callers: place → the keys they wait on.
+#[derive(Default)]
+struct WaitQueue {
+    waiters: Mutex<BTreeMap<QueueKey, Vec<Box<str>>>>,
+    seq: AtomicU64,
+    notify: Notify,
+}
+
+struct Ticket<'q> {
+    queue: &'q WaitQueue,
+    key: (u8, u64),
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.queue.waiters.lock().remove(&self.key);
+        self.queue.notify.notify_waiters();
+    }
+}
+
+impl WaitQueue {
+    fn join(&self, rank: u8, keys: Vec<Box<str>>) -> Ticket<'_> {
+        let key = (rank, self.seq.fetch_add(1, Ordering::Relaxed));
+        self.waiters.lock().insert(key, keys);
+        Ticket { queue: self, key }
+    }
+
+    /// Whether a waiter ahead of us (higher tier, or same tier and earlier) waits on one of our keys.
+    /// Without a ticket, every queued waiter of our tier or higher is ahead.
+    fn ahead(&self, me: Option<(u8, u64)>, rank: u8, keys: &[Box<str>]) -> bool {
+        let waiters = self.waiters.lock();
+        if waiters.is_empty() {
+            return false;
+        }
+        let bound = me.unwrap_or((rank, u64::MAX));
+        waiters
+            .range(..bound)
+            .any(|(_, theirs)| theirs.iter().any(|k| keys.contains(k)))
+    }
+}

@@ -1,0 +1,240 @@
+//! Reserve → commit / release / extend, leases and concurrency slots.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{now, remaining, warden};
+use ratewarden::{Amount, Cost, Error, ErrorKind, Request};
+use serde_json::json;
+
+fn usd(s: &str) -> Amount {
+    Amount::parse(s).unwrap()
+}
+
+fn budget_policy(overage: &str) -> serde_json::Value {
+    json!({"scopes": {"tenant": {"limits": [
+        {"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month", "overage": overage}
+    ]}}})
+}
+
+#[test]
+fn commit_refunds_the_unused_estimate() {
+    let (w, _c) = warden(budget_policy("charge"));
+    let req = Request::parse("tenant:a").unwrap().spend("usd", usd("4"));
+    let d = now(w.reserve(&req, None)).unwrap();
+    assert!(d.allowed());
+    assert_eq!(remaining(&d, "usd"), 6_000_000);
+    let id = d.reservation.unwrap().id;
+    let r = now(w.commit(id, &Cost::new().with("usd", usd("1.25")))).unwrap();
+    assert_eq!(r.charges[0].charged, 1_250_000);
+    assert_eq!(r.charges[0].reserved, 4_000_000);
+    let d = now(w.check(&Request::parse("tenant:a").unwrap())).unwrap();
+    assert_eq!(remaining(&d, "usd"), 8_750_000);
+}
+
+#[test]
+fn overage_charge_goes_into_debt_and_cap_forgives() {
+    let (w, _c) = warden(budget_policy("charge"));
+    let id = now(w.reserve(
+        &Request::parse("tenant:a").unwrap().spend("usd", usd("9")),
+        None,
+    ))
+    .unwrap()
+    .reservation
+    .unwrap()
+    .id;
+    now(w.commit(id, &Cost::new().with("usd", usd("12")))).unwrap();
+    let d = now(w.acquire(
+        &Request::parse("tenant:a")
+            .unwrap()
+            .spend("usd", usd("0.01")),
+    ))
+    .unwrap();
+    assert!(!d.allowed(), "12 of 10 spent: in debt");
+    assert_eq!(remaining(&d, "usd"), 0);
+
+    let (w, _c) = warden(budget_policy("cap"));
+    let id = now(w.reserve(
+        &Request::parse("tenant:a").unwrap().spend("usd", usd("9")),
+        None,
+    ))
+    .unwrap()
+    .reservation
+    .unwrap()
+    .id;
+    let r = now(w.commit(id, &Cost::new().with("usd", usd("12")))).unwrap();
+    assert_eq!(
+        (r.charges[0].charged, r.charges[0].uncharged),
+        (9_000_000, 3_000_000)
+    );
+    assert!(
+        now(w.acquire(&Request::parse("tenant:a").unwrap().spend("usd", usd("1"))))
+            .unwrap()
+            .allowed()
+    );
+}
+
+#[test]
+fn commit_and_release_are_idempotent() {
+    let (w, _c) = warden(budget_policy("charge"));
+    let req = Request::parse("tenant:a").unwrap().spend("usd", usd("2"));
+    let id = now(w.reserve(&req, None)).unwrap().reservation.unwrap().id;
+    let first = now(w.commit(id, &Cost::new().with("usd", usd("2")))).unwrap();
+    let second = now(w.commit(id, &Cost::new().with("usd", usd("5")))).unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(
+        second.charges, first.charges,
+        "the duplicate reports the first commit, charges nothing"
+    );
+    let d = now(w.check(&Request::parse("tenant:a").unwrap())).unwrap();
+    assert_eq!(remaining(&d, "usd"), 8_000_000);
+    let e = now(w.release(id)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ReservationClosed {
+                state: "committed",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let id = now(w.reserve(&req, None)).unwrap().reservation.unwrap().id;
+    assert!(now(w.release(id)).unwrap());
+    assert!(!now(w.release(id)).unwrap());
+    let d = now(w.check(&Request::parse("tenant:a").unwrap())).unwrap();
+    assert_eq!(remaining(&d, "usd"), 8_000_000);
+    assert_eq!(
+        now(w.commit(id, &Cost::new())).unwrap_err().kind(),
+        ErrorKind::Conflict
+    );
+}
+
+#[test]
+fn leases_expire_and_return_capacity() {
+    let (w, clock) = warden(json!({"scopes": {"tenant": {"limits": [
+        {"name": "jobs", "kind": "concurrency", "limit": 2, "lease": "30s"}
+    ]}}}));
+    let req = Request::parse("tenant:a").unwrap();
+    let a = now(w.reserve(&req, None)).unwrap();
+    let b = now(w.reserve(&req, Some(Duration::from_secs(60)))).unwrap();
+    assert!(a.allowed() && b.allowed());
+    let d = now(w.reserve(&req, None)).unwrap();
+    assert!(!d.allowed());
+    assert_eq!(
+        d.retry_after,
+        Some(Duration::from_secs(30)),
+        "best estimate: the first lease expiry"
+    );
+    // acquire checks a slot but holds none
+    assert!(!now(w.acquire(&req)).unwrap().allowed());
+    clock.advance(Duration::from_secs(30));
+    let c = now(w.reserve(&req, None)).unwrap();
+    assert!(c.allowed(), "a's lease expired and returned its slot");
+    let e = now(w.commit(a.reservation.unwrap().id, &Cost::new())).unwrap_err();
+    assert!(matches!(e, Error::ReservationExpired { .. }), "{e}");
+    // extend keeps b alive past its original expiry
+    let b_id = b.reservation.unwrap().id;
+    now(w.extend(b_id, Duration::from_secs(120))).unwrap();
+    // t = 65 s: c (expired at 60 s) is gone; b would have expired at 60 s but was extended.
+    clock.advance(Duration::from_secs(35));
+    assert!(
+        now(w.reserve(&req, None)).unwrap().allowed(),
+        "one slot free"
+    );
+    assert!(
+        !now(w.reserve(&req, None)).unwrap().allowed(),
+        "b still holds the other slot"
+    );
+    assert!(now(w.release(b_id)).unwrap());
+    assert!(now(w.reserve(&req, None)).unwrap().allowed());
+}
+
+#[test]
+fn budget_holds_expire_too_and_commit_after_expiry_fails() {
+    let (w, clock) = warden(budget_policy("charge"));
+    let req = Request::parse("tenant:a").unwrap().spend("usd", usd("10"));
+    let d = now(w.reserve(&req, Some(Duration::from_secs(5)))).unwrap();
+    assert!(!now(w.reserve(&req, None)).unwrap().allowed());
+    clock.advance(Duration::from_secs(5));
+    assert!(now(w.check(&req)).unwrap().allowed());
+    let e = now(w.extend(d.reservation.unwrap().id, Duration::from_secs(5))).unwrap_err();
+    assert!(matches!(e, Error::ReservationExpired { .. }));
+}
+
+#[test]
+fn rate_limits_take_reservations_of_estimated_tokens() {
+    let (w, clock) = warden(json!({"resources": {"openai": {"limits": [
+        {"name": "tpm", "kind": "rate", "unit": "tokens", "limit": 1000, "per": "1m"}
+    ]}}, "scopes": {"user": {}}}));
+    let req = Request::parse("user:1")
+        .unwrap()
+        .resource("openai")
+        .spend("tokens", 800);
+    let id = now(w.reserve(&req, None)).unwrap().reservation.unwrap().id;
+    assert!(!now(w.check(&req)).unwrap().allowed());
+    now(w.commit(id, &Cost::new().with("tokens", 300))).unwrap();
+    let d = now(w.check(&req.clone().spend("tokens", 700))).unwrap();
+    assert!(d.allowed(), "500 refunded: {d:?}");
+    assert_eq!(remaining(&d, "tpm"), 0);
+    clock.advance(Duration::from_secs(6));
+    let id = now(w.reserve(&req.clone().spend("tokens", 100), None))
+        .unwrap()
+        .reservation
+        .unwrap()
+        .id;
+    assert!(now(w.release(id)).unwrap());
+    assert_eq!(
+        remaining(
+            &now(w.check(&req.clone().spend("tokens", 0))).unwrap(),
+            "tpm"
+        ),
+        800
+    );
+}
+
+#[test]
+fn reservations_are_all_or_nothing_across_limits() {
+    let (w, _c) = warden(json!({
+        "scopes": {
+            "tenant": {"limits": [{"name": "t-usd", "kind": "budget", "unit": "usd", "limit": "5", "per": "month"}]},
+            "user": {"limits": [{"name": "u-usd", "kind": "budget", "unit": "usd", "limit": "2", "per": "day"}]}
+        },
+        "resources": {"video": {"limits": [{"name": "video-usd", "kind": "budget", "unit": "usd", "limit": "3", "per": "month", "scope": "tenant"}]}}
+    }));
+    let spend = |user: &str, amount: &str| {
+        Request::parse(&format!("tenant:a/user:{user}"))
+            .unwrap()
+            .resource("video")
+            .spend("usd", usd(amount))
+    };
+    assert!(now(w.acquire(&spend("1", "2"))).unwrap().allowed());
+    let d = now(w.acquire(&spend("2", "1.5"))).unwrap();
+    assert!(!d.allowed(), "video cap per tenant: 2 + 1.5 > 3");
+    assert_eq!(d.denied_by().unwrap().name, "video-usd");
+    // Nothing was charged by the denied request: user 2 still has its full 2 usd.
+    let d = now(w.check(&Request::parse("tenant:a/user:2").unwrap())).unwrap();
+    assert_eq!(remaining(&d, "u-usd"), 2_000_000);
+    assert_eq!(remaining(&d, "t-usd"), 3_000_000);
+}
+
+#[test]
+fn caps_turn_allow_into_allow_with_caps() {
+    let (w, _c) = warden(json!({"scopes": {"user": {"limits": [
+        {"name": "tokens-day", "kind": "quota", "unit": "tokens", "limit": 1000, "per": "day",
+         "caps": [{"when_remaining_below": "20%", "max_tokens": 256, "model": "gpt-4o-mini"}]}
+    ]}}}));
+    let req = Request::parse("user:1").unwrap().spend("tokens", 700);
+    assert_eq!(
+        now(w.acquire(&req)).unwrap().outcome,
+        ratewarden::Outcome::Allow
+    );
+    let d = now(w.acquire(&req.clone().spend("tokens", 150))).unwrap();
+    assert_eq!(d.outcome, ratewarden::Outcome::AllowWithCaps);
+    assert_eq!(d.caps.max_tokens, Some(256));
+    assert_eq!(d.caps.model.as_deref(), Some("gpt-4o-mini"));
+}
