@@ -1,2 +1,56 @@
-//! The ratewarden command line.
-fn main() {}
+//! The `ratewarden` command line: validate policies and run the multi-agent
+//! simulation. Thin: every decision is made by the `ratewarden` core crate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod simulate;
+
+/// Runtime governor for AI agents and the APIs they call.
+#[derive(Parser)]
+#[command(name = "ratewarden", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a policy file (YAML, JSON or TOML) and print its effective limits.
+    Check {
+        /// The policy file.
+        policy: PathBuf,
+    },
+    /// N agents share one upstream quota: naive independent retries vs governed.
+    Simulate(simulate::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { policy } => match ratewarden::Policy::from_file(&policy) {
+            Ok(p) => {
+                println!(
+                    "{}: valid policy, {} limits\n",
+                    policy.display(),
+                    p.limits().count()
+                );
+                print!("{}", p.describe());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Simulate(args) => match simulate::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use crate::amount::Cost;
 use crate::backend::{Backend, MemoryBackend, Op, Reply};
 use crate::clock::{Clock, Micros, SystemClock, micros};
-use crate::decision::{CommitReceipt, Decision, ReservationId};
+use crate::decision::{Caps, CommitReceipt, Decision, Outcome, ReservationId};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Request, resolve_cost};
 use crate::policy::{LimitKind, Policy};
@@ -344,8 +344,12 @@ impl Warden {
                 let Some(retry) = d.retry_after.filter(|_| !d.allowed() && now < deadline) else {
                     return Ok(d);
                 };
-                if ticket.is_none() {
-                    ticket = Some(queue.join(request.priority.rank(), keys.clone()));
+                // Join the queue, or move up a tier once the backend promoted us.
+                let rank = d.priority.rank();
+                match &mut ticket {
+                    None => ticket = Some(queue.join(rank, keys.clone())),
+                    Some(t) if t.key.0 > rank => t.promote(rank),
+                    Some(_) => {}
                 }
                 let wake = now.saturating_add(micros(retry)).min(deadline);
                 clock.sleep_until(wake).await;
@@ -355,7 +359,18 @@ impl Warden {
                     continue; // re-check with our place in the queue
                 }
                 if clock.now() >= deadline {
-                    return self.decision(Op::Check(&plan)).await;
+                    // Out of time while others were ahead: report the state, never an admission.
+                    let mut d = self.decision(Op::Check(&plan)).await?;
+                    if d.allowed() {
+                        d.outcome = Outcome::Deny;
+                        d.caps = Caps::default();
+                        d.reservation = None;
+                        d.retry_after = Some(Duration::ZERO);
+                        d.reason = Some(
+                            "max_wait passed while waiters ahead in the queue were served".into(),
+                        );
+                    }
+                    return Ok(d);
                 }
                 tokio::select! {
                     () = &mut notified => {}
@@ -399,6 +414,17 @@ impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         self.queue.waiters.lock().remove(&self.key);
         self.queue.notify.notify_waiters();
+    }
+}
+
+impl Ticket<'_> {
+    /// Moves to a higher tier, keeping the arrival order (older waiters stay ahead).
+    fn promote(&mut self, rank: u8) {
+        let mut waiters = self.queue.waiters.lock();
+        if let Some(keys) = waiters.remove(&self.key) {
+            self.key.0 = rank;
+            waiters.insert(self.key, keys);
+        }
     }
 }
 

@@ -178,3 +178,48 @@ async fn settle() {
         tokio::task::yield_now().await;
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_queued_waiter_that_times_out_is_denied_and_consumes_nothing() {
+    // Regression: a waiter behind a higher tier reaching max_wait used to return the
+    // dry-run `check` result, which could say "allow" without charging anything.
+    let (w, clock) = warden(json!({
+        "defaults": {"floors": {"standard": 0, "background": 0}},
+        "scopes": {"user": {"limits": [{"name": "r", "kind": "rate", "limit": 1, "per": "10s"}]}}
+    }));
+    let req = |p| Request::parse("user:1").unwrap().priority(p);
+    assert!(w.acquire(&req(Priority::Standard)).await.unwrap().allowed());
+    // B (background) queues first with a 10 s budget; A (critical) queues behind it in
+    // time but ahead of it in priority. Both wake at t = 10 s, B first.
+    let wb = w.clone();
+    let b = tokio::spawn(async move {
+        wb.wait(
+            &req(Priority::Background),
+            WaitFor::Acquire,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap()
+    });
+    settle().await;
+    let wa = w.clone();
+    let a = tokio::spawn(async move {
+        wa.wait(
+            &req(Priority::Critical),
+            WaitFor::Acquire,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    });
+    settle().await;
+    clock.advance(Duration::from_secs(10));
+    settle().await;
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(a.allowed(), "{a:?}");
+    assert!(!b.allowed(), "{b:?}");
+    assert!(b.reservation.is_none());
+    // Exactly one unit was consumed at t = 10 s: the next is 10 s away.
+    let d = w.check(&req(Priority::Critical)).await.unwrap();
+    assert_eq!(d.retry_after, Some(Duration::from_secs(10)));
+}

@@ -1,0 +1,644 @@
+//! `ratewarden simulate`: N agents with mixed priorities share one upstream
+//! quota, on a simulated clock. The same seeded workload runs twice:
+//!
+//! - **naive**: every agent calls the upstream directly and, on a 429, sleeps
+//!   the provider's `Retry-After` plus jitter — independent retry logic;
+//! - **governed**: every agent first `wait`s on a shared ratewarden ledger that
+//!   mirrors the upstream quota, with priority floors and promotion.
+//!
+//! The upstream is GitHub-like: a fixed per-minute quota, 429 with
+//! `Retry-After` when it is spent, and a 60 s lockout (secondary limit) after
+//! more than 10 over-quota calls in one window. Time is a `ManualClock`
+//! advanced from event to event, so a 30-minute run takes milliseconds and
+//! every run with the same seed prints the same numbers.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot_shim::Mutex;
+use ratewarden::calendar::{MINUTE_US, SECOND_US};
+use ratewarden::clock::Micros;
+use ratewarden::{Clock, ManualClock, Policy, Priority, Request, Scope, WaitFor, Warden};
+
+/// A std mutex that ignores poisoning (the simulation is single-threaded).
+mod parking_lot_shim {
+    pub struct Mutex<T>(std::sync::Mutex<T>);
+    impl<T> Mutex<T> {
+        pub fn new(v: T) -> Self {
+            Self(std::sync::Mutex::new(v))
+        }
+        pub fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+    }
+}
+
+/// Options of `ratewarden simulate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Number of agents (about 2/9 critical, 3/9 background, the rest standard).
+    #[arg(long, default_value_t = 9)]
+    pub agents: usize,
+    /// The upstream's quota: requests per minute, shared by every agent.
+    #[arg(long, default_value_t = 120)]
+    pub quota: u32,
+    /// Total demand as a multiple of the quota (above 1 the upstream is oversubscribed).
+    #[arg(long, default_value_t = 1.2)]
+    pub demand: f64,
+    /// Simulated minutes.
+    #[arg(long, default_value_t = 30)]
+    pub minutes: u32,
+    /// Random seed for arrivals and jitter.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Also write an SVG plot of upstream calls per minute for both variants.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Backend for the governed run (only the embedded `memory` engine in this version).
+    #[arg(long, default_value = "memory")]
+    pub backend: String,
+}
+
+/// The simulated upstream provider.
+struct Upstream {
+    quota: u32,
+    window: i64,
+    used: u32,
+    over_in_window: u32,
+    locked_until: Micros,
+    stats: UpstreamStats,
+}
+
+#[derive(Default, Clone)]
+struct UpstreamStats {
+    sent: u64,
+    ok: u64,
+    rejected: u64,
+    over_quota: u64,
+    lockout_rejects: u64,
+    ok_per_minute: Vec<u64>,
+    rejected_per_minute: Vec<u64>,
+}
+
+enum Answer {
+    Ok,
+    TooMany { retry_after: Micros },
+}
+
+impl Upstream {
+    fn new(quota: u32, minutes: u32) -> Self {
+        let n = usize::try_from(minutes).unwrap_or(0).max(1);
+        Self {
+            quota,
+            window: i64::MIN,
+            used: 0,
+            over_in_window: 0,
+            locked_until: 0,
+            stats: UpstreamStats {
+                ok_per_minute: vec![0; n],
+                rejected_per_minute: vec![0; n],
+                ..UpstreamStats::default()
+            },
+        }
+    }
+
+    fn call(&mut self, now: Micros, start: Micros) -> Answer {
+        let minute = usize::try_from((now - start) / MINUTE_US).unwrap_or(0);
+        let slot = minute.min(self.stats.ok_per_minute.len() - 1);
+        self.stats.sent += 1;
+        let window = now.div_euclid(MINUTE_US);
+        if window != self.window {
+            self.window = window;
+            self.used = 0;
+            self.over_in_window = 0;
+        }
+        let reset = (window + 1) * MINUTE_US;
+        if now < self.locked_until {
+            self.stats.rejected += 1;
+            self.stats.lockout_rejects += 1;
+            self.stats.rejected_per_minute[slot] += 1;
+            return Answer::TooMany {
+                retry_after: self.locked_until - now,
+            };
+        }
+        if self.used < self.quota {
+            self.used += 1;
+            self.stats.ok += 1;
+            self.stats.ok_per_minute[slot] += 1;
+            return Answer::Ok;
+        }
+        self.stats.rejected += 1;
+        self.stats.over_quota += 1;
+        self.stats.rejected_per_minute[slot] += 1;
+        self.over_in_window += 1;
+        if self.over_in_window > 10 {
+            // Secondary limit: hammering a spent quota locks the caller out for a minute.
+            self.locked_until = now + MINUTE_US;
+            return Answer::TooMany {
+                retry_after: MINUTE_US,
+            };
+        }
+        Answer::TooMany {
+            retry_after: reset - now,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Task {
+    arrival: Micros,
+}
+
+struct Agent {
+    priority: Priority,
+    tasks: Vec<Task>,
+}
+
+/// Per agent: `(arrival, completion)` of each finished task, in order.
+type Completions = Vec<Mutex<Vec<(Micros, Micros)>>>;
+
+#[derive(Default, Clone)]
+struct Outcome {
+    /// Per tier: waits (µs) of completed tasks.
+    waits: [Vec<Micros>; 3],
+    /// Per tier: tasks that never completed within the run.
+    unfinished: [usize; 3],
+    /// Per tier: the longest an agent was blocked at the head of its queue (starvation).
+    blocked: [Micros; 3],
+    upstream: UpstreamStats,
+}
+
+fn tiers(n: usize) -> Vec<Priority> {
+    let critical = (n * 2).div_ceil(9).max(1);
+    let background = (n * 3) / 9;
+    (0..n)
+        .map(|i| {
+            if i < critical {
+                Priority::Critical
+            } else if i >= n - background {
+                Priority::Background
+            } else {
+                Priority::Standard
+            }
+        })
+        .collect()
+}
+
+fn workload(args: &Args, start: Micros) -> Vec<Agent> {
+    let mut rng = fastrand::Rng::with_seed(args.seed);
+    let total = f64::from(args.quota) * f64::from(args.minutes) * args.demand;
+    let per_agent = total / args.agents as f64;
+    let span = i64::from(args.minutes) * MINUTE_US;
+    tiers(args.agents)
+        .into_iter()
+        .map(|priority| {
+            // Poisson arrivals at a constant rate over the run.
+            let mean_gap = span as f64 / per_agent.max(1.0);
+            let mut t = 0.0;
+            let mut tasks = Vec::new();
+            loop {
+                t += -mean_gap * (1.0 - rng.f64()).ln();
+                if t >= span as f64 {
+                    break;
+                }
+                #[allow(clippy::cast_possible_truncation)]
+                tasks.push(Task {
+                    arrival: start + t as i64,
+                });
+            }
+            Agent { priority, tasks }
+        })
+        .collect()
+}
+
+fn policy(quota: u32) -> ratewarden::Result<Policy> {
+    Policy::from_value(&serde_json::json!({
+        "scopes": {"agent": {}},
+        "resources": {"upstream": {"limits": [
+            {"name": "upstream-quota", "kind": "quota", "limit": quota, "per": "minute"}
+        ]}}
+    }))
+}
+
+/// Runs `agents` to completion on the manual clock, advancing it event to event.
+async fn drive(
+    clock: &ManualClock,
+    end: Micros,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    progress: &AtomicU64,
+) {
+    loop {
+        // Let every runnable agent run until nothing moves.
+        let mut last = u64::MAX;
+        loop {
+            for _ in 0..32 {
+                tokio::task::yield_now().await;
+            }
+            let now = progress.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        if handles.iter().all(tokio::task::JoinHandle::is_finished) {
+            break;
+        }
+        match clock.next_deadline() {
+            Some(d) if d < end => clock.set(d.max(clock.now())),
+            _ => break,
+        }
+    }
+    for h in &handles {
+        h.abort();
+    }
+}
+
+fn finish_outcome(
+    agents: &[Agent],
+    done: &[Mutex<Vec<(Micros, Micros)>>],
+    upstream: &Mutex<Upstream>,
+    end: Micros,
+) -> Outcome {
+    let mut out = Outcome::default();
+    for (a, d) in agents.iter().zip(done) {
+        let completed = d.lock();
+        let t = usize::from(a.priority.rank());
+        out.waits[t].extend(completed.iter().map(|(arrival, at)| at - arrival));
+        out.unfinished[t] += a.tasks.len() - completed.len();
+        // Blocked: how long a task sat at the head of its agent's queue, trying and
+        // refused (from max(arrival, previous completion) to its own completion).
+        let mut prev = i64::MIN;
+        for &(arrival, at) in completed.iter() {
+            out.blocked[t] = out.blocked[t].max(at - arrival.max(prev));
+            prev = at;
+        }
+        if let Some(task) = a.tasks.get(completed.len()) {
+            out.blocked[t] = out.blocked[t].max(end - task.arrival.max(prev));
+        }
+    }
+    out.upstream = upstream.lock().stats.clone();
+    out
+}
+
+/// How a naive agent retries after a 429.
+#[derive(Clone, Copy)]
+enum Naive {
+    /// Exponential backoff with full jitter from 1 s, capped at 32 s, ignoring `Retry-After`
+    /// (the default of common retry decorators).
+    Backoff,
+    /// Sleep `Retry-After` plus up to 1 s of jitter (what provider SDKs do).
+    RetryAfter,
+}
+
+fn run_naive(
+    args: &Args,
+    agents: &[Agent],
+    start: Micros,
+    strategy: Naive,
+    end: Micros,
+) -> Outcome {
+    let clock = ManualClock::new(start);
+    let upstream = Arc::new(Mutex::new(Upstream::new(args.quota, args.minutes)));
+    let done: Arc<Completions> = Arc::new(agents.iter().map(|_| Mutex::new(Vec::new())).collect());
+    let progress = Arc::new(AtomicU64::new(0));
+    let rt = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(rt) => rt,
+        Err(_) => return Outcome::default(),
+    };
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for (i, agent) in agents.iter().enumerate() {
+            let (clock, upstream, done, progress) = (
+                clock.clone(),
+                Arc::clone(&upstream),
+                Arc::clone(&done),
+                Arc::clone(&progress),
+            );
+            let tasks = agent.tasks.clone();
+            let mut rng = fastrand::Rng::with_seed(args.seed ^ ((i as u64 + 1) * 0x9E37));
+            handles.push(tokio::spawn(async move {
+                for task in tasks {
+                    clock.sleep_until(task.arrival).await;
+                    let mut attempt = 0u32;
+                    loop {
+                        progress.fetch_add(1, Ordering::Relaxed);
+                        let answer = upstream.lock().call(clock.now(), start);
+                        match answer {
+                            Answer::Ok => {
+                                done[i].lock().push((task.arrival, clock.now()));
+                                break;
+                            }
+                            Answer::TooMany { retry_after } => {
+                                let pause = match strategy {
+                                    Naive::Backoff => rng.i64(0..=(SECOND_US << attempt.min(5))),
+                                    Naive::RetryAfter => retry_after + rng.i64(0..SECOND_US),
+                                };
+                                attempt += 1;
+                                clock.sleep_until(clock.now() + pause).await;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        drive(&clock, end, handles, &progress).await;
+    });
+    finish_outcome(agents, &done, &upstream, end)
+}
+
+fn run_governed(
+    args: &Args,
+    agents: &[Agent],
+    start: Micros,
+    end: Micros,
+) -> ratewarden::Result<Outcome> {
+    let clock = ManualClock::new(start);
+    let warden = Warden::with_clock(policy(args.quota)?, Arc::new(clock.clone()));
+    let upstream = Arc::new(Mutex::new(Upstream::new(args.quota, args.minutes)));
+    let done: Arc<Completions> = Arc::new(agents.iter().map(|_| Mutex::new(Vec::new())).collect());
+    let progress = Arc::new(AtomicU64::new(0));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| ratewarden::Error::Backend {
+            message: format!("cannot start a runtime: {e}"),
+        })?;
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for (i, agent) in agents.iter().enumerate() {
+            let (clock, upstream, done, progress, warden) = (
+                clock.clone(),
+                Arc::clone(&upstream),
+                Arc::clone(&done),
+                Arc::clone(&progress),
+                warden.clone(),
+            );
+            let tasks = agent.tasks.clone();
+            let request = Scope::parse(&format!("agent:{i}")).map(|s| {
+                Request::new(s)
+                    .resource("upstream")
+                    .priority(agent.priority)
+            });
+            handles.push(tokio::spawn(async move {
+                let Ok(request) = request else { return };
+                for task in tasks {
+                    clock.sleep_until(task.arrival).await;
+                    loop {
+                        progress.fetch_add(1, Ordering::Relaxed);
+                        let Ok(d) = warden
+                            .wait(&request, WaitFor::Acquire, Duration::from_secs(60))
+                            .await
+                        else {
+                            return;
+                        };
+                        if !d.allowed() {
+                            continue;
+                        }
+                        let answer = upstream.lock().call(clock.now(), start);
+                        match answer {
+                            Answer::Ok => {
+                                done[i].lock().push((task.arrival, clock.now()));
+                                break;
+                            }
+                            Answer::TooMany { retry_after } => {
+                                clock.sleep_until(clock.now() + retry_after).await
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        drive(&clock, end, handles, &progress).await;
+    });
+    Ok(finish_outcome(agents, &done, &upstream, end))
+}
+
+fn percentile(sorted: &[Micros], p: f64) -> Option<Micros> {
+    if sorted.is_empty() {
+        return None;
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    Some(sorted[idx.min(sorted.len() - 1)])
+}
+
+fn secs(us: Option<Micros>) -> String {
+    us.map_or_else(|| "-".to_owned(), |v| format!("{:.1} s", v as f64 / 1e6))
+}
+
+/// Runs both variants and prints the comparison.
+///
+/// # Errors
+/// Invalid options or a failure building the governed warden.
+pub fn run(args: &Args) -> ratewarden::Result<()> {
+    if args.backend != "memory" {
+        return Err(ratewarden::Error::InvalidArgument {
+            what: "backend",
+            message: format!(
+                "`{}`: this version simulates on the embedded `memory` engine only",
+                args.backend
+            ),
+        });
+    }
+    if args.agents == 0
+        || args.agents > 1000
+        || args.quota == 0
+        || args.minutes == 0
+        || args.minutes > 24 * 60
+        || !(args.demand > 0.0 && args.demand <= 100.0)
+    {
+        return Err(ratewarden::Error::InvalidArgument {
+            what: "simulate options",
+            message: "need 1 ≤ agents ≤ 1000, quota ≥ 1, 1 ≤ minutes ≤ 1440, 0 < demand ≤ 100"
+                .into(),
+        });
+    }
+    let start = ratewarden::calendar::days_from_civil(2026, 1, 5) * ratewarden::calendar::DAY_US;
+    let agents = workload(args, start);
+    let tasks: usize = agents.iter().map(|a| a.tasks.len()).sum();
+    let end = start + i64::from(args.minutes) * MINUTE_US;
+    let backoff = run_naive(args, &agents, start, Naive::Backoff, end);
+    let retry_after = run_naive(args, &agents, start, Naive::RetryAfter, end);
+    let governed = run_governed(args, &agents, start, end)?;
+    let mix = |p: Priority| agents.iter().filter(|a| a.priority == p).count();
+    println!(
+        "ratewarden simulate: {} agents ({} critical, {} standard, {} background) share an upstream quota of {}/min",
+        args.agents,
+        mix(Priority::Critical),
+        mix(Priority::Standard),
+        mix(Priority::Background),
+        args.quota
+    );
+    println!(
+        "{} tasks over {} simulated minutes (demand {:.1}x the quota), seed {}; upstream locks a caller out for 60 s after 10 over-quota calls in a minute\n",
+        tasks, args.minutes, args.demand, args.seed
+    );
+    let rows = table(
+        &[
+            ("naive: backoff", &backoff),
+            ("naive: Retry-After", &retry_after),
+            ("governed", &governed),
+        ],
+        args.quota,
+        args.minutes,
+    );
+    print!("{rows}");
+    println!(
+        "\nnaive: backoff      each agent calls directly; on 429 it backs off exponentially (1 s .. 32 s, full jitter)"
+    );
+    println!(
+        "naive: Retry-After  each agent calls directly; on 429 it sleeps Retry-After + up to 1 s of jitter"
+    );
+    println!(
+        "governed            each agent awaits warden.wait() on one shared ledger mirroring the quota"
+    );
+    println!(
+        "                    (priority order, background keeps off the last 30%, promoted after 5 min)"
+    );
+    if let Some(path) = &args.plot {
+        std::fs::write(path, svg(&backoff, &governed, args.quota)).map_err(|e| {
+            ratewarden::Error::InvalidArgument {
+                what: "plot",
+                message: format!("cannot write {}: {e}", path.display()),
+            }
+        })?;
+        println!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {
+    let capacity = u64::from(quota) * u64::from(minutes);
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |name: &str, f: &dyn Fn(&Outcome) -> String| {
+        rows.push((name.to_owned(), columns.iter().map(|(_, o)| f(o)).collect()));
+    };
+    row("requests sent upstream", &|o| o.upstream.sent.to_string());
+    row("succeeded (share of capacity)", &|o| {
+        format!(
+            "{} ({:.0}%)",
+            o.upstream.ok,
+            o.upstream.ok as f64 * 100.0 / capacity as f64
+        )
+    });
+    row("429 responses", &|o| o.upstream.rejected.to_string());
+    row("  quota overrun: calls past the quota", &|o| {
+        o.upstream.over_quota.to_string()
+    });
+    row("  secondary-limit lockout rejects", &|o| {
+        o.upstream.lockout_rejects.to_string()
+    });
+    for (tier, name) in [(0, "critical"), (1, "standard"), (2, "background")] {
+        row(&format!("{name} wait p50 / p95"), &|o| {
+            let mut v = o.waits[tier].clone();
+            v.sort_unstable();
+            format!(
+                "{} / {}",
+                secs(percentile(&v, 0.5)),
+                secs(percentile(&v, 0.95))
+            )
+        });
+        row(&format!("{name} tasks unfinished at the end"), &|o| {
+            o.unfinished[tier].to_string()
+        });
+    }
+    row("background longest time blocked (starvation)", &|o| {
+        secs(Some(o.blocked[2]))
+    });
+    let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.1[c].chars().count())
+                .chain([columns[c].0.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let _ = write!(out, "{:<w0$}", "");
+    for ((name, _), w) in columns.iter().zip(&widths) {
+        let _ = write!(out, "  {name:>w$}");
+    }
+    out.push('\n');
+    for (name, cells) in rows {
+        let _ = write!(out, "{name:<w0$}");
+        for (cell, w) in cells.iter().zip(&widths) {
+            let _ = write!(out, "  {cell:>w$}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn svg(naive: &Outcome, governed: &Outcome, quota: u32) -> String {
+    let (w, h, pad) = (720.0, 320.0, 40.0);
+    let n = naive.upstream.ok_per_minute.len().max(2);
+    let series = [
+        (&naive.upstream.rejected_per_minute, "#d62728", "naive 429s"),
+        (&naive.upstream.ok_per_minute, "#ff7f0e", "naive successes"),
+        (
+            &governed.upstream.rejected_per_minute,
+            "#9467bd",
+            "governed 429s",
+        ),
+        (
+            &governed.upstream.ok_per_minute,
+            "#2ca02c",
+            "governed successes",
+        ),
+    ];
+    let max = series
+        .iter()
+        .flat_map(|s| s.0.iter())
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(u64::from(quota)) as f64
+        * 1.1;
+    let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1) as f64;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / max;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>"#
+    );
+    let _ = write!(
+        s,
+        r##"<text x="{pad}" y="20" font-size="13">Upstream calls per simulated minute (quota {quota}/min)</text>"##
+    );
+    let _ = write!(
+        s,
+        r##"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="#888" stroke-dasharray="4"/>"##,
+        y(f64::from(quota)),
+        w - pad
+    );
+    let _ = write!(
+        s,
+        r##"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="#000"/>"##,
+        h - pad,
+        w - pad
+    );
+    for (i, (data, color, label)) in series.iter().enumerate() {
+        let pts: Vec<String> = data
+            .iter()
+            .enumerate()
+            .map(|(k, v)| format!("{:.1},{:.1}", x(k), y(*v as f64)))
+            .collect();
+        let _ = write!(
+            s,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            pts.join(" ")
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
+            w - pad - 130.0,
+            pad + 14.0 * i as f64
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
