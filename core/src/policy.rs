@@ -355,7 +355,11 @@ impl Policy {
         let format = Format::from_extension(ext).ok_or_else(|| Error::Policy {
             source_name: shown.clone(),
             path: "(file)".into(),
-            message: format!("unknown extension `.{ext}`; use .yaml, .yml, .json or .toml"),
+            message: if ext.is_empty() {
+                "the file has no extension; name it .yaml, .yml, .json or .toml".to_owned()
+            } else {
+                format!("unknown extension `.{ext}`; use .yaml, .yml, .json or .toml")
+            },
         })?;
         let text = std::fs::read_to_string(path).map_err(|source| Error::PolicyIo {
             path: shown.clone(),
