@@ -1,8 +1,10 @@
 //! The answer to every check, acquire and reserve: a [`Decision`].
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::policy::{LimitDef, LimitKind};
 use crate::priority::Priority;
 
 /// Allow, allow with caps, or deny.
@@ -76,31 +78,67 @@ impl Caps {
 }
 
 /// The state of one limit involved in a decision, after the decision.
+///
+/// Cheap to produce: it shares the policy's [`LimitDef`] (name, kind, unit,
+/// capacity) and adds the numbers of this decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitState {
-    /// The limit's name in the policy.
-    pub name: String,
-    /// `rate`, `quota`, `concurrency` or `budget`.
-    pub kind: &'static str,
-    /// The key it was counted under: a scope path, or `@` for a shared pool.
-    pub key: String,
-    /// Its unit.
-    pub unit: String,
-    /// Decimal places of the unit: amounts below are in base units (`usd`: micro-dollars).
-    pub decimals: u8,
-    /// Capacity (rate: bucket size/burst), base units.
-    pub limit: i64,
-    /// What remains now, base units (never negative).
+    /// The limit as the policy defines it.
+    pub def: Arc<LimitDef>,
+    /// How many segments of the request's scope key this counter (`tenant:a/user:1`
+    /// with depth 1 is `tenant:a`); `None` for a shared pool.
+    pub scope_depth: Option<u8>,
+    /// What remains now, base units (never negative). For an admitted request, after it.
     pub remaining: i64,
     /// Time until the limit is fully available again (rate: bucket full; quota/budget:
     /// window end; lifetime budgets and concurrency: zero).
     pub reset: Duration,
-    /// Nominal window length in seconds, for `RateLimit-Policy` `w=` (none for lifetime/concurrency).
-    pub window_secs: Option<i64>,
     /// Whether this limit denied the request.
     pub denied: bool,
-    /// Amount this request took (or would take) from the limit, base units.
+    /// Amount this request takes (or would take) from the limit, base units.
     pub amount: i64,
+}
+
+impl LimitState {
+    /// The limit's name in the policy.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.def.name
+    }
+
+    /// `rate`, `quota`, `concurrency` or `budget`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        self.def.kind.name()
+    }
+
+    /// The unit it counts.
+    #[must_use]
+    pub fn unit(&self) -> &str {
+        &self.def.unit
+    }
+
+    /// Decimal places of the unit: amounts here are base units (`usd`: micro-dollars).
+    #[must_use]
+    pub fn decimals(&self) -> u8 {
+        self.def.decimals
+    }
+
+    /// Capacity in base units (rate: the bucket size, i.e. the burst).
+    #[must_use]
+    pub fn limit(&self) -> i64 {
+        self.def.capacity()
+    }
+
+    /// Nominal window in seconds, for `RateLimit-Policy` `w=` (rate: the period;
+    /// months count 30 days; none for lifetime budgets and concurrency).
+    #[must_use]
+    pub fn window_secs(&self) -> Option<i64> {
+        match &self.def.kind {
+            LimitKind::Rate(r) => Some(r.period / 1_000_000),
+            k => k.window().and_then(|w| w.nominal_secs()),
+        }
+    }
 }
 
 /// The reservation a `reserve` created.

@@ -10,7 +10,9 @@ use std::time::Duration;
 use crate::clock::{Micros, duration};
 use crate::decision::{Caps, Decision, LimitState, Outcome, ReservationInfo};
 use crate::plan::Plan;
-use crate::policy::{LimitKind, RateSpec};
+use std::sync::Arc;
+
+use crate::policy::RateSpec;
 use crate::priority::Priority;
 
 /// The result of evaluating one limit for one request.
@@ -172,18 +174,10 @@ pub fn assemble(
             }
         }
         limits.push(LimitState {
-            name: def.name.clone(),
-            kind: def.kind.name(),
-            key: item.owner_key().to_owned(),
-            unit: def.unit.clone(),
-            decimals: def.decimals,
-            limit: def.capacity(),
+            def: Arc::clone(def),
+            scope_depth: item.scope_depth,
             remaining: e.remaining,
             reset: duration(e.reset),
-            window_secs: match &def.kind {
-                LimitKind::Rate(r) => Some(r.period / 1_000_000),
-                k => k.window().and_then(|w| w.nominal_secs()),
-            },
             denied: !e.allowed,
             amount: item.amount,
         });

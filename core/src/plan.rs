@@ -89,65 +89,103 @@ impl Request {
     }
 }
 
+/// A storage key in two parts, `<prefix>#<name>`, so keys are hashed and
+/// compared without being built: `prefix` is a scope prefix (or `@` for a
+/// shared pool) and `name` a limit name. Special keys (grants, starvation
+/// trackers) are full strings split at their last `#`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRef<'a> {
+    /// Everything before the last `#`.
+    pub prefix: &'a str,
+    /// Everything after the last `#`.
+    pub name: &'a str,
+}
+
+impl<'a> KeyRef<'a> {
+    /// Splits a full key at its last `#`.
+    #[must_use]
+    pub fn split(full: &'a str) -> Self {
+        let (prefix, name) = full.rsplit_once('#').unwrap_or((full, ""));
+        Self { prefix, name }
+    }
+
+    /// Whether `full` is this key.
+    #[must_use]
+    pub fn matches(&self, full: &str) -> bool {
+        full.len() == self.prefix.len() + 1 + self.name.len()
+            && full.as_bytes()[self.prefix.len()] == b'#'
+            && full.starts_with(self.prefix)
+            && full.ends_with(self.name)
+    }
+}
+
+impl std::fmt::Display for KeyRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.prefix, self.name)
+    }
+}
+
 /// One limit instance of a plan.
 #[derive(Debug, Clone, Copy)]
 pub struct PlannedLimit<'p> {
     /// Storage key: `<scope prefix>#<limit>` or `@#<limit>` for shared pools.
-    pub key: &'p str,
+    pub key: KeyRef<'p>,
     /// The limit.
     pub def: &'p Arc<LimitDef>,
     /// Amount this request takes from it, base units (may be zero).
     pub amount: i64,
+    /// How many segments of the request's scope key the counter; `None` for a shared pool.
+    pub scope_depth: Option<u8>,
 }
 
 impl PlannedLimit<'_> {
     /// The key without the `#<limit>` suffix: the scope prefix, or `@` for pools.
     #[must_use]
     pub fn owner_key(&self) -> &str {
-        self.key.rsplit_once('#').map_or(self.key, |(k, _)| k)
+        self.key.prefix
     }
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Item<'p> {
-    start: u32,
-    end: u32,
-    def: &'p Arc<LimitDef>,
+struct Item {
+    /// Scope segments the counter is keyed by; 0 for a shared pool.
+    depth: u8,
+    limit: u32,
     amount: i64,
 }
 
 /// A request resolved against a policy: every limit it touches, in order.
 #[derive(Debug, Clone)]
 pub struct Plan<'p> {
-    keys: String,
-    items: Vec<Item<'p>>,
-    caller: Option<(u32, u32)>,
+    policy: &'p Policy,
     scope: &'p Scope,
+    items: SmallVec<[Item; 8]>,
+    caller: Option<String>,
     priority: Priority,
     promote_after: Micros,
 }
 
-/// Base amounts per unit resolved from a [`Cost`].
-pub type Amounts = SmallVec<[(Box<str>, i64); 4]>;
+/// Base amounts per unit resolved from a [`Cost`], borrowing its unit names.
+pub type Amounts<'a> = SmallVec<[(&'a str, i64); 4]>;
 
 /// Converts a cost to base units using the policy's unit decimals.
 ///
 /// # Errors
 /// [`Error::Unknown`] for a unit the policy does not know, [`Error::InvalidAmount`]
 /// for negative, too precise or too large amounts.
-pub fn resolve_cost(policy: &Policy, cost: &Cost) -> Result<Amounts> {
+pub fn resolve_cost<'c>(policy: &Policy, cost: &'c Cost) -> Result<Amounts<'c>> {
     let mut out = Amounts::new();
     for (unit, amount) in cost.iter() {
         let def = policy
             .unit(unit)
             .ok_or_else(|| Error::unknown("unit", unit, policy.units.keys().map(String::as_str)))?;
-        out.push((unit.into(), amount.to_base(unit, def.decimals)?));
+        out.push((unit, amount.to_base(unit, def.decimals)?));
     }
     Ok(out)
 }
 
-fn amount_for(amounts: &Amounts, unit: &str, default_requests: bool) -> Option<i64> {
-    match amounts.iter().find(|(u, _)| &**u == unit) {
+fn amount_for(amounts: &[(&str, i64)], unit: &str, default_requests: bool) -> Option<i64> {
+    match amounts.iter().find(|(u, _)| *u == unit) {
         Some((_, a)) => Some(*a),
         None if default_requests && unit == "requests" => Some(1),
         None => None,
@@ -164,36 +202,23 @@ impl<'p> Plan<'p> {
         let mut amounts = resolve_cost(policy, &request.cost)?;
         let action = match &request.action {
             None => None,
-            Some(a) => Some((
-                a.as_str(),
-                policy.action(a).ok_or_else(|| {
-                    Error::unknown("action", a, policy.actions.keys().map(String::as_str))
-                })?,
-            )),
+            Some(a) => Some(policy.action(a).ok_or_else(|| {
+                Error::unknown("action", a, policy.actions.keys().map(String::as_str))
+            })?),
         };
-        if let Some((_, act)) = action {
-            if act.risk > 0 && !amounts.iter().any(|(u, _)| &**u == "risk") {
-                amounts.push(("risk".into(), act.risk));
+        if let Some(act) = action {
+            if act.risk > 0 && !amounts.iter().any(|(u, _)| *u == "risk") {
+                amounts.push(("risk", act.risk));
             }
         }
         let resource = match &request.resource {
             None => None,
-            Some(r) => Some((
-                r.as_str(),
-                policy.resource(r).ok_or_else(|| {
-                    Error::unknown("resource", r, policy.resources.keys().map(String::as_str))
-                })?,
-            )),
+            Some(r) => Some(policy.resource(r).ok_or_else(|| {
+                Error::unknown("resource", r, policy.resources.keys().map(String::as_str))
+            })?),
         };
         let scope = &request.scope;
-        let mut plan = Self {
-            keys: String::with_capacity(64 + scope.as_str().len() * 2),
-            items: Vec::with_capacity(8),
-            caller: None,
-            scope,
-            priority: request.priority,
-            promote_after: policy.defaults.promote_after,
-        };
+        let mut plan = Self::empty(policy, scope, request.priority);
         for i in 0..scope.depth() {
             let kind = scope.kind(i);
             let limits = policy.scopes.get(kind).ok_or_else(|| {
@@ -201,33 +226,42 @@ impl<'p> Plan<'p> {
             })?;
             for def in limits {
                 let amount = amount_for(&amounts, &def.unit, true).unwrap_or(0);
-                plan.push(Some(scope.prefix(i + 1)), def, amount);
+                plan.push(i + 1, def, amount);
             }
         }
-        for (_, target) in resource.into_iter().chain(action) {
+        for target in resource.into_iter().chain(action) {
             for def in &target.limits {
-                let prefix = match &def.attach {
+                let depth = match &def.attach {
                     Attach::PerScope(kind) => match scope.position_of_kind(kind) {
-                        Some(pos) => Some(scope.prefix(pos + 1)),
+                        Some(pos) => pos + 1,
                         None => continue,
                     },
-                    _ => None,
+                    _ => 0,
                 };
                 let amount = amount_for(&amounts, &def.unit, true).unwrap_or(0);
-                plan.push(prefix, def, amount);
+                plan.push(depth, def, amount);
             }
         }
         if request.priority == Priority::Background {
-            let start = plan.keys.len();
-            plan.keys.push_str(scope.as_str());
-            plan.keys.push_str("#@starve#");
-            plan.keys
-                .push_str(request.resource.as_deref().unwrap_or(""));
-            plan.keys.push('#');
-            plan.keys.push_str(request.action.as_deref().unwrap_or(""));
-            plan.caller = Some((as_u32(start), as_u32(plan.keys.len())));
+            plan.caller = Some(format!(
+                "{}#@starve#{}#{}",
+                scope.as_str(),
+                request.resource.as_deref().unwrap_or(""),
+                request.action.as_deref().unwrap_or("")
+            ));
         }
         Ok(plan)
+    }
+
+    fn empty(policy: &'p Policy, scope: &'p Scope, priority: Priority) -> Self {
+        Self {
+            policy,
+            scope,
+            items: SmallVec::new(),
+            caller: None,
+            priority,
+            promote_after: policy.defaults.promote_after,
+        }
     }
 
     /// A plan for carving a delegation out of `scope`'s own limits: only the
@@ -238,16 +272,9 @@ impl<'p> Plan<'p> {
     pub(crate) fn for_delegation(
         policy: &'p Policy,
         scope: &'p Scope,
-        amounts: &Amounts,
+        amounts: &[(&str, i64)],
     ) -> Result<Self> {
-        let mut plan = Self {
-            keys: String::new(),
-            items: Vec::with_capacity(8),
-            caller: None,
-            scope,
-            priority: Priority::Critical,
-            promote_after: policy.defaults.promote_after,
-        };
+        let mut plan = Self::empty(policy, scope, Priority::Standard);
         for i in 0..scope.depth() {
             let kind = scope.kind(i);
             let limits = policy.scopes.get(kind).ok_or_else(|| {
@@ -258,22 +285,17 @@ impl<'p> Plan<'p> {
                     continue;
                 }
                 if let Some(amount) = amount_for(amounts, &def.unit, false) {
-                    plan.push(Some(scope.prefix(i + 1)), def, amount);
+                    plan.push(i + 1, def, amount);
                 }
             }
         }
         Ok(plan)
     }
 
-    fn push(&mut self, prefix: Option<&str>, def: &'p Arc<LimitDef>, amount: i64) {
-        let start = self.keys.len();
-        self.keys.push_str(prefix.unwrap_or("@"));
-        self.keys.push('#');
-        self.keys.push_str(&def.name);
+    fn push(&mut self, depth: usize, def: &Arc<LimitDef>, amount: i64) {
         self.items.push(Item {
-            start: as_u32(start),
-            end: as_u32(self.keys.len()),
-            def,
+            depth: u8::try_from(depth).unwrap_or(u8::MAX),
+            limit: def.id,
             amount: amount.min(MAX_AMOUNT),
         });
     }
@@ -292,23 +314,33 @@ impl<'p> Plan<'p> {
 
     /// The `i`-th limit.
     #[must_use]
-    pub fn get(&self, i: usize) -> PlannedLimit<'_> {
-        let it = &self.items[i];
+    pub fn get(&self, i: usize) -> PlannedLimit<'p> {
+        let it = self.items[i];
+        let def = &self.policy.all[it.limit as usize];
+        let (prefix, scope_depth) = if it.depth == 0 {
+            ("@", None)
+        } else {
+            (self.scope.prefix(usize::from(it.depth)), Some(it.depth))
+        };
         PlannedLimit {
-            key: &self.keys[it.start as usize..it.end as usize],
-            def: it.def,
+            key: KeyRef {
+                prefix,
+                name: &def.name,
+            },
+            def,
             amount: it.amount,
+            scope_depth,
         }
     }
 
     /// Every limit, in order.
-    pub fn limits(&self) -> impl Iterator<Item = PlannedLimit<'_>> {
+    pub fn limits(&self) -> impl Iterator<Item = PlannedLimit<'p>> + '_ {
         (0..self.items.len()).map(|i| self.get(i))
     }
 
     /// The scope of the request.
     #[must_use]
-    pub fn scope(&self) -> &Scope {
+    pub fn scope(&self) -> &'p Scope {
         self.scope
     }
 
@@ -321,7 +353,7 @@ impl<'p> Plan<'p> {
     /// The key tracking continuous denials of a background caller (starvation promotion).
     #[must_use]
     pub fn caller_key(&self) -> Option<&str> {
-        self.caller.map(|(s, e)| &self.keys[s as usize..e as usize])
+        self.caller.as_deref()
     }
 
     /// After how long continuous denial a background caller is promoted.
@@ -338,8 +370,4 @@ impl<'p> Plan<'p> {
         k.push_str("#@grant");
         k
     }
-}
-
-fn as_u32(v: usize) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
 }

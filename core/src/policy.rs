@@ -131,6 +131,8 @@ pub enum Attach {
 /// One validated limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitDef {
+    /// Position in its policy (stable for the policy's lifetime).
+    pub id: u32,
     /// Unique name within the policy.
     pub name: String,
     /// Kind and kind-specific parameters.
@@ -221,13 +223,18 @@ pub struct UnitDef {
 pub struct Policy {
     source: String,
     pub(crate) defaults: Defaults,
-    pub(crate) units: IndexMap<String, UnitDef>,
-    pub(crate) scopes: IndexMap<String, Vec<Arc<LimitDef>>>,
-    pub(crate) resources: IndexMap<String, Target>,
-    pub(crate) actions: IndexMap<String, Target>,
+    pub(crate) units: Map<UnitDef>,
+    pub(crate) scopes: Map<Vec<Arc<LimitDef>>>,
+    pub(crate) resources: Map<Target>,
+    pub(crate) actions: Map<Target>,
     /// Every limit by name.
     pub(crate) by_name: HashMap<String, Arc<LimitDef>>,
+    /// Every limit by [`LimitDef::id`].
+    pub(crate) all: Vec<Arc<LimitDef>>,
 }
+
+/// Name-keyed maps of a loaded policy: document order, fast hashing.
+pub(crate) type Map<V> = IndexMap<String, V, foldhash::fast::RandomState>;
 
 const BUILTIN_UNITS: [(&str, u8); 4] = [("requests", 0), ("tokens", 0), ("risk", 0), ("usd", 6)];
 
@@ -860,7 +867,7 @@ fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
         overage: raw.defaults.overage.unwrap_or_default(),
     };
 
-    let mut units: IndexMap<String, UnitDef> = BUILTIN_UNITS
+    let mut units: Map<UnitDef> = BUILTIN_UNITS
         .iter()
         .map(|&(n, d)| {
             (
@@ -892,7 +899,7 @@ fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
     }
 
     let mut by_name: HashMap<String, Arc<LimitDef>> = HashMap::new();
-    let mut scopes = IndexMap::new();
+    let mut scopes = Map::default();
     for (kind, sk) in raw.scopes {
         let path = format!("scopes.{kind}");
         if crate::scope::Scope::from_segments([(kind.as_str(), "x")]).is_err() {
@@ -920,10 +927,10 @@ fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
     }
     let targets = |raws: IndexMap<String, RawTarget>,
                    section: &str,
-                   units: &mut IndexMap<String, UnitDef>,
+                   units: &mut Map<UnitDef>,
                    by_name: &mut HashMap<String, Arc<LimitDef>>|
-     -> Result<IndexMap<String, Target>> {
-        let mut out = IndexMap::new();
+     -> Result<Map<Target>> {
+        let mut out = Map::default();
         for (name, rt) in raws {
             let path = format!("{section}.{name}");
             if !valid_name(&name, &[':', '/']) {
@@ -988,6 +995,8 @@ fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
     };
     let resources = targets(raw.resources, "resources", &mut units, &mut by_name)?;
     let actions = targets(raw.actions, "actions", &mut units, &mut by_name)?;
+    let mut all: Vec<Arc<LimitDef>> = by_name.values().cloned().collect();
+    all.sort_by_key(|d| d.id);
     Ok(Policy {
         source: ctx.source.to_owned(),
         defaults,
@@ -996,6 +1005,7 @@ fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
         resources,
         actions,
         by_name,
+        all,
     })
 }
 
@@ -1022,6 +1032,8 @@ fn register(
             ),
         ));
     }
+    let mut def = def;
+    def.id = u32::try_from(by_name.len()).unwrap_or(u32::MAX);
     let def = Arc::new(def);
     by_name.insert(def.name.clone(), Arc::clone(&def));
     Ok(def)
@@ -1033,7 +1045,7 @@ fn build_limit(
     path: &str,
     rl: RawLimit,
     defaults: &Defaults,
-    units: &mut IndexMap<String, UnitDef>,
+    units: &mut Map<UnitDef>,
     attach: Attach,
     owner: Option<Owner>,
 ) -> Result<LimitDef> {
@@ -1186,6 +1198,7 @@ fn build_limit(
         });
     }
     Ok(LimitDef {
+        id: 0, // assigned by register()
         name: rl.name,
         kind,
         unit,

@@ -100,8 +100,11 @@ impl Floors {
     /// The part of `capacity` a caller of `priority` may fill: `capacity − ceil(capacity × floor)`.
     #[must_use]
     pub fn usable(&self, capacity: i64, priority: Priority) -> i64 {
-        let floor = i128::from(self.for_priority(priority));
-        let keep = (i128::from(capacity) * floor + 999) / 1000;
-        capacity - i64::try_from(keep).unwrap_or(capacity)
+        let floor = i64::from(self.for_priority(priority));
+        if floor == 0 {
+            return capacity;
+        }
+        // capacity ≤ 2^53 and floor ≤ 1000, so the product fits in i64.
+        capacity - (capacity.saturating_mul(floor) + 999) / 1000
     }
 }

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::amount::Cost;
-use crate::backend::{Backend, MemoryBackend, Op, Reply};
+use crate::backend::{Backend, MemoryBackend, Op, Pending, Reply};
 use crate::clock::{Clock, Micros, SystemClock, micros};
 use crate::decision::{Caps, CommitReceipt, Decision, Outcome, ReservationId};
 use crate::error::{Error, Result};
@@ -109,11 +109,18 @@ impl Warden {
     }
 
     async fn run(&self, op: Op<'_>) -> Result<Reply> {
-        self.inner.backend.execute(op).resolve().await
+        match self.inner.backend.execute(op) {
+            Pending::Ready(r) => r,
+            Pending::Future(f) => f.await,
+        }
     }
 
     async fn decision(&self, op: Op<'_>) -> Result<Decision> {
-        match self.run(op).await? {
+        let reply = match self.inner.backend.execute(op) {
+            Pending::Ready(r) => r,
+            Pending::Future(f) => f.await,
+        };
+        match reply? {
             Reply::Decision(d) => Ok(d),
             other => Err(Error::Backend {
                 message: format!("backend answered {other:?} to a decision"),
@@ -289,7 +296,6 @@ impl Warden {
         self.decision(Op::Delegate {
             plan: &plan,
             from: from_id,
-            amounts: &resolved,
             child,
             id: ReservationId::random(),
             lease,
@@ -318,7 +324,10 @@ impl Warden {
         };
         let clock = &self.inner.clock;
         let deadline = clock.now().saturating_add(micros(max_wait));
-        let keys: Vec<Box<str>> = plan.limits().map(|l| l.key.into()).collect();
+        let keys: Vec<Box<str>> = plan
+            .limits()
+            .map(|l| l.key.to_string().into_boxed_str())
+            .collect();
         let queue = &self.inner.queue;
         let mut ticket: Option<Ticket<'_>> = None;
         loop {

@@ -73,7 +73,7 @@ fn the_agents_example_governs_a_run() {
     }
     let d = now(w.acquire(&email)).unwrap();
     assert_eq!(d.outcome, Outcome::Deny);
-    assert_eq!(d.denied_by().unwrap().name, "user-daily-risk");
+    assert_eq!(d.denied_by().unwrap().name(), "user-daily-risk");
     // Background agents leave GitHub's last 30% to others.
     let gh = Request::parse("tenant:acme/user:7")
         .unwrap()

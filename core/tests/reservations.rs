@@ -215,7 +215,7 @@ fn reservations_are_all_or_nothing_across_limits() {
     assert!(now(w.acquire(&spend("1", "2"))).unwrap().allowed());
     let d = now(w.acquire(&spend("2", "1.5"))).unwrap();
     assert!(!d.allowed(), "video cap per tenant: 2 + 1.5 > 3");
-    assert_eq!(d.denied_by().unwrap().name, "video-usd");
+    assert_eq!(d.denied_by().unwrap().name(), "video-usd");
     // Nothing was charged by the denied request: user 2 still has its full 2 usd.
     let d = now(w.check(&Request::parse("tenant:a/user:2").unwrap())).unwrap();
     assert_eq!(remaining(&d, "u-usd"), 2_000_000);

@@ -164,7 +164,7 @@ fn check_expect(at: &str, expect: &Value, got: Result<Got, Error>) {
                     let l = d
                         .limits
                         .iter()
-                        .find(|l| &l.name == name)
+                        .find(|l| l.name() == name)
                         .unwrap_or_else(|| panic!("{at}: no limit {name}"));
                     assert_eq!(
                         l.remaining,
@@ -175,7 +175,7 @@ fn check_expect(at: &str, expect: &Value, got: Result<Got, Error>) {
             }
             if let Some(n) = expect.get("denied_by") {
                 assert_eq!(
-                    d.denied_by().map(|l| l.name.as_str()),
+                    d.denied_by().map(|l| l.name()),
                     n.as_str(),
                     "{at}: denied_by"
                 );

@@ -20,7 +20,7 @@ use crate::clock::{Clock, Micros};
 use crate::decision::{Charge, CommitReceipt, ReservationId, ReservationInfo};
 use crate::error::{Error, Result};
 use crate::eval::{ItemEval, assemble, counter_eval, rate_debt_now, rate_eval};
-use crate::plan::{Amounts, Plan, PlannedLimit};
+use crate::plan::{KeyRef, Plan, PlannedLimit};
 use crate::policy::{LimitDef, LimitKind, Overage};
 use crate::priority::Priority;
 use crate::scope::Scope;
@@ -143,29 +143,40 @@ impl std::fmt::Debug for MemoryBackend {
     }
 }
 
-/// The shards one operation holds, locked in ascending order.
+/// The shards one operation holds, locked in ascending order. `mask` has bit
+/// `i` set for each locked shard `i`; guards are stored in ascending shard order.
 struct Locked<'a> {
-    ids: SmallVec<[usize; 8]>,
-    guards: SmallVec<[MutexGuard<'a, Shard>; 8]>,
+    mask: u64,
+    guards: SmallVec<[MutexGuard<'a, Shard>; 4]>,
 }
 
 impl Locked<'_> {
     fn shard(&mut self, shard: usize) -> &mut Shard {
-        let pos = self.ids.iter().position(|&s| s == shard).unwrap_or(0);
-        &mut self.guards[pos]
+        let below = self.mask & ((1u64 << shard) - 1);
+        &mut self.guards[below.count_ones() as usize]
     }
 }
 
-fn fresh_state(def: &LimitDef, now: Micros) -> State {
+fn fresh_state(def: &LimitDef, now: Micros, window: i64) -> State {
     match &def.kind {
         LimitKind::Rate(_) => State::Rate { debt: 0, at: now },
-        LimitKind::Quota(w) | LimitKind::Budget(w) => State::Counter {
-            window: w.at(now).0,
+        LimitKind::Quota(_) | LimitKind::Budget(_) => State::Counter {
+            window,
             used: 0,
             holds: Vec::new(),
         },
         LimitKind::Concurrency => State::Slots { holds: Vec::new() },
     }
+}
+
+/// Hashes a key by its two parts, exactly as [`KeyRef::split`] of the full key would.
+fn key_hash(hasher: &foldhash::fast::RandomState, k: KeyRef<'_>) -> u64 {
+    use std::hash::Hasher;
+    let mut h = hasher.build_hasher();
+    h.write(k.prefix.as_bytes());
+    h.write_u8(b'#');
+    h.write(k.name.as_bytes());
+    h.finish()
 }
 
 /// Removes expired holds, returning carved amounts to their parent hold if it is still live.
@@ -196,12 +207,20 @@ fn holds_idle_at(holds: &[Hold], otherwise: Micros) -> Micros {
         .map_or(otherwise, |m| m.max(otherwise))
 }
 
-fn idle_at(def: &LimitDef, state: &State, now: Micros) -> Micros {
+/// The current window of a limit at `now` as `(id, end)`; `(0, i64::MAX)` when it
+/// has none (rate, concurrency) or never resets (lifetime). Computed once per
+/// item per decision: calendar windows cost civil-date arithmetic.
+fn window_of(def: &LimitDef, now: Micros) -> (i64, Micros) {
+    def.kind.window().map_or((0, i64::MAX), |w| {
+        let (id, _, end) = w.at(now);
+        (id, end)
+    })
+}
+
+fn idle_at(def: &LimitDef, state: &State, now: Micros, end: Micros) -> Micros {
     match (state, &def.kind) {
         (State::Rate { debt, at }, LimitKind::Rate(r)) => at + crate::eval::ceil_div(*debt, r.l),
-        (State::Counter { used, holds, .. }, k) => {
-            let w = k.window().unwrap_or(crate::calendar::Window::Lifetime);
-            let (_, _, end) = w.at(now);
+        (State::Counter { used, holds, .. }, _) => {
             let base = if end == i64::MAX {
                 if *used == 0 { now } else { i64::MAX }
             } else {
@@ -259,8 +278,8 @@ impl MemoryBackend {
         }
     }
 
-    fn hash(&self, key: &str) -> u64 {
-        self.hasher.hash_one(key)
+    fn hash(&self, key: KeyRef<'_>) -> u64 {
+        key_hash(&self.hasher, key)
     }
 
     fn shard_of(hash: u64) -> usize {
@@ -269,11 +288,17 @@ impl MemoryBackend {
     }
 
     fn lock<'a>(&'a self, hashes: &[u64]) -> Locked<'a> {
-        let mut ids: SmallVec<[usize; 8]> = hashes.iter().map(|&h| Self::shard_of(h)).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let guards = ids.iter().map(|&i| self.shards[i].0.lock()).collect();
-        Locked { ids, guards }
+        let mut mask = 0u64;
+        for &h in hashes {
+            mask |= 1 << Self::shard_of(h);
+        }
+        let mut guards = SmallVec::new();
+        let mut rest = mask;
+        while rest != 0 {
+            guards.push(self.shards[rest.trailing_zeros() as usize].0.lock());
+            rest &= rest - 1;
+        }
+        Locked { mask, guards }
     }
 
     fn sweep(&self, shard: &mut Shard, now: Micros) {
@@ -299,33 +324,68 @@ impl MemoryBackend {
         }
     }
 
-    fn find<'s>(&self, locked: &'s mut Locked<'_>, hash: u64, key: &str) -> Option<&'s mut Slot> {
+    fn find<'s>(
+        &self,
+        locked: &'s mut Locked<'_>,
+        hash: u64,
+        key: KeyRef<'_>,
+    ) -> Option<&'s mut Slot> {
         locked
             .shard(Self::shard_of(hash))
             .table
-            .find_mut(hash, |s| &*s.key == key)
+            .find_mut(hash, |s| key.matches(&s.key))
     }
 
     fn find_or_insert<'s>(
         &self,
         locked: &'s mut Locked<'_>,
         hash: u64,
-        key: &str,
+        key: KeyRef<'_>,
         init: impl FnOnce() -> State,
         now: Micros,
     ) -> &'s mut Slot {
         let hasher = &self.hasher;
         let shard = locked.shard(Self::shard_of(hash));
-        let entry = shard
-            .table
-            .entry(hash, |s| &*s.key == key, |s| hasher.hash_one(&*s.key));
+        let entry = shard.table.entry(
+            hash,
+            |s| key.matches(&s.key),
+            |s| key_hash(hasher, KeyRef::split(&s.key)),
+        );
         entry
             .or_insert_with(|| Slot {
-                key: key.into(),
+                key: key.to_string().into_boxed_str(),
                 idle_at: now,
                 state: init(),
             })
             .into_mut()
+    }
+
+    /// The bucket of `key` in its shard, inserting a fresh state if absent. Indices
+    /// stay valid while no other insert grows the table (see `decide`).
+    fn slot_index(
+        &self,
+        locked: &mut Locked<'_>,
+        hash: u64,
+        key: KeyRef<'_>,
+        init: impl FnOnce() -> State,
+        now: Micros,
+    ) -> usize {
+        let hasher = &self.hasher;
+        let table = &mut locked.shard(Self::shard_of(hash)).table;
+        if let Some(i) = table.find_bucket_index(hash, |s| key.matches(&s.key)) {
+            return i;
+        }
+        table
+            .insert_unique(
+                hash,
+                Slot {
+                    key: key.to_string().into_boxed_str(),
+                    idle_at: now,
+                    state: init(),
+                },
+                |s| key_hash(hasher, KeyRef::split(&s.key)),
+            )
+            .bucket_index()
     }
 
     /// Delegation shadows for a scope: limit key → delegation id whose hold it spends from.
@@ -334,10 +394,10 @@ impl MemoryBackend {
         locked: &mut Locked<'_>,
         grant_keys: &[(String, u64)],
         now: Micros,
-    ) -> SmallVec<[(Box<str>, u128); 4]> {
-        let mut out: SmallVec<[(Box<str>, u128); 4]> = SmallVec::new();
+    ) -> Vec<(Box<str>, u128)> {
+        let mut out: Vec<(Box<str>, u128)> = Vec::new();
         for (key, hash) in grant_keys {
-            if let Some(slot) = self.find(locked, *hash, key) {
+            if let Some(slot) = self.find(locked, *hash, KeyRef::split(key)) {
                 if slot.idle_at <= now {
                     continue;
                 }
@@ -355,14 +415,14 @@ impl MemoryBackend {
         out
     }
 
-    fn grant_keys(&self, scope: &Scope) -> SmallVec<[(String, u64); 4]> {
+    fn grant_keys(&self, scope: &Scope) -> Vec<(String, u64)> {
         if self.grants.load(Ordering::Relaxed) == 0 {
-            return SmallVec::new();
+            return Vec::new();
         }
         (1..=scope.depth())
             .map(|d| {
                 let k = Plan::grant_key(scope, d);
-                let h = self.hash(&k);
+                let h = self.hash(KeyRef::split(&k));
                 (k, h)
             })
             .collect()
@@ -374,6 +434,7 @@ impl MemoryBackend {
         served: Priority,
         now: Micros,
         via: Option<u128>,
+        (wid, end): (i64, Micros),
     ) -> ItemEval {
         let def = &**item.def;
         let usable = def.floors.usable(def.limit, served);
@@ -386,12 +447,8 @@ impl MemoryBackend {
                 };
                 rate_eval(spec, debt, item.amount, usable).0
             }
-            kind => {
-                let window = kind.window();
-                let (wid, end) = window.map_or((0, None), |w| {
-                    let (id, _, end) = w.at(now);
-                    (id, (end != i64::MAX).then_some(end))
-                });
+            _ => {
+                let end = (end != i64::MAX).then_some(end);
                 let (used, holds): (i64, &[Hold]) = match slot.map(|s| &mut s.state) {
                     Some(State::Counter {
                         window,
@@ -431,6 +488,7 @@ impl MemoryBackend {
         now: Micros,
         via: Option<u128>,
         hold: Option<(u128, Micros)>,
+        (wid, end): (i64, Micros),
     ) {
         let def = &**item.def;
         match (&mut slot.state, &def.kind) {
@@ -444,9 +502,8 @@ impl MemoryBackend {
                     used,
                     holds,
                 },
-                kind,
+                _,
             ) => {
-                let wid = kind.window().map_or(0, |w| w.at(now).0);
                 if *window != wid {
                     *window = wid;
                     *used = 0;
@@ -458,7 +515,7 @@ impl MemoryBackend {
             }
             _ => {}
         }
-        slot.idle_at = idle_at(def, &slot.state, now);
+        slot.idle_at = idle_at(def, &slot.state, now, end);
     }
 
     fn take(
@@ -495,17 +552,27 @@ impl MemoryBackend {
     #[allow(clippy::too_many_lines)]
     fn decide(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Reply> {
         let now = self.clock.now();
-        let mut hashes: SmallVec<[u64; 8]> = plan.limits().map(|l| self.hash(l.key)).collect();
-        let caller = plan.caller_key().map(|k| (k, self.hash(k)));
+        // Resolve each item once: key, hash and current window.
+        let mut items: SmallVec<[(PlannedLimit<'_>, (i64, Micros)); 8]> = SmallVec::new();
+        let mut hashes: SmallVec<[u64; 8]> = SmallVec::new();
+        for item in plan.limits() {
+            hashes.push(self.hash(item.key));
+            items.push((item, window_of(item.def, now)));
+        }
+        let caller = plan
+            .caller_key()
+            .map(|k| (KeyRef::split(k), self.hash(KeyRef::split(k))));
         if let Some((_, h)) = caller {
             hashes.push(h);
         }
         let grant_keys = self.grant_keys(plan.scope());
-        hashes.extend(grant_keys.iter().map(|(_, h)| *h));
+        for (_, h) in &grant_keys {
+            hashes.push(*h);
+        }
         let (child_grant, from) = match &mode {
             Mode::Delegate { child, from, .. } => {
                 let k = Plan::grant_key(child, child.depth());
-                let h = self.hash(&k);
+                let h = self.hash(KeyRef::split(&k));
                 hashes.push(h);
                 (Some((k, h)), from.clone())
             }
@@ -525,7 +592,7 @@ impl MemoryBackend {
             }
         }
         if let Some((k, h)) = &child_grant {
-            if let Some(slot) = self.find(&mut locked, *h, k) {
+            if let Some(slot) = self.find(&mut locked, *h, KeyRef::split(k)) {
                 if slot.idle_at > now && matches!(slot.state, State::Grant(_)) {
                     return Err(Error::invalid(
                         "delegation",
@@ -550,14 +617,41 @@ impl MemoryBackend {
             }
         }
 
-        let mut evals: SmallVec<[ItemEval; 8]> = SmallVec::with_capacity(plan.len());
-        for (i, item) in plan.limits().enumerate() {
+        // Mutating ops make room first, so no insert below can grow a table and
+        // move the buckets whose indices we keep between evaluation and apply.
+        let mutating = !matches!(mode, Mode::Check);
+        if mutating {
+            let hasher = &self.hasher;
+            for g in &mut locked.guards {
+                g.table
+                    .reserve(plan.len() + 3, |s| key_hash(hasher, KeyRef::split(&s.key)));
+            }
+        }
+        let mut evals: SmallVec<[ItemEval; 8]> = SmallVec::new();
+        let mut buckets: SmallVec<[usize; 8]> = SmallVec::new();
+        for (i, (item, win)) in items.iter().enumerate() {
             let via = shadows
                 .iter()
-                .find(|(k, _)| &**k == item.key)
+                .find(|(k, _)| item.key.matches(k))
                 .map(|(_, d)| *d);
-            let slot = self.find(&mut locked, hashes[i], item.key);
-            evals.push(Self::eval_item(slot, &item, served, now, via));
+            let shard = Self::shard_of(hashes[i]);
+            let bucket = if mutating {
+                Some(self.slot_index(
+                    &mut locked,
+                    hashes[i],
+                    item.key,
+                    || fresh_state(item.def, now, win.0),
+                    now,
+                ))
+            } else {
+                locked
+                    .shard(shard)
+                    .table
+                    .find_bucket_index(hashes[i], |s| item.key.matches(&s.key))
+            };
+            let slot = bucket.and_then(|b| locked.shard(shard).table.get_bucket_mut(b));
+            evals.push(Self::eval_item(slot, item, served, now, via, *win));
+            buckets.push(bucket.unwrap_or(usize::MAX));
         }
         let allowed = evals.iter().all(|e| e.allowed);
 
@@ -570,22 +664,26 @@ impl MemoryBackend {
                 }
                 _ => None,
             };
-            for (i, item) in plan.limits().enumerate() {
+            for (i, (item, win)) in items.iter().enumerate() {
                 let via = shadows
                     .iter()
-                    .find(|(k, _)| &**k == item.key)
+                    .find(|(k, _)| item.key.matches(k))
                     .map(|(_, d)| *d);
-                let slot = self.find_or_insert(
-                    &mut locked,
-                    hashes[i],
-                    item.key,
-                    || fresh_state(item.def, now),
-                    now,
-                );
-                Self::apply_item(slot, &item, now, via, hold);
+                let shard = Self::shard_of(hashes[i]);
+                let slot = match locked.shard(shard).table.get_bucket_mut(buckets[i]) {
+                    Some(slot) => slot,
+                    None => self.find_or_insert(
+                        &mut locked,
+                        hashes[i],
+                        item.key,
+                        || fresh_state(item.def, now, win.0),
+                        now,
+                    ),
+                };
+                Self::apply_item(slot, item, now, via, hold, *win);
                 if hold.is_some() {
                     record_items.push(ResItem {
-                        key: item.key.into(),
+                        key: item.key.to_string().into_boxed_str(),
                         def: Arc::clone(item.def),
                         amount: item.amount,
                     });
@@ -595,12 +693,12 @@ impl MemoryBackend {
                 let covers = plan
                     .limits()
                     .filter(|l| l.amount > 0 && !matches!(l.def.kind, LimitKind::Rate(_)))
-                    .map(|l| Box::<str>::from(l.key))
+                    .map(|l| l.key.to_string().into_boxed_str())
                     .collect();
                 let slot = self.find_or_insert(
                     &mut locked,
                     *h,
-                    k,
+                    KeyRef::split(k),
                     || State::Starve { since: 0, last: 0 },
                     now,
                 );
@@ -803,17 +901,21 @@ impl MemoryBackend {
         grant_key: Option<&str>,
     ) {
         let now = self.clock.now();
-        let mut hashes: SmallVec<[u64; 8]> = items.iter().map(|i| self.hash(&i.key)).collect();
-        let gh = grant_key.map(|k| self.hash(k));
+        let mut hashes: SmallVec<[u64; 8]> = items
+            .iter()
+            .map(|i| self.hash(KeyRef::split(&i.key)))
+            .collect();
+        let gh = grant_key.map(|k| self.hash(KeyRef::split(k)));
         hashes.extend(gh);
         let mut locked = self.lock(&hashes);
         for (n, item) in items.iter().enumerate() {
             let charged = receipt.map_or(0, |r| r.charges[n].charged);
+            let (wid, end) = window_of(&item.def, now);
             let slot = self.find_or_insert(
                 &mut locked,
                 hashes[n],
-                &item.key,
-                || fresh_state(&item.def, now),
+                KeyRef::split(&item.key),
+                || fresh_state(&item.def, now, wid),
                 now,
             );
             match (&mut slot.state, &item.def.kind) {
@@ -828,10 +930,9 @@ impl MemoryBackend {
                         used,
                         holds,
                     },
-                    kind,
+                    _,
                 ) => {
                     purge(holds, now);
-                    let wid = kind.window().map_or(0, |w| w.at(now).0);
                     if *window != wid {
                         *window = wid;
                         *used = 0;
@@ -845,7 +946,7 @@ impl MemoryBackend {
                 }
                 _ => {}
             }
-            slot.idle_at = idle_at(&item.def, &slot.state, now);
+            slot.idle_at = idle_at(&item.def, &slot.state, now, end);
         }
         if let (Some(k), Some(h)) = (grant_key, gh) {
             let shard = locked.shard(Self::shard_of(h));
@@ -884,12 +985,13 @@ impl MemoryBackend {
             EndOutcome::Duplicate(r) => return Ok(r),
             EndOutcome::Ended(..) => return Err(Error::invalid("extend", "internal state error")),
         };
-        let mut hashes: SmallVec<[u64; 8]> = keys.iter().map(|k| self.hash(k)).collect();
-        let gh = grant_key.as_deref().map(|k| self.hash(k));
+        let mut hashes: SmallVec<[u64; 8]> =
+            keys.iter().map(|k| self.hash(KeyRef::split(k))).collect();
+        let gh = grant_key.as_deref().map(|k| self.hash(KeyRef::split(k)));
         hashes.extend(gh);
         let mut locked = self.lock(&hashes);
         for (n, key) in keys.iter().enumerate() {
-            if let Some(slot) = self.find(&mut locked, hashes[n], key) {
+            if let Some(slot) = self.find(&mut locked, hashes[n], KeyRef::split(key)) {
                 if let State::Counter { holds, .. } | State::Slots { holds } = &mut slot.state {
                     if let Some(h) = holds.iter_mut().find(|h| h.id == id.0) {
                         h.expires = expires;
@@ -899,7 +1001,7 @@ impl MemoryBackend {
             }
         }
         if let (Some(k), Some(h)) = (grant_key.as_deref(), gh) {
-            if let Some(slot) = self.find(&mut locked, h, k) {
+            if let Some(slot) = self.find(&mut locked, h, KeyRef::split(k)) {
                 slot.idle_at = expires;
             }
         }
@@ -1023,7 +1125,7 @@ enum Mode<'a> {
 }
 
 enum End<'a> {
-    Commit(&'a Amounts),
+    Commit(&'a [(&'a str, i64)]),
     Release,
     Extend(Micros),
 }

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use crate::clock::Micros;
 use crate::decision::{CommitReceipt, Decision, ReservationId};
 use crate::error::Result;
-use crate::plan::{Amounts, Plan};
+use crate::plan::Plan;
 use crate::scope::Scope;
 
 mod memory;
@@ -41,7 +41,7 @@ pub enum Op<'a> {
         /// The reservation.
         id: ReservationId,
         /// Actual usage per unit, base units.
-        actual: &'a Amounts,
+        actual: &'a [(&'a str, i64)],
     },
     /// End a reservation (or delegation), returning everything it holds.
     Release {
@@ -62,8 +62,6 @@ pub enum Op<'a> {
         plan: &'a Plan<'a>,
         /// Carve from this reservation instead of from the parent's free capacity.
         from: Option<ReservationId>,
-        /// The amounts to delegate, base units.
-        amounts: &'a Amounts,
         /// The sub-agent's scope (a strict descendant of the parent's).
         child: &'a Scope,
         /// The delegation's id (it is a reservation).

@@ -29,7 +29,7 @@ pub fn now<F: std::future::Future>(f: F) -> F::Output {
 pub fn remaining(d: &Decision, limit: &str) -> i64 {
     d.limits
         .iter()
-        .find(|l| l.name == limit)
+        .find(|l| l.name() == limit)
         .unwrap_or_else(|| panic!("no limit {limit} in {d:?}"))
         .remaining
 }

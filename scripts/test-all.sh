@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds everything and runs every test: Rust (format, lints, unit, integration,
+# conformance vectors, doctests including the README's Rust example), then the
+# Python and Node bindings. Installs what it needs; run from anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+step() { printf '\n==> %s\n' "$*"; }
+
+for tool in cargo python3 node npm; do
+  command -v "$tool" >/dev/null || { echo "error: $tool not found on PATH (need Rust, Python 3 and Node)" >&2; exit 1; }
+done
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  step "installing rustfmt and clippy"
+  rustup component add rustfmt clippy
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (workspace, all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test (core, CLI, vectors, doctests)"
+cargo test --workspace --quiet
+
+step "Python and Node bindings"
+scripts/test-bindings.sh
+
+printf '\nall tests passed in %ss\n' "$((SECONDS - start))"
