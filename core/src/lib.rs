@@ -59,5 +59,10 @@ pub use priority::Priority;
 pub use scope::Scope;
 pub use warden::{DelegateFrom, MAX_LEASE, WaitFor, Warden};
 
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 /// The version of this crate.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
