@@ -105,12 +105,12 @@ impl Amount {
         if self.value < 0 {
             return Err(err(format!("{self} is negative")));
         }
-        let base = if self.scale <= decimals {
-            10i64
-                .checked_pow(u32::from(decimals - self.scale))
-                .and_then(|m| self.value.checked_mul(m))
+        let base = if self.scale == decimals {
+            Some(self.value)
+        } else if self.scale < decimals {
+            pow10(decimals - self.scale).and_then(|m| self.value.checked_mul(m))
         } else {
-            let div = 10i64.checked_pow(u32::from(self.scale - decimals));
+            let div = pow10(self.scale - decimals);
             match div {
                 Some(d) if self.value % d == 0 => Some(self.value / d),
                 Some(_) => {
@@ -167,6 +167,32 @@ impl std::str::FromStr for Amount {
     fn from_str(s: &str) -> Result<Self> {
         Self::parse(s)
     }
+}
+
+/// `10^n` for `n ≤ 18`.
+fn pow10(n: u8) -> Option<i64> {
+    const P: [i64; 19] = [
+        1,
+        10,
+        100,
+        1_000,
+        10_000,
+        100_000,
+        1_000_000,
+        10_000_000,
+        100_000_000,
+        1_000_000_000,
+        10_000_000_000,
+        100_000_000_000,
+        1_000_000_000_000,
+        10_000_000_000_000,
+        100_000_000_000_000,
+        1_000_000_000_000_000,
+        10_000_000_000_000_000,
+        100_000_000_000_000_000,
+        1_000_000_000_000_000_000,
+    ];
+    P.get(usize::from(n)).copied()
 }
 
 /// Formats base units of a unit with `decimals` decimals as a decimal string (`12500`, 6 → `0.0125`).

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::clock::{Micros, duration};
 use crate::decision::{Caps, Decision, LimitState, Outcome, ReservationInfo};
-use crate::plan::Plan;
+use crate::plan::{Plan, PlannedLimit};
 use std::sync::Arc;
 
 use crate::policy::RateSpec;
@@ -87,20 +87,21 @@ fn time_to_free(needed: i64, now: Micros, holds: &mut [(Micros, i64)]) -> Option
 }
 
 /// Evaluates a counter (quota / budget / concurrency) with `used` in the current
-/// window, `holds` as `(expiry, amount)` of live reservations, the window end
+/// window, `held` by live reservations (listed in `holds` as `(expiry, amount)`,
+/// consulted only to estimate the retry time of a denial), and the window end
 /// (`None` when it never resets).
 #[must_use]
 #[allow(clippy::too_many_arguments)]
 pub fn counter_eval(
     limit: i64,
     used: i64,
+    held: i64,
     holds: &mut [(Micros, i64)],
     amount: i64,
     usable: i64,
     now: Micros,
     window_end: Option<Micros>,
 ) -> ItemEval {
-    let held: i64 = holds.iter().map(|h| h.1).sum();
     let allowed = amount == 0 || used + held + amount <= usable;
     let taken = if allowed { amount } else { 0 };
     let remaining = (limit - used - held - taken).max(0);
@@ -138,14 +139,30 @@ pub fn assemble(
     served: Priority,
     reservation: Option<ReservationInfo>,
 ) -> Decision {
-    let allowed = evals.iter().all(|e| e.allowed);
+    assemble_with(
+        evals.len(),
+        |i| (plan.get(i), &evals[i]),
+        served,
+        reservation,
+    )
+}
+
+/// [`assemble`] over items a backend already resolved: `item(i)` gives the `i`-th
+/// planned limit and its evaluation, for `i < len`.
+pub fn assemble_with<'p, 'e>(
+    len: usize,
+    item: impl Fn(usize) -> (PlannedLimit<'p>, &'e ItemEval),
+    served: Priority,
+    reservation: Option<ReservationInfo>,
+) -> Decision {
+    let allowed = (0..len).all(|i| item(i).1.allowed);
     let mut caps = Caps::default();
     let mut cap_reason: Option<String> = None;
-    let mut limits = Vec::with_capacity(evals.len());
+    let mut limits = Vec::with_capacity(len);
     let mut retry: Option<Micros> = Some(0);
     let mut reason = None;
-    for (i, e) in evals.iter().enumerate() {
-        let item = plan.get(i);
+    for i in 0..len {
+        let (item, e) = item(i);
         let def = item.def;
         if !e.allowed {
             retry = match (retry, e.retry) {

@@ -221,7 +221,7 @@ impl<'p> Plan<'p> {
         let mut plan = Self::empty(policy, scope, request.priority);
         for i in 0..scope.depth() {
             let kind = scope.kind(i);
-            let limits = policy.scopes.get(kind).ok_or_else(|| {
+            let limits = crate::policy::lookup(&policy.scopes, kind).ok_or_else(|| {
                 Error::unknown("scope kind", kind, policy.scopes.keys().map(String::as_str))
             })?;
             for def in limits {
@@ -277,7 +277,7 @@ impl<'p> Plan<'p> {
         let mut plan = Self::empty(policy, scope, Priority::Standard);
         for i in 0..scope.depth() {
             let kind = scope.kind(i);
-            let limits = policy.scopes.get(kind).ok_or_else(|| {
+            let limits = crate::policy::lookup(&policy.scopes, kind).ok_or_else(|| {
                 Error::unknown("scope kind", kind, policy.scopes.keys().map(String::as_str))
             })?;
             for def in limits {

@@ -236,6 +236,16 @@ pub struct Policy {
 /// Name-keyed maps of a loaded policy: document order, fast hashing.
 pub(crate) type Map<V> = IndexMap<String, V, foldhash::fast::RandomState>;
 
+/// Looks `name` up in a policy map: a linear scan for the small maps policies
+/// usually have (cheaper than hashing the name), hashing beyond that.
+pub(crate) fn lookup<'m, V>(map: &'m Map<V>, name: &str) -> Option<&'m V> {
+    if map.len() <= 8 {
+        map.iter().find(|(k, _)| k.as_str() == name).map(|(_, v)| v)
+    } else {
+        map.get(name)
+    }
+}
+
 const BUILTIN_UNITS: [(&str, u8); 4] = [("requests", 0), ("tokens", 0), ("risk", 0), ("usd", 6)];
 
 // ---------------------------------------------------------------- raw document
@@ -467,19 +477,19 @@ impl Policy {
     /// A resource by name.
     #[must_use]
     pub fn resource(&self, name: &str) -> Option<&Target> {
-        self.resources.get(name)
+        lookup(&self.resources, name)
     }
 
     /// An action by name.
     #[must_use]
     pub fn action(&self, name: &str) -> Option<&Target> {
-        self.actions.get(name)
+        lookup(&self.actions, name)
     }
 
     /// The decimals of a unit known to this policy (built in, declared, or used by a limit).
     #[must_use]
     pub fn unit(&self, name: &str) -> Option<&UnitDef> {
-        self.units.get(name)
+        lookup(&self.units, name)
     }
 
     /// A human-readable table of the effective limits (what `ratewarden check` prints).

@@ -9,8 +9,6 @@
 
 use std::fmt;
 
-use smallvec::SmallVec;
-
 use crate::error::{Error, Result, truncate};
 
 /// Most segments a scope may have.
@@ -22,13 +20,64 @@ pub const MAX_KIND_BYTES: usize = 32;
 
 /// A validated scope path. Cheap to clone relative to parsing; compare and hash
 /// by canonical form.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct Scope {
     encoded: String,
     /// End offset (exclusive) of each segment in `encoded`.
-    ends: SmallVec<[u16; MAX_DEPTH]>,
+    ends: Offsets,
     /// Offset of the `:` of each segment in `encoded`.
-    colons: SmallVec<[u16; MAX_DEPTH]>,
+    colons: Offsets,
+}
+
+impl PartialEq for Scope {
+    fn eq(&self, other: &Self) -> bool {
+        self.encoded == other.encoded
+    }
+}
+
+impl Eq for Scope {}
+
+impl std::hash::Hash for Scope {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.encoded.hash(state);
+    }
+}
+
+/// Up to [`MAX_DEPTH`] byte offsets into a scope's encoded form (fixed array: no
+/// inline/heap branch on every access).
+#[derive(Clone, Copy, Default)]
+struct Offsets {
+    len: u8,
+    v: [u16; MAX_DEPTH],
+}
+
+impl Offsets {
+    fn push(&mut self, x: u16) {
+        self.v[usize::from(self.len)] = x;
+        self.len += 1;
+    }
+    fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    fn truncated(&self, n: usize) -> Self {
+        let n = n.min(self.len());
+        let mut t = Self {
+            len: u8::try_from(n).unwrap_or(0),
+            v: [0; MAX_DEPTH],
+        };
+        t.v[..n].copy_from_slice(&self.v[..n]);
+        t
+    }
+}
+
+impl std::ops::Index<usize> for Offsets {
+    type Output = u16;
+    fn index(&self, i: usize) -> &u16 {
+        &self.v[i]
+    }
 }
 
 fn scope_err(input: &str, message: impl Into<String>) -> Error {
@@ -216,8 +265,8 @@ impl Scope {
     pub fn child(&self, kind: &str, id: &str) -> Result<Self> {
         let mut b = ScopeBuilder {
             encoded: self.encoded.clone(),
-            ends: self.ends.clone(),
-            colons: self.colons.clone(),
+            ends: self.ends,
+            colons: self.colons,
         };
         b.push(kind, id.as_bytes())
             .map_err(|m| scope_err(&format!("{self}/{kind}:{id}"), m))?;
@@ -289,8 +338,8 @@ impl Scope {
         let d = depth.clamp(1, self.depth());
         Self {
             encoded: self.prefix(d).to_owned(),
-            ends: self.ends[..d].iter().copied().collect(),
-            colons: self.colons[..d].iter().copied().collect(),
+            ends: self.ends.truncated(d),
+            colons: self.colons.truncated(d),
         }
     }
 
@@ -335,16 +384,16 @@ impl TryFrom<&str> for Scope {
 
 struct ScopeBuilder {
     encoded: String,
-    ends: SmallVec<[u16; MAX_DEPTH]>,
-    colons: SmallVec<[u16; MAX_DEPTH]>,
+    ends: Offsets,
+    colons: Offsets,
 }
 
 impl ScopeBuilder {
     fn new() -> Self {
         Self {
             encoded: String::new(),
-            ends: SmallVec::new(),
-            colons: SmallVec::new(),
+            ends: Offsets::default(),
+            colons: Offsets::default(),
         }
     }
 

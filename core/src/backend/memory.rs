@@ -19,7 +19,7 @@ use super::{Backend, Op, Pending, Reply};
 use crate::clock::{Clock, Micros};
 use crate::decision::{Charge, CommitReceipt, ReservationId, ReservationInfo};
 use crate::error::{Error, Result};
-use crate::eval::{ItemEval, assemble, counter_eval, rate_debt_now, rate_eval};
+use crate::eval::{ItemEval, assemble_with, counter_eval, rate_debt_now, rate_eval};
 use crate::plan::{KeyRef, Plan, PlannedLimit};
 use crate::policy::{LimitDef, LimitKind, Overage};
 use crate::priority::Priority;
@@ -141,6 +141,26 @@ impl std::fmt::Debug for MemoryBackend {
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
+}
+
+/// Where a key lives: its shard and its hash within the shard's table.
+///
+/// Keys of one scope tree (same first segment, e.g. `tenant:acme`) share a
+/// shard — the in-process analogue of a Redis Cluster hash tag — so a request
+/// touching many limits of one tenant takes one lock. Shared pools (`@#…`)
+/// are spread by their own hash.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    shard: usize,
+    hash: u64,
+}
+
+/// The scope-tree tag of a key prefix (its first segment), or `None` for pools.
+fn tag_of(prefix: &str) -> Option<&str> {
+    if prefix.starts_with('@') {
+        return None;
+    }
+    Some(&prefix[..prefix.find(['/', '#']).unwrap_or(prefix.len())])
 }
 
 /// The shards one operation holds, locked in ascending order. `mask` has bit
@@ -278,8 +298,25 @@ impl MemoryBackend {
         }
     }
 
-    fn hash(&self, key: KeyRef<'_>) -> u64 {
-        key_hash(&self.hasher, key)
+    /// Where `key` lives.
+    fn loc(&self, key: KeyRef<'_>) -> Loc {
+        let hash = key_hash(&self.hasher, key);
+        let shard = match tag_of(key.prefix) {
+            Some(tag) => Self::shard_of(self.hasher.hash_one(tag)),
+            None => Self::shard_of(hash),
+        };
+        Loc { shard, hash }
+    }
+
+    /// Where a key of the scope tree in shard `tree` lives (pools: by their own hash).
+    fn loc_in(&self, key: KeyRef<'_>, tree: usize) -> Loc {
+        let hash = key_hash(&self.hasher, key);
+        let shard = if key.prefix.starts_with('@') {
+            Self::shard_of(hash)
+        } else {
+            tree
+        };
+        Loc { shard, hash }
     }
 
     fn shard_of(hash: u64) -> usize {
@@ -287,10 +324,10 @@ impl MemoryBackend {
         usize::try_from((hash >> 40) & (SHARDS as u64 - 1)).unwrap_or(0)
     }
 
-    fn lock<'a>(&'a self, hashes: &[u64]) -> Locked<'a> {
+    fn lock<'a>(&'a self, locs: &[Loc]) -> Locked<'a> {
         let mut mask = 0u64;
-        for &h in hashes {
-            mask |= 1 << Self::shard_of(h);
+        for l in locs {
+            mask |= 1 << l.shard;
         }
         let mut guards = SmallVec::new();
         let mut rest = mask;
@@ -327,27 +364,27 @@ impl MemoryBackend {
     fn find<'s>(
         &self,
         locked: &'s mut Locked<'_>,
-        hash: u64,
+        loc: Loc,
         key: KeyRef<'_>,
     ) -> Option<&'s mut Slot> {
         locked
-            .shard(Self::shard_of(hash))
+            .shard(loc.shard)
             .table
-            .find_mut(hash, |s| key.matches(&s.key))
+            .find_mut(loc.hash, |s| key.matches(&s.key))
     }
 
     fn find_or_insert<'s>(
         &self,
         locked: &'s mut Locked<'_>,
-        hash: u64,
+        loc: Loc,
         key: KeyRef<'_>,
         init: impl FnOnce() -> State,
         now: Micros,
     ) -> &'s mut Slot {
         let hasher = &self.hasher;
-        let shard = locked.shard(Self::shard_of(hash));
+        let shard = locked.shard(loc.shard);
         let entry = shard.table.entry(
-            hash,
+            loc.hash,
             |s| key.matches(&s.key),
             |s| key_hash(hasher, KeyRef::split(&s.key)),
         );
@@ -365,19 +402,19 @@ impl MemoryBackend {
     fn slot_index(
         &self,
         locked: &mut Locked<'_>,
-        hash: u64,
+        loc: Loc,
         key: KeyRef<'_>,
         init: impl FnOnce() -> State,
         now: Micros,
     ) -> usize {
         let hasher = &self.hasher;
-        let table = &mut locked.shard(Self::shard_of(hash)).table;
-        if let Some(i) = table.find_bucket_index(hash, |s| key.matches(&s.key)) {
+        let table = &mut locked.shard(loc.shard).table;
+        if let Some(i) = table.find_bucket_index(loc.hash, |s| key.matches(&s.key)) {
             return i;
         }
         table
             .insert_unique(
-                hash,
+                loc.hash,
                 Slot {
                     key: key.to_string().into_boxed_str(),
                     idle_at: now,
@@ -392,12 +429,12 @@ impl MemoryBackend {
     fn shadows(
         &self,
         locked: &mut Locked<'_>,
-        grant_keys: &[(String, u64)],
+        grant_keys: &[(String, Loc)],
         now: Micros,
     ) -> Vec<(Box<str>, u128)> {
         let mut out: Vec<(Box<str>, u128)> = Vec::new();
-        for (key, hash) in grant_keys {
-            if let Some(slot) = self.find(locked, *hash, KeyRef::split(key)) {
+        for (key, loc) in grant_keys {
+            if let Some(slot) = self.find(locked, *loc, KeyRef::split(key)) {
                 if slot.idle_at <= now {
                     continue;
                 }
@@ -415,15 +452,15 @@ impl MemoryBackend {
         out
     }
 
-    fn grant_keys(&self, scope: &Scope) -> Vec<(String, u64)> {
+    fn grant_keys(&self, scope: &Scope) -> Vec<(String, Loc)> {
         if self.grants.load(Ordering::Relaxed) == 0 {
             return Vec::new();
         }
         (1..=scope.depth())
             .map(|d| {
                 let k = Plan::grant_key(scope, d);
-                let h = self.hash(KeyRef::split(&k));
-                (k, h)
+                let l = self.loc(KeyRef::split(&k));
+                (k, l)
             })
             .collect()
     }
@@ -474,9 +511,33 @@ impl MemoryBackend {
                         retry: None,
                     };
                 }
+                let held = holds.iter().map(|h| h.amount).sum();
+                let e = counter_eval(
+                    def.limit,
+                    used,
+                    held,
+                    &mut [],
+                    item.amount,
+                    usable,
+                    now,
+                    end,
+                );
+                if e.allowed || holds.is_empty() {
+                    return e;
+                }
+                // Denied with holds outstanding: their expiries refine the retry estimate.
                 let mut hv: SmallVec<[(Micros, i64); 8]> =
                     holds.iter().map(|h| (h.expires, h.amount)).collect();
-                counter_eval(def.limit, used, &mut hv, item.amount, usable, now, end)
+                counter_eval(
+                    def.limit,
+                    used,
+                    held,
+                    &mut hv,
+                    item.amount,
+                    usable,
+                    now,
+                    end,
+                )
             }
         }
     }
@@ -553,32 +614,46 @@ impl MemoryBackend {
     fn decide(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Reply> {
         let now = self.clock.now();
         // Resolve each item once: key, hash and current window.
-        let mut items: SmallVec<[(PlannedLimit<'_>, (i64, Micros)); 8]> = SmallVec::new();
-        let mut hashes: SmallVec<[u64; 8]> = SmallVec::new();
+        let tree = Self::shard_of(self.hasher.hash_one(plan.scope().prefix(1)));
+        let mut works: SmallVec<[Work<'_>; 8]> = SmallVec::new();
+        let mut locs: SmallVec<[Loc; 8]> = SmallVec::new();
         for item in plan.limits() {
-            hashes.push(self.hash(item.key));
-            items.push((item, window_of(item.def, now)));
+            let loc = self.loc_in(item.key, tree);
+            locs.push(loc);
+            works.push(Work {
+                item,
+                win: window_of(item.def, now),
+                loc,
+                bucket: usize::MAX,
+                via: None,
+                eval: ItemEval {
+                    allowed: true,
+                    remaining: 0,
+                    reset: 0,
+                    retry: None,
+                },
+            });
         }
         let caller = plan
             .caller_key()
-            .map(|k| (KeyRef::split(k), self.hash(KeyRef::split(k))));
-        if let Some((_, h)) = caller {
-            hashes.push(h);
+            .map(|k| (KeyRef::split(k), self.loc(KeyRef::split(k))));
+        if let Some((_, l)) = caller {
+            locs.push(l);
         }
         let grant_keys = self.grant_keys(plan.scope());
-        for (_, h) in &grant_keys {
-            hashes.push(*h);
+        for (_, l) in &grant_keys {
+            locs.push(*l);
         }
         let (child_grant, from) = match &mode {
             Mode::Delegate { child, from, .. } => {
                 let k = Plan::grant_key(child, child.depth());
-                let h = self.hash(KeyRef::split(&k));
-                hashes.push(h);
-                (Some((k, h)), from.clone())
+                let l = self.loc(KeyRef::split(&k));
+                locs.push(l);
+                (Some((k, l)), from.clone())
             }
             _ => (None, None),
         };
-        let mut locked = self.lock(&hashes);
+        let mut locked = self.lock(&locs);
         self.maybe_sweep(&mut locked, now);
 
         let mut shadows = self.shadows(&mut locked, &grant_keys, now);
@@ -627,33 +702,31 @@ impl MemoryBackend {
                     .reserve(plan.len() + 3, |s| key_hash(hasher, KeyRef::split(&s.key)));
             }
         }
-        let mut evals: SmallVec<[ItemEval; 8]> = SmallVec::new();
-        let mut buckets: SmallVec<[usize; 8]> = SmallVec::new();
-        for (i, (item, win)) in items.iter().enumerate() {
-            let via = shadows
+        for w in &mut works {
+            let item = &w.item;
+            w.via = shadows
                 .iter()
                 .find(|(k, _)| item.key.matches(k))
                 .map(|(_, d)| *d);
-            let shard = Self::shard_of(hashes[i]);
             let bucket = if mutating {
                 Some(self.slot_index(
                     &mut locked,
-                    hashes[i],
+                    w.loc,
                     item.key,
-                    || fresh_state(item.def, now, win.0),
+                    || fresh_state(item.def, now, w.win.0),
                     now,
                 ))
             } else {
                 locked
-                    .shard(shard)
+                    .shard(w.loc.shard)
                     .table
-                    .find_bucket_index(hashes[i], |s| item.key.matches(&s.key))
+                    .find_bucket_index(w.loc.hash, |s| item.key.matches(&s.key))
             };
-            let slot = bucket.and_then(|b| locked.shard(shard).table.get_bucket_mut(b));
-            evals.push(Self::eval_item(slot, item, served, now, via, *win));
-            buckets.push(bucket.unwrap_or(usize::MAX));
+            let slot = bucket.and_then(|b| locked.shard(w.loc.shard).table.get_bucket_mut(b));
+            w.eval = Self::eval_item(slot, item, served, now, w.via, w.win);
+            w.bucket = bucket.unwrap_or(usize::MAX);
         }
-        let allowed = evals.iter().all(|e| e.allowed);
+        let allowed = works.iter().all(|w| w.eval.allowed);
 
         let mut reservation = None;
         let mut record_items = Vec::new();
@@ -664,23 +737,19 @@ impl MemoryBackend {
                 }
                 _ => None,
             };
-            for (i, (item, win)) in items.iter().enumerate() {
-                let via = shadows
-                    .iter()
-                    .find(|(k, _)| item.key.matches(k))
-                    .map(|(_, d)| *d);
-                let shard = Self::shard_of(hashes[i]);
-                let slot = match locked.shard(shard).table.get_bucket_mut(buckets[i]) {
+            for w in &works {
+                let item = &w.item;
+                let slot = match locked.shard(w.loc.shard).table.get_bucket_mut(w.bucket) {
                     Some(slot) => slot,
                     None => self.find_or_insert(
                         &mut locked,
-                        hashes[i],
+                        w.loc,
                         item.key,
-                        || fresh_state(item.def, now, win.0),
+                        || fresh_state(item.def, now, w.win.0),
                         now,
                     ),
                 };
-                Self::apply_item(slot, item, now, via, hold, *win);
+                Self::apply_item(slot, item, now, w.via, hold, w.win);
                 if hold.is_some() {
                     record_items.push(ResItem {
                         key: item.key.to_string().into_boxed_str(),
@@ -766,7 +835,12 @@ impl MemoryBackend {
                 grant_key,
             });
         }
-        Ok(Reply::Decision(assemble(plan, &evals, served, reservation)))
+        Ok(Reply::Decision(assemble_with(
+            works.len(),
+            |i| (works[i].item, &works[i].eval),
+            served,
+            reservation,
+        )))
     }
 
     fn res_shard(&self, id: u128) -> MutexGuard<'_, ResShard> {
@@ -901,19 +975,19 @@ impl MemoryBackend {
         grant_key: Option<&str>,
     ) {
         let now = self.clock.now();
-        let mut hashes: SmallVec<[u64; 8]> = items
+        let mut locs: SmallVec<[Loc; 8]> = items
             .iter()
-            .map(|i| self.hash(KeyRef::split(&i.key)))
+            .map(|i| self.loc(KeyRef::split(&i.key)))
             .collect();
-        let gh = grant_key.map(|k| self.hash(KeyRef::split(k)));
-        hashes.extend(gh);
-        let mut locked = self.lock(&hashes);
+        let gl = grant_key.map(|k| self.loc(KeyRef::split(k)));
+        locs.extend(gl);
+        let mut locked = self.lock(&locs);
         for (n, item) in items.iter().enumerate() {
             let charged = receipt.map_or(0, |r| r.charges[n].charged);
             let (wid, end) = window_of(&item.def, now);
             let slot = self.find_or_insert(
                 &mut locked,
-                hashes[n],
+                locs[n],
                 KeyRef::split(&item.key),
                 || fresh_state(&item.def, now, wid),
                 now,
@@ -948,9 +1022,9 @@ impl MemoryBackend {
             }
             slot.idle_at = idle_at(&item.def, &slot.state, now, end);
         }
-        if let (Some(k), Some(h)) = (grant_key, gh) {
-            let shard = locked.shard(Self::shard_of(h));
-            if let Ok(e) = shard.table.find_entry(h, |s| &*s.key == k) {
+        if let (Some(k), Some(l)) = (grant_key, gl) {
+            let shard = locked.shard(l.shard);
+            if let Ok(e) = shard.table.find_entry(l.hash, |s| &*s.key == k) {
                 if matches!(&e.get().state, State::Grant(g) if g.delegation == id.0) {
                     e.remove();
                     self.grants.fetch_sub(1, Ordering::Relaxed);
@@ -985,13 +1059,13 @@ impl MemoryBackend {
             EndOutcome::Duplicate(r) => return Ok(r),
             EndOutcome::Ended(..) => return Err(Error::invalid("extend", "internal state error")),
         };
-        let mut hashes: SmallVec<[u64; 8]> =
-            keys.iter().map(|k| self.hash(KeyRef::split(k))).collect();
-        let gh = grant_key.as_deref().map(|k| self.hash(KeyRef::split(k)));
-        hashes.extend(gh);
-        let mut locked = self.lock(&hashes);
+        let mut locs: SmallVec<[Loc; 8]> =
+            keys.iter().map(|k| self.loc(KeyRef::split(k))).collect();
+        let gl = grant_key.as_deref().map(|k| self.loc(KeyRef::split(k)));
+        locs.extend(gl);
+        let mut locked = self.lock(&locs);
         for (n, key) in keys.iter().enumerate() {
-            if let Some(slot) = self.find(&mut locked, hashes[n], KeyRef::split(key)) {
+            if let Some(slot) = self.find(&mut locked, locs[n], KeyRef::split(key)) {
                 if let State::Counter { holds, .. } | State::Slots { holds } = &mut slot.state {
                     if let Some(h) = holds.iter_mut().find(|h| h.id == id.0) {
                         h.expires = expires;
@@ -1000,8 +1074,8 @@ impl MemoryBackend {
                 }
             }
         }
-        if let (Some(k), Some(h)) = (grant_key.as_deref(), gh) {
-            if let Some(slot) = self.find(&mut locked, h, KeyRef::split(k)) {
+        if let (Some(k), Some(l)) = (grant_key.as_deref(), gl) {
+            if let Some(slot) = self.find(&mut locked, l, KeyRef::split(k)) {
                 slot.idle_at = expires;
             }
         }
@@ -1107,6 +1181,19 @@ impl MemoryBackend {
             .map(|i| i.key.clone())
             .collect())
     }
+}
+
+/// One limit of a decision in flight: resolved once, then evaluated and applied.
+struct Work<'p> {
+    item: PlannedLimit<'p>,
+    /// Current window `(id, end)` of the limit.
+    win: (i64, Micros),
+    loc: Loc,
+    /// Bucket index in the shard table (`usize::MAX` if absent).
+    bucket: usize,
+    /// The delegation hold this item spends from, if any.
+    via: Option<u128>,
+    eval: ItemEval,
 }
 
 enum Mode<'a> {
