@@ -1,6 +1,8 @@
 //! Decision cost of the embedded engine, side by side with `governor` (the
 //! reference Rust rate limiter) on the same workload. Every call is admitted
-//! (the write path): limits are far above the call rate.
+//! (the write path): a million per hour per key, far above what a run reaches,
+//! yet slow enough that keys stay live between hits (a limit that refills in
+//! nanoseconds would make every key idle, swept and re-created each time).
 //!
 //! cargo bench -p ratewarden --bench engine
 #![allow(clippy::disallowed_methods)] // benchmarks time themselves with Instant
@@ -27,21 +29,33 @@ fn now<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-fn one_rate_warden() -> Warden {
-    let policy = Policy::from_value(&json!({"scopes": {"user": {"limits": [
-        {"name": "rps", "kind": "rate", "limit": 1_000_000_000u64, "per": "1s"}
-    ]}}}))
-    .expect("policy");
+/// One hot key: a limit that is never reached in a run (10^9/s).
+fn hot_warden() -> Warden {
+    warden_with(json!({"name": "rps", "kind": "rate", "limit": 1_000_000_000u64, "per": "1s"}))
+}
+
+/// Many keys, each hit every few milliseconds: 10^6/h keeps them live and admitted.
+fn many_keys_warden() -> Warden {
+    warden_with(json!({"name": "rph", "kind": "rate", "limit": 1_000_000u64, "per": "1h"}))
+}
+
+fn warden_with(limit: serde_json::Value) -> Warden {
+    let policy =
+        Policy::from_value(&json!({"scopes": {"user": {"limits": [limit]}}})).expect("policy");
     Warden::new(policy)
 }
 
-fn quota() -> Quota {
+fn hot_quota() -> Quota {
     Quota::per_second(NonZeroU32::new(1_000_000_000).expect("non-zero"))
+}
+
+fn many_keys_quota() -> Quota {
+    Quota::per_hour(NonZeroU32::new(1_000_000).expect("non-zero"))
 }
 
 fn rate_one_key(c: &mut Criterion) {
     let mut g = c.benchmark_group("a_one_rate_limit_one_key");
-    let w = one_rate_warden();
+    let w = hot_warden();
     let req = Request::parse("user:42").expect("scope");
     g.bench_function("ratewarden acquire", |b| {
         b.iter(|| now(w.acquire(black_box(&req))).expect("ok").allowed())
@@ -49,11 +63,11 @@ fn rate_one_key(c: &mut Criterion) {
     g.bench_function("ratewarden check", |b| {
         b.iter(|| now(w.check(black_box(&req))).expect("ok").allowed())
     });
-    let direct = RateLimiter::direct(quota());
+    let direct = RateLimiter::direct(hot_quota());
     g.bench_function("governor direct check", |b| {
         b.iter(|| black_box(&direct).check().is_ok())
     });
-    let keyed = RateLimiter::<String, _, _>::keyed(quota());
+    let keyed = RateLimiter::<String, _, _>::keyed(hot_quota());
     let key = "user:42".to_owned();
     g.bench_function("governor keyed check_key (String)", |b| {
         b.iter(|| keyed.check_key(black_box(&key)).is_ok())
@@ -63,7 +77,7 @@ fn rate_one_key(c: &mut Criterion) {
 
 fn rate_many_keys(c: &mut Criterion) {
     let mut g = c.benchmark_group("a_one_rate_limit_10k_keys");
-    let w = one_rate_warden();
+    let w = many_keys_warden();
     let reqs: Vec<Request> = (0..KEYS)
         .map(|i| Request::parse(&format!("user:{i}")).expect("scope"))
         .collect();
@@ -74,7 +88,7 @@ fn rate_many_keys(c: &mut Criterion) {
             now(w.acquire(black_box(&reqs[i]))).expect("ok").allowed()
         });
     });
-    let keyed_u64 = RateLimiter::<u64, _, _>::keyed(quota());
+    let keyed_u64 = RateLimiter::<u64, _, _>::keyed(many_keys_quota());
     let mut k = 0u64;
     g.bench_function("governor keyed check_key (u64)", |b| {
         b.iter(|| {
@@ -82,7 +96,7 @@ fn rate_many_keys(c: &mut Criterion) {
             keyed_u64.check_key(black_box(&k)).is_ok()
         });
     });
-    let keyed_s = RateLimiter::<String, _, _>::keyed(quota());
+    let keyed_s = RateLimiter::<String, _, _>::keyed(many_keys_quota());
     let keys: Vec<String> = (0..KEYS).map(|i| format!("user:{i}")).collect();
     let mut j = 0;
     g.bench_function("governor keyed check_key (String)", |b| {
@@ -100,11 +114,11 @@ fn seven_limits(c: &mut Criterion) {
         "scopes": {
             "tenant": {"limits": [
                 {"name": "t-usd", "kind": "budget", "unit": "usd", "limit": "1000000000", "per": "month"},
-                {"name": "t-rps", "kind": "rate", "limit": 1_000_000_000u64, "per": "1s"}
+                {"name": "t-rph", "kind": "rate", "limit": 1_000_000u64, "per": "1h"}
             ]},
             "user": {"limits": [
                 {"name": "u-usd", "kind": "budget", "unit": "usd", "limit": "1000000000", "per": "day"},
-                {"name": "u-rpm", "kind": "rate", "limit": 1_000_000_000u64, "per": "1m"}
+                {"name": "u-rph", "kind": "rate", "limit": 1_000_000u64, "per": "1h"}
             ]},
             "run": {"limits": [{"name": "r-usd", "kind": "budget", "unit": "usd", "limit": "1000000000"}]}
         },
@@ -152,7 +166,7 @@ fn seven_limits(c: &mut Criterion) {
 fn contended(c: &mut Criterion) {
     // Two threads (this machine's cores) hammering one budget key.
     let mut g = c.benchmark_group("contended_two_threads_one_key");
-    let w = Arc::new(one_rate_warden());
+    let w = Arc::new(hot_warden());
     let req = Request::parse("user:1").expect("scope");
     g.bench_function("ratewarden acquire x2 threads (per op)", |b| {
         b.iter_custom(|iters| {
@@ -170,7 +184,7 @@ fn contended(c: &mut Criterion) {
             start.elapsed()
         });
     });
-    let keyed = Arc::new(RateLimiter::<String, _, _>::keyed(quota()));
+    let keyed = Arc::new(RateLimiter::<String, _, _>::keyed(hot_quota()));
     g.bench_function("governor keyed x2 threads (per op)", |b| {
         b.iter_custom(|iters| {
             let start = std::time::Instant::now();

@@ -235,18 +235,31 @@ impl Decision {
 /// What a commit charged, per limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
-    /// The limit's name.
-    pub name: String,
-    /// The key it was counted under.
-    pub key: String,
-    /// Its unit.
-    pub unit: String,
+    /// The limit as the policy defines it (name, unit, kind).
+    pub def: Arc<LimitDef>,
+    /// The storage key the limit was counted under: `<scope prefix>#<limit>`
+    /// (`tenant:acme#tenant-usd`), or `@#<limit>` for a shared pool.
+    pub key: Arc<str>,
     /// What was reserved, base units.
     pub reserved: i64,
     /// What was charged, base units.
     pub charged: i64,
     /// Actual usage beyond what was charged (overage rule `cap`), base units.
     pub uncharged: i64,
+}
+
+impl Charge {
+    /// The limit's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.def.name
+    }
+
+    /// The limit's unit.
+    #[must_use]
+    pub fn unit(&self) -> &str {
+        &self.def.unit
+    }
 }
 
 /// The result of `commit`.

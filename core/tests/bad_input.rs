@@ -190,7 +190,11 @@ fn bad_leases_and_handles() {
     // The failed commits changed nothing: the reservation still commits normally.
     let rc = now(w.commit(r.id, &Cost::new())).unwrap();
     assert_eq!(
-        rc.charges.iter().find(|c| c.name == "usd").unwrap().charged,
+        rc.charges
+            .iter()
+            .find(|c| c.name() == "usd")
+            .unwrap()
+            .charged,
         1_000_000
     );
     let a = Scope::parse("tenant:a").unwrap();

@@ -202,7 +202,7 @@ fn check_expect(at: &str, expect: &Value, got: Result<Got, Error>) {
                     let c = r
                         .charges
                         .iter()
-                        .find(|c| &c.name == name)
+                        .find(|c| c.name() == name)
                         .unwrap_or_else(|| panic!("{at}: no charge for {name}"));
                     assert_eq!(c.charged, v.as_i64().unwrap(), "{at}: charged {name}");
                 }

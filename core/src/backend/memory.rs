@@ -87,7 +87,8 @@ struct Padded<T>(T);
 
 #[derive(Debug)]
 struct ResItem {
-    key: Box<str>,
+    /// The full key (`<prefix>#<limit>`), shared with the charges of a receipt.
+    key: Arc<str>,
     def: Arc<LimitDef>,
     amount: i64,
 }
@@ -752,7 +753,7 @@ impl MemoryBackend {
                 Self::apply_item(slot, item, now, w.via, hold, w.win);
                 if hold.is_some() {
                     record_items.push(ResItem {
-                        key: item.key.to_string().into_boxed_str(),
+                        key: Arc::from(item.key.to_string()),
                         def: Arc::clone(item.def),
                         amount: item.amount,
                     });
@@ -904,7 +905,7 @@ impl MemoryBackend {
             End::Extend(lease) => {
                 rec.expires = now + lease;
                 rec.forget_at = rec.expires + TOMBSTONE;
-                let keys = rec.items.iter().map(|i| i.key.clone()).collect();
+                let keys = rec.items.iter().map(|i| Box::from(&*i.key)).collect();
                 Ok(EndOutcome::Extended(
                     rec.expires,
                     keys,
@@ -931,13 +932,8 @@ impl MemoryBackend {
                             Overage::Cap => actual_amt.min(it.amount),
                         };
                         Charge {
-                            name: it.def.name.clone(),
-                            key: it
-                                .key
-                                .rsplit_once('#')
-                                .map_or(&*it.key, |(k, _)| k)
-                                .to_owned(),
-                            unit: it.def.unit.clone(),
+                            def: Arc::clone(&it.def),
+                            key: Arc::clone(&it.key),
                             reserved: it.amount,
                             charged,
                             uncharged: actual_amt - charged,
@@ -1178,7 +1174,7 @@ impl MemoryBackend {
             .items
             .iter()
             .filter(|i| !matches!(i.def.kind, LimitKind::Rate(_)))
-            .map(|i| i.key.clone())
+            .map(|i| Box::from(&*i.key))
             .collect())
     }
 }
