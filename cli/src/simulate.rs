@@ -295,60 +295,88 @@ enum Naive {
     RetryAfter,
 }
 
+/// What every simulated agent shares: the clock, the upstream and the books.
+#[derive(Clone)]
+struct World {
+    clock: ManualClock,
+    upstream: Arc<Mutex<Upstream>>,
+    done: Arc<Completions>,
+    progress: Arc<AtomicU64>,
+    start: Micros,
+}
+
+impl World {
+    fn new(args: &Args, agents: usize, start: Micros) -> Self {
+        Self {
+            clock: ManualClock::new(start),
+            upstream: Arc::new(Mutex::new(Upstream::new(args.quota, args.minutes))),
+            done: Arc::new((0..agents).map(|_| Mutex::new(Vec::new())).collect()),
+            progress: Arc::new(AtomicU64::new(0)),
+            start,
+        }
+    }
+
+    /// One upstream call now.
+    fn call(&self) -> Answer {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        self.upstream.lock().call(self.clock.now(), self.start)
+    }
+
+    /// Records that agent `i` finished a task that arrived at `arrival`.
+    fn finished(&self, i: usize, arrival: Micros) {
+        self.done[i].lock().push((arrival, self.clock.now()));
+    }
+
+    /// Runs one task per agent (`agent(i, agent, world)`) until `end`.
+    fn run<F, Fut>(&self, agents: &[Agent], end: Micros, agent: F) -> ratewarden::Result<Outcome>
+    where
+        F: Fn(usize, &Agent, Self) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| ratewarden::Error::Backend {
+                message: format!("cannot start a runtime: {e}"),
+            })?;
+        rt.block_on(async {
+            let handles = agents
+                .iter()
+                .enumerate()
+                .map(|(i, a)| tokio::spawn(agent(i, a, self.clone())))
+                .collect();
+            drive(&self.clock, end, handles, &self.progress).await;
+        });
+        Ok(finish_outcome(agents, &self.done, &self.upstream, end))
+    }
+}
+
 fn run_naive(
     args: &Args,
     agents: &[Agent],
     start: Micros,
     strategy: Naive,
     end: Micros,
-) -> Outcome {
-    let clock = ManualClock::new(start);
-    let upstream = Arc::new(Mutex::new(Upstream::new(args.quota, args.minutes)));
-    let done: Arc<Completions> = Arc::new(agents.iter().map(|_| Mutex::new(Vec::new())).collect());
-    let progress = Arc::new(AtomicU64::new(0));
-    let rt = match tokio::runtime::Builder::new_current_thread().build() {
-        Ok(rt) => rt,
-        Err(_) => return Outcome::default(),
-    };
-    rt.block_on(async {
-        let mut handles = Vec::new();
-        for (i, agent) in agents.iter().enumerate() {
-            let (clock, upstream, done, progress) = (
-                clock.clone(),
-                Arc::clone(&upstream),
-                Arc::clone(&done),
-                Arc::clone(&progress),
-            );
-            let tasks = agent.tasks.clone();
-            let mut rng = fastrand::Rng::with_seed(args.seed ^ ((i as u64 + 1) * 0x9E37));
-            handles.push(tokio::spawn(async move {
-                for task in tasks {
-                    clock.sleep_until(task.arrival).await;
-                    let mut attempt = 0u32;
-                    loop {
-                        progress.fetch_add(1, Ordering::Relaxed);
-                        let answer = upstream.lock().call(clock.now(), start);
-                        match answer {
-                            Answer::Ok => {
-                                done[i].lock().push((task.arrival, clock.now()));
-                                break;
-                            }
-                            Answer::TooMany { retry_after } => {
-                                let pause = match strategy {
-                                    Naive::Backoff => rng.i64(0..=(SECOND_US << attempt.min(5))),
-                                    Naive::RetryAfter => retry_after + rng.i64(0..SECOND_US),
-                                };
-                                attempt += 1;
-                                clock.sleep_until(clock.now() + pause).await;
-                            }
-                        }
-                    }
+) -> ratewarden::Result<Outcome> {
+    let world = World::new(args, agents.len(), start);
+    world.run(agents, end, |i, agent, world| {
+        let tasks = agent.tasks.clone();
+        let mut rng = fastrand::Rng::with_seed(args.seed ^ ((i as u64 + 1) * 0x9E37));
+        async move {
+            for task in tasks {
+                world.clock.sleep_until(task.arrival).await;
+                let mut attempt = 0u32;
+                while let Answer::TooMany { retry_after } = world.call() {
+                    let pause = match strategy {
+                        Naive::Backoff => rng.i64(0..=(SECOND_US << attempt.min(5))),
+                        Naive::RetryAfter => retry_after + rng.i64(0..SECOND_US),
+                    };
+                    attempt += 1;
+                    world.clock.sleep_until(world.clock.now() + pause).await;
                 }
-            }));
+                world.finished(i, task.arrival);
+            }
         }
-        drive(&clock, end, handles, &progress).await;
-    });
-    finish_outcome(agents, &done, &upstream, end)
+    })
 }
 
 fn run_governed(
@@ -357,64 +385,45 @@ fn run_governed(
     start: Micros,
     end: Micros,
 ) -> ratewarden::Result<Outcome> {
-    let clock = ManualClock::new(start);
-    let warden = Warden::with_clock(policy(args.quota)?, Arc::new(clock.clone()));
-    let upstream = Arc::new(Mutex::new(Upstream::new(args.quota, args.minutes)));
-    let done: Arc<Completions> = Arc::new(agents.iter().map(|_| Mutex::new(Vec::new())).collect());
-    let progress = Arc::new(AtomicU64::new(0));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| ratewarden::Error::Backend {
-            message: format!("cannot start a runtime: {e}"),
-        })?;
-    rt.block_on(async {
-        let mut handles = Vec::new();
-        for (i, agent) in agents.iter().enumerate() {
-            let (clock, upstream, done, progress, warden) = (
-                clock.clone(),
-                Arc::clone(&upstream),
-                Arc::clone(&done),
-                Arc::clone(&progress),
-                warden.clone(),
-            );
-            let tasks = agent.tasks.clone();
-            let request = Scope::parse(&format!("agent:{i}")).map(|s| {
-                Request::new(s)
-                    .resource("upstream")
-                    .priority(agent.priority)
-            });
-            handles.push(tokio::spawn(async move {
-                let Ok(request) = request else { return };
-                for task in tasks {
-                    clock.sleep_until(task.arrival).await;
-                    loop {
-                        progress.fetch_add(1, Ordering::Relaxed);
-                        let Ok(d) = warden
-                            .wait(&request, WaitFor::Acquire, Duration::from_secs(60))
-                            .await
-                        else {
-                            return;
-                        };
-                        if !d.allowed() {
-                            continue;
-                        }
-                        let answer = upstream.lock().call(clock.now(), start);
-                        match answer {
-                            Answer::Ok => {
-                                done[i].lock().push((task.arrival, clock.now()));
-                                break;
-                            }
-                            Answer::TooMany { retry_after } => {
-                                clock.sleep_until(clock.now() + retry_after).await
-                            }
+    let world = World::new(args, agents.len(), start);
+    let warden = Warden::with_clock(policy(args.quota)?, Arc::new(world.clock.clone()));
+    world.run(agents, end, |i, agent, world| {
+        let tasks = agent.tasks.clone();
+        let warden = warden.clone();
+        let request = Scope::parse(&format!("agent:{i}")).map(|s| {
+            Request::new(s)
+                .resource("upstream")
+                .priority(agent.priority)
+        });
+        async move {
+            let Ok(request) = request else { return };
+            for task in tasks {
+                world.clock.sleep_until(task.arrival).await;
+                loop {
+                    world.progress.fetch_add(1, Ordering::Relaxed);
+                    let Ok(d) = warden
+                        .wait(&request, WaitFor::Acquire, Duration::from_secs(60))
+                        .await
+                    else {
+                        return;
+                    };
+                    if !d.allowed() {
+                        continue;
+                    }
+                    match world.call() {
+                        Answer::Ok => break,
+                        Answer::TooMany { retry_after } => {
+                            world
+                                .clock
+                                .sleep_until(world.clock.now() + retry_after)
+                                .await
                         }
                     }
                 }
-            }));
+                world.finished(i, task.arrival);
+            }
         }
-        drive(&clock, end, handles, &progress).await;
-    });
-    Ok(finish_outcome(agents, &done, &upstream, end))
+    })
 }
 
 fn percentile(sorted: &[Micros], p: f64) -> Option<Micros> {
@@ -461,8 +470,8 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
     let agents = workload(args, start);
     let tasks: usize = agents.iter().map(|a| a.tasks.len()).sum();
     let end = start + i64::from(args.minutes) * MINUTE_US;
-    let backoff = run_naive(args, &agents, start, Naive::Backoff, end);
-    let retry_after = run_naive(args, &agents, start, Naive::RetryAfter, end);
+    let backoff = run_naive(args, &agents, start, Naive::Backoff, end)?;
+    let retry_after = run_naive(args, &agents, start, Naive::RetryAfter, end)?;
     let governed = run_governed(args, &agents, start, end)?;
     let mix = |p: Priority| agents.iter().filter(|a| a.priority == p).count();
     println!(

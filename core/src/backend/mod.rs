@@ -105,6 +105,18 @@ impl Pending<'_> {
     }
 }
 
+/// Completes a future that needs no waiting — every embedded-engine operation is
+/// one — on the calling thread, without an executor. Returns `None` if it would
+/// have to wait (a networked backend), so callers can fall back to a runtime.
+/// Bindings use it to answer embedded decisions without a thread hop.
+pub fn poll_ready<F: Future>(future: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Storage and atomic evaluation of limits.
 pub trait Backend: Send + Sync + 'static {
     /// Executes one operation atomically: every limit of the plan is evaluated

@@ -17,13 +17,7 @@ pub fn warden_at(policy: serde_json::Value, clock: ManualClock) -> (Warden, Manu
 
 /// Runs a future that must complete without waiting (embedded engine).
 pub fn now<F: std::future::Future>(f: F) -> F::Output {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut f = std::pin::pin!(f);
-    match f.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(v) => v,
-        std::task::Poll::Pending => panic!("embedded operation did not complete synchronously"),
-    }
+    ratewarden::backend::poll_ready(f).expect("embedded operation did not complete synchronously")
 }
 
 pub fn remaining(d: &Decision, limit: &str) -> i64 {
