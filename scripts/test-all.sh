@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds everything and runs every test: Rust (format, lints, unit, integration,
-# conformance vectors, doctests including the README's Rust example), then the
-# Python and Node bindings. Installs what it needs; run from anywhere.
+# conformance vectors, doctests including the README's Rust example, tests on
+# real Redis servers), then the Python and Node bindings. Installs what it needs
+# (rustfmt/clippy, redis-server via apt, a Python venv, npm packages); run from anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -13,6 +14,19 @@ done
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   step "installing rustfmt and clippy"
   rustup component add rustfmt clippy
+fi
+
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  # The suites start their own throwaway servers (scripts/redis_harness.py) on
+  # free loopback ports; they never use a Redis already running on 6379.
+  step "installing redis-server"
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
+  else
+    echo "error: redis-server not found; install it (Debian: sudo apt-get install redis-server)" >&2
+    exit 1
+  fi
 fi
 
 step "cargo fmt --check"

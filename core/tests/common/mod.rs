@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use ratewarden::{Decision, ManualClock, Policy, Warden};
 
+pub mod redis;
+
 /// A warden over the embedded engine on a manual clock starting 2026-01-15 00:00 UTC.
 pub fn warden(policy: serde_json::Value) -> (Warden, ManualClock) {
     warden_at(policy, ManualClock::at_date(2026, 1, 15))
