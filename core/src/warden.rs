@@ -194,7 +194,10 @@ impl Warden {
             })
             .await?
         {
-            Reply::Committed(r) => Ok(r),
+            Reply::Committed(r) => {
+                self.inner.queue.poke();
+                Ok(r)
+            }
             other => Err(Error::Backend {
                 message: format!("backend answered {other:?} to commit"),
             }),
@@ -209,7 +212,10 @@ impl Warden {
     /// [`Error::ReservationNotFound`], [`Error::ReservationClosed`] (committed), backend failures.
     pub async fn release(&self, id: ReservationId) -> Result<bool> {
         match self.run(Op::Release { id }).await? {
-            Reply::Released(b) => Ok(b),
+            Reply::Released(b) => {
+                self.inner.queue.poke();
+                Ok(b)
+            }
             other => Err(Error::Backend {
                 message: format!("backend answered {other:?} to release"),
             }),
@@ -361,7 +367,12 @@ impl Warden {
                     Some(_) => {}
                 }
                 let wake = now.saturating_add(micros(retry)).min(deadline);
-                clock.sleep_until(wake).await;
+                // Wake at the retry time, or earlier when capacity is handed back
+                // in this process (a release or commit pokes the queue).
+                tokio::select! {
+                    () = clock.sleep_until(wake) => {}
+                    () = &mut notified => {}
+                }
             } else {
                 if ticket.is_none() {
                     ticket = Some(queue.join(request.priority.rank(), keys.clone()));
@@ -438,6 +449,13 @@ impl Ticket<'_> {
 }
 
 impl WaitQueue {
+    /// Wakes queued waiters to retry now (capacity may have been handed back).
+    fn poke(&self) {
+        if !self.waiters.lock().is_empty() {
+            self.notify.notify_waiters();
+        }
+    }
+
     fn join(&self, rank: u8, keys: Vec<Box<str>>) -> Ticket<'_> {
         let key = (rank, self.seq.fetch_add(1, Ordering::Relaxed));
         self.waiters.lock().insert(key, keys);
