@@ -153,3 +153,33 @@ fn concurrency_never_exceeds_its_slots() {
     let d = now(w.check(&Request::parse("tenant:t").unwrap().spend("requests", 0))).unwrap();
     assert_eq!(remaining(&d, "slots"), 3, "every slot came back");
 }
+
+#[test]
+fn rate_admits_exactly_its_burst_across_threads() {
+    // Frozen clock: nothing refills, so exactly the burst may pass, whoever asks.
+    let (w, _clock) = warden(json!({"scopes": {"user": {"limits": [
+        {"name": "r", "kind": "rate", "limit": 100, "per": "1h", "burst": 997}
+    ]}}}));
+    let admitted = Arc::new(AtomicI64::new(0));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (w, admitted) = (w.clone(), Arc::clone(&admitted));
+            thread::spawn(move || {
+                let req = Request::parse("user:shared").unwrap();
+                let heavy = req.clone().spend("requests", 3);
+                for i in 0..OPS {
+                    let r = if (i + t) % 4 == 0 { &heavy } else { &req };
+                    let d = now(w.acquire(r)).unwrap();
+                    if d.allowed() {
+                        admitted.fetch_add(d.limits[0].amount, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    // 997 is not a multiple of 3: the single-request callers must fill the last units.
+    assert_eq!(admitted.load(Ordering::Relaxed), 997);
+}
