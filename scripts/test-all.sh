@@ -35,6 +35,9 @@ cargo fmt --all --check
 step "cargo clippy (workspace, all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+step "cargo doc (core API docs, warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p ratewarden --no-deps
+
 step "cargo test (core, CLI, vectors, doctests)"
 cargo test --workspace --quiet
 
