@@ -189,6 +189,7 @@ impl Warden {
         let actual = resolve_cost(&self.inner.policy, actual)?;
         match self
             .run(Op::Commit {
+                policy: &self.inner.policy,
                 id,
                 actual: &actual,
             })

@@ -1105,7 +1105,7 @@ impl MemoryBackend {
                     },
                 )
             }
-            Op::Commit { id, actual } => match self.end_reservation(id, End::Commit(actual))? {
+            Op::Commit { id, actual, .. } => match self.end_reservation(id, End::Commit(actual))? {
                 EndOutcome::Ended(items, receipt, grant) => {
                     self.finish(id, &items, receipt.as_ref(), grant.as_deref());
                     Ok(Reply::Committed(receipt.unwrap_or(CommitReceipt {

@@ -16,8 +16,10 @@ use crate::plan::Plan;
 use crate::scope::Scope;
 
 mod memory;
+mod redis;
 
 pub use memory::{MemoryBackend, MemoryStats};
+pub use redis::RedisBackend;
 
 /// One operation for a backend.
 #[derive(Debug)]
@@ -38,6 +40,8 @@ pub enum Op<'a> {
     /// Charge the actual amounts of a reservation and end it. Units absent from
     /// `actual` are charged at their reserved amount.
     Commit {
+        /// The policy in force (names the limits in the receipt).
+        policy: &'a crate::Policy,
         /// The reservation.
         id: ReservationId,
         /// Actual usage per unit, base units.

@@ -1,0 +1,98 @@
+-- ratewarden: helpers shared by decide.lua and settle.lua (prepended to each
+-- script when it is loaded; this file is not a script of its own).
+
+-- Numbers in strings: Lua 5.1 turns numbers into text with "%.14g", which
+-- would mangle 16-digit microsecond timestamps; "%.0f" is exact below 2^53.
+local function num(x)
+  return string.format("%.0f", x)
+end
+
+local function ceil_div(a, b)
+  if a <= 0 then return 0 end
+  return math.floor((a - 1) / b) + 1
+end
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+
+local DAY = 86400000000
+local NEVER = -1
+
+-- Window containing `now`: id, end (NEVER end for lifetime / none).
+local function window_at(wk, wlen, off, now)
+  if wk == "n" or wk == "l" then return 0, NEVER end
+  local l = now + off
+  if wk == "f" then
+    local id = math.floor(l / wlen)
+    return id, id * wlen - off + wlen
+  end
+  local day = math.floor(l / DAY)
+  if wk == "w" then
+    local id = math.floor((day - 4) / 7)
+    return id, (id * 7 + 4) * DAY - off + 7 * DAY
+  end
+  local y, m = civil_from_days(day)
+  if wk == "m" then
+    local ny, nm = y, m + 1
+    if m == 12 then ny, nm = y + 1, 1 end
+    return y * 12 + m - 1, days_from_civil(ny, nm, 1) * DAY - off
+  end
+  return y, days_from_civil(y + 1, 1, 1) * DAY - off
+end
+
+local function split_hold(v)
+  local a, e = string.match(v, "^(-?%d+)|(-?%d+)")
+  return tonumber(a), tonumber(e)
+end
+
+-- Live holds of a counter / concurrency hash (expired ones are deleted).
+local function live_holds(key, now)
+  local flat = redis.call("HGETALL", key)
+  local holds, held, dead = {}, 0, {}
+  for j = 1, #flat, 2 do
+    local f = flat[j]
+    if string.sub(f, 1, 2) == "h:" then
+      local a, e = split_hold(flat[j + 1])
+      if e <= now then
+        dead[#dead + 1] = f
+      else
+        holds[#holds + 1] = { e, a }
+        held = held + a
+      end
+    end
+  end
+  if #dead > 0 then redis.call("HDEL", key, unpack(dead)) end
+  return holds, held
+end
+
+local function time_to_free(needed, now, holds)
+  if needed <= 0 then return 0 end
+  table.sort(holds, function(x, y) return x[1] < y[1] end)
+  local freed = 0
+  for _, h in ipairs(holds) do
+    freed = freed + h[2]
+    if freed >= needed then return math.max(h[1] - now, 0) end
+  end
+  return NEVER
+end

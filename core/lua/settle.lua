@@ -1,0 +1,148 @@
+-- ratewarden: end or renew a reservation atomically (commit | release | extend).
+--
+-- KEYS[1]  the reservation record hash written by decide.lua:
+--            st = "a" active | "c" committed | "r" released, exp = lease end (µs),
+--            n, scope, i<k> = "key\tkind\tamount\tp\tl\twk\twlen\twoff\tunit\toverage",
+--            c<k> = charged by the commit (committed records)
+--          The limit hashes it names are touched too; they share the record's
+--          hash tag.
+-- ARGV[1]  now in µs, or "-1" to read the server clock (TIME)
+-- ARGV[2]  mode: "commit" | "release" | "extend"
+-- ARGV[3]  extend: new lease (µs); otherwise unused
+-- ARGV[4]  how long an ended record is kept (µs)
+-- ARGV[5 ...] commit: unit, actual amount pairs (units not listed are charged
+--             at their reserved amount)
+--
+-- Returns { status, ... }:
+--   "nf"                       no such reservation (never existed or forgotten)
+--   "expired"                  its lease ran out before this call
+--   "closed", "committed"|"released"
+--   "ok", n, then per limit: key, reserved, charged, actual   (commit)
+--   "dup", n, then per limit: key, reserved, charged, actual  (repeated commit)
+--   "released", 1|0            (release: 1 = this call released it)
+--   "extended", new expiry     (extend)
+
+-- (helpers: common.lua, prepended at load time)
+
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call("TIME")
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local mode = ARGV[2]
+local tombstone = tonumber(ARGV[4])
+local rec = KEYS[1]
+
+local st = redis.call("HMGET", rec, "st", "exp", "n")
+if not st[1] then return { "nf" } end
+local state, exp, n = st[1], tonumber(st[2]), tonumber(st[3])
+
+local function items()
+  local out = {}
+  for k = 1, n do
+    local v = redis.call("HGET", rec, "i" .. k)
+    local f = {}
+    for part in string.gmatch(v, "[^\t]+") do f[#f + 1] = part end
+    out[k] = {
+      key = f[1], kind = f[2], amount = tonumber(f[3]), p = tonumber(f[4]), l = tonumber(f[5]),
+      wk = f[6], wlen = tonumber(f[7]), woff = tonumber(f[8]), unit = f[9], overage = f[10],
+    }
+  end
+  return out
+end
+
+local function actual_of(unit, est)
+  for j = 5, #ARGV, 2 do
+    if ARGV[j] == unit then return tonumber(ARGV[j + 1]) end
+  end
+  return est
+end
+
+if mode == "commit" and state == "c" then
+  local out = { "dup", n }
+  for k, it in ipairs(items()) do
+    local charged = tonumber(redis.call("HGET", rec, "c" .. k))
+    local actual = tonumber(redis.call("HGET", rec, "x" .. k))
+    out[#out + 1] = it.key; out[#out + 1] = it.amount; out[#out + 1] = charged; out[#out + 1] = actual
+  end
+  return out
+end
+if state == "c" then return { "closed", "committed" } end
+if state == "r" then
+  if mode == "release" then return { "released", 0 } end
+  return { "closed", "released" }
+end
+if exp <= now then
+  if mode == "release" then return { "released", 0 } end
+  return { "expired" }
+end
+
+local rid = string.match(rec, ":res:(%x+)$")
+local list = items()
+
+if mode == "extend" then
+  local new_exp = now + tonumber(ARGV[3])
+  redis.call("HSET", rec, "exp", new_exp)
+  redis.call("PEXPIRE", rec, math.floor((new_exp - now + tombstone) / 1000) + 1000)
+  for _, it in ipairs(list) do
+    if it.kind ~= "r" and it.amount > 0 then
+      local v = redis.call("HGET", it.key, "h:" .. rid)
+      if v then
+        redis.call("HSET", it.key, "h:" .. rid, num(it.amount) .. "|" .. num(new_exp))
+        local ttl = redis.call("PTTL", it.key)
+        local want = math.floor((new_exp - now) / 1000) + 1000
+        if ttl >= 0 and ttl < want then redis.call("PEXPIRE", it.key, want) end
+      end
+    end
+  end
+  return { "extended", new_exp }
+end
+
+local out = { "ok", n }
+local fields = { "st", mode == "commit" and "c" or "r" }
+for k, it in ipairs(list) do
+  local actual, charged = 0, 0
+  if mode == "commit" then
+    actual = actual_of(it.unit, it.amount)
+    charged = actual
+    if it.overage == "cap" and charged > it.amount then charged = it.amount end
+  end
+  if it.kind == "r" then
+    local s = redis.call("HMGET", it.key, "d", "t")
+    local d = 0
+    if s[1] then
+      d = tonumber(s[1])
+      local t = tonumber(s[2])
+      if d > 0 and now > t then
+        local elapsed = now - t
+        if elapsed >= ceil_div(d, it.l) then d = 0 else d = d - elapsed * it.l end
+      end
+    end
+    d = math.max(d + (charged - it.amount) * it.p, 0)
+    redis.call("HSET", it.key, "d", d, "t", now)
+    redis.call("PEXPIRE", it.key, math.floor(ceil_div(d, it.l) / 1000) + 1000)
+  else
+    redis.call("HDEL", it.key, "h:" .. rid)
+    if it.kind == "c" and charged ~= 0 then
+      local wid, wend = window_at(it.wk, it.wlen, it.woff, now)
+      local s = redis.call("HMGET", it.key, "w", "u")
+      local used = 0
+      if s[1] and tonumber(s[1]) == wid then used = tonumber(s[2]) end
+      redis.call("HSET", it.key, "w", wid, "u", used + charged)
+      if wend == NEVER then
+        redis.call("PERSIST", it.key)
+      else
+        local ttl = redis.call("PTTL", it.key)
+        local want = math.floor((wend - now) / 1000) + 1000
+        if ttl >= 0 and ttl < want then redis.call("PEXPIRE", it.key, want) end
+      end
+    end
+  end
+  fields[#fields + 1] = "c" .. k; fields[#fields + 1] = charged
+  fields[#fields + 1] = "x" .. k; fields[#fields + 1] = actual
+  out[#out + 1] = it.key; out[#out + 1] = it.amount; out[#out + 1] = charged; out[#out + 1] = actual
+end
+redis.call("HSET", rec, unpack(fields))
+redis.call("PEXPIRE", rec, math.floor(tombstone / 1000) + 1000)
+if mode == "release" then return { "released", 1 } end
+return out

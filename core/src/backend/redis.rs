@@ -1,0 +1,315 @@
+//! The Redis / Valkey backend (standalone servers).
+//!
+//! Every operation is one `EVALSHA` of a Lua script (`core/lua/`) that
+//! evaluates and charges every limit of the request atomically; `NOSCRIPT`
+//! after a restart or `SCRIPT FLUSH` is answered by loading the script and
+//! retrying, transparently. Time is the server's `TIME`, so client clocks never
+//! matter; [`RedisBackend::with_clock`] replaces it for deterministic tests
+//! only. Connections are multiplexed: concurrent callers pipeline over one
+//! socket, which reconnects by itself.
+//!
+//! Keys: `<namespace>:{<tag>}:<scope prefix>#<limit>` where the hash tag is the
+//! first scope segment (`{tenant:acme}`), or the whole key for a shared pool;
+//! reservation records are `<namespace>:res:<id>`. Not yet here (next steps of
+//! the Redis issue): delegation, Redis Cluster, degraded modes.
+
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+use super::{Backend, Op, Pending, Reply};
+use crate::calendar::Window;
+use crate::clock::{Clock, Micros};
+use crate::decision::{Charge, CommitReceipt, ReservationId, ReservationInfo};
+use crate::error::{Error, Result};
+use crate::eval::{ItemEval, assemble};
+use crate::plan::{KeyRef, Plan};
+use crate::policy::{LimitKind, Overage, Policy};
+use crate::priority::Priority;
+
+const COMMON: &str = include_str!("../../lua/common.lua");
+const DECIDE: &str = include_str!("../../lua/decide.lua");
+const SETTLE: &str = include_str!("../../lua/settle.lua");
+/// How long an ended reservation is remembered (idempotent commit / release).
+const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
+
+/// A backend on one Redis or Valkey server. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    namespace: Arc<str>,
+    decide: Arc<Script>,
+    settle: Arc<Script>,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend_err(e: impl std::fmt::Display) -> Error {
+    Error::Backend {
+        message: e.to_string(),
+    }
+}
+
+impl RedisBackend {
+    /// Connects to `url` (`redis://host:port[/db]`, `rediss://…`); every key is
+    /// prefixed by `namespace` (e.g. `rw`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad URL or namespace, [`Error::Backend`] if
+    /// the server cannot be reached.
+    pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
+        if namespace.is_empty()
+            || !namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(Error::invalid(
+                "namespace",
+                format!(
+                    "`{}` must be 1+ of a-z A-Z 0-9 `_ - .`",
+                    crate::error::truncate(namespace)
+                ),
+            ));
+        }
+        let client = redis::Client::open(url).map_err(|e| {
+            Error::invalid(
+                "redis url",
+                format!("`{}`: {e}", crate::error::truncate(url)),
+            )
+        })?;
+        let conn = ConnectionManager::new(client)
+            .await
+            .map_err(|e| backend_err(format!("cannot connect to {url}: {e}")))?;
+        Ok(Self {
+            conn,
+            namespace: namespace.into(),
+            decide: Arc::new(Script::new(&format!("{COMMON}\n{DECIDE}"))),
+            settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
+            clock: None,
+        })
+    }
+
+    /// Uses `clock` instead of the server's `TIME` — for deterministic tests only:
+    /// in production, time must come from the server so client clocks never matter.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    fn now_arg(&self) -> Micros {
+        self.clock.as_ref().map_or(-1, |c| c.now())
+    }
+
+    /// The Redis key of a limit instance.
+    fn key(&self, k: KeyRef<'_>) -> String {
+        let tag = if k.prefix.starts_with('@') {
+            format!("{}#{}", k.prefix, k.name)
+        } else {
+            k.prefix[..k.prefix.find('/').unwrap_or(k.prefix.len())].to_owned()
+        };
+        format!("{}:{{{tag}}}:{}#{}", self.namespace, k.prefix, k.name)
+    }
+
+    fn record_key(&self, id: ReservationId) -> String {
+        format!("{}:res:{id}", self.namespace)
+    }
+
+    async fn decide(
+        &self,
+        plan: &Plan<'_>,
+        mode: &str,
+        id: Option<ReservationId>,
+        lease: Micros,
+    ) -> Result<Reply> {
+        let mut inv = self.decide.prepare_invoke();
+        for item in plan.limits() {
+            inv.key(self.key(item.key));
+        }
+        inv.key(plan.caller_key().map_or_else(
+            || format!("{}:none", self.namespace),
+            |k| {
+                let tag = &k[..k.find(['/', '#']).unwrap_or(k.len())];
+                format!("{}:{{{tag}}}:{k}", self.namespace)
+            },
+        ));
+        inv.key(id.map_or_else(
+            || format!("{}:none", self.namespace),
+            |id| self.record_key(id),
+        ));
+        inv.arg(self.now_arg())
+            .arg(mode)
+            .arg(plan.len())
+            .arg(plan.priority().rank())
+            .arg(plan.promote_after())
+            .arg(u8::from(plan.caller_key().is_some()))
+            .arg(id.map_or_else(String::new, |i| i.to_string()))
+            .arg(lease)
+            .arg(TOMBSTONE_US)
+            .arg(plan.scope().as_str());
+        for item in plan.limits() {
+            let def = &**item.def;
+            let (kind, cap, p, l) = match &def.kind {
+                LimitKind::Rate(r) => ("r", r.burst, r.p, r.l),
+                LimitKind::Concurrency => ("s", def.limit, 1, 1),
+                _ => ("c", def.limit, 1, 1),
+            };
+            let (wk, wlen, woff) = match def.kind.window() {
+                None => ("n", 0, 0),
+                Some(Window::Lifetime) => ("l", 0, 0),
+                Some(Window::Fixed { len, offset }) => ("f", len, offset),
+                Some(Window::Week { offset }) => ("w", 0, offset),
+                Some(Window::Month { offset }) => ("m", 0, offset),
+                Some(Window::Year { offset }) => ("y", 0, offset),
+            };
+            inv.arg(kind).arg(item.amount).arg(cap);
+            for p in Priority::ALL {
+                inv.arg(def.floors.usable(cap, p));
+            }
+            inv.arg(p).arg(l).arg(wk).arg(wlen).arg(woff).arg(&def.unit);
+            inv.arg(match def.overage {
+                Overage::Charge => "charge",
+                Overage::Cap => "cap",
+            });
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(backend_err)?;
+        if out.len() != 2 + 4 * plan.len() {
+            return Err(backend_err(format!(
+                "decide script answered {} values",
+                out.len()
+            )));
+        }
+        let served = match out[0] {
+            0 => Priority::Critical,
+            1 => Priority::Standard,
+            _ => Priority::Background,
+        };
+        let evals: Vec<ItemEval> = out[2..]
+            .chunks_exact(4)
+            .map(|c| ItemEval {
+                allowed: c[0] == 1,
+                remaining: c[1],
+                reset: c[2],
+                retry: (c[3] >= 0).then_some(c[3]),
+            })
+            .collect();
+        let reservation = id.filter(|_| out[1] > 0).map(|id| ReservationInfo {
+            id,
+            expires_at: out[1],
+        });
+        Ok(Reply::Decision(assemble(plan, &evals, served, reservation)))
+    }
+
+    async fn settle(
+        &self,
+        id: ReservationId,
+        mode: &str,
+        lease: Micros,
+        actual: &[(&str, i64)],
+        policy: Option<&Policy>,
+    ) -> Result<Reply> {
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(self.record_key(id));
+        inv.arg(self.now_arg())
+            .arg(mode)
+            .arg(lease)
+            .arg(TOMBSTONE_US);
+        for (unit, amount) in actual {
+            inv.arg(*unit).arg(*amount);
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<Value> = inv.invoke_async(&mut conn).await.map_err(backend_err)?;
+        let text = |v: &Value| -> String {
+            match v {
+                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                Value::SimpleString(s) => s.clone(),
+                Value::Int(i) => i.to_string(),
+                other => format!("{other:?}"),
+            }
+        };
+        let int = |v: &Value| -> i64 {
+            match v {
+                Value::Int(i) => *i,
+                other => text(other).parse().unwrap_or(0),
+            }
+        };
+        let status = out.first().map(text).unwrap_or_default();
+        match status.as_str() {
+            "nf" => Err(Error::ReservationNotFound { id: id.to_string() }),
+            "expired" => Err(Error::ReservationExpired { id: id.to_string() }),
+            "closed" => Err(Error::ReservationClosed {
+                id: id.to_string(),
+                state: if out.get(1).map(text).as_deref() == Some("committed") {
+                    "committed"
+                } else {
+                    "released"
+                },
+            }),
+            "released" => Ok(Reply::Released(out.get(1).map(int) == Some(1))),
+            "extended" => Ok(Reply::Extended(out.get(1).map_or(0, int))),
+            "ok" | "dup" => {
+                let policy = policy.ok_or_else(|| backend_err("commit without a policy"))?;
+                let mut charges = Vec::new();
+                for c in out[2..].chunks_exact(4) {
+                    let key = text(&c[0]);
+                    let local = key.split_once("}:").map_or(key.as_str(), |(_, k)| k);
+                    let name = KeyRef::split(local).name;
+                    let def = policy.limit(name).ok_or_else(|| {
+                        backend_err(format!(
+                            "limit `{name}` of reservation {id} is not in the policy"
+                        ))
+                    })?;
+                    let (reserved, charged, actual) = (int(&c[1]), int(&c[2]), int(&c[3]));
+                    charges.push(Charge {
+                        def: Arc::clone(def),
+                        key: local.into(),
+                        reserved,
+                        charged,
+                        uncharged: actual - charged,
+                    });
+                }
+                Ok(Reply::Committed(CommitReceipt {
+                    id,
+                    charges,
+                    duplicate: status == "dup",
+                }))
+            }
+            other => Err(backend_err(format!("settle script answered `{other}`"))),
+        }
+    }
+}
+
+impl Backend for RedisBackend {
+    fn execute<'a>(&'a self, op: Op<'a>) -> Pending<'a> {
+        Pending::Future(Box::pin(async move {
+            match op {
+                Op::Check(plan) => self.decide(plan, "check", None, 0).await,
+                Op::Acquire(plan) => self.decide(plan, "acquire", None, 0).await,
+                Op::Reserve { plan, id, lease } => {
+                    self.decide(plan, "reserve", Some(id), lease).await
+                }
+                Op::Commit { policy, id, actual } => {
+                    self.settle(id, "commit", 0, actual, Some(policy)).await
+                }
+                Op::Release { id } => self.settle(id, "release", 0, &[], None).await,
+                Op::Extend { id, lease } => self.settle(id, "extend", lease, &[], None).await,
+                Op::Delegate { .. } => Err(Error::Backend {
+                    message: "delegation is not supported on the Redis backend yet".into(),
+                }),
+            }
+        }))
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
