@@ -61,29 +61,53 @@ local function window_at(wk, wlen, off, now)
   return y, days_from_civil(y + 1, 1, 1) * DAY - off
 end
 
+-- A hold is "amount|expires|parent" (parent: the delegation it was carved from, or empty).
 local function split_hold(v)
-  local a, e = string.match(v, "^(-?%d+)|(-?%d+)")
-  return tonumber(a), tonumber(e)
+  local a, e, p = string.match(v, "^(-?%d+)|(-?%d+)|?(%x*)")
+  return tonumber(a), tonumber(e), p
 end
 
--- Live holds of a counter / concurrency hash (expired ones are deleted).
+local function hold_value(amount, expires, parent)
+  return num(amount) .. "|" .. num(expires) .. "|" .. (parent or "")
+end
+
+-- Adds `delta` (may be negative, never below zero) to hold `id` of `key`, if it is live.
+local function adjust_hold(key, id, delta, now)
+  if not id or id == "" or delta == 0 then return end
+  local v = redis.call("HGET", key, "h:" .. id)
+  if not v then return end
+  local a, e, p = split_hold(v)
+  if e <= now then return end
+  redis.call("HSET", key, "h:" .. id, hold_value(math.max(a + delta, 0), e, p))
+end
+
+-- Live holds of a counter / concurrency hash. Expired ones are deleted; what an
+-- expired hold carved from a live parent hold returns to that parent.
 local function live_holds(key, now)
   local flat = redis.call("HGETALL", key)
-  local holds, held, dead = {}, 0, {}
+  local holds, held, dead, byid = {}, 0, {}, {}
   for j = 1, #flat, 2 do
     local f = flat[j]
     if string.sub(f, 1, 2) == "h:" then
-      local a, e = split_hold(flat[j + 1])
+      local a, e, p = split_hold(flat[j + 1])
       if e <= now then
-        dead[#dead + 1] = f
+        dead[#dead + 1] = { f, a, p }
       else
         holds[#holds + 1] = { e, a }
+        byid[string.sub(f, 3)] = a
         held = held + a
       end
     end
   end
-  if #dead > 0 then redis.call("HDEL", key, unpack(dead)) end
-  return holds, held
+  for _, d in ipairs(dead) do
+    redis.call("HDEL", key, d[1])
+    if d[3] ~= "" and byid[d[3]] then
+      adjust_hold(key, d[3], d[2], now)
+      byid[d[3]] = byid[d[3]] + d[2]
+      held = held + d[2]
+    end
+  end
+  return holds, held, byid
 end
 
 local function time_to_free(needed, now, holds)

@@ -1,4 +1,4 @@
--- ratewarden: decide one request atomically (check | acquire | reserve).
+-- ratewarden: decide one request atomically (check | acquire | reserve | delegate).
 --
 -- Mirrors core/src/eval.rs formula for formula; every number stays below 2^53
 -- (times are microseconds since the epoch, amounts are integer base units), so
@@ -9,10 +9,14 @@
 --               quota / budget:  w = window id, u = used, h:<id> = "amount|expires"
 --               concurrency:     h:<id> = "amount|expires"
 -- KEYS[n+1]   the caller's starvation tracker (s = since, l = last); background only
--- KEYS[n+2]   the reservation record hash (reserve only)
+-- KEYS[n+2]   the reservation record hash (reserve, delegate)
+-- KEYS[n+3 .. n+2+g]  delegation grants of the scope's levels, shallowest first
+--               (d = delegation id, e = expiry µs, c = tab-separated keys it covers)
+-- KEYS[n+3+g] delegate: the child's grant hash to create
+-- KEYS[n+4+g] delegate from a reservation: the parent's record
 --
 -- ARGV[1]  now in µs, or "-1" to read the server clock (TIME) — production always does
--- ARGV[2]  mode: "check" | "acquire" | "reserve"
+-- ARGV[2]  mode: "check" | "acquire" | "reserve" | "delegate"
 -- ARGV[3]  n, the number of limits
 -- ARGV[4]  requested priority rank: 0 critical, 1 standard, 2 background
 -- ARGV[5]  promote_after (µs)
@@ -20,8 +24,10 @@
 -- ARGV[7]  reservation id (reserve), else ""
 -- ARGV[8]  lease (µs)
 -- ARGV[9]  how long an ended reservation record is kept (µs)
--- ARGV[10] the request's scope (stored in the record)
--- ARGV[11 + 13*(i-1) ...] per limit i, 13 fields:
+-- ARGV[10] the scope stored in the record (delegate: the child's)
+-- ARGV[11] g, the number of grant keys
+-- ARGV[12] delegate: the parent reservation's id, or ""
+-- ARGV[13 + 13*(i-1) ...] per limit i, 13 fields:
 --   kind ("r" rate, "c" quota/budget, "s" concurrency), amount, capacity
 --   (rate: burst), usable for rank 0, 1, 2 (capacity minus the floor),
 --   p, l (rate), window kind ("n" none, "l" lifetime, "f" fixed, "w" week,
@@ -30,6 +36,9 @@
 --
 -- Returns { served rank, expires_at (reserve) or 0, then per limit:
 --           allowed (0|1), remaining, reset (µs), retry (µs, -1 = never) }
+-- or { -code } on a refused delegation: 1 the child already has an open
+-- delegation, 2 no such parent reservation, 3 it expired, 4 it was committed,
+-- 5 it was released, 6 the child is not under its scope.
 
 -- (helpers: common.lua, prepended at load time)
 
@@ -46,6 +55,36 @@ local has_caller = ARGV[6] == "1"
 local rid = ARGV[7]
 local lease = tonumber(ARGV[8])
 local tombstone = tonumber(ARGV[9])
+local g = tonumber(ARGV[11])
+local parent_id = ARGV[12]
+
+-- Limits a delegation covers spend from its hold instead (deepest grant wins;
+-- a parent reservation being carved overrides them all).
+local shadow = {}
+for j = 1, g do
+  local gr = redis.call("HMGET", KEYS[n + 2 + j], "d", "c", "e")
+  if gr[1] and tonumber(gr[3]) > now then
+    for k in string.gmatch(gr[2], "[^\t]+") do shadow[k] = gr[1] end
+  end
+end
+if mode == "delegate" then
+  local open = redis.call("HGET", KEYS[n + 3 + g], "e")
+  if open and tonumber(open) > now then return { -1 } end
+  if parent_id ~= "" then
+    local prec = KEYS[n + 4 + g]
+    local ps = redis.call("HMGET", prec, "st", "exp", "n", "scope")
+    if not ps[1] then return { -2 } end
+    if ps[1] == "c" then return { -4 } end
+    if ps[1] == "r" then return { -5 } end
+    if tonumber(ps[2]) <= now then return { -3 } end
+    if string.sub(ARGV[10], 1, #ps[4] + 1) ~= ps[4] .. "/" then return { -6 } end
+    for k = 1, tonumber(ps[3]) do
+      local f = redis.call("HGET", prec, "i" .. k)
+      local key, kind = string.match(f, "^([^\t]+)\t([^\t]+)")
+      if kind ~= "r" then shadow[key] = parent_id end
+    end
+  end
+end
 
 -- Starvation promotion (background only).
 local starve = KEYS[n + 1]
@@ -59,7 +98,7 @@ end
 
 local items, results, all = {}, {}, true
 for i = 1, n do
-  local b = 11 + 13 * (i - 1)
+  local b = 13 + 13 * (i - 1)
   local it = {
     key = KEYS[i], kind = ARGV[b], amount = tonumber(ARGV[b + 1]), cap = tonumber(ARGV[b + 2]),
     usable = tonumber(ARGV[b + 3 + rank]), p = tonumber(ARGV[b + 6]), l = tonumber(ARGV[b + 7]),
@@ -93,13 +132,20 @@ for i = 1, n do
       local st = redis.call("HMGET", it.key, "w", "u")
       if st[1] and tonumber(st[1]) == wid then used = tonumber(st[2]) end
     end
-    local holds, held = live_holds(it.key, now)
-    allowed = it.amount == 0 or used + held + it.amount <= it.usable
-    local taken = allowed and it.amount or 0
-    remaining = math.max(it.cap - used - held - taken, 0)
+    local holds, held, byid = live_holds(it.key, now)
+    it.via = shadow[it.key]
     reset = wend == NEVER and 0 or math.max(wend - now, 0)
     retry = NEVER
-    if not allowed and it.amount <= it.usable then
+    if it.via then
+      -- Spending a delegated grant: only what its hold still has.
+      local avail = byid[it.via] or 0
+      allowed = it.amount == 0 or it.amount <= avail
+      remaining = avail - (allowed and it.amount or 0)
+    else
+      allowed = it.amount == 0 or used + held + it.amount <= it.usable
+      remaining = math.max(it.cap - used - held - (allowed and it.amount or 0), 0)
+    end
+    if not allowed and not it.via and it.amount <= it.usable then
       local by_holds, by_window = NEVER, NEVER
       if used + it.amount <= it.usable then
         by_holds = time_to_free(used + held + it.amount - it.usable, now, holds)
@@ -133,7 +179,7 @@ end
 
 local expires_at = 0
 if all and mode ~= "check" then
-  local reserving = mode == "reserve"
+  local reserving = mode == "reserve" or mode == "delegate"
   if reserving then expires_at = now + lease end
   local record = {}
   for i = 1, n do
@@ -143,6 +189,7 @@ if all and mode ~= "check" then
       expire_at(it.key, now + ceil_div(it.debt_after, it.l))
     else
       local last = it.wend
+      if it.via and it.amount > 0 then adjust_hold(it.key, it.via, -it.amount, now) end
       if it.kind == "c" then
         local used = it.used
         if not reserving then used = used + it.amount end
@@ -153,7 +200,7 @@ if all and mode ~= "check" then
         last = now
       end
       if reserving and it.amount > 0 then
-        redis.call("HSET", it.key, "h:" .. rid, num(it.amount) .. "|" .. num(expires_at))
+        redis.call("HSET", it.key, "h:" .. rid, hold_value(it.amount, expires_at, it.via))
         if last ~= NEVER then last = math.max(last, expires_at) end
       end
       for _, h in ipairs(it.holds) do
@@ -174,6 +221,17 @@ if all and mode ~= "check" then
     local rec = KEYS[n + 2]
     redis.call("DEL", rec)
     redis.call("HSET", rec, "st", "a", "exp", expires_at, "n", n, "scope", ARGV[10], unpack(record))
+    if mode == "delegate" then
+      local grant = KEYS[n + 3 + g]
+      local covers = {}
+      for i = 1, n do
+        if items[i].kind ~= "r" and items[i].amount > 0 then covers[#covers + 1] = items[i].key end
+      end
+      redis.call("DEL", grant)
+      redis.call("HSET", grant, "d", rid, "e", num(expires_at), "c", table.concat(covers, "\t"))
+      redis.call("PEXPIRE", grant, math.floor(lease / 1000) + 1000)
+      redis.call("HSET", rec, "grant", grant)
+    end
     redis.call("PEXPIRE", rec, math.floor((lease + tombstone) / 1000) + 1000)
   end
 end

@@ -21,6 +21,7 @@
 --   "dup", n, then per limit: key, reserved, charged, actual  (repeated commit)
 --   "released", 1|0            (release: 1 = this call released it)
 --   "extended", new expiry     (extend)
+--   "delegation"               commit of a delegation (release it instead)
 
 -- (helpers: common.lua, prepended at load time)
 
@@ -79,6 +80,19 @@ end
 
 local rid = string.match(rec, ":res:(%x+)$")
 local list = items()
+local grant = redis.call("HGET", rec, "grant")
+if grant and mode == "commit" then return { "delegation" } end
+
+-- Drops this reservation's hold on `key`; what it held beyond `charged` returns
+-- to the hold it was carved from (a delegation), and a charge beyond it is
+-- taken from there as far as it goes.
+local function drop_hold(key, charged)
+  local v = redis.call("HGET", key, "h:" .. rid)
+  if not v then return end
+  redis.call("HDEL", key, "h:" .. rid)
+  local a, _, p = split_hold(v)
+  if p ~= "" then adjust_hold(key, p, a - charged, now) end
+end
 
 if mode == "extend" then
   local new_exp = now + tonumber(ARGV[3])
@@ -88,12 +102,17 @@ if mode == "extend" then
     if it.kind ~= "r" and it.amount > 0 then
       local v = redis.call("HGET", it.key, "h:" .. rid)
       if v then
-        redis.call("HSET", it.key, "h:" .. rid, num(it.amount) .. "|" .. num(new_exp))
+        local a, _, p = split_hold(v)
+        redis.call("HSET", it.key, "h:" .. rid, hold_value(a, new_exp, p))
         local ttl = redis.call("PTTL", it.key)
         local want = math.floor((new_exp - now) / 1000) + 1000
         if ttl >= 0 and ttl < want then redis.call("PEXPIRE", it.key, want) end
       end
     end
+  end
+  if grant then
+    redis.call("HSET", grant, "e", num(new_exp))
+    redis.call("PEXPIRE", grant, math.floor((new_exp - now) / 1000) + 1000)
   end
   return { "extended", new_exp }
 end
@@ -122,7 +141,7 @@ for k, it in ipairs(list) do
     redis.call("HSET", it.key, "d", d, "t", now)
     redis.call("PEXPIRE", it.key, math.floor(ceil_div(d, it.l) / 1000) + 1000)
   else
-    redis.call("HDEL", it.key, "h:" .. rid)
+    drop_hold(it.key, it.kind == "c" and charged or 0)
     if it.kind == "c" and charged ~= 0 then
       local wid, wend = window_at(it.wk, it.wlen, it.woff, now)
       local s = redis.call("HMGET", it.key, "w", "u")
@@ -142,6 +161,7 @@ for k, it in ipairs(list) do
   fields[#fields + 1] = "x" .. k; fields[#fields + 1] = actual
   out[#out + 1] = it.key; out[#out + 1] = it.amount; out[#out + 1] = charged; out[#out + 1] = actual
 end
+if grant and redis.call("HGET", grant, "d") == rid then redis.call("DEL", grant) end
 redis.call("HSET", rec, unpack(fields))
 redis.call("PEXPIRE", rec, math.floor(tombstone / 1000) + 1000)
 if mode == "release" then return { "released", 1 } end

@@ -276,8 +276,7 @@ async fn conformance_vectors_on_the_embedded_engine() {
 async fn conformance_vectors_on_redis() {
     let servers = common::redis::RedisServers::start(false);
     let url = servers.url().to_owned();
-    // Delegation is not on the Redis backend yet.
-    let steps = run_all(&["delegation.json"], |n, policy, clock| {
+    let steps = run_all(&[], |n, policy, clock| {
         let url = url.clone();
         async move {
             let clock: Arc<ManualClock> = Arc::new(clock);

@@ -10,8 +10,9 @@
 //!
 //! Keys: `<namespace>:{<tag>}:<scope prefix>#<limit>` where the hash tag is the
 //! first scope segment (`{tenant:acme}`), or the whole key for a shared pool;
-//! reservation records are `<namespace>:res:<id>`. Not yet here (next steps of
-//! the Redis issue): delegation, Redis Cluster, degraded modes.
+//! reservation records are `<namespace>:res:<id>`; delegation grants are
+//! `<scope>#@grant` keys beside the limits they cover. Not yet here (next steps
+//! of the Redis issue): Redis Cluster, degraded modes.
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ use crate::eval::{ItemEval, assemble};
 use crate::plan::{KeyRef, Plan};
 use crate::policy::{LimitKind, Overage, Policy};
 use crate::priority::Priority;
+use crate::scope::Scope;
 
 const COMMON: &str = include_str!("../../lua/common.lua");
 const DECIDE: &str = include_str!("../../lua/decide.lua");
@@ -123,12 +125,14 @@ impl RedisBackend {
         format!("{}:res:{id}", self.namespace)
     }
 
+    #[allow(clippy::too_many_lines)]
     async fn decide(
         &self,
         plan: &Plan<'_>,
         mode: &str,
         id: Option<ReservationId>,
         lease: Micros,
+        delegate: Option<(&Scope, Option<ReservationId>)>,
     ) -> Result<Reply> {
         let mut inv = self.decide.prepare_invoke();
         for item in plan.limits() {
@@ -145,6 +149,28 @@ impl RedisBackend {
             || format!("{}:none", self.namespace),
             |id| self.record_key(id),
         ));
+        let scope = plan.scope();
+        let grants = scope.depth();
+        for d in 1..=grants {
+            inv.key(self.key(KeyRef {
+                prefix: scope.prefix(d),
+                name: "@grant",
+            }));
+        }
+        let (child, parent) = delegate.map_or((None, None), |(c, p)| (Some(c), p));
+        inv.key(child.map_or_else(
+            || format!("{}:none", self.namespace),
+            |c| {
+                self.key(KeyRef {
+                    prefix: c.as_str(),
+                    name: "@grant",
+                })
+            },
+        ));
+        inv.key(parent.map_or_else(
+            || format!("{}:none", self.namespace),
+            |p| self.record_key(p),
+        ));
         inv.arg(self.now_arg())
             .arg(mode)
             .arg(plan.len())
@@ -154,7 +180,9 @@ impl RedisBackend {
             .arg(id.map_or_else(String::new, |i| i.to_string()))
             .arg(lease)
             .arg(TOMBSTONE_US)
-            .arg(plan.scope().as_str());
+            .arg(child.map_or(scope.as_str(), Scope::as_str))
+            .arg(grants)
+            .arg(parent.map_or_else(String::new, |p| p.to_string()));
         for item in plan.limits() {
             let def = &**item.def;
             let (kind, cap, p, l) = match &def.kind {
@@ -182,6 +210,38 @@ impl RedisBackend {
         }
         let mut conn = self.conn.clone();
         let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(backend_err)?;
+        if let (Some(&code), Some(c)) = (out.first(), child) {
+            let pid = || parent.map(|p| p.to_string()).unwrap_or_default();
+            match code {
+                -1 => {
+                    return Err(Error::invalid(
+                        "delegation",
+                        format!("scope `{c}` already has an open delegation; release it first"),
+                    ));
+                }
+                -2 => return Err(Error::ReservationNotFound { id: pid() }),
+                -3 => return Err(Error::ReservationExpired { id: pid() }),
+                -4 => {
+                    return Err(Error::ReservationClosed {
+                        id: pid(),
+                        state: "committed",
+                    });
+                }
+                -5 => {
+                    return Err(Error::ReservationClosed {
+                        id: pid(),
+                        state: "released",
+                    });
+                }
+                -6 => {
+                    return Err(Error::invalid(
+                        "delegation",
+                        format!("child scope `{c}` is not under the reservation's scope"),
+                    ));
+                }
+                _ => {}
+            }
+        }
         if out.len() != 2 + 4 * plan.len() {
             return Err(backend_err(format!(
                 "decide script answered {} values",
@@ -255,6 +315,10 @@ impl RedisBackend {
                 },
             }),
             "released" => Ok(Reply::Released(out.get(1).map(int) == Some(1))),
+            "delegation" => Err(Error::invalid(
+                "commit",
+                format!("{id} is a delegation; release it to close the sub-budget"),
+            )),
             "extended" => Ok(Reply::Extended(out.get(1).map_or(0, int))),
             "ok" | "dup" => {
                 let policy = policy.ok_or_else(|| backend_err("commit without a policy"))?;
@@ -292,19 +356,26 @@ impl Backend for RedisBackend {
     fn execute<'a>(&'a self, op: Op<'a>) -> Pending<'a> {
         Pending::Future(Box::pin(async move {
             match op {
-                Op::Check(plan) => self.decide(plan, "check", None, 0).await,
-                Op::Acquire(plan) => self.decide(plan, "acquire", None, 0).await,
+                Op::Check(plan) => self.decide(plan, "check", None, 0, None).await,
+                Op::Acquire(plan) => self.decide(plan, "acquire", None, 0, None).await,
                 Op::Reserve { plan, id, lease } => {
-                    self.decide(plan, "reserve", Some(id), lease).await
+                    self.decide(plan, "reserve", Some(id), lease, None).await
+                }
+                Op::Delegate {
+                    plan,
+                    from,
+                    child,
+                    id,
+                    lease,
+                } => {
+                    self.decide(plan, "delegate", Some(id), lease, Some((child, from)))
+                        .await
                 }
                 Op::Commit { policy, id, actual } => {
                     self.settle(id, "commit", 0, actual, Some(policy)).await
                 }
                 Op::Release { id } => self.settle(id, "release", 0, &[], None).await,
                 Op::Extend { id, lease } => self.settle(id, "extend", lease, &[], None).await,
-                Op::Delegate { .. } => Err(Error::Backend {
-                    message: "delegation is not supported on the Redis backend yet".into(),
-                }),
             }
         }))
     }
