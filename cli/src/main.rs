@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod simulate;
+mod worker;
 
 /// Runtime governor for AI agents and the APIs they call.
 #[derive(Parser)]
@@ -25,6 +26,9 @@ enum Command {
     },
     /// N agents share one upstream quota: naive independent retries vs governed.
     Simulate(simulate::Args),
+    /// One of several processes hammering a shared backend (tests, load generation).
+    #[command(hide = true)]
+    Worker(worker::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +44,13 @@ fn main() -> ExitCode {
                 print!("{}", p.describe());
                 ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Worker(args) => match worker::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE

@@ -1,0 +1,98 @@
+//! `ratewarden worker` (hidden): one OS process of many hammering a shared
+//! backend, for multi-process tests and load generation. Prints one JSON line
+//! with what it was granted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use ratewarden::backend::{Backend, RedisBackend};
+use ratewarden::{Cost, Policy, Request, SystemClock, Warden};
+
+/// Options of `ratewarden worker`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Redis URL of the shared backend.
+    #[arg(long)]
+    pub backend: String,
+    /// Key namespace.
+    #[arg(long, default_value = "rw")]
+    pub namespace: String,
+    /// Policy file.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// Scope every request is made for.
+    #[arg(long)]
+    pub scope: String,
+    /// Concurrent tasks in this process.
+    #[arg(long, default_value_t = 16)]
+    pub tasks: usize,
+    /// Requests per task.
+    #[arg(long, default_value_t = 100)]
+    pub ops: usize,
+    /// `acquire`, or `reserve` (then commit the estimate).
+    #[arg(long, default_value = "acquire")]
+    pub mode: String,
+    /// Units of `tokens` each request spends (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub tokens: i64,
+}
+
+/// Runs the worker.
+///
+/// # Errors
+/// Bad options, an unreachable backend, or a failed operation.
+pub fn run(args: &Args) -> ratewarden::Result<()> {
+    let policy = Policy::from_file(&args.policy)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| ratewarden::Error::Backend {
+            message: format!("cannot start a runtime: {e}"),
+        })?;
+    rt.block_on(async {
+        let backend = RedisBackend::connect(&args.backend, &args.namespace).await?;
+        let warden = Warden::with_backend(
+            policy,
+            Arc::new(backend) as Arc<dyn Backend>,
+            Arc::new(SystemClock),
+        );
+        let mut request = Request::parse(&args.scope)?;
+        if args.tokens > 0 {
+            request = request.spend("tokens", args.tokens);
+        }
+        let admitted = Arc::new(AtomicI64::new(0));
+        let mut handles = Vec::new();
+        for _ in 0..args.tasks {
+            let (w, req, admitted, ops, reserve) = (
+                warden.clone(),
+                request.clone(),
+                Arc::clone(&admitted),
+                args.ops,
+                args.mode == "reserve",
+            );
+            handles.push(tokio::spawn(async move {
+                for _ in 0..ops {
+                    if reserve {
+                        let d = w.reserve(&req, None).await?;
+                        if let Some(r) = d.reservation {
+                            w.commit(r.id, &Cost::new()).await?;
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else if w.acquire(&req).await?.allowed() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok::<(), ratewarden::Error>(())
+            }));
+        }
+        for h in handles {
+            h.await.map_err(|e| ratewarden::Error::Backend {
+                message: format!("worker task failed: {e}"),
+            })??;
+        }
+        println!("{{\"admitted\": {}}}", admitted.load(Ordering::Relaxed));
+        Ok(())
+    })
+}
