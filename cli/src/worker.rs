@@ -36,6 +36,13 @@ pub struct Args {
     /// Units of `tokens` each request spends (0: none).
     #[arg(long, default_value_t = 0)]
     pub tokens: i64,
+    /// With `reserve`: keep the reservations (no commit), print what was held and
+    /// wait to be killed — a holder that dies with leases outstanding.
+    #[arg(long)]
+    pub hold: bool,
+    /// Lease of each reservation, seconds (default: the policy's).
+    #[arg(long)]
+    pub lease_secs: Option<u64>,
 }
 
 /// Runs the worker.
@@ -63,21 +70,25 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
             request = request.spend("tokens", args.tokens);
         }
         let admitted = Arc::new(AtomicI64::new(0));
+        let lease = args.lease_secs.map(std::time::Duration::from_secs);
         let mut handles = Vec::new();
         for _ in 0..args.tasks {
-            let (w, req, admitted, ops, reserve) = (
+            let (w, req, admitted, ops, reserve, hold) = (
                 warden.clone(),
                 request.clone(),
                 Arc::clone(&admitted),
                 args.ops,
                 args.mode == "reserve",
+                args.hold,
             );
             handles.push(tokio::spawn(async move {
                 for _ in 0..ops {
                     if reserve {
-                        let d = w.reserve(&req, None).await?;
+                        let d = w.reserve(&req, lease).await?;
                         if let Some(r) = d.reservation {
-                            w.commit(r.id, &Cost::new()).await?;
+                            if !hold {
+                                w.commit(r.id, &Cost::new()).await?;
+                            }
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }
                     } else if w.acquire(&req).await?.allowed() {
@@ -93,6 +104,12 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
             })??;
         }
         println!("{{\"admitted\": {}}}", admitted.load(Ordering::Relaxed));
+        if args.hold {
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            // Hold the leases until killed.
+            std::future::pending::<()>().await;
+        }
         Ok(())
     })
 }

@@ -208,3 +208,85 @@ fn four_processes_on_one_redis_admit_exactly_the_limit() {
     assert!(!holds.contains("h:"), "leaked holds: {holds}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_holder_killed_with_sigkill_gives_its_leases_back_when_they_expire() {
+    use std::io::{BufRead, BufReader};
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!("rw-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "scopes:\n  tenant:\n    limits:\n      - {name: slots, kind: concurrency, limit: 3}\n      - {name: usd, kind: budget, unit: tokens, limit: 30}\n",
+    )
+    .unwrap();
+    let mut holder = bin()
+        .args(["worker", "--backend", redis.url(), "--policy"])
+        .arg(&policy)
+        .args([
+            "--scope",
+            "tenant:t",
+            "--tasks",
+            "3",
+            "--ops",
+            "1",
+            "--mode",
+            "reserve",
+            "--tokens",
+            "10",
+            "--hold",
+            "--lease-secs",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        r#"{"admitted": 3}"#,
+        "the holder took every slot and the whole budget"
+    );
+    holder.kill().unwrap(); // SIGKILL: no release, no commit
+    holder.wait().unwrap();
+    let probe = |ops: &str| -> u64 {
+        let out = bin()
+            .args(["worker", "--backend", redis.url(), "--policy"])
+            .arg(&policy)
+            .args([
+                "--scope", "tenant:t", "--tasks", "1", "--ops", ops, "--mode", "reserve",
+                "--tokens", "10",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["admitted"].as_u64().unwrap()
+    };
+    // Right after the kill the dead holder's leases still count...
+    let right_after = probe("1");
+    // ...and within the lease (1 s) plus slack, everything comes back by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut back = 0;
+    while back < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200)); // waiting on a real lease, not on our code
+        back = probe("3");
+    }
+    assert!(
+        right_after == 0 || right_after == 3,
+        "either still held, or already expired: {right_after}"
+    );
+    assert_eq!(
+        back, 3,
+        "all three slots and 30 tokens returned after the lease"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

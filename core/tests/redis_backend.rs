@@ -137,3 +137,55 @@ async fn script_flush_mid_run_is_transparent() {
         "3 used, 1 would be taken by this check, nothing double-charged"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropped_connections_reconnect_and_never_double_charge() {
+    let servers = RedisServers::start(false);
+    let w = warden(
+        servers.url(),
+        "kill",
+        json!({"scopes": {"user": {"limits": [
+            {"name": "q", "kind": "quota", "limit": 1000, "per": "day"}
+        ]}}}),
+    )
+    .await;
+    let req = Request::parse("user:1").unwrap();
+    let (mut ok, mut failed) = (0i64, 0i64);
+    for round in 0..5 {
+        for _ in 0..10 {
+            match w.acquire(&req).await {
+                Ok(d) => {
+                    assert!(d.allowed());
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), ratewarden::ErrorKind::Backend, "{e}");
+                    failed += 1;
+                }
+            }
+        }
+        // Drop every client connection; the next calls must reconnect by themselves.
+        let killed = cli(servers.port(), &["CLIENT", "KILL", "TYPE", "normal"]);
+        assert!(
+            killed.parse::<i64>().unwrap() >= 1,
+            "round {round}: killed {killed}"
+        );
+    }
+    // The first call after a drop fails; the connection is back for the next one.
+    let probe = req.clone().spend("requests", 0);
+    let d = match w.check(&probe).await {
+        Ok(d) => d,
+        Err(_) => w.check(&probe).await.unwrap(),
+    };
+    let used = 1000 - d.limits[0].remaining;
+    assert!(
+        ok >= 40,
+        "the backend recovers after each drop ({ok} ok, {failed} failed)"
+    );
+    // No retries: a call either charged once or failed; a failure whose reply was lost
+    // may have charged once, never twice.
+    assert!(
+        used >= ok && used <= ok + failed,
+        "used {used}, ok {ok}, failed {failed}"
+    );
+}
