@@ -125,40 +125,41 @@ impl RedisBackend {
         format!("{}:res:{id}", self.namespace)
     }
 
-    #[allow(clippy::too_many_lines)]
-    async fn decide(
+    /// KEYS and ARGV of the decision script for `plan` (see `core/lua/decide.lua`).
+    fn decide_args(
         &self,
         plan: &Plan<'_>,
         mode: &str,
         id: Option<ReservationId>,
         lease: Micros,
         delegate: Option<(&Scope, Option<ReservationId>)>,
-    ) -> Result<Reply> {
-        let mut inv = self.decide.prepare_invoke();
+    ) -> (Vec<String>, Vec<String>) {
+        let mut keys: Vec<String> = Vec::with_capacity(plan.len() + 8);
+        let mut args: Vec<String> = Vec::with_capacity(12 + 13 * plan.len());
         for item in plan.limits() {
-            inv.key(self.key(item.key));
+            keys.push(self.key(item.key));
         }
-        inv.key(plan.caller_key().map_or_else(
+        keys.push(plan.caller_key().map_or_else(
             || format!("{}:none", self.namespace),
             |k| {
                 let tag = &k[..k.find(['/', '#']).unwrap_or(k.len())];
                 format!("{}:{{{tag}}}:{k}", self.namespace)
             },
         ));
-        inv.key(id.map_or_else(
+        keys.push(id.map_or_else(
             || format!("{}:none", self.namespace),
             |id| self.record_key(id),
         ));
         let scope = plan.scope();
         let grants = scope.depth();
         for d in 1..=grants {
-            inv.key(self.key(KeyRef {
+            keys.push(self.key(KeyRef {
                 prefix: scope.prefix(d),
                 name: "@grant",
             }));
         }
         let (child, parent) = delegate.map_or((None, None), |(c, p)| (Some(c), p));
-        inv.key(child.map_or_else(
+        keys.push(child.map_or_else(
             || format!("{}:none", self.namespace),
             |c| {
                 self.key(KeyRef {
@@ -167,22 +168,24 @@ impl RedisBackend {
                 })
             },
         ));
-        inv.key(parent.map_or_else(
+        keys.push(parent.map_or_else(
             || format!("{}:none", self.namespace),
             |p| self.record_key(p),
         ));
-        inv.arg(self.now_arg())
-            .arg(mode)
-            .arg(plan.len())
-            .arg(plan.priority().rank())
-            .arg(plan.promote_after())
-            .arg(u8::from(plan.caller_key().is_some()))
-            .arg(id.map_or_else(String::new, |i| i.to_string()))
-            .arg(lease)
-            .arg(TOMBSTONE_US)
-            .arg(child.map_or(scope.as_str(), Scope::as_str))
-            .arg(grants)
-            .arg(parent.map_or_else(String::new, |p| p.to_string()));
+        args.extend([
+            self.now_arg().to_string(),
+            mode.to_owned(),
+            plan.len().to_string(),
+            plan.priority().rank().to_string(),
+            plan.promote_after().to_string(),
+            u8::from(plan.caller_key().is_some()).to_string(),
+            id.map_or_else(String::new, |i| i.to_string()),
+            lease.to_string(),
+            TOMBSTONE_US.to_string(),
+            child.map_or(scope.as_str(), Scope::as_str).to_owned(),
+            grants.to_string(),
+            parent.map_or_else(String::new, |p| p.to_string()),
+        ]);
         for item in plan.limits() {
             let def = &**item.def;
             let (kind, cap, p, l) = match &def.kind {
@@ -198,16 +201,62 @@ impl RedisBackend {
                 Some(Window::Month { offset }) => ("m", 0, offset),
                 Some(Window::Year { offset }) => ("y", 0, offset),
             };
-            inv.arg(kind).arg(item.amount).arg(cap);
+            args.extend([kind.to_owned(), item.amount.to_string(), cap.to_string()]);
             for p in Priority::ALL {
-                inv.arg(def.floors.usable(cap, p));
+                args.push(def.floors.usable(cap, p).to_string());
             }
-            inv.arg(p).arg(l).arg(wk).arg(wlen).arg(woff).arg(&def.unit);
-            inv.arg(match def.overage {
-                Overage::Charge => "charge",
-                Overage::Cap => "cap",
-            });
+            args.extend([
+                p.to_string(),
+                l.to_string(),
+                wk.to_owned(),
+                wlen.to_string(),
+                woff.to_string(),
+                def.unit.clone(),
+            ]);
+            args.push(
+                match def.overage {
+                    Overage::Charge => "charge",
+                    Overage::Cap => "cap",
+                }
+                .to_owned(),
+            );
         }
+        (keys, args)
+    }
+
+    /// The exact command one `acquire` of `plan` sends — `EVALSHA <sha> <numkeys>
+    /// <keys…> <args…>` — so benchmarks can replay it with `redis-benchmark`.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn acquire_command(&self, plan: &Plan<'_>) -> Vec<String> {
+        let (keys, args) = self.decide_args(plan, "acquire", None, 0, None);
+        let mut out = vec![
+            "EVALSHA".to_owned(),
+            self.decide.get_hash().to_owned(),
+            keys.len().to_string(),
+        ];
+        out.extend(keys);
+        out.extend(args);
+        out
+    }
+
+    async fn decide(
+        &self,
+        plan: &Plan<'_>,
+        mode: &str,
+        id: Option<ReservationId>,
+        lease: Micros,
+        delegate: Option<(&Scope, Option<ReservationId>)>,
+    ) -> Result<Reply> {
+        let (keys, args) = self.decide_args(plan, mode, id, lease, delegate);
+        let mut inv = self.decide.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        for a in &args {
+            inv.arg(a);
+        }
+        let (child, parent) = delegate.map_or((None, None), |(c, p)| (Some(c), p));
         let mut conn = self.conn.clone();
         let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(backend_err)?;
         if let (Some(&code), Some(c)) = (out.first(), child) {
