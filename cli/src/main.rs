@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod inspect;
 mod simulate;
 mod worker;
 
@@ -26,6 +27,8 @@ enum Command {
     },
     /// N agents share one upstream quota: naive independent retries vs governed.
     Simulate(simulate::Args),
+    /// Live state on a Redis backend: limits, leases, grants, reservations.
+    Inspect(inspect::Args),
     /// One of several processes hammering a shared backend (tests, load generation).
     #[command(hide = true)]
     Worker(worker::Args),
@@ -44,6 +47,13 @@ fn main() -> ExitCode {
                 print!("{}", p.describe());
                 ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Inspect(args) => match inspect::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE

@@ -293,3 +293,77 @@ fn a_holder_killed_with_sigkill_gives_its_leases_back_when_they_expire() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn inspect_shows_counters_leases_and_reservations_under_a_scope() {
+    use std::io::{BufRead, BufReader};
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!("rw-inspect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, "scopes:\n  tenant:\n    limits:\n      - {name: slots, kind: concurrency, limit: 5}\n      - {name: daily, kind: quota, limit: 100, per: day}\n").unwrap();
+    // Another tenant's state must not show up.
+    let out = bin()
+        .args(["worker", "--backend", redis.url(), "--policy"])
+        .arg(&policy)
+        .args(["--scope", "tenant:other", "--tasks", "1", "--ops", "4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut holder = bin()
+        .args(["worker", "--backend", redis.url(), "--policy"])
+        .arg(&policy)
+        .args([
+            "--scope",
+            "tenant:acme",
+            "--tasks",
+            "2",
+            "--ops",
+            "1",
+            "--mode",
+            "reserve",
+            "--hold",
+            "--lease-secs",
+            "60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let out = bin()
+        .args(["inspect", "--backend", redis.url(), "tenant:acme"])
+        .output()
+        .unwrap();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("concurrency  tenant:acme#slots"), "{text}");
+    // Each reservation holds one unit on each limit: two leases under each key.
+    assert_eq!(text.matches(": holds 1, expires in").count(), 4, "{text}");
+    let slots = text.split("concurrency  tenant:acme#slots").nth(1).unwrap();
+    assert_eq!(slots.matches(": holds 1").count(), 2, "{text}");
+    assert!(
+        text.contains("counter      tenant:acme#daily  used 0"),
+        "reserved, not yet used\n{text}"
+    );
+    assert_eq!(text.matches("reservation  res:").count(), 2, "{text}");
+    assert!(text.contains("active, scope tenant:acme"), "{text}");
+    assert!(
+        !text.contains("tenant:other"),
+        "only the asked scope\n{text}"
+    );
+    let out = bin()
+        .args(["inspect", "--backend", redis.url(), "tenant:{bad"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a malformed scope is an error");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -19,7 +19,7 @@ mod memory;
 mod redis;
 
 pub use memory::{MemoryBackend, MemoryStats};
-pub use redis::RedisBackend;
+pub use redis::{KeyState, RedisBackend};
 
 /// One operation for a backend.
 #[derive(Debug)]
