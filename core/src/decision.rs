@@ -216,6 +216,21 @@ pub struct Decision {
     pub reservation: Option<ReservationInfo>,
     /// The priority the request was served at (background may be promoted to standard).
     pub priority: Priority,
+    /// Set when the decision was made without the shared backend (it was
+    /// unreachable), following `on_backend_error`; `reason` says why.
+    pub degraded: Option<Degraded>,
+}
+
+/// How a decision was made while the shared backend was unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Degraded {
+    /// Denied because the backend could not be asked (`on_backend_error: deny`).
+    Deny,
+    /// Allowed without any limit (`on_backend_error: allow`).
+    Allow,
+    /// Decided by this node's embedded engine on its share of each limit
+    /// (`on_backend_error: local`).
+    Local,
 }
 
 impl Decision {

@@ -222,6 +222,7 @@ pub fn assemble_with<'p, 'e>(
         reason,
         reservation: if allowed { reservation } else { None },
         priority: served,
+        degraded: None,
     }
 }
 

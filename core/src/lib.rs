@@ -50,7 +50,8 @@ pub use amount::{Amount, Cost};
 pub use backend::{Backend, MemoryBackend};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use decision::{
-    Caps, Charge, CommitReceipt, Decision, LimitState, Outcome, ReservationId, ReservationInfo,
+    Caps, Charge, CommitReceipt, Decision, Degraded, LimitState, Outcome, ReservationId,
+    ReservationInfo,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use plan::Request;

@@ -292,6 +292,27 @@ impl<'p> Plan<'p> {
         Ok(plan)
     }
 
+    /// This plan with every amount multiplied by `factor` (saturating at the
+    /// largest amount): evaluating it against full limits is evaluating the
+    /// original against `1/factor` of each — a node's share in local mode.
+    #[must_use]
+    pub fn scaled(&self, factor: i64) -> Self {
+        let mut p = self.clone();
+        for it in &mut p.items {
+            it.amount = it.amount.saturating_mul(factor).min(MAX_AMOUNT);
+        }
+        p
+    }
+
+    /// This plan with no limits at all (always admitted).
+    #[must_use]
+    pub fn unlimited(&self) -> Self {
+        let mut p = self.clone();
+        p.items.clear();
+        p.caller = None;
+        p
+    }
+
     fn push(&mut self, depth: usize, def: &Arc<LimitDef>, amount: i64) {
         self.items.push(Item {
             depth: u8::try_from(depth).unwrap_or(u8::MAX),

@@ -286,6 +286,15 @@ impl MemoryBackend {
         }
     }
 
+    /// Whether a reservation with this id is known here (live or remembered).
+    #[must_use]
+    pub fn knows(&self, id: ReservationId) -> bool {
+        let g = self.res_shard(id.0);
+        g.table
+            .find(Self::res_hash(id.0), |r| r.id == id.0)
+            .is_some()
+    }
+
     /// Drops every idle key and forgotten reservation now, whatever the sweep schedule.
     pub fn purge_idle(&self) {
         let now = self.clock.now();

@@ -19,7 +19,7 @@ mod memory;
 mod redis;
 
 pub use memory::{MemoryBackend, MemoryStats};
-pub use redis::{KeyState, RedisBackend};
+pub use redis::{KeyState, OnBackendError, RedisBackend};
 
 /// One operation for a backend.
 #[derive(Debug)]

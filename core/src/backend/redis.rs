@@ -19,10 +19,15 @@ use std::sync::Arc;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Backend, Op, Pending, Reply};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use super::{Backend, MemoryBackend, Op, Pending, Reply};
 use crate::calendar::Window;
+use crate::clock::SystemClock;
 use crate::clock::{Clock, Micros};
+use crate::decision::{Caps, Decision, Degraded, Outcome};
 use crate::decision::{Charge, CommitReceipt, ReservationId, ReservationInfo};
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use crate::eval::{ItemEval, assemble};
 use crate::plan::{KeyRef, Plan};
@@ -35,6 +40,25 @@ const DECIDE: &str = include_str!("../../lua/decide.lua");
 const SETTLE: &str = include_str!("../../lua/settle.lua");
 /// How long an ended reservation is remembered (idempotent commit / release).
 const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
+/// Default command timeout.
+const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What a decision does when Redis cannot be asked (refused, dropped, timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnBackendError {
+    /// Deny, marked [`Degraded::Deny`] (fail closed). The default.
+    #[default]
+    Deny,
+    /// Allow without limits, marked [`Degraded::Allow`] (fail open).
+    Allow,
+    /// Decide on this process's embedded engine with `1/share` of every limit
+    /// (e.g. `share: 4` when four nodes share the limits), marked
+    /// [`Degraded::Local`]; Redis is asked again on the next decision.
+    Local {
+        /// Number of nodes the limits are split between (≥ 1).
+        share: u32,
+    },
+}
 
 /// A backend on one Redis or Valkey server. Cheap to clone.
 #[derive(Clone)]
@@ -44,7 +68,16 @@ pub struct RedisBackend {
     decide: Arc<Script>,
     settle: Arc<Script>,
     clock: Option<Arc<dyn Clock>>,
+    on_error: OnBackendError,
+    timeout: std::time::Duration,
+    /// Reservations made while degraded live here, and are settled here.
+    local: Arc<MemoryBackend>,
+    /// After a timeout, Redis is not waited on again before this time (µs).
+    skip_until: Arc<AtomicI64>,
 }
+
+/// After a command times out, how long decisions skip Redis before trying again.
+const PROBE_AFTER_TIMEOUT_US: i64 = 1_000_000;
 
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,8 +120,9 @@ impl RedisBackend {
                 format!("`{}`: {e}", crate::error::truncate(url)),
             )
         })?;
-        let conn = ConnectionManager::new(client)
+        let conn = tokio::time::timeout(DEFAULT_TIMEOUT * 20, ConnectionManager::new(client))
             .await
+            .map_err(|_| backend_err(format!("cannot connect to {url}: timed out")))?
             .map_err(|e| backend_err(format!("cannot connect to {url}: {e}")))?;
         Ok(Self {
             conn,
@@ -96,7 +130,153 @@ impl RedisBackend {
             decide: Arc::new(Script::new(&format!("{COMMON}\n{DECIDE}"))),
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
             clock: None,
+            on_error: OnBackendError::default(),
+            timeout: DEFAULT_TIMEOUT,
+            local: Arc::new(MemoryBackend::new(Arc::new(SystemClock))),
+            skip_until: Arc::new(AtomicI64::new(0)),
         })
+    }
+
+    /// What decisions do when Redis cannot be asked (default: deny).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for `Local { share: 0 }`.
+    pub fn on_backend_error(mut self, mode: OnBackendError) -> Result<Self> {
+        if mode == (OnBackendError::Local { share: 0 }) {
+            return Err(Error::invalid(
+                "on_backend_error",
+                "local share must be at least 1",
+            ));
+        }
+        self.on_error = mode;
+        Ok(self)
+    }
+
+    /// How long one command may take before it counts as a backend failure
+    /// (default 250 ms).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for zero or more than a minute.
+    pub fn timeout(mut self, timeout: std::time::Duration) -> Result<Self> {
+        if timeout.is_zero() || timeout > std::time::Duration::from_secs(60) {
+            return Err(Error::invalid(
+                "timeout",
+                format!("{timeout:?} is not within (0, 60 s]"),
+            ));
+        }
+        self.timeout = timeout;
+        Ok(self)
+    }
+
+    /// Runs one Redis call under the timeout; a timeout makes the next decisions
+    /// skip Redis for a moment instead of each waiting out the timeout.
+    async fn guarded<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        if SystemClock.now() < self.skip_until.load(Ordering::Relaxed) {
+            return Err(backend_err("Redis timed out recently; not asked again yet"));
+        }
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.skip_until.store(
+                    SystemClock.now() + PROBE_AFTER_TIMEOUT_US,
+                    Ordering::Relaxed,
+                );
+                Err(backend_err(format!(
+                    "Redis did not answer within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// A decision made without Redis, following `on_backend_error`.
+    fn degraded(
+        &self,
+        plan: &Plan<'_>,
+        mode: &str,
+        id: Option<ReservationId>,
+        lease: Micros,
+        delegate: Option<(&Scope, Option<ReservationId>)>,
+        err: &Error,
+    ) -> Result<Reply> {
+        let (local_plan, marker, share) = match self.on_error {
+            OnBackendError::Deny => {
+                return Ok(Reply::Decision(Decision {
+                    outcome: Outcome::Deny,
+                    caps: Caps::default(),
+                    retry_after: Some(std::time::Duration::from_secs(1)),
+                    limits: Vec::new(),
+                    reason: Some(format!(
+                        "the shared backend is unavailable ({err}); on_backend_error = deny"
+                    )),
+                    reservation: None,
+                    priority: plan.priority(),
+                    degraded: Some(Degraded::Deny),
+                }));
+            }
+            OnBackendError::Allow => (plan.unlimited(), Degraded::Allow, 1),
+            OnBackendError::Local { share } => (
+                plan.scaled(i64::from(share)),
+                Degraded::Local,
+                i64::from(share),
+            ),
+        };
+        let op = match (mode, id, delegate) {
+            ("reserve", Some(id), _) => Op::Reserve {
+                plan: &local_plan,
+                id,
+                lease,
+            },
+            ("delegate", Some(id), Some((child, from))) => Op::Delegate {
+                plan: &local_plan,
+                from,
+                child,
+                id,
+                lease,
+            },
+            ("check", ..) => Op::Check(&local_plan),
+            _ => Op::Acquire(&local_plan),
+        };
+        match self.local.execute(op) {
+            Pending::Ready(Ok(Reply::Decision(mut d))) => {
+                for l in &mut d.limits {
+                    l.remaining /= share;
+                    l.amount /= share;
+                }
+                d.degraded = Some(marker);
+                let why = format!(
+                    "decided without the shared backend ({err}); on_backend_error = {}",
+                    if marker == Degraded::Allow {
+                        "allow"
+                    } else {
+                        "local"
+                    }
+                );
+                d.reason = Some(d.reason.map_or(why.clone(), |r| format!("{r}; {why}")));
+                Ok(Reply::Decision(d))
+            }
+            Pending::Ready(other) => other,
+            Pending::Future(_) => Err(backend_err("the local engine answered asynchronously")),
+        }
+    }
+
+    async fn decide_or_degrade(
+        &self,
+        plan: &Plan<'_>,
+        mode: &str,
+        id: Option<ReservationId>,
+        lease: Micros,
+        delegate: Option<(&Scope, Option<ReservationId>)>,
+    ) -> Result<Reply> {
+        match self
+            .guarded(self.decide(plan, mode, id, lease, delegate))
+            .await
+        {
+            Err(e) if e.kind() == ErrorKind::Backend => {
+                self.degraded(plan, mode, id, lease, delegate, &e)
+            }
+            other => other,
+        }
     }
 
     /// Uses `clock` instead of the server's `TIME` — for deterministic tests only:
@@ -540,10 +720,11 @@ impl Backend for RedisBackend {
     fn execute<'a>(&'a self, op: Op<'a>) -> Pending<'a> {
         Pending::Future(Box::pin(async move {
             match op {
-                Op::Check(plan) => self.decide(plan, "check", None, 0, None).await,
-                Op::Acquire(plan) => self.decide(plan, "acquire", None, 0, None).await,
+                Op::Check(plan) => self.decide_or_degrade(plan, "check", None, 0, None).await,
+                Op::Acquire(plan) => self.decide_or_degrade(plan, "acquire", None, 0, None).await,
                 Op::Reserve { plan, id, lease } => {
-                    self.decide(plan, "reserve", Some(id), lease, None).await
+                    self.decide_or_degrade(plan, "reserve", Some(id), lease, None)
+                        .await
                 }
                 Op::Delegate {
                     plan,
@@ -552,14 +733,24 @@ impl Backend for RedisBackend {
                     id,
                     lease,
                 } => {
-                    self.decide(plan, "delegate", Some(id), lease, Some((child, from)))
+                    self.decide_or_degrade(plan, "delegate", Some(id), lease, Some((child, from)))
                         .await
                 }
-                Op::Commit { policy, id, actual } => {
-                    self.settle(id, "commit", 0, actual, Some(policy)).await
+                // Reservations made while degraded are settled where they were made.
+                Op::Commit { id, .. } | Op::Release { id } | Op::Extend { id, .. }
+                    if self.local.knows(id) =>
+                {
+                    self.local.execute(op).resolve().await
                 }
-                Op::Release { id } => self.settle(id, "release", 0, &[], None).await,
-                Op::Extend { id, lease } => self.settle(id, "extend", lease, &[], None).await,
+                Op::Commit { policy, id, actual } => {
+                    self.guarded(self.settle(id, "commit", 0, actual, Some(policy)))
+                        .await
+                }
+                Op::Release { id } => self.guarded(self.settle(id, "release", 0, &[], None)).await,
+                Op::Extend { id, lease } => {
+                    self.guarded(self.settle(id, "extend", lease, &[], None))
+                        .await
+                }
             }
         }))
     }
