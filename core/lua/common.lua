@@ -120,3 +120,24 @@ local function time_to_free(needed, now, holds)
   end
   return NEVER
 end
+
+-- The request's time: ARGV[1] in µs, or the server clock when it is negative.
+local function request_now(arg)
+  local now = tonumber(arg)
+  if now < 0 then
+    local t = redis.call("TIME")
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return now
+end
+
+-- GCRA debt at `now`, given the debt `d` recorded at `t` (eval.rs rate_debt_now).
+local function rate_debt_now(d, t, now, l)
+  if d > 0 and now > t then
+    local elapsed = now - t
+    if elapsed >= ceil_div(d, l) then return 0 end
+    return d - elapsed * l
+  end
+  return math.max(d, 0)
+end
+

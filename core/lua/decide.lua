@@ -42,11 +42,7 @@
 
 -- (helpers: common.lua, prepended at load time)
 
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call("TIME")
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now = request_now(ARGV[1])
 local mode = ARGV[2]
 local n = tonumber(ARGV[3])
 local rank = tonumber(ARGV[4])
@@ -109,14 +105,7 @@ for i = 1, n do
   if it.kind == "r" then
     local st = redis.call("HMGET", it.key, "d", "t")
     local debt = 0
-    if st[1] then
-      local d, t = tonumber(st[1]), tonumber(st[2])
-      if d > 0 and now > t then
-        local elapsed = now - t
-        if elapsed >= ceil_div(d, it.l) then d = 0 else d = d - elapsed * it.l end
-      end
-      debt = math.max(d, 0)
-    end
+    if st[1] then debt = rate_debt_now(tonumber(st[1]), tonumber(st[2]), now, it.l) end
     local need = debt + it.amount * it.p
     allowed = it.amount == 0 or need <= it.usable * it.p
     local after = allowed and need or debt

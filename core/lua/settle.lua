@@ -25,11 +25,7 @@
 
 -- (helpers: common.lua, prepended at load time)
 
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call("TIME")
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now = request_now(ARGV[1])
 local mode = ARGV[2]
 local tombstone = tonumber(ARGV[4])
 local rec = KEYS[1]
@@ -129,14 +125,7 @@ for k, it in ipairs(list) do
   if it.kind == "r" then
     local s = redis.call("HMGET", it.key, "d", "t")
     local d = 0
-    if s[1] then
-      d = tonumber(s[1])
-      local t = tonumber(s[2])
-      if d > 0 and now > t then
-        local elapsed = now - t
-        if elapsed >= ceil_div(d, it.l) then d = 0 else d = d - elapsed * it.l end
-      end
-    end
+    if s[1] then d = rate_debt_now(tonumber(s[1]), tonumber(s[2]), now, it.l) end
     d = math.max(d + (charged - it.amount) * it.p, 0)
     redis.call("HSET", it.key, "d", d, "t", now)
     redis.call("PEXPIRE", it.key, math.floor(ceil_div(d, it.l) / 1000) + 1000)
