@@ -229,18 +229,22 @@ pub fn assemble_with<'p, 'e>(
 fn deny_reason(item: &crate::plan::PlannedLimit<'_>, e: &ItemEval, served: Priority) -> String {
     let def = item.def;
     let what = format!("{} `{}` ({})", def.kind.name(), def.name, item.owner_key());
-    if e.retry.is_none() {
+    let needs = format!("needs {} {}", def.fmt_amount(item.amount), def.unit);
+    let usable = def.floors.usable(def.capacity(), served);
+    if item.amount > usable {
         format!(
-            "{what}: the request needs {} {} but at most {} can ever be available to {served} callers",
-            def.fmt_amount(item.amount),
-            def.unit,
-            def.fmt_amount(def.floors.usable(def.capacity(), served)),
+            "{what}: the request {needs}, more than the {} this limit can ever give {served} callers",
+            def.fmt_amount(usable),
+        )
+    } else if e.retry.is_none() {
+        format!(
+            "{what}: the request {needs}, {} remain{} and nothing refills it (a lifetime budget, or a delegated grant)",
+            def.fmt_amount(e.remaining),
+            if e.remaining == 1 { "s" } else { "" },
         )
     } else {
         format!(
-            "{what}: the request needs {} {}, {} of {} remain (priority {served})",
-            def.fmt_amount(item.amount),
-            def.unit,
+            "{what}: the request {needs}, {} of {} remain (priority {served})",
             def.fmt_amount(e.remaining),
             def.fmt_amount(def.capacity()),
         )

@@ -38,6 +38,11 @@ fn child_never_exceeds_its_grant_and_unspent_returns() {
     assert!(now(w.acquire(&spend("1.5"))).unwrap().allowed());
     let d = now(w.acquire(&spend("1"))).unwrap();
     assert!(!d.allowed(), "grant exhausted: {d:?}");
+    let reason = d.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("0.5 remain") && reason.contains("delegated grant"),
+        "{reason}"
+    );
     assert_eq!(remaining(&d, "t-usd"), 500_000, "what the grant has left");
     // Spend counts at the parent as it happens: 2.5 used + 0.5 still held.
     assert_eq!(remaining(&now(w.check(&top)).unwrap(), "t-usd"), 7_000_000);

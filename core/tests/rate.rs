@@ -69,6 +69,14 @@ fn cost_weighted_and_never_satisfiable() {
     let d = now(w.acquire(&too_big)).unwrap();
     assert!(!d.allowed());
     assert_eq!(d.retry_after, None, "6 > burst 5 can never pass");
+    assert!(
+        d.reason
+            .as_deref()
+            .unwrap()
+            .contains("more than the 5 this limit can ever give"),
+        "{:?}",
+        d.reason
+    );
 }
 
 #[test]
