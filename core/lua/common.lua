@@ -141,3 +141,33 @@ local function rate_debt_now(d, t, now, l)
   return math.max(d, 0)
 end
 
+-- Key lifetimes: Redis drops a key a second after the state it holds stops
+-- mattering, so memory stays bounded without a sweeper.
+local function ttl_ms(us)
+  return math.max(math.floor(us / 1000) + 1000, 1000)
+end
+
+local function expire_in(key, us)
+  redis.call("PEXPIRE", key, ttl_ms(us))
+end
+
+-- Sets `key` to live until `at` (µs since the epoch); NEVER keeps it for good.
+local function expire_at(key, at, now)
+  if at == NEVER then
+    redis.call("PERSIST", key)
+  else
+    expire_in(key, at - now)
+  end
+end
+
+-- Extends `key` to live at least until `at`, never shortening it.
+local function keep_until(key, at, now)
+  if at == NEVER then
+    redis.call("PERSIST", key)
+    return
+  end
+  local ttl = redis.call("PTTL", key)
+  local want = ttl_ms(at - now)
+  if ttl >= 0 and ttl < want then redis.call("PEXPIRE", key, want) end
+end
+

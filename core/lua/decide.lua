@@ -157,14 +157,6 @@ for i = 1, n do
   results[#results + 1] = retry
 end
 
--- Keeps a key only while its state differs from a fresh one (bounded memory).
-local function expire_at(key, at)
-  if at == NEVER then
-    redis.call("PERSIST", key)
-  else
-    redis.call("PEXPIRE", key, math.max(math.floor((at - now) / 1000) + 1000, 1000))
-  end
-end
 
 local expires_at = 0
 if all and mode ~= "check" then
@@ -175,7 +167,7 @@ if all and mode ~= "check" then
     local it = items[i]
     if it.kind == "r" then
       redis.call("HSET", it.key, "d", it.debt_after, "t", now)
-      expire_at(it.key, now + ceil_div(it.debt_after, it.l))
+      expire_at(it.key, now + ceil_div(it.debt_after, it.l), now)
     else
       local last = it.wend
       if it.via and it.amount > 0 then adjust_hold(it.key, it.via, -it.amount, now) end
@@ -198,7 +190,7 @@ if all and mode ~= "check" then
       if it.kind == "s" and not reserving and #it.holds == 0 then
         -- concurrency acquire holds nothing; leave the key as it was
       else
-        expire_at(it.key, last)
+        expire_at(it.key, last, now)
       end
     end
     if reserving then
@@ -218,10 +210,10 @@ if all and mode ~= "check" then
       end
       redis.call("DEL", grant)
       redis.call("HSET", grant, "d", rid, "e", num(expires_at), "c", table.concat(covers, "\t"))
-      redis.call("PEXPIRE", grant, math.floor(lease / 1000) + 1000)
+      expire_in(grant, lease)
       redis.call("HSET", rec, "grant", grant)
     end
-    redis.call("PEXPIRE", rec, math.floor((lease + tombstone) / 1000) + 1000)
+    expire_in(rec, lease + tombstone)
   end
 end
 
@@ -233,7 +225,7 @@ if has_caller and mode ~= "check" and tonumber(ARGV[4]) == 2 then
     local since = now
     if s[1] and now - tonumber(s[2]) <= promote_after then since = tonumber(s[1]) end
     redis.call("HSET", starve, "s", since, "l", now)
-    redis.call("PEXPIRE", starve, math.floor(promote_after / 1000) + 1000)
+    expire_in(starve, promote_after)
   end
 end
 

@@ -93,22 +93,20 @@ end
 if mode == "extend" then
   local new_exp = now + tonumber(ARGV[3])
   redis.call("HSET", rec, "exp", new_exp)
-  redis.call("PEXPIRE", rec, math.floor((new_exp - now + tombstone) / 1000) + 1000)
+  expire_in(rec, new_exp - now + tombstone)
   for _, it in ipairs(list) do
     if it.kind ~= "r" and it.amount > 0 then
       local v = redis.call("HGET", it.key, "h:" .. rid)
       if v then
         local a, _, p = split_hold(v)
         redis.call("HSET", it.key, "h:" .. rid, hold_value(a, new_exp, p))
-        local ttl = redis.call("PTTL", it.key)
-        local want = math.floor((new_exp - now) / 1000) + 1000
-        if ttl >= 0 and ttl < want then redis.call("PEXPIRE", it.key, want) end
+        keep_until(it.key, new_exp, now)
       end
     end
   end
   if grant then
     redis.call("HSET", grant, "e", num(new_exp))
-    redis.call("PEXPIRE", grant, math.floor((new_exp - now) / 1000) + 1000)
+    expire_in(grant, new_exp - now)
   end
   return { "extended", new_exp }
 end
@@ -128,7 +126,7 @@ for k, it in ipairs(list) do
     if s[1] then d = rate_debt_now(tonumber(s[1]), tonumber(s[2]), now, it.l) end
     d = math.max(d + (charged - it.amount) * it.p, 0)
     redis.call("HSET", it.key, "d", d, "t", now)
-    redis.call("PEXPIRE", it.key, math.floor(ceil_div(d, it.l) / 1000) + 1000)
+    expire_in(it.key, ceil_div(d, it.l))
   else
     drop_hold(it.key, it.kind == "c" and charged or 0)
     if it.kind == "c" and charged ~= 0 then
@@ -137,13 +135,7 @@ for k, it in ipairs(list) do
       local used = 0
       if s[1] and tonumber(s[1]) == wid then used = tonumber(s[2]) end
       redis.call("HSET", it.key, "w", wid, "u", used + charged)
-      if wend == NEVER then
-        redis.call("PERSIST", it.key)
-      else
-        local ttl = redis.call("PTTL", it.key)
-        local want = math.floor((wend - now) / 1000) + 1000
-        if ttl >= 0 and ttl < want then redis.call("PEXPIRE", it.key, want) end
-      end
+      keep_until(it.key, wend, now)
     end
   end
   fields[#fields + 1] = "c" .. k; fields[#fields + 1] = charged
@@ -152,6 +144,6 @@ for k, it in ipairs(list) do
 end
 if grant and redis.call("HGET", grant, "d") == rid then redis.call("DEL", grant) end
 redis.call("HSET", rec, unpack(fields))
-redis.call("PEXPIRE", rec, math.floor(tombstone / 1000) + 1000)
+expire_in(rec, tombstone)
 if mode == "release" then return { "released", 1 } end
 return out
