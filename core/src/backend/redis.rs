@@ -43,6 +43,29 @@ const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
 /// Default command timeout.
 const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// One decision for the scripts: the plan, the mode (`check`, `acquire`,
+/// `reserve`, `delegate`) and what reserving or delegating needs.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    plan: &'a Plan<'a>,
+    mode: &'a str,
+    id: Option<ReservationId>,
+    lease: Micros,
+    delegate: Option<(&'a Scope, Option<ReservationId>)>,
+}
+
+impl<'a> Call<'a> {
+    fn new(plan: &'a Plan<'a>, mode: &'a str) -> Self {
+        Self {
+            plan,
+            mode,
+            id: None,
+            lease: 0,
+            delegate: None,
+        }
+    }
+}
+
 /// What a decision does when Redis cannot be asked (refused, dropped, timed out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnBackendError {
@@ -190,15 +213,14 @@ impl RedisBackend {
     }
 
     /// A decision made without Redis, following `on_backend_error`.
-    fn degraded(
-        &self,
-        plan: &Plan<'_>,
-        mode: &str,
-        id: Option<ReservationId>,
-        lease: Micros,
-        delegate: Option<(&Scope, Option<ReservationId>)>,
-        err: &Error,
-    ) -> Result<Reply> {
+    fn degraded(&self, call: Call<'_>, err: &Error) -> Result<Reply> {
+        let Call {
+            plan,
+            mode,
+            id,
+            lease,
+            delegate,
+        } = call;
         let (local_plan, marker, share) = match self.on_error {
             OnBackendError::Deny => {
                 return Ok(Reply::Decision(Decision {
@@ -260,21 +282,9 @@ impl RedisBackend {
         }
     }
 
-    async fn decide_or_degrade(
-        &self,
-        plan: &Plan<'_>,
-        mode: &str,
-        id: Option<ReservationId>,
-        lease: Micros,
-        delegate: Option<(&Scope, Option<ReservationId>)>,
-    ) -> Result<Reply> {
-        match self
-            .guarded(self.decide(plan, mode, id, lease, delegate))
-            .await
-        {
-            Err(e) if e.kind() == ErrorKind::Backend => {
-                self.degraded(plan, mode, id, lease, delegate, &e)
-            }
+    async fn decide_or_degrade(&self, call: Call<'_>) -> Result<Reply> {
+        match self.guarded(self.decide(call)).await {
+            Err(e) if e.kind() == ErrorKind::Backend => self.degraded(call, &e),
             other => other,
         }
     }
@@ -306,14 +316,14 @@ impl RedisBackend {
     }
 
     /// KEYS and ARGV of the decision script for `plan` (see `core/lua/decide.lua`).
-    fn decide_args(
-        &self,
-        plan: &Plan<'_>,
-        mode: &str,
-        id: Option<ReservationId>,
-        lease: Micros,
-        delegate: Option<(&Scope, Option<ReservationId>)>,
-    ) -> (Vec<String>, Vec<String>) {
+    fn decide_args(&self, call: Call<'_>) -> (Vec<String>, Vec<String>) {
+        let Call {
+            plan,
+            mode,
+            id,
+            lease,
+            delegate,
+        } = call;
         let mut keys: Vec<String> = Vec::with_capacity(plan.len() + 8);
         let mut args: Vec<String> = Vec::with_capacity(12 + 13 * plan.len());
         for item in plan.limits() {
@@ -409,7 +419,7 @@ impl RedisBackend {
     #[doc(hidden)]
     #[must_use]
     pub fn acquire_command(&self, plan: &Plan<'_>) -> Vec<String> {
-        let (keys, args) = self.decide_args(plan, "acquire", None, 0, None);
+        let (keys, args) = self.decide_args(Call::new(plan, "acquire"));
         let mut out = vec![
             "EVALSHA".to_owned(),
             self.decide.get_hash().to_owned(),
@@ -420,15 +430,11 @@ impl RedisBackend {
         out
     }
 
-    async fn decide(
-        &self,
-        plan: &Plan<'_>,
-        mode: &str,
-        id: Option<ReservationId>,
-        lease: Micros,
-        delegate: Option<(&Scope, Option<ReservationId>)>,
-    ) -> Result<Reply> {
-        let (keys, args) = self.decide_args(plan, mode, id, lease, delegate);
+    async fn decide(&self, call: Call<'_>) -> Result<Reply> {
+        let Call {
+            plan, id, delegate, ..
+        } = call;
+        let (keys, args) = self.decide_args(call);
         let mut inv = self.decide.prepare_invoke();
         for k in &keys {
             inv.key(k);
@@ -720,11 +726,15 @@ impl Backend for RedisBackend {
     fn execute<'a>(&'a self, op: Op<'a>) -> Pending<'a> {
         Pending::Future(Box::pin(async move {
             match op {
-                Op::Check(plan) => self.decide_or_degrade(plan, "check", None, 0, None).await,
-                Op::Acquire(plan) => self.decide_or_degrade(plan, "acquire", None, 0, None).await,
+                Op::Check(plan) => self.decide_or_degrade(Call::new(plan, "check")).await,
+                Op::Acquire(plan) => self.decide_or_degrade(Call::new(plan, "acquire")).await,
                 Op::Reserve { plan, id, lease } => {
-                    self.decide_or_degrade(plan, "reserve", Some(id), lease, None)
-                        .await
+                    self.decide_or_degrade(Call {
+                        id: Some(id),
+                        lease,
+                        ..Call::new(plan, "reserve")
+                    })
+                    .await
                 }
                 Op::Delegate {
                     plan,
@@ -733,8 +743,13 @@ impl Backend for RedisBackend {
                     id,
                     lease,
                 } => {
-                    self.decide_or_degrade(plan, "delegate", Some(id), lease, Some((child, from)))
-                        .await
+                    self.decide_or_degrade(Call {
+                        id: Some(id),
+                        lease,
+                        delegate: Some((child, from)),
+                        ..Call::new(plan, "delegate")
+                    })
+                    .await
                 }
                 // Reservations made while degraded are settled where they were made.
                 Op::Commit { id, .. } | Op::Release { id } | Op::Extend { id, .. }
