@@ -7,12 +7,9 @@ use ratewarden::backend::{KeyState, RedisBackend};
 /// Options of `ratewarden inspect`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Redis URL (`redis://host:port`).
-    #[arg(long)]
-    pub backend: String,
-    /// Key namespace the wardens use.
-    #[arg(long, default_value = "rw")]
-    pub namespace: String,
+    /// The shared backend.
+    #[command(flatten)]
+    pub store: crate::BackendArgs,
     /// Scope prefix to show (`tenant:acme`); everything if omitted.
     pub scope: Option<String>,
 }
@@ -30,7 +27,7 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
             message: format!("cannot start a runtime: {e}"),
         })?;
     let keys = rt.block_on(async {
-        let backend = RedisBackend::connect(&args.backend, &args.namespace).await?;
+        let backend = RedisBackend::connect(&args.store.backend, &args.store.namespace).await?;
         backend.inspect(scope.as_ref()).await
     })?;
     let now_us = ratewarden::Clock::now(&ratewarden::SystemClock);

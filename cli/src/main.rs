@@ -7,6 +7,18 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+
+/// Where the shared state lives (Redis), for the commands that use one.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendArgs {
+    /// Redis URL (`redis://host:port`).
+    #[arg(long)]
+    pub backend: String,
+    /// Key namespace the wardens use.
+    #[arg(long, default_value = "rw")]
+    pub namespace: String,
+}
+
 mod simulate;
 mod worker;
 

@@ -12,12 +12,9 @@ use ratewarden::{Cost, Policy, Request, SystemClock, Warden};
 /// Options of `ratewarden worker`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Redis URL of the shared backend.
-    #[arg(long)]
-    pub backend: String,
-    /// Key namespace.
-    #[arg(long, default_value = "rw")]
-    pub namespace: String,
+    /// The shared backend.
+    #[command(flatten)]
+    pub store: crate::BackendArgs,
     /// Policy file.
     #[arg(long)]
     pub policy: PathBuf,
@@ -59,7 +56,7 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
             message: format!("cannot start a runtime: {e}"),
         })?;
     rt.block_on(async {
-        let backend = RedisBackend::connect(&args.backend, &args.namespace).await?;
+        let backend = RedisBackend::connect(&args.store.backend, &args.store.namespace).await?;
         let warden = Warden::with_backend(
             policy,
             Arc::new(backend) as Arc<dyn Backend>,
