@@ -171,3 +171,17 @@ local function keep_until(key, at, now)
   if ttl >= 0 and ttl < want then redis.call("PEXPIRE", key, want) end
 end
 
+
+-- Starvation tracking for a background caller: an admission forgets the
+-- streak; a denial starts it (or continues it if the last denial was recent).
+local function starvation(key, admitted, now, promote_after)
+  if admitted then
+    redis.call("DEL", key)
+    return
+  end
+  local s = redis.call("HMGET", key, "s", "l")
+  local since = now
+  if s[1] and now - tonumber(s[2]) <= promote_after then since = tonumber(s[1]) end
+  redis.call("HSET", key, "s", since, "l", now)
+  expire_in(key, promote_after)
+end

@@ -27,14 +27,20 @@
 -- ARGV[10] the scope stored in the record (delegate: the child's)
 -- ARGV[11] g, the number of grant keys
 -- ARGV[12] delegate: the parent reservation's id, or ""
--- ARGV[13 + 13*(i-1) ...] per limit i, 13 fields:
+-- ARGV[13] "1" when this is the first step of a request spanning several
+--          cluster slots: an allowed request leaves the starvation tracker for
+--          the last step to settle (see settle.lua), a denied one updates it
+-- ARGV[14] reserve: ids of the same request's reservations on other slots
+--          (comma-separated), stored in the record as `links`; else ""
+-- ARGV[15 + 13*(i-1) ...] per limit i, 13 fields:
 --   kind ("r" rate, "c" quota/budget, "s" concurrency), amount, capacity
 --   (rate: burst), usable for rank 0, 1, 2 (capacity minus the floor),
 --   p, l (rate), window kind ("n" none, "l" lifetime, "f" fixed, "w" week,
 --   "m" month, "y" year), window length (µs, fixed), window offset (µs),
 --   unit, overage ("charge" | "cap")
 --
--- Returns { served rank, expires_at (reserve) or 0, then per limit:
+-- Returns { served rank, expires_at (reserve) or 0, 1 if a starvation tracker
+--           was left to the last step (ARGV[13]) else 0, then per limit:
 --           allowed (0|1), remaining, reset (µs), retry (µs, -1 = never) }
 -- or { -code } on a refused delegation: 1 the child already has an open
 -- delegation, 2 no such parent reservation, 3 it expired, 4 it was committed,
@@ -53,6 +59,8 @@ local lease = tonumber(ARGV[8])
 local tombstone = tonumber(ARGV[9])
 local g = tonumber(ARGV[11])
 local parent_id = ARGV[12]
+local first_step = ARGV[13] == "1"
+local links = ARGV[14]
 
 -- Limits a delegation covers spend from its hold instead (deepest grant wins;
 -- a parent reservation being carved overrides them all).
@@ -94,7 +102,7 @@ end
 
 local items, results, all = {}, {}, true
 for i = 1, n do
-  local b = 13 + 13 * (i - 1)
+  local b = 15 + 13 * (i - 1)
   local it = {
     key = KEYS[i], kind = ARGV[b], amount = tonumber(ARGV[b + 1]), cap = tonumber(ARGV[b + 2]),
     usable = tonumber(ARGV[b + 3 + rank]), p = tonumber(ARGV[b + 6]), l = tonumber(ARGV[b + 7]),
@@ -202,6 +210,7 @@ if all and mode ~= "check" then
     local rec = KEYS[n + 2]
     redis.call("DEL", rec)
     redis.call("HSET", rec, "st", "a", "exp", expires_at, "n", n, "scope", ARGV[10], unpack(record))
+    if links ~= "" then redis.call("HSET", rec, "links", links) end
     if mode == "delegate" then
       local grant = KEYS[n + 3 + g]
       local covers = {}
@@ -217,18 +226,16 @@ if all and mode ~= "check" then
   end
 end
 
+local pending = 0
 if has_caller and mode ~= "check" and tonumber(ARGV[4]) == 2 then
-  if all then
-    redis.call("DEL", starve)
+  if all and first_step then
+    if redis.call("EXISTS", starve) == 1 then pending = 1 end
   else
-    local s = redis.call("HMGET", starve, "s", "l")
-    local since = now
-    if s[1] and now - tonumber(s[2]) <= promote_after then since = tonumber(s[1]) end
-    redis.call("HSET", starve, "s", since, "l", now)
-    expire_in(starve, promote_after)
+    starvation(starve, all, now, promote_after)
   end
 end
 
+table.insert(results, 1, pending)
 table.insert(results, 1, expires_at)
 table.insert(results, 1, rank)
 return results

@@ -4,16 +4,22 @@
 --            st = "a" active | "c" committed | "r" released, exp = lease end (µs),
 --            n, scope, i<k> = "key\tkind\tamount\tp\tl\twk\twlen\twoff\tunit\toverage",
 --            c<k> = charged by the commit (committed records)
+--          links = ids of the same request's reservations on other cluster
+--          slots (comma-separated; the caller settles them next).
 --          The limit hashes it names are touched too; they share the record's
---          hash tag.
+--          slot.
+-- KEYS[2]  the caller's starvation tracker, or any unused key
 -- ARGV[1]  now in µs, or "-1" to read the server clock (TIME)
 -- ARGV[2]  mode: "commit" | "release" | "extend"
 -- ARGV[3]  extend: new lease (µs); otherwise unused
 -- ARGV[4]  how long an ended record is kept (µs)
--- ARGV[5 ...] commit: unit, actual amount pairs (units not listed are charged
+-- ARGV[5]  starvation step left by a multi-slot decision: "clear" (admitted),
+--          "deny" (refused on another slot) or ""
+-- ARGV[6]  promote_after (µs), for ARGV[5]
+-- ARGV[7 ...] commit: unit, actual amount pairs (units not listed are charged
 --             at their reserved amount)
 --
--- Returns { status, ... }:
+-- Every answer is { status, links, ... } with links as stored ("" if none):
 --   "nf"                       no such reservation (never existed or forgotten)
 --   "expired"                  its lease ran out before this call
 --   "closed", "committed"|"released"
@@ -30,9 +36,11 @@ local mode = ARGV[2]
 local tombstone = tonumber(ARGV[4])
 local rec = KEYS[1]
 
-local st = redis.call("HMGET", rec, "st", "exp", "n")
-if not st[1] then return { "nf" } end
-local state, exp, n = st[1], tonumber(st[2]), tonumber(st[3])
+if ARGV[5] ~= "" then starvation(KEYS[2], ARGV[5] == "clear", now, tonumber(ARGV[6])) end
+
+local st = redis.call("HMGET", rec, "st", "exp", "n", "links")
+if not st[1] then return { "nf", "" } end
+local state, exp, n, links = st[1], tonumber(st[2]), tonumber(st[3]), st[4] or ""
 
 local function items()
   local out = {}
@@ -49,14 +57,14 @@ local function items()
 end
 
 local function actual_of(unit, est)
-  for j = 5, #ARGV, 2 do
+  for j = 7, #ARGV, 2 do
     if ARGV[j] == unit then return tonumber(ARGV[j + 1]) end
   end
   return est
 end
 
 if mode == "commit" and state == "c" then
-  local out = { "dup", n }
+  local out = { "dup", links, n }
   for k, it in ipairs(items()) do
     local charged = tonumber(redis.call("HGET", rec, "c" .. k))
     local actual = tonumber(redis.call("HGET", rec, "x" .. k))
@@ -64,20 +72,20 @@ if mode == "commit" and state == "c" then
   end
   return out
 end
-if state == "c" then return { "closed", "committed" } end
+if state == "c" then return { "closed", links, "committed" } end
 if state == "r" then
-  if mode == "release" then return { "released", 0 } end
-  return { "closed", "released" }
+  if mode == "release" then return { "released", links, 0 } end
+  return { "closed", links, "released" }
 end
 if exp <= now then
-  if mode == "release" then return { "released", 0 } end
-  return { "expired" }
+  if mode == "release" then return { "released", links, 0 } end
+  return { "expired", links }
 end
 
 local rid = string.match(rec, ":res:(%x+)$")
 local list = items()
 local grant = redis.call("HGET", rec, "grant")
-if grant and mode == "commit" then return { "delegation" } end
+if grant and mode == "commit" then return { "delegation", links } end
 
 -- Drops this reservation's hold on `key`; what it held beyond `charged` returns
 -- to the hold it was carved from (a delegation), and a charge beyond it is
@@ -108,10 +116,10 @@ if mode == "extend" then
     redis.call("HSET", grant, "e", num(new_exp))
     expire_in(grant, new_exp - now)
   end
-  return { "extended", new_exp }
+  return { "extended", links, new_exp }
 end
 
-local out = { "ok", n }
+local out = { "ok", links, n }
 local fields = { "st", mode == "commit" and "c" or "r" }
 for k, it in ipairs(list) do
   local actual, charged = 0, 0
@@ -145,5 +153,5 @@ end
 if grant and redis.call("HGET", grant, "d") == rid then redis.call("DEL", grant) end
 redis.call("HSET", rec, unpack(fields))
 expire_in(rec, tombstone)
-if mode == "release" then return { "released", 1 } end
+if mode == "release" then return { "released", links, 1 } end
 return out

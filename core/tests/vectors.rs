@@ -290,3 +290,22 @@ async fn conformance_vectors_on_redis() {
     .await;
     assert!(steps > 50);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn conformance_vectors_on_a_redis_cluster() {
+    let servers = common::redis::RedisServers::start(true);
+    let url = servers.cluster_url().to_owned();
+    let steps = run_all(&[], |n, policy, clock| {
+        let url = url.clone();
+        async move {
+            let clock: Arc<ManualClock> = Arc::new(clock);
+            let backend = RedisBackend::connect(&url, &format!("v{n}"))
+                .await
+                .unwrap()
+                .with_clock(clock.clone());
+            Warden::with_backend(policy, Arc::new(backend) as Arc<dyn Backend>, clock)
+        }
+    })
+    .await;
+    assert!(steps > 50);
+}

@@ -1,4 +1,4 @@
-//! The Redis / Valkey backend (standalone servers).
+//! The Redis / Valkey backend: one standalone server or a Redis Cluster.
 //!
 //! Every operation is one `EVALSHA` of a Lua script (`core/lua/`) that
 //! evaluates and charges every limit of the request atomically; `NOSCRIPT`
@@ -6,18 +6,42 @@
 //! retrying, transparently. Time is the server's `TIME`, so client clocks never
 //! matter; [`RedisBackend::with_clock`] replaces it for deterministic tests
 //! only. Connections are multiplexed: concurrent callers pipeline over one
-//! socket, which reconnects by itself.
+//! socket per server, which reconnects by itself.
 //!
 //! Keys: `<namespace>:{<tag>}:<scope prefix>#<limit>` where the hash tag is the
 //! first scope segment (`{tenant:acme}`), or the whole key for a shared pool;
-//! reservation records are `<namespace>:res:<id>`; delegation grants are
-//! `<scope>#@grant` keys beside the limits they cover. Not yet here (next steps
-//! of the Redis issue): Redis Cluster, degraded modes.
+//! reservation records are `<namespace>:{<slot tag>}:res:<id>`, where the id
+//! carries the cluster slot of the limits it holds and the slot tag is a short
+//! string hashing to that slot; delegation grants are `<scope>#@grant` keys
+//! beside the limits they cover. Scope ids are percent-encoded, so no user id
+//! can contain `{`, `}` or `#` and move a key to another tag or tenant.
+//!
+//! # Redis Cluster
+//! A request whose limits all live on its scope tree's slot is still one
+//! `EVALSHA`. A request that also touches a shared pool on another slot is
+//! decided in steps: its own slot is reserved first (and, if denied, nothing
+//! else happens), then the other slots are reserved in parallel under a lease,
+//! then everything is committed — or, if any step is refused or fails, every
+//! hold taken is released. A process dying between steps leaves holds that
+//! expire with their lease (30 s for an `acquire`, the reservation's lease
+//! otherwise), so nothing leaks and nothing is ever over-admitted; while such
+//! holds exist, other requests may be refused capacity that is about to come
+//! back (transient under-admission). Delegations hold only limits on the
+//! scope tree's slot; pools elsewhere are checked when delegating and charged
+//! as the sub-agent spends.
 
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
+use smallvec::SmallVec;
+
+mod conn;
+mod slots;
+
+use conn::{Conn, Target};
+use slots::{id_in_slot, id_slot, slot_tag, tag_slot};
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -42,6 +66,9 @@ const SETTLE: &str = include_str!("../../lua/settle.lua");
 const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
 /// Default command timeout.
 const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+/// Lease of the holds an `acquire` spanning several cluster slots takes between
+/// its steps: what a process dying mid-request holds back, at most this long.
+const STEP_LEASE_US: i64 = 30 * 1_000_000;
 
 /// One decision for the scripts: the plan, the mode (`check`, `acquire`,
 /// `reserve`, `delegate`) and what reserving or delegating needs.
@@ -83,10 +110,11 @@ pub enum OnBackendError {
     },
 }
 
-/// A backend on one Redis or Valkey server. Cheap to clone.
+/// A backend on one Redis or Valkey server, or on a Redis Cluster. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Conn,
+    cluster: bool,
     namespace: Arc<str>,
     decide: Arc<Script>,
     settle: Arc<Script>,
@@ -117,8 +145,11 @@ fn backend_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl RedisBackend {
-    /// Connects to `url` (`redis://host:port[/db]`, `rediss://…`); every key is
-    /// prefixed by `namespace` (e.g. `rw`).
+    /// Connects to `url`; every key is prefixed by `namespace` (e.g. `rw`).
+    ///
+    /// URLs: `redis://[user:pass@]host:port[/db]` (or `valkey://`), `rediss://…`
+    /// for TLS, `unix:///path`, and `redis+cluster://host:port,host:port…` (or
+    /// `rediss+cluster://`) for a Redis Cluster given one or more seed nodes.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad URL or namespace, [`Error::Backend`] if
@@ -137,18 +168,44 @@ impl RedisBackend {
                 ),
             ));
         }
-        let client = redis::Client::open(url).map_err(|e| {
+        let bad_url = |e: redis::RedisError| {
             Error::invalid(
                 "redis url",
                 format!("`{}`: {e}", crate::error::truncate(url)),
             )
-        })?;
-        let conn = tokio::time::timeout(DEFAULT_TIMEOUT * 20, ConnectionManager::new(client))
-            .await
-            .map_err(|_| backend_err(format!("cannot connect to {url}: timed out")))?
-            .map_err(|e| backend_err(format!("cannot connect to {url}: {e}")))?;
+        };
+        let connect_timeout = DEFAULT_TIMEOUT * 20;
+        let unreachable = |e: &dyn std::fmt::Display| {
+            backend_err(format!(
+                "cannot connect to {}: {e}",
+                crate::error::truncate(url)
+            ))
+        };
+        let (conn, cluster) = match conn::target(url)? {
+            Target::Single(u) => {
+                let client = redis::Client::open(u.as_str()).map_err(bad_url)?;
+                let conn = tokio::time::timeout(connect_timeout, ConnectionManager::new(client))
+                    .await
+                    .map_err(|_| unreachable(&"timed out"))?
+                    .map_err(|e| unreachable(&e))?;
+                (Conn::Single(conn), false)
+            }
+            Target::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(DEFAULT_TIMEOUT * 4)
+                    .build()
+                    .map_err(bad_url)?;
+                let conn = tokio::time::timeout(connect_timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| unreachable(&"timed out"))?
+                    .map_err(|e| unreachable(&e))?;
+                (Conn::Cluster(conn), true)
+            }
+        };
         Ok(Self {
             conn,
+            cluster,
             namespace: namespace.into(),
             decide: Arc::new(Script::new(&format!("{COMMON}\n{DECIDE}"))),
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
@@ -191,12 +248,15 @@ impl RedisBackend {
         Ok(self)
     }
 
-    /// Runs one Redis call under the timeout; a timeout makes the next decisions
-    /// skip Redis for a moment instead of each waiting out the timeout.
-    async fn guarded<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        if SystemClock.now() < self.skip_until.load(Ordering::Relaxed) {
-            return Err(backend_err("Redis timed out recently; not asked again yet"));
-        }
+    /// Whether a recent timeout says not to wait on Redis right now.
+    fn skipping(&self) -> Option<Error> {
+        (SystemClock.now() < self.skip_until.load(Ordering::Relaxed))
+            .then(|| backend_err("Redis timed out recently; not asked again yet"))
+    }
+
+    /// Runs one Redis round trip under the command timeout; a timeout makes the
+    /// next decisions skip Redis for a moment instead of each waiting it out.
+    async fn bounded<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
             Err(_) => {
@@ -209,6 +269,14 @@ impl RedisBackend {
                     self.timeout
                 )))
             }
+        }
+    }
+
+    /// A settle operation, unless Redis is being skipped after a timeout.
+    async fn guarded<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match self.skipping() {
+            Some(e) => Err(e),
+            None => call.await,
         }
     }
 
@@ -283,7 +351,11 @@ impl RedisBackend {
     }
 
     async fn decide_or_degrade(&self, call: Call<'_>) -> Result<Reply> {
-        match self.guarded(self.decide(call)).await {
+        let answer = match self.skipping() {
+            Some(e) => Err(e),
+            None => self.decide(call).await,
+        };
+        match answer {
             Err(e) if e.kind() == ErrorKind::Backend => self.degraded(call, &e),
             other => other,
         }
@@ -301,56 +373,129 @@ impl RedisBackend {
         self.clock.as_ref().map_or(-1, |c| c.now())
     }
 
+    /// The hash tag of a limit instance: the first scope segment, or the whole
+    /// key for a shared pool (so pools spread over the cluster).
+    fn tag<'k>(k: &KeyRef<'k>) -> std::borrow::Cow<'k, str> {
+        if k.prefix.starts_with('@') {
+            std::borrow::Cow::Owned(format!("{}#{}", k.prefix, k.name))
+        } else {
+            std::borrow::Cow::Borrowed(&k.prefix[..k.prefix.find('/').unwrap_or(k.prefix.len())])
+        }
+    }
+
     /// The Redis key of a limit instance.
     fn key(&self, k: KeyRef<'_>) -> String {
-        let tag = if k.prefix.starts_with('@') {
-            format!("{}#{}", k.prefix, k.name)
-        } else {
-            k.prefix[..k.prefix.find('/').unwrap_or(k.prefix.len())].to_owned()
-        };
-        format!("{}:{{{tag}}}:{}#{}", self.namespace, k.prefix, k.name)
+        format!(
+            "{}:{{{}}}:{}#{}",
+            self.namespace,
+            Self::tag(&k),
+            k.prefix,
+            k.name
+        )
     }
 
+    /// The record of a reservation, on the slot its id carries.
     fn record_key(&self, id: ReservationId) -> String {
-        format!("{}:res:{id}", self.namespace)
+        format!("{}:{{{}}}:res:{id}", self.namespace, slot_tag(id_slot(id)))
     }
 
-    /// KEYS and ARGV of the decision script for `plan` (see `core/lua/decide.lua`).
-    fn decide_args(&self, call: Call<'_>) -> (Vec<String>, Vec<String>) {
-        let Call {
-            plan,
-            mode,
-            id,
-            lease,
-            delegate,
-        } = call;
-        let mut keys: Vec<String> = Vec::with_capacity(plan.len() + 8);
-        let mut args: Vec<String> = Vec::with_capacity(12 + 13 * plan.len());
-        for item in plan.limits() {
-            keys.push(self.key(item.key));
+    /// A key on `slot` that is never written: the scripts' placeholder for an
+    /// unused KEYS entry (a cluster refuses keys of another slot).
+    fn spare_key(&self, slot: u16) -> String {
+        format!("{}:{{{}}}:none", self.namespace, slot_tag(slot))
+    }
+
+    /// The starvation tracker of the plan's caller, if any.
+    fn caller_key(&self, plan: &Plan<'_>) -> Option<String> {
+        plan.caller_key().map(|k| {
+            let tag = &k[..k.find(['/', '#']).unwrap_or(k.len())];
+            format!("{}:{{{tag}}}:{k}", self.namespace)
+        })
+    }
+
+    /// Splits a plan by cluster slot. The first part is the primary one: it holds
+    /// the request's own keys (record, starvation tracker, delegation grants) and
+    /// sits on the scope tree's slot whenever the request has limits there, a
+    /// caller to track or a delegation to make; a standalone server is one part.
+    fn parts(&self, call: Call<'_>) -> SmallVec<[Part; 2]> {
+        let plan = call.plan;
+        let home = tag_slot(plan.scope().prefix(1));
+        if !self.cluster {
+            return smallvec::smallvec![Part {
+                slot: home,
+                items: (0..plan.len()).collect(),
+                primary: true,
+            }];
         }
-        keys.push(plan.caller_key().map_or_else(
-            || format!("{}:none", self.namespace),
-            |k| {
-                let tag = &k[..k.find(['/', '#']).unwrap_or(k.len())];
-                format!("{}:{{{tag}}}:{k}", self.namespace)
-            },
-        ));
-        keys.push(id.map_or_else(
-            || format!("{}:none", self.namespace),
-            |id| self.record_key(id),
-        ));
+        let slots: SmallVec<[u16; 8]> = plan
+            .limits()
+            .map(|l| tag_slot(&Self::tag(&l.key)))
+            .collect();
+        let needs_home = slots.is_empty()
+            || slots.contains(&home)
+            || plan.caller_key().is_some()
+            || call.delegate.is_some();
+        let first = if needs_home { home } else { slots[0] };
+        let mut parts: SmallVec<[Part; 2]> = smallvec::smallvec![Part {
+            slot: first,
+            items: SmallVec::new(),
+            primary: true,
+        }];
+        for (i, &slot) in slots.iter().enumerate() {
+            match parts.iter_mut().find(|p| p.slot == slot) {
+                Some(p) => p.items.push(i),
+                None => parts.push(Part {
+                    slot,
+                    items: smallvec::smallvec![i],
+                    primary: false,
+                }),
+            }
+        }
+        parts
+    }
+
+    /// KEYS and ARGV of the decision script for one part of a call (see
+    /// `core/lua/decide.lua`).
+    fn decide_args(
+        &self,
+        call: Call<'_>,
+        part: &Part,
+        step: &Step<'_>,
+    ) -> (Vec<String>, Vec<String>) {
+        let Call { plan, delegate, .. } = call;
+        let n = part.items.len();
+        let mut keys: Vec<String> = Vec::with_capacity(n + 8);
+        let mut args: Vec<String> = Vec::with_capacity(14 + 13 * n);
+        for &i in &part.items {
+            keys.push(self.key(plan.get(i).key));
+        }
+        let caller = self.caller_key(plan).filter(|_| part.primary);
+        let has_caller = caller.is_some();
+        keys.push(caller.unwrap_or_else(|| self.spare_key(part.slot)));
+        keys.push(
+            step.id
+                .map_or_else(|| self.spare_key(part.slot), |id| self.record_key(id)),
+        );
         let scope = plan.scope();
-        let grants = scope.depth();
+        // Grants cover limits of the scope tree's slot only, so only a primary
+        // part on that slot reads them.
+        let grants = if part.primary && part.slot == tag_slot(scope.prefix(1)) {
+            scope.depth()
+        } else {
+            0
+        };
         for d in 1..=grants {
             keys.push(self.key(KeyRef {
                 prefix: scope.prefix(d),
                 name: "@grant",
             }));
         }
-        let (child, parent) = delegate.map_or((None, None), |(c, p)| (Some(c), p));
+        let (child, parent) = match delegate.filter(|_| step.mode == "delegate") {
+            Some((c, p)) => (Some(c), p),
+            None => (None, None),
+        };
         keys.push(child.map_or_else(
-            || format!("{}:none", self.namespace),
+            || self.spare_key(part.slot),
             |c| {
                 self.key(KeyRef {
                     prefix: c.as_str(),
@@ -358,25 +503,25 @@ impl RedisBackend {
                 })
             },
         ));
-        keys.push(parent.map_or_else(
-            || format!("{}:none", self.namespace),
-            |p| self.record_key(p),
-        ));
+        keys.push(parent.map_or_else(|| self.spare_key(part.slot), |p| self.record_key(p)));
         args.extend([
             self.now_arg().to_string(),
-            mode.to_owned(),
-            plan.len().to_string(),
-            plan.priority().rank().to_string(),
+            step.mode.to_owned(),
+            n.to_string(),
+            step.rank.to_string(),
             plan.promote_after().to_string(),
-            u8::from(plan.caller_key().is_some()).to_string(),
-            id.map_or_else(String::new, |i| i.to_string()),
-            lease.to_string(),
+            u8::from(has_caller).to_string(),
+            step.id.map_or_else(String::new, |i| i.to_string()),
+            step.lease.to_string(),
             TOMBSTONE_US.to_string(),
             child.map_or(scope.as_str(), Scope::as_str).to_owned(),
             grants.to_string(),
             parent.map_or_else(String::new, |p| p.to_string()),
+            u8::from(step.first_of_many).to_string(),
+            step.links.to_owned(),
         ]);
-        for item in plan.limits() {
+        for &i in &part.items {
+            let item = plan.get(i);
             let def = &**item.def;
             let (kind, cap, p, l) = match &def.kind {
                 LimitKind::Rate(r) => ("r", r.burst, r.p, r.l),
@@ -416,10 +561,13 @@ impl RedisBackend {
 
     /// The exact command one `acquire` of `plan` sends — `EVALSHA <sha> <numkeys>
     /// <keys…> <args…>` — so benchmarks can replay it with `redis-benchmark`.
+    /// For a plan on one slot (every plan on a standalone server).
     #[doc(hidden)]
     #[must_use]
     pub fn acquire_command(&self, plan: &Plan<'_>) -> Vec<String> {
-        let (keys, args) = self.decide_args(Call::new(plan, "acquire"));
+        let call = Call::new(plan, "acquire");
+        let part = &self.parts(call)[0];
+        let (keys, args) = self.decide_args(call, part, &Step::new("acquire", plan));
         let mut out = vec![
             "EVALSHA".to_owned(),
             self.decide.get_hash().to_owned(),
@@ -430,11 +578,9 @@ impl RedisBackend {
         out
     }
 
-    async fn decide(&self, call: Call<'_>) -> Result<Reply> {
-        let Call {
-            plan, id, delegate, ..
-        } = call;
-        let (keys, args) = self.decide_args(call);
+    /// Runs the decision script for one part.
+    async fn run_part(&self, call: Call<'_>, part: &Part, step: &Step<'_>) -> Result<PartOut> {
+        let (keys, args) = self.decide_args(call, part, step);
         let mut inv = self.decide.prepare_invoke();
         for k in &keys {
             inv.key(k);
@@ -442,10 +588,11 @@ impl RedisBackend {
         for a in &args {
             inv.arg(a);
         }
-        let (child, parent) = delegate.map_or((None, None), |(c, p)| (Some(c), p));
         let mut conn = self.conn.clone();
-        let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(backend_err)?;
-        if let (Some(&code), Some(c)) = (out.first(), child) {
+        let out: Vec<i64> = self
+            .bounded(async { inv.invoke_async(&mut conn).await.map_err(backend_err) })
+            .await?;
+        if let (Some(&code), Some((c, parent))) = (out.first(), call.delegate) {
             let pid = || parent.map(|p| p.to_string()).unwrap_or_default();
             match code {
                 -1 => {
@@ -477,33 +624,251 @@ impl RedisBackend {
                 _ => {}
             }
         }
-        if out.len() != 2 + 4 * plan.len() {
+        if out.len() != 3 + 4 * part.items.len() {
             return Err(backend_err(format!(
                 "decide script answered {} values",
                 out.len()
             )));
         }
-        let served = match out[0] {
+        Ok(PartOut {
+            rank: u8::try_from(out[0].clamp(0, 2)).unwrap_or(2),
+            expires_at: out[1],
+            tracker_left: out[2] == 1,
+            evals: out[3..]
+                .chunks_exact(4)
+                .map(|c| ItemEval {
+                    allowed: c[0] == 1,
+                    remaining: c[1],
+                    reset: c[2],
+                    retry: (c[3] >= 0).then_some(c[3]),
+                })
+                .collect(),
+        })
+    }
+
+    /// Decides a call: one script run when its limits share a slot, the
+    /// reserve-then-commit steps described in the module docs otherwise.
+    async fn decide(&self, call: Call<'_>) -> Result<Reply> {
+        let plan = call.plan;
+        let parts = self.parts(call);
+        let primary = &parts[0];
+        let id = call.id.map(|id| id_in_slot(id, primary.slot));
+        if let (Some((_, Some(parent))), true) = (call.delegate, self.cluster) {
+            if id_slot(parent) != primary.slot {
+                return Err(Error::invalid(
+                    "delegation",
+                    format!(
+                        "in a Redis Cluster a delegation carves from a reservation on its scope tree's limits; {parent} holds only shared pools"
+                    ),
+                ));
+            }
+        }
+        let mut step = Step {
+            id,
+            lease: call.lease,
+            ..Step::new(call.mode, plan)
+        };
+        if parts.len() == 1 {
+            let out = self.run_part(call, primary, &step).await?;
+            return Ok(self.finish(call, &parts, &[out], id));
+        }
+        let foreign = &parts[1..];
+        let check = Step::new("check", plan);
+        match call.mode {
+            "check" => {
+                let outs = self.run_parts(call, &parts, |_| check.clone()).await?;
+                Ok(self.finish(call, &parts, &outs, None))
+            }
+            "delegate" => {
+                let mut outs = self.run_parts(call, foreign, |_| check.clone()).await?;
+                let all = outs.iter().all(PartOut::allowed);
+                let home = self
+                    .run_part(call, primary, if all { &step } else { &check })
+                    .await?;
+                outs.insert(0, home);
+                Ok(self.finish(call, &parts, &outs, id.filter(|_| all)))
+            }
+            _ => {
+                // Step 1: the primary slot, held under a lease, starvation left open.
+                let acquire = call.mode == "acquire";
+                let lease = if acquire { STEP_LEASE_US } else { call.lease };
+                let home_id =
+                    id.unwrap_or_else(|| id_in_slot(ReservationId::random(), primary.slot));
+                let sub: Vec<ReservationId> = foreign
+                    .iter()
+                    .map(|p| id_in_slot(ReservationId::random(), p.slot))
+                    .collect();
+                let links = sub
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                step = Step {
+                    mode: "reserve",
+                    id: Some(home_id),
+                    lease,
+                    first_of_many: true,
+                    links: &links,
+                    ..step
+                };
+                // If this future is dropped before the last step (the caller
+                // cancelled), hand back at once whatever was taken — even by a
+                // step whose answer never arrived — instead of waiting out the lease.
+                let mut undo = Undo {
+                    backend: Some(self.clone()),
+                    ids: std::iter::once(home_id)
+                        .chain(sub.iter().copied())
+                        .collect(),
+                };
+                let home = self.run_part(call, primary, &step).await?;
+                if !home.allowed() {
+                    undo.backend = None;
+                    let served = Step {
+                        rank: home.rank,
+                        ..check.clone()
+                    };
+                    let mut outs = self.run_parts(call, foreign, |_| served.clone()).await?;
+                    outs.insert(0, home);
+                    return Ok(self.finish(call, &parts, &outs, None));
+                }
+                // Step 2: every other slot, in parallel, at the rank served.
+                let steps: Vec<Step<'_>> = sub
+                    .iter()
+                    .map(|&sid| Step {
+                        mode: "reserve",
+                        id: Some(sid),
+                        lease,
+                        rank: home.rank,
+                        ..Step::new("reserve", plan)
+                    })
+                    .collect();
+                let results = join_all(
+                    foreign
+                        .iter()
+                        .zip(&steps)
+                        .map(|(p, s)| self.run_part(call, p, s)),
+                )
+                .await;
+                let tracker = self.caller_key(plan).filter(|_| home.tracker_left);
+                let mut outs = vec![home];
+                let mut failure = None;
+                for r in results {
+                    match r {
+                        Ok(o) => outs.push(o),
+                        Err(e) => failure = Some(e),
+                    }
+                }
+                let all = failure.is_none() && outs.iter().all(PartOut::allowed);
+                // Step 3: commit (acquire), or undo everything taken.
+                let mut ends: Vec<(ReservationId, &str, Option<&str>)> = Vec::new();
+                let starve = if all { "clear" } else { "deny" };
+                if all && !acquire {
+                    if let Some(t) = &tracker {
+                        let mut conn = self.conn.clone();
+                        let del = redis::cmd("DEL").arg(t).clone();
+                        let _: () = self
+                            .bounded(async {
+                                del.query_async(&mut conn).await.map_err(backend_err)
+                            })
+                            .await?;
+                    }
+                } else {
+                    let mode = if all { "commit" } else { "release" };
+                    ends.push((home_id, mode, Some(starve)));
+                    ends.extend(sub.iter().map(|&s| (s, mode, None)));
+                }
+                let ended = join_all(ends.iter().map(|&(rid, mode, starve)| {
+                    let tracker = self.caller_key(plan).filter(|_| starve.is_some());
+                    async move {
+                        self.settle_one(
+                            rid,
+                            mode,
+                            0,
+                            &[],
+                            None,
+                            tracker.as_deref().zip(starve),
+                            plan.promote_after(),
+                        )
+                        .await
+                    }
+                }))
+                .await;
+                undo.backend = None;
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if all && acquire {
+                    if let Some(Err(e)) = ended.into_iter().find(Result::is_err) {
+                        // Nothing was charged for sure: deny rather than over-admit;
+                        // the holds expire with their lease.
+                        for rid in std::iter::once(home_id).chain(sub.iter().copied()) {
+                            let _ = self.settle_one(rid, "release", 0, &[], None, None, 0).await;
+                        }
+                        return Err(e);
+                    }
+                }
+                let reservation = id.filter(|_| all && !acquire);
+                Ok(self.finish(call, &parts, &outs, reservation))
+            }
+        }
+    }
+
+    /// Runs one step on several parts in parallel.
+    async fn run_parts<'s>(
+        &self,
+        call: Call<'_>,
+        parts: &[Part],
+        step: impl Fn(&Part) -> Step<'s>,
+    ) -> Result<Vec<PartOut>> {
+        let steps: Vec<Step<'s>> = parts.iter().map(&step).collect();
+        join_all(
+            parts
+                .iter()
+                .zip(&steps)
+                .map(|(p, s)| self.run_part(call, p, s)),
+        )
+        .await
+        .into_iter()
+        .collect()
+    }
+
+    /// Puts the parts' answers back in plan order and assembles the decision.
+    fn finish(
+        &self,
+        call: Call<'_>,
+        parts: &[Part],
+        outs: &[PartOut],
+        reservation: Option<ReservationId>,
+    ) -> Reply {
+        let plan = call.plan;
+        let mut evals = vec![
+            ItemEval {
+                allowed: true,
+                remaining: 0,
+                reset: 0,
+                retry: None,
+            };
+            plan.len()
+        ];
+        for (part, out) in parts.iter().zip(outs) {
+            for (&i, e) in part.items.iter().zip(&out.evals) {
+                evals[i] = *e;
+            }
+        }
+        let served = match outs.first().map_or(2, |o| o.rank) {
             0 => Priority::Critical,
             1 => Priority::Standard,
             _ => Priority::Background,
         };
-        let evals: Vec<ItemEval> = out[2..]
-            .chunks_exact(4)
-            .map(|c| ItemEval {
-                allowed: c[0] == 1,
-                remaining: c[1],
-                reset: c[2],
-                retry: (c[3] >= 0).then_some(c[3]),
-            })
-            .collect();
-        let reservation = id.filter(|_| out[1] > 0).map(|id| ReservationInfo {
-            id,
-            expires_at: out[1],
+        let info = reservation.and_then(|id| {
+            let expires_at = outs.first().map_or(0, |o| o.expires_at);
+            (expires_at > 0).then_some(ReservationInfo { id, expires_at })
         });
-        Ok(Reply::Decision(assemble(plan, &evals, served, reservation)))
+        Reply::Decision(assemble(plan, &evals, served, info))
     }
 
+    /// Commit, release or extend a reservation, then the reservations it links
+    /// to on other cluster slots (made by the same request), merging their answers.
     async fn settle(
         &self,
         id: ReservationId,
@@ -512,17 +877,66 @@ impl RedisBackend {
         actual: &[(&str, i64)],
         policy: Option<&Policy>,
     ) -> Result<Reply> {
+        let (reply, links) = self
+            .settle_one(id, mode, lease, actual, policy, None, 0)
+            .await?;
+        if links.is_empty() {
+            return Ok(reply);
+        }
+        let linked = join_all(
+            links
+                .iter()
+                .map(|&l| self.settle_one(l, mode, lease, actual, policy, None, 0)),
+        )
+        .await;
+        let mut reply = reply;
+        for r in linked {
+            match (r, &mut reply) {
+                (Ok((Reply::Committed(more), _)), Reply::Committed(receipt)) => {
+                    receipt.charges.extend(more.charges);
+                }
+                // A linked record gone (its lease ran out, or it was never
+                // written because its step failed) holds nothing any more.
+                (
+                    Ok(_)
+                    | Err(Error::ReservationNotFound { .. } | Error::ReservationExpired { .. }),
+                    _,
+                ) => {}
+                (Err(e), _) => return Err(e),
+            }
+        }
+        Ok(reply)
+    }
+
+    /// One run of the settle script on one record; also returns its links.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_one(
+        &self,
+        id: ReservationId,
+        mode: &str,
+        lease: Micros,
+        actual: &[(&str, i64)],
+        policy: Option<&Policy>,
+        starve: Option<(&str, &str)>,
+        promote_after: Micros,
+    ) -> Result<(Reply, Vec<ReservationId>)> {
+        let rec = self.record_key(id);
         let mut inv = self.settle.prepare_invoke();
-        inv.key(self.record_key(id));
+        inv.key(&rec);
+        inv.key(starve.map_or(rec.as_str(), |(k, _)| k));
         inv.arg(self.now_arg())
             .arg(mode)
             .arg(lease)
-            .arg(TOMBSTONE_US);
+            .arg(TOMBSTONE_US)
+            .arg(starve.map_or("", |(_, op)| op))
+            .arg(promote_after);
         for (unit, amount) in actual {
             inv.arg(*unit).arg(*amount);
         }
         let mut conn = self.conn.clone();
-        let out: Vec<Value> = inv.invoke_async(&mut conn).await.map_err(backend_err)?;
+        let out: Vec<Value> = self
+            .bounded(async { inv.invoke_async(&mut conn).await.map_err(backend_err) })
+            .await?;
         let text = |v: &Value| -> String {
             match v {
                 Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
@@ -538,43 +952,51 @@ impl RedisBackend {
             }
         };
         let status = out.first().map(text).unwrap_or_default();
-        match status.as_str() {
+        let links: Vec<ReservationId> = out
+            .get(1)
+            .map(text)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|l| ReservationId::parse(l).ok())
+            .collect();
+        let reply = match status.as_str() {
             "nf" => Err(Error::ReservationNotFound { id: id.to_string() }),
             "expired" => Err(Error::ReservationExpired { id: id.to_string() }),
             "closed" => Err(Error::ReservationClosed {
                 id: id.to_string(),
-                state: if out.get(1).map(text).as_deref() == Some("committed") {
+                state: if out.get(2).map(text).as_deref() == Some("committed") {
                     "committed"
                 } else {
                     "released"
                 },
             }),
-            "released" => Ok(Reply::Released(out.get(1).map(int) == Some(1))),
+            "released" => Ok(Reply::Released(out.get(2).map(int) == Some(1))),
             "delegation" => Err(Error::invalid(
                 "commit",
                 format!("{id} is a delegation; release it to close the sub-budget"),
             )),
-            "extended" => Ok(Reply::Extended(out.get(1).map_or(0, int))),
+            "extended" => Ok(Reply::Extended(out.get(2).map_or(0, int))),
             "ok" | "dup" => {
-                let policy = policy.ok_or_else(|| backend_err("commit without a policy"))?;
                 let mut charges = Vec::new();
-                for c in out[2..].chunks_exact(4) {
-                    let key = text(&c[0]);
-                    let local = key.split_once("}:").map_or(key.as_str(), |(_, k)| k);
-                    let name = KeyRef::split(local).name;
-                    let def = policy.limit(name).ok_or_else(|| {
-                        backend_err(format!(
-                            "limit `{name}` of reservation {id} is not in the policy"
-                        ))
-                    })?;
-                    let (reserved, charged, actual) = (int(&c[1]), int(&c[2]), int(&c[3]));
-                    charges.push(Charge {
-                        def: Arc::clone(def),
-                        key: local.into(),
-                        reserved,
-                        charged,
-                        uncharged: actual - charged,
-                    });
+                if let Some(policy) = policy {
+                    for c in out.get(3..).unwrap_or_default().chunks_exact(4) {
+                        let key = text(&c[0]);
+                        let local = key.split_once("}:").map_or(key.as_str(), |(_, k)| k);
+                        let name = KeyRef::split(local).name;
+                        let def = policy.limit(name).ok_or_else(|| {
+                            backend_err(format!(
+                                "limit `{name}` of reservation {id} is not in the policy"
+                            ))
+                        })?;
+                        let (reserved, charged, actual) = (int(&c[1]), int(&c[2]), int(&c[3]));
+                        charges.push(Charge {
+                            def: Arc::clone(def),
+                            key: local.into(),
+                            reserved,
+                            charged,
+                            uncharged: actual - charged,
+                        });
+                    }
                 }
                 Ok(Reply::Committed(CommitReceipt {
                     id,
@@ -583,7 +1005,84 @@ impl RedisBackend {
                 }))
             }
             other => Err(backend_err(format!("settle script answered `{other}`"))),
+        };
+        reply.map(|r| (r, links))
+    }
+}
+
+/// Releases reservations when dropped while armed (`backend` set): a
+/// multi-slot decision cancelled between its steps hands back what it took at
+/// once instead of leaving it held until the lease runs out.
+struct Undo {
+    backend: Option<RedisBackend>,
+    ids: Vec<ReservationId>,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let (Some(backend), Ok(rt)) = (self.backend.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let ids = std::mem::take(&mut self.ids);
+        rt.spawn(async move {
+            for id in ids {
+                let _ = backend
+                    .settle_one(id, "release", 0, &[], None, None, 0)
+                    .await;
+            }
+        });
+    }
+}
+
+/// A plan's limits on one cluster slot.
+struct Part {
+    slot: u16,
+    /// Plan indices.
+    items: SmallVec<[usize; 8]>,
+    /// Whether this part carries the request's own keys (see [`RedisBackend::parts`]).
+    primary: bool,
+}
+
+/// What one script run on one part is asked to do.
+#[derive(Clone)]
+struct Step<'s> {
+    mode: &'s str,
+    id: Option<ReservationId>,
+    lease: Micros,
+    /// Priority rank to decide at (the served rank, on later steps).
+    rank: u8,
+    /// First step of a multi-slot decision: leave the starvation tracker.
+    first_of_many: bool,
+    /// Reservations on other slots to record as links.
+    links: &'s str,
+}
+
+impl<'s> Step<'s> {
+    fn new(mode: &'s str, plan: &Plan<'_>) -> Self {
+        Self {
+            mode,
+            id: None,
+            lease: 0,
+            rank: plan.priority().rank(),
+            first_of_many: false,
+            links: "",
         }
+    }
+}
+
+/// One part's answer.
+struct PartOut {
+    rank: u8,
+    expires_at: Micros,
+    /// A starvation tracker was left for the last step to settle.
+    tracker_left: bool,
+    evals: Vec<ItemEval>,
+}
+
+impl PartOut {
+    fn allowed(&self) -> bool {
+        self.evals.iter().all(|e| e.allowed)
     }
 }
 
@@ -622,8 +1121,12 @@ impl RedisBackend {
             }
             None => format!("{ns}:*"),
         };
-        let mut keys: Vec<String> = scan(&mut conn, &pattern).await?;
-        keys.extend(scan(&mut conn, &format!("{ns}:res:*")).await?);
+        // A scope tree (and its reservations) lives on its tag's slot: only
+        // that node is scanned.
+        let on = scope.map(|s| format!("{{{}}}", s.prefix(1)));
+        let mut keys: Vec<String> = self
+            .scan(&[pattern, format!("{ns}:{{*}}:res:*")], on.as_deref())
+            .await?;
         keys.sort();
         keys.dedup();
         let mut out = Vec::new();
@@ -655,7 +1158,7 @@ impl RedisBackend {
                 }
             }
             let has = |f: &str| fields.iter().any(|(k, _)| k == f);
-            let what = if local.starts_with("res:") {
+            let what = if local.starts_with("res:") && !local.contains('#') {
                 let scope_ok = scope.is_none_or(|s| {
                     fields.iter().any(|(k, v)| {
                         k == "scope"
@@ -689,24 +1192,74 @@ impl RedisBackend {
     }
 }
 
-async fn scan(conn: &mut ConnectionManager, pattern: &str) -> Result<Vec<String>> {
-    let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(conn)
-            .await
-            .map_err(backend_err)?;
-        keys.extend(batch);
-        if next == 0 {
-            return Ok(keys);
+impl RedisBackend {
+    /// Every key matching any of `patterns`, with `SCAN` on the server, on the
+    /// master owning `on`'s slot, or on every master of the cluster.
+    async fn scan(&self, patterns: &[String], on: Option<&str>) -> Result<Vec<String>> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let nodes: Vec<Option<(String, u16)>> = match &self.conn {
+            Conn::Single(_) => vec![None],
+            Conn::Cluster(_) if on.is_some() => vec![None],
+            Conn::Cluster(c) => {
+                let mut c = c.clone();
+                let text: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(backend_err)?;
+                text.lines()
+                    .filter(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("master")))
+                    .filter_map(|l| {
+                        let addr = l.split(' ').nth(1)?.split('@').next()?;
+                        let (host, port) = addr.rsplit_once(':')?;
+                        Some(Some((host.to_owned(), port.parse().ok()?)))
+                    })
+                    .collect()
+            }
+        };
+        let mut keys = Vec::new();
+        for node in nodes {
+            for pattern in patterns {
+                let mut cursor: u64 = 0;
+                loop {
+                    let mut cmd = redis::cmd("SCAN");
+                    cmd.arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(500);
+                    let value = match &self.conn {
+                        Conn::Single(c) => {
+                            let mut c = c.clone();
+                            cmd.query_async::<Value>(&mut c).await
+                        }
+                        Conn::Cluster(c) => {
+                            let target = match (&node, on) {
+                                (Some((host, port)), _) => SingleNodeRoutingInfo::ByAddress {
+                                    host: host.clone(),
+                                    port: *port,
+                                },
+                                (None, key) => SingleNodeRoutingInfo::SpecificNode(
+                                    Route::with_key(key.unwrap_or_default(), SlotAddr::Master),
+                                ),
+                            };
+                            c.clone()
+                                .route_command(cmd, RoutingInfo::SingleNode(target))
+                                .await
+                        }
+                    }
+                    .map_err(backend_err)?;
+                    let (next, batch): (u64, Vec<String>) =
+                        redis::from_redis_value(value).map_err(backend_err)?;
+                    keys.extend(batch);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
         }
-        cursor = next;
+        Ok(keys)
     }
 }
 

@@ -44,6 +44,13 @@ impl RedisServers {
         self.url().rsplit(':').next().unwrap().parse().unwrap()
     }
 
+    /// `redis+cluster://…` naming every cluster master.
+    pub fn cluster_url(&self) -> &str {
+        self.info["cluster_url"]
+            .as_str()
+            .expect("started with a cluster")
+    }
+
     /// `host:port` of each cluster master.
     pub fn cluster_nodes(&self) -> Vec<String> {
         self.info["cluster"].as_array().map_or_else(Vec::new, |a| {
