@@ -18,9 +18,13 @@ pub struct Args {
     /// Policy file.
     #[arg(long)]
     pub policy: PathBuf,
-    /// Scope every request is made for.
+    /// Scope every request is made for; several, comma-separated, are spread
+    /// over the tasks (task i uses the i-th, round robin).
     #[arg(long)]
     pub scope: String,
+    /// Resource every request uses (its limits, e.g. shared pools, apply too).
+    #[arg(long)]
+    pub resource: Option<String>,
     /// Concurrent tasks in this process.
     #[arg(long, default_value_t = 16)]
     pub tasks: usize,
@@ -62,17 +66,24 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
             Arc::new(backend) as Arc<dyn Backend>,
             Arc::new(SystemClock),
         );
-        let mut request = Request::parse(&args.scope)?;
-        if args.tokens > 0 {
-            request = request.spend("tokens", args.tokens);
+        let mut requests = Vec::new();
+        for scope in args.scope.split(',') {
+            let mut request = Request::parse(scope)?;
+            if let Some(r) = &args.resource {
+                request = request.resource(r);
+            }
+            if args.tokens > 0 {
+                request = request.spend("tokens", args.tokens);
+            }
+            requests.push(request);
         }
         let admitted = Arc::new(AtomicI64::new(0));
         let lease = args.lease_secs.map(std::time::Duration::from_secs);
         let mut handles = Vec::new();
-        for _ in 0..args.tasks {
+        for task in 0..args.tasks {
             let (w, req, admitted, ops, reserve, hold) = (
                 warden.clone(),
-                request.clone(),
+                requests[task % requests.len()].clone(),
                 Arc::clone(&admitted),
                 args.ops,
                 args.mode == "reserve",

@@ -112,9 +112,21 @@ struct Redis(serde_json::Value);
 
 impl Redis {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A standalone server and a 3-master cluster; [`Redis::url`] names the cluster.
+    fn start_cluster() -> Self {
+        let mut r = Self::start_with(&["--cluster"]);
+        r.0["url"] = r.0["cluster_url"].clone();
+        r
+    }
+
+    fn start_with(args: &[&str]) -> Self {
         let out = Command::new("python3")
             .arg(root().join("scripts/redis_harness.py"))
             .arg("start")
+            .args(args)
             .output()
             .unwrap();
         assert!(
@@ -244,6 +256,56 @@ fn four_processes_on_one_redis_admit_exactly_the_limit() {
     // Every reservation was committed: no hold is left on the server.
     let holds = redis.cli(&["HKEYS", "rw:{tenant:s}:tenant:s#slots"]);
     assert!(!holds.contains("h:"), "leaked holds: {holds}");
+}
+
+#[test]
+fn four_processes_on_a_cluster_admit_exactly_the_limits_spread_over_its_shards() {
+    let redis = Redis::start_cluster();
+    // Tenant limits live on the tenants' slots, the provider's pools on others.
+    // (64 slots for 64 tasks: each task holds at most one, so only the quotas bind.)
+    let policy = PolicyFile::new(
+        "mpc",
+        "scopes:\n  tenant:\n    limits:\n      - {name: t-quota, kind: quota, limit: 150, per: day}\n      - {name: t-budget, kind: budget, unit: tokens, limit: 100000}\nresources:\n  llm:\n    limits:\n      - {name: llm-quota, kind: quota, limit: 1009, per: day}\n      - {name: llm-slots, kind: concurrency, limit: 64, lease: 1m}\n",
+    );
+    let tenants = "tenant:a,tenant:b,tenant:c,tenant:d,tenant:e,tenant:f,tenant:g,tenant:h";
+    // 4 processes × 16 tasks × 25 requests = 1600 attempts; 8 tenants × 150 = 1200
+    // tenant admissions against a pool of 1009: the pool binds, exactly.
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            let mode = if i % 2 == 0 { "acquire" } else { "reserve" };
+            let cmd = worker(
+                &redis,
+                &policy,
+                tenants,
+                &[
+                    "--resource",
+                    "llm",
+                    "--tasks",
+                    "16",
+                    "--ops",
+                    "25",
+                    "--mode",
+                    mode,
+                    "--tokens",
+                    "2",
+                ],
+            );
+            std::thread::spawn(move || admitted(cmd))
+        })
+        .collect();
+    let total: u64 = children.into_iter().map(|c| c.join().unwrap()).sum();
+    assert_eq!(total, 1009, "the shared pool, exactly");
+    let out = bin()
+        .args(["inspect", "--backend", redis.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains(": holds "), "no hold left anywhere:\n{text}");
 }
 
 #[test]

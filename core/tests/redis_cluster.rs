@@ -277,3 +277,41 @@ async fn a_cancelled_request_hands_back_its_first_step_at_once() {
     let states = backend.inspect(None).await.unwrap();
     assert_eq!(used(&states, "@#llm-req"), (1, 0));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn script_flush_on_every_node_mid_run_is_transparent() {
+    let servers = RedisServers::start(true);
+    let ports = ports(&servers);
+    let (tenant, _, _) = tenant_off_pool(&ports, "flush");
+    let w = warden(
+        RedisBackend::connect(servers.cluster_url(), "flush")
+            .await
+            .unwrap(),
+    );
+    assert!(w.acquire(&llm(&tenant)).await.unwrap().allowed());
+    let r = w
+        .reserve(&llm(&tenant), None)
+        .await
+        .unwrap()
+        .reservation
+        .unwrap();
+    for p in &ports {
+        assert_eq!(cli(*p, &["SCRIPT", "FLUSH"]), "OK");
+    }
+    assert!(w.acquire(&llm(&tenant)).await.unwrap().allowed());
+    let receipt = w.commit(r.id, &ratewarden::Cost::new()).await.unwrap();
+    assert_eq!(receipt.charges.len(), 3, "{receipt:?}");
+    let d = w.check(&llm(&tenant).spend("requests", 0)).await.unwrap();
+    let left = |name: &str| {
+        d.limits
+            .iter()
+            .find(|l| l.name() == name)
+            .unwrap()
+            .remaining
+    };
+    assert_eq!(
+        (left("t-req"), left("llm-req")),
+        (37, 297),
+        "three charged, once each"
+    );
+}
