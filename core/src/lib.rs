@@ -31,7 +31,8 @@
 //!
 //! Modules: [`policy`] (loading and validation), [`scope`], [`amount`],
 //! [`decision`], [`backend`] (the storage contract and the embedded engine),
-//! [`clock`], [`eval`] (the arithmetic every backend shares).
+//! [`clock`], [`eval`] (the arithmetic every backend shares), [`events`]
+//! (degraded decisions and backend outages, via [`Warden::subscribe`]).
 
 pub mod amount;
 pub mod backend;
@@ -40,6 +41,7 @@ pub mod clock;
 pub mod decision;
 pub mod error;
 pub mod eval;
+pub mod events;
 pub mod plan;
 pub mod policy;
 pub mod priority;
@@ -54,6 +56,7 @@ pub use decision::{
     ReservationInfo,
 };
 pub use error::{Error, ErrorKind, Result};
+pub use events::Event;
 pub use plan::Request;
 pub use policy::{Format, Policy};
 pub use priority::Priority;

@@ -15,6 +15,7 @@ use crate::backend::{Backend, MemoryBackend, Op, Pending, Reply};
 use crate::clock::{Clock, Micros, SystemClock, micros};
 use crate::decision::{Caps, CommitReceipt, Decision, Outcome, ReservationId};
 use crate::error::{Error, Result};
+use crate::events::Event;
 use crate::plan::{Plan, Request, resolve_cost};
 use crate::policy::{LimitKind, Policy};
 use crate::scope::Scope;
@@ -51,6 +52,9 @@ struct Inner {
     backend: Arc<dyn Backend>,
     clock: Arc<dyn Clock>,
     queue: WaitQueue,
+    events: tokio::sync::broadcast::Sender<Event>,
+    /// Since when decisions are degraded (µs), or `i64::MIN` while the backend answers.
+    degraded_since: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Warden {
@@ -86,6 +90,8 @@ impl Warden {
                 backend,
                 clock,
                 queue: WaitQueue::default(),
+                events: tokio::sync::broadcast::Sender::new(crate::events::CAPACITY),
+                degraded_since: std::sync::atomic::AtomicI64::new(i64::MIN),
             }),
         }
     }
@@ -116,16 +122,74 @@ impl Warden {
     }
 
     async fn decision(&self, op: Op<'_>) -> Result<Decision> {
+        let scope = op_scope(&op);
         let reply = match self.inner.backend.execute(op) {
             Pending::Ready(r) => r,
             Pending::Future(f) => f.await,
         };
         match reply? {
-            Reply::Decision(d) => Ok(d),
+            Reply::Decision(d) => {
+                self.report(&d, scope);
+                Ok(d)
+            }
             other => Err(Error::Backend {
                 message: format!("backend answered {other:?} to a decision"),
             }),
         }
+    }
+
+    /// Emits the events a decision implies: backend outages, degraded
+    /// decisions, recoveries. One relaxed load when all is well.
+    fn report(&self, d: &Decision, scope: Option<&Scope>) {
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        let since = inner.degraded_since.load(Ordering::Relaxed);
+        match d.degraded {
+            None if since == i64::MIN => {}
+            None => {
+                if inner
+                    .degraded_since
+                    .compare_exchange(since, i64::MIN, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    let at = inner.clock.now();
+                    let _ = inner.events.send(Event::BackendRecovered {
+                        after: Duration::from_micros(u64::try_from(at - since).unwrap_or(0)),
+                        at,
+                    });
+                }
+            }
+            Some(mode) => {
+                let at = inner.clock.now();
+                let reason = d.reason.clone().unwrap_or_default();
+                if since == i64::MIN
+                    && inner
+                        .degraded_since
+                        .compare_exchange(i64::MIN, at, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    let _ = inner.events.send(Event::BackendUnavailable {
+                        reason: reason.clone(),
+                        at,
+                    });
+                }
+                let _ = inner.events.send(Event::DegradedDecision {
+                    mode,
+                    scope: scope.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                    outcome: d.outcome,
+                    reason,
+                    at,
+                });
+            }
+        }
+    }
+
+    /// Subscribes to this warden's [`Event`]s (every clone of the warden shares
+    /// them). Never slows decisions: a subscriber that falls more than
+    /// [`crate::events::CAPACITY`] events behind loses the oldest.
+    #[must_use]
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
     }
 
     /// Evaluates `request` against every limit it touches without changing anything.
@@ -474,5 +538,14 @@ impl WaitQueue {
         waiters
             .range(..bound)
             .any(|(_, theirs)| theirs.iter().any(|k| keys.contains(k)))
+    }
+}
+
+/// The scope a decision is for.
+fn op_scope<'a>(op: &Op<'a>) -> Option<&'a Scope> {
+    match op {
+        Op::Check(plan) | Op::Acquire(plan) | Op::Reserve { plan, .. } => Some(plan.scope()),
+        Op::Delegate { child, .. } => Some(child),
+        _ => None,
     }
 }

@@ -216,6 +216,7 @@ async fn when_redis_goes_down_each_mode_holds_and_redis_resumes_when_back() {
     let allow = make(OnBackendError::Allow, "allow").await;
     let local = make(OnBackendError::Local { share: 2 }, "local").await;
     let req = Request::parse("tenant:a").unwrap();
+    let mut events = local.subscribe();
     for w in [&deny, &allow, &local] {
         let d = w.acquire(&req).await.unwrap();
         assert!(
@@ -265,6 +266,29 @@ async fn when_redis_goes_down_each_mode_holds_and_redis_resumes_when_back() {
         .unwrap()
         .reservation
         .unwrap();
+    // One outage event, then one event per degraded decision (10 acquires, 1 reserve).
+    use ratewarden::Event;
+    use tokio::sync::broadcast::error::TryRecvError;
+    let first = events.try_recv().unwrap();
+    assert!(
+        matches!(&first, Event::BackendUnavailable { reason, .. } if reason.contains("local")),
+        "{first:?}"
+    );
+    for i in 0..11 {
+        match events.try_recv().unwrap() {
+            Event::DegradedDecision {
+                mode: Degraded::Local,
+                scope,
+                outcome,
+                ..
+            } => {
+                assert_eq!(scope, if i < 10 { "tenant:a" } else { "tenant:b" });
+                assert_eq!(outcome == ratewarden::Outcome::Deny, (5..10).contains(&i));
+            }
+            other => panic!("event {i}: {other:?}"),
+        }
+    }
+    assert_eq!(events.try_recv(), Err(TryRecvError::Empty));
 
     // Redis comes back on the same port (empty: no persistence in tests).
     let dir = std::env::temp_dir().join(format!("rw-restart-{}", std::process::id()));
@@ -311,6 +335,20 @@ async fn when_redis_goes_down_each_mode_holds_and_redis_resumes_when_back() {
             back.unwrap_or_else(|| panic!("{name}: decisions go back to Redis once it answers"));
         assert!(d.allowed(), "{name}: {d:?}");
     }
+    // The recovery is reported once, after whatever degraded decisions the
+    // reconnection took.
+    let mut recovered = 0;
+    while let Ok(e) = events.try_recv() {
+        match e {
+            Event::DegradedDecision { .. } => assert_eq!(recovered, 0, "degraded after recovery"),
+            Event::BackendRecovered { after, .. } => {
+                assert!(after > std::time::Duration::ZERO);
+                recovered += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(recovered, 1);
     // A reservation made while degraded is still settled locally.
     assert!(local.release(held.id).await.unwrap());
     std::fs::remove_dir_all(dir).unwrap();

@@ -1,0 +1,50 @@
+//! Events: what a [`crate::Warden`] reports beside its decisions.
+//!
+//! Subscribe with [`crate::Warden::subscribe`]. Delivery never blocks or slows a
+//! decision: events go into a bounded broadcast channel ([`CAPACITY`] per
+//! subscriber), and a subscriber that falls behind loses the oldest ones (its
+//! next `recv` reports how many, as `RecvError::Lagged`). With no subscriber,
+//! nothing is kept.
+
+use std::time::Duration;
+
+use crate::clock::Micros;
+use crate::decision::{Degraded, Outcome};
+
+/// Events kept per subscriber before the oldest are dropped.
+pub const CAPACITY: usize = 1024;
+
+/// Something a warden reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The shared backend could not be asked: the first degraded decision after
+    /// the backend was last answering (or since start).
+    BackendUnavailable {
+        /// Why, as the backend reported it.
+        reason: String,
+        /// When (µs since the epoch, the warden's clock).
+        at: Micros,
+    },
+    /// A decision was made without the shared backend (`on_backend_error`).
+    /// Every such decision emits one; its [`crate::Decision::degraded`] says the same.
+    DegradedDecision {
+        /// Which fallback made it.
+        mode: Degraded,
+        /// The request's scope.
+        scope: String,
+        /// What was decided.
+        outcome: Outcome,
+        /// The decision's reason (includes the backend's error).
+        reason: String,
+        /// When (µs since the epoch, the warden's clock).
+        at: Micros,
+    },
+    /// The shared backend answered again after degraded decisions.
+    BackendRecovered {
+        /// How long decisions were degraded.
+        after: Duration,
+        /// When (µs since the epoch, the warden's clock).
+        at: Micros,
+    },
+}
