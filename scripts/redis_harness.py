@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Throwaway Redis servers for the test suites (Rust, Python and Node alike).
 
-    python3 scripts/redis_harness.py start [--cluster]   # prints JSON, returns when ready
+    python3 scripts/redis_harness.py start [--cluster] [--tls]   # prints JSON when ready
     python3 scripts/redis_harness.py stop DIR            # stops them, removes DIR
 
 `start` launches one standalone `redis-server` and, with `--cluster`, three
@@ -12,7 +12,11 @@ persistence, in a fresh temporary directory. It prints one JSON line:
     {"dir": "/tmp/rw-redis-…", "url": "redis://127.0.0.1:PORT",
      "cluster": ["127.0.0.1:P1", "127.0.0.1:P2", "127.0.0.1:P3"],
      "cluster_url": "redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3",
+     "tls_url": "rediss://127.0.0.1:PT", "tls_ca": "/tmp/rw-redis-…/ca.crt",
      "pids": [...]}
+
+(`tls_url`/`tls_ca` with `--tls`: one more server speaking only TLS, with a
+certificate for 127.0.0.1 signed by a throwaway CA made with `openssl`.)
 
 and exits 0 only once every server answers PING and the cluster reports
 `cluster_state:ok` with all 16384 slots assigned. The servers run on after
@@ -83,6 +87,48 @@ def _wait(what: str, ready: Any) -> None:
     raise RuntimeError(f"timed out after {READY_TIMEOUT_S}s waiting for {what}")
 
 
+def _tls_files(directory: str) -> dict[str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost."""
+    f = {n: os.path.join(directory, n) for n in ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt", "ext")}
+    openssl = _tool("openssl")
+    run = lambda *a: subprocess.run([openssl, *a], capture_output=True, timeout=60, check=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f["ca.key"], "-out", f["ca.crt"],
+        "-days", "2", "-subj", "/CN=ratewarden-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f["srv.key"], "-out", f["srv.csr"],
+        "-subj", "/CN=localhost")
+    with open(f["ext"], "w") as ext:
+        ext.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", f["srv.csr"], "-CA", f["ca.crt"], "-CAkey", f["ca.key"],
+        "-CAcreateserial", "-out", f["srv.crt"], "-days", "2", "-extfile", f["ext"])
+    return f
+
+
+def _spawn_tls(directory: str, port: int) -> int:
+    f = _tls_files(directory)
+    proc = subprocess.Popen(
+        [
+            _tool("redis-server"),
+            "--port", "0", "--tls-port", str(port),
+            "--tls-cert-file", f["srv.crt"], "--tls-key-file", f["srv.key"],
+            "--tls-ca-cert-file", f["ca.crt"], "--tls-auth-clients", "no",
+            "--bind", "127.0.0.1", "--dir", directory, "--save", "", "--appendonly", "no",
+            "--logfile", os.path.join(directory, f"redis-tls-{port}.log"),
+        ],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def ping() -> bool:
+        out = subprocess.run(
+            [_tool("redis-cli"), "--tls", "--cacert", f["ca.crt"], "-h", "127.0.0.1", "-p", str(port), "PING"],
+            capture_output=True, text=True, timeout=1.0, check=False,
+        )
+        return out.stdout.strip() == "PONG"
+
+    _wait(f"TLS redis-server on port {port}", ping)
+    return proc.pid
+
+
 def _spawn(directory: str, port: int, cluster: bool) -> int:
     args = [
         _tool("redis-server"),
@@ -111,7 +157,7 @@ def _spawn(directory: str, port: int, cluster: bool) -> int:
     return proc.pid
 
 
-def start(cluster: bool) -> dict[str, Any]:
+def start(cluster: bool, tls: bool = False) -> dict[str, Any]:
     directory = tempfile.mkdtemp(prefix="rw-redis-")
     ports: set[int] = set()
     pids: list[int] = []
@@ -141,6 +187,11 @@ def start(cluster: bool) -> dict[str, Any]:
             _wait("cluster_state:ok on all 3 nodes", cluster_ok)
             info["cluster"] = addrs
             info["cluster_url"] = "redis+cluster://" + ",".join(addrs)
+        if tls:
+            port = _free_port(ports)
+            pids.append(_spawn_tls(directory, port))
+            info["tls_url"] = f"rediss://127.0.0.1:{port}"
+            info["tls_ca"] = os.path.join(directory, "ca.crt")
         with open(os.path.join(directory, "pids"), "w") as f:
             f.write(" ".join(str(p) for p in pids))
         return info
@@ -212,8 +263,8 @@ class RedisServers:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) >= 2 and argv[1] == "start" and set(argv[2:]) <= {"--cluster"}:
-        print(json.dumps(start(cluster="--cluster" in argv[2:])), flush=True)
+    if len(argv) >= 2 and argv[1] == "start" and set(argv[2:]) <= {"--cluster", "--tls"}:
+        print(json.dumps(start(cluster="--cluster" in argv[2:], tls="--tls" in argv[2:])), flush=True)
         return 0
     if len(argv) == 3 and argv[1] == "stop":
         stop(argv[2])

@@ -16,15 +16,17 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   rustup component add rustfmt clippy
 fi
 
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1 \
+  || ! command -v openssl >/dev/null 2>&1; then
   # The suites start their own throwaway servers (scripts/redis_harness.py) on
   # free loopback ports; they never use a Redis already running on 6379.
-  step "installing redis-server"
+  # openssl makes the throwaway CA of the TLS (rediss://) test.
+  step "installing redis-server and openssl"
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl
   else
-    echo "error: redis-server not found; install it (Debian: sudo apt-get install redis-server)" >&2
+    echo "error: redis-server or openssl not found; install them (Debian: sudo apt-get install redis-server openssl)" >&2
     exit 1
   fi
 fi

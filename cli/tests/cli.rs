@@ -309,6 +309,32 @@ fn four_processes_on_a_cluster_admit_exactly_the_limits_spread_over_its_shards()
 }
 
 #[test]
+fn rediss_urls_speak_tls_and_verify_the_server_certificate() {
+    let redis = Redis::start_with(&["--tls"]);
+    let url = redis.0["tls_url"].as_str().unwrap().to_owned();
+    let ca = redis.0["tls_ca"].as_str().unwrap().to_owned();
+    let policy = PolicyFile::new(
+        "tls",
+        "scopes:\n  tenant:\n    limits:\n      - {name: q, kind: quota, limit: 7, per: day}\n",
+    );
+    let mut cmd = bin();
+    cmd.args(["worker", "--backend", &url, "--policy"])
+        .arg(policy.0.join("policy.yaml"))
+        .args(["--scope", "tenant:t", "--tasks", "2", "--ops", "10"]);
+    // An unknown CA is refused, with the reason.
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    // Trusting the test CA (the standard SSL_CERT_FILE variable), it works.
+    cmd.env("SSL_CERT_FILE", &ca);
+    assert_eq!(admitted(cmd), 7);
+}
+
+#[test]
 fn a_holder_killed_with_sigkill_gives_its_leases_back_when_they_expire() {
     let redis = Redis::start();
     let policy = PolicyFile::new(

@@ -291,34 +291,7 @@ async fn when_redis_goes_down_each_mode_holds_and_redis_resumes_when_back() {
     assert_eq!(events.try_recv(), Err(TryRecvError::Empty));
 
     // Redis comes back on the same port (empty: no persistence in tests).
-    let dir = std::env::temp_dir().join(format!("rw-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Server(
-        std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _server = Server::on(port, "restart");
     // Each backend asks Redis again on its next decision (or, after a timeout, a
     // moment later); waiting on an external process and reconnect backoff, bounded.
     for (name, w) in [("deny", &deny), ("local", &local)] {
@@ -351,5 +324,74 @@ async fn when_redis_goes_down_each_mode_holds_and_redis_resumes_when_back() {
     assert_eq!(recovered, 1);
     // A reservation made while degraded is still settled locally.
     assert!(local.release(held.id).await.unwrap());
-    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A bare `redis-server` on a given port (empty, no persistence), killed on drop.
+struct Server(std::process::Child, std::path::PathBuf);
+
+impl Server {
+    fn on(port: u16, tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("rw-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self(child, dir)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_process_started_while_redis_is_down_degrades_then_uses_redis() {
+    use ratewarden::Degraded;
+    let servers = RedisServers::start(false);
+    let (url, port) = (servers.url().to_owned(), servers.port());
+    drop(servers); // nothing listens on the port now
+    let e = RedisBackend::connect(&url, "lazy").await.unwrap_err();
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+    let backend = RedisBackend::connect_lazy(&url, "lazy").unwrap();
+    let w = Warden::with_backend(
+        Policy::from_value(&json!({"scopes": {"tenant": {"limits": [
+            {"name": "q", "kind": "quota", "limit": 3, "per": "day"}
+        ]}}}))
+        .unwrap(),
+        Arc::new(backend) as Arc<dyn Backend>,
+        Arc::new(SystemClock),
+    );
+    let req = Request::parse("tenant:a").unwrap();
+    let d = w.acquire(&req).await.unwrap();
+    assert_eq!(d.degraded, Some(Degraded::Deny), "{d:?}");
+    let _server = Server::on(port, "lazy");
+    // Waiting on an external process and the reconnect backoff, bounded.
+    let mut admitted = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let d = w.acquire(&req).await.unwrap();
+        if d.degraded.is_none() {
+            assert!(d.allowed());
+            admitted = 1;
+            break;
+        }
+    }
+    assert_eq!(admitted, 1, "decisions go to Redis once it answers");
+    assert!(w.acquire(&req).await.unwrap().allowed());
+    assert!(w.acquire(&req).await.unwrap().allowed());
+    let d = w.acquire(&req).await.unwrap();
+    assert!(
+        !d.allowed() && d.degraded.is_none(),
+        "the quota of 3, kept by Redis"
+    );
 }

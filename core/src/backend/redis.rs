@@ -33,7 +33,7 @@
 use std::sync::Arc;
 
 use futures_util::future::join_all;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use smallvec::SmallVec;
 
@@ -45,7 +45,7 @@ use slots::{id_in_slot, id_slot, slot_tag, tag_slot};
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use super::{Backend, MemoryBackend, Op, Pending, Reply};
+use super::{Backend, MemoryBackend, Op, Pending, Reply, poll_ready};
 use crate::calendar::Window;
 use crate::clock::SystemClock;
 use crate::clock::{Clock, Micros};
@@ -155,6 +155,22 @@ impl RedisBackend {
     /// [`Error::InvalidArgument`] for a bad URL or namespace, [`Error::Backend`] if
     /// the server cannot be reached.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
+        Self::open(url, namespace, false).await
+    }
+
+    /// Like [`RedisBackend::connect`], but does not wait for Redis: it returns at
+    /// once and connects in the background, so a process can start while Redis
+    /// is down — its decisions follow `on_backend_error` until Redis answers.
+    /// Must be called within a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad URL or namespace (never unreachability).
+    pub fn connect_lazy(url: &str, namespace: &str) -> Result<Self> {
+        poll_ready(Self::open(url, namespace, true))
+            .unwrap_or_else(|| Err(backend_err("a lazy connection waited")))
+    }
+
+    async fn open(url: &str, namespace: &str, lazy: bool) -> Result<Self> {
         if namespace.is_empty()
             || !namespace
                 .chars()
@@ -184,10 +200,22 @@ impl RedisBackend {
         let (conn, cluster) = match conn::target(url)? {
             Target::Single(u) => {
                 let client = redis::Client::open(u.as_str()).map_err(bad_url)?;
-                let conn = tokio::time::timeout(connect_timeout, ConnectionManager::new(client))
+                // Few retries with a bounded attempt, so a refused connection or a
+                // bad certificate is reported as such rather than as a timeout.
+                let config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(1)
+                    .set_connection_timeout(Some(connect_timeout / 2));
+                let conn = if lazy {
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(bad_url)?
+                } else {
+                    tokio::time::timeout(
+                        connect_timeout,
+                        ConnectionManager::new_with_config(client, config),
+                    )
                     .await
                     .map_err(|_| unreachable(&"timed out"))?
-                    .map_err(|e| unreachable(&e))?;
+                    .map_err(|e| unreachable(&e))?
+                };
                 (Conn::Single(conn), false)
             }
             Target::Cluster(nodes) => {
@@ -196,10 +224,16 @@ impl RedisBackend {
                     .response_timeout(DEFAULT_TIMEOUT * 4)
                     .build()
                     .map_err(bad_url)?;
-                let conn = tokio::time::timeout(connect_timeout, client.get_async_connection())
-                    .await
-                    .map_err(|_| unreachable(&"timed out"))?
-                    .map_err(|e| unreachable(&e))?;
+                let conn = if lazy {
+                    client.get_pending_async_connection_with_config(
+                        redis::cluster::ClusterConfig::default(),
+                    )
+                } else {
+                    tokio::time::timeout(connect_timeout, client.get_async_connection())
+                        .await
+                        .map_err(|_| unreachable(&"timed out"))?
+                        .map_err(|e| unreachable(&e))?
+                };
                 (Conn::Cluster(conn), true)
             }
         };
