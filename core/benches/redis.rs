@@ -3,6 +3,9 @@
 //! arguments) at the same concurrency: the physical limit of one server. Also
 //! counts script calls per decision with `INFO commandstats`.
 //!
+//! Then the same engine on a 3-master Redis Cluster against the standalone
+//! server, with requests spread over many tenants (so over every shard).
+//!
 //! cargo bench -p ratewarden --bench redis      (needs redis-server, redis-benchmark)
 #![allow(
     missing_docs,
@@ -46,15 +49,20 @@ fn cli(port: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn evalsha_calls(port: &str) -> u64 {
-    let stats = cli(port, &["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+fn evalsha_calls(ports: &[String]) -> u64 {
+    ports
+        .iter()
+        .map(|port| {
+            let stats = cli(port, &["INFO", "commandstats"]);
+            stats
+                .lines()
+                .find(|l| l.starts_with("cmdstat_evalsha:"))
+                .and_then(|l| l.split("calls=").nth(1))
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 struct Row {
@@ -64,17 +72,22 @@ struct Row {
     scripts_per_decision: f64,
 }
 
-async fn ours(w: &Warden, req: &Request, callers: usize, port: &str) -> Row {
-    let before = evalsha_calls(port);
+/// `callers` tasks acquiring for `RUN`; each cycles through `reqs` from its own offset.
+async fn ours(w: &Warden, reqs: &[Request], callers: usize, ports: &[String]) -> Row {
+    let before = evalsha_calls(ports);
     let start = Instant::now();
+    let reqs: Arc<Vec<Request>> = Arc::new(reqs.to_vec());
     let mut tasks = Vec::new();
-    for _ in 0..callers {
-        let (w, req) = (w.clone(), req.clone());
+    for c in 0..callers {
+        let (w, reqs) = (w.clone(), Arc::clone(&reqs));
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
+            let mut i = c * 7919;
             while start.elapsed() < RUN {
+                let req = &reqs[i % reqs.len()];
+                i += 1;
                 let t = Instant::now();
-                let d = w.acquire(&req).await.expect("acquire");
+                let d = w.acquire(req).await.expect("acquire");
                 assert!(d.allowed());
                 lat.push(t.elapsed());
             }
@@ -88,7 +101,7 @@ async fn ours(w: &Warden, req: &Request, callers: usize, port: &str) -> Row {
     let secs = start.elapsed().as_secs_f64();
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
-    let calls = evalsha_calls(port) - before;
+    let calls = evalsha_calls(ports) - before;
     Row {
         ops_s: lat.len() as f64 / secs,
         p50_us: pct(0.5),
@@ -130,9 +143,16 @@ fn main() {
         eprintln!("redis-benchmark not found: install redis-tools");
         return;
     }
-    let info: serde_json::Value = serde_json::from_str(&harness(&["start"])).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&harness(&["start", "--cluster"])).unwrap();
     let url = info["url"].as_str().unwrap().to_owned();
     let port = url.rsplit(':').next().unwrap().to_owned();
+    let cluster_url = info["cluster_url"].as_str().unwrap().to_owned();
+    let cluster_ports: Vec<String> = info["cluster"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().rsplit(':').next().unwrap().to_owned())
+        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -183,7 +203,12 @@ fn main() {
         );
         rt.block_on(async { w.acquire(req).await.unwrap() }); // loads the script
         for callers in [1usize, 16, 64] {
-            let row = rt.block_on(ours(&w, req, callers, &port));
+            let row = rt.block_on(ours(
+                &w,
+                std::slice::from_ref(req),
+                callers,
+                std::slice::from_ref(&port),
+            ));
             let raw = redis_benchmark(&port, callers, &command, row.ops_s);
             println!(
                 "| {name} | {callers} | {:.0} | {:.0} µs | {:.0} µs | {raw:.0} | {:.0}% | {:.2} |",
@@ -195,5 +220,101 @@ fn main() {
             );
         }
     }
+    cluster(&rt, &url, &port, &cluster_url, &cluster_ports);
     harness(&["stop", info["dir"].as_str().unwrap()]);
+}
+
+/// Standalone against the 3-master cluster: 1 000 tenants, 64 callers; a
+/// request on its tenant's own limits (one slot) and one that also takes a
+/// shared provider pool (several slots: reserve, then commit).
+fn cluster(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    port: &str,
+    cluster_url: &str,
+    cluster_ports: &[String],
+) {
+    let big = 1_000_000_000_000u64;
+    let policy = Policy::from_value(&json!({
+        "scopes": {
+            "tenant": {"limits": [
+                {"name": "t-usd", "kind": "budget", "unit": "usd", "limit": "1000000000", "per": "month"},
+                {"name": "t-rps", "kind": "rate", "limit": big, "per": "1s"}]},
+            "user": {"limits": [{"name": "u-rpm", "kind": "rate", "limit": big, "per": "1m"}]}
+        },
+        "resources": {"openai": {"limits": [{"name": "tpm", "kind": "rate", "unit": "tokens", "limit": big, "per": "1m"}]}}
+    }))
+    .unwrap();
+    let tenants = |resource: bool| -> Vec<Request> {
+        (0..1000)
+            .map(|t| {
+                let r = Request::parse(&format!("tenant:t{t}/user:u{}", t % 7))
+                    .unwrap()
+                    .spend("usd", Amount::parse("0.0125").unwrap());
+                if resource {
+                    r.resource("openai").spend("tokens", 800)
+                } else {
+                    r
+                }
+            })
+            .collect()
+    };
+    let mut shares = Vec::new();
+    println!();
+    println!(
+        "| requests (1 000 tenants, 64 callers) | standalone decisions/s | cluster decisions/s | cluster / standalone | cluster p50 | cluster p99 | EVALSHA per decision (cluster) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (name, reqs) in [
+        ("3 limits on the tenant's slot", tenants(false)),
+        ("+ a shared provider pool on another slot", tenants(true)),
+    ] {
+        let mut rows = Vec::new();
+        for (target, ports) in [
+            (url, vec![port.to_owned()]),
+            (cluster_url, cluster_ports.to_vec()),
+        ] {
+            let backend = rt.block_on(RedisBackend::connect(target, "cl")).unwrap();
+            let w = Warden::with_backend(
+                policy.clone(),
+                Arc::new(backend) as Arc<dyn Backend>,
+                Arc::new(SystemClock),
+            );
+            rt.block_on(async {
+                for r in &reqs {
+                    w.acquire(r).await.unwrap(); // scripts loaded on every node
+                }
+            });
+            let per_node: Vec<u64> = ports
+                .iter()
+                .map(|p| evalsha_calls(std::slice::from_ref(p)))
+                .collect();
+            rows.push(rt.block_on(ours(&w, &reqs, 64, &ports)));
+            if ports.len() > 1 {
+                let after: Vec<u64> = ports
+                    .iter()
+                    .map(|p| evalsha_calls(std::slice::from_ref(p)))
+                    .collect();
+                let d: Vec<u64> = after.iter().zip(&per_node).map(|(a, b)| a - b).collect();
+                let total = d.iter().sum::<u64>().max(1) as f64;
+                shares.push(
+                    d.iter()
+                        .map(|x| format!("{:.0}%", 100.0 * *x as f64 / total))
+                        .collect::<Vec<_>>()
+                        .join(" / "),
+                );
+            }
+        }
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.2}× | {:.0} µs | {:.0} µs | {:.2} |",
+            rows[0].ops_s,
+            rows[1].ops_s,
+            rows[1].ops_s / rows[0].ops_s,
+            rows[1].p50_us,
+            rows[1].p99_us,
+            rows[1].scripts_per_decision
+        );
+    }
+    println!();
+    println!("EVALSHA calls per cluster master: {}", shares.join("; "));
 }
