@@ -43,6 +43,21 @@ RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p ratewarden --no-deps
 step "cargo test (core, CLI, vectors, doctests)"
 cargo test --workspace --quiet
 
+# The engine suites once more, unchanged, on a standalone Redis and on a
+# 3-master Redis Cluster (throwaway servers on free ports, stopped on exit).
+engine_suites=(--test rate --test quota --test reservations --test delegation
+  --test priority --test flows --test bad_input)
+servers=$(python3 scripts/redis_harness.py start --cluster)
+servers_dir=$(printf '%s' "$servers" | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
+trap 'python3 scripts/redis_harness.py stop "$servers_dir"' EXIT
+for target in url cluster_url; do
+  backend=$(printf '%s' "$servers" | python3 -c "import json,sys; print(json.load(sys.stdin)['$target'])")
+  step "engine suites on $backend"
+  RATEWARDEN_TEST_BACKEND="$backend" cargo test --quiet -p ratewarden "${engine_suites[@]}"
+done
+python3 scripts/redis_harness.py stop "$servers_dir"
+trap - EXIT
+
 step "Python and Node bindings"
 scripts/test-bindings.sh
 

@@ -54,6 +54,9 @@ fn reserve_tokens_then_commit_the_dollar_cost_that_was_not_estimated() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn wait_for_a_concurrency_slot_reserves_it_when_the_holder_releases() {
+    if common::embedded_only() {
+        return;
+    }
     let (w, clock) = warden(json!({"scopes": {"tenant": {"limits": [
         {"name": "jobs", "kind": "concurrency", "limit": 1, "lease": "1m"}
     ]}}}));

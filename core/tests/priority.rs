@@ -65,6 +65,9 @@ fn a_gap_longer_than_promote_after_restarts_the_streak() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn waiters_are_served_in_priority_order() {
+    if common::embedded_only() {
+        return;
+    }
     let (w, clock) = warden(json!({
         "defaults": {"floors": {"standard": 0, "background": 0}},
         "scopes": {"user": {"limits": [{"name": "r", "kind": "rate", "limit": 1, "per": "1s"}]}}
@@ -115,6 +118,9 @@ async fn waiters_are_served_in_priority_order() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn wait_gives_up_after_max_wait_and_cancellation_leaves_the_queue() {
+    if common::embedded_only() {
+        return;
+    }
     let (w, clock) = warden(json!({"scopes": {"user": {"limits": [
         {"name": "r", "kind": "rate", "limit": 1, "per": "10s"}
     ]}}}));
@@ -157,6 +163,9 @@ async fn wait_gives_up_after_max_wait_and_cancellation_leaves_the_queue() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn wait_returns_at_once_when_it_can_never_succeed() {
+    if common::embedded_only() {
+        return;
+    }
     let (w, _clock) = warden(json!({"scopes": {"user": {"limits": [
         {"name": "r", "kind": "rate", "limit": 5, "per": "1s"}
     ]}}}));
@@ -181,6 +190,9 @@ async fn settle() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_queued_waiter_that_times_out_is_denied_and_consumes_nothing() {
+    if common::embedded_only() {
+        return;
+    }
     // Regression: a waiter behind a higher tier reaching max_wait used to return the
     // dry-run `check` result, which could say "allow" without charging anything.
     let (w, clock) = warden(json!({
