@@ -1,9 +1,36 @@
 //! Python bindings for `ratewarden`, imported from Python as `ratewarden._native`.
 //!
 //! The public Python API lives in `python/ratewarden/__init__.py`; this module
-//! is an implementation detail. Keep `python/ratewarden/_native.pyi` in sync.
+//! converts, bridges async and maps errors — every decision is made by the core.
+//! Keep `python/ratewarden/_native.pyi` in sync (CI runs `mypy.stubtest`).
+//!
+//! Runtime discipline:
+//! - one Tokio runtime per process, shared by every warden, rebuilt in a child
+//!   after `fork()` (the parent's threads do not exist there);
+//! - on the embedded engine every call, sync or async, is decided on the calling
+//!   thread; an async call returns an already-completed awaitable;
+//! - on Redis, sync calls release the GIL while they wait, async calls run on
+//!   the runtime and complete an `asyncio` future through
+//!   `loop.call_soon_threadsafe`; cancelling that future aborts the operation
+//!   (a multi-step cluster decision hands back what it took);
+//! - a warden used in a forked child reconnects its backend there.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use pyo3::exceptions::{PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyList, PyString};
+use ratewarden::backend::{Backend, OnBackendError, RedisBackend, poll_ready};
+use ratewarden::decision::ReservationInfo;
+use ratewarden::{
+    Amount, CommitReceipt, Cost, Decision as CoreDecision, DelegateFrom, Error, ErrorKind, Outcome,
+    Policy, Priority, Request, ReservationId, Scope, SystemClock, WaitFor, Warden,
+};
 
 /// Return the version of the ratewarden core library.
 #[pyfunction]
@@ -11,10 +38,1053 @@ fn version() -> &'static str {
     ratewarden::VERSION
 }
 
+// ---------------------------------------------------------------------------
+// Runtime
+
+/// The process's Tokio runtime; a fresh one in a forked child.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut slot = RT.lock();
+    if let Some((owner, rt)) = *slot {
+        if owner == pid {
+            return rt;
+        }
+        // Forked: the old runtime's threads are gone; it is leaked, never dropped.
+    }
+    let rt: &'static tokio::runtime::Runtime = Box::leak(Box::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ratewarden")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("ratewarden: cannot start a Tokio runtime: {e}")),
+    ));
+    *slot = Some((pid, rt));
+    rt
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/// Raises the `ratewarden` exception matching `e` (classes live in
+/// `ratewarden/_errors.py`, so they can inherit from built-in exceptions too).
+fn to_py(e: &Error) -> PyErr {
+    let class = match e.kind() {
+        ErrorKind::Policy => "PolicyError",
+        ErrorKind::InvalidInput => "InvalidInput",
+        ErrorKind::NotFound => "ReservationNotFound",
+        ErrorKind::Conflict => "ReservationConflict",
+        ErrorKind::Backend => "BackendError",
+    };
+    error_class(class, e.to_string())
+}
+
+fn error_class(class: &str, message: String) -> PyErr {
+    Python::attach(|py| {
+        match py
+            .import("ratewarden._errors")
+            .and_then(|m| m.getattr(class))
+        {
+            Ok(cls) => match cls.call1((message.clone(),)) {
+                Ok(inst) => PyErr::from_value(inst),
+                Err(err) => err,
+            },
+            Err(err) => err,
+        }
+    })
+}
+
+fn invalid(what: &str, why: impl std::fmt::Display) -> PyErr {
+    error_class("InvalidInput", format!("invalid {what}: {why}"))
+}
+
+// ---------------------------------------------------------------------------
+// Conversions
+
+fn amount_of(v: &Bound<'_, PyAny>, at: &str) -> PyResult<Amount> {
+    if v.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(invalid(at, "a bool is not an amount"));
+    }
+    if let Ok(i) = v.extract::<i64>() {
+        return Ok(Amount::from(i));
+    }
+    if let Ok(f) = v.extract::<f64>() {
+        return Amount::from_f64(f).map_err(|e| invalid(at, e));
+    }
+    if v.is_instance_of::<PyString>() {
+        let text: String = v.extract()?;
+        return Amount::parse(&text).map_err(|_| {
+            invalid(
+                at,
+                format!("{text:?} is not a decimal amount (e.g. \"0.25\" or \"12\")"),
+            )
+        });
+    }
+    // decimal.Decimal and friends: their exact decimal text.
+    if v.hasattr("as_tuple")? {
+        return Amount::parse(&v.str()?.extract::<String>()?).map_err(|e| invalid(at, e));
+    }
+    Err(invalid(
+        at,
+        format!(
+            "expected an int, float, str or Decimal, got {}",
+            v.get_type().name()?
+        ),
+    ))
+}
+
+fn cost_of(cost: Option<&Bound<'_, PyDict>>, what: &str) -> PyResult<Cost> {
+    let mut out = Cost::new();
+    if let Some(d) = cost {
+        for (k, v) in d.iter() {
+            let unit: String = k
+                .extract()
+                .map_err(|_| invalid(what, "units must be strings"))?;
+            let amount = amount_of(&v, &format!("{what}[{unit:?}]"))?;
+            out.set(&unit, amount);
+        }
+    }
+    Ok(out)
+}
+
+fn request_of(
+    scope: &str,
+    resource: Option<&str>,
+    action: Option<&str>,
+    cost: Option<&Bound<'_, PyDict>>,
+    priority: Option<&str>,
+) -> PyResult<Request> {
+    let mut r = Request::parse(scope).map_err(|e| to_py(&e))?;
+    if let Some(res) = resource {
+        r = r.resource(res);
+    }
+    if let Some(a) = action {
+        r = r.action(a);
+    }
+    if cost.is_some() {
+        r = r.cost(cost_of(cost, "cost")?);
+    }
+    if let Some(p) = priority {
+        r = r.priority(p.parse::<Priority>().map_err(|e| to_py(&e))?);
+    }
+    Ok(r)
+}
+
+fn seconds(v: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
+    v.map(|s| {
+        Duration::try_from_secs_f64(s)
+            .map_err(|_| invalid(what, format!("{s} is not a duration in seconds")))
+    })
+    .transpose()
+}
+
+fn reservation_id(id: &str) -> PyResult<ReservationId> {
+    ReservationId::parse(id).map_err(|e| to_py(&e))
+}
+
+// ---------------------------------------------------------------------------
+// Decision
+
+/// The answer to check / acquire / reserve / delegate / wait (see `Decision` in
+/// the `ratewarden` package docs). Values are plain Python types.
+#[pyclass(frozen, module = "ratewarden._native")]
+struct Decision {
+    inner: CoreDecision,
+}
+
+fn outcome_str(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Allow => "allow",
+        Outcome::AllowWithCaps => "allow_with_caps",
+        Outcome::Deny => "deny",
+    }
+}
+
+#[pymethods]
+impl Decision {
+    /// Whether the caller may go ahead (`allow` or `allow_with_caps`).
+    #[getter]
+    fn allowed(&self) -> bool {
+        self.inner.allowed()
+    }
+
+    /// `"allow"`, `"allow_with_caps"` or `"deny"`.
+    #[getter]
+    fn outcome(&self) -> &'static str {
+        outcome_str(self.inner.outcome)
+    }
+
+    /// Caps to honour when allowed with caps: `delay_ms`, `max_tokens`, `model`,
+    /// `sequential` (only those set).
+    #[getter]
+    fn caps<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let c = &self.inner.caps;
+        if let Some(v) = c.delay_ms {
+            d.set_item("delay_ms", v)?;
+        }
+        if let Some(v) = c.max_tokens {
+            d.set_item("max_tokens", v)?;
+        }
+        if let Some(v) = &c.model {
+            d.set_item("model", v)?;
+        }
+        if c.sequential {
+            d.set_item("sequential", true)?;
+        }
+        Ok(d)
+    }
+
+    /// Seconds until a retry can succeed when denied; `None` when allowed or
+    /// when waiting can never help (e.g. a lifetime budget is spent).
+    #[getter]
+    fn retry_after(&self) -> Option<f64> {
+        self.inner.retry_after.map(|d| d.as_secs_f64())
+    }
+
+    /// Every limit the request touched: `name`, `kind`, `unit`, `remaining` and
+    /// `amount` (integer base units, e.g. micro-dollars), `remaining_text`
+    /// (decimal in the unit), `reset` (seconds until fully available), `denied`.
+    #[getter]
+    fn limits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for l in &self.inner.limits {
+            let d = PyDict::new(py);
+            d.set_item("name", l.name())?;
+            d.set_item("kind", l.kind())?;
+            d.set_item("unit", l.unit())?;
+            d.set_item("remaining", l.remaining)?;
+            d.set_item(
+                "remaining_text",
+                ratewarden::amount::format_base(l.remaining, l.def.decimals),
+            )?;
+            d.set_item("amount", l.amount)?;
+            d.set_item("reset", l.reset.as_secs_f64())?;
+            d.set_item("denied", l.denied)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    /// Why it was denied or capped, in words (`None` for a plain allow).
+    #[getter]
+    fn reason(&self) -> Option<&str> {
+        self.inner.reason.as_deref()
+    }
+
+    /// The reservation id (32 hex digits) a reserve / delegate / wait(reserve) holds.
+    #[getter]
+    fn reservation(&self) -> Option<String> {
+        self.inner.reservation.as_ref().map(|r| r.id.to_string())
+    }
+
+    /// When that reservation's lease ends, seconds since the epoch.
+    #[getter]
+    fn expires_at(&self) -> Option<f64> {
+        self.inner
+            .reservation
+            .as_ref()
+            .map(|r: &ReservationInfo| r.expires_at as f64 / 1e6)
+    }
+
+    /// The priority tier it was served at (a starved background caller is promoted).
+    #[getter]
+    fn priority(&self) -> &'static str {
+        self.inner.priority.as_str()
+    }
+
+    /// `None`, or how it was decided while the shared backend was unreachable:
+    /// `"deny"`, `"allow"` or `"local"`.
+    #[getter]
+    fn degraded(&self) -> Option<&'static str> {
+        self.inner.degraded.map(|d| match d {
+            ratewarden::Degraded::Deny => "deny",
+            ratewarden::Degraded::Allow => "allow",
+            ratewarden::Degraded::Local => "local",
+        })
+    }
+
+    /// The name of the first limit that denied it, if any.
+    #[getter]
+    fn denied_by(&self) -> Option<&str> {
+        self.inner
+            .limits
+            .iter()
+            .find(|l| l.denied)
+            .map(|l| l.name())
+    }
+
+    /// The kind of that limit (`rate`, `quota`, `concurrency`, `budget`).
+    #[getter]
+    fn denied_kind(&self) -> Option<&'static str> {
+        self.inner
+            .limits
+            .iter()
+            .find(|l| l.denied)
+            .map(|l| l.kind())
+    }
+
+    /// Every field as a dict.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("allowed", self.allowed())?;
+        d.set_item("outcome", self.outcome())?;
+        d.set_item("caps", self.caps(py)?)?;
+        d.set_item("retry_after", self.retry_after())?;
+        d.set_item("limits", self.limits(py)?)?;
+        d.set_item("reason", self.reason())?;
+        d.set_item("reservation", self.reservation())?;
+        d.set_item("expires_at", self.expires_at())?;
+        d.set_item("priority", self.priority())?;
+        d.set_item("degraded", self.degraded())?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let mut s = format!("Decision(outcome={:?}", self.outcome());
+        if let Some(r) = self.retry_after() {
+            s.push_str(&format!(", retry_after={r}"));
+        }
+        if let Some(by) = self.denied_by() {
+            s.push_str(&format!(", denied_by={by:?}"));
+        }
+        if let Some(id) = self.reservation() {
+            s.push_str(&format!(", reservation={id:?}"));
+        }
+        if let Some(d) = self.degraded() {
+            s.push_str(&format!(", degraded={d:?}"));
+        }
+        if let Some(r) = self.reason() {
+            s.push_str(&format!(", reason={r:?}"));
+        }
+        s.push(')');
+        s
+    }
+}
+
+fn receipt_dict(py: Python<'_>, r: &CommitReceipt) -> PyResult<Py<PyAny>> {
+    let d = PyDict::new(py);
+    d.set_item("reservation", r.id.to_string())?;
+    d.set_item("duplicate", r.duplicate)?;
+    let charges = PyList::empty(py);
+    for c in &r.charges {
+        let cd = PyDict::new(py);
+        cd.set_item("name", c.name())?;
+        cd.set_item("unit", c.unit())?;
+        cd.set_item("reserved", c.reserved)?;
+        cd.set_item("charged", c.charged)?;
+        cd.set_item("uncharged", c.uncharged)?;
+        charges.append(cd)?;
+    }
+    d.set_item("charges", charges)?;
+    Ok(d.into_any().unbind())
+}
+
+// ---------------------------------------------------------------------------
+// Awaitables
+
+/// An awaitable that is already complete: awaiting it returns (or raises) at
+/// once, without suspending or touching the event loop.
+#[pyclass(module = "ratewarden._native")]
+struct Ready {
+    value: Option<PyResult<Py<PyAny>>>,
+}
+
+#[pymethods]
+impl Ready {
+    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self) -> PyResult<Py<PyAny>> {
+        match self.value.take() {
+            Some(Ok(v)) => Err(PyStopIteration::new_err((v,))),
+            Some(Err(e)) => Err(e),
+            None => Err(PyTypeError::new_err("this awaitable was already awaited")),
+        }
+    }
+
+    fn send(&mut self, _value: Py<PyAny>) -> PyResult<Py<PyAny>> {
+        self.__next__()
+    }
+
+    #[pyo3(signature = (exc, *_rest))]
+    fn throw(
+        &mut self,
+        exc: Bound<'_, PyAny>,
+        _rest: Bound<'_, pyo3::types::PyTuple>,
+    ) -> PyResult<Py<PyAny>> {
+        self.value = None;
+        Err(PyErr::from_value(exc))
+    }
+
+    fn close(&mut self) {
+        self.value = None;
+    }
+}
+
+/// Aborts the Tokio task behind an asyncio future when that future is cancelled.
+#[pyclass(frozen, module = "ratewarden._native")]
+struct Canceller {
+    handle: tokio::task::AbortHandle,
+}
+
+#[pymethods]
+impl Canceller {
+    fn __call__(&self, fut: &Bound<'_, PyAny>) -> PyResult<()> {
+        if fut.call_method0("cancelled")?.is_truthy()? {
+            self.handle.abort();
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clock
+
+/// A clock that moves only when told to, for deterministic tests of code that
+/// uses ratewarden: ``Warden(policy, clock=ManualClock(start))``.
+#[pyclass(frozen, module = "ratewarden._native")]
+struct ManualClock {
+    inner: ratewarden::ManualClock,
+}
+
+#[pymethods]
+impl ManualClock {
+    /// Starts at `start` seconds since the Unix epoch (default: 2026-01-01 UTC).
+    #[new]
+    #[pyo3(signature = (start=1_767_225_600.0))]
+    fn new(start: f64) -> PyResult<Self> {
+        if !start.is_finite() || !(0.0..=1e13).contains(&start) {
+            return Err(invalid(
+                "start",
+                format!("{start} is not a time in seconds since the epoch"),
+            ));
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        let us = (start * 1e6).round() as i64;
+        Ok(Self {
+            inner: ratewarden::ManualClock::new(us),
+        })
+    }
+
+    /// Moves time forward by `seconds` (≥ 0), waking whatever waits until then.
+    fn advance(&self, seconds: f64) -> PyResult<()> {
+        let by = seconds_of(seconds, "seconds")?;
+        self.inner.advance(by);
+        Ok(())
+    }
+
+    /// The current time, seconds since the epoch.
+    fn now(&self) -> f64 {
+        use ratewarden::Clock as _;
+        self.inner.now() as f64 / 1e6
+    }
+}
+
+fn seconds_of(s: f64, what: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| invalid(what, format!("{s} is not a duration in seconds")))
+}
+
+// ---------------------------------------------------------------------------
+// Warden
+
+#[derive(Clone)]
+struct Config {
+    backend: Option<String>,
+    namespace: String,
+    on_error: OnBackendError,
+    timeout: Option<Duration>,
+    clock: Option<ratewarden::ManualClock>,
+}
+
+/// The native warden behind `ratewarden.Warden`.
+#[pyclass(frozen, module = "ratewarden._native")]
+struct NativeWarden {
+    warden: RwLock<Warden>,
+    /// The process the backend's connections belong to.
+    pid: AtomicU32,
+    policy: Arc<Policy>,
+    config: Config,
+    embedded: bool,
+}
+
+async fn connect(policy: Policy, config: &Config) -> ratewarden::Result<Warden> {
+    let clock: Arc<dyn ratewarden::Clock> = match &config.clock {
+        Some(c) => Arc::new(c.clone()),
+        None => Arc::new(SystemClock),
+    };
+    match &config.backend {
+        None => Ok(Warden::with_clock(policy, clock)),
+        Some(url) => {
+            let mut b = RedisBackend::connect(url, &config.namespace)
+                .await?
+                .on_backend_error(config.on_error)?;
+            if let Some(t) = config.timeout {
+                b = b.timeout(t)?;
+            }
+            if config.clock.is_some() {
+                b = b.with_clock(Arc::clone(&clock));
+            }
+            Ok(Warden::with_backend(
+                policy,
+                Arc::new(b) as Arc<dyn Backend>,
+                clock,
+            ))
+        }
+    }
+}
+
+fn block<F: std::future::Future + Send>(py: Python<'_>, f: F) -> F::Output
+where
+    F::Output: Send,
+{
+    py.detach(|| runtime().block_on(f))
+}
+
+impl NativeWarden {
+    fn build(py: Python<'_>, policy: Policy, config: Config) -> PyResult<Self> {
+        let embedded = config.backend.is_none();
+        let policy = Arc::new(policy);
+        let p = (*policy).clone();
+        let warden = if embedded {
+            poll_ready(connect(p, &config))
+                .unwrap_or_else(|| {
+                    Err(Error::Backend {
+                        message: "embedded setup waited".into(),
+                    })
+                })
+                .map_err(|e| to_py(&e))?
+        } else {
+            block(py, connect(p, &config)).map_err(|e| to_py(&e))?
+        };
+        Ok(Self {
+            warden: RwLock::new(warden),
+            pid: AtomicU32::new(std::process::id()),
+            policy,
+            config,
+            embedded,
+        })
+    }
+
+    /// The warden, reconnected first if this is a forked child.
+    fn warden(&self, py: Python<'_>) -> PyResult<Warden> {
+        let pid = std::process::id();
+        if self.embedded || self.pid.load(Ordering::Acquire) == pid {
+            return Ok(self.warden.read().clone());
+        }
+        let fresh =
+            block(py, connect((*self.policy).clone(), &self.config)).map_err(|e| to_py(&e))?;
+        *self.warden.write() = fresh.clone();
+        self.pid.store(pid, Ordering::Release);
+        Ok(fresh)
+    }
+
+    /// Runs an operation from a sync call: on the calling thread for the
+    /// embedded engine, on the runtime with the GIL released for Redis.
+    fn run_sync<T: Send, Fut>(&self, py: Python<'_>, f: Fut) -> PyResult<T>
+    where
+        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send,
+    {
+        let out = if self.embedded {
+            match poll_ready(f) {
+                Some(r) => r,
+                None => Err(Error::Backend {
+                    message: "the embedded engine did not answer synchronously".into(),
+                }),
+            }
+        } else {
+            block(py, f)
+        };
+        out.map_err(|e| to_py(&e))
+    }
+
+    /// Runs an operation for an async call: a completed awaitable on the
+    /// embedded engine, an asyncio future completed from the runtime on Redis.
+    fn run_async<T, Fut, C>(&self, py: Python<'_>, f: Fut, convert: C) -> PyResult<Py<PyAny>>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
+        C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+    {
+        if self.embedded {
+            let value = match poll_ready(f) {
+                Some(Ok(v)) => convert(py, v),
+                Some(Err(e)) => Err(to_py(&e)),
+                None => Err(to_py(&Error::Backend {
+                    message: "the embedded engine did not answer synchronously".into(),
+                })),
+            };
+            return ready(py, value);
+        }
+        spawn_async(py, f, convert)
+    }
+}
+
+/// An already-completed awaitable holding `value`.
+fn ready(py: Python<'_>, value: PyResult<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+    Ok(Py::new(py, Ready { value: Some(value) })?.into_any())
+}
+
+/// Runs `f` on the runtime and returns an asyncio future of the running loop
+/// that completes with its converted result; cancelling the future aborts `f`.
+fn spawn_async<T, Fut, C>(py: Python<'_>, f: Fut, convert: C) -> PyResult<Py<PyAny>>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
+    C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+{
+    static GET_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    static COMPLETE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let get_loop = GET_LOOP.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("asyncio")?.getattr("get_running_loop")?.unbind())
+    })?;
+    let complete = COMPLETE
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(
+                py.import("ratewarden._bridge")?
+                    .getattr("complete")?
+                    .unbind(),
+            )
+        })?
+        .clone_ref(py);
+    let event_loop = get_loop.call0(py)?;
+    let fut = event_loop.call_method0(py, "create_future")?;
+    let (loop2, fut2) = (event_loop.clone_ref(py), fut.clone_ref(py));
+    let task = runtime().spawn(async move {
+        let result = f.await;
+        Python::attach(|py| {
+            let (ok, value) = match result {
+                Ok(v) => match convert(py, v) {
+                    Ok(obj) => (true, obj),
+                    Err(e) => (false, e.into_value(py).into_any()),
+                },
+                Err(e) => (false, to_py(&e).into_value(py).into_any()),
+            };
+            // The loop may be closed by now; nobody is left to tell then.
+            let _ = loop2.call_method1(py, "call_soon_threadsafe", (complete, fut2, ok, value));
+        });
+    });
+    let canceller = Py::new(
+        py,
+        Canceller {
+            handle: task.abort_handle(),
+        },
+    )?;
+    fut.call_method1(py, "add_done_callback", (canceller,))?;
+    Ok(fut)
+}
+
+fn decision_obj(py: Python<'_>, d: CoreDecision) -> PyResult<Py<PyAny>> {
+    Ok(Py::new(py, Decision { inner: d })?.into_any())
+}
+
+fn on_error_of(mode: &str, share: u32) -> PyResult<OnBackendError> {
+    match mode {
+        "deny" => Ok(OnBackendError::Deny),
+        "allow" => Ok(OnBackendError::Allow),
+        "local" if share >= 1 => Ok(OnBackendError::Local { share }),
+        "local" => Err(invalid("local_share", "must be at least 1")),
+        other => Err(invalid(
+            "on_backend_error",
+            format!("`{other}` is not one of deny, allow, local"),
+        )),
+    }
+}
+
+#[pymethods]
+impl NativeWarden {
+    /// Builds a warden from a policy document given as JSON text (`source`
+    /// names it in errors), or from a policy file when `path` is given.
+    #[new]
+    #[pyo3(signature = (json=None, path=None, backend=None, namespace="rw", on_backend_error="deny", local_share=1, timeout=None, clock=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        json: Option<&str>,
+        path: Option<PathBuf>,
+        backend: Option<String>,
+        namespace: &str,
+        on_backend_error: &str,
+        local_share: u32,
+        timeout: Option<f64>,
+        clock: Option<PyRef<'_, ManualClock>>,
+    ) -> PyResult<Self> {
+        let policy = match (json, path) {
+            (Some(text), None) => Policy::from_str_as(text, ratewarden::Format::Json, "<dict>")
+                .map_err(|e| to_py(&e))?,
+            (None, Some(p)) => Policy::from_file(&p).map_err(|e| to_py(&e))?,
+            _ => return Err(invalid("policy", "give exactly one of json= or path=")),
+        };
+        let backend = backend.filter(|b| b != "memory");
+        let config = Config {
+            backend,
+            namespace: namespace.to_owned(),
+            on_error: on_error_of(on_backend_error, local_share)?,
+            timeout: seconds(timeout, "timeout")?,
+            clock: clock.map(|c| c.inner.clone()),
+        };
+        Self::build(py, policy, config)
+    }
+
+    /// `"memory"` or `"redis"`.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        if self.embedded { "memory" } else { "redis" }
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
+    fn check(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, req) = (
+            self.warden(py)?,
+            request_of(scope, resource, action, cost, priority)?,
+        );
+        let d = self.run_sync(py, async move { w.check(&req).await })?;
+        decision_obj(py, d)
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, req) = (
+            self.warden(py)?,
+            request_of(scope, resource, action, cost, priority)?,
+        );
+        let d = self.run_sync(py, async move { w.acquire(&req).await })?;
+        decision_obj(py, d)
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn reserve(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        lease: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, req) = (
+            self.warden(py)?,
+            request_of(scope, resource, action, cost, priority)?,
+        );
+        let lease = seconds(lease, "lease")?;
+        let d = self.run_sync(py, async move { w.reserve(&req, lease).await })?;
+        decision_obj(py, d)
+    }
+
+    #[pyo3(signature = (reservation, actual=None))]
+    fn commit(
+        &self,
+        py: Python<'_>,
+        reservation: &str,
+        actual: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, id, actual) = (
+            self.warden(py)?,
+            reservation_id(reservation)?,
+            cost_of(actual, "actual")?,
+        );
+        let r = self.run_sync(py, async move { w.commit(id, &actual).await })?;
+        receipt_dict(py, &r)
+    }
+
+    fn release(&self, py: Python<'_>, reservation: &str) -> PyResult<bool> {
+        let (w, id) = (self.warden(py)?, reservation_id(reservation)?);
+        self.run_sync(py, async move { w.release(id).await })
+    }
+
+    fn extend(&self, py: Python<'_>, reservation: &str, lease: f64) -> PyResult<f64> {
+        let (w, id) = (self.warden(py)?, reservation_id(reservation)?);
+        let lease = seconds(Some(lease), "lease")?.unwrap_or_default();
+        let at = self.run_sync(py, async move { w.extend(id, lease).await })?;
+        Ok(at as f64 / 1e6)
+    }
+
+    #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None))]
+    fn delegate(
+        &self,
+        py: Python<'_>,
+        child: &str,
+        amounts: &Bound<'_, PyDict>,
+        from_scope: Option<&str>,
+        from_reservation: Option<&str>,
+        lease: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let w = self.warden(py)?;
+        let (child, amounts, from, lease) =
+            delegate_args(child, amounts, from_scope, from_reservation, lease)?;
+        let d = self.run_sync(py, async move {
+            delegate(&w, &child, &amounts, &from, lease).await
+        })?;
+        decision_obj(py, d)
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn wait(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        max_wait: f64,
+        reserve: bool,
+        lease: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, req) = (
+            self.warden(py)?,
+            request_of(scope, resource, action, cost, priority)?,
+        );
+        let max_wait = seconds(Some(max_wait), "max_wait")?.unwrap_or_default();
+        let what = if reserve {
+            WaitFor::Reserve(seconds(lease, "lease")?)
+        } else {
+            WaitFor::Acquire
+        };
+        // Waiting sleeps: always on the runtime, with the GIL released.
+        let d =
+            block(py, async move { w.wait(&req, what, max_wait).await }).map_err(|e| to_py(&e))?;
+        decision_obj(py, d)
+    }
+
+    // -- async forms ----------------------------------------------------------
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
+    fn check_async(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, req) = (
+            self.warden(py)?,
+            request_of(scope, resource, action, cost, priority)?,
+        );
+        self.run_async(py, async move { w.check(&req).await }, decision_obj)
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
+    fn acquire_async(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, req) = (
+            self.warden(py)?,
+            request_of(scope, resource, action, cost, priority)?,
+        );
+        self.run_async(py, async move { w.acquire(&req).await }, decision_obj)
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_async(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        lease: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, req) = (
+            self.warden(py)?,
+            request_of(scope, resource, action, cost, priority)?,
+        );
+        let lease = seconds(lease, "lease")?;
+        self.run_async(
+            py,
+            async move { w.reserve(&req, lease).await },
+            decision_obj,
+        )
+    }
+
+    #[pyo3(signature = (reservation, actual=None))]
+    fn commit_async(
+        &self,
+        py: Python<'_>,
+        reservation: &str,
+        actual: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, id, actual) = (
+            self.warden(py)?,
+            reservation_id(reservation)?,
+            cost_of(actual, "actual")?,
+        );
+        self.run_async(py, async move { w.commit(id, &actual).await }, |py, r| {
+            receipt_dict(py, &r)
+        })
+    }
+
+    fn release_async(&self, py: Python<'_>, reservation: &str) -> PyResult<Py<PyAny>> {
+        let (w, id) = (self.warden(py)?, reservation_id(reservation)?);
+        self.run_async(py, async move { w.release(id).await }, |py, b| {
+            Ok(pyo3::types::PyBool::new(py, b)
+                .to_owned()
+                .into_any()
+                .unbind())
+        })
+    }
+
+    fn extend_async(&self, py: Python<'_>, reservation: &str, lease: f64) -> PyResult<Py<PyAny>> {
+        let (w, id) = (self.warden(py)?, reservation_id(reservation)?);
+        let lease = seconds(Some(lease), "lease")?.unwrap_or_default();
+        self.run_async(py, async move { w.extend(id, lease).await }, |py, at| {
+            Ok(pyo3::types::PyFloat::new(py, at as f64 / 1e6)
+                .into_any()
+                .unbind())
+        })
+    }
+
+    #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None))]
+    fn delegate_async(
+        &self,
+        py: Python<'_>,
+        child: &str,
+        amounts: &Bound<'_, PyDict>,
+        from_scope: Option<&str>,
+        from_reservation: Option<&str>,
+        lease: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let w = self.warden(py)?;
+        let (child, amounts, from, lease) =
+            delegate_args(child, amounts, from_scope, from_reservation, lease)?;
+        self.run_async(
+            py,
+            async move { delegate(&w, &child, &amounts, &from, lease).await },
+            decision_obj,
+        )
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn wait_async(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        max_wait: f64,
+        reserve: bool,
+        lease: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let (w, req) = (
+            self.warden(py)?,
+            request_of(scope, resource, action, cost, priority)?,
+        );
+        let max_wait = seconds(Some(max_wait), "max_wait")?.unwrap_or_default();
+        let what = if reserve {
+            WaitFor::Reserve(seconds(lease, "lease")?)
+        } else {
+            WaitFor::Acquire
+        };
+        // An admitted first try completes at once, like any embedded call.
+        if self.embedded {
+            let w2 = w.clone();
+            let req2 = req.clone();
+            if let Some(r) = poll_ready(async move { w2.wait(&req2, what, max_wait).await }) {
+                return ready(
+                    py,
+                    r.map_err(|e| to_py(&e)).and_then(|d| decision_obj(py, d)),
+                );
+            }
+        }
+        spawn_async(
+            py,
+            async move { w.wait(&req, what, max_wait).await },
+            decision_obj,
+        )
+    }
+}
+
+type DelegateArgs = (Scope, Cost, Source, Option<Duration>);
+
+enum Source {
+    Scope(Scope),
+    Reservation(ReservationId),
+}
+
+fn delegate_args(
+    child: &str,
+    amounts: &Bound<'_, PyDict>,
+    from_scope: Option<&str>,
+    from_reservation: Option<&str>,
+    lease: Option<f64>,
+) -> PyResult<DelegateArgs> {
+    let child = Scope::parse(child).map_err(|e| to_py(&e))?;
+    let amounts = cost_of(Some(amounts), "amounts")?;
+    let from = match (from_scope, from_reservation) {
+        (Some(s), None) => Source::Scope(Scope::parse(s).map_err(|e| to_py(&e))?),
+        (None, Some(r)) => Source::Reservation(reservation_id(r)?),
+        _ => {
+            return Err(invalid(
+                "delegate",
+                "give exactly one of from_scope= or from_reservation=",
+            ));
+        }
+    };
+    Ok((child, amounts, from, seconds(lease, "lease")?))
+}
+
+async fn delegate(
+    w: &Warden,
+    child: &Scope,
+    amounts: &Cost,
+    from: &Source,
+    lease: Option<Duration>,
+) -> ratewarden::Result<CoreDecision> {
+    let from = match from {
+        Source::Scope(s) => DelegateFrom::Scope(s),
+        Source::Reservation(id) => DelegateFrom::Reservation(*id),
+    };
+    w.delegate(from, child, amounts, lease).await
+}
+
 /// The `ratewarden._native` extension module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add("__version__", ratewarden::VERSION)?;
+    m.add_class::<NativeWarden>()?;
+    m.add_class::<Decision>()?;
+    m.add_class::<Ready>()?;
+    m.add_class::<Canceller>()?;
+    m.add_class::<ManualClock>()?;
     Ok(())
 }

@@ -1,8 +1,443 @@
 """ratewarden: runtime governor for AI agents and the APIs they call.
 
-This is the public Python facade; the compiled extension is ``ratewarden._native``.
+Before an agent spends anything — an API request, LLM tokens, dollars, a risky
+action — it asks a :class:`Warden` for one atomic decision: allow, allow with
+caps, or deny with a retry time. Every limit the request touches is checked and
+charged together or not at all, in this process (``backend="memory"``, the
+default) or across processes and machines (``backend="redis://…"``).
+
+    from ratewarden import Warden
+
+    warden = Warden({"scopes": {"tenant": {"limits": [
+        {"name": "usd", "kind": "budget", "unit": "usd", "limit": "5", "per": "day"}]}}})
+
+    @warden.guard("tenant:acme", cost={"usd": "0.02"})
+    async def call_model(prompt: str) -> str: ...
+
+Every operation has a sync form and an ``_async`` form (``acquire`` /
+``acquire_async``). On the embedded engine the async form is decided on the
+calling thread and returns an already-completed awaitable; on Redis, sync calls
+release the GIL while they wait and async calls never block the event loop.
+The compiled extension is ``ratewarden._native``.
 """
 
-from ratewarden._native import __version__, version
+from __future__ import annotations
 
-__all__ = ["__version__", "version"]
+import functools
+import inspect
+import json
+import os
+from typing import Any, Awaitable, Callable, Dict, Generator, Mapping, Optional, TypeVar, Union
+
+from ratewarden._errors import (
+    BackendError,
+    BudgetExceeded,
+    InvalidInput,
+    PolicyError,
+    RateLimited,
+    ReservationConflict,
+    ReservationNotFound,
+    WardenError,
+    denied,
+)
+from ratewarden._native import Decision, ManualClock, NativeWarden, __version__, version
+
+__all__ = [
+    "BackendError",
+    "BudgetExceeded",
+    "Decision",
+    "InvalidInput",
+    "ManualClock",
+    "PolicyError",
+    "RateLimited",
+    "Reservation",
+    "ReservationConflict",
+    "ReservationNotFound",
+    "Warden",
+    "WardenError",
+    "__version__",
+    "version",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+#: An amount: an int (units), a decimal string (``"0.25"``), a ``Decimal`` or a float.
+Amount = Union[int, float, str, Any]
+#: A cost: amount per unit, e.g. ``{"tokens": 800, "usd": "0.0125"}``.
+Cost = Mapping[str, Amount]
+
+
+class Reservation:
+    """A held reservation: what :meth:`Warden.reserve` returns.
+
+    Every :class:`Decision` attribute is available on it (``allowed``,
+    ``retry_after``, ``limits``…). Use it as a context manager to make sure it
+    ends: ``with warden.reserve(...) as r: ... r.commit({"tokens": used})`` —
+    entering raises :class:`RateLimited` (or :class:`BudgetExceeded`) if it was
+    denied; leaving without :meth:`commit` releases it, so an exception never
+    keeps capacity held. ``async with warden.reserve_async(...) as r`` likewise.
+    """
+
+    __slots__ = ("_warden", "decision", "_ended")
+
+    def __init__(self, warden: "Warden", decision: Decision) -> None:
+        self._warden = warden
+        self.decision = decision
+        self._ended = decision.reservation is None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.decision, name)
+
+    def __repr__(self) -> str:
+        return f"Reservation({self.decision!r})"
+
+    @property
+    def id(self) -> Optional[str]:
+        """The reservation id, or ``None`` if it was denied."""
+        return self.decision.reservation
+
+    def commit(self, actual: Optional[Cost] = None) -> Dict[str, Any]:
+        """Charges the actual usage (units left out are charged as reserved) and ends it."""
+        receipt = self._warden._native.commit(self._require(), _cost(actual))
+        self._ended = True
+        return receipt
+
+    async def commit_async(self, actual: Optional[Cost] = None) -> Dict[str, Any]:
+        """Async form of :meth:`commit`."""
+        receipt = await self._warden._native.commit_async(self._require(), _cost(actual))
+        self._ended = True
+        return receipt
+
+    def release(self) -> bool:
+        """Hands everything back without charging; ``False`` if it had already ended."""
+        if self.id is None:
+            return False
+        self._ended = True
+        return self._warden._native.release(self.id)
+
+    async def release_async(self) -> bool:
+        """Async form of :meth:`release`."""
+        if self.id is None:
+            return False
+        self._ended = True
+        return await self._warden._native.release_async(self.id)
+
+    def extend(self, lease: float) -> float:
+        """Renews the lease to ``lease`` seconds from now; returns the new expiry (epoch seconds)."""
+        return self._warden._native.extend(self._require(), lease)
+
+    def _require(self) -> str:
+        if self.id is None:
+            raise denied(self.decision)
+        return self.id
+
+    def __enter__(self) -> "Reservation":
+        self._require()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._ended:
+            self.release()
+
+    async def __aenter__(self) -> "Reservation":
+        self._require()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._ended:
+            await self.release_async()
+
+
+class _ReserveCall:
+    """``reserve_async(...)``: await it for a :class:`Reservation`, or ``async with`` it."""
+
+    __slots__ = ("_warden", "_pending", "_reservation")
+
+    def __init__(self, warden: "Warden", pending: Awaitable[Decision]) -> None:
+        self._warden = warden
+        self._pending = pending
+        self._reservation: Optional[Reservation] = None
+
+    def __await__(self) -> Generator[Any, None, Reservation]:
+        decision = yield from self._pending.__await__()
+        self._reservation = Reservation(self._warden, decision)
+        return self._reservation
+
+    async def __aenter__(self) -> Reservation:
+        r = await self
+        return await r.__aenter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reservation is not None:
+            await self._reservation.__aexit__(*exc)
+
+
+def _cost(cost: Optional[Cost]) -> Optional[Dict[str, Amount]]:
+    if cost is None:
+        return None
+    if isinstance(cost, dict):
+        return cost
+    if isinstance(cost, Mapping):
+        return dict(cost)
+    raise InvalidInput(f"invalid cost: expected a mapping of unit to amount, got {type(cost).__name__}")
+
+
+class Warden:
+    """The governor: a policy plus a backend. Safe to share between threads and tasks.
+
+    ``policy`` is a policy document (a dict, as in the README) or a path to a
+    YAML / JSON / TOML file. ``backend`` is ``"memory"`` (this process only, the
+    default) or a Redis URL (``redis://host:port``, ``rediss://…``,
+    ``redis+cluster://host:port,host:port``) shared by every process using it;
+    ``namespace`` prefixes its keys. When Redis cannot be asked,
+    ``on_backend_error`` decides: ``"deny"`` (default), ``"allow"``, or
+    ``"local"`` (this process's embedded engine with ``1/local_share`` of each
+    limit); ``timeout`` is the Redis command timeout in seconds (default 0.25).
+    ``clock`` (a :class:`ManualClock`) replaces real time, for your own tests.
+
+    Raises :class:`PolicyError` for an invalid policy (naming the file and the
+    path inside it), :class:`InvalidInput` for bad options and
+    :class:`BackendError` if Redis cannot be reached.
+    """
+
+    def __init__(
+        self,
+        policy: Union[Mapping[str, Any], str, "os.PathLike[str]"],
+        *,
+        backend: Optional[str] = None,
+        namespace: str = "rw",
+        on_backend_error: str = "deny",
+        local_share: int = 1,
+        timeout: Optional[float] = None,
+        clock: Optional[ManualClock] = None,
+    ) -> None:
+        options: Dict[str, Any] = dict(
+            backend=backend,
+            namespace=namespace,
+            on_backend_error=on_backend_error,
+            local_share=local_share,
+            timeout=timeout,
+            clock=clock,
+        )
+        if isinstance(policy, Mapping):
+            try:
+                text = json.dumps(policy)
+            except (TypeError, ValueError) as e:
+                raise PolicyError(f"policy: not a JSON-like document: {e}") from None
+            self._native = NativeWarden(json=text, **options)
+        elif isinstance(policy, (str, os.PathLike)):
+            self._native = NativeWarden(path=os.fspath(policy), **options)
+        else:
+            raise InvalidInput(
+                f"invalid policy: expected a dict or a file path, got {type(policy).__name__}"
+            )
+
+    @classmethod
+    def from_file(cls, path: Union[str, "os.PathLike[str]"], backend: Optional[str] = None, **options: Any) -> "Warden":
+        """A warden for the policy file at ``path`` (YAML, JSON or TOML by extension)."""
+        return cls(os.fspath(path), backend=backend, **options)
+
+    @property
+    def backend(self) -> str:
+        """``"memory"`` or ``"redis"``."""
+        return self._native.backend
+
+    def close(self) -> None:
+        """Lets go of the backend. Nothing is held open that needs closing today;
+        provided so ``with Warden(...) as w:`` reads naturally."""
+
+    def __enter__(self) -> "Warden":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Warden(backend={self.backend!r})"
+
+    # -- decisions ---------------------------------------------------------
+
+    def check(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
+              cost: Optional[Cost] = None, priority: Optional[str] = None) -> Decision:
+        """Evaluates the request against every limit it touches, changing nothing."""
+        return self._native.check(scope, resource, action, _cost(cost), priority)
+
+    def check_async(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
+                    cost: Optional[Cost] = None, priority: Optional[str] = None) -> Awaitable[Decision]:
+        """Async form of :meth:`check`."""
+        return self._native.check_async(scope, resource, action, _cost(cost), priority)
+
+    def acquire(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
+                cost: Optional[Cost] = None, priority: Optional[str] = None) -> Decision:
+        """Admits the request and consumes its cost from every limit, or denies it and
+        changes nothing. A denial is a :class:`Decision` with ``allowed == False``."""
+        return self._native.acquire(scope, resource, action, _cost(cost), priority)
+
+    def acquire_async(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
+                      cost: Optional[Cost] = None, priority: Optional[str] = None) -> Awaitable[Decision]:
+        """Async form of :meth:`acquire`."""
+        return self._native.acquire_async(scope, resource, action, _cost(cost), priority)
+
+    def reserve(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
+                cost: Optional[Cost] = None, priority: Optional[str] = None,
+                lease: Optional[float] = None) -> Reservation:
+        """Holds the request's (estimated) cost under a lease (seconds) until it is
+        committed, released or expires. Returns a :class:`Reservation` (check
+        ``.allowed``), usable as a context manager."""
+        return Reservation(self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease))
+
+    def reserve_async(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
+                      cost: Optional[Cost] = None, priority: Optional[str] = None,
+                      lease: Optional[float] = None) -> _ReserveCall:
+        """Async form of :meth:`reserve`: ``await`` it, or ``async with`` it."""
+        return _ReserveCall(self, self._native.reserve_async(scope, resource, action, _cost(cost), priority, lease))
+
+    def commit(self, reservation: str, actual: Optional[Cost] = None) -> Dict[str, Any]:
+        """Charges a reservation's actual usage (units left out: as reserved) and ends it.
+        Idempotent: a repeated commit charges nothing and returns the first receipt
+        with ``duplicate=True``."""
+        return self._native.commit(reservation, _cost(actual))
+
+    def commit_async(self, reservation: str, actual: Optional[Cost] = None) -> Awaitable[Dict[str, Any]]:
+        """Async form of :meth:`commit`."""
+        return self._native.commit_async(reservation, _cost(actual))
+
+    def release(self, reservation: str) -> bool:
+        """Ends a reservation (or delegation) without charging; ``False`` if already released."""
+        return self._native.release(reservation)
+
+    def release_async(self, reservation: str) -> Awaitable[bool]:
+        """Async form of :meth:`release`."""
+        return self._native.release_async(reservation)
+
+    def extend(self, reservation: str, lease: float) -> float:
+        """Renews a reservation's lease to ``lease`` seconds from now; returns the expiry."""
+        return self._native.extend(reservation, lease)
+
+    def extend_async(self, reservation: str, lease: float) -> Awaitable[float]:
+        """Async form of :meth:`extend`."""
+        return self._native.extend_async(reservation, lease)
+
+    def delegate(self, child: str, amounts: Cost, *, from_scope: Optional[str] = None,
+                 from_reservation: Optional[str] = None, lease: Optional[float] = None) -> Decision:
+        """Carves a sub-budget for the ``child`` scope out of ``from_scope`` (a parent
+        scope's free capacity) or ``from_reservation``. The child can never spend more
+        than ``amounts``; what it spends counts at the parent; releasing the
+        delegation (``release(decision.reservation)``) returns the unspent part."""
+        return self._native.delegate(child, _cost(amounts), from_scope, from_reservation, lease)
+
+    def delegate_async(self, child: str, amounts: Cost, *, from_scope: Optional[str] = None,
+                       from_reservation: Optional[str] = None,
+                       lease: Optional[float] = None) -> Awaitable[Decision]:
+        """Async form of :meth:`delegate`."""
+        return self._native.delegate_async(child, _cost(amounts), from_scope, from_reservation, lease)
+
+    def wait(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
+             cost: Optional[Cost] = None, priority: Optional[str] = None, max_wait: float = 30.0,
+             reserve: bool = False, lease: Optional[float] = None) -> Decision:
+        """Waits (up to ``max_wait`` seconds) until the request is admitted, then acquires
+        it (or reserves it with ``reserve=True``). Waiters in this process are served
+        in priority order. Returns the last denial if the time runs out."""
+        return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
+
+    def wait_async(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
+                   cost: Optional[Cost] = None, priority: Optional[str] = None, max_wait: float = 30.0,
+                   reserve: bool = False, lease: Optional[float] = None) -> Awaitable[Decision]:
+        """Async form of :meth:`wait`; cancelling it leaves nothing held."""
+        return self._native.wait_async(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
+
+    # -- the decorator -----------------------------------------------------
+
+    def guard(
+        self,
+        scope: Union[str, Callable[..., str]],
+        *,
+        resource: Union[None, str, Callable[..., Optional[str]]] = None,
+        action: Union[None, str, Callable[..., Optional[str]]] = None,
+        cost: Union[None, Cost, Callable[..., Optional[Cost]]] = None,
+        priority: Union[None, str, Callable[..., Optional[str]]] = None,
+        actual: Optional[Callable[[Any], Optional[Cost]]] = None,
+        on_limit: str = "raise",
+        max_wait: float = 30.0,
+        lease: Optional[float] = None,
+    ) -> Callable[[F], F]:
+        """Governs every call of a function (sync or ``async``, plain or method).
+
+        ``scope``, ``resource``, ``action``, ``cost`` (the estimate) and ``priority``
+        are values, or callables receiving the call's arguments. Before each call the
+        estimate is reserved; ``on_limit="raise"`` raises :class:`RateLimited` (or
+        :class:`BudgetExceeded`) when denied, ``on_limit="wait"`` waits up to
+        ``max_wait`` seconds first. After the call the reservation is committed —
+        with ``actual(result)`` if given (e.g. the tokens an LLM response reports),
+        else at the estimate; if the call raises, it is released and nothing is
+        charged. The wrapper keeps the function's name, docstring and signature.
+        """
+        if on_limit not in ("raise", "wait"):
+            raise InvalidInput(f"invalid on_limit: {on_limit!r} is not 'raise' or 'wait'")
+        native = self._native
+        pick = _picker(scope, resource, action, cost, priority)
+        waiting = on_limit == "wait"
+
+        def decorate(fn: F) -> F:
+            if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+                raise TypeError(
+                    f"ratewarden.guard cannot govern generator {fn.__qualname__}: "
+                    "its body runs after the call returns; guard the function that consumes it"
+                )
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                    s, r, a, c, p = pick(args, kwargs)
+                    if waiting:
+                        d = await native.wait_async(s, r, a, c, p, max_wait, True, lease)
+                    else:
+                        d = await native.reserve_async(s, r, a, c, p, lease)
+                    rid = d.reservation
+                    if rid is None:
+                        raise denied(d)
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException:
+                        await native.release_async(rid)
+                        raise
+                    await native.commit_async(rid, _cost(actual(result)) if actual else None)
+                    return result
+
+                return guarded_async  # type: ignore[return-value]
+
+            @functools.wraps(fn)
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                s, r, a, c, p = pick(args, kwargs)
+                if waiting:
+                    d = native.wait(s, r, a, c, p, max_wait, True, lease)
+                else:
+                    d = native.reserve(s, r, a, c, p, lease)
+                rid = d.reservation
+                if rid is None:
+                    raise denied(d)
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException:
+                    native.release(rid)
+                    raise
+                native.commit(rid, _cost(actual(result)) if actual else None)
+                return result
+
+            return guarded  # type: ignore[return-value]
+
+        return decorate
+
+
+def _picker(scope: Any, resource: Any, action: Any, cost: Any, priority: Any) -> Callable[[tuple, dict], tuple]:
+    """Resolves the guard's request per call: constants stay constant, callables are
+    called with the call's arguments."""
+    fields = (scope, resource, action, cost, priority)
+    if not any(callable(f) for f in fields):
+        const = (scope, resource, action, _cost(cost), priority)
+        return lambda args, kwargs: const
+
+    def pick(args: tuple, kwargs: dict) -> tuple:
+        s, r, a, c, p = (f(*args, **kwargs) if callable(f) else f for f in fields)
+        return s, r, a, _cost(c), p
+
+    return pick
