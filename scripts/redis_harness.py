@@ -61,9 +61,7 @@ def _free_port(avoid: set[int]) -> int:
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise RuntimeError(
-            f"{name} not found on PATH; install Redis (Debian: apt-get install redis-server)"
-        )
+        raise RuntimeError(f"{name} not found on PATH; install Redis (Debian: apt-get install redis-server)")
     return path
 
 
@@ -92,14 +90,41 @@ def _tls_files(directory: str) -> dict[str, str]:
     f = {n: os.path.join(directory, n) for n in ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt", "ext")}
     openssl = _tool("openssl")
     run = lambda *a: subprocess.run([openssl, *a], capture_output=True, timeout=60, check=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f["ca.key"], "-out", f["ca.crt"],
-        "-days", "2", "-subj", "/CN=ratewarden-test-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f["srv.key"], "-out", f["srv.csr"],
-        "-subj", "/CN=localhost")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f["ca.key"],
+        "-out",
+        f["ca.crt"],
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ratewarden-test-ca",
+    )
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f["srv.key"], "-out", f["srv.csr"], "-subj", "/CN=localhost")
     with open(f["ext"], "w") as ext:
         ext.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", f["srv.csr"], "-CA", f["ca.crt"], "-CAkey", f["ca.key"],
-        "-CAcreateserial", "-out", f["srv.crt"], "-days", "2", "-extfile", f["ext"])
+    run(
+        "x509",
+        "-req",
+        "-in",
+        f["srv.csr"],
+        "-CA",
+        f["ca.crt"],
+        "-CAkey",
+        f["ca.key"],
+        "-CAcreateserial",
+        "-out",
+        f["srv.crt"],
+        "-days",
+        "2",
+        "-extfile",
+        f["ext"],
+    )
     return f
 
 
@@ -108,20 +133,42 @@ def _spawn_tls(directory: str, port: int) -> int:
     proc = subprocess.Popen(
         [
             _tool("redis-server"),
-            "--port", "0", "--tls-port", str(port),
-            "--tls-cert-file", f["srv.crt"], "--tls-key-file", f["srv.key"],
-            "--tls-ca-cert-file", f["ca.crt"], "--tls-auth-clients", "no",
-            "--bind", "127.0.0.1", "--dir", directory, "--save", "", "--appendonly", "no",
-            "--logfile", os.path.join(directory, f"redis-tls-{port}.log"),
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            f["srv.crt"],
+            "--tls-key-file",
+            f["srv.key"],
+            "--tls-ca-cert-file",
+            f["ca.crt"],
+            "--tls-auth-clients",
+            "no",
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            directory,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            os.path.join(directory, f"redis-tls-{port}.log"),
         ],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
 
     def ping() -> bool:
         out = subprocess.run(
             [_tool("redis-cli"), "--tls", "--cacert", f["ca.crt"], "-h", "127.0.0.1", "-p", str(port), "PING"],
-            capture_output=True, text=True, timeout=1.0, check=False,
+            capture_output=True,
+            text=True,
+            timeout=1.0,
+            check=False,
         )
         return out.stdout.strip() == "PONG"
 
@@ -132,19 +179,29 @@ def _spawn_tls(directory: str, port: int) -> int:
 def _spawn(directory: str, port: int, cluster: bool) -> int:
     args = [
         _tool("redis-server"),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", directory,
-        "--save", "",
-        "--appendonly", "no",
-        "--daemonize", "no",
-        "--logfile", os.path.join(directory, f"redis-{port}.log"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        directory,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--logfile",
+        os.path.join(directory, f"redis-{port}.log"),
     ]
     if cluster:
         args += [
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", f"nodes-{port}.conf",
-            "--cluster-node-timeout", "5000",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{port}.conf",
+            "--cluster-node-timeout",
+            "5000",
         ]
     proc = subprocess.Popen(
         args,
@@ -172,9 +229,11 @@ def start(cluster: bool, tls: bool = False) -> dict[str, Any]:
                 pids.append(_spawn(directory, p, cluster=True))
             addrs = [f"127.0.0.1:{p}" for p in nodes]
             subprocess.run(
-                [_tool("redis-cli"), "--cluster", "create", *addrs,
-                 "--cluster-replicas", "0", "--cluster-yes"],
-                capture_output=True, text=True, timeout=60, check=True,
+                [_tool("redis-cli"), "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
             )
 
             def cluster_ok() -> bool:
@@ -246,7 +305,7 @@ class RedisServers:
         self.cluster = cluster
         self.info: dict[str, Any] = {}
 
-    def __enter__(self) -> "RedisServers":
+    def __enter__(self) -> RedisServers:
         self.info = start(self.cluster)
         return self
 

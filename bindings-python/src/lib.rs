@@ -627,6 +627,38 @@ impl NativeWarden {
     }
 }
 
+/// Work that needs the GIL, handed from runtime threads to the completer.
+type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+
+/// The process's completer thread: takes the GIL once per batch of finished
+/// operations and completes their asyncio futures. A fresh one after `fork()`.
+fn completer() -> std::sync::mpsc::Sender<Job> {
+    static TX: Mutex<Option<(u32, std::sync::mpsc::Sender<Job>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut slot = TX.lock();
+    if let Some((owner, tx)) = &*slot {
+        if *owner == pid {
+            return tx.clone();
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("ratewarden-completer".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                Python::attach(|py| {
+                    first(py);
+                    while let Ok(job) = rx.try_recv() {
+                        job(py);
+                    }
+                });
+            }
+        })
+        .unwrap_or_else(|e| panic!("ratewarden: cannot start the completer thread: {e}"));
+    *slot = Some((pid, tx.clone()));
+    tx
+}
+
 /// An already-completed awaitable holding `value`.
 fn ready(py: Python<'_>, value: PyResult<Py<PyAny>>) -> PyResult<Py<PyAny>> {
     Ok(Py::new(py, Ready { value: Some(value) })?.into_any())
@@ -659,7 +691,9 @@ where
     let (loop2, fut2) = (event_loop.clone_ref(py), fut.clone_ref(py));
     let task = runtime().spawn(async move {
         let result = f.await;
-        Python::attach(|py| {
+        // Never wait for the GIL on a runtime thread: that would stall every
+        // other operation in flight. The completer thread takes it instead.
+        let job: Job = Box::new(move |py| {
             let (ok, value) = match result {
                 Ok(v) => match convert(py, v) {
                     Ok(obj) => (true, obj),
@@ -670,6 +704,7 @@ where
             // The loop may be closed by now; nobody is left to tell then.
             let _ = loop2.call_method1(py, "call_soon_threadsafe", (complete, fut2, ok, value));
         });
+        let _ = completer().send(job);
     });
     let canceller = Py::new(
         py,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from redis_harness import RedisServers  # noqa: E402
+from redis_harness import RedisServers
 
 
 def ping(host_port: str) -> bytes:

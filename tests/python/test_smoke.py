@@ -26,4 +26,9 @@ def test_version_matches_workspace() -> None:
 
 def test_facade_reexports_native() -> None:
     assert ratewarden.version is ratewarden._native.version
-    assert ratewarden.__all__ == ["__version__", "version"]
+    assert ratewarden.Decision is ratewarden._native.Decision
+    assert {"Warden", "Decision", "Reservation", "RateLimited", "BudgetExceeded", "PolicyError"} <= set(
+        ratewarden.__all__
+    )
+    for name in ratewarden.__all__:
+        assert hasattr(ratewarden, name), name

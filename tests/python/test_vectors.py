@@ -35,8 +35,9 @@ def lease(step: Dict[str, Any]) -> Optional[float]:
 def run_step(w: Warden, clock: ManualClock, names: Dict[str, str], step: Dict[str, Any]) -> Any:
     op = step["op"]
     rid = lambda key: names.get(step[key], step[key])  # noqa: E731
-    req = dict(resource=step.get("resource"), action=step.get("action"),
-               cost=step.get("cost"), priority=step.get("priority"))
+    req = dict(
+        resource=step.get("resource"), action=step.get("action"), cost=step.get("cost"), priority=step.get("priority")
+    )
     if op == "advance":
         clock.advance(step["ms"] / 1000)
         return None
@@ -55,10 +56,10 @@ def run_step(w: Warden, clock: ManualClock, names: Dict[str, str], step: Dict[st
         return None
     if op == "delegate":
         if "from_scope" in step:
-            return w.delegate(step["child"], step.get("amounts", {}), from_scope=step["from_scope"],
-                              lease=lease(step))
-        return w.delegate(step["child"], step.get("amounts", {}),
-                          from_reservation=rid("from_reservation"), lease=lease(step))
+            return w.delegate(step["child"], step.get("amounts", {}), from_scope=step["from_scope"], lease=lease(step))
+        return w.delegate(
+            step["child"], step.get("amounts", {}), from_reservation=rid("from_reservation"), lease=lease(step)
+        )
     raise AssertionError(f"unknown op {op}")
 
 

@@ -77,9 +77,9 @@ class Reservation:
     keeps capacity held. ``async with warden.reserve_async(...) as r`` likewise.
     """
 
-    __slots__ = ("_warden", "decision", "_ended")
+    __slots__ = ("_ended", "_warden", "decision")
 
-    def __init__(self, warden: "Warden", decision: Decision) -> None:
+    def __init__(self, warden: Warden, decision: Decision) -> None:
         self._warden = warden
         self.decision = decision
         self._ended = decision.reservation is None
@@ -130,7 +130,7 @@ class Reservation:
             raise denied(self.decision)
         return self.id
 
-    def __enter__(self) -> "Reservation":
+    def __enter__(self) -> Reservation:
         self._require()
         return self
 
@@ -138,7 +138,7 @@ class Reservation:
         if not self._ended:
             self.release()
 
-    async def __aenter__(self) -> "Reservation":
+    async def __aenter__(self) -> Reservation:
         self._require()
         return self
 
@@ -150,9 +150,9 @@ class Reservation:
 class _ReserveCall:
     """``reserve_async(...)``: await it for a :class:`Reservation`, or ``async with`` it."""
 
-    __slots__ = ("_warden", "_pending", "_reservation")
+    __slots__ = ("_pending", "_reservation", "_warden")
 
-    def __init__(self, warden: "Warden", pending: Awaitable[Decision]) -> None:
+    def __init__(self, warden: Warden, pending: Awaitable[Decision]) -> None:
         self._warden = warden
         self._pending = pending
         self._reservation: Optional[Reservation] = None
@@ -201,7 +201,7 @@ class Warden:
 
     def __init__(
         self,
-        policy: Union[Mapping[str, Any], str, "os.PathLike[str]"],
+        policy: Union[Mapping[str, Any], str, os.PathLike[str]],
         *,
         backend: Optional[str] = None,
         namespace: str = "rw",
@@ -227,12 +227,10 @@ class Warden:
         elif isinstance(policy, (str, os.PathLike)):
             self._native = NativeWarden(path=os.fspath(policy), **options)
         else:
-            raise InvalidInput(
-                f"invalid policy: expected a dict or a file path, got {type(policy).__name__}"
-            )
+            raise InvalidInput(f"invalid policy: expected a dict or a file path, got {type(policy).__name__}")
 
     @classmethod
-    def from_file(cls, path: Union[str, "os.PathLike[str]"], backend: Optional[str] = None, **options: Any) -> "Warden":
+    def from_file(cls, path: Union[str, os.PathLike[str]], backend: Optional[str] = None, **options: Any) -> Warden:
         """A warden for the policy file at ``path`` (YAML, JSON or TOML by extension)."""
         return cls(os.fspath(path), backend=backend, **options)
 
@@ -245,7 +243,7 @@ class Warden:
         """Lets go of the backend. Nothing is held open that needs closing today;
         provided so ``with Warden(...) as w:`` reads naturally."""
 
-    def __enter__(self) -> "Warden":
+    def __enter__(self) -> Warden:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -256,38 +254,80 @@ class Warden:
 
     # -- decisions ---------------------------------------------------------
 
-    def check(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
-              cost: Optional[Cost] = None, priority: Optional[str] = None) -> Decision:
+    def check(
+        self,
+        scope: str,
+        *,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: Optional[Cost] = None,
+        priority: Optional[str] = None,
+    ) -> Decision:
         """Evaluates the request against every limit it touches, changing nothing."""
         return self._native.check(scope, resource, action, _cost(cost), priority)
 
-    def check_async(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
-                    cost: Optional[Cost] = None, priority: Optional[str] = None) -> Awaitable[Decision]:
+    def check_async(
+        self,
+        scope: str,
+        *,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: Optional[Cost] = None,
+        priority: Optional[str] = None,
+    ) -> Awaitable[Decision]:
         """Async form of :meth:`check`."""
         return self._native.check_async(scope, resource, action, _cost(cost), priority)
 
-    def acquire(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
-                cost: Optional[Cost] = None, priority: Optional[str] = None) -> Decision:
+    def acquire(
+        self,
+        scope: str,
+        *,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: Optional[Cost] = None,
+        priority: Optional[str] = None,
+    ) -> Decision:
         """Admits the request and consumes its cost from every limit, or denies it and
         changes nothing. A denial is a :class:`Decision` with ``allowed == False``."""
         return self._native.acquire(scope, resource, action, _cost(cost), priority)
 
-    def acquire_async(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
-                      cost: Optional[Cost] = None, priority: Optional[str] = None) -> Awaitable[Decision]:
+    def acquire_async(
+        self,
+        scope: str,
+        *,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: Optional[Cost] = None,
+        priority: Optional[str] = None,
+    ) -> Awaitable[Decision]:
         """Async form of :meth:`acquire`."""
         return self._native.acquire_async(scope, resource, action, _cost(cost), priority)
 
-    def reserve(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
-                cost: Optional[Cost] = None, priority: Optional[str] = None,
-                lease: Optional[float] = None) -> Reservation:
+    def reserve(
+        self,
+        scope: str,
+        *,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: Optional[Cost] = None,
+        priority: Optional[str] = None,
+        lease: Optional[float] = None,
+    ) -> Reservation:
         """Holds the request's (estimated) cost under a lease (seconds) until it is
         committed, released or expires. Returns a :class:`Reservation` (check
         ``.allowed``), usable as a context manager."""
         return Reservation(self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease))
 
-    def reserve_async(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
-                      cost: Optional[Cost] = None, priority: Optional[str] = None,
-                      lease: Optional[float] = None) -> _ReserveCall:
+    def reserve_async(
+        self,
+        scope: str,
+        *,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: Optional[Cost] = None,
+        priority: Optional[str] = None,
+        lease: Optional[float] = None,
+    ) -> _ReserveCall:
         """Async form of :meth:`reserve`: ``await`` it, or ``async with`` it."""
         return _ReserveCall(self, self._native.reserve_async(scope, resource, action, _cost(cost), priority, lease))
 
@@ -317,31 +357,62 @@ class Warden:
         """Async form of :meth:`extend`."""
         return self._native.extend_async(reservation, lease)
 
-    def delegate(self, child: str, amounts: Cost, *, from_scope: Optional[str] = None,
-                 from_reservation: Optional[str] = None, lease: Optional[float] = None) -> Decision:
+    def delegate(
+        self,
+        child: str,
+        amounts: Cost,
+        *,
+        from_scope: Optional[str] = None,
+        from_reservation: Optional[str] = None,
+        lease: Optional[float] = None,
+    ) -> Decision:
         """Carves a sub-budget for the ``child`` scope out of ``from_scope`` (a parent
         scope's free capacity) or ``from_reservation``. The child can never spend more
         than ``amounts``; what it spends counts at the parent; releasing the
         delegation (``release(decision.reservation)``) returns the unspent part."""
         return self._native.delegate(child, _cost(amounts), from_scope, from_reservation, lease)
 
-    def delegate_async(self, child: str, amounts: Cost, *, from_scope: Optional[str] = None,
-                       from_reservation: Optional[str] = None,
-                       lease: Optional[float] = None) -> Awaitable[Decision]:
+    def delegate_async(
+        self,
+        child: str,
+        amounts: Cost,
+        *,
+        from_scope: Optional[str] = None,
+        from_reservation: Optional[str] = None,
+        lease: Optional[float] = None,
+    ) -> Awaitable[Decision]:
         """Async form of :meth:`delegate`."""
         return self._native.delegate_async(child, _cost(amounts), from_scope, from_reservation, lease)
 
-    def wait(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
-             cost: Optional[Cost] = None, priority: Optional[str] = None, max_wait: float = 30.0,
-             reserve: bool = False, lease: Optional[float] = None) -> Decision:
+    def wait(
+        self,
+        scope: str,
+        *,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: Optional[Cost] = None,
+        priority: Optional[str] = None,
+        max_wait: float = 30.0,
+        reserve: bool = False,
+        lease: Optional[float] = None,
+    ) -> Decision:
         """Waits (up to ``max_wait`` seconds) until the request is admitted, then acquires
         it (or reserves it with ``reserve=True``). Waiters in this process are served
         in priority order. Returns the last denial if the time runs out."""
         return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
 
-    def wait_async(self, scope: str, *, resource: Optional[str] = None, action: Optional[str] = None,
-                   cost: Optional[Cost] = None, priority: Optional[str] = None, max_wait: float = 30.0,
-                   reserve: bool = False, lease: Optional[float] = None) -> Awaitable[Decision]:
+    def wait_async(
+        self,
+        scope: str,
+        *,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: Optional[Cost] = None,
+        priority: Optional[str] = None,
+        max_wait: float = 30.0,
+        reserve: bool = False,
+        lease: Optional[float] = None,
+    ) -> Awaitable[Decision]:
         """Async form of :meth:`wait`; cancelling it leaves nothing held."""
         return self._native.wait_async(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
 
@@ -351,10 +422,10 @@ class Warden:
         self,
         scope: Union[str, Callable[..., str]],
         *,
-        resource: Union[None, str, Callable[..., Optional[str]]] = None,
-        action: Union[None, str, Callable[..., Optional[str]]] = None,
-        cost: Union[None, Cost, Callable[..., Optional[Cost]]] = None,
-        priority: Union[None, str, Callable[..., Optional[str]]] = None,
+        resource: Union[str, Callable[..., Optional[str]], None] = None,
+        action: Union[str, Callable[..., Optional[str]], None] = None,
+        cost: Union[Cost, Callable[..., Optional[Cost]], None] = None,
+        priority: Union[str, Callable[..., Optional[str]], None] = None,
         actual: Optional[Callable[[Any], Optional[Cost]]] = None,
         on_limit: str = "raise",
         max_wait: float = 30.0,

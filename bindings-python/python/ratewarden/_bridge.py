@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 
-def complete(fut: "asyncio.Future[Any]", ok: bool, value: Any) -> None:
+def complete(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
     if fut.done():  # cancelled meanwhile: the native task was aborted too
         return
     if ok:

@@ -39,7 +39,7 @@ class RateLimited(WardenError):
     is the full :class:`ratewarden.Decision`.
     """
 
-    def __init__(self, decision: "Decision") -> None:
+    def __init__(self, decision: Decision) -> None:
         self.decision = decision
         self.retry_after: Optional[float] = decision.retry_after
         by = decision.denied_by
@@ -55,7 +55,7 @@ class BudgetExceeded(RateLimited):
     """Denied by a budget (money, tokens, risk points) rather than a rate."""
 
 
-def denied(decision: "Decision") -> RateLimited:
+def denied(decision: Decision) -> RateLimited:
     """The exception for a denial: `BudgetExceeded` when a budget refused it."""
     if decision.denied_kind == "budget":
         return BudgetExceeded(decision)

@@ -6,11 +6,13 @@ Use the ``ratewarden`` package; this module is its implementation.
 import os
 from typing import Any, Awaitable, Dict, Generator, List, Mapping, Optional, Union, final
 
-__all__ = ["version", "__version__", "NativeWarden", "Decision", "Ready", "Canceller", "ManualClock"]
+from typing_extensions import TypeAlias
+
+__all__ = ["Canceller", "Decision", "ManualClock", "NativeWarden", "Ready", "__version__", "version"]
 
 __version__: str
 
-_Cost = Optional[Mapping[str, Any]]
+_Cost: TypeAlias = Optional[Mapping[str, Any]]
 
 def version() -> str:
     """Return the version of the ratewarden core library."""
@@ -50,7 +52,7 @@ class Ready:
     """An awaitable that is already complete."""
 
     def __await__(self) -> Generator[Any, None, Any]: ...
-    def __iter__(self) -> "Ready": ...
+    def __iter__(self) -> Ready: ...
     def __next__(self) -> Any: ...
     def send(self, _value: Any) -> Any: ...
     def throw(self, exc: BaseException, *_rest: Any) -> Any: ...
@@ -69,52 +71,115 @@ class NativeWarden:
     def __new__(
         cls,
         json: Optional[str] = None,
-        path: Union[str, "os.PathLike[str]", None] = None,
+        path: Union[str, os.PathLike[str], None] = None,
         backend: Optional[str] = None,
         namespace: str = "rw",
         on_backend_error: str = "deny",
         local_share: int = 1,
         timeout: Optional[float] = None,
-        clock: Optional["ManualClock"] = None,
-    ) -> "NativeWarden": ...
+        clock: Optional[ManualClock] = None,
+    ) -> NativeWarden: ...
     @property
     def backend(self) -> str: ...
-    def check(self, scope: str, resource: Optional[str] = None, action: Optional[str] = None,
-              cost: _Cost = None, priority: Optional[str] = None) -> Decision: ...
-    def acquire(self, scope: str, resource: Optional[str] = None, action: Optional[str] = None,
-                cost: _Cost = None, priority: Optional[str] = None) -> Decision: ...
-    def reserve(self, scope: str, resource: Optional[str] = None, action: Optional[str] = None,
-                cost: _Cost = None, priority: Optional[str] = None,
-                lease: Optional[float] = None) -> Decision: ...
+    def check(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+    ) -> Decision: ...
+    def acquire(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+    ) -> Decision: ...
+    def reserve(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+        lease: Optional[float] = None,
+    ) -> Decision: ...
     def commit(self, reservation: str, actual: _Cost = None) -> Dict[str, Any]: ...
     def release(self, reservation: str) -> bool: ...
     def extend(self, reservation: str, lease: float) -> float: ...
-    def delegate(self, child: str, amounts: Mapping[str, Any], from_scope: Optional[str] = None,
-                 from_reservation: Optional[str] = None, lease: Optional[float] = None) -> Decision: ...
-    def wait(self, scope: str, resource: Optional[str] = None, action: Optional[str] = None,
-             cost: _Cost = None, priority: Optional[str] = None, max_wait: float = 30.0,
-             reserve: bool = False, lease: Optional[float] = None) -> Decision: ...
-    def check_async(self, scope: str, resource: Optional[str] = None, action: Optional[str] = None,
-                    cost: _Cost = None, priority: Optional[str] = None) -> Awaitable[Decision]: ...
-    def acquire_async(self, scope: str, resource: Optional[str] = None, action: Optional[str] = None,
-                      cost: _Cost = None, priority: Optional[str] = None) -> Awaitable[Decision]: ...
-    def reserve_async(self, scope: str, resource: Optional[str] = None, action: Optional[str] = None,
-                      cost: _Cost = None, priority: Optional[str] = None,
-                      lease: Optional[float] = None) -> Awaitable[Decision]: ...
+    def delegate(
+        self,
+        child: str,
+        amounts: Mapping[str, Any],
+        from_scope: Optional[str] = None,
+        from_reservation: Optional[str] = None,
+        lease: Optional[float] = None,
+    ) -> Decision: ...
+    def wait(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+        max_wait: float = 30.0,
+        reserve: bool = False,
+        lease: Optional[float] = None,
+    ) -> Decision: ...
+    def check_async(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+    ) -> Awaitable[Decision]: ...
+    def acquire_async(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+    ) -> Awaitable[Decision]: ...
+    def reserve_async(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+        lease: Optional[float] = None,
+    ) -> Awaitable[Decision]: ...
     def commit_async(self, reservation: str, actual: _Cost = None) -> Awaitable[Dict[str, Any]]: ...
     def release_async(self, reservation: str) -> Awaitable[bool]: ...
     def extend_async(self, reservation: str, lease: float) -> Awaitable[float]: ...
-    def delegate_async(self, child: str, amounts: Mapping[str, Any], from_scope: Optional[str] = None,
-                       from_reservation: Optional[str] = None,
-                       lease: Optional[float] = None) -> Awaitable[Decision]: ...
-    def wait_async(self, scope: str, resource: Optional[str] = None, action: Optional[str] = None,
-                   cost: _Cost = None, priority: Optional[str] = None, max_wait: float = 30.0,
-                   reserve: bool = False, lease: Optional[float] = None) -> Awaitable[Decision]: ...
+    def delegate_async(
+        self,
+        child: str,
+        amounts: Mapping[str, Any],
+        from_scope: Optional[str] = None,
+        from_reservation: Optional[str] = None,
+        lease: Optional[float] = None,
+    ) -> Awaitable[Decision]: ...
+    def wait_async(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+        max_wait: float = 30.0,
+        reserve: bool = False,
+        lease: Optional[float] = None,
+    ) -> Awaitable[Decision]: ...
 
 @final
 class ManualClock:
     """A clock that moves only when told to (deterministic tests)."""
 
-    def __new__(cls, start: float = 1767225600.0) -> "ManualClock": ...
+    def __new__(cls, start: float = ...) -> ManualClock: ...
     def advance(self, seconds: float) -> None: ...
     def now(self) -> float: ...
