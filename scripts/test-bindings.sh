@@ -31,8 +31,8 @@ step "installing maturin, pytest, mypy, ruff"
 $py -m pip install -q 'maturin>=1.9.4,<2' 'pytest>=8' 'mypy>=1.10' 'ruff>=0.6'
 
 step "ruff (lint and format check)"
-.venv/bin/ruff check bindings-python/python tests/python scripts/redis_harness.py
-.venv/bin/ruff format --check bindings-python/python tests/python scripts/redis_harness.py
+.venv/bin/ruff check bindings-python/python tests/python examples/python scripts/redis_harness.py
+.venv/bin/ruff format --check bindings-python/python tests/python examples/python scripts/redis_harness.py
 
 step "maturin develop (debug build of ratewarden._native)"
 .venv/bin/maturin develop
