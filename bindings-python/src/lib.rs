@@ -28,8 +28,8 @@ use pyo3::types::{PyDict, PyList, PyString};
 use ratewarden::backend::{Backend, OnBackendError, RedisBackend, poll_ready};
 use ratewarden::decision::ReservationInfo;
 use ratewarden::{
-    Amount, CommitReceipt, Cost, Decision as CoreDecision, DelegateFrom, Error, ErrorKind, Outcome,
-    Policy, Priority, Request, ReservationId, Scope, SystemClock, WaitFor, Warden,
+    Amount, CommitReceipt, Cost, Decision as CoreDecision, DelegateFrom, Error, ErrorKind, Policy,
+    Priority, Request, ReservationId, Scope, SystemClock, WaitFor, Warden,
 };
 
 /// Return the version of the ratewarden core library.
@@ -171,12 +171,13 @@ fn request_of(
     Ok(r)
 }
 
-fn seconds(v: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
-    v.map(|s| {
-        Duration::try_from_secs_f64(s)
-            .map_err(|_| invalid(what, format!("{s} is not a duration in seconds")))
-    })
-    .transpose()
+fn seconds(s: f64, what: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| invalid(what, format!("{s} is not a duration in seconds")))
+}
+
+fn optional_seconds(v: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
+    v.map(|s| seconds(s, what)).transpose()
 }
 
 fn reservation_id(id: &str) -> PyResult<ReservationId> {
@@ -193,14 +194,6 @@ struct Decision {
     inner: CoreDecision,
 }
 
-fn outcome_str(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Allow => "allow",
-        Outcome::AllowWithCaps => "allow_with_caps",
-        Outcome::Deny => "deny",
-    }
-}
-
 #[pymethods]
 impl Decision {
     /// Whether the caller may go ahead (`allow` or `allow_with_caps`).
@@ -212,7 +205,7 @@ impl Decision {
     /// `"allow"`, `"allow_with_caps"` or `"deny"`.
     #[getter]
     fn outcome(&self) -> &'static str {
-        outcome_str(self.inner.outcome)
+        self.inner.outcome.as_str()
     }
 
     /// Caps to honour when allowed with caps: `delay_ms`, `max_tokens`, `model`,
@@ -298,31 +291,19 @@ impl Decision {
     /// `"deny"`, `"allow"` or `"local"`.
     #[getter]
     fn degraded(&self) -> Option<&'static str> {
-        self.inner.degraded.map(|d| match d {
-            ratewarden::Degraded::Deny => "deny",
-            ratewarden::Degraded::Allow => "allow",
-            ratewarden::Degraded::Local => "local",
-        })
+        self.inner.degraded.map(ratewarden::Degraded::as_str)
     }
 
     /// The name of the first limit that denied it, if any.
     #[getter]
     fn denied_by(&self) -> Option<&str> {
-        self.inner
-            .limits
-            .iter()
-            .find(|l| l.denied)
-            .map(|l| l.name())
+        self.inner.denied_by().map(|l| l.name())
     }
 
     /// The kind of that limit (`rate`, `quota`, `concurrency`, `budget`).
     #[getter]
     fn denied_kind(&self) -> Option<&'static str> {
-        self.inner
-            .limits
-            .iter()
-            .find(|l| l.denied)
-            .map(|l| l.kind())
+        self.inner.denied_by().map(|l| l.kind())
     }
 
     /// Every field as a dict.
@@ -475,7 +456,7 @@ impl ManualClock {
 
     /// Moves time forward by `seconds` (≥ 0), waking whatever waits until then.
     fn advance(&self, seconds: f64) -> PyResult<()> {
-        let by = seconds_of(seconds, "seconds")?;
+        let by = self::seconds(seconds, "seconds")?;
         self.inner.advance(by);
         Ok(())
     }
@@ -485,11 +466,6 @@ impl ManualClock {
         use ratewarden::Clock as _;
         self.inner.now() as f64 / 1e6
     }
-}
-
-fn seconds_of(s: f64, what: &str) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| invalid(what, format!("{s} is not a duration in seconds")))
 }
 
 // ---------------------------------------------------------------------------
@@ -510,9 +486,7 @@ struct NativeWarden {
     warden: RwLock<Warden>,
     /// The process the backend's connections belong to.
     pid: AtomicU32,
-    policy: Arc<Policy>,
     config: Config,
-    embedded: bool,
 }
 
 async fn connect(policy: Policy, config: &Config) -> ratewarden::Result<Warden> {
@@ -548,82 +522,149 @@ where
     py.detach(|| runtime().block_on(f))
 }
 
+/// Completes a future that the embedded engine answers without waiting.
+fn at_once<T>(
+    f: impl std::future::Future<Output = ratewarden::Result<T>>,
+) -> ratewarden::Result<T> {
+    poll_ready(f).unwrap_or_else(|| {
+        Err(Error::Backend {
+            message: "the embedded engine did not answer synchronously".into(),
+        })
+    })
+}
+
+/// One operation with its inputs converted, run the same way from the sync and
+/// the async form of each method.
+#[derive(Clone)]
+enum Call {
+    Check(Request),
+    Acquire(Request),
+    Reserve(Request, Option<Duration>),
+    Commit(ReservationId, Cost),
+    Release(ReservationId),
+    Extend(ReservationId, Duration),
+    Delegate(Scope, Cost, Source, Option<Duration>),
+    Wait(Request, WaitFor, Duration),
+}
+
+#[derive(Clone)]
+enum Source {
+    Scope(Scope),
+    Reservation(ReservationId),
+}
+
+/// What a [`Call`] answers.
+enum Answer {
+    Decision(CoreDecision),
+    Receipt(CommitReceipt),
+    Released(bool),
+    Extended(i64),
+}
+
+impl Call {
+    async fn run(self, w: Warden) -> ratewarden::Result<Answer> {
+        Ok(match self {
+            Self::Check(r) => Answer::Decision(w.check(&r).await?),
+            Self::Acquire(r) => Answer::Decision(w.acquire(&r).await?),
+            Self::Reserve(r, lease) => Answer::Decision(w.reserve(&r, lease).await?),
+            Self::Commit(id, actual) => Answer::Receipt(w.commit(id, &actual).await?),
+            Self::Release(id) => Answer::Released(w.release(id).await?),
+            Self::Extend(id, lease) => Answer::Extended(w.extend(id, lease).await?),
+            Self::Delegate(child, amounts, from, lease) => {
+                let from = match &from {
+                    Source::Scope(s) => DelegateFrom::Scope(s),
+                    Source::Reservation(id) => DelegateFrom::Reservation(*id),
+                };
+                Answer::Decision(w.delegate(from, &child, &amounts, lease).await?)
+            }
+            Self::Wait(r, what, max_wait) => Answer::Decision(w.wait(&r, what, max_wait).await?),
+        })
+    }
+}
+
+fn answer_to_py(py: Python<'_>, a: Answer) -> PyResult<Py<PyAny>> {
+    match a {
+        Answer::Decision(d) => Ok(Py::new(py, Decision { inner: d })?.into_any()),
+        Answer::Receipt(r) => receipt_dict(py, &r),
+        Answer::Released(b) => Ok(pyo3::types::PyBool::new(py, b)
+            .to_owned()
+            .into_any()
+            .unbind()),
+        #[allow(clippy::cast_precision_loss)]
+        Answer::Extended(at) => Ok(pyo3::types::PyFloat::new(py, at as f64 / 1e6)
+            .into_any()
+            .unbind()),
+    }
+}
+
 impl NativeWarden {
     fn build(py: Python<'_>, policy: Policy, config: Config) -> PyResult<Self> {
-        let embedded = config.backend.is_none();
-        let policy = Arc::new(policy);
-        let p = (*policy).clone();
-        let warden = if embedded {
-            poll_ready(connect(p, &config))
-                .unwrap_or_else(|| {
-                    Err(Error::Backend {
-                        message: "embedded setup waited".into(),
-                    })
-                })
-                .map_err(|e| to_py(&e))?
+        let warden = if config.backend.is_none() {
+            at_once(connect(policy, &config))
         } else {
-            block(py, connect(p, &config)).map_err(|e| to_py(&e))?
-        };
+            block(py, connect(policy, &config))
+        }
+        .map_err(|e| to_py(&e))?;
         Ok(Self {
             warden: RwLock::new(warden),
             pid: AtomicU32::new(std::process::id()),
-            policy,
             config,
-            embedded,
         })
+    }
+
+    fn embedded(&self) -> bool {
+        self.config.backend.is_none()
     }
 
     /// The warden, reconnected first if this is a forked child.
     fn warden(&self, py: Python<'_>) -> PyResult<Warden> {
         let pid = std::process::id();
-        if self.embedded || self.pid.load(Ordering::Acquire) == pid {
-            return Ok(self.warden.read().clone());
+        let current = self.warden.read().clone();
+        if self.embedded() || self.pid.load(Ordering::Acquire) == pid {
+            return Ok(current);
         }
         let fresh =
-            block(py, connect((*self.policy).clone(), &self.config)).map_err(|e| to_py(&e))?;
+            block(py, connect(current.policy().clone(), &self.config)).map_err(|e| to_py(&e))?;
         *self.warden.write() = fresh.clone();
         self.pid.store(pid, Ordering::Release);
         Ok(fresh)
     }
 
-    /// Runs an operation from a sync call: on the calling thread for the
-    /// embedded engine, on the runtime with the GIL released for Redis.
-    fn run_sync<T: Send, Fut>(&self, py: Python<'_>, f: Fut) -> PyResult<T>
-    where
-        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send,
-    {
-        let out = if self.embedded {
-            match poll_ready(f) {
-                Some(r) => r,
-                None => Err(Error::Backend {
-                    message: "the embedded engine did not answer synchronously".into(),
-                }),
-            }
+    /// The sync form: decided on the calling thread by the embedded engine;
+    /// on the runtime with the GIL released for Redis and for waiting.
+    fn sync(&self, py: Python<'_>, call: PyResult<Call>) -> PyResult<Py<PyAny>> {
+        let (w, call) = (self.warden(py)?, call?);
+        let answer = if self.embedded() && !matches!(call, Call::Wait(..)) {
+            at_once(call.run(w))
         } else {
-            block(py, f)
+            block(py, call.run(w))
         };
-        out.map_err(|e| to_py(&e))
+        answer_to_py(py, answer.map_err(|e| to_py(&e))?)
     }
 
-    /// Runs an operation for an async call: a completed awaitable on the
-    /// embedded engine, an asyncio future completed from the runtime on Redis.
-    fn run_async<T, Fut, C>(&self, py: Python<'_>, f: Fut, convert: C) -> PyResult<Py<PyAny>>
-    where
-        T: Send + 'static,
-        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
-        C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
-    {
-        if self.embedded {
-            let value = match poll_ready(f) {
-                Some(Ok(v)) => convert(py, v),
-                Some(Err(e)) => Err(to_py(&e)),
-                None => Err(to_py(&Error::Backend {
-                    message: "the embedded engine did not answer synchronously".into(),
-                })),
+    /// The async form: an already-completed awaitable when the embedded engine
+    /// answers at once (a wait admitted on its first try included), else an
+    /// asyncio future completed from the runtime.
+    fn asynchronous(&self, py: Python<'_>, call: PyResult<Call>) -> PyResult<Py<PyAny>> {
+        let (w, call) = (self.warden(py)?, call?);
+        if self.embedded() {
+            let answer = if matches!(call, Call::Wait(..)) {
+                match poll_ready(call.clone().run(w.clone())) {
+                    Some(a) => a,
+                    // Not admitted on the first try: wait on the runtime.
+                    None => return spawn_async(py, call.run(w), answer_to_py),
+                }
+            } else {
+                at_once(call.run(w))
             };
-            return ready(py, value);
+            return ready(
+                py,
+                answer
+                    .map_err(|e| to_py(&e))
+                    .and_then(|a| answer_to_py(py, a)),
+            );
         }
-        spawn_async(py, f, convert)
+        spawn_async(py, call.run(w), answer_to_py)
     }
 }
 
@@ -716,10 +757,6 @@ where
     Ok(fut)
 }
 
-fn decision_obj(py: Python<'_>, d: CoreDecision) -> PyResult<Py<PyAny>> {
-    Ok(Py::new(py, Decision { inner: d })?.into_any())
-}
-
 fn on_error_of(mode: &str, share: u32) -> PyResult<OnBackendError> {
     match mode {
         "deny" => Ok(OnBackendError::Deny),
@@ -733,10 +770,71 @@ fn on_error_of(mode: &str, share: u32) -> PyResult<OnBackendError> {
     }
 }
 
+fn reserve_call(req: PyResult<Request>, lease: Option<f64>) -> PyResult<Call> {
+    Ok(Call::Reserve(req?, optional_seconds(lease, "lease")?))
+}
+
+fn commit_call(reservation: &str, actual: Option<&Bound<'_, PyDict>>) -> PyResult<Call> {
+    Ok(Call::Commit(
+        reservation_id(reservation)?,
+        cost_of(actual, "actual")?,
+    ))
+}
+
+fn extend_call(reservation: &str, lease: f64) -> PyResult<Call> {
+    Ok(Call::Extend(
+        reservation_id(reservation)?,
+        seconds(lease, "lease")?,
+    ))
+}
+
+fn delegate_call(
+    child: &str,
+    amounts: &Bound<'_, PyDict>,
+    from_scope: Option<&str>,
+    from_reservation: Option<&str>,
+    lease: Option<f64>,
+) -> PyResult<Call> {
+    let child = Scope::parse(child).map_err(|e| to_py(&e))?;
+    let amounts = cost_of(Some(amounts), "amounts")?;
+    let from = match (from_scope, from_reservation) {
+        (Some(s), None) => Source::Scope(Scope::parse(s).map_err(|e| to_py(&e))?),
+        (None, Some(r)) => Source::Reservation(reservation_id(r)?),
+        _ => {
+            return Err(invalid(
+                "delegate",
+                "give exactly one of from_scope= or from_reservation=",
+            ));
+        }
+    };
+    Ok(Call::Delegate(
+        child,
+        amounts,
+        from,
+        optional_seconds(lease, "lease")?,
+    ))
+}
+
+fn wait_call(
+    req: PyResult<Request>,
+    max_wait: f64,
+    reserve: bool,
+    lease: Option<f64>,
+) -> PyResult<Call> {
+    let what = if reserve {
+        WaitFor::Reserve(optional_seconds(lease, "lease")?)
+    } else {
+        WaitFor::Acquire
+    };
+    Ok(Call::Wait(req?, what, seconds(max_wait, "max_wait")?))
+}
+
+// Every operation has a sync and an `_async` method with the same arguments;
+// both convert them into one `Call`, run by `sync` or `asynchronous`.
 #[pymethods]
 impl NativeWarden {
-    /// Builds a warden from a policy document given as JSON text (`source`
-    /// names it in errors), or from a policy file when `path` is given.
+    /// Builds a warden from a policy document given as JSON text, or from a
+    /// policy file when `path` is given.
     #[new]
     #[pyo3(signature = (json=None, path=None, backend=None, namespace="rw", on_backend_error="deny", local_share=1, timeout=None, clock=None))]
     #[allow(clippy::too_many_arguments)]
@@ -757,12 +855,11 @@ impl NativeWarden {
             (None, Some(p)) => Policy::from_file(&p).map_err(|e| to_py(&e))?,
             _ => return Err(invalid("policy", "give exactly one of json= or path=")),
         };
-        let backend = backend.filter(|b| b != "memory");
         let config = Config {
-            backend,
+            backend: backend.filter(|b| b != "memory"),
             namespace: namespace.to_owned(),
             on_error: on_error_of(on_backend_error, local_share)?,
-            timeout: seconds(timeout, "timeout")?,
+            timeout: optional_seconds(timeout, "timeout")?,
             clock: clock.map(|c| c.inner.clone()),
         };
         Self::build(py, policy, config)
@@ -771,7 +868,7 @@ impl NativeWarden {
     /// `"memory"` or `"redis"`.
     #[getter]
     fn backend(&self) -> &'static str {
-        if self.embedded { "memory" } else { "redis" }
+        if self.embedded() { "memory" } else { "redis" }
     }
 
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
@@ -784,12 +881,22 @@ impl NativeWarden {
         cost: Option<&Bound<'_, PyDict>>,
         priority: Option<&str>,
     ) -> PyResult<Py<PyAny>> {
-        let (w, req) = (
-            self.warden(py)?,
-            request_of(scope, resource, action, cost, priority)?,
-        );
-        let d = self.run_sync(py, async move { w.check(&req).await })?;
-        decision_obj(py, d)
+        let req = request_of(scope, resource, action, cost, priority);
+        self.sync(py, req.map(Call::Check))
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
+    fn check_async(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        let req = request_of(scope, resource, action, cost, priority);
+        self.asynchronous(py, req.map(Call::Check))
     }
 
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
@@ -802,12 +909,22 @@ impl NativeWarden {
         cost: Option<&Bound<'_, PyDict>>,
         priority: Option<&str>,
     ) -> PyResult<Py<PyAny>> {
-        let (w, req) = (
-            self.warden(py)?,
-            request_of(scope, resource, action, cost, priority)?,
-        );
-        let d = self.run_sync(py, async move { w.acquire(&req).await })?;
-        decision_obj(py, d)
+        let req = request_of(scope, resource, action, cost, priority);
+        self.sync(py, req.map(Call::Acquire))
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
+    fn acquire_async(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        let req = request_of(scope, resource, action, cost, priority);
+        self.asynchronous(py, req.map(Call::Acquire))
     }
 
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None))]
@@ -822,13 +939,24 @@ impl NativeWarden {
         priority: Option<&str>,
         lease: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
-        let (w, req) = (
-            self.warden(py)?,
-            request_of(scope, resource, action, cost, priority)?,
-        );
-        let lease = seconds(lease, "lease")?;
-        let d = self.run_sync(py, async move { w.reserve(&req, lease).await })?;
-        decision_obj(py, d)
+        let req = request_of(scope, resource, action, cost, priority);
+        self.sync(py, reserve_call(req, lease))
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_async(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        lease: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let req = request_of(scope, resource, action, cost, priority);
+        self.asynchronous(py, reserve_call(req, lease))
     }
 
     #[pyo3(signature = (reservation, actual=None))]
@@ -838,25 +966,33 @@ impl NativeWarden {
         reservation: &str,
         actual: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let (w, id, actual) = (
-            self.warden(py)?,
-            reservation_id(reservation)?,
-            cost_of(actual, "actual")?,
-        );
-        let r = self.run_sync(py, async move { w.commit(id, &actual).await })?;
-        receipt_dict(py, &r)
+        self.sync(py, commit_call(reservation, actual))
     }
 
-    fn release(&self, py: Python<'_>, reservation: &str) -> PyResult<bool> {
-        let (w, id) = (self.warden(py)?, reservation_id(reservation)?);
-        self.run_sync(py, async move { w.release(id).await })
+    #[pyo3(signature = (reservation, actual=None))]
+    fn commit_async(
+        &self,
+        py: Python<'_>,
+        reservation: &str,
+        actual: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.asynchronous(py, commit_call(reservation, actual))
     }
 
-    fn extend(&self, py: Python<'_>, reservation: &str, lease: f64) -> PyResult<f64> {
-        let (w, id) = (self.warden(py)?, reservation_id(reservation)?);
-        let lease = seconds(Some(lease), "lease")?.unwrap_or_default();
-        let at = self.run_sync(py, async move { w.extend(id, lease).await })?;
-        Ok(at as f64 / 1e6)
+    fn release(&self, py: Python<'_>, reservation: &str) -> PyResult<Py<PyAny>> {
+        self.sync(py, reservation_id(reservation).map(Call::Release))
+    }
+
+    fn release_async(&self, py: Python<'_>, reservation: &str) -> PyResult<Py<PyAny>> {
+        self.asynchronous(py, reservation_id(reservation).map(Call::Release))
+    }
+
+    fn extend(&self, py: Python<'_>, reservation: &str, lease: f64) -> PyResult<Py<PyAny>> {
+        self.sync(py, extend_call(reservation, lease))
+    }
+
+    fn extend_async(&self, py: Python<'_>, reservation: &str, lease: f64) -> PyResult<Py<PyAny>> {
+        self.asynchronous(py, extend_call(reservation, lease))
     }
 
     #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None))]
@@ -869,13 +1005,22 @@ impl NativeWarden {
         from_reservation: Option<&str>,
         lease: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
-        let w = self.warden(py)?;
-        let (child, amounts, from, lease) =
-            delegate_args(child, amounts, from_scope, from_reservation, lease)?;
-        let d = self.run_sync(py, async move {
-            delegate(&w, &child, &amounts, &from, lease).await
-        })?;
-        decision_obj(py, d)
+        let call = delegate_call(child, amounts, from_scope, from_reservation, lease);
+        self.sync(py, call)
+    }
+
+    #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None))]
+    fn delegate_async(
+        &self,
+        py: Python<'_>,
+        child: &str,
+        amounts: &Bound<'_, PyDict>,
+        from_scope: Option<&str>,
+        from_reservation: Option<&str>,
+        lease: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let call = delegate_call(child, amounts, from_scope, from_reservation, lease);
+        self.asynchronous(py, call)
     }
 
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None))]
@@ -892,137 +1037,8 @@ impl NativeWarden {
         reserve: bool,
         lease: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
-        let (w, req) = (
-            self.warden(py)?,
-            request_of(scope, resource, action, cost, priority)?,
-        );
-        let max_wait = seconds(Some(max_wait), "max_wait")?.unwrap_or_default();
-        let what = if reserve {
-            WaitFor::Reserve(seconds(lease, "lease")?)
-        } else {
-            WaitFor::Acquire
-        };
-        // Waiting sleeps: always on the runtime, with the GIL released.
-        let d =
-            block(py, async move { w.wait(&req, what, max_wait).await }).map_err(|e| to_py(&e))?;
-        decision_obj(py, d)
-    }
-
-    // -- async forms ----------------------------------------------------------
-
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
-    fn check_async(
-        &self,
-        py: Python<'_>,
-        scope: &str,
-        resource: Option<&str>,
-        action: Option<&str>,
-        cost: Option<&Bound<'_, PyDict>>,
-        priority: Option<&str>,
-    ) -> PyResult<Py<PyAny>> {
-        let (w, req) = (
-            self.warden(py)?,
-            request_of(scope, resource, action, cost, priority)?,
-        );
-        self.run_async(py, async move { w.check(&req).await }, decision_obj)
-    }
-
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
-    fn acquire_async(
-        &self,
-        py: Python<'_>,
-        scope: &str,
-        resource: Option<&str>,
-        action: Option<&str>,
-        cost: Option<&Bound<'_, PyDict>>,
-        priority: Option<&str>,
-    ) -> PyResult<Py<PyAny>> {
-        let (w, req) = (
-            self.warden(py)?,
-            request_of(scope, resource, action, cost, priority)?,
-        );
-        self.run_async(py, async move { w.acquire(&req).await }, decision_obj)
-    }
-
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn reserve_async(
-        &self,
-        py: Python<'_>,
-        scope: &str,
-        resource: Option<&str>,
-        action: Option<&str>,
-        cost: Option<&Bound<'_, PyDict>>,
-        priority: Option<&str>,
-        lease: Option<f64>,
-    ) -> PyResult<Py<PyAny>> {
-        let (w, req) = (
-            self.warden(py)?,
-            request_of(scope, resource, action, cost, priority)?,
-        );
-        let lease = seconds(lease, "lease")?;
-        self.run_async(
-            py,
-            async move { w.reserve(&req, lease).await },
-            decision_obj,
-        )
-    }
-
-    #[pyo3(signature = (reservation, actual=None))]
-    fn commit_async(
-        &self,
-        py: Python<'_>,
-        reservation: &str,
-        actual: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<Py<PyAny>> {
-        let (w, id, actual) = (
-            self.warden(py)?,
-            reservation_id(reservation)?,
-            cost_of(actual, "actual")?,
-        );
-        self.run_async(py, async move { w.commit(id, &actual).await }, |py, r| {
-            receipt_dict(py, &r)
-        })
-    }
-
-    fn release_async(&self, py: Python<'_>, reservation: &str) -> PyResult<Py<PyAny>> {
-        let (w, id) = (self.warden(py)?, reservation_id(reservation)?);
-        self.run_async(py, async move { w.release(id).await }, |py, b| {
-            Ok(pyo3::types::PyBool::new(py, b)
-                .to_owned()
-                .into_any()
-                .unbind())
-        })
-    }
-
-    fn extend_async(&self, py: Python<'_>, reservation: &str, lease: f64) -> PyResult<Py<PyAny>> {
-        let (w, id) = (self.warden(py)?, reservation_id(reservation)?);
-        let lease = seconds(Some(lease), "lease")?.unwrap_or_default();
-        self.run_async(py, async move { w.extend(id, lease).await }, |py, at| {
-            Ok(pyo3::types::PyFloat::new(py, at as f64 / 1e6)
-                .into_any()
-                .unbind())
-        })
-    }
-
-    #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None))]
-    fn delegate_async(
-        &self,
-        py: Python<'_>,
-        child: &str,
-        amounts: &Bound<'_, PyDict>,
-        from_scope: Option<&str>,
-        from_reservation: Option<&str>,
-        lease: Option<f64>,
-    ) -> PyResult<Py<PyAny>> {
-        let w = self.warden(py)?;
-        let (child, amounts, from, lease) =
-            delegate_args(child, amounts, from_scope, from_reservation, lease)?;
-        self.run_async(
-            py,
-            async move { delegate(&w, &child, &amounts, &from, lease).await },
-            decision_obj,
-        )
+        let req = request_of(scope, resource, action, cost, priority);
+        self.sync(py, wait_call(req, max_wait, reserve, lease))
     }
 
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None))]
@@ -1039,76 +1055,9 @@ impl NativeWarden {
         reserve: bool,
         lease: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
-        let (w, req) = (
-            self.warden(py)?,
-            request_of(scope, resource, action, cost, priority)?,
-        );
-        let max_wait = seconds(Some(max_wait), "max_wait")?.unwrap_or_default();
-        let what = if reserve {
-            WaitFor::Reserve(seconds(lease, "lease")?)
-        } else {
-            WaitFor::Acquire
-        };
-        // An admitted first try completes at once, like any embedded call.
-        if self.embedded {
-            let w2 = w.clone();
-            let req2 = req.clone();
-            if let Some(r) = poll_ready(async move { w2.wait(&req2, what, max_wait).await }) {
-                return ready(
-                    py,
-                    r.map_err(|e| to_py(&e)).and_then(|d| decision_obj(py, d)),
-                );
-            }
-        }
-        spawn_async(
-            py,
-            async move { w.wait(&req, what, max_wait).await },
-            decision_obj,
-        )
+        let req = request_of(scope, resource, action, cost, priority);
+        self.asynchronous(py, wait_call(req, max_wait, reserve, lease))
     }
-}
-
-type DelegateArgs = (Scope, Cost, Source, Option<Duration>);
-
-enum Source {
-    Scope(Scope),
-    Reservation(ReservationId),
-}
-
-fn delegate_args(
-    child: &str,
-    amounts: &Bound<'_, PyDict>,
-    from_scope: Option<&str>,
-    from_reservation: Option<&str>,
-    lease: Option<f64>,
-) -> PyResult<DelegateArgs> {
-    let child = Scope::parse(child).map_err(|e| to_py(&e))?;
-    let amounts = cost_of(Some(amounts), "amounts")?;
-    let from = match (from_scope, from_reservation) {
-        (Some(s), None) => Source::Scope(Scope::parse(s).map_err(|e| to_py(&e))?),
-        (None, Some(r)) => Source::Reservation(reservation_id(r)?),
-        _ => {
-            return Err(invalid(
-                "delegate",
-                "give exactly one of from_scope= or from_reservation=",
-            ));
-        }
-    };
-    Ok((child, amounts, from, seconds(lease, "lease")?))
-}
-
-async fn delegate(
-    w: &Warden,
-    child: &Scope,
-    amounts: &Cost,
-    from: &Source,
-    lease: Option<Duration>,
-) -> ratewarden::Result<CoreDecision> {
-    let from = match from {
-        Source::Scope(s) => DelegateFrom::Scope(s),
-        Source::Reservation(id) => DelegateFrom::Reservation(*id),
-    };
-    w.delegate(from, child, amounts, lease).await
 }
 
 /// The `ratewarden._native` extension module.

@@ -233,6 +233,18 @@ pub enum Degraded {
     Local,
 }
 
+impl Degraded {
+    /// `deny`, `allow` or `local`: the `on_backend_error` mode that decided.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Allow => "allow",
+            Self::Local => "local",
+        }
+    }
+}
+
 impl Decision {
     /// Whether the caller may go ahead (`Allow` or `AllowWithCaps`).
     #[must_use]

@@ -370,11 +370,7 @@ impl RedisBackend {
                 d.degraded = Some(marker);
                 let why = format!(
                     "decided without the shared backend ({err}); on_backend_error = {}",
-                    if marker == Degraded::Allow {
-                        "allow"
-                    } else {
-                        "local"
-                    }
+                    marker.as_str()
                 );
                 d.reason = Some(d.reason.map_or(why.clone(), |r| format!("{r}; {why}")));
                 Ok(Reply::Decision(d))
