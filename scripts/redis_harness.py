@@ -65,9 +65,10 @@ def _tool(name: str) -> str:
     return path
 
 
-def _cli(port: int, *args: str, timeout: float = 5.0) -> str:
+def _cli(port: int, *args: str, timeout: float = 5.0, tls_ca: str | None = None) -> str:
+    tls = ["--tls", "--cacert", tls_ca] if tls_ca else []
     out = subprocess.run(
-        [_tool("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *args],
+        [_tool("redis-cli"), *tls, "-h", "127.0.0.1", "-p", str(port), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -128,59 +129,18 @@ def _tls_files(directory: str) -> dict[str, str]:
     return f
 
 
-def _spawn_tls(directory: str, port: int) -> int:
-    f = _tls_files(directory)
-    proc = subprocess.Popen(
-        [
-            _tool("redis-server"),
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--tls-cert-file",
-            f["srv.crt"],
-            "--tls-key-file",
-            f["srv.key"],
-            "--tls-ca-cert-file",
-            f["ca.crt"],
-            "--tls-auth-clients",
-            "no",
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            directory,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--logfile",
-            os.path.join(directory, f"redis-tls-{port}.log"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-    def ping() -> bool:
-        out = subprocess.run(
-            [_tool("redis-cli"), "--tls", "--cacert", f["ca.crt"], "-h", "127.0.0.1", "-p", str(port), "PING"],
-            capture_output=True,
-            text=True,
-            timeout=1.0,
-            check=False,
-        )
-        return out.stdout.strip() == "PONG"
-
-    _wait(f"TLS redis-server on port {port}", ping)
-    return proc.pid
-
-
-def _spawn(directory: str, port: int, cluster: bool) -> int:
+def _spawn(directory: str, port: int, cluster: bool = False, tls: bool = False) -> int:
+    """A redis-server on `port`: plain, a cluster node, or speaking only TLS."""
+    listen = ["--port", str(port)]
+    ca = None
+    if tls:
+        f = _tls_files(directory)
+        ca = f["ca.crt"]
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", f["srv.crt"],
+                  "--tls-key-file", f["srv.key"], "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]  # fmt: skip
     args = [
         _tool("redis-server"),
-        "--port",
-        str(port),
+        *listen,
         "--bind",
         "127.0.0.1",
         "--dir",
@@ -210,7 +170,7 @@ def _spawn(directory: str, port: int, cluster: bool) -> int:
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # outlives `start`; never tied to the caller's terminal
     )
-    _wait(f"redis-server on port {port}", lambda: _cli(port, "PING", timeout=1.0) == "PONG")
+    _wait(f"redis-server on port {port}", lambda: _cli(port, "PING", timeout=1.0, tls_ca=ca) == "PONG")
     return proc.pid
 
 
@@ -248,7 +208,7 @@ def start(cluster: bool, tls: bool = False) -> dict[str, Any]:
             info["cluster_url"] = "redis+cluster://" + ",".join(addrs)
         if tls:
             port = _free_port(ports)
-            pids.append(_spawn_tls(directory, port))
+            pids.append(_spawn(directory, port, tls=True))
             info["tls_url"] = f"rediss://127.0.0.1:{port}"
             info["tls_ca"] = os.path.join(directory, "ca.crt")
         with open(os.path.join(directory, "pids"), "w") as f:

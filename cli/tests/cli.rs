@@ -117,8 +117,18 @@ impl Redis {
 
     /// A standalone server and a 3-master cluster; [`Redis::url`] names the cluster.
     fn start_cluster() -> Self {
-        let mut r = Self::start_with(&["--cluster"]);
-        r.0["url"] = r.0["cluster_url"].clone();
+        Self::start_naming(&["--cluster"], "cluster_url")
+    }
+
+    /// A standalone server and a TLS-only one; [`Redis::url`] names the TLS one
+    /// (`rediss://`), `self.0["tls_ca"]` its CA certificate.
+    fn start_tls() -> Self {
+        Self::start_naming(&["--tls"], "tls_url")
+    }
+
+    fn start_naming(args: &[&str], url: &str) -> Self {
+        let mut r = Self::start_with(args);
+        r.0["url"] = r.0[url].clone();
         r
     }
 
@@ -310,17 +320,18 @@ fn four_processes_on_a_cluster_admit_exactly_the_limits_spread_over_its_shards()
 
 #[test]
 fn rediss_urls_speak_tls_and_verify_the_server_certificate() {
-    let redis = Redis::start_with(&["--tls"]);
-    let url = redis.0["tls_url"].as_str().unwrap().to_owned();
+    let redis = Redis::start_tls();
     let ca = redis.0["tls_ca"].as_str().unwrap().to_owned();
     let policy = PolicyFile::new(
         "tls",
         "scopes:\n  tenant:\n    limits:\n      - {name: q, kind: quota, limit: 7, per: day}\n",
     );
-    let mut cmd = bin();
-    cmd.args(["worker", "--backend", &url, "--policy"])
-        .arg(policy.0.join("policy.yaml"))
-        .args(["--scope", "tenant:t", "--tasks", "2", "--ops", "10"]);
+    let mut cmd = worker(
+        &redis,
+        &policy,
+        "tenant:t",
+        &["--tasks", "2", "--ops", "10"],
+    );
     // An unknown CA is refused, with the reason.
     let out = cmd.output().unwrap();
     assert!(!out.status.success());

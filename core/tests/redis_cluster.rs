@@ -200,31 +200,65 @@ async fn round_trips_one_for_a_slot_three_across_slots() {
     );
 }
 
+/// A cluster after one admitted `llm` request by a tenant whose own limits live
+/// on another master than the `llm-req` pool, with that pool's master now
+/// refusing writes (`CLIENT PAUSE … WRITE`) until `unpause`.
+struct PausedPool {
+    _servers: RedisServers,
+    backend: RedisBackend,
+    w: Warden,
+    tenant: String,
+    scope: ratewarden::Scope,
+    pool_port: u16,
+}
+
+impl PausedPool {
+    async fn start(ns: &str, timeout: Duration) -> Self {
+        let servers = RedisServers::start(true);
+        let (tenant, _, pool_port) = tenant_off_pool(&ports(&servers), ns);
+        let backend = RedisBackend::connect(servers.cluster_url(), ns)
+            .await
+            .unwrap()
+            .timeout(timeout)
+            .unwrap();
+        let w = warden(backend.clone());
+        assert!(w.acquire(&llm(&tenant)).await.unwrap().allowed());
+        assert_eq!(cli(pool_port, &["CLIENT", "PAUSE", "3000", "WRITE"]), "OK");
+        let scope = ratewarden::Scope::parse(&format!("tenant:{tenant}")).unwrap();
+        Self {
+            _servers: servers,
+            backend,
+            w,
+            tenant,
+            scope,
+            pool_port,
+        }
+    }
+
+    /// `(used, holds)` of the tenant's quota.
+    async fn tenant_quota(&self) -> (i64, usize) {
+        let states = self.backend.inspect(Some(&self.scope)).await.unwrap();
+        used(&states, &format!("tenant:{}#t-req", self.tenant))
+    }
+
+    /// Lets the pool's master go on, then reads the pool through the same
+    /// connection (so behind whatever was queued on it).
+    async fn unpause_and_read_pool(&self) -> (i64, usize) {
+        assert_eq!(cli(self.pool_port, &["CLIENT", "UNPAUSE"]), "OK");
+        used(&self.backend.inspect(None).await.unwrap(), "@#llm-req")
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_pool_node_that_stops_answering_gets_every_hold_handed_back() {
-    let servers = RedisServers::start(true);
-    let ports = ports(&servers);
-    let (tenant, _, pool_port) = tenant_off_pool(&ports, "pause");
-    let backend = RedisBackend::connect(servers.cluster_url(), "pause")
-        .await
-        .unwrap()
-        .timeout(Duration::from_millis(200))
-        .unwrap();
-    let w = warden(backend.clone());
-    assert!(w.acquire(&llm(&tenant)).await.unwrap().allowed());
-    assert_eq!(cli(pool_port, &["CLIENT", "PAUSE", "3000", "WRITE"]), "OK");
-    let d = w.acquire(&llm(&tenant)).await.unwrap();
+    let p = PausedPool::start("pause", Duration::from_millis(200)).await;
+    let d = p.w.acquire(&llm(&p.tenant)).await.unwrap();
     assert_eq!(d.degraded, Some(Degraded::Deny), "{d:?}");
     // The tenant's hold from step 1 was released before the decision returned.
-    let scope = ratewarden::Scope::parse(&format!("tenant:{tenant}")).unwrap();
-    let states = backend.inspect(Some(&scope)).await.unwrap();
-    assert_eq!(used(&states, &format!("tenant:{tenant}#t-req")), (1, 0));
-    assert_eq!(cli(pool_port, &["CLIENT", "UNPAUSE"]), "OK");
-    // The pool's queued hold and its release ran in order once unpaused; this
-    // read travels the same connection behind them.
-    let states = backend.inspect(None).await.unwrap();
+    assert_eq!(p.tenant_quota().await, (1, 0));
+    // The pool's queued hold and its release ran in order once unpaused.
     assert_eq!(
-        used(&states, "@#llm-req"),
+        p.unpause_and_read_pool().await,
         (1, 0),
         "only the first request counts"
     );
@@ -232,22 +266,10 @@ async fn a_pool_node_that_stops_answering_gets_every_hold_handed_back() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_cancelled_request_hands_back_its_first_step_at_once() {
-    let servers = RedisServers::start(true);
-    let ports = ports(&servers);
-    let (tenant, _, pool_port) = tenant_off_pool(&ports, "cancel");
-    let backend = RedisBackend::connect(servers.cluster_url(), "cancel")
-        .await
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .unwrap();
-    let w = warden(backend.clone());
-    assert!(w.acquire(&llm(&tenant)).await.unwrap().allowed());
-    assert_eq!(cli(pool_port, &["CLIENT", "PAUSE", "3000", "WRITE"]), "OK");
-    let scope = ratewarden::Scope::parse(&format!("tenant:{tenant}")).unwrap();
-    let key = format!("tenant:{tenant}#t-req");
+    let p = PausedPool::start("cancel", Duration::from_secs(10)).await;
     {
-        let req = llm(&tenant);
-        let acquire = w.acquire(&req);
+        let req = llm(&p.tenant);
+        let acquire = p.w.acquire(&req);
         tokio::pin!(acquire);
         // Drive the request until its first step holds the tenant's quota.
         for i in 0.. {
@@ -256,7 +278,7 @@ async fn a_cancelled_request_hands_back_its_first_step_at_once() {
                 r = &mut acquire => panic!("finished while the pool is paused: {r:?}"),
                 () = tokio::task::yield_now() => {}
             }
-            if used(&backend.inspect(Some(&scope)).await.unwrap(), &key).1 == 1 {
+            if p.tenant_quota().await.1 == 1 {
                 break;
             }
         }
@@ -264,7 +286,7 @@ async fn a_cancelled_request_hands_back_its_first_step_at_once() {
     let mut released = false;
     for _ in 0..1000 {
         tokio::task::yield_now().await;
-        if used(&backend.inspect(Some(&scope)).await.unwrap(), &key) == (1, 0) {
+        if p.tenant_quota().await == (1, 0) {
             released = true;
             break;
         }
@@ -273,9 +295,7 @@ async fn a_cancelled_request_hands_back_its_first_step_at_once() {
         released,
         "the cancelled request's tenant hold came back without waiting for its lease"
     );
-    assert_eq!(cli(pool_port, &["CLIENT", "UNPAUSE"]), "OK");
-    let states = backend.inspect(None).await.unwrap();
-    assert_eq!(used(&states, "@#llm-req"), (1, 0));
+    assert_eq!(p.unpause_and_read_pool().await, (1, 0));
 }
 
 #[tokio::test(flavor = "current_thread")]

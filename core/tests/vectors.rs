@@ -272,40 +272,27 @@ async fn conformance_vectors_on_the_embedded_engine() {
     assert!(steps > 50);
 }
 
+/// Runs every vector file on Redis at `url`, a namespace per file.
+async fn run_all_on_redis(url: &str) -> usize {
+    run_all(&[], |n, policy, clock| async move {
+        let clock: Arc<ManualClock> = Arc::new(clock);
+        let backend = RedisBackend::connect(url, &format!("v{n}"))
+            .await
+            .unwrap()
+            .with_clock(clock.clone());
+        Warden::with_backend(policy, Arc::new(backend) as Arc<dyn Backend>, clock)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn conformance_vectors_on_redis() {
     let servers = common::redis::RedisServers::start(false);
-    let url = servers.url().to_owned();
-    let steps = run_all(&[], |n, policy, clock| {
-        let url = url.clone();
-        async move {
-            let clock: Arc<ManualClock> = Arc::new(clock);
-            let backend = RedisBackend::connect(&url, &format!("v{n}"))
-                .await
-                .unwrap()
-                .with_clock(clock.clone());
-            Warden::with_backend(policy, Arc::new(backend) as Arc<dyn Backend>, clock)
-        }
-    })
-    .await;
-    assert!(steps > 50);
+    assert!(run_all_on_redis(servers.url()).await > 50);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn conformance_vectors_on_a_redis_cluster() {
     let servers = common::redis::RedisServers::start(true);
-    let url = servers.cluster_url().to_owned();
-    let steps = run_all(&[], |n, policy, clock| {
-        let url = url.clone();
-        async move {
-            let clock: Arc<ManualClock> = Arc::new(clock);
-            let backend = RedisBackend::connect(&url, &format!("v{n}"))
-                .await
-                .unwrap()
-                .with_clock(clock.clone());
-            Warden::with_backend(policy, Arc::new(backend) as Arc<dyn Backend>, clock)
-        }
-    })
-    .await;
-    assert!(steps > 50);
+    assert!(run_all_on_redis(servers.cluster_url()).await > 50);
 }

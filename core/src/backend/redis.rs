@@ -693,7 +693,7 @@ impl RedisBackend {
                 ));
             }
         }
-        let mut step = Step {
+        let step = Step {
             id,
             lease: call.lease,
             ..Step::new(call.mode, plan)
@@ -706,11 +706,11 @@ impl RedisBackend {
         let check = Step::new("check", plan);
         match call.mode {
             "check" => {
-                let outs = self.run_parts(call, &parts, |_| check.clone()).await?;
+                let outs = self.run_parts(call, &parts, &check).await?;
                 Ok(self.finish(call, &parts, &outs, None))
             }
             "delegate" => {
-                let mut outs = self.run_parts(call, foreign, |_| check.clone()).await?;
+                let mut outs = self.run_parts(call, foreign, &check).await?;
                 let all = outs.iter().all(PartOut::allowed);
                 let home = self
                     .run_part(call, primary, if all { &step } else { &check })
@@ -718,148 +718,142 @@ impl RedisBackend {
                 outs.insert(0, home);
                 Ok(self.finish(call, &parts, &outs, id.filter(|_| all)))
             }
-            _ => {
-                // Step 1: the primary slot, held under a lease, starvation left open.
-                let acquire = call.mode == "acquire";
-                let lease = if acquire { STEP_LEASE_US } else { call.lease };
-                let home_id =
-                    id.unwrap_or_else(|| id_in_slot(ReservationId::random(), primary.slot));
-                let sub: Vec<ReservationId> = foreign
-                    .iter()
-                    .map(|p| id_in_slot(ReservationId::random(), p.slot))
-                    .collect();
-                let links = sub
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                step = Step {
-                    mode: "reserve",
-                    id: Some(home_id),
-                    lease,
-                    first_of_many: true,
-                    links: &links,
-                    ..step
-                };
-                // If this future is dropped before the last step (the caller
-                // cancelled), hand back at once whatever was taken — even by a
-                // step whose answer never arrived — instead of waiting out the lease.
-                let mut undo = Undo {
-                    backend: Some(self.clone()),
-                    ids: std::iter::once(home_id)
-                        .chain(sub.iter().copied())
-                        .collect(),
-                };
-                let home = self.run_part(call, primary, &step).await?;
-                if !home.allowed() {
-                    undo.backend = None;
-                    let served = Step {
-                        rank: home.rank,
-                        ..check.clone()
-                    };
-                    let mut outs = self.run_parts(call, foreign, |_| served.clone()).await?;
-                    outs.insert(0, home);
-                    return Ok(self.finish(call, &parts, &outs, None));
-                }
-                // Step 2: every other slot, in parallel, at the rank served.
-                let steps: Vec<Step<'_>> = sub
-                    .iter()
-                    .map(|&sid| Step {
-                        mode: "reserve",
-                        id: Some(sid),
-                        lease,
-                        rank: home.rank,
-                        ..Step::new("reserve", plan)
-                    })
-                    .collect();
-                let results = join_all(
-                    foreign
-                        .iter()
-                        .zip(&steps)
-                        .map(|(p, s)| self.run_part(call, p, s)),
-                )
-                .await;
-                let tracker = self.caller_key(plan).filter(|_| home.tracker_left);
-                let mut outs = vec![home];
-                let mut failure = None;
-                for r in results {
-                    match r {
-                        Ok(o) => outs.push(o),
-                        Err(e) => failure = Some(e),
-                    }
-                }
-                let all = failure.is_none() && outs.iter().all(PartOut::allowed);
-                // Step 3: commit (acquire), or undo everything taken.
-                let mut ends: Vec<(ReservationId, &str, Option<&str>)> = Vec::new();
-                let starve = if all { "clear" } else { "deny" };
-                if all && !acquire {
-                    if let Some(t) = &tracker {
-                        let mut conn = self.conn.clone();
-                        let del = redis::cmd("DEL").arg(t).clone();
-                        let _: () = self
-                            .bounded(async {
-                                del.query_async(&mut conn).await.map_err(backend_err)
-                            })
-                            .await?;
-                    }
-                } else {
-                    let mode = if all { "commit" } else { "release" };
-                    ends.push((home_id, mode, Some(starve)));
-                    ends.extend(sub.iter().map(|&s| (s, mode, None)));
-                }
-                let ended = join_all(ends.iter().map(|&(rid, mode, starve)| {
-                    let tracker = self.caller_key(plan).filter(|_| starve.is_some());
-                    async move {
-                        self.settle_one(
-                            rid,
-                            mode,
-                            0,
-                            &[],
-                            None,
-                            tracker.as_deref().zip(starve),
-                            plan.promote_after(),
-                        )
-                        .await
-                    }
-                }))
-                .await;
-                undo.backend = None;
-                if let Some(e) = failure {
-                    return Err(e);
-                }
-                if all && acquire {
-                    if let Some(Err(e)) = ended.into_iter().find(Result::is_err) {
-                        // Nothing was charged for sure: deny rather than over-admit;
-                        // the holds expire with their lease.
-                        for rid in std::iter::once(home_id).chain(sub.iter().copied()) {
-                            let _ = self.settle_one(rid, "release", 0, &[], None, None, 0).await;
-                        }
-                        return Err(e);
-                    }
-                }
-                let reservation = id.filter(|_| all && !acquire);
-                Ok(self.finish(call, &parts, &outs, reservation))
-            }
+            _ => self.hold_then_commit(call, &parts, id).await,
         }
     }
 
-    /// Runs one step on several parts in parallel.
-    async fn run_parts<'s>(
+    /// Acquire or reserve across several slots: hold the primary slot (step 1),
+    /// then every other slot in parallel at the priority served (step 2), then
+    /// commit everything for an acquire — or release everything taken if any
+    /// step is refused or fails (step 3). See the module docs.
+    async fn hold_then_commit(
         &self,
         call: Call<'_>,
         parts: &[Part],
-        step: impl Fn(&Part) -> Step<'s>,
-    ) -> Result<Vec<PartOut>> {
-        let steps: Vec<Step<'s>> = parts.iter().map(&step).collect();
-        join_all(
-            parts
+        id: Option<ReservationId>,
+    ) -> Result<Reply> {
+        let plan = call.plan;
+        let (primary, foreign) = (&parts[0], &parts[1..]);
+        let acquire = call.mode == "acquire";
+        let lease = if acquire { STEP_LEASE_US } else { call.lease };
+        let home_id = id.unwrap_or_else(|| id_in_slot(ReservationId::random(), primary.slot));
+        let sub: Vec<ReservationId> = foreign
+            .iter()
+            .map(|p| id_in_slot(ReservationId::random(), p.slot))
+            .collect();
+        let all_ids = || std::iter::once(home_id).chain(sub.iter().copied());
+        let links = sub
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        // If this future is dropped before the last step (the caller cancelled),
+        // hand back at once whatever was taken — even by a step whose answer
+        // never arrived — instead of waiting out the lease.
+        let mut undo = Undo {
+            backend: Some(self.clone()),
+            ids: all_ids().collect(),
+        };
+
+        // Step 1: the primary slot; the starvation tracker is left open.
+        let first = Step {
+            id: Some(home_id),
+            lease,
+            first_of_many: true,
+            links: &links,
+            ..Step::new("reserve", plan)
+        };
+        let home = self.run_part(call, primary, &first).await?;
+        if !home.allowed() {
+            undo.backend = None;
+            let served = Step {
+                rank: home.rank,
+                ..Step::new("check", plan)
+            };
+            let mut outs = self.run_parts(call, foreign, &served).await?;
+            outs.insert(0, home);
+            return Ok(self.finish(call, parts, &outs, None));
+        }
+
+        // Step 2: every other slot, in parallel, at the rank served.
+        let steps: Vec<Step<'_>> = sub
+            .iter()
+            .map(|&sid| Step {
+                id: Some(sid),
+                lease,
+                rank: home.rank,
+                ..Step::new("reserve", plan)
+            })
+            .collect();
+        let results = join_all(
+            foreign
                 .iter()
                 .zip(&steps)
                 .map(|(p, s)| self.run_part(call, p, s)),
         )
-        .await
-        .into_iter()
-        .collect()
+        .await;
+        let tracker = self.caller_key(plan);
+        let tracker_left = home.tracker_left;
+        let mut outs = vec![home];
+        let mut failure = None;
+        for r in results {
+            match r {
+                Ok(o) => outs.push(o),
+                Err(e) => failure = Some(e),
+            }
+        }
+        let all = failure.is_none() && outs.iter().all(PartOut::allowed);
+
+        // Step 3: a reservation that got everything stands as it is (its
+        // starvation tracker cleared); otherwise commit (acquire) or release.
+        if all && !acquire {
+            undo.backend = None;
+            if let Some(t) = tracker.filter(|_| tracker_left) {
+                let mut conn = self.conn.clone();
+                let del = redis::cmd("DEL").arg(t).clone();
+                let _: () = self
+                    .bounded(async { del.query_async(&mut conn).await.map_err(backend_err) })
+                    .await?;
+            }
+            return Ok(self.finish(call, parts, &outs, id));
+        }
+        let (mode, starve) = if all {
+            ("commit", "clear")
+        } else {
+            ("release", "deny")
+        };
+        let home_tracker = tracker.as_deref().map(|t| (t, starve));
+        let ended = join_all(all_ids().map(|rid| {
+            let tracker = home_tracker.filter(|_| rid == home_id);
+            self.settle_one(rid, mode, 0, &[], None, tracker, plan.promote_after())
+        }))
+        .await;
+        undo.backend = None;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if let (true, Some(Err(e))) = (all, ended.into_iter().find(Result::is_err)) {
+            // Parts already committed stay charged (under-admission, never
+            // over); the rest is released and the request reported as failed.
+            for rid in all_ids() {
+                let _ = self.settle_one(rid, "release", 0, &[], None, None, 0).await;
+            }
+            return Err(e);
+        }
+        Ok(self.finish(call, parts, &outs, None))
+    }
+
+    /// Runs one step on several parts in parallel.
+    async fn run_parts(
+        &self,
+        call: Call<'_>,
+        parts: &[Part],
+        step: &Step<'_>,
+    ) -> Result<Vec<PartOut>> {
+        join_all(parts.iter().map(|p| self.run_part(call, p, step)))
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Puts the parts' answers back in plan order and assembles the decision.
@@ -1075,7 +1069,6 @@ struct Part {
 }
 
 /// What one script run on one part is asked to do.
-#[derive(Clone)]
 struct Step<'s> {
     mode: &'s str,
     id: Option<ReservationId>,
