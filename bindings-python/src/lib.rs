@@ -27,6 +27,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyString};
 use ratewarden::backend::{Backend, OnBackendError, RedisBackend, poll_ready};
 use ratewarden::decision::ReservationInfo;
+use ratewarden::headers::{HeaderStyle, denial_body, rate_limit_headers};
 use ratewarden::{
     Amount, CommitReceipt, Cost, Decision as CoreDecision, DelegateFrom, Error, ErrorKind, Policy,
     Priority, Request, ReservationId, Scope, SystemClock, WaitFor, Warden,
@@ -306,6 +307,21 @@ impl Decision {
         self.inner.denied_by().map(|l| l.kind())
     }
 
+    /// The standard rate-limit response headers for this decision, as
+    /// `(name, value)` pairs: `RateLimit-Policy` / `RateLimit` in the given style
+    /// (`draft-11` default, `draft-7`, `draft-6`) and `Retry-After` when denied.
+    #[pyo3(signature = (style = "draft-11"))]
+    fn headers(&self, style: &str) -> PyResult<Vec<(&'static str, String)>> {
+        let style = style.parse::<HeaderStyle>().map_err(|e| to_py(&e))?;
+        Ok(rate_limit_headers(&self.inner, style))
+    }
+
+    /// The JSON body of a 429 response for this decision (`error`, `limit`,
+    /// `kind`, `reason`, `retry_after`).
+    fn denial_body(&self) -> String {
+        denial_body(&self.inner)
+    }
+
     /// Every field as a dict.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -478,6 +494,7 @@ struct Config {
     on_error: OnBackendError,
     timeout: Option<Duration>,
     clock: Option<ratewarden::ManualClock>,
+    lazy: bool,
 }
 
 /// The native warden behind `ratewarden.Warden`.
@@ -497,9 +514,12 @@ async fn connect(policy: Policy, config: &Config) -> ratewarden::Result<Warden> 
     match &config.backend {
         None => Ok(Warden::with_clock(policy, clock)),
         Some(url) => {
-            let mut b = RedisBackend::connect(url, &config.namespace)
-                .await?
-                .on_backend_error(config.on_error)?;
+            let b = if config.lazy {
+                RedisBackend::connect_lazy(url, &config.namespace)?
+            } else {
+                RedisBackend::connect(url, &config.namespace).await?
+            };
+            let mut b = b.on_backend_error(config.on_error)?;
             if let Some(t) = config.timeout {
                 b = b.timeout(t)?;
             }
@@ -836,7 +856,7 @@ impl NativeWarden {
     /// Builds a warden from a policy document given as JSON text, or from a
     /// policy file when `path` is given.
     #[new]
-    #[pyo3(signature = (json=None, path=None, backend=None, namespace="rw", on_backend_error="deny", local_share=1, timeout=None, clock=None))]
+    #[pyo3(signature = (json=None, path=None, backend=None, namespace="rw", on_backend_error="deny", local_share=1, timeout=None, clock=None, lazy=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -848,6 +868,7 @@ impl NativeWarden {
         local_share: u32,
         timeout: Option<f64>,
         clock: Option<PyRef<'_, ManualClock>>,
+        lazy: bool,
     ) -> PyResult<Self> {
         let policy = match (json, path) {
             (Some(text), None) => Policy::from_str_as(text, ratewarden::Format::Json, "<dict>")
@@ -861,6 +882,7 @@ impl NativeWarden {
             on_error: on_error_of(on_backend_error, local_share)?,
             timeout: optional_seconds(timeout, "timeout")?,
             clock: clock.map(|c| c.inner.clone()),
+            lazy,
         };
         Self::build(py, policy, config)
     }
@@ -1060,10 +1082,20 @@ impl NativeWarden {
     }
 }
 
+/// A scope string from `(kind, id)` pairs; ids may hold any text (`/`, `:`,
+/// spaces…): they are escaped, never interpreted.
+#[pyfunction]
+fn scope_of(segments: Vec<(String, String)>) -> PyResult<String> {
+    Scope::from_segments(segments.iter().map(|(k, i)| (k.as_str(), i.as_str())))
+        .map(|s| s.as_str().to_owned())
+        .map_err(|e| to_py(&e))
+}
+
 /// The `ratewarden._native` extension module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(scope_of, m)?)?;
     m.add("__version__", ratewarden::VERSION)?;
     m.add_class::<NativeWarden>()?;
     m.add_class::<Decision>()?;

@@ -42,6 +42,7 @@ pub mod decision;
 pub mod error;
 pub mod eval;
 pub mod events;
+pub mod headers;
 pub mod plan;
 pub mod policy;
 pub mod priority;
@@ -57,6 +58,7 @@ pub use decision::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::Event;
+pub use headers::HeaderStyle;
 pub use plan::Request;
 pub use policy::{Format, Policy};
 pub use priority::Priority;

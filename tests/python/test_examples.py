@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples" / "python").glob("*.py"))
+SERVERS = {"asgi_app"}  # served over HTTP by test_asgi_example_*, not run as scripts
+EXAMPLES = sorted(p for p in (ROOT / "examples" / "python").glob("*.py") if p.stem not in SERVERS)
 
 
 def test_the_readme_python_example_runs_and_prints_what_it_says() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)  # not `python asgi`
     assert blocks, "the README has a Python example"
     for code in blocks:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -26,3 +27,25 @@ def test_examples_run(path: Path) -> None:
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, check=True)
     assert "answered 14 prompts, then: tenant-usd is spent" in out.stdout
     assert "tenant-usd left: 0.008" in out.stdout
+
+
+def test_the_readme_asgi_example_is_examples_asgi_app() -> None:
+    blocks = re.findall(r"```python asgi\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks == [(ROOT / "examples" / "python" / "asgi_app.py").read_text()]
+
+
+def test_asgi_example_serves_headers_and_429_over_http() -> None:
+    import runpy
+
+    import httpx
+    from test_asgi import serve
+
+    app = runpy.run_path(str(ROOT / "examples" / "python" / "asgi_app.py"))["app"]
+    with serve(app) as url, httpx.Client(base_url=url) as http:
+        codes = [http.get("/search", params={"q": "x"}) for _ in range(6)]
+        assert [r.status_code for r in codes] == [200] * 5 + [429]
+        assert codes[4].headers["ratelimit-policy"] == '"per-ip";q=5;w=60'
+        assert codes[4].headers["ratelimit"] == '"per-ip";r=0;t=60'
+        assert codes[5].json()["limit"] == "per-ip" and 1 <= int(codes[5].headers["retry-after"]) <= 12
+        keyed = http.get("/search", params={"q": "x"}, headers={"x-api-key": "k1"})
+        assert keyed.status_code == 200 and keyed.headers["ratelimit"].startswith('"per-key";r=59;')

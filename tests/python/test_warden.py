@@ -250,3 +250,30 @@ def test_policy_files_and_errors_name_the_problem(tmp_path: Any) -> None:
         Warden.from_file(p)
     assert "policy.yaml" in str(e.value) and "scopes.tenant.limits[0]" in str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+def test_scope_helper_escapes_ids_and_names_bad_kinds() -> None:
+    assert ratewarden.scope(tenant="acme", user="a/b:c") == "tenant:acme/user:a%2Fb%3Ac"
+    assert ratewarden.scope(("ip", "::1")) == "ip:%3A%3A1"
+    with pytest.raises(ratewarden.InvalidInput, match="Tenant"):
+        ratewarden.scope(Tenant="acme")
+    with pytest.raises(ratewarden.InvalidInput, match="no segments"):
+        ratewarden.scope()
+
+
+def test_decision_headers_and_denial_body_come_from_the_core() -> None:
+    w = Warden(
+        {
+            "scopes": {
+                "ip": {"limits": [{"name": "per-ip", "kind": "rate", "unit": "requests", "limit": 1, "per": "1s"}]}
+            }
+        },
+        clock=ManualClock(),
+    )
+    ok = w.acquire("ip:1")
+    assert ok.headers() == [("RateLimit-Policy", '"per-ip";q=1;w=1'), ("RateLimit", '"per-ip";r=0;t=1')]
+    denied = w.acquire("ip:1")
+    assert ("Retry-After", "1") in denied.headers("draft-7")
+    assert '"error":"rate_limited"' in denied.denial_body()
+    with pytest.raises(ratewarden.InvalidInput, match="draft-9"):
+        ok.headers("draft-9")

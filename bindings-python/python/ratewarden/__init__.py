@@ -40,7 +40,7 @@ from ratewarden._errors import (
     WardenError,
     denied,
 )
-from ratewarden._native import Decision, ManualClock, NativeWarden, __version__, version
+from ratewarden._native import Decision, ManualClock, NativeWarden, __version__, scope_of, version
 
 __all__ = [
     "BackendError",
@@ -56,6 +56,7 @@ __all__ = [
     "Warden",
     "WardenError",
     "__version__",
+    "scope",
     "version",
 ]
 
@@ -171,6 +172,14 @@ class _ReserveCall:
             await self._reservation.__aexit__(*exc)
 
 
+def scope(*segments: tuple[str, str], **kinds: str) -> str:
+    """Builds a scope string from raw ids, escaping what needs it: ``scope(tenant="acme",
+    user="a/b")`` → ``"tenant:acme/user:a%2Fb"``; kinds that are not Python names go as
+    pairs first: ``scope(("ip", "::1"))``. Raises :class:`InvalidInput` for bad kinds,
+    empty ids or more than 8 segments."""
+    return scope_of([*segments, *kinds.items()])
+
+
 def _cost(cost: Optional[Cost]) -> Optional[Dict[str, Amount]]:
     if cost is None:
         return None
@@ -192,11 +201,13 @@ class Warden:
     ``on_backend_error`` decides: ``"deny"`` (default), ``"allow"``, or
     ``"local"`` (this process's embedded engine with ``1/local_share`` of each
     limit); ``timeout`` is the Redis command timeout in seconds (default 0.25).
+    ``lazy=True`` starts without waiting for Redis (a service can boot while it
+    is down): decisions follow ``on_backend_error`` until Redis answers.
     ``clock`` (a :class:`ManualClock`) replaces real time, for your own tests.
 
     Raises :class:`PolicyError` for an invalid policy (naming the file and the
     path inside it), :class:`InvalidInput` for bad options and
-    :class:`BackendError` if Redis cannot be reached.
+    :class:`BackendError` if Redis cannot be reached (unless ``lazy``).
     """
 
     def __init__(
@@ -209,8 +220,10 @@ class Warden:
         local_share: int = 1,
         timeout: Optional[float] = None,
         clock: Optional[ManualClock] = None,
+        lazy: bool = False,
     ) -> None:
         options: Dict[str, Any] = dict(
+            lazy=lazy,
             backend=backend,
             namespace=namespace,
             on_backend_error=on_backend_error,

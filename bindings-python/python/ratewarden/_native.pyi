@@ -4,15 +4,18 @@ Use the ``ratewarden`` package; this module is its implementation.
 """
 
 import os
-from typing import Any, Awaitable, Dict, Generator, List, Mapping, Optional, Union, final
+from typing import Any, Awaitable, Dict, Generator, List, Mapping, Optional, Tuple, Union, final
 
 from typing_extensions import TypeAlias
 
-__all__ = ["Canceller", "Decision", "ManualClock", "NativeWarden", "Ready", "__version__", "version"]
+__all__ = ["Canceller", "Decision", "ManualClock", "NativeWarden", "Ready", "__version__", "scope_of", "version"]
 
 __version__: str
 
 _Cost: TypeAlias = Optional[Mapping[str, Any]]
+
+def scope_of(segments: List[Tuple[str, str]]) -> str:
+    """A scope string from ``(kind, id)`` pairs, ids escaped."""
 
 def version() -> str:
     """Return the version of the ratewarden core library."""
@@ -45,6 +48,10 @@ class Decision:
     def denied_by(self) -> Optional[str]: ...
     @property
     def denied_kind(self) -> Optional[str]: ...
+    def headers(self, style: str = "draft-11") -> List[Tuple[str, str]]:
+        """``RateLimit-Policy`` / ``RateLimit`` (and ``Retry-After`` when denied)."""
+    def denial_body(self) -> str:
+        """The JSON body of a 429 response for this decision."""
     def to_dict(self) -> Dict[str, Any]: ...
 
 @final
@@ -78,6 +85,7 @@ class NativeWarden:
         local_share: int = 1,
         timeout: Optional[float] = None,
         clock: Optional[ManualClock] = None,
+        lazy: bool = False,
     ) -> NativeWarden: ...
     @property
     def backend(self) -> str: ...

@@ -1,0 +1,216 @@
+"""ASGI middleware for Starlette and FastAPI: every HTTP request asks the warden first.
+
+    from starlette.applications import Starlette
+    from ratewarden import Warden
+    from ratewarden.asgi import RateLimitMiddleware
+
+    warden = Warden({"scopes": {"ip": {"limits": [
+        {"name": "per-ip", "kind": "rate", "unit": "requests", "limit": 100, "per": "minute"}]}}})
+    app = Starlette(routes=[...])
+    app.add_middleware(RateLimitMiddleware, warden=warden)
+
+Each request is acquired (one atomic decision, one unit of ``requests`` unless
+``cost`` says otherwise) against the limits of its scope — by default
+``ip:<client address>``. An admitted request goes on to the app and its response
+gets the ``RateLimit-Policy`` / ``RateLimit`` headers; a denied one gets a 429
+with the same headers, ``Retry-After`` and a JSON body
+(``{"error": "rate_limited", "limit": …, "kind": …, "reason": …, "retry_after": …}``).
+Header formats come from the core, identical to the Node middleware's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Awaitable, Callable, Dict, List, MutableMapping, Optional, Tuple, Union
+
+from ratewarden import Cost, Decision, InvalidInput, Warden, _cost
+from ratewarden._errors import BackendError
+from ratewarden._native import scope_of
+
+__all__ = ["RateLimitMiddleware"]
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+HEADER_STYLES = ("draft-11", "draft-7", "draft-6")
+_JSON = (b"content-type", b"application/json")
+
+
+class RateLimitMiddleware:
+    """Governs every HTTP request of an ASGI app (websocket and lifespan pass through).
+
+    ``warden`` decides. ``scope``, ``resource``, ``action``, ``cost`` and
+    ``priority`` are values, or callables receiving the request (a Starlette
+    ``Request``: ``request.headers``, ``request.url``…); ``scope`` defaults to
+    ``ip:<client address>``, and a callable returning ``None`` lets the request
+    through unlimited. The client address is the socket peer; with
+    ``trust_proxy=True`` it is the first ``X-Forwarded-For`` entry (only behind a
+    proxy you control: clients can send anything). ``cost`` defaults to one unit
+    of ``requests`` (``{"requests": 1}``).
+
+    ``headers`` is ``"draft-11"`` (default: Structured-Field lists, one item per
+    limit), ``"draft-7"``, ``"draft-6"`` or ``None`` (no rate-limit headers; a 429
+    still says ``Retry-After``). ``skip(request) -> bool`` exempts requests.
+    ``on_limited(request, decision)`` (sync or async) runs on each denial; if it
+    returns an ASGI response (e.g. a Starlette ``Response``) that is sent instead of
+    the default JSON 429 — the rate-limit headers are added to it.
+
+    When the warden's backend cannot be asked the decision follows its
+    ``on_backend_error``; an unexpected :class:`~ratewarden.BackendError` becomes
+    a 503, never a crash of the server.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        warden: Warden,
+        scope: Union[str, Callable[[Any], Optional[str]], None] = None,
+        resource: Union[str, Callable[[Any], Optional[str]], None] = None,
+        action: Union[str, Callable[[Any], Optional[str]], None] = None,
+        cost: Union[Cost, Callable[[Any], Optional[Cost]], None] = None,
+        priority: Union[str, Callable[[Any], Optional[str]], None] = None,
+        headers: Optional[str] = "draft-11",
+        trust_proxy: bool = False,
+        skip: Optional[Callable[[Any], bool]] = None,
+        on_limited: Optional[Callable[[Any, Decision], Any]] = None,
+    ) -> None:
+        if not isinstance(warden, Warden):
+            raise InvalidInput(f"RateLimitMiddleware: warden must be a ratewarden.Warden, got {type(warden).__name__}")
+        if headers is not None and headers not in HEADER_STYLES:
+            raise InvalidInput(
+                f"RateLimitMiddleware: headers={headers!r} is not one of {', '.join(HEADER_STYLES)} or None"
+            )
+        for name, value in (("scope", scope), ("resource", resource), ("action", action), ("priority", priority)):
+            if value is not None and not isinstance(value, str) and not callable(value):
+                raise InvalidInput(f"RateLimitMiddleware: {name} must be a string or a callable of the request")
+        for name, hook in (("skip", skip), ("on_limited", on_limited)):
+            if hook is not None and not callable(hook):
+                raise InvalidInput(f"RateLimitMiddleware: {name} must be callable")
+        if cost is not None and not callable(cost):
+            cost = _cost(cost)
+        self.app = app
+        self._native = warden._native
+        self._fields = (scope, resource, action, {"requests": 1} if cost is None else cost, priority)
+        self._dynamic = any(callable(f) for f in self._fields) or skip is not None or on_limited is not None
+        self._style = headers
+        self._trust_proxy = trust_proxy
+        self._skip = skip
+        self._on_limited = on_limited
+        if self._dynamic:
+            # Starlette is only needed to hand callables a Request.
+            try:
+                from starlette.requests import Request
+            except ImportError:  # pragma: no cover - depends on the environment
+                raise ImportError(
+                    "RateLimitMiddleware: callables receive a starlette Request; install starlette "
+                    "(pip install 'ratewarden[asgi]')"
+                ) from None
+            self._request = Request
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = self._request(scope, receive) if self._dynamic else None
+        if self._skip is not None and self._skip(request):
+            await self.app(scope, receive, send)
+            return
+        who, resource, action, cost, priority = (
+            (f(request) if callable(f) else f)
+            for f in self._fields  # type: ignore[operator]
+        )
+        if who is None:
+            if self._fields[0] is not None:  # a callable said: not limited
+                await self.app(scope, receive, send)
+                return
+            who = scope_of([("ip", self._client(scope))])
+        try:
+            decision = await self._native.acquire_async(who, resource, action, _cost(cost), priority)
+        except BackendError as e:
+            await _respond(send, 503, [_JSON], f'{{"error":"backend_unavailable","reason":{_json_str(str(e))}}}')
+            return
+        extra = self._headers(decision)
+        if not decision.allowed:
+            await self._limited(scope, receive, send, request, decision, extra)
+            return
+        if not extra:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _client(self, scope: MutableMapping[str, Any]) -> str:
+        if self._trust_proxy:
+            for name, value in scope.get("headers", ()):
+                if name == b"x-forwarded-for":
+                    first = value.decode("latin-1").split(",", 1)[0].strip()
+                    if first:
+                        return first
+        client = scope.get("client")
+        return str(client[0]) if client else "unknown"
+
+    def _headers(self, decision: Decision) -> List[Tuple[bytes, bytes]]:
+        pairs = decision.headers(self._style or "draft-11")
+        if self._style is None:
+            pairs = [p for p in pairs if p[0] == "Retry-After"]
+        return [(_lower(name), value.encode("latin-1")) for name, value in pairs]
+
+    async def _limited(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        send: Send,
+        request: Any,
+        decision: Decision,
+        extra: List[Tuple[bytes, bytes]],
+    ) -> None:
+        if self._on_limited is not None:
+            response = self._on_limited(request, decision)
+            if inspect.isawaitable(response):
+                response = await response
+            if response is not None:
+
+                async def send_with_headers(message: Message) -> None:
+                    if message["type"] == "http.response.start":
+                        message["headers"] = [*message.get("headers", ()), *extra]
+                    await send(message)
+
+                await response(scope, receive, send_with_headers)
+                return
+        await _respond(send, 429, [_JSON, *extra], decision.denial_body())
+
+
+_LOWER: Dict[str, bytes] = {}
+
+
+def _lower(name: str) -> bytes:
+    b = _LOWER.get(name)
+    if b is None:
+        b = _LOWER[name] = name.lower().encode("latin-1")
+    return b
+
+
+def _json_str(s: str) -> str:
+    import json
+
+    return json.dumps(s)
+
+
+async def _respond(send: Send, status: int, headers: List[Tuple[bytes, bytes]], body: str) -> None:
+    data = body.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(data)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
