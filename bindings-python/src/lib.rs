@@ -602,6 +602,30 @@ impl Call {
     }
 }
 
+/// A guard's request converted once (scope parsed, cost resolved): reserving it
+/// again costs no conversion.
+#[pyclass(frozen, module = "ratewarden._native")]
+struct Prepared {
+    call: Call,
+}
+
+/// What `hold` answers: the reservation id as an `int` when admitted, else the
+/// (denying) decision.
+fn held_to_py(py: Python<'_>, a: Answer) -> PyResult<Py<PyAny>> {
+    match a {
+        Answer::Decision(d) => match &d.reservation {
+            Some(r) => Ok(r.id.0.into_pyobject(py)?.into_any().unbind()),
+            None => Ok(Py::new(py, Decision { inner: d })?.into_any()),
+        },
+        other => answer_to_py(py, other),
+    }
+}
+
+/// `None`: the guard does not look at the receipt.
+fn nothing_to_py(py: Python<'_>, _: Answer) -> PyResult<Py<PyAny>> {
+    Ok(py.None())
+}
+
 fn answer_to_py(py: Python<'_>, a: Answer) -> PyResult<Py<PyAny>> {
     match a {
         Answer::Decision(d) => Ok(Py::new(py, Decision { inner: d })?.into_any()),
@@ -653,38 +677,50 @@ impl NativeWarden {
     /// The sync form: decided on the calling thread by the embedded engine;
     /// on the runtime with the GIL released for Redis and for waiting.
     fn sync(&self, py: Python<'_>, call: PyResult<Call>) -> PyResult<Py<PyAny>> {
-        let (w, call) = (self.warden(py)?, call?);
-        let answer = if self.embedded() && !matches!(call, Call::Wait(..)) {
+        answer_to_py(py, self.run(py, call?)?)
+    }
+
+    fn run(&self, py: Python<'_>, call: Call) -> PyResult<Answer> {
+        let w = self.warden(py)?;
+        if self.embedded() && !matches!(call, Call::Wait(..)) {
             at_once(call.run(w))
         } else {
             block(py, call.run(w))
-        };
-        answer_to_py(py, answer.map_err(|e| to_py(&e))?)
+        }
+        .map_err(|e| to_py(&e))
     }
 
     /// The async form: an already-completed awaitable when the embedded engine
     /// answers at once (a wait admitted on its first try included), else an
     /// asyncio future completed from the runtime.
     fn asynchronous(&self, py: Python<'_>, call: PyResult<Call>) -> PyResult<Py<PyAny>> {
+        self.asynchronous_as(py, call, answer_to_py)
+    }
+
+    /// [`Self::asynchronous`] with the answer converted by `convert`.
+    fn asynchronous_as(
+        &self,
+        py: Python<'_>,
+        call: PyResult<Call>,
+        convert: fn(Python<'_>, Answer) -> PyResult<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
         let (w, call) = (self.warden(py)?, call?);
         if self.embedded() {
             let answer = if matches!(call, Call::Wait(..)) {
                 match poll_ready(call.clone().run(w.clone())) {
                     Some(a) => a,
                     // Not admitted on the first try: wait on the runtime.
-                    None => return spawn_async(py, call.run(w), answer_to_py),
+                    None => return spawn_async(py, call.run(w), convert),
                 }
             } else {
                 at_once(call.run(w))
             };
             return ready(
                 py,
-                answer
-                    .map_err(|e| to_py(&e))
-                    .and_then(|a| answer_to_py(py, a)),
+                answer.map_err(|e| to_py(&e)).and_then(|a| convert(py, a)),
             );
         }
-        spawn_async(py, call.run(w), answer_to_py)
+        spawn_async(py, call.run(w), convert)
     }
 }
 
@@ -1080,6 +1116,70 @@ impl NativeWarden {
         let req = request_of(scope, resource, action, cost, priority);
         self.asynchronous(py, wait_call(req, max_wait, reserve, lease))
     }
+
+    /// Converts a guard's request once: reserve (`max_wait` unset) or wait up to
+    /// `max_wait` seconds and reserve.
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, max_wait=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        &self,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        lease: Option<f64>,
+        max_wait: Option<f64>,
+    ) -> PyResult<Prepared> {
+        let req = request_of(scope, resource, action, cost, priority);
+        let call = match max_wait {
+            None => reserve_call(req, lease)?,
+            Some(m) => wait_call(req, m, true, lease)?,
+        };
+        Ok(Prepared { call })
+    }
+
+    /// Reserves a prepared request: the reservation id (an `int`) when admitted,
+    /// else the decision that denied it.
+    fn hold(&self, py: Python<'_>, prepared: &Prepared) -> PyResult<Py<PyAny>> {
+        let answer = self.run(py, prepared.call.clone())?;
+        held_to_py(py, answer)
+    }
+
+    /// Async form of `hold`.
+    fn hold_async(&self, py: Python<'_>, prepared: &Prepared) -> PyResult<Py<PyAny>> {
+        self.asynchronous_as(py, Ok(prepared.call.clone()), held_to_py)
+    }
+
+    /// Commits a held reservation (by its `int` id) with `actual` (default: as
+    /// reserved); returns nothing.
+    #[pyo3(signature = (id, actual=None))]
+    fn settle(&self, py: Python<'_>, id: u128, actual: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        let call = Call::Commit(ReservationId(id), cost_of(actual, "actual")?);
+        self.run(py, call).map(drop)
+    }
+
+    /// Async form of `settle`.
+    #[pyo3(signature = (id, actual=None))]
+    fn settle_async(
+        &self,
+        py: Python<'_>,
+        id: u128,
+        actual: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let call = cost_of(actual, "actual").map(|c| Call::Commit(ReservationId(id), c));
+        self.asynchronous_as(py, call, nothing_to_py)
+    }
+
+    /// Releases a held reservation (by its `int` id).
+    fn drop_held(&self, py: Python<'_>, id: u128) -> PyResult<()> {
+        self.run(py, Call::Release(ReservationId(id))).map(drop)
+    }
+
+    /// Async form of `drop_held`.
+    fn drop_held_async(&self, py: Python<'_>, id: u128) -> PyResult<Py<PyAny>> {
+        self.asynchronous_as(py, Ok(Call::Release(ReservationId(id))), nothing_to_py)
+    }
 }
 
 /// A scope string from `(kind, id)` pairs; ids may hold any text (`/`, `:`,
@@ -1102,5 +1202,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ready>()?;
     m.add_class::<Canceller>()?;
     m.add_class::<ManualClock>()?;
+    m.add_class::<Prepared>()?;
     Ok(())
 }

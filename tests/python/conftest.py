@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -24,4 +26,7 @@ def redis_servers() -> Iterator[RedisServers]:
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest) -> str:
     """A key namespace of this test's own."""
-    return "py-" + request.node.name.replace("[", "-").replace("]", "")[:60]
+    name = request.node.name
+    # Truncated names could collide (long names differing in their parameters only).
+    plain = re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:40]
+    return f"py-{plain}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"

@@ -38,6 +38,7 @@ def test_asgi_example_serves_headers_and_429_over_http() -> None:
     import runpy
 
     import httpx
+
     from test_asgi import serve
 
     app = runpy.run_path(str(ROOT / "examples" / "python" / "asgi_app.py"))["app"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
 from typing import Any, Awaitable, Callable, Dict, Generator, Mapping, Optional, TypeVar, Union
 
@@ -40,7 +41,7 @@ from ratewarden._errors import (
     WardenError,
     denied,
 )
-from ratewarden._native import Decision, ManualClock, NativeWarden, __version__, scope_of, version
+from ratewarden._native import Decision, ManualClock, NativeWarden, Prepared, __version__, scope_of, version
 
 __all__ = [
     "BackendError",
@@ -458,8 +459,24 @@ class Warden:
         if on_limit not in ("raise", "wait"):
             raise InvalidInput(f"invalid on_limit: {on_limit!r} is not 'raise' or 'wait'")
         native = self._native
-        pick = _picker(scope, resource, action, cost, priority)
-        waiting = on_limit == "wait"
+        wait_for = max_wait if on_limit == "wait" else None
+        fields = (scope, resource, action, cost, priority)
+        if any(callable(f) for f in fields):
+
+            def prepare(args: tuple, kwargs: dict) -> Prepared:
+                s, r, a, c, p = (f(*args, **kwargs) if callable(f) else f for f in fields)
+                return native.prepare(s, r, a, _cost(c), p, lease, wait_for)
+
+        else:
+            # Constant request: converted (and validated) once, here.
+            const = native.prepare(scope, resource, action, _cost(cost), priority, lease, wait_for)
+
+            def prepare(args: tuple, kwargs: dict) -> Prepared:
+                return const
+
+        # The embedded engine decides on the calling thread without waiting, so an
+        # async guard need not await it (unless it may wait for capacity).
+        decides_at_once = native.backend == "memory" and wait_for is None
 
         def decorate(fn: F) -> F:
             if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -467,44 +484,57 @@ class Warden:
                     f"ratewarden.guard cannot govern generator {fn.__qualname__}: "
                     "its body runs after the call returns; guard the function that consumes it"
                 )
+            if inspect.iscoroutinefunction(fn) and decides_at_once:
+
+                @functools.wraps(fn)
+                async def guarded_at_once(*args: Any, **kwargs: Any) -> Any:
+                    held = native.hold(prepare(args, kwargs))
+                    if type(held) is not int:
+                        raise denied(held)  # type: ignore[arg-type]
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException:
+                        native.drop_held(held)
+                        raise
+                    native.settle(held, _cost(actual(result)) if actual else None)
+                    return result
+
+                return guarded_at_once  # type: ignore[return-value]
+
             if inspect.iscoroutinefunction(fn):
 
                 @functools.wraps(fn)
                 async def guarded_async(*args: Any, **kwargs: Any) -> Any:
-                    s, r, a, c, p = pick(args, kwargs)
-                    if waiting:
-                        d = await native.wait_async(s, r, a, c, p, max_wait, True, lease)
-                    else:
-                        d = await native.reserve_async(s, r, a, c, p, lease)
-                    rid = d.reservation
-                    if rid is None:
-                        raise denied(d)
+                    held = await native.hold_async(prepare(args, kwargs))
+                    if type(held) is not int:
+                        raise denied(held)  # type: ignore[arg-type]
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException:
-                        await native.release_async(rid)
+                        await native.drop_held_async(held)
                         raise
-                    await native.commit_async(rid, _cost(actual(result)) if actual else None)
+                    try:
+                        await native.settle_async(held, _cost(actual(result)) if actual else None)
+                    except BackendError as e:
+                        _unsettled(fn, held, e)
                     return result
 
                 return guarded_async  # type: ignore[return-value]
 
             @functools.wraps(fn)
             def guarded(*args: Any, **kwargs: Any) -> Any:
-                s, r, a, c, p = pick(args, kwargs)
-                if waiting:
-                    d = native.wait(s, r, a, c, p, max_wait, True, lease)
-                else:
-                    d = native.reserve(s, r, a, c, p, lease)
-                rid = d.reservation
-                if rid is None:
-                    raise denied(d)
+                held = native.hold(prepare(args, kwargs))
+                if type(held) is not int:
+                    raise denied(held)  # type: ignore[arg-type]
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException:
-                    native.release(rid)
+                    native.drop_held(held)
                     raise
-                native.commit(rid, _cost(actual(result)) if actual else None)
+                try:
+                    native.settle(held, _cost(actual(result)) if actual else None)
+                except BackendError as e:
+                    _unsettled(fn, held, e)
                 return result
 
             return guarded  # type: ignore[return-value]
@@ -512,16 +542,14 @@ class Warden:
         return decorate
 
 
-def _picker(scope: Any, resource: Any, action: Any, cost: Any, priority: Any) -> Callable[[tuple, dict], tuple]:
-    """Resolves the guard's request per call: constants stay constant, callables are
-    called with the call's arguments."""
-    fields = (scope, resource, action, cost, priority)
-    if not any(callable(f) for f in fields):
-        const = (scope, resource, action, _cost(cost), priority)
-        return lambda args, kwargs: const
-
-    def pick(args: tuple, kwargs: dict) -> tuple:
-        s, r, a, c, p = (f(*args, **kwargs) if callable(f) else f for f in fields)
-        return s, r, a, _cost(c), p
-
-    return pick
+def _unsettled(fn: Callable[..., Any], held: int, error: BackendError) -> None:
+    """The guarded call ran but its commit could not be confirmed: its result is
+    returned anyway (the spend happened) and this is logged. The capacity stays
+    taken: the commit may still land, else the hold ends with its lease."""
+    logging.getLogger("ratewarden").warning(
+        "ratewarden.guard: %s ran but the commit of reservation %032x was not confirmed (%s); "
+        "if it did not land, the hold is released when its lease expires",
+        getattr(fn, "__qualname__", fn),
+        held,
+        error,
+    )

@@ -8,7 +8,17 @@ from typing import Any, Awaitable, Dict, Generator, List, Mapping, Optional, Tup
 
 from typing_extensions import TypeAlias
 
-__all__ = ["Canceller", "Decision", "ManualClock", "NativeWarden", "Ready", "__version__", "scope_of", "version"]
+__all__ = [
+    "Canceller",
+    "Decision",
+    "ManualClock",
+    "NativeWarden",
+    "Prepared",
+    "Ready",
+    "__version__",
+    "scope_of",
+    "version",
+]
 
 __version__: str
 
@@ -70,6 +80,10 @@ class Canceller:
     """Aborts the native task behind an asyncio future when it is cancelled."""
 
     def __call__(self, fut: Any, /) -> None: ...
+
+@final
+class Prepared:
+    """A guard's request, converted once."""
 
 @final
 class NativeWarden:
@@ -183,6 +197,22 @@ class NativeWarden:
         reserve: bool = False,
         lease: Optional[float] = None,
     ) -> Awaitable[Decision]: ...
+    def prepare(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+        lease: Optional[float] = None,
+        max_wait: Optional[float] = None,
+    ) -> Prepared: ...
+    def hold(self, prepared: Prepared) -> Union[int, Decision]: ...
+    def hold_async(self, prepared: Prepared) -> Awaitable[Union[int, Decision]]: ...
+    def settle(self, id: int, actual: _Cost = None) -> None: ...
+    def settle_async(self, id: int, actual: _Cost = None) -> Awaitable[None]: ...
+    def drop_held(self, id: int) -> None: ...
+    def drop_held_async(self, id: int) -> Awaitable[None]: ...
 
 @final
 class ManualClock:

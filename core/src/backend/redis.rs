@@ -282,9 +282,17 @@ impl RedisBackend {
         Ok(self)
     }
 
+    /// This process's time for the pause after a timeout: the test clock when
+    /// one is set (so tests step over the pause), else the system clock.
+    fn local_now(&self) -> Micros {
+        self.clock
+            .as_ref()
+            .map_or_else(|| SystemClock.now(), |c| c.now())
+    }
+
     /// Whether a recent timeout says not to wait on Redis right now.
     fn skipping(&self) -> Option<Error> {
-        (SystemClock.now() < self.skip_until.load(Ordering::Relaxed))
+        (self.local_now() < self.skip_until.load(Ordering::Relaxed))
             .then(|| backend_err("Redis timed out recently; not asked again yet"))
     }
 
@@ -294,10 +302,8 @@ impl RedisBackend {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
             Err(_) => {
-                self.skip_until.store(
-                    SystemClock.now() + PROBE_AFTER_TIMEOUT_US,
-                    Ordering::Relaxed,
-                );
+                self.skip_until
+                    .store(self.local_now() + PROBE_AFTER_TIMEOUT_US, Ordering::Relaxed);
                 Err(backend_err(format!(
                     "Redis did not answer within {:?}",
                     self.timeout
