@@ -1,6 +1,9 @@
 'use strict';
-// CommonJS entry point: loads the addon that `napi build --platform` puts next
-// to this file as `ratewarden.<platform>-<arch>[-<abi>].node`.
+// CommonJS entry point of `ratewarden` for Node: the public API over the native
+// addon that `napi build --platform` puts next to this file as
+// `ratewarden.<platform>-<arch>[-<abi>].node`. Every decision is made by the Rust
+// core; this file converts, maps errors to classes and adds the Express
+// middleware and `wrap()`.
 const { existsSync } = require('node:fs');
 const { join } = require('node:path');
 
@@ -16,5 +19,386 @@ if (addon === undefined) {
     `ratewarden: native addon not found (run \`npm run build\`); looked for:\n  ${candidates.join('\n  ')}`,
   );
 }
+const native = require(addon);
 
-module.exports = require(addon);
+// --- errors ---------------------------------------------------------------------
+
+/** Base class of every error ratewarden throws. */
+class WardenError extends Error {
+  constructor(message, options) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+/** The policy is invalid; the message names the file and the path inside it. */
+class PolicyError extends WardenError {}
+/** An argument is invalid; the message names it and says why. */
+class InvalidInputError extends WardenError {}
+/** The shared backend (Redis) failed or could not be reached. */
+class BackendError extends WardenError {}
+/** A reservation id that does not exist (or no longer does). */
+class ReservationNotFoundError extends WardenError {}
+/** An operation that conflicts with a reservation's state (commit after release…). */
+class ReservationConflictError extends WardenError {}
+/** A request was denied: `retryAfter` (seconds, or null if it never can succeed) and the `decision`. */
+class RateLimitedError extends WardenError {
+  constructor(decision) {
+    const by = decision.deniedBy ? `denied by ${decision.deniedBy}` : 'denied';
+    const after = decision.retryAfter == null ? '' : `; retry after ${decision.retryAfter.toFixed(3)}s`;
+    super(`${by}${after}${decision.reason ? ` (${decision.reason})` : ''}`);
+    this.decision = decision;
+    this.retryAfter = decision.retryAfter;
+  }
+}
+/** Denied by a budget (money, tokens, risk points) rather than a rate. */
+class BudgetExceededError extends RateLimitedError {}
+
+const KINDS = {
+  Policy: PolicyError,
+  InvalidInput: InvalidInputError,
+  Backend: BackendError,
+  NotFound: ReservationNotFoundError,
+  Conflict: ReservationConflictError,
+};
+
+/** The typed error for a native error (its kind travels as a message prefix). */
+function typed(e) {
+  if (e instanceof WardenError) return e;
+  const m = /^\[ratewarden:(\w+)\] ([\s\S]*)$/.exec(e?.message ?? '');
+  if (m) return new (KINDS[m[1]] ?? WardenError)(m[2]);
+  // napi's own conversion errors (a wrong argument type): still bad input.
+  if (e?.code === 'InvalidArg' || e?.code === 'NumberExpected' || e?.code === 'StringExpected' || e?.code === 'ObjectExpected') {
+    return new InvalidInputError(`invalid argument: ${e.message}`);
+  }
+  return e;
+}
+
+function denied(decision) {
+  return decision.deniedKind === 'budget' ? new BudgetExceededError(decision) : new RateLimitedError(decision);
+}
+
+function rethrow(e) {
+  throw typed(e);
+}
+
+/** A clock that moves only when told to (`advance(seconds)`, `now()`), for deterministic tests. */
+class ManualClock extends native.ManualClock {
+  constructor(start) {
+    try {
+      super(start);
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  advance(seconds) {
+    try {
+      return super.advance(seconds);
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+}
+
+// --- helpers --------------------------------------------------------------------
+
+/**
+ * A scope string from raw ids, escaping what needs it:
+ * `scope({ tenant: 'acme', user: 'a/b' })` → `'tenant:acme/user:a%2Fb'`;
+ * pairs work too: `scope(['ip', '::1'])`.
+ */
+function scope(...parts) {
+  const segments = [];
+  for (const p of parts) {
+    if (Array.isArray(p)) segments.push(p.map(String));
+    else if (p && typeof p === 'object') for (const [k, v] of Object.entries(p)) segments.push([k, String(v)]);
+    else throw new InvalidInputError(`invalid scope: expected { kind: id } objects or [kind, id] pairs, got ${typeof p}`);
+  }
+  try {
+    return native.scopeOf(segments);
+  } catch (e) {
+    throw typed(e);
+  }
+}
+
+function requireString(value, what) {
+  if (typeof value !== 'string') throw new InvalidInputError(`invalid ${what}: expected a string, got ${value === null ? 'null' : typeof value}`);
+}
+
+function requireOptions(value, what) {
+  if (value !== undefined && value !== null && (typeof value !== 'object' || Array.isArray(value))) {
+    throw new InvalidInputError(`invalid ${what}: expected an options object, got ${Array.isArray(value) ? 'an array' : typeof value}`);
+  }
+}
+
+// --- the warden -----------------------------------------------------------------
+
+const EMBEDDED = Symbol('embedded');
+
+/**
+ * The governor: a policy plus a backend. Every method returns a Promise; on the
+ * embedded engine it is already settled when returned (decided on the calling
+ * thread), with Redis the event loop never waits.
+ */
+class Warden {
+  #native;
+
+  /**
+   * @param policy a policy object (as in the README) — or use `Warden.fromFile`.
+   * @param options `{ backend: 'memory' | 'redis://…', namespace, onBackendError:
+   *   'deny' | 'allow' | 'local', localShare, timeout (s), clock: ManualClock }`.
+   *   With Redis the warden starts connecting in the background (decisions follow
+   *   `onBackendError` until Redis answers); `await Warden.connect(...)` waits.
+   */
+  constructor(policy, options = {}) {
+    requireOptions(options, 'options');
+    if (policy === EMBEDDED) return; // internal: filled by connect()
+    if (policy === null || typeof policy !== 'object' || Array.isArray(policy)) {
+      throw new InvalidInputError(`invalid policy: expected a policy object (or use Warden.fromFile), got ${Array.isArray(policy) ? 'an array' : typeof policy}`);
+    }
+    this.#native = Warden.#build(JSON.stringify(policy), null, options);
+  }
+
+  static #build(json, path, options) {
+    const { clock, ...rest } = options ?? {};
+    try {
+      return new native.NativeWarden(json, path, rest, clock ?? null);
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /** A warden for the policy file at `path` (YAML, JSON or TOML by extension). */
+  static fromFile(path, options = {}) {
+    requireString(path, 'path');
+    requireOptions(options, 'options');
+    const w = new Warden(EMBEDDED);
+    w.#native = Warden.#build(null, path, options);
+    return w;
+  }
+
+  /** Like the constructor, but resolves once Redis answered (rejects with a BackendError if it cannot be reached). */
+  static async connect(policy, options = {}) {
+    requireOptions(options, 'options');
+    const { clock, ...rest } = options;
+    const w = new Warden(EMBEDDED);
+    const json = typeof policy === 'string' ? null : JSON.stringify(policy);
+    const path = typeof policy === 'string' ? policy : null;
+    w.#native = await native.NativeWarden.connect(json, path, rest, clock ?? null).catch(rethrow);
+    return w;
+  }
+
+  /** `'memory'` or `'redis'`. */
+  get backend() {
+    return this.#live().backend;
+  }
+
+  /** Lets go of the backend; later calls throw. */
+  close() {
+    this.#native = undefined;
+  }
+
+  #live() {
+    if (this.#native === undefined) throw new WardenError('this warden is closed');
+    return this.#native;
+  }
+
+  #call(name, args) {
+    let n;
+    try {
+      n = this.#live();
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    if (n.embedded) {
+      try {
+        return Promise.resolve(n[`${name}Sync`](...args));
+      } catch (e) {
+        return Promise.reject(typed(e));
+      }
+    }
+    try {
+      return n[`${name}Async`](...args).catch(rethrow);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
+  /** Evaluates the request against every limit it touches, changing nothing. */
+  check(scope, options) {
+    return this.#call('check', [scope, options]);
+  }
+
+  /** Admits the request and consumes its cost from every limit, or denies it and changes nothing. */
+  acquire(scope, options) {
+    return this.#call('acquire', [scope, options]);
+  }
+
+  /** Holds the (estimated) cost under a lease until commit, release or expiry. */
+  reserve(scope, options) {
+    return this.#call('reserve', [scope, options]);
+  }
+
+  /** Charges a reservation's actual usage (units left out: as reserved); idempotent. */
+  commit(reservation, actual) {
+    return this.#call('commit', [reservation, actual]);
+  }
+
+  /** Ends a reservation or delegation without charging; resolves `false` if already released. */
+  release(reservation) {
+    return this.#call('release', [reservation]);
+  }
+
+  /** Renews a reservation's lease to `lease` seconds from now; resolves to the new expiry (s since epoch). */
+  extend(reservation, lease) {
+    return this.#call('extend', [reservation, lease]);
+  }
+
+  /** Carves a sub-budget for `child` out of `{ fromScope }` or `{ fromReservation }` (with optional `lease`). */
+  delegate(child, amounts, options) {
+    return this.#call('delegate', [child, amounts, options]);
+  }
+
+  /**
+   * Waits up to `maxWait` seconds (default 30) until admitted, then acquires (or
+   * reserves with `reserve: true`); resolves to the last denial if time runs out.
+   */
+  wait(scope, options = {}) {
+    let n;
+    try {
+      requireOptions(options, 'options');
+      n = this.#live();
+      const { maxWait = 30, reserve = false, ...request } = options ?? {};
+      return n.waitAsync(scope, request, maxWait, Boolean(reserve)).catch(rethrow);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
+  /**
+   * Wraps an async function: each call reserves `cost` (an estimate; a value or a
+   * function of the call's arguments), runs `fn`, then commits `actual(result)` (or
+   * the estimate) — or releases everything if `fn` throws. Denied calls reject with
+   * a `RateLimitedError` / `BudgetExceededError`, or wait first with
+   * `onLimit: 'wait'` (up to `maxWait` seconds).
+   */
+  wrap(fn, options = {}) {
+    if (typeof fn !== 'function') throw new InvalidInputError(`invalid fn: wrap() needs a function, got ${typeof fn}`);
+    requireOptions(options, 'options');
+    const { scope: who, resource, action, cost, priority, actual, lease, onLimit = 'raise', maxWait = 30 } = options;
+    if (who === undefined) throw new InvalidInputError('invalid scope: wrap() needs options.scope');
+    if (onLimit !== 'raise' && onLimit !== 'wait') throw new InvalidInputError(`invalid onLimit: ${JSON.stringify(onLimit)} is not 'raise' or 'wait'`);
+    if (actual !== undefined && typeof actual !== 'function') throw new InvalidInputError('invalid actual: expected a function of the result');
+    const pick = (v, args) => (typeof v === 'function' ? v(...args) : v);
+    const warden = this;
+    const wrapped = async function (...args) {
+      const request = { resource: pick(resource, args), action: pick(action, args), cost: pick(cost, args), priority: pick(priority, args), lease };
+      const s = pick(who, args);
+      const d = onLimit === 'wait'
+        ? await warden.wait(s, { ...request, maxWait, reserve: true })
+        : await warden.reserve(s, request);
+      if (!d.allowed) throw denied(d);
+      let result;
+      try {
+        result = await fn.apply(this, args);
+      } catch (e) {
+        await warden.release(d.reservation);
+        throw e;
+      }
+      await warden.commit(d.reservation, actual ? actual(result) : undefined);
+      return result;
+    };
+    Object.defineProperty(wrapped, 'name', { value: fn.name });
+    return wrapped;
+  }
+
+  /**
+   * Express (or any `(req, res, next)`) middleware: every request asks the warden
+   * (`acquire`, one `requests` unit unless `cost` says otherwise) for its scope —
+   * by default `ip:<client address>` from the socket (`X-Forwarded-For` only with
+   * `trustProxy: true`). Every response gets `RateLimit-Policy` / `RateLimit`
+   * (`headers: 'draft-11'` default, `'draft-7'`, `'draft-6'`, or `false`); a denied
+   * request gets a 429 with `Retry-After` and a JSON body, unless
+   * `onLimited(req, res, decision)` answers it. `skip(req)` exempts requests;
+   * `scope`, `resource`, `action`, `cost`, `priority` are values or functions of
+   * `req` (a scope function returning null/undefined lets the request through).
+   * A backend failure follows the warden's `onBackendError`; other errors go to
+   * `next(err)` — the server never crashes.
+   */
+  express(options = {}) {
+    requireOptions(options, 'options');
+    const {
+      scope: who, resource, action, cost = { requests: 1 }, priority,
+      headers = 'draft-11', trustProxy = false, skip, onLimited,
+    } = options;
+    if (headers !== false && !['draft-11', 'draft-7', 'draft-6'].includes(headers)) {
+      throw new InvalidInputError(`invalid headers: ${JSON.stringify(headers)} is not 'draft-11', 'draft-7', 'draft-6' or false`);
+    }
+    for (const [k, v] of Object.entries({ skip, onLimited })) {
+      if (v !== undefined && typeof v !== 'function') throw new InvalidInputError(`invalid ${k}: expected a function`);
+    }
+    const style = headers === false ? null : headers;
+    const n = this.#live();
+    const pick = (v, req) => (typeof v === 'function' ? v(req) : v);
+    const constant = [resource, action, cost, priority].every((v) => typeof v !== 'function');
+    const fixed = constant ? { resource, action, cost, priority } : undefined;
+
+    const clientIp = (req) => {
+      if (trustProxy) {
+        const xff = req.headers['x-forwarded-for'];
+        const first = (Array.isArray(xff) ? xff[0] : xff)?.split(',')[0]?.trim();
+        if (first) return first;
+      }
+      return req.socket?.remoteAddress ?? 'unknown';
+    };
+
+    const answer = (req, res, next, http) => {
+      const { headerNames, headerValues } = http;
+      for (let i = 0; i < headerNames.length; i++) res.setHeader(headerNames[i], headerValues[i]);
+      if (http.decision.allowed) return next();
+      if (onLimited) {
+        const handled = onLimited(req, res, http.decision);
+        if (res.headersSent || handled === true) return undefined;
+      }
+      res.statusCode = 429;
+      res.setHeader('Content-Type', 'application/json');
+      res.end(http.body);
+      return undefined;
+    };
+
+    return function ratewardenMiddleware(req, res, next) {
+      try {
+        if (skip && skip(req)) return next();
+        let s = who === undefined ? undefined : pick(who, req);
+        if (s === undefined || s === null) {
+          if (who !== undefined) return next(); // the scope function said: not limited
+          s = native.scopeOf([['ip', clientIp(req)]]);
+        }
+        const request = fixed ?? { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
+        if (n.embedded) return answer(req, res, next, n.acquireHttpSync(s, request, style));
+        n.acquireHttpAsync(s, request, style).then(
+          (http) => answer(req, res, next, http),
+          (e) => next(typed(e)),
+        );
+      } catch (e) {
+        return next(typed(e));
+      }
+      return undefined;
+    };
+  }
+}
+
+module.exports = {
+  Warden,
+  ManualClock,
+  scope,
+  version: native.version,
+  WardenError,
+  PolicyError,
+  InvalidInputError,
+  BackendError,
+  ReservationNotFoundError,
+  ReservationConflictError,
+  RateLimitedError,
+  BudgetExceededError,
+};

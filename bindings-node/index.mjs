@@ -1,4 +1,18 @@
-// ES module entry point: re-exports the bindings loaded by index.cjs.
-import native from './index.cjs';
+// ES module entry point: re-exports the API of index.cjs.
+import api from './index.cjs';
 
-export const { version } = native;
+export const {
+  Warden,
+  ManualClock,
+  scope,
+  version,
+  WardenError,
+  PolicyError,
+  InvalidInputError,
+  BackendError,
+  ReservationNotFoundError,
+  ReservationConflictError,
+  RateLimitedError,
+  BudgetExceededError,
+} = api;
+export default api;

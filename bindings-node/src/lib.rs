@@ -1,9 +1,851 @@
-//! Node.js bindings for `ratewarden`, loaded by `bindings-node/index.cjs`.
+//! Node.js bindings for `ratewarden`, loaded by `bindings-node/index.cjs`, which
+//! wraps them in the public API (`Warden`, typed errors, Express middleware).
+//!
+//! This layer converts and bridges async; every decision is made by the core.
+//! - On the embedded engine the `*Sync` methods decide on the calling thread
+//!   (the JS layer hands back an already-settled Promise: no thread hop).
+//! - The `*Async` methods run on napi's Tokio runtime (Redis, and waits) and
+//!   return Promises; nothing blocks the event loop and no handle keeps the
+//!   process alive.
+//! - Errors carry their kind as a `[ratewarden:<Kind>]` prefix that the JS layer
+//!   turns into a typed error class (users never parse messages).
 
+use std::time::Duration;
+
+use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use ratewarden::backend::poll_ready;
+use ratewarden::decision::{CommitReceipt, Decision as CoreDecision};
+use ratewarden::headers::{HeaderStyle, denial_body, rate_limit_headers};
+use ratewarden::ops::{Answer, Call, Setup, Source};
+use ratewarden::{
+    Amount, Cost, ErrorKind, Policy, Priority, Request, ReservationId, Scope, WaitFor, Warden,
+};
 
 /// Return the version of the ratewarden core library.
 #[napi]
 pub fn version() -> &'static str {
     ratewarden::VERSION
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+fn kind_name(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Policy => "Policy",
+        ErrorKind::InvalidInput => "InvalidInput",
+        ErrorKind::NotFound => "NotFound",
+        ErrorKind::Conflict => "Conflict",
+        ErrorKind::Backend => "Backend",
+    }
+}
+
+fn to_js(e: &ratewarden::Error) -> Error {
+    Error::new(
+        Status::GenericFailure,
+        format!("[ratewarden:{}] {e}", kind_name(e.kind())),
+    )
+}
+
+fn invalid(what: &str, why: impl std::fmt::Display) -> Error {
+    Error::new(
+        Status::InvalidArg,
+        format!("[ratewarden:InvalidInput] invalid {what}: {why}"),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Inputs
+
+/// What a request asks for (everything but the scope).
+#[napi(object)]
+#[derive(Default)]
+pub struct RequestOptions {
+    /// The resource it uses (`openai`…), whose limits apply too.
+    pub resource: Option<String>,
+    /// The action it takes (`send_email`…), whose limits apply too.
+    pub action: Option<String>,
+    /// Amount per unit: `{ tokens: 800, usd: '0.0125' }` (numbers or decimal strings).
+    pub cost: Option<serde_json::Value>,
+    /// `critical`, `standard` (default) or `background`.
+    pub priority: Option<String>,
+    /// Lease of a reservation, seconds.
+    pub lease: Option<f64>,
+}
+
+fn amount_of(v: &serde_json::Value, at: &str) -> Result<Amount> {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Amount::from(i))
+            } else if let Some(f) = n.as_f64() {
+                if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                    #[allow(clippy::cast_possible_truncation)]
+                    return Ok(Amount::from(f as i64));
+                }
+                Amount::from_f64(f).map_err(|e| invalid(at, e))
+            } else {
+                Err(invalid(at, format!("{n} is not an amount")))
+            }
+        }
+        serde_json::Value::String(s) => Amount::parse(s).map_err(|_| {
+            invalid(
+                at,
+                format!("{s:?} is not a decimal amount (e.g. \"0.25\" or \"12\")"),
+            )
+        }),
+        other => Err(invalid(
+            at,
+            format!(
+                "expected a number or a decimal string, got {}",
+                json_type(other)
+            ),
+        )),
+    }
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn cost_of(cost: Option<&serde_json::Value>, what: &str) -> Result<Cost> {
+    let mut out = Cost::new();
+    match cost {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(map)) => {
+            for (unit, v) in map {
+                out.set(unit, amount_of(v, &format!("{what}.{unit}"))?);
+            }
+        }
+        Some(other) => {
+            return Err(invalid(
+                what,
+                format!(
+                    "expected an object of unit to amount, got {}",
+                    json_type(other)
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn seconds(s: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| invalid(what, format!("{s} is not a duration in seconds")))
+}
+
+fn optional_seconds(v: Option<f64>, what: &str) -> Result<Option<Duration>> {
+    v.map(|s| seconds(s, what)).transpose()
+}
+
+fn request_of(scope: &str, o: Option<&RequestOptions>) -> Result<Request> {
+    let mut r = Request::parse(scope).map_err(|e| to_js(&e))?;
+    let Some(o) = o else { return Ok(r) };
+    if let Some(res) = &o.resource {
+        r = r.resource(res.as_str());
+    }
+    if let Some(a) = &o.action {
+        r = r.action(a.as_str());
+    }
+    if o.cost.is_some() {
+        r = r.cost(cost_of(o.cost.as_ref(), "cost")?);
+    }
+    if let Some(p) = &o.priority {
+        r = r.priority(p.parse::<Priority>().map_err(|e| to_js(&e))?);
+    }
+    Ok(r)
+}
+
+fn reservation_id(id: &str) -> Result<ReservationId> {
+    ReservationId::parse(id).map_err(|e| to_js(&e))
+}
+
+// ---------------------------------------------------------------------------
+// Outputs (plain objects)
+
+/// Restrictions to honour when allowed with caps (only those set).
+#[napi(object)]
+pub struct Caps {
+    /// Pace: wait this long before going ahead.
+    pub delay_ms: Option<i64>,
+    /// Ask the model for at most this many tokens.
+    pub max_tokens: Option<i64>,
+    /// Use this (cheaper) model instead.
+    pub model: Option<String>,
+    /// Take the ordered lock (cascade mode).
+    pub sequential: Option<bool>,
+}
+
+/// One limit the request touched.
+#[napi(object)]
+pub struct LimitInfo {
+    /// Its name in the policy.
+    pub name: String,
+    /// `rate`, `quota`, `concurrency` or `budget`.
+    pub kind: String,
+    /// The unit it counts.
+    pub unit: String,
+    /// Capacity, base units.
+    pub limit: i64,
+    /// What remains, base units (micro-units for a unit with 6 decimals).
+    pub remaining: i64,
+    /// What remains, as a decimal in the unit (`"4.75"`).
+    pub remaining_text: String,
+    /// What this request takes (or would take), base units.
+    pub amount: i64,
+    /// Seconds until fully available again.
+    pub reset: f64,
+    /// Whether this limit denied the request.
+    pub denied: bool,
+}
+
+/// The answer to check / acquire / reserve / delegate / wait.
+#[napi(object)]
+pub struct Decision {
+    /// Whether the caller may go ahead (`allow` or `allow_with_caps`).
+    pub allowed: bool,
+    /// `allow`, `allow_with_caps` or `deny`.
+    pub outcome: String,
+    /// Restrictions to honour with `allow_with_caps`.
+    pub caps: Caps,
+    /// With a denial: seconds until a retry can succeed; `null` if it never can.
+    pub retry_after: Option<f64>,
+    /// Every limit involved, in policy order.
+    pub limits: Vec<LimitInfo>,
+    /// Why it was denied or capped, in words.
+    pub reason: Option<String>,
+    /// The reservation id a reserve / delegate / wait(reserve) holds.
+    pub reservation: Option<String>,
+    /// When that reservation's lease ends, seconds since the epoch.
+    pub expires_at: Option<f64>,
+    /// The priority it was served at.
+    pub priority: String,
+    /// `deny`, `allow` or `local` when decided without the shared backend.
+    pub degraded: Option<String>,
+    /// The first limit that denied it.
+    pub denied_by: Option<String>,
+    /// That limit's kind.
+    pub denied_kind: Option<String>,
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn decision_of(d: &CoreDecision) -> Decision {
+    let by = d.denied_by();
+    Decision {
+        allowed: d.allowed(),
+        outcome: d.outcome.as_str().to_owned(),
+        caps: Caps {
+            delay_ms: d
+                .caps
+                .delay_ms
+                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+            max_tokens: d
+                .caps
+                .max_tokens
+                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+            model: d.caps.model.clone(),
+            sequential: d.caps.sequential.then_some(true),
+        },
+        retry_after: d.retry_after.map(|r| r.as_secs_f64()),
+        limits: d
+            .limits
+            .iter()
+            .map(|l| LimitInfo {
+                name: l.name().to_owned(),
+                kind: l.kind().to_owned(),
+                unit: l.unit().to_owned(),
+                limit: l.limit(),
+                remaining: l.remaining,
+                remaining_text: ratewarden::amount::format_base(l.remaining, l.def.decimals),
+                amount: l.amount,
+                reset: l.reset.as_secs_f64(),
+                denied: l.denied,
+            })
+            .collect(),
+        reason: d.reason.clone(),
+        reservation: d.reservation.as_ref().map(|r| r.id.to_string()),
+        expires_at: d.reservation.as_ref().map(|r| r.expires_at as f64 / 1e6),
+        priority: d.priority.as_str().to_owned(),
+        degraded: d.degraded.map(|g| g.as_str().to_owned()),
+        denied_by: by.map(|l| l.name().to_owned()),
+        denied_kind: by.map(|l| l.kind().to_owned()),
+    }
+}
+
+/// What one limit was charged by a commit.
+#[napi(object)]
+pub struct Charge {
+    /// The limit.
+    pub name: String,
+    /// Its unit.
+    pub unit: String,
+    /// Held by the reservation, base units.
+    pub reserved: i64,
+    /// Charged, base units.
+    pub charged: i64,
+    /// Used beyond what was charged (overage `cap`), base units.
+    pub uncharged: i64,
+}
+
+/// The result of a commit.
+#[napi(object)]
+pub struct Receipt {
+    /// The reservation id.
+    pub reservation: String,
+    /// `true` if it had been committed before: nothing charged this time.
+    pub duplicate: bool,
+    /// Per-limit charges.
+    pub charges: Vec<Charge>,
+}
+
+fn receipt_of(r: &CommitReceipt) -> Receipt {
+    Receipt {
+        reservation: r.id.to_string(),
+        duplicate: r.duplicate,
+        charges: r
+            .charges
+            .iter()
+            .map(|c| Charge {
+                name: c.name().to_owned(),
+                unit: c.unit().to_owned(),
+                reserved: c.reserved,
+                charged: c.charged,
+                uncharged: c.uncharged,
+            })
+            .collect(),
+    }
+}
+
+/// A decision for an HTTP request: the decision, its response headers and, when
+/// denied, the JSON body of the 429.
+#[napi(object)]
+pub struct HttpDecision {
+    /// The decision.
+    pub decision: Decision,
+    /// Header names, in order (`RateLimit-Policy`, `RateLimit`, `Retry-After`…).
+    pub header_names: Vec<String>,
+    /// Header values, same order.
+    pub header_values: Vec<String>,
+    /// The 429 body when denied.
+    pub body: Option<String>,
+}
+
+fn http_of(d: &CoreDecision, style: Option<HeaderStyle>) -> HttpDecision {
+    let mut header_names = Vec::new();
+    let mut header_values = Vec::new();
+    let pairs = rate_limit_headers(d, style.unwrap_or_default());
+    for (n, v) in pairs {
+        if style.is_none() && n != "Retry-After" {
+            continue;
+        }
+        header_names.push(n.to_owned());
+        header_values.push(v);
+    }
+    HttpDecision {
+        decision: decision_of(d),
+        header_names,
+        header_values,
+        body: (!d.allowed()).then(|| denial_body(d)),
+    }
+}
+
+/// The expected answer of a call, or an error saying it was not.
+fn unexpected() -> Error {
+    Error::new(
+        Status::GenericFailure,
+        "[ratewarden:Backend] unexpected answer",
+    )
+}
+
+fn as_decision(a: Answer) -> Result<Decision> {
+    match a {
+        Answer::Decision(d) => Ok(decision_of(&d)),
+        _ => Err(unexpected()),
+    }
+}
+
+fn as_receipt(a: Answer) -> Result<Receipt> {
+    match a {
+        Answer::Receipt(r) => Ok(receipt_of(&r)),
+        _ => Err(unexpected()),
+    }
+}
+
+fn as_released(a: Answer) -> Result<bool> {
+    match a {
+        Answer::Released(b) => Ok(b),
+        _ => Err(unexpected()),
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn as_extended(a: Answer) -> Result<f64> {
+    match a {
+        Answer::Extended(t) => Ok(t as f64 / 1e6),
+        _ => Err(unexpected()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clock
+
+/// A clock that moves only when told to, for deterministic tests.
+#[napi]
+pub struct ManualClock {
+    inner: ratewarden::ManualClock,
+}
+
+#[napi]
+impl ManualClock {
+    /// Starts at `start` seconds since the epoch (default 2026-01-01T00:00:00Z).
+    #[napi(constructor)]
+    pub fn new(start: Option<f64>) -> Result<Self> {
+        let start = start.unwrap_or(1_767_225_600.0);
+        if !start.is_finite() || !(0.0..=1e13).contains(&start) {
+            return Err(invalid(
+                "start",
+                format!("{start} is not a time in seconds since the epoch"),
+            ));
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        let us = (start * 1e6).round() as i64;
+        Ok(Self {
+            inner: ratewarden::ManualClock::new(us),
+        })
+    }
+
+    /// Moves time forward by `seconds`.
+    #[napi]
+    pub fn advance(&self, seconds: f64) -> Result<()> {
+        let d = self::seconds(seconds, "seconds")?;
+        self.inner.advance(d);
+        Ok(())
+    }
+
+    /// The current time, seconds since the epoch.
+    #[napi]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn now(&self) -> f64 {
+        ratewarden::Clock::now(&self.inner) as f64 / 1e6
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Warden
+
+/// How to build a warden (besides the policy).
+#[napi(object)]
+#[derive(Default)]
+pub struct WardenOptions {
+    /// `memory` (default) or a Redis URL.
+    pub backend: Option<String>,
+    /// Prefix of every Redis key (default `rw`).
+    pub namespace: Option<String>,
+    /// `deny` (default), `allow` or `local`.
+    pub on_backend_error: Option<String>,
+    /// With `local`: this process's share is `1/localShare` of each limit.
+    pub local_share: Option<u32>,
+    /// Redis command timeout, seconds (default 0.25).
+    pub timeout: Option<f64>,
+}
+
+/// The native warden behind the JS `Warden`.
+#[napi]
+pub struct NativeWarden {
+    warden: Warden,
+    embedded: bool,
+}
+
+fn setup_of(o: Option<&WardenOptions>, clock: Option<&ManualClock>, lazy: bool) -> Result<Setup> {
+    let default = WardenOptions::default();
+    let o = o.unwrap_or(&default);
+    let mut s = Setup::new(o.backend.as_deref(), o.namespace.as_deref().unwrap_or("rw"));
+    s.on_error = ratewarden::ops::on_backend_error(
+        o.on_backend_error.as_deref().unwrap_or("deny"),
+        o.local_share.unwrap_or(1),
+    )
+    .map_err(|e| to_js(&e))?;
+    s.timeout = optional_seconds(o.timeout, "timeout")?;
+    s.clock = clock.map(|c| c.inner.clone());
+    s.lazy = lazy;
+    Ok(s)
+}
+
+fn policy_of(json: Option<String>, path: Option<String>) -> Result<Policy> {
+    match (json, path) {
+        (Some(text), None) => {
+            Policy::from_str_as(&text, ratewarden::Format::Json, "<object>").map_err(|e| to_js(&e))
+        }
+        (None, Some(p)) => Policy::from_file(&p).map_err(|e| to_js(&e)),
+        _ => Err(invalid(
+            "policy",
+            "give exactly one of a policy object or a file path",
+        )),
+    }
+}
+
+fn at_once<T>(f: impl std::future::Future<Output = ratewarden::Result<T>>) -> Result<T> {
+    poll_ready(f)
+        .unwrap_or_else(|| {
+            Err(ratewarden::Error::Backend {
+                message: "the embedded engine did not answer synchronously".into(),
+            })
+        })
+        .map_err(|e| to_js(&e))
+}
+
+#[napi]
+impl NativeWarden {
+    /// A warden for a policy (JSON text, or a file path). With a Redis backend
+    /// it starts connecting in the background (decisions follow
+    /// `onBackendError` until Redis answers); `NativeWarden.connect` waits.
+    #[napi(constructor)]
+    pub fn new(
+        json: Option<String>,
+        path: Option<String>,
+        options: Option<WardenOptions>,
+        clock: Option<&ManualClock>,
+    ) -> Result<Self> {
+        let policy = policy_of(json, path)?;
+        let setup = setup_of(options.as_ref(), clock, true)?;
+        let warden = if setup.embedded() {
+            at_once(setup.connect(policy))?
+        } else {
+            // connect_lazy needs a Tokio context: napi's runtime.
+            block_on(async { setup.connect(policy).await }).map_err(|e| to_js(&e))?
+        };
+        Ok(Self {
+            embedded: setup.embedded(),
+            warden,
+        })
+    }
+
+    /// Connects first (rejects with a BackendError if Redis cannot be reached).
+    #[napi]
+    pub async fn connect(
+        json: Option<String>,
+        path: Option<String>,
+        options: Option<WardenOptions>,
+        clock: Option<&ManualClock>,
+    ) -> Result<NativeWarden> {
+        let policy = policy_of(json, path)?;
+        let setup = setup_of(options.as_ref(), clock, false)?;
+        let warden = setup.connect(policy).await.map_err(|e| to_js(&e))?;
+        Ok(Self {
+            embedded: setup.embedded(),
+            warden,
+        })
+    }
+
+    /// Whether decisions are made in this process (every call answers at once).
+    #[napi(getter)]
+    pub fn embedded(&self) -> bool {
+        self.embedded
+    }
+
+    /// `memory` or `redis`.
+    #[napi(getter)]
+    pub fn backend(&self) -> &'static str {
+        self.warden.backend_name()
+    }
+
+    fn sync(&self, call: Call) -> Result<Answer> {
+        if call.waits() || !self.embedded {
+            return Err(invalid(
+                "call",
+                "only the embedded engine decides synchronously; use the async form",
+            ));
+        }
+        at_once(call.run(self.warden.clone()))
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn check_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
+        self.sync(Call::Check(request_of(&scope, options.as_ref())?))
+            .and_then(as_decision)
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn acquire_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
+        self.sync(Call::Acquire(request_of(&scope, options.as_ref())?))
+            .and_then(as_decision)
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn reserve_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
+        self.sync(reserve_call(&scope, options.as_ref())?)
+            .and_then(as_decision)
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn commit_sync(
+        &self,
+        reservation: String,
+        actual: Option<serde_json::Value>,
+    ) -> Result<Receipt> {
+        self.sync(commit_call(&reservation, actual.as_ref())?)
+            .and_then(as_receipt)
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn release_sync(&self, reservation: String) -> Result<bool> {
+        self.sync(Call::Release(reservation_id(&reservation)?))
+            .and_then(as_released)
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn extend_sync(&self, reservation: String, lease: f64) -> Result<f64> {
+        self.sync(Call::Extend(
+            reservation_id(&reservation)?,
+            seconds(lease, "lease")?,
+        ))
+        .and_then(as_extended)
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn delegate_sync(
+        &self,
+        child: String,
+        amounts: serde_json::Value,
+        options: Option<DelegateOptions>,
+    ) -> Result<Decision> {
+        self.sync(delegate_call(&child, &amounts, options.as_ref())?)
+            .and_then(as_decision)
+    }
+
+    /// Runs any operation on the runtime (Redis, waits).
+    #[napi]
+    pub async fn check_async(
+        &self,
+        scope: String,
+        options: Option<RequestOptions>,
+    ) -> Result<Decision> {
+        self.run(Call::Check(request_of(&scope, options.as_ref())?))
+            .await
+            .and_then(as_decision)
+    }
+
+    /// Runs on the runtime.
+    #[napi]
+    pub async fn acquire_async(
+        &self,
+        scope: String,
+        options: Option<RequestOptions>,
+    ) -> Result<Decision> {
+        self.run(Call::Acquire(request_of(&scope, options.as_ref())?))
+            .await
+            .and_then(as_decision)
+    }
+
+    /// Runs on the runtime.
+    #[napi]
+    pub async fn reserve_async(
+        &self,
+        scope: String,
+        options: Option<RequestOptions>,
+    ) -> Result<Decision> {
+        self.run(reserve_call(&scope, options.as_ref())?)
+            .await
+            .and_then(as_decision)
+    }
+
+    /// Runs on the runtime.
+    #[napi]
+    pub async fn commit_async(
+        &self,
+        reservation: String,
+        actual: Option<serde_json::Value>,
+    ) -> Result<Receipt> {
+        self.run(commit_call(&reservation, actual.as_ref())?)
+            .await
+            .and_then(as_receipt)
+    }
+
+    /// Runs on the runtime.
+    #[napi]
+    pub async fn release_async(&self, reservation: String) -> Result<bool> {
+        self.run(Call::Release(reservation_id(&reservation)?))
+            .await
+            .and_then(as_released)
+    }
+
+    /// Runs on the runtime.
+    #[napi]
+    pub async fn extend_async(&self, reservation: String, lease: f64) -> Result<f64> {
+        self.run(Call::Extend(
+            reservation_id(&reservation)?,
+            seconds(lease, "lease")?,
+        ))
+        .await
+        .and_then(as_extended)
+    }
+
+    /// Runs on the runtime.
+    #[napi]
+    pub async fn delegate_async(
+        &self,
+        child: String,
+        amounts: serde_json::Value,
+        options: Option<DelegateOptions>,
+    ) -> Result<Decision> {
+        self.run(delegate_call(&child, &amounts, options.as_ref())?)
+            .await
+            .and_then(as_decision)
+    }
+
+    /// Waits up to `maxWait` seconds for admission, then acquires (or reserves).
+    #[napi]
+    pub async fn wait_async(
+        &self,
+        scope: String,
+        options: Option<RequestOptions>,
+        max_wait: f64,
+        reserve: bool,
+    ) -> Result<Decision> {
+        let req = request_of(&scope, options.as_ref())?;
+        let what = if reserve {
+            WaitFor::Reserve(optional_seconds(
+                options.as_ref().and_then(|o| o.lease),
+                "lease",
+            )?)
+        } else {
+            WaitFor::Acquire
+        };
+        self.run(Call::Wait(req, what, seconds(max_wait, "maxWait")?))
+            .await
+            .and_then(as_decision)
+    }
+
+    async fn run(&self, call: Call) -> Result<Answer> {
+        call.run(self.warden.clone()).await.map_err(|e| to_js(&e))
+    }
+
+    /// An HTTP request's decision (acquire) with its response headers in `style`
+    /// (`draft-11`, `draft-7`, `draft-6`; `null`: only `Retry-After`), at once on
+    /// the embedded engine.
+    #[napi]
+    pub fn acquire_http_sync(
+        &self,
+        scope: String,
+        options: Option<RequestOptions>,
+        style: Option<String>,
+    ) -> Result<HttpDecision> {
+        let (req, style) = (
+            request_of(&scope, options.as_ref())?,
+            style_of(style.as_deref())?,
+        );
+        if !self.embedded {
+            return Err(invalid("call", "use acquireHttpAsync with Redis"));
+        }
+        let d = at_once(self.warden.acquire(&req))?;
+        Ok(http_of(&d, style))
+    }
+
+    /// Async form of `acquireHttpSync`.
+    #[napi]
+    pub async fn acquire_http_async(
+        &self,
+        scope: String,
+        options: Option<RequestOptions>,
+        style: Option<String>,
+    ) -> Result<HttpDecision> {
+        let (req, style) = (
+            request_of(&scope, options.as_ref())?,
+            style_of(style.as_deref())?,
+        );
+        let d = self.warden.acquire(&req).await.map_err(|e| to_js(&e))?;
+        Ok(http_of(&d, style))
+    }
+}
+
+fn style_of(style: Option<&str>) -> Result<Option<HeaderStyle>> {
+    style
+        .map(|s| s.parse::<HeaderStyle>().map_err(|e| to_js(&e)))
+        .transpose()
+}
+
+fn reserve_call(scope: &str, o: Option<&RequestOptions>) -> Result<Call> {
+    Ok(Call::Reserve(
+        request_of(scope, o)?,
+        optional_seconds(o.and_then(|o| o.lease), "lease")?,
+    ))
+}
+
+fn commit_call(reservation: &str, actual: Option<&serde_json::Value>) -> Result<Call> {
+    Ok(Call::Commit(
+        reservation_id(reservation)?,
+        cost_of(actual, "actual")?,
+    ))
+}
+
+/// Where a delegation comes from, and its lease.
+#[napi(object)]
+pub struct DelegateOptions {
+    /// A parent scope whose free capacity is carved.
+    pub from_scope: Option<String>,
+    /// A reservation whose held amounts are carved.
+    pub from_reservation: Option<String>,
+    /// Lease, seconds.
+    pub lease: Option<f64>,
+}
+
+fn delegate_call(
+    child: &str,
+    amounts: &serde_json::Value,
+    o: Option<&DelegateOptions>,
+) -> Result<Call> {
+    let child = Scope::parse(child).map_err(|e| to_js(&e))?;
+    let amounts = cost_of(Some(amounts), "amounts")?;
+    let (from_scope, from_reservation) = o.map_or((None, None), |o| {
+        (o.from_scope.as_deref(), o.from_reservation.as_deref())
+    });
+    let from = Source::pick(
+        from_scope,
+        from_reservation,
+        ["fromScope", "fromReservation"],
+    )
+    .map_err(|e| to_js(&e))?;
+    Ok(Call::Delegate(
+        child,
+        amounts,
+        from,
+        optional_seconds(o.and_then(|o| o.lease), "lease")?,
+    ))
+}
+
+/// A scope string from `[kind, id]` pairs; ids may hold any text (`/`, `:`…):
+/// they are escaped, never interpreted.
+#[napi]
+pub fn scope_of(segments: Vec<Vec<String>>) -> Result<String> {
+    let mut pairs = Vec::with_capacity(segments.len());
+    for (i, s) in segments.iter().enumerate() {
+        match s.as_slice() {
+            [k, id] => pairs.push((k.as_str(), id.as_str())),
+            _ => {
+                return Err(invalid(
+                    "scope",
+                    format!("segment {} is not a [kind, id] pair", i + 1),
+                ));
+            }
+        }
+    }
+    Scope::from_segments(pairs)
+        .map(|s| s.as_str().to_owned())
+        .map_err(|e| to_js(&e))
 }

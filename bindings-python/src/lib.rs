@@ -16,7 +16,6 @@
 //! - a warden used in a forked child reconnects its backend there.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -24,13 +23,14 @@ use parking_lot::{Mutex, RwLock};
 use pyo3::exceptions::{PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList, PyString};
-use ratewarden::backend::{Backend, OnBackendError, RedisBackend, poll_ready};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use ratewarden::backend::poll_ready;
 use ratewarden::decision::ReservationInfo;
 use ratewarden::headers::{HeaderStyle, denial_body, rate_limit_headers};
+use ratewarden::ops::{Answer, Call, Setup, Source};
 use ratewarden::{
-    Amount, CommitReceipt, Cost, Decision as CoreDecision, DelegateFrom, Error, ErrorKind, Policy,
-    Priority, Request, ReservationId, Scope, SystemClock, WaitFor, Warden,
+    Amount, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind, Policy, Priority,
+    Request, ReservationId, Scope, WaitFor, Warden,
 };
 
 /// Return the version of the ratewarden core library.
@@ -42,13 +42,30 @@ fn version() -> &'static str {
 // ---------------------------------------------------------------------------
 // Runtime
 
+/// Forks survived so far in this process's ancestry: bumped in the child by the
+/// `os.register_at_fork` hook installed when the module loads (`os.fork()` and
+/// `multiprocessing`'s fork start method both run it). Cheaper than asking the
+/// kernel for the pid on every call.
+static FORKS: AtomicU32 = AtomicU32::new(0);
+
+/// Which process this is, as far as fork-sensitive state is concerned.
+fn process_generation() -> u32 {
+    FORKS.load(Ordering::Acquire)
+}
+
+/// Runs in the child after `os.fork()`.
+#[pyfunction]
+fn _after_fork_in_child() {
+    FORKS.fetch_add(1, Ordering::AcqRel);
+}
+
 /// The process's Tokio runtime; a fresh one in a forked child.
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
-    let pid = std::process::id();
+    let generation = process_generation();
     let mut slot = RT.lock();
     if let Some((owner, rt)) = *slot {
-        if owner == pid {
+        if owner == generation {
             return rt;
         }
         // Forked: the old runtime's threads are gone; it is leaked, never dropped.
@@ -61,7 +78,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
             .build()
             .unwrap_or_else(|e| panic!("ratewarden: cannot start a Tokio runtime: {e}")),
     ));
-    *slot = Some((pid, rt));
+    *slot = Some((generation, rt));
     rt
 }
 
@@ -487,52 +504,13 @@ impl ManualClock {
 // ---------------------------------------------------------------------------
 // Warden
 
-#[derive(Clone)]
-struct Config {
-    backend: Option<String>,
-    namespace: String,
-    on_error: OnBackendError,
-    timeout: Option<Duration>,
-    clock: Option<ratewarden::ManualClock>,
-    lazy: bool,
-}
-
 /// The native warden behind `ratewarden.Warden`.
 #[pyclass(frozen, module = "ratewarden._native")]
 struct NativeWarden {
     warden: RwLock<Warden>,
-    /// The process the backend's connections belong to.
-    pid: AtomicU32,
-    config: Config,
-}
-
-async fn connect(policy: Policy, config: &Config) -> ratewarden::Result<Warden> {
-    let clock: Arc<dyn ratewarden::Clock> = match &config.clock {
-        Some(c) => Arc::new(c.clone()),
-        None => Arc::new(SystemClock),
-    };
-    match &config.backend {
-        None => Ok(Warden::with_clock(policy, clock)),
-        Some(url) => {
-            let b = if config.lazy {
-                RedisBackend::connect_lazy(url, &config.namespace)?
-            } else {
-                RedisBackend::connect(url, &config.namespace).await?
-            };
-            let mut b = b.on_backend_error(config.on_error)?;
-            if let Some(t) = config.timeout {
-                b = b.timeout(t)?;
-            }
-            if config.clock.is_some() {
-                b = b.with_clock(Arc::clone(&clock));
-            }
-            Ok(Warden::with_backend(
-                policy,
-                Arc::new(b) as Arc<dyn Backend>,
-                clock,
-            ))
-        }
-    }
+    /// The process (fork generation) the backend's connections belong to.
+    generation: AtomicU32,
+    config: Setup,
 }
 
 fn block<F: std::future::Future + Send>(py: Python<'_>, f: F) -> F::Output
@@ -553,60 +531,23 @@ fn at_once<T>(
     })
 }
 
-/// One operation with its inputs converted, run the same way from the sync and
-/// the async form of each method.
-#[derive(Clone)]
-enum Call {
-    Check(Request),
-    Acquire(Request),
-    Reserve(Request, Option<Duration>),
-    Commit(ReservationId, Cost),
-    Release(ReservationId),
-    Extend(ReservationId, Duration),
-    Delegate(Scope, Cost, Source, Option<Duration>),
-    Wait(Request, WaitFor, Duration),
-}
-
-#[derive(Clone)]
-enum Source {
-    Scope(Scope),
-    Reservation(ReservationId),
-}
-
-/// What a [`Call`] answers.
-enum Answer {
-    Decision(CoreDecision),
-    Receipt(CommitReceipt),
-    Released(bool),
-    Extended(i64),
-}
-
-impl Call {
-    async fn run(self, w: Warden) -> ratewarden::Result<Answer> {
-        Ok(match self {
-            Self::Check(r) => Answer::Decision(w.check(&r).await?),
-            Self::Acquire(r) => Answer::Decision(w.acquire(&r).await?),
-            Self::Reserve(r, lease) => Answer::Decision(w.reserve(&r, lease).await?),
-            Self::Commit(id, actual) => Answer::Receipt(w.commit(id, &actual).await?),
-            Self::Release(id) => Answer::Released(w.release(id).await?),
-            Self::Extend(id, lease) => Answer::Extended(w.extend(id, lease).await?),
-            Self::Delegate(child, amounts, from, lease) => {
-                let from = match &from {
-                    Source::Scope(s) => DelegateFrom::Scope(s),
-                    Source::Reservation(id) => DelegateFrom::Reservation(*id),
-                };
-                Answer::Decision(w.delegate(from, &child, &amounts, lease).await?)
-            }
-            Self::Wait(r, what, max_wait) => Answer::Decision(w.wait(&r, what, max_wait).await?),
-        })
-    }
-}
-
 /// A guard's request converted once (scope parsed, cost resolved): reserving it
 /// again costs no conversion.
 #[pyclass(frozen, module = "ratewarden._native")]
 struct Prepared {
-    call: Call,
+    request: Request,
+    lease: Option<Duration>,
+    /// Wait up to this long for capacity (`None`: reserve or deny at once).
+    max_wait: Option<Duration>,
+}
+
+impl Prepared {
+    fn call(&self) -> Call {
+        match self.max_wait {
+            None => Call::Reserve(self.request.clone(), self.lease),
+            Some(m) => Call::Wait(self.request.clone(), WaitFor::Reserve(self.lease), m),
+        }
+    }
 }
 
 /// What `hold` answers: the reservation id as an `int` when admitted, else the
@@ -642,35 +583,38 @@ fn answer_to_py(py: Python<'_>, a: Answer) -> PyResult<Py<PyAny>> {
 }
 
 impl NativeWarden {
-    fn build(py: Python<'_>, policy: Policy, config: Config) -> PyResult<Self> {
+    fn build(py: Python<'_>, policy: Policy, config: Setup) -> PyResult<Self> {
         let warden = if config.backend.is_none() {
-            at_once(connect(policy, &config))
+            at_once(config.connect(policy))
         } else {
-            block(py, connect(policy, &config))
+            block(py, config.connect(policy))
         }
         .map_err(|e| to_py(&e))?;
         Ok(Self {
             warden: RwLock::new(warden),
-            pid: AtomicU32::new(std::process::id()),
+            generation: AtomicU32::new(process_generation()),
             config,
         })
     }
 
     fn embedded(&self) -> bool {
-        self.config.backend.is_none()
+        self.config.embedded()
     }
 
     /// The warden, reconnected first if this is a forked child.
     fn warden(&self, py: Python<'_>) -> PyResult<Warden> {
-        let pid = std::process::id();
         let current = self.warden.read().clone();
-        if self.embedded() || self.pid.load(Ordering::Acquire) == pid {
+        if self.embedded() {
+            return Ok(current);
+        }
+        let generation = process_generation();
+        if self.generation.load(Ordering::Acquire) == generation {
             return Ok(current);
         }
         let fresh =
-            block(py, connect(current.policy().clone(), &self.config)).map_err(|e| to_py(&e))?;
+            block(py, self.config.connect(current.policy().clone())).map_err(|e| to_py(&e))?;
         *self.warden.write() = fresh.clone();
-        self.pid.store(pid, Ordering::Release);
+        self.generation.store(generation, Ordering::Release);
         Ok(fresh)
     }
 
@@ -731,10 +675,10 @@ type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 /// operations and completes their asyncio futures. A fresh one after `fork()`.
 fn completer() -> std::sync::mpsc::Sender<Job> {
     static TX: Mutex<Option<(u32, std::sync::mpsc::Sender<Job>)>> = Mutex::new(None);
-    let pid = std::process::id();
+    let generation = process_generation();
     let mut slot = TX.lock();
     if let Some((owner, tx)) = &*slot {
-        if *owner == pid {
+        if *owner == generation {
             return tx.clone();
         }
     }
@@ -752,7 +696,7 @@ fn completer() -> std::sync::mpsc::Sender<Job> {
             }
         })
         .unwrap_or_else(|e| panic!("ratewarden: cannot start the completer thread: {e}"));
-    *slot = Some((pid, tx.clone()));
+    *slot = Some((generation, tx.clone()));
     tx
 }
 
@@ -813,19 +757,6 @@ where
     Ok(fut)
 }
 
-fn on_error_of(mode: &str, share: u32) -> PyResult<OnBackendError> {
-    match mode {
-        "deny" => Ok(OnBackendError::Deny),
-        "allow" => Ok(OnBackendError::Allow),
-        "local" if share >= 1 => Ok(OnBackendError::Local { share }),
-        "local" => Err(invalid("local_share", "must be at least 1")),
-        other => Err(invalid(
-            "on_backend_error",
-            format!("`{other}` is not one of deny, allow, local"),
-        )),
-    }
-}
-
 fn reserve_call(req: PyResult<Request>, lease: Option<f64>) -> PyResult<Call> {
     Ok(Call::Reserve(req?, optional_seconds(lease, "lease")?))
 }
@@ -853,16 +784,12 @@ fn delegate_call(
 ) -> PyResult<Call> {
     let child = Scope::parse(child).map_err(|e| to_py(&e))?;
     let amounts = cost_of(Some(amounts), "amounts")?;
-    let from = match (from_scope, from_reservation) {
-        (Some(s), None) => Source::Scope(Scope::parse(s).map_err(|e| to_py(&e))?),
-        (None, Some(r)) => Source::Reservation(reservation_id(r)?),
-        _ => {
-            return Err(invalid(
-                "delegate",
-                "give exactly one of from_scope= or from_reservation=",
-            ));
-        }
-    };
+    let from = Source::pick(
+        from_scope,
+        from_reservation,
+        ["from_scope=", "from_reservation="],
+    )
+    .map_err(|e| to_py(&e))?;
     Ok(Call::Delegate(
         child,
         amounts,
@@ -912,13 +839,13 @@ impl NativeWarden {
             (None, Some(p)) => Policy::from_file(&p).map_err(|e| to_py(&e))?,
             _ => return Err(invalid("policy", "give exactly one of json= or path=")),
         };
-        let config = Config {
-            backend: backend.filter(|b| b != "memory"),
-            namespace: namespace.to_owned(),
-            on_error: on_error_of(on_backend_error, local_share)?,
+        let config = Setup {
+            on_error: ratewarden::ops::on_backend_error(on_backend_error, local_share)
+                .map_err(|e| to_py(&e))?,
             timeout: optional_seconds(timeout, "timeout")?,
             clock: clock.map(|c| c.inner.clone()),
             lazy,
+            ..Setup::new(backend.as_deref(), namespace)
         };
         Self::build(py, policy, config)
     }
@@ -1131,24 +1058,97 @@ impl NativeWarden {
         lease: Option<f64>,
         max_wait: Option<f64>,
     ) -> PyResult<Prepared> {
-        let req = request_of(scope, resource, action, cost, priority);
-        let call = match max_wait {
-            None => reserve_call(req, lease)?,
-            Some(m) => wait_call(req, m, true, lease)?,
-        };
-        Ok(Prepared { call })
+        Ok(Prepared {
+            request: request_of(scope, resource, action, cost, priority)?,
+            lease: optional_seconds(lease, "lease")?,
+            max_wait: optional_seconds(max_wait, "max_wait")?,
+        })
     }
 
     /// Reserves a prepared request: the reservation id (an `int`) when admitted,
     /// else the decision that denied it.
     fn hold(&self, py: Python<'_>, prepared: &Prepared) -> PyResult<Py<PyAny>> {
-        let answer = self.run(py, prepared.call.clone())?;
+        if self.embedded() && prepared.max_wait.is_none() {
+            // The hot path of an embedded guard: no request copy.
+            let w = self.warden(py)?;
+            let d = at_once(w.reserve(&prepared.request, prepared.lease)).map_err(|e| to_py(&e))?;
+            return held_to_py(py, Answer::Decision(d));
+        }
+        let answer = self.run(py, prepared.call())?;
         held_to_py(py, answer)
+    }
+
+    /// Runs `func(*args, **kwargs)` under a hold of `prepared` — the whole
+    /// guard of a sync function on the embedded engine in one native call:
+    /// denied → the `RateLimited` / `BudgetExceeded` of `_errors.denied`; `func`
+    /// raises → released, re-raised; else committed with `actual(result)` (or
+    /// the estimate) and its result returned.
+    #[pyo3(signature = (prepared, func, args, kwargs=None, actual=None))]
+    fn guarded_call(
+        &self,
+        py: Python<'_>,
+        prepared: &Prepared,
+        func: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+        actual: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let w = self.warden(py)?;
+        let d = if self.embedded() && prepared.max_wait.is_none() {
+            at_once(w.reserve(&prepared.request, prepared.lease))
+        } else {
+            block(py, async {
+                match prepared.call().run(w.clone()).await? {
+                    Answer::Decision(d) => Ok(d),
+                    _ => Err(Error::Backend {
+                        message: "unexpected answer to a reserve".into(),
+                    }),
+                }
+            })
+        }
+        .map_err(|e| to_py(&e))?;
+        let Some(id) = d.reservation.as_ref().map(|r| r.id) else {
+            static DENIED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+            let denied = DENIED.get_or_try_init(py, || {
+                Ok::<_, PyErr>(py.import("ratewarden._errors")?.getattr("denied")?.unbind())
+            })?;
+            let exc = denied.call1(py, (Decision { inner: d },))?;
+            return Err(PyErr::from_value(exc.into_bound(py)));
+        };
+        let result = match func.call(args, kwargs) {
+            Ok(r) => r,
+            Err(e) => {
+                // The original error wins over a failed release.
+                let _ = self.run(py, Call::Release(id));
+                return Err(e);
+            }
+        };
+        let cost = match actual {
+            Some(f) => {
+                let c = f.call1((&result,))?;
+                if c.is_none() {
+                    Cost::default()
+                } else {
+                    cost_of(
+                        Some(c.cast::<PyDict>().map_err(|_| {
+                            invalid(
+                                "actual",
+                                "the actual= callable must return a dict of unit to amount",
+                            )
+                        })?),
+                        "actual",
+                    )?
+                }
+            }
+            None => Cost::default(),
+        };
+        self.run(py, Call::Commit(id, cost))?;
+        Ok(result.unbind())
     }
 
     /// Async form of `hold`.
     fn hold_async(&self, py: Python<'_>, prepared: &Prepared) -> PyResult<Py<PyAny>> {
-        self.asynchronous_as(py, Ok(prepared.call.clone()), held_to_py)
+        self.asynchronous_as(py, Ok(prepared.call()), held_to_py)
     }
 
     /// Commits a held reservation (by its `int` id) with `actual` (default: as
@@ -1196,6 +1196,12 @@ fn scope_of(segments: Vec<(String, String)>) -> PyResult<String> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(scope_of, m)?)?;
+    let after_fork = wrap_pyfunction!(_after_fork_in_child, m)?;
+    let hooks = PyDict::new(m.py());
+    hooks.set_item("after_in_child", &after_fork)?;
+    m.py()
+        .import("os")?
+        .call_method("register_at_fork", (), Some(&hooks))?;
     m.add("__version__", ratewarden::VERSION)?;
     m.add_class::<NativeWarden>()?;
     m.add_class::<Decision>()?;

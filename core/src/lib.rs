@@ -43,6 +43,7 @@ pub mod error;
 pub mod eval;
 pub mod events;
 pub mod headers;
+pub mod ops;
 pub mod plan;
 pub mod policy;
 pub mod priority;

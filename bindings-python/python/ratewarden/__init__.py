@@ -521,6 +521,16 @@ class Warden:
 
                 return guarded_async  # type: ignore[return-value]
 
+            if decides_at_once:
+                # The whole guard in one native call: reserve, call, commit or release.
+                guarded_call = native.guarded_call
+
+                @functools.wraps(fn)
+                def guarded_here(*args: Any, **kwargs: Any) -> Any:
+                    return guarded_call(prepare(args, kwargs), fn, args, kwargs, actual)
+
+                return guarded_here  # type: ignore[return-value]
+
             @functools.wraps(fn)
             def guarded(*args: Any, **kwargs: Any) -> Any:
                 held = native.hold(prepare(args, kwargs))

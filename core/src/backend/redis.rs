@@ -130,6 +130,10 @@ pub struct RedisBackend {
 /// After a command times out, how long decisions skip Redis before trying again.
 const PROBE_AFTER_TIMEOUT_US: i64 = 1_000_000;
 
+/// How long a connection waits for a response before reaping it. Callers give
+/// up earlier (their `timeout`); this only bounds what nobody waits for any more.
+const ABANDONED_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBackend")
@@ -202,9 +206,12 @@ impl RedisBackend {
                 let client = redis::Client::open(u.as_str()).map_err(bad_url)?;
                 // Few retries with a bounded attempt, so a refused connection or a
                 // bad certificate is reported as such rather than as a timeout.
+                // Responses are bounded per call by `timeout` (configurable, per
+                // warden); the connection's own limit only reaps the abandoned.
                 let config = ConnectionManagerConfig::new()
                     .set_number_of_retries(1)
-                    .set_connection_timeout(Some(connect_timeout / 2));
+                    .set_connection_timeout(Some(connect_timeout / 2))
+                    .set_response_timeout(Some(ABANDONED_RESPONSE_TIMEOUT));
                 let conn = if lazy {
                     ConnectionManager::new_lazy_with_config(client, config).map_err(bad_url)?
                 } else {
@@ -221,7 +228,7 @@ impl RedisBackend {
             Target::Cluster(nodes) => {
                 let client = redis::cluster::ClusterClientBuilder::new(nodes)
                     .connection_timeout(connect_timeout)
-                    .response_timeout(DEFAULT_TIMEOUT * 4)
+                    .response_timeout(ABANDONED_RESPONSE_TIMEOUT)
                     .build()
                     .map_err(bad_url)?;
                 let conn = if lazy {

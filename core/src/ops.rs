@@ -1,0 +1,202 @@
+//! What every language binding needs besides conversions: building a warden
+//! from a policy and connection settings ([`Setup`]), and one operation as a
+//! value ([`Call`]) that runs the same way from a binding's sync and async forms
+//! — decided on the calling thread by the embedded engine, or awaited on a
+//! runtime for Redis and for waits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{Backend, OnBackendError, RedisBackend};
+use crate::clock::{Clock, ManualClock, SystemClock};
+use crate::decision::{CommitReceipt, Decision, ReservationId};
+use crate::plan::Request;
+use crate::scope::Scope;
+use crate::warden::{DelegateFrom, WaitFor, Warden};
+use crate::{Cost, Policy, Result};
+
+/// How to build a [`Warden`]: the backend and its settings.
+#[derive(Clone, Debug, Default)]
+pub struct Setup {
+    /// A Redis URL (`redis://`, `rediss://`, `redis+cluster://…`), or `None` for
+    /// the embedded engine (also what `"memory"` means).
+    pub backend: Option<String>,
+    /// Prefix of every Redis key.
+    pub namespace: String,
+    /// What decisions do while Redis cannot be asked.
+    pub on_error: OnBackendError,
+    /// Redis command timeout (the backend's default when `None`).
+    pub timeout: Option<Duration>,
+    /// A test clock replacing real time (and Redis's `TIME`).
+    pub clock: Option<ManualClock>,
+    /// Start without waiting for Redis: decisions follow `on_error` until it answers.
+    pub lazy: bool,
+}
+
+impl Setup {
+    /// Settings for `backend` (`None`, `""` or `"memory"`: the embedded engine).
+    #[must_use]
+    pub fn new(backend: Option<&str>, namespace: &str) -> Self {
+        Self {
+            backend: backend
+                .filter(|b| !b.is_empty() && *b != "memory")
+                .map(str::to_owned),
+            namespace: namespace.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// Whether this is the embedded engine (every decision answers at once).
+    #[must_use]
+    pub const fn embedded(&self) -> bool {
+        self.backend.is_none()
+    }
+
+    /// Builds the warden: for Redis, connects (or, with `lazy`, starts
+    /// connecting in the background — call within a Tokio runtime then).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] for bad settings; [`crate::Error::Backend`]
+    /// if Redis cannot be reached (never with `lazy`).
+    pub async fn connect(&self, policy: Policy) -> Result<Warden> {
+        let clock: Arc<dyn Clock> = match &self.clock {
+            Some(c) => Arc::new(c.clone()),
+            None => Arc::new(SystemClock),
+        };
+        let Some(url) = &self.backend else {
+            return Ok(Warden::with_clock(policy, clock));
+        };
+        let b = if self.lazy {
+            RedisBackend::connect_lazy(url, &self.namespace)?
+        } else {
+            RedisBackend::connect(url, &self.namespace).await?
+        };
+        let mut b = b.on_backend_error(self.on_error)?;
+        if let Some(t) = self.timeout {
+            b = b.timeout(t)?;
+        }
+        if self.clock.is_some() {
+            b = b.with_clock(Arc::clone(&clock));
+        }
+        Ok(Warden::with_backend(
+            policy,
+            Arc::new(b) as Arc<dyn Backend>,
+            clock,
+        ))
+    }
+}
+
+/// Parses an `on_backend_error` mode: `deny`, `allow`, or `local` with this
+/// process's `1/share` of each limit.
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] naming the bad mode or share.
+pub fn on_backend_error(mode: &str, share: u32) -> Result<OnBackendError> {
+    match mode {
+        "deny" => Ok(OnBackendError::Deny),
+        "allow" => Ok(OnBackendError::Allow),
+        "local" if share >= 1 => Ok(OnBackendError::Local { share }),
+        "local" => Err(crate::Error::invalid("local_share", "must be at least 1")),
+        other => Err(crate::Error::invalid(
+            "on_backend_error",
+            format!(
+                "`{}` is not one of deny, allow, local",
+                crate::error::truncate(other)
+            ),
+        )),
+    }
+}
+
+/// Where a delegation's amounts come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A parent scope's free capacity.
+    Scope(Scope),
+    /// An existing reservation.
+    Reservation(ReservationId),
+}
+
+impl Source {
+    /// The source a caller named: exactly one of a parent scope or a
+    /// reservation id. `names` are how the caller's language spells the two
+    /// options, for the error.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] when both or neither are given, or
+    /// either does not parse.
+    pub fn pick(scope: Option<&str>, reservation: Option<&str>, names: [&str; 2]) -> Result<Self> {
+        match (scope, reservation) {
+            (Some(s), None) => Ok(Self::Scope(Scope::parse(s)?)),
+            (None, Some(r)) => Ok(Self::Reservation(ReservationId::parse(r)?)),
+            _ => Err(crate::Error::invalid(
+                "delegate",
+                format!("give exactly one of {} or {}", names[0], names[1]),
+            )),
+        }
+    }
+}
+
+/// One operation with its inputs converted.
+#[derive(Clone, Debug)]
+pub enum Call {
+    /// [`Warden::check`].
+    Check(Request),
+    /// [`Warden::acquire`].
+    Acquire(Request),
+    /// [`Warden::reserve`] with an optional lease.
+    Reserve(Request, Option<Duration>),
+    /// [`Warden::commit`].
+    Commit(ReservationId, Cost),
+    /// [`Warden::release`].
+    Release(ReservationId),
+    /// [`Warden::extend`].
+    Extend(ReservationId, Duration),
+    /// [`Warden::delegate`]: child scope, amounts, source, lease.
+    Delegate(Scope, Cost, Source, Option<Duration>),
+    /// [`Warden::wait`]: what to do once admitted, and for how long to wait.
+    Wait(Request, WaitFor, Duration),
+}
+
+/// What a [`Call`] answers.
+#[derive(Debug)]
+pub enum Answer {
+    /// From check, acquire, reserve, delegate and wait.
+    Decision(Decision),
+    /// From commit.
+    Receipt(CommitReceipt),
+    /// From release: whether it was still held.
+    Released(bool),
+    /// From extend: the new expiry, µs since the epoch.
+    Extended(i64),
+}
+
+impl Call {
+    /// Whether it may wait for capacity (so never answers at once).
+    #[must_use]
+    pub const fn waits(&self) -> bool {
+        matches!(self, Self::Wait(..))
+    }
+
+    /// Runs it.
+    ///
+    /// # Errors
+    /// Whatever the operation returns.
+    pub async fn run(self, w: Warden) -> Result<Answer> {
+        Ok(match self {
+            Self::Check(r) => Answer::Decision(w.check(&r).await?),
+            Self::Acquire(r) => Answer::Decision(w.acquire(&r).await?),
+            Self::Reserve(r, lease) => Answer::Decision(w.reserve(&r, lease).await?),
+            Self::Commit(id, actual) => Answer::Receipt(w.commit(id, &actual).await?),
+            Self::Release(id) => Answer::Released(w.release(id).await?),
+            Self::Extend(id, lease) => Answer::Extended(w.extend(id, lease).await?),
+            Self::Delegate(child, amounts, from, lease) => {
+                let from = match &from {
+                    Source::Scope(s) => DelegateFrom::Scope(s),
+                    Source::Reservation(id) => DelegateFrom::Reservation(*id),
+                };
+                Answer::Decision(w.delegate(from, &child, &amounts, lease).await?)
+            }
+            Self::Wait(r, what, max_wait) => Answer::Decision(w.wait(&r, what, max_wait).await?),
+        })
+    }
+}

@@ -1,0 +1,183 @@
+// The Express middleware over real HTTP (fetch), on the embedded engine and on Redis.
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+
+import { InvalidInputError, ManualClock, Warden } from '../../bindings-node/index.mjs';
+import { policy, serve, startRedis } from './helpers.mjs';
+
+let redis;
+before(() => { redis = startRedis(); });
+after(() => redis?.stop());
+
+const backends = {
+  memory: () => ({}),
+  redis: () => ({ backend: redis.url, namespace: `node-${Math.random().toString(36).slice(2)}`, timeout: 10 }),
+  cluster: () => ({ backend: redis.cluster_url, namespace: `node-${Math.random().toString(36).slice(2)}`, timeout: 10 }),
+};
+
+for (const [name, options] of Object.entries(backends)) {
+  describe(`express middleware on ${name}`, () => {
+    test('headers on 200 and 429, the JSON body, and denied requests never reach the app', async () => {
+      const clock = new ManualClock(1_700_000_000);
+      const w = await Warden.connect(policy(2), { ...options(), clock });
+      const app = await serve(w.express());
+      try {
+        const first = await fetch(`${app.url}/a`);
+        assert.equal(first.status, 200);
+        assert.equal(await first.text(), 'hello');
+        assert.equal(first.headers.get('ratelimit-policy'), '"per-ip";q=2;w=60');
+        assert.equal(first.headers.get('ratelimit'), '"per-ip";r=1;t=30');
+        assert.equal(first.headers.get('retry-after'), null);
+        await (await fetch(`${app.url}/b`)).text();
+        const denied = await fetch(`${app.url}/c`);
+        assert.equal(denied.status, 429);
+        assert.equal(denied.headers.get('retry-after'), '30');
+        assert.equal(denied.headers.get('ratelimit'), '"per-ip";r=0;t=60');
+        assert.match(denied.headers.get('content-type'), /application\/json/);
+        const body = await denied.json();
+        assert.equal(body.error, 'rate_limited');
+        assert.equal(body.limit, 'per-ip');
+        assert.equal(body.retry_after, 30);
+        assert.deepEqual(app.served, ['/a', '/b']);
+        clock.advance(30);
+        assert.equal((await fetch(`${app.url}/d`)).status, 200);
+      } finally {
+        await app.close();
+        w.close();
+      }
+    });
+
+    test('exactly the limit under 1,000 concurrent requests', async () => {
+      const w = await Warden.connect(policy(250), { ...options(), clock: new ManualClock(1_700_000_000) });
+      const app = await serve(w.express());
+      try {
+        const codes = await Promise.all(
+          Array.from({ length: 1000 }, (_, i) => fetch(`${app.url}/${i}`).then(async (r) => { await r.arrayBuffer(); return r.status; })),
+        );
+        assert.equal(codes.filter((c) => c === 200).length, 250);
+        assert.equal(codes.filter((c) => c === 429).length, 750);
+        assert.equal(app.served.length, 250);
+      } finally {
+        await app.close();
+        w.close();
+      }
+    });
+  });
+}
+
+describe('express middleware options', () => {
+  test('trustProxy off ignores X-Forwarded-For, on uses its first entry', async () => {
+    for (const [trustProxy, separate] of [[false, false], [true, true]]) {
+      const w = new Warden(policy(1), { clock: new ManualClock() });
+      const app = await serve(w.express({ trustProxy }));
+      try {
+        const a = await fetch(app.url, { headers: { 'x-forwarded-for': '203.0.113.7, 10.0.0.1' } });
+        const b = await fetch(app.url, { headers: { 'x-forwarded-for': '198.51.100.9' } });
+        assert.equal(a.status, 200);
+        assert.equal(b.status === 200, separate, `trustProxy=${trustProxy}`);
+      } finally {
+        await app.close();
+      }
+    }
+  });
+
+  test('scope and resource from the request, skip, and a scope function returning null', async () => {
+    const w = new Warden(policy(1), { clock: new ManualClock() });
+    const app = await serve(w.express({
+      scope: (req) => (req.headers['x-tenant'] ? `tenant:${req.headers['x-tenant']}` : null),
+      resource: (req) => (req.path.startsWith('/llm') ? 'llm' : undefined),
+      cost: (req) => (req.path.startsWith('/llm') ? { requests: 1, usd: '0.25' } : { requests: 1 }),
+      skip: (req) => req.path === '/health',
+    }));
+    try {
+      const first = await fetch(`${app.url}/llm/x`, { headers: { 'x-tenant': 'acme' } });
+      assert.equal(first.status, 200);
+      assert.equal(first.headers.get('ratelimit-policy'), '"tenant-rpm";q=1;w=60, "llm-usd";q=1000000;w=86400;qu="usd"');
+      assert.match(first.headers.get('ratelimit'), /"llm-usd";r=750000;/);
+      assert.equal((await fetch(`${app.url}/other`, { headers: { 'x-tenant': 'acme' } })).status, 429);
+      assert.equal((await fetch(`${app.url}/other`, { headers: { 'x-tenant': 'globex' } })).status, 200);
+      for (let i = 0; i < 3; i++) {
+        const health = await fetch(`${app.url}/health`, { headers: { 'x-tenant': 'acme' } });
+        assert.equal(health.status, 200);
+        assert.equal(health.headers.get('ratelimit'), null);
+        assert.equal((await fetch(`${app.url}/anon`)).status, 200);
+      }
+    } finally {
+      await app.close();
+    }
+  });
+
+  test('older header drafts by option, and headers: false', async () => {
+    const cases = [
+      ['draft-7', { 'ratelimit-policy': '2;w=60', ratelimit: 'limit=2, remaining=1, reset=30' }],
+      ['draft-6', { 'ratelimit-policy': '2;w=60', 'ratelimit-limit': '2', 'ratelimit-remaining': '1', 'ratelimit-reset': '30' }],
+      [false, { 'ratelimit-policy': null, ratelimit: null }],
+    ];
+    for (const [headers, expected] of cases) {
+      const w = new Warden(policy(2), { clock: new ManualClock() });
+      const app = await serve(w.express({ headers }));
+      try {
+        const r = await fetch(app.url);
+        for (const [k, v] of Object.entries(expected)) assert.equal(r.headers.get(k), v, `${headers} ${k}`);
+      } finally {
+        await app.close();
+      }
+    }
+  });
+
+  test('onLimited sees the decision and may answer', async () => {
+    const seen = [];
+    const w = new Warden(policy(1), { clock: new ManualClock() });
+    const app = await serve(w.express({
+      onLimited: (req, res, decision) => {
+        seen.push([req.path, decision.deniedBy, decision.retryAfter]);
+        res.status(429).json({ slow: 'down' });
+      },
+    }));
+    try {
+      await (await fetch(`${app.url}/x`)).text();
+      const r = await fetch(`${app.url}/y`);
+      assert.equal(r.status, 429);
+      assert.deepEqual(await r.json(), { slow: 'down' });
+      assert.equal(r.headers.get('retry-after'), '60');
+      assert.deepEqual(seen, [['/y', 'per-ip', 60]]);
+    } finally {
+      await app.close();
+    }
+  });
+
+  test('a bad scope from a function is a 500 via next(err), the server keeps serving', async () => {
+    const w = new Warden(policy());
+    const app = await serve(w.express({ scope: () => 'not a scope' }));
+    try {
+      for (let i = 0; i < 2; i++) {
+        const r = await fetch(app.url);
+        assert.equal(r.status, 500);
+        assert.equal((await r.json()).error, 'InvalidInputError');
+      }
+    } finally {
+      await app.close();
+    }
+  });
+
+  test('Redis down follows onBackendError', async () => {
+    for (const [mode, status] of [['deny', 429], ['allow', 200]]) {
+      const w = new Warden(policy(), { backend: 'redis://127.0.0.1:1', onBackendError: mode });
+      const app = await serve(w.express());
+      try {
+        const r = await fetch(app.url);
+        assert.equal(r.status, status, mode);
+        if (status === 429) assert.match((await r.json()).reason, /on_backend_error = deny/);
+      } finally {
+        await app.close();
+      }
+    }
+  });
+
+  test('bad options are refused with typed errors', () => {
+    const w = new Warden(policy());
+    assert.throws(() => w.express({ headers: 'draft-9' }), (e) => e instanceof InvalidInputError && /draft-9/.test(e.message));
+    assert.throws(() => w.express({ skip: true }), (e) => e instanceof InvalidInputError && /skip/.test(e.message));
+    assert.throws(() => w.express('nope'), InvalidInputError);
+  });
+});
