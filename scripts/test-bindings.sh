@@ -32,8 +32,8 @@ $py -m pip install -q 'maturin>=1.9.4,<2' 'pytest>=8' 'mypy>=1.10' 'ruff>=0.6' \
   'starlette>=0.37' 'uvicorn>=0.30' 'httpx>=0.27'
 
 step "ruff (lint and format check)"
-.venv/bin/ruff check bindings-python/python tests/python examples/python scripts/redis_harness.py
-.venv/bin/ruff format --check bindings-python/python tests/python examples/python scripts/redis_harness.py
+.venv/bin/ruff check bindings-python/python tests/python examples/python bench/python scripts/redis_harness.py
+.venv/bin/ruff format --check bindings-python/python tests/python examples/python bench/python scripts/redis_harness.py
 
 step "maturin develop (debug build of ratewarden._native)"
 .venv/bin/maturin develop

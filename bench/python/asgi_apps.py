@@ -26,7 +26,11 @@ if VARIANT == "ratewarden":
     from ratewarden.asgi import RateLimitMiddleware
 
     warden = Warden(
-        {"scopes": {"ip": {"limits": [{"name": "per-ip", "kind": "rate", "unit": "requests", "limit": LIMIT, "per": "1m"}]}}}
+        {
+            "scopes": {
+                "ip": {"limits": [{"name": "per-ip", "kind": "rate", "unit": "requests", "limit": LIMIT, "per": "1m"}]}
+            }
+        }
     )
     app.add_middleware(RateLimitMiddleware, warden=warden)
 elif VARIANT == "slowapi":

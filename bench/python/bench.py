@@ -9,7 +9,6 @@ so every call is admitted (the write path).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -21,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-import ratewarden
 from limits import RateLimitItemPerMinute, storage, strategies
+
+import ratewarden
 from ratewarden import Warden
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +30,12 @@ KEYS = 10_000
 PASSES = int(os.environ.get("PASSES", "3"))
 RESULTS: Dict[str, Any] = {}
 
-POLICY = {"scopes": {"ip": {"limits": [{"name": "per-ip", "kind": "rate", "unit": "requests", "limit": 1000, "per": "1m"}]}}}
-NEVER = {"scopes": {"ip": {"limits": [{"name": "per-ip", "kind": "rate", "unit": "requests", "limit": 10**9, "per": "1s"}]}}}
+POLICY = {
+    "scopes": {"ip": {"limits": [{"name": "per-ip", "kind": "rate", "unit": "requests", "limit": 1000, "per": "1m"}]}}
+}
+NEVER = {
+    "scopes": {"ip": {"limits": [{"name": "per-ip", "kind": "rate", "unit": "requests", "limit": 10**9, "per": "1s"}]}}
+}
 
 
 def median_rate(run: Callable[[], float]) -> float:
@@ -133,7 +137,11 @@ def bench_guard() -> None:
         "Embedded engine: guard overhead and acquire (release build)",
         ["what", "figure", "target"],
         [
-            ["guarded no-op vs bare, sync", f"{us(sync_guarded)} vs {us(sync_bare)} → overhead {sync_overhead:.2f} µs", "≤ 2 µs"],
+            [
+                "guarded no-op vs bare, sync",
+                f"{us(sync_guarded)} vs {us(sync_bare)} → overhead {sync_overhead:.2f} µs",
+                "≤ 2 µs",
+            ],
             [
                 "guarded no-op vs bare, async",
                 f"{us(async_guarded)} vs {us(async_bare)} → overhead {async_overhead:.2f} µs",
@@ -173,8 +181,14 @@ def bench_limits_memory() -> None:
         RESULTS["limits_memory"][name] = theirs
         RESULTS["limits_memory"][name + "_4"] = theirs_4
         rows.append([f"limits {name}, 1 thread", f"{us(ours)} vs {us(theirs)}", f"**{ours / theirs:.1f}×**"])
-        rows.append([f"limits {name}, 4 threads", f"{kops(ours_4)} vs {kops(theirs_4)}", f"**{ours_4 / theirs_4:.1f}×**"])
-    table("In memory: ratewarden `acquire` vs limits 5.8 `hit` (target ≥ 5×)", ["peer", "ratewarden vs peer", "ratio"], rows)
+        rows.append(
+            [f"limits {name}, 4 threads", f"{kops(ours_4)} vs {kops(theirs_4)}", f"**{ours_4 / theirs_4:.1f}×**"]
+        )
+    table(
+        "In memory: ratewarden `acquire` vs limits 5.8 `hit` (target ≥ 5×)",
+        ["peer", "ratewarden vs peer", "ratio"],
+        rows,
+    )
 
 
 # -- against limits, on Redis ---------------------------------------------------------
@@ -201,9 +215,17 @@ def bench_redis(url: str) -> None:
             theirs = median_rate(lambda: threaded(lambda i: limiter.hit(item, named[i % KEYS]), n, threads))
             RESULTS["redis"][f"{name}_{threads}"] = theirs
             rows.append(
-                [f"{threads} thread{'s' if threads > 1 else ''}, limits {name}", f"{kops(ours)} vs {kops(theirs)}", f"**{ours / theirs:.2f}×**"]
+                [
+                    f"{threads} thread{'s' if threads > 1 else ''}, limits {name}",
+                    f"{kops(ours)} vs {kops(theirs)}",
+                    f"**{ours / theirs:.2f}×**",
+                ]
             )
-    table("On the same Redis: ratewarden `acquire` vs limits 5.8 `hit`, sync (target ≥ 2×)", ["callers", "ratewarden vs peer", "ratio"], rows)
+    table(
+        "On the same Redis: ratewarden `acquire` vs limits 5.8 `hit`, sync (target ≥ 2×)",
+        ["callers", "ratewarden vs peer", "ratio"],
+        rows,
+    )
 
 
 # -- ASGI ------------------------------------------------------------------------------
@@ -218,7 +240,11 @@ def free_port() -> int:
 def autocannon(url: str, seconds: int) -> Dict[str, Any]:
     tool = ROOT / "bench" / "node_modules" / ".bin" / "autocannon"
     out = subprocess.run(
-        [str(tool), "-c", "50", "-d", str(seconds), "-j", url], capture_output=True, text=True, check=True, timeout=seconds + 60
+        [str(tool), "-c", "50", "-d", str(seconds), "-j", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
     )
     return json.loads(out.stdout)
 
@@ -232,7 +258,17 @@ def bench_asgi() -> None:
             port = free_port()
             env = dict(os.environ, RW_BENCH_APP=variant)
             server = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "asgi_apps:app", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "asgi_apps:app",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ],
                 cwd=Path(__file__).parent,
                 env=env,
             )
