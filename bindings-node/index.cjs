@@ -133,7 +133,8 @@ function requireOptions(value, what) {
 
 // --- the warden -----------------------------------------------------------------
 
-const EMBEDDED = Symbol('embedded');
+// Passed to the constructor by fromFile / connect, which fill in the native warden.
+const UNBUILT = Symbol('unbuilt');
 
 /**
  * The governor: a policy plus a backend. Every method returns a Promise; on the
@@ -152,7 +153,7 @@ class Warden {
    */
   constructor(policy, options = {}) {
     requireOptions(options, 'options');
-    if (policy === EMBEDDED) return; // internal: filled by connect()
+    if (policy === UNBUILT) return;
     if (policy === null || typeof policy !== 'object' || Array.isArray(policy)) {
       throw new InvalidInputError(`invalid policy: expected a policy object (or use Warden.fromFile), got ${Array.isArray(policy) ? 'an array' : typeof policy}`);
     }
@@ -172,7 +173,7 @@ class Warden {
   static fromFile(path, options = {}) {
     requireString(path, 'path');
     requireOptions(options, 'options');
-    const w = new Warden(EMBEDDED);
+    const w = new Warden(UNBUILT);
     w.#native = Warden.#build(null, path, options);
     return w;
   }
@@ -181,7 +182,7 @@ class Warden {
   static async connect(policy, options = {}) {
     requireOptions(options, 'options');
     const { clock, ...rest } = options;
-    const w = new Warden(EMBEDDED);
+    const w = new Warden(UNBUILT);
     const json = typeof policy === 'string' ? null : JSON.stringify(policy);
     const path = typeof policy === 'string' ? policy : null;
     w.#native = await native.NativeWarden.connect(json, path, rest, clock ?? null).catch(rethrow);
@@ -204,20 +205,10 @@ class Warden {
   }
 
   #call(name, args) {
-    let n;
     try {
-      n = this.#live();
-    } catch (e) {
-      return Promise.reject(e);
-    }
-    if (n.embedded) {
-      try {
-        return Promise.resolve(n[`${name}Sync`](...args));
-      } catch (e) {
-        return Promise.reject(typed(e));
-      }
-    }
-    try {
+      const n = this.#live();
+      // The embedded engine decides here and now: an already-settled Promise.
+      if (n.embedded) return Promise.resolve(n[`${name}Sync`](...args));
       return n[`${name}Async`](...args).catch(rethrow);
     } catch (e) {
       return Promise.reject(typed(e));
@@ -264,12 +255,10 @@ class Warden {
    * reserves with `reserve: true`); resolves to the last denial if time runs out.
    */
   wait(scope, options = {}) {
-    let n;
     try {
       requireOptions(options, 'options');
-      n = this.#live();
       const { maxWait = 30, reserve = false, ...request } = options ?? {};
-      return n.waitAsync(scope, request, maxWait, Boolean(reserve)).catch(rethrow);
+      return this.#live().waitAsync(scope, request, maxWait, Boolean(reserve)).catch(rethrow);
     } catch (e) {
       return Promise.reject(typed(e));
     }
@@ -331,25 +320,26 @@ class Warden {
       scope: who, resource, action, cost = { requests: 1 }, priority,
       headers = 'draft-11', trustProxy = false, skip, onLimited,
     } = options;
-    if (headers !== false && !['draft-11', 'draft-7', 'draft-6'].includes(headers)) {
-      throw new InvalidInputError(`invalid headers: ${JSON.stringify(headers)} is not 'draft-11', 'draft-7', 'draft-6' or false`);
+    if (headers !== false && typeof headers !== 'string') {
+      throw new InvalidInputError(`invalid headers: expected 'draft-11', 'draft-7', 'draft-6' or false, got ${typeof headers}`);
+    }
+    let style;
+    try {
+      style = native.headerStyle(headers === false ? 'off' : headers);
+    } catch (e) {
+      throw typed(e);
     }
     for (const [k, v] of Object.entries({ skip, onLimited })) {
       if (v !== undefined && typeof v !== 'function') throw new InvalidInputError(`invalid ${k}: expected a function`);
     }
-    const style = headers === false ? null : headers;
     const n = this.#live();
     const pick = (v, req) => (typeof v === 'function' ? v(req) : v);
     const constant = [resource, action, cost, priority].every((v) => typeof v !== 'function');
     const fixed = constant ? { resource, action, cost, priority } : undefined;
 
-    const clientIp = (req) => {
-      if (trustProxy) {
-        const xff = req.headers['x-forwarded-for'];
-        const first = (Array.isArray(xff) ? xff[0] : xff)?.split(',')[0]?.trim();
-        if (first) return first;
-      }
-      return req.socket?.remoteAddress ?? 'unknown';
+    const clientScope = (req) => {
+      const xff = trustProxy ? req.headers['x-forwarded-for'] : undefined;
+      return native.clientScope(req.socket?.remoteAddress ?? null, (Array.isArray(xff) ? xff.join(',') : xff) ?? null, trustProxy);
     };
 
     const answer = (req, res, next, http) => {
@@ -372,7 +362,7 @@ class Warden {
         let s = who === undefined ? undefined : pick(who, req);
         if (s === undefined || s === null) {
           if (who !== undefined) return next(); // the scope function said: not limited
-          s = native.scopeOf([['ip', clientIp(req)]]);
+          s = clientScope(req);
         }
         const request = fixed ?? { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
         if (n.embedded) return answer(req, res, next, n.acquireHttpSync(s, request, style));

@@ -78,8 +78,8 @@ export interface ExpressOptions<Req extends HttpRequest = HttpRequest, Res exten
   /** Default `{ requests: 1 }`. */
   cost?: Record<string, number | string> | ((req: Req) => Record<string, number | string>);
   priority?: 'critical' | 'standard' | 'background' | ((req: Req) => 'critical' | 'standard' | 'background');
-  /** Header generation: `'draft-11'` (default), `'draft-7'`, `'draft-6'`, or `false` (only Retry-After). */
-  headers?: 'draft-11' | 'draft-7' | 'draft-6' | false;
+  /** Header generation: `'draft-11'` (default), `'draft-7'`, `'draft-6'`, or `'off'` / `false` (only Retry-After). */
+  headers?: 'draft-11' | 'draft-7' | 'draft-6' | 'off' | false;
   /** Take the client address from `X-Forwarded-For` (only behind a proxy you control). */
   trustProxy?: boolean;
   /** Requests for which this returns true are not limited. */

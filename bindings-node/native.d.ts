@@ -57,12 +57,11 @@ export declare class NativeWarden {
   waitAsync(scope: string, options: RequestOptions | undefined | null, maxWait: number, reserve: boolean): Promise<Decision>
   /**
    * An HTTP request's decision (acquire) with its response headers in `style`
-   * (`draft-11`, `draft-7`, `draft-6`; `null`: only `Retry-After`), at once on
-   * the embedded engine.
+   * (`draft-11`, `draft-7`, `draft-6`, `off`), at once on the embedded engine.
    */
-  acquireHttpSync(scope: string, options?: RequestOptions | undefined | null, style?: string | undefined | null): HttpDecision
+  acquireHttpSync(scope: string, options: RequestOptions | undefined | null, style: string): HttpDecision
   /** Async form of `acquireHttpSync`. */
-  acquireHttpAsync(scope: string, options?: RequestOptions | undefined | null, style?: string | undefined | null): Promise<HttpDecision>
+  acquireHttpAsync(scope: string, options: RequestOptions | undefined | null, style: string): Promise<HttpDecision>
 }
 
 /** Restrictions to honour when allowed with caps (only those set). */
@@ -90,6 +89,12 @@ export interface Charge {
   /** Used beyond what was charged (overage `cap`), base units. */
   uncharged: number
 }
+
+/**
+ * The default scope of an HTTP request, `ip:<client address>`: the socket
+ * `peer`, or with `trustProxy` the first `X-Forwarded-For` entry.
+ */
+export declare function clientScope(peer: string | undefined | null, forwardedFor: string | undefined | null, trustProxy: boolean): string
 
 /** The answer to check / acquire / reserve / delegate / wait. */
 export interface Decision {
@@ -128,6 +133,12 @@ export interface DelegateOptions {
   /** Lease, seconds. */
   lease?: number
 }
+
+/**
+ * The canonical name of a rate-limit header style (`draft-11`, `draft-7`,
+ * `draft-6`, `off`); an InvalidInput error for anything else.
+ */
+export declare function headerStyle(style: string): string
 
 /**
  * A decision for an HTTP request: the decision, its response headers and, when

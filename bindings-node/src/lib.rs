@@ -16,11 +16,9 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use ratewarden::backend::poll_ready;
 use ratewarden::decision::{CommitReceipt, Decision as CoreDecision};
-use ratewarden::headers::{HeaderStyle, denial_body, rate_limit_headers};
-use ratewarden::ops::{Answer, Call, Setup, Source};
-use ratewarden::{
-    Amount, Cost, ErrorKind, Policy, Priority, Request, ReservationId, Scope, WaitFor, Warden,
-};
+use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
+use ratewarden::ops::{self, Answer, Call, Setup, Source};
+use ratewarden::{Amount, Cost, ErrorKind, Policy, Request, ReservationId, Scope, WaitFor, Warden};
 
 /// Return the version of the ratewarden core library.
 #[napi]
@@ -76,25 +74,12 @@ pub struct RequestOptions {
 
 fn amount_of(v: &serde_json::Value, at: &str) -> Result<Amount> {
     match v {
-        serde_json::Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Ok(Amount::from(i))
-            } else if let Some(f) = n.as_f64() {
-                if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
-                    #[allow(clippy::cast_possible_truncation)]
-                    return Ok(Amount::from(f as i64));
-                }
-                Amount::from_f64(f).map_err(|e| invalid(at, e))
-            } else {
-                Err(invalid(at, format!("{n} is not an amount")))
-            }
-        }
-        serde_json::Value::String(s) => Amount::parse(s).map_err(|_| {
-            invalid(
-                at,
-                format!("{s:?} is not a decimal amount (e.g. \"0.25\" or \"12\")"),
-            )
-        }),
+        // JS numbers are doubles: integral ones print (and convert) exactly.
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Ok(Amount::from(i)),
+            None => Amount::from_f64(n.as_f64().unwrap_or(f64::NAN)).map_err(|e| invalid(at, e)),
+        },
+        serde_json::Value::String(s) => Amount::parse(s).map_err(|e| invalid(at, e)),
         other => Err(invalid(
             at,
             format!(
@@ -138,31 +123,31 @@ fn cost_of(cost: Option<&serde_json::Value>, what: &str) -> Result<Cost> {
     Ok(out)
 }
 
-fn seconds(s: f64, what: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| invalid(what, format!("{s} is not a duration in seconds")))
+fn seconds(s: f64, what: &'static str) -> Result<Duration> {
+    ops::seconds(s, what).map_err(|e| to_js(&e))
 }
 
-fn optional_seconds(v: Option<f64>, what: &str) -> Result<Option<Duration>> {
-    v.map(|s| seconds(s, what)).transpose()
+fn optional_seconds(v: Option<f64>, what: &'static str) -> Result<Option<Duration>> {
+    ops::optional_seconds(v, what).map_err(|e| to_js(&e))
 }
 
 fn request_of(scope: &str, o: Option<&RequestOptions>) -> Result<Request> {
-    let mut r = Request::parse(scope).map_err(|e| to_js(&e))?;
-    let Some(o) = o else { return Ok(r) };
-    if let Some(res) = &o.resource {
-        r = r.resource(res.as_str());
-    }
-    if let Some(a) = &o.action {
-        r = r.action(a.as_str());
-    }
-    if o.cost.is_some() {
-        r = r.cost(cost_of(o.cost.as_ref(), "cost")?);
-    }
-    if let Some(p) = &o.priority {
-        r = r.priority(p.parse::<Priority>().map_err(|e| to_js(&e))?);
-    }
-    Ok(r)
+    let Some(o) = o else {
+        return Request::parse(scope).map_err(|e| to_js(&e));
+    };
+    let cost = o
+        .cost
+        .as_ref()
+        .map(|c| cost_of(Some(c), "cost"))
+        .transpose()?;
+    ops::request(
+        scope,
+        o.resource.as_deref(),
+        o.action.as_deref(),
+        cost,
+        o.priority.as_deref(),
+    )
+    .map_err(|e| to_js(&e))
 }
 
 fn reservation_id(id: &str) -> Result<ReservationId> {
@@ -339,17 +324,11 @@ pub struct HttpDecision {
     pub body: Option<String>,
 }
 
-fn http_of(d: &CoreDecision, style: Option<HeaderStyle>) -> HttpDecision {
-    let mut header_names = Vec::new();
-    let mut header_values = Vec::new();
-    let pairs = rate_limit_headers(d, style.unwrap_or_default());
-    for (n, v) in pairs {
-        if style.is_none() && n != "Retry-After" {
-            continue;
-        }
-        header_names.push(n.to_owned());
-        header_values.push(v);
-    }
+fn http_of(d: &CoreDecision, style: HeaderStyle) -> HttpDecision {
+    let (header_names, header_values) = rate_limit_headers(d, style)
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v))
+        .unzip();
     HttpDecision {
         decision: decision_of(d),
         header_names,
@@ -409,18 +388,11 @@ impl ManualClock {
     /// Starts at `start` seconds since the epoch (default 2026-01-01T00:00:00Z).
     #[napi(constructor)]
     pub fn new(start: Option<f64>) -> Result<Self> {
-        let start = start.unwrap_or(1_767_225_600.0);
-        if !start.is_finite() || !(0.0..=1e13).contains(&start) {
-            return Err(invalid(
-                "start",
-                format!("{start} is not a time in seconds since the epoch"),
-            ));
-        }
-        #[allow(clippy::cast_possible_truncation)]
-        let us = (start * 1e6).round() as i64;
-        Ok(Self {
-            inner: ratewarden::ManualClock::new(us),
-        })
+        ratewarden::ManualClock::from_secs(
+            start.unwrap_or(ratewarden::ManualClock::DEFAULT_START_SECS),
+        )
+        .map(|inner| Self { inner })
+        .map_err(|e| to_js(&e))
     }
 
     /// Moves time forward by `seconds`.
@@ -737,19 +709,15 @@ impl NativeWarden {
     }
 
     /// An HTTP request's decision (acquire) with its response headers in `style`
-    /// (`draft-11`, `draft-7`, `draft-6`; `null`: only `Retry-After`), at once on
-    /// the embedded engine.
+    /// (`draft-11`, `draft-7`, `draft-6`, `off`), at once on the embedded engine.
     #[napi]
     pub fn acquire_http_sync(
         &self,
         scope: String,
         options: Option<RequestOptions>,
-        style: Option<String>,
+        style: String,
     ) -> Result<HttpDecision> {
-        let (req, style) = (
-            request_of(&scope, options.as_ref())?,
-            style_of(style.as_deref())?,
-        );
+        let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
         if !self.embedded {
             return Err(invalid("call", "use acquireHttpAsync with Redis"));
         }
@@ -763,21 +731,35 @@ impl NativeWarden {
         &self,
         scope: String,
         options: Option<RequestOptions>,
-        style: Option<String>,
+        style: String,
     ) -> Result<HttpDecision> {
-        let (req, style) = (
-            request_of(&scope, options.as_ref())?,
-            style_of(style.as_deref())?,
-        );
+        let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
         let d = self.warden.acquire(&req).await.map_err(|e| to_js(&e))?;
         Ok(http_of(&d, style))
     }
 }
 
-fn style_of(style: Option<&str>) -> Result<Option<HeaderStyle>> {
-    style
-        .map(|s| s.parse::<HeaderStyle>().map_err(|e| to_js(&e)))
-        .transpose()
+fn style_of(style: &str) -> Result<HeaderStyle> {
+    style.parse::<HeaderStyle>().map_err(|e| to_js(&e))
+}
+
+/// The canonical name of a rate-limit header style (`draft-11`, `draft-7`,
+/// `draft-6`, `off`); an InvalidInput error for anything else.
+#[napi]
+pub fn header_style(style: String) -> Result<&'static str> {
+    style_of(&style).map(HeaderStyle::as_str)
+}
+
+/// The default scope of an HTTP request, `ip:<client address>`: the socket
+/// `peer`, or with `trustProxy` the first `X-Forwarded-For` entry.
+#[napi]
+pub fn client_scope(
+    peer: Option<String>,
+    forwarded_for: Option<String>,
+    trust_proxy: bool,
+) -> Result<String> {
+    ratewarden::http::client_scope(peer.as_deref(), forwarded_for.as_deref(), trust_proxy)
+        .map_err(|e| to_js(&e))
 }
 
 fn reserve_call(scope: &str, o: Option<&RequestOptions>) -> Result<Call> {

@@ -26,11 +26,11 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use ratewarden::backend::poll_ready;
 use ratewarden::decision::ReservationInfo;
-use ratewarden::headers::{HeaderStyle, denial_body, rate_limit_headers};
-use ratewarden::ops::{Answer, Call, Setup, Source};
+use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
+use ratewarden::ops::{self, Answer, Call, Setup, Source};
 use ratewarden::{
-    Amount, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind, Policy, Priority,
-    Request, ReservationId, Scope, WaitFor, Warden,
+    Amount, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind, Policy, Request,
+    ReservationId, Scope, WaitFor, Warden,
 };
 
 /// Return the version of the ratewarden core library.
@@ -132,12 +132,7 @@ fn amount_of(v: &Bound<'_, PyAny>, at: &str) -> PyResult<Amount> {
     }
     if v.is_instance_of::<PyString>() {
         let text: String = v.extract()?;
-        return Amount::parse(&text).map_err(|_| {
-            invalid(
-                at,
-                format!("{text:?} is not a decimal amount (e.g. \"0.25\" or \"12\")"),
-            )
-        });
+        return Amount::parse(&text).map_err(|e| invalid(at, e));
     }
     // decimal.Decimal and friends: their exact decimal text.
     if v.hasattr("as_tuple")? {
@@ -173,29 +168,16 @@ fn request_of(
     cost: Option<&Bound<'_, PyDict>>,
     priority: Option<&str>,
 ) -> PyResult<Request> {
-    let mut r = Request::parse(scope).map_err(|e| to_py(&e))?;
-    if let Some(res) = resource {
-        r = r.resource(res);
-    }
-    if let Some(a) = action {
-        r = r.action(a);
-    }
-    if cost.is_some() {
-        r = r.cost(cost_of(cost, "cost")?);
-    }
-    if let Some(p) = priority {
-        r = r.priority(p.parse::<Priority>().map_err(|e| to_py(&e))?);
-    }
-    Ok(r)
+    let cost = cost.map(|c| cost_of(Some(c), "cost")).transpose()?;
+    ops::request(scope, resource, action, cost, priority).map_err(|e| to_py(&e))
 }
 
-fn seconds(s: f64, what: &str) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| invalid(what, format!("{s} is not a duration in seconds")))
+fn seconds(s: f64, what: &'static str) -> PyResult<Duration> {
+    ops::seconds(s, what).map_err(|e| to_py(&e))
 }
 
-fn optional_seconds(v: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
-    v.map(|s| seconds(s, what)).transpose()
+fn optional_seconds(v: Option<f64>, what: &'static str) -> PyResult<Option<Duration>> {
+    ops::optional_seconds(v, what).map_err(|e| to_py(&e))
 }
 
 fn reservation_id(id: &str) -> PyResult<ReservationId> {
@@ -472,19 +454,11 @@ struct ManualClock {
 impl ManualClock {
     /// Starts at `start` seconds since the Unix epoch (default: 2026-01-01 UTC).
     #[new]
-    #[pyo3(signature = (start=1_767_225_600.0))]
+    #[pyo3(signature = (start=ratewarden::ManualClock::DEFAULT_START_SECS))]
     fn new(start: f64) -> PyResult<Self> {
-        if !start.is_finite() || !(0.0..=1e13).contains(&start) {
-            return Err(invalid(
-                "start",
-                format!("{start} is not a time in seconds since the epoch"),
-            ));
-        }
-        #[allow(clippy::cast_possible_truncation)]
-        let us = (start * 1e6).round() as i64;
-        Ok(Self {
-            inner: ratewarden::ManualClock::new(us),
-        })
+        ratewarden::ManualClock::from_secs(start)
+            .map(|inner| Self { inner })
+            .map_err(|e| to_py(&e))
     }
 
     /// Moves time forward by `seconds` (≥ 0), waking whatever waits until then.
@@ -618,31 +592,42 @@ impl NativeWarden {
         Ok(fresh)
     }
 
-    /// The sync form: decided on the calling thread by the embedded engine;
-    /// on the runtime with the GIL released for Redis and for waiting.
-    fn sync(&self, py: Python<'_>, call: PyResult<Call>) -> PyResult<Py<PyAny>> {
-        answer_to_py(py, self.run(py, call?)?)
+    /// Runs `call`: decided on the calling thread by the embedded engine; on
+    /// the runtime with the GIL released for Redis and for waiting.
+    fn run(&self, py: Python<'_>, call: Call) -> PyResult<Answer> {
+        self.run_core(py, call)?.map_err(|e| to_py(&e))
     }
 
-    fn run(&self, py: Python<'_>, call: Call) -> PyResult<Answer> {
+    /// [`Self::run`] keeping the core's error (the outer error: reconnecting
+    /// after a fork failed).
+    fn run_core(&self, py: Python<'_>, call: Call) -> PyResult<ratewarden::Result<Answer>> {
         let w = self.warden(py)?;
-        if self.embedded() && !matches!(call, Call::Wait(..)) {
+        Ok(if self.embedded() && !call.waits() {
             at_once(call.run(w))
         } else {
             block(py, call.run(w))
+        })
+    }
+
+    /// The sync (`run`) or async (`asynchronous`) form, the answer converted.
+    fn answer(
+        &self,
+        py: Python<'_>,
+        call: PyResult<Call>,
+        asynchronous: bool,
+        convert: fn(Python<'_>, Answer) -> PyResult<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        if asynchronous {
+            self.asynchronous(py, call, convert)
+        } else {
+            convert(py, self.run(py, call?)?)
         }
-        .map_err(|e| to_py(&e))
     }
 
     /// The async form: an already-completed awaitable when the embedded engine
     /// answers at once (a wait admitted on its first try included), else an
     /// asyncio future completed from the runtime.
-    fn asynchronous(&self, py: Python<'_>, call: PyResult<Call>) -> PyResult<Py<PyAny>> {
-        self.asynchronous_as(py, call, answer_to_py)
-    }
-
-    /// [`Self::asynchronous`] with the answer converted by `convert`.
-    fn asynchronous_as(
+    fn asynchronous(
         &self,
         py: Python<'_>,
         call: PyResult<Call>,
@@ -650,7 +635,7 @@ impl NativeWarden {
     ) -> PyResult<Py<PyAny>> {
         let (w, call) = (self.warden(py)?, call?);
         if self.embedded() {
-            let answer = if matches!(call, Call::Wait(..)) {
+            let answer = if call.waits() {
                 match poll_ready(call.clone().run(w.clone())) {
                     Some(a) => a,
                     // Not admitted on the first try: wait on the runtime.
@@ -665,6 +650,19 @@ impl NativeWarden {
             );
         }
         spawn_async(py, call.run(w), convert)
+    }
+
+    /// Reserves a prepared request (waiting first if it says so); on the
+    /// embedded engine without copying the request.
+    fn reserve_prepared(&self, py: Python<'_>, p: &Prepared) -> PyResult<CoreDecision> {
+        if self.embedded() && p.max_wait.is_none() {
+            let w = self.warden(py)?;
+            return at_once(w.reserve(&p.request, p.lease)).map_err(|e| to_py(&e));
+        }
+        match self.run(py, p.call())? {
+            Answer::Decision(d) => Ok(d),
+            _ => Err(invalid("prepared", "did not answer with a decision")),
+        }
     }
 }
 
@@ -761,11 +759,8 @@ fn reserve_call(req: PyResult<Request>, lease: Option<f64>) -> PyResult<Call> {
     Ok(Call::Reserve(req?, optional_seconds(lease, "lease")?))
 }
 
-fn commit_call(reservation: &str, actual: Option<&Bound<'_, PyDict>>) -> PyResult<Call> {
-    Ok(Call::Commit(
-        reservation_id(reservation)?,
-        cost_of(actual, "actual")?,
-    ))
+fn commit_call(id: PyResult<ReservationId>, actual: Option<&Bound<'_, PyDict>>) -> PyResult<Call> {
+    Ok(Call::Commit(id?, cost_of(actual, "actual")?))
 }
 
 fn extend_call(reservation: &str, lease: f64) -> PyResult<Call> {
@@ -812,8 +807,8 @@ fn wait_call(
     Ok(Call::Wait(req?, what, seconds(max_wait, "max_wait")?))
 }
 
-// Every operation has a sync and an `_async` method with the same arguments;
-// both convert them into one `Call`, run by `sync` or `asynchronous`.
+// Every operation converts its arguments into one `Call`, run on the calling
+// thread or the runtime (`asynchronous=False`), or as an awaitable (`True`).
 #[pymethods]
 impl NativeWarden {
     /// Builds a warden from a policy document given as JSON text, or from a
@@ -856,7 +851,8 @@ impl NativeWarden {
         if self.embedded() { "memory" } else { "redis" }
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
+    #[allow(clippy::too_many_arguments)]
     fn check(
         &self,
         py: Python<'_>,
@@ -865,26 +861,14 @@ impl NativeWarden {
         action: Option<&str>,
         cost: Option<&Bound<'_, PyDict>>,
         priority: Option<&str>,
+        asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
-        self.sync(py, req.map(Call::Check))
+        let call = request_of(scope, resource, action, cost, priority).map(Call::Check);
+        self.answer(py, call, asynchronous, answer_to_py)
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
-    fn check_async(
-        &self,
-        py: Python<'_>,
-        scope: &str,
-        resource: Option<&str>,
-        action: Option<&str>,
-        cost: Option<&Bound<'_, PyDict>>,
-        priority: Option<&str>,
-    ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
-        self.asynchronous(py, req.map(Call::Check))
-    }
-
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
+    #[allow(clippy::too_many_arguments)]
     fn acquire(
         &self,
         py: Python<'_>,
@@ -893,26 +877,13 @@ impl NativeWarden {
         action: Option<&str>,
         cost: Option<&Bound<'_, PyDict>>,
         priority: Option<&str>,
+        asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
-        self.sync(py, req.map(Call::Acquire))
+        let call = request_of(scope, resource, action, cost, priority).map(Call::Acquire);
+        self.answer(py, call, asynchronous, answer_to_py)
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None))]
-    fn acquire_async(
-        &self,
-        py: Python<'_>,
-        scope: &str,
-        resource: Option<&str>,
-        action: Option<&str>,
-        cost: Option<&Bound<'_, PyDict>>,
-        priority: Option<&str>,
-    ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
-        self.asynchronous(py, req.map(Call::Acquire))
-    }
-
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, asynchronous=false))]
     #[allow(clippy::too_many_arguments)]
     fn reserve(
         &self,
@@ -923,64 +894,49 @@ impl NativeWarden {
         cost: Option<&Bound<'_, PyDict>>,
         priority: Option<&str>,
         lease: Option<f64>,
+        asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
         let req = request_of(scope, resource, action, cost, priority);
-        self.sync(py, reserve_call(req, lease))
+        self.answer(py, reserve_call(req, lease), asynchronous, answer_to_py)
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn reserve_async(
-        &self,
-        py: Python<'_>,
-        scope: &str,
-        resource: Option<&str>,
-        action: Option<&str>,
-        cost: Option<&Bound<'_, PyDict>>,
-        priority: Option<&str>,
-        lease: Option<f64>,
-    ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
-        self.asynchronous(py, reserve_call(req, lease))
-    }
-
-    #[pyo3(signature = (reservation, actual=None))]
+    #[pyo3(signature = (reservation, actual=None, asynchronous=false))]
     fn commit(
         &self,
         py: Python<'_>,
         reservation: &str,
         actual: Option<&Bound<'_, PyDict>>,
+        asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        self.sync(py, commit_call(reservation, actual))
+        let call = commit_call(reservation_id(reservation), actual);
+        self.answer(py, call, asynchronous, answer_to_py)
     }
 
-    #[pyo3(signature = (reservation, actual=None))]
-    fn commit_async(
+    #[pyo3(signature = (reservation, asynchronous=false))]
+    fn release(
         &self,
         py: Python<'_>,
         reservation: &str,
-        actual: Option<&Bound<'_, PyDict>>,
+        asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        self.asynchronous(py, commit_call(reservation, actual))
+        let call = reservation_id(reservation).map(Call::Release);
+        self.answer(py, call, asynchronous, answer_to_py)
     }
 
-    fn release(&self, py: Python<'_>, reservation: &str) -> PyResult<Py<PyAny>> {
-        self.sync(py, reservation_id(reservation).map(Call::Release))
+    #[pyo3(signature = (reservation, lease, asynchronous=false))]
+    fn extend(
+        &self,
+        py: Python<'_>,
+        reservation: &str,
+        lease: f64,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let call = extend_call(reservation, lease);
+        self.answer(py, call, asynchronous, answer_to_py)
     }
 
-    fn release_async(&self, py: Python<'_>, reservation: &str) -> PyResult<Py<PyAny>> {
-        self.asynchronous(py, reservation_id(reservation).map(Call::Release))
-    }
-
-    fn extend(&self, py: Python<'_>, reservation: &str, lease: f64) -> PyResult<Py<PyAny>> {
-        self.sync(py, extend_call(reservation, lease))
-    }
-
-    fn extend_async(&self, py: Python<'_>, reservation: &str, lease: f64) -> PyResult<Py<PyAny>> {
-        self.asynchronous(py, extend_call(reservation, lease))
-    }
-
-    #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None))]
+    #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None, asynchronous=false))]
+    #[allow(clippy::too_many_arguments)]
     fn delegate(
         &self,
         py: Python<'_>,
@@ -989,26 +945,13 @@ impl NativeWarden {
         from_scope: Option<&str>,
         from_reservation: Option<&str>,
         lease: Option<f64>,
+        asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
         let call = delegate_call(child, amounts, from_scope, from_reservation, lease);
-        self.sync(py, call)
+        self.answer(py, call, asynchronous, answer_to_py)
     }
 
-    #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None))]
-    fn delegate_async(
-        &self,
-        py: Python<'_>,
-        child: &str,
-        amounts: &Bound<'_, PyDict>,
-        from_scope: Option<&str>,
-        from_reservation: Option<&str>,
-        lease: Option<f64>,
-    ) -> PyResult<Py<PyAny>> {
-        let call = delegate_call(child, amounts, from_scope, from_reservation, lease);
-        self.asynchronous(py, call)
-    }
-
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None, asynchronous=false))]
     #[allow(clippy::too_many_arguments)]
     fn wait(
         &self,
@@ -1021,27 +964,11 @@ impl NativeWarden {
         max_wait: f64,
         reserve: bool,
         lease: Option<f64>,
+        asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
         let req = request_of(scope, resource, action, cost, priority);
-        self.sync(py, wait_call(req, max_wait, reserve, lease))
-    }
-
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn wait_async(
-        &self,
-        py: Python<'_>,
-        scope: &str,
-        resource: Option<&str>,
-        action: Option<&str>,
-        cost: Option<&Bound<'_, PyDict>>,
-        priority: Option<&str>,
-        max_wait: f64,
-        reserve: bool,
-        lease: Option<f64>,
-    ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
-        self.asynchronous(py, wait_call(req, max_wait, reserve, lease))
+        let call = wait_call(req, max_wait, reserve, lease);
+        self.answer(py, call, asynchronous, answer_to_py)
     }
 
     /// Converts a guard's request once: reserve (`max_wait` unset) or wait up to
@@ -1067,22 +994,21 @@ impl NativeWarden {
 
     /// Reserves a prepared request: the reservation id (an `int`) when admitted,
     /// else the decision that denied it.
-    fn hold(&self, py: Python<'_>, prepared: &Prepared) -> PyResult<Py<PyAny>> {
-        if self.embedded() && prepared.max_wait.is_none() {
-            // The hot path of an embedded guard: no request copy.
-            let w = self.warden(py)?;
-            let d = at_once(w.reserve(&prepared.request, prepared.lease)).map_err(|e| to_py(&e))?;
-            return held_to_py(py, Answer::Decision(d));
+    #[pyo3(signature = (prepared, asynchronous=false))]
+    fn hold(&self, py: Python<'_>, prepared: &Prepared, asynchronous: bool) -> PyResult<Py<PyAny>> {
+        if asynchronous {
+            return self.asynchronous(py, Ok(prepared.call()), held_to_py);
         }
-        let answer = self.run(py, prepared.call())?;
-        held_to_py(py, answer)
+        let d = self.reserve_prepared(py, prepared)?;
+        held_to_py(py, Answer::Decision(d))
     }
 
     /// Runs `func(*args, **kwargs)` under a hold of `prepared` — the whole
-    /// guard of a sync function on the embedded engine in one native call:
-    /// denied → the `RateLimited` / `BudgetExceeded` of `_errors.denied`; `func`
-    /// raises → released, re-raised; else committed with `actual(result)` (or
-    /// the estimate) and its result returned.
+    /// guard of a sync function in one native call: denied → the
+    /// `RateLimited` / `BudgetExceeded` of `_errors.denied`; `func` raises →
+    /// released, re-raised; else committed with `actual(result)` (or the
+    /// estimate) and its result returned — also when the backend could not
+    /// confirm the commit (then `ratewarden._unsettled` logs it).
     #[pyo3(signature = (prepared, func, args, kwargs=None, actual=None))]
     fn guarded_call(
         &self,
@@ -1093,26 +1019,11 @@ impl NativeWarden {
         kwargs: Option<&Bound<'_, PyDict>>,
         actual: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let w = self.warden(py)?;
-        let d = if self.embedded() && prepared.max_wait.is_none() {
-            at_once(w.reserve(&prepared.request, prepared.lease))
-        } else {
-            block(py, async {
-                match prepared.call().run(w.clone()).await? {
-                    Answer::Decision(d) => Ok(d),
-                    _ => Err(Error::Backend {
-                        message: "unexpected answer to a reserve".into(),
-                    }),
-                }
-            })
-        }
-        .map_err(|e| to_py(&e))?;
+        let d = self.reserve_prepared(py, prepared)?;
         let Some(id) = d.reservation.as_ref().map(|r| r.id) else {
             static DENIED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-            let denied = DENIED.get_or_try_init(py, || {
-                Ok::<_, PyErr>(py.import("ratewarden._errors")?.getattr("denied")?.unbind())
-            })?;
-            let exc = denied.call1(py, (Decision { inner: d },))?;
+            let exc = python_fn(py, &DENIED, "ratewarden._errors", "denied")?
+                .call1(py, (Decision { inner: d },))?;
             return Err(PyErr::from_value(exc.into_bound(py)));
         };
         let result = match func.call(args, kwargs) {
@@ -1123,62 +1034,55 @@ impl NativeWarden {
                 return Err(e);
             }
         };
-        let cost = match actual {
-            Some(f) => {
-                let c = f.call1((&result,))?;
-                if c.is_none() {
-                    Cost::default()
-                } else {
-                    cost_of(
-                        Some(c.cast::<PyDict>().map_err(|_| {
-                            invalid(
-                                "actual",
-                                "the actual= callable must return a dict of unit to amount",
-                            )
-                        })?),
-                        "actual",
-                    )?
-                }
-            }
-            None => Cost::default(),
+        let used = match actual {
+            Some(f) => Some(f.call1((&result,))?).filter(|c| !c.is_none()),
+            None => None,
         };
-        self.run(py, Call::Commit(id, cost))?;
+        // Any mapping will do, as everywhere else.
+        let used = used
+            .map(|c| {
+                py.get_type::<PyDict>()
+                    .call1((c,))
+                    .and_then(|d| Ok(d.cast_into::<PyDict>()?))
+                    .map_err(|_| {
+                        invalid(
+                            "actual",
+                            "the actual= callable must return a mapping of unit to amount",
+                        )
+                    })
+            })
+            .transpose()?;
+        match self.run_core(py, commit_call(Ok(id), used.as_ref())?)? {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Backend => {
+                static UNSETTLED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+                python_fn(py, &UNSETTLED, "ratewarden", "_unsettled")?
+                    .call1(py, (func, id.0, to_py(&e).into_value(py)))?;
+            }
+            Err(e) => return Err(to_py(&e)),
+        }
         Ok(result.unbind())
-    }
-
-    /// Async form of `hold`.
-    fn hold_async(&self, py: Python<'_>, prepared: &Prepared) -> PyResult<Py<PyAny>> {
-        self.asynchronous_as(py, Ok(prepared.call()), held_to_py)
     }
 
     /// Commits a held reservation (by its `int` id) with `actual` (default: as
     /// reserved); returns nothing.
-    #[pyo3(signature = (id, actual=None))]
-    fn settle(&self, py: Python<'_>, id: u128, actual: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
-        let call = Call::Commit(ReservationId(id), cost_of(actual, "actual")?);
-        self.run(py, call).map(drop)
-    }
-
-    /// Async form of `settle`.
-    #[pyo3(signature = (id, actual=None))]
-    fn settle_async(
+    #[pyo3(signature = (id, actual=None, asynchronous=false))]
+    fn settle(
         &self,
         py: Python<'_>,
         id: u128,
         actual: Option<&Bound<'_, PyDict>>,
+        asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let call = cost_of(actual, "actual").map(|c| Call::Commit(ReservationId(id), c));
-        self.asynchronous_as(py, call, nothing_to_py)
+        let call = commit_call(Ok(ReservationId(id)), actual);
+        self.answer(py, call, asynchronous, nothing_to_py)
     }
 
-    /// Releases a held reservation (by its `int` id).
-    fn drop_held(&self, py: Python<'_>, id: u128) -> PyResult<()> {
-        self.run(py, Call::Release(ReservationId(id))).map(drop)
-    }
-
-    /// Async form of `drop_held`.
-    fn drop_held_async(&self, py: Python<'_>, id: u128) -> PyResult<Py<PyAny>> {
-        self.asynchronous_as(py, Ok(Call::Release(ReservationId(id))), nothing_to_py)
+    /// Releases a held reservation (by its `int` id); returns nothing.
+    #[pyo3(signature = (id, asynchronous=false))]
+    fn drop_held(&self, py: Python<'_>, id: u128, asynchronous: bool) -> PyResult<Py<PyAny>> {
+        let call = Ok(Call::Release(ReservationId(id)));
+        self.answer(py, call, asynchronous, nothing_to_py)
     }
 }
 
@@ -1191,11 +1095,45 @@ fn scope_of(segments: Vec<(String, String)>) -> PyResult<String> {
         .map_err(|e| to_py(&e))
 }
 
+/// The canonical name of a rate-limit header style (`draft-11`, `draft-7`,
+/// `draft-6`, `off`); `InvalidInput` for anything else.
+#[pyfunction]
+fn header_style(style: &str) -> PyResult<&'static str> {
+    style
+        .parse::<HeaderStyle>()
+        .map(HeaderStyle::as_str)
+        .map_err(|e| to_py(&e))
+}
+
+/// The default scope of an HTTP request, `ip:<client address>`: the socket
+/// `peer`, or with `trust_proxy` the first `X-Forwarded-For` entry.
+#[pyfunction]
+#[pyo3(signature = (peer, forwarded_for=None, trust_proxy=false))]
+fn client_scope(
+    peer: Option<&str>,
+    forwarded_for: Option<&str>,
+    trust_proxy: bool,
+) -> PyResult<String> {
+    ratewarden::http::client_scope(peer, forwarded_for, trust_proxy).map_err(|e| to_py(&e))
+}
+
+/// A Python function of the package, looked up once.
+fn python_fn<'a>(
+    py: Python<'_>,
+    cell: &'a PyOnceLock<Py<PyAny>>,
+    module: &str,
+    name: &str,
+) -> PyResult<&'a Py<PyAny>> {
+    cell.get_or_try_init(py, || Ok(py.import(module)?.getattr(name)?.unbind()))
+}
+
 /// The `ratewarden._native` extension module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(scope_of, m)?)?;
+    m.add_function(wrap_pyfunction!(header_style, m)?)?;
+    m.add_function(wrap_pyfunction!(client_scope, m)?)?;
     let after_fork = wrap_pyfunction!(_after_fork_in_child, m)?;
     let hooks = PyDict::new(m.py());
     hooks.set_item("after_in_child", &after_fork)?;

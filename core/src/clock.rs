@@ -74,6 +74,27 @@ impl ManualClock {
         }
     }
 
+    /// Where a binding's manual clock starts unless told: 2026-01-01T00:00:00Z,
+    /// in seconds since the epoch.
+    pub const DEFAULT_START_SECS: f64 = 1_767_225_600.0;
+
+    /// A manual clock starting at `secs` seconds since the epoch (how the
+    /// language bindings take it), rounded to the microsecond.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] for NaN, infinities, negatives and times
+    /// past the year 2286.
+    pub fn from_secs(secs: f64) -> crate::Result<Self> {
+        if !secs.is_finite() || !(0.0..=1e10).contains(&secs) {
+            return Err(crate::Error::invalid(
+                "start",
+                format!("{secs} is not a time in seconds since the epoch"),
+            ));
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        Ok(Self::new((secs * 1e6).round() as Micros))
+    }
+
     /// A manual clock starting at an RFC 3339-like UTC date `YYYY-MM-DD`, midnight.
     ///
     /// # Panics

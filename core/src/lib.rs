@@ -42,7 +42,7 @@ pub mod decision;
 pub mod error;
 pub mod eval;
 pub mod events;
-pub mod headers;
+pub mod http;
 pub mod ops;
 pub mod plan;
 pub mod policy;
@@ -59,7 +59,7 @@ pub use decision::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::Event;
-pub use headers::HeaderStyle;
+pub use http::HeaderStyle;
 pub use plan::Request;
 pub use policy::{Format, Policy};
 pub use priority::Priority;

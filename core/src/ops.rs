@@ -11,6 +11,7 @@ use crate::backend::{Backend, OnBackendError, RedisBackend};
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::decision::{CommitReceipt, Decision, ReservationId};
 use crate::plan::Request;
+use crate::priority::Priority;
 use crate::scope::Scope;
 use crate::warden::{DelegateFrom, WaitFor, Warden};
 use crate::{Cost, Policy, Result};
@@ -84,6 +85,52 @@ impl Setup {
             clock,
         ))
     }
+}
+
+/// A request from the fields every binding takes: a scope string, optional
+/// resource and action names, a converted cost and a priority name.
+///
+/// # Errors
+/// [`crate::Error::InvalidScope`] / [`crate::Error::InvalidArgument`] naming the
+/// bad scope or priority.
+pub fn request(
+    scope: &str,
+    resource: Option<&str>,
+    action: Option<&str>,
+    cost: Option<Cost>,
+    priority: Option<&str>,
+) -> Result<Request> {
+    let mut r = Request::parse(scope)?;
+    if let Some(res) = resource {
+        r = r.resource(res);
+    }
+    if let Some(a) = action {
+        r = r.action(a);
+    }
+    if let Some(c) = cost {
+        r = r.cost(c);
+    }
+    if let Some(p) = priority {
+        r = r.priority(p.parse::<Priority>()?);
+    }
+    Ok(r)
+}
+
+/// A duration given in seconds by a binding's caller (`what` names the argument).
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] for NaN, infinities, negatives and overflow.
+pub fn seconds(value: f64, what: &'static str) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| crate::Error::invalid(what, format!("{value} is not a duration in seconds")))
+}
+
+/// [`seconds`] for an optional argument.
+///
+/// # Errors
+/// As [`seconds`].
+pub fn optional_seconds(value: Option<f64>, what: &'static str) -> Result<Option<Duration>> {
+    value.map(|v| seconds(v, what)).transpose()
 }
 
 /// Parses an `on_backend_error` mode: `deny`, `allow`, or `local` with this

@@ -93,6 +93,20 @@ fn tenant_off_pool(ports: &[u16], ns: &str) -> (String, u16, u16) {
         .unwrap()
 }
 
+/// A fresh cluster, its master ports, a tenant off the pool's master, and a
+/// warden on namespace `ns`.
+async fn cluster_with_tenant_off_pool(ns: &str) -> (RedisServers, Vec<u16>, String, Warden) {
+    let servers = RedisServers::start(true);
+    let ports = ports(&servers);
+    let (tenant, _, _) = tenant_off_pool(&ports, ns);
+    let w = warden(
+        RedisBackend::connect(servers.cluster_url(), ns)
+            .await
+            .unwrap(),
+    );
+    (servers, ports, tenant, w)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_spanning_slots_are_exact_under_concurrency_and_leave_no_holds() {
     let servers = RedisServers::start(true);
@@ -144,14 +158,7 @@ async fn requests_spanning_slots_are_exact_under_concurrency_and_leave_no_holds(
 
 #[tokio::test(flavor = "current_thread")]
 async fn round_trips_one_for_a_slot_three_across_slots() {
-    let servers = RedisServers::start(true);
-    let ports = ports(&servers);
-    let (tenant, _, _) = tenant_off_pool(&ports, "rt");
-    let w = warden(
-        RedisBackend::connect(servers.cluster_url(), "rt")
-            .await
-            .unwrap(),
-    );
+    let (_servers, ports, tenant, w) = cluster_with_tenant_off_pool("rt").await;
     let own = Request::parse(&format!("tenant:{tenant}")).unwrap();
     w.check(&own).await.unwrap(); // connections and scripts warm
     // Every script loaded on every node before counting.
@@ -300,14 +307,7 @@ async fn a_cancelled_request_hands_back_its_first_step_at_once() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn script_flush_on_every_node_mid_run_is_transparent() {
-    let servers = RedisServers::start(true);
-    let ports = ports(&servers);
-    let (tenant, _, _) = tenant_off_pool(&ports, "flush");
-    let w = warden(
-        RedisBackend::connect(servers.cluster_url(), "flush")
-            .await
-            .unwrap(),
-    );
+    let (_servers, ports, tenant, w) = cluster_with_tenant_off_pool("flush").await;
     assert!(w.acquire(&llm(&tenant)).await.unwrap().allowed());
     let r = w
         .reserve(&llm(&tenant), None)

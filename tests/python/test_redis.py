@@ -154,8 +154,8 @@ def test_a_guarded_call_whose_commit_cannot_reach_redis_returns_its_result(
     port = int(redis_servers.url.rsplit(":", 1)[1])
 
     def pause_redis() -> None:
-        # Writes stall for 1.5 s: the commit times out after 0.2 s.
-        redis_harness._cli(port, "CLIENT", "PAUSE", "1500", "WRITE")
+        # Writes stall (until the UNPAUSE below): the commit times out after 0.2 s.
+        redis_harness._cli(port, "CLIENT", "PAUSE", "30000", "WRITE")
 
     @w.guard("tenant:a", cost={"tokens": 10}, lease=60)
     def tool() -> str:
@@ -167,10 +167,12 @@ def test_a_guarded_call_whose_commit_cannot_reach_redis_returns_its_result(
         pause_redis()
         return "done"
 
-    result = tool() if kind == "sync" else asyncio.run(tool_async())
+    try:
+        result = tool() if kind == "sync" else asyncio.run(tool_async())
+    finally:
+        redis_harness._cli(port, "CLIENT", "UNPAUSE")
     assert result == "done"
     assert "was not confirmed" in caplog.text
-    redis_harness._cli(port, "CLIENT", "UNPAUSE")
     clock.advance(1)  # past the pause the backend takes after a timeout
     assert left(w)["tokens"] == 290, "held (or charged, if the commit landed late)"
     clock.advance(61)

@@ -99,13 +99,13 @@ class Reservation:
 
     def commit(self, actual: Optional[Cost] = None) -> Dict[str, Any]:
         """Charges the actual usage (units left out are charged as reserved) and ends it."""
-        receipt = self._warden._native.commit(self._require(), _cost(actual))
+        receipt = self._warden.commit(self._require(), actual)
         self._ended = True
         return receipt
 
     async def commit_async(self, actual: Optional[Cost] = None) -> Dict[str, Any]:
         """Async form of :meth:`commit`."""
-        receipt = await self._warden._native.commit_async(self._require(), _cost(actual))
+        receipt = await self._warden.commit_async(self._require(), actual)
         self._ended = True
         return receipt
 
@@ -114,18 +114,18 @@ class Reservation:
         if self.id is None:
             return False
         self._ended = True
-        return self._warden._native.release(self.id)
+        return self._warden.release(self.id)
 
     async def release_async(self) -> bool:
         """Async form of :meth:`release`."""
         if self.id is None:
             return False
         self._ended = True
-        return await self._warden._native.release_async(self.id)
+        return await self._warden.release_async(self.id)
 
     def extend(self, lease: float) -> float:
         """Renews the lease to ``lease`` seconds from now; returns the new expiry (epoch seconds)."""
-        return self._warden._native.extend(self._require(), lease)
+        return self._warden.extend(self._require(), lease)
 
     def _require(self) -> str:
         if self.id is None:
@@ -290,7 +290,7 @@ class Warden:
         priority: Optional[str] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`check`."""
-        return self._native.check_async(scope, resource, action, _cost(cost), priority)
+        return self._native.check(scope, resource, action, _cost(cost), priority, True)
 
     def acquire(
         self,
@@ -315,7 +315,7 @@ class Warden:
         priority: Optional[str] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`acquire`."""
-        return self._native.acquire_async(scope, resource, action, _cost(cost), priority)
+        return self._native.acquire(scope, resource, action, _cost(cost), priority, True)
 
     def reserve(
         self,
@@ -343,7 +343,7 @@ class Warden:
         lease: Optional[float] = None,
     ) -> _ReserveCall:
         """Async form of :meth:`reserve`: ``await`` it, or ``async with`` it."""
-        return _ReserveCall(self, self._native.reserve_async(scope, resource, action, _cost(cost), priority, lease))
+        return _ReserveCall(self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, True))
 
     def commit(self, reservation: str, actual: Optional[Cost] = None) -> Dict[str, Any]:
         """Charges a reservation's actual usage (units left out: as reserved) and ends it.
@@ -353,7 +353,7 @@ class Warden:
 
     def commit_async(self, reservation: str, actual: Optional[Cost] = None) -> Awaitable[Dict[str, Any]]:
         """Async form of :meth:`commit`."""
-        return self._native.commit_async(reservation, _cost(actual))
+        return self._native.commit(reservation, _cost(actual), True)
 
     def release(self, reservation: str) -> bool:
         """Ends a reservation (or delegation) without charging; ``False`` if already released."""
@@ -361,7 +361,7 @@ class Warden:
 
     def release_async(self, reservation: str) -> Awaitable[bool]:
         """Async form of :meth:`release`."""
-        return self._native.release_async(reservation)
+        return self._native.release(reservation, True)
 
     def extend(self, reservation: str, lease: float) -> float:
         """Renews a reservation's lease to ``lease`` seconds from now; returns the expiry."""
@@ -369,7 +369,7 @@ class Warden:
 
     def extend_async(self, reservation: str, lease: float) -> Awaitable[float]:
         """Async form of :meth:`extend`."""
-        return self._native.extend_async(reservation, lease)
+        return self._native.extend(reservation, lease, True)
 
     def delegate(
         self,
@@ -396,7 +396,7 @@ class Warden:
         lease: Optional[float] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`delegate`."""
-        return self._native.delegate_async(child, _cost(amounts), from_scope, from_reservation, lease)
+        return self._native.delegate(child, _cost(amounts), from_scope, from_reservation, lease, True)
 
     def wait(
         self,
@@ -428,7 +428,7 @@ class Warden:
         lease: Optional[float] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`wait`; cancelling it leaves nothing held."""
-        return self._native.wait_async(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
+        return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease, True)
 
     # -- the decorator -----------------------------------------------------
 
@@ -505,47 +505,29 @@ class Warden:
 
                 @functools.wraps(fn)
                 async def guarded_async(*args: Any, **kwargs: Any) -> Any:
-                    held = await native.hold_async(prepare(args, kwargs))
+                    held = await native.hold(prepare(args, kwargs), True)
                     if type(held) is not int:
                         raise denied(held)  # type: ignore[arg-type]
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException:
-                        await native.drop_held_async(held)
+                        await native.drop_held(held, True)
                         raise
                     try:
-                        await native.settle_async(held, _cost(actual(result)) if actual else None)
+                        await native.settle(held, _cost(actual(result)) if actual else None, True)
                     except BackendError as e:
                         _unsettled(fn, held, e)
                     return result
 
                 return guarded_async  # type: ignore[return-value]
 
-            if decides_at_once:
-                # The whole guard in one native call: reserve, call, commit or release.
-                guarded_call = native.guarded_call
-
-                @functools.wraps(fn)
-                def guarded_here(*args: Any, **kwargs: Any) -> Any:
-                    return guarded_call(prepare(args, kwargs), fn, args, kwargs, actual)
-
-                return guarded_here  # type: ignore[return-value]
+            # The whole guard of a sync function in one native call: reserve (or
+            # wait), call, commit or release.
+            guarded_call = native.guarded_call
 
             @functools.wraps(fn)
             def guarded(*args: Any, **kwargs: Any) -> Any:
-                held = native.hold(prepare(args, kwargs))
-                if type(held) is not int:
-                    raise denied(held)  # type: ignore[arg-type]
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException:
-                    native.drop_held(held)
-                    raise
-                try:
-                    native.settle(held, _cost(actual(result)) if actual else None)
-                except BackendError as e:
-                    _unsettled(fn, held, e)
-                return result
+                return guarded_call(prepare(args, kwargs), fn, args, kwargs, actual)
 
             return guarded  # type: ignore[return-value]
 

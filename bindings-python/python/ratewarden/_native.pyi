@@ -4,7 +4,7 @@ Use the ``ratewarden`` package; this module is its implementation.
 """
 
 import os
-from typing import Any, Awaitable, Dict, Generator, List, Mapping, Optional, Tuple, Union, final
+from typing import Any, Dict, Generator, List, Mapping, Optional, Tuple, Union, final
 
 from typing_extensions import TypeAlias
 
@@ -16,6 +16,8 @@ __all__ = [
     "Prepared",
     "Ready",
     "__version__",
+    "client_scope",
+    "header_style",
     "scope_of",
     "version",
 ]
@@ -23,6 +25,12 @@ __all__ = [
 __version__: str
 
 _Cost: TypeAlias = Optional[Mapping[str, Any]]
+
+def header_style(style: str) -> str:
+    """The canonical name of a rate-limit header style."""
+
+def client_scope(peer: Optional[str], forwarded_for: Optional[str] = None, trust_proxy: bool = False) -> str:
+    """``ip:<client address>`` for an HTTP request."""
 
 def scope_of(segments: List[Tuple[str, str]]) -> str:
     """A scope string from ``(kind, id)`` pairs, ids escaped."""
@@ -103,6 +111,7 @@ class NativeWarden:
     ) -> NativeWarden: ...
     @property
     def backend(self) -> str: ...
+    # Every operation returns its answer, or with asynchronous=True an awaitable of it.
     def check(
         self,
         scope: str,
@@ -110,7 +119,8 @@ class NativeWarden:
         action: Optional[str] = None,
         cost: _Cost = None,
         priority: Optional[str] = None,
-    ) -> Decision: ...
+        asynchronous: bool = False,
+    ) -> Any: ...
     def acquire(
         self,
         scope: str,
@@ -118,7 +128,8 @@ class NativeWarden:
         action: Optional[str] = None,
         cost: _Cost = None,
         priority: Optional[str] = None,
-    ) -> Decision: ...
+        asynchronous: bool = False,
+    ) -> Any: ...
     def reserve(
         self,
         scope: str,
@@ -127,10 +138,11 @@ class NativeWarden:
         cost: _Cost = None,
         priority: Optional[str] = None,
         lease: Optional[float] = None,
-    ) -> Decision: ...
-    def commit(self, reservation: str, actual: _Cost = None) -> Dict[str, Any]: ...
-    def release(self, reservation: str) -> bool: ...
-    def extend(self, reservation: str, lease: float) -> float: ...
+        asynchronous: bool = False,
+    ) -> Any: ...
+    def commit(self, reservation: str, actual: _Cost = None, asynchronous: bool = False) -> Any: ...
+    def release(self, reservation: str, asynchronous: bool = False) -> Any: ...
+    def extend(self, reservation: str, lease: float, asynchronous: bool = False) -> Any: ...
     def delegate(
         self,
         child: str,
@@ -138,7 +150,8 @@ class NativeWarden:
         from_scope: Optional[str] = None,
         from_reservation: Optional[str] = None,
         lease: Optional[float] = None,
-    ) -> Decision: ...
+        asynchronous: bool = False,
+    ) -> Any: ...
     def wait(
         self,
         scope: str,
@@ -149,54 +162,8 @@ class NativeWarden:
         max_wait: float = 30.0,
         reserve: bool = False,
         lease: Optional[float] = None,
-    ) -> Decision: ...
-    def check_async(
-        self,
-        scope: str,
-        resource: Optional[str] = None,
-        action: Optional[str] = None,
-        cost: _Cost = None,
-        priority: Optional[str] = None,
-    ) -> Awaitable[Decision]: ...
-    def acquire_async(
-        self,
-        scope: str,
-        resource: Optional[str] = None,
-        action: Optional[str] = None,
-        cost: _Cost = None,
-        priority: Optional[str] = None,
-    ) -> Awaitable[Decision]: ...
-    def reserve_async(
-        self,
-        scope: str,
-        resource: Optional[str] = None,
-        action: Optional[str] = None,
-        cost: _Cost = None,
-        priority: Optional[str] = None,
-        lease: Optional[float] = None,
-    ) -> Awaitable[Decision]: ...
-    def commit_async(self, reservation: str, actual: _Cost = None) -> Awaitable[Dict[str, Any]]: ...
-    def release_async(self, reservation: str) -> Awaitable[bool]: ...
-    def extend_async(self, reservation: str, lease: float) -> Awaitable[float]: ...
-    def delegate_async(
-        self,
-        child: str,
-        amounts: Mapping[str, Any],
-        from_scope: Optional[str] = None,
-        from_reservation: Optional[str] = None,
-        lease: Optional[float] = None,
-    ) -> Awaitable[Decision]: ...
-    def wait_async(
-        self,
-        scope: str,
-        resource: Optional[str] = None,
-        action: Optional[str] = None,
-        cost: _Cost = None,
-        priority: Optional[str] = None,
-        max_wait: float = 30.0,
-        reserve: bool = False,
-        lease: Optional[float] = None,
-    ) -> Awaitable[Decision]: ...
+        asynchronous: bool = False,
+    ) -> Any: ...
     def prepare(
         self,
         scope: str,
@@ -207,7 +174,8 @@ class NativeWarden:
         lease: Optional[float] = None,
         max_wait: Optional[float] = None,
     ) -> Prepared: ...
-    def hold(self, prepared: Prepared) -> Union[int, Decision]: ...
+    def hold(self, prepared: Prepared, asynchronous: bool = False) -> Any:
+        """The reservation id (an int) when admitted, else the denying Decision."""
     def guarded_call(
         self,
         prepared: Prepared,
@@ -216,11 +184,8 @@ class NativeWarden:
         kwargs: Optional[Dict[str, Any]] = None,
         actual: Optional[Any] = None,
     ) -> Any: ...
-    def hold_async(self, prepared: Prepared) -> Awaitable[Union[int, Decision]]: ...
-    def settle(self, id: int, actual: _Cost = None) -> None: ...
-    def settle_async(self, id: int, actual: _Cost = None) -> Awaitable[None]: ...
-    def drop_held(self, id: int) -> None: ...
-    def drop_held_async(self, id: int) -> Awaitable[None]: ...
+    def settle(self, id: int, actual: _Cost = None, asynchronous: bool = False) -> Any: ...
+    def drop_held(self, id: int, asynchronous: bool = False) -> Any: ...
 
 @final
 class ManualClock:

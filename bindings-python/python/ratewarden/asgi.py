@@ -23,9 +23,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Awaitable, Callable, Dict, List, MutableMapping, Optional, Tuple, Union
 
-from ratewarden import Cost, Decision, InvalidInput, Warden, _cost
-from ratewarden._errors import BackendError
-from ratewarden._native import scope_of
+from ratewarden import Cost, Decision, InvalidInput, Warden, WardenError, _cost
+from ratewarden._native import client_scope, header_style
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -34,7 +33,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
-HEADER_STYLES = ("draft-11", "draft-7", "draft-6")
 _JSON = (b"content-type", b"application/json")
 
 
@@ -58,8 +56,8 @@ class RateLimitMiddleware:
     the default JSON 429 — the rate-limit headers are added to it.
 
     When the warden's backend cannot be asked the decision follows its
-    ``on_backend_error``; an unexpected :class:`~ratewarden.BackendError` becomes
-    a 503, never a crash of the server.
+    ``on_backend_error``; an error (e.g. a ``scope`` callable returning an
+    invalid scope) propagates to the server, which answers 500.
     """
 
     def __init__(
@@ -79,10 +77,10 @@ class RateLimitMiddleware:
     ) -> None:
         if not isinstance(warden, Warden):
             raise InvalidInput(f"RateLimitMiddleware: warden must be a ratewarden.Warden, got {type(warden).__name__}")
-        if headers is not None and headers not in HEADER_STYLES:
-            raise InvalidInput(
-                f"RateLimitMiddleware: headers={headers!r} is not one of {', '.join(HEADER_STYLES)} or None"
-            )
+        try:
+            style = "off" if headers is None else header_style(headers)
+        except WardenError as e:
+            raise InvalidInput(f"RateLimitMiddleware: headers={headers!r}: {e}") from None
         for name, value in (("scope", scope), ("resource", resource), ("action", action), ("priority", priority)):
             if value is not None and not isinstance(value, str) and not callable(value):
                 raise InvalidInput(f"RateLimitMiddleware: {name} must be a string or a callable of the request")
@@ -95,7 +93,7 @@ class RateLimitMiddleware:
         self._native = warden._native
         self._fields = (scope, resource, action, {"requests": 1} if cost is None else cost, priority)
         self._dynamic = any(callable(f) for f in self._fields) or skip is not None or on_limited is not None
-        self._style = headers
+        self._style = style
         self._trust_proxy = trust_proxy
         self._skip = skip
         self._on_limited = on_limited
@@ -126,42 +124,25 @@ class RateLimitMiddleware:
             if self._fields[0] is not None:  # a callable said: not limited
                 await self.app(scope, receive, send)
                 return
-            who = scope_of([("ip", self._client(scope))])
-        try:
-            decision = await self._native.acquire_async(who, resource, action, _cost(cost), priority)
-        except BackendError as e:
-            await _respond(send, 503, [_JSON], f'{{"error":"backend_unavailable","reason":{_json_str(str(e))}}}')
-            return
+            who = self._client_scope(scope)
+        decision = await self._native.acquire(who, resource, action, _cost(cost), priority, True)
         extra = self._headers(decision)
         if not decision.allowed:
             await self._limited(scope, receive, send, request, decision, extra)
             return
-        if not extra:
-            await self.app(scope, receive, send)
-            return
+        await self.app(scope, receive, _with_headers(send, extra) if extra else send)
 
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-    def _client(self, scope: MutableMapping[str, Any]) -> str:
+    def _client_scope(self, scope: MutableMapping[str, Any]) -> str:
+        forwarded = None
         if self._trust_proxy:
-            for name, value in scope.get("headers", ()):
-                if name == b"x-forwarded-for":
-                    first = value.decode("latin-1").split(",", 1)[0].strip()
-                    if first:
-                        return first
+            forwarded = next(
+                (v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"x-forwarded-for"), None
+            )
         client = scope.get("client")
-        return str(client[0]) if client else "unknown"
+        return client_scope(str(client[0]) if client else None, forwarded, self._trust_proxy)
 
     def _headers(self, decision: Decision) -> List[Tuple[bytes, bytes]]:
-        pairs = decision.headers(self._style or "draft-11")
-        if self._style is None:
-            pairs = [p for p in pairs if p[0] == "Retry-After"]
-        return [(_lower(name), value.encode("latin-1")) for name, value in pairs]
+        return [(_lower(name), value.encode("latin-1")) for name, value in decision.headers(self._style)]
 
     async def _limited(
         self,
@@ -177,13 +158,7 @@ class RateLimitMiddleware:
             if inspect.isawaitable(response):
                 response = await response
             if response is not None:
-
-                async def send_with_headers(message: Message) -> None:
-                    if message["type"] == "http.response.start":
-                        message["headers"] = [*message.get("headers", ()), *extra]
-                    await send(message)
-
-                await response(scope, receive, send_with_headers)
+                await response(scope, receive, _with_headers(send, extra))
                 return
         await _respond(send, 429, [_JSON, *extra], decision.denial_body())
 
@@ -198,10 +173,15 @@ def _lower(name: str) -> bytes:
     return b
 
 
-def _json_str(s: str) -> str:
-    import json
+def _with_headers(send: Send, extra: List[Tuple[bytes, bytes]]) -> Send:
+    """``send`` adding ``extra`` to the response's headers."""
 
-    return json.dumps(s)
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *extra]
+        await send(message)
+
+    return send_with_headers
 
 
 async def _respond(send: Send, status: int, headers: List[Tuple[bytes, bytes]], body: str) -> None:

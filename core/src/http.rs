@@ -1,5 +1,6 @@
-//! Standard rate-limit HTTP headers and the 429 body for a [`Decision`], shared by
-//! the HTTP middlewares of every binding so they all say the same thing.
+//! What the HTTP middlewares of every binding share, so they all behave and say
+//! the same: the default scope of a request ([`client_scope`]), the standard
+//! rate-limit headers and the 429 body for a [`Decision`].
 //!
 //! The default is the IETF draft-11 form (`draft-ietf-httpapi-ratelimit-headers-11`):
 //! two Structured-Field lists with one item per limit involved, named after the
@@ -16,8 +17,9 @@
 //! budgets and concurrency. Older generations still on the wire are available:
 //! draft-7 (`RateLimit: limit=100, remaining=99, reset=1`) and draft-6
 //! (`RateLimit-Limit` / `-Remaining` / `-Reset`), both describing the tightest
-//! limit, with the full `RateLimit-Policy` list. A denied decision adds
-//! `Retry-After` (whole seconds, rounded up) unless it can never succeed.
+//! limit, with the full `RateLimit-Policy` list; or none (`off`). A denied
+//! decision adds `Retry-After` (whole seconds, rounded up) unless it can never
+//! succeed, in every style.
 
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -41,16 +43,19 @@ pub enum HeaderStyle {
     /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` for the tightest
     /// limit, plus the `RateLimit-Policy` list (draft-6).
     Draft6,
+    /// No rate-limit fields; a denial still says `Retry-After`.
+    Off,
 }
 
 impl HeaderStyle {
-    /// `draft-11`, `draft-7` or `draft-6`.
+    /// `draft-11`, `draft-7`, `draft-6` or `off`.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Draft11 => "draft-11",
             Self::Draft7 => "draft-7",
             Self::Draft6 => "draft-6",
+            Self::Off => "off",
         }
     }
 }
@@ -58,21 +63,47 @@ impl HeaderStyle {
 impl FromStr for HeaderStyle {
     type Err = crate::Error;
 
-    /// Accepts `draft-11`, `draft-7`, `draft-6` (also without the dash, or the bare number).
+    /// Accepts `draft-11`, `draft-7`, `draft-6` (also without the dash, or the
+    /// bare number) and `off`.
     fn from_str(s: &str) -> crate::Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "draft-11" | "draft11" | "11" => Ok(Self::Draft11),
             "draft-7" | "draft7" | "7" => Ok(Self::Draft7),
             "draft-6" | "draft6" | "6" => Ok(Self::Draft6),
+            "off" => Ok(Self::Off),
             _ => Err(crate::Error::invalid(
                 "headers",
                 format!(
-                    "`{}` is not a header style (draft-11, draft-7 or draft-6)",
+                    "`{}` is not a header style (draft-11, draft-7, draft-6 or off)",
                     crate::error::truncate(s)
                 ),
             )),
         }
     }
+}
+
+/// The default scope of an HTTP request: `ip:<client address>` (escaped). The
+/// address is the socket `peer`; with `trust_proxy`, the first entry of the
+/// `X-Forwarded-For` value when there is one (only behind a proxy you control:
+/// clients can send anything). `unknown` when neither is known.
+///
+/// # Errors
+/// Never for real addresses; [`crate::Error::InvalidScope`] for an address over
+/// the id length limit.
+pub fn client_scope(
+    peer: Option<&str>,
+    forwarded_for: Option<&str>,
+    trust_proxy: bool,
+) -> crate::Result<String> {
+    let forwarded = forwarded_for
+        .filter(|_| trust_proxy)
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    let address = forwarded
+        .or(peer.filter(|p| !p.is_empty()))
+        .unwrap_or("unknown");
+    crate::Scope::from_segments([("ip", address)]).map(|s| s.as_str().to_owned())
 }
 
 /// Whole seconds, rounded up (a client told `0` would retry at once).
@@ -190,6 +221,7 @@ pub fn rate_limit_headers(decision: &Decision, style: HeaderStyle) -> Vec<(&'sta
                     }
                 }
             }
+            HeaderStyle::Off => {}
         }
     }
     if !decision.allowed() {
@@ -334,6 +366,41 @@ mod tests {
         assert_eq!(header(&h6, "RateLimit-Remaining"), Some("1"));
         assert_eq!(header(&h6, "RateLimit-Reset"), Some("30"));
         assert_eq!(header(&h6, "RateLimit"), None);
+    }
+
+    #[test]
+    fn client_scope_trusts_forwarded_for_only_when_told() {
+        let xff = Some(" 203.0.113.7 , 10.0.0.1");
+        assert_eq!(
+            client_scope(Some("::1"), xff, false).ok().as_deref(),
+            Some("ip:%3A%3A1")
+        );
+        assert_eq!(
+            client_scope(Some("::1"), xff, true).ok().as_deref(),
+            Some("ip:203.0.113.7")
+        );
+        assert_eq!(
+            client_scope(Some("10.0.0.2"), Some(" ,x"), true)
+                .ok()
+                .as_deref(),
+            Some("ip:10.0.0.2")
+        );
+        assert_eq!(
+            client_scope(None, None, true).ok().as_deref(),
+            Some("ip:unknown")
+        );
+    }
+
+    #[test]
+    fn off_keeps_only_retry_after() {
+        let w = warden();
+        assert!(acquire(&w, None).allowed());
+        assert!(rate_limit_headers(&acquire(&w, None), HeaderStyle::Off).is_empty());
+        let denied = acquire(&w, None);
+        assert_eq!(
+            rate_limit_headers(&denied, HeaderStyle::Off),
+            vec![("Retry-After", "30".to_owned())]
+        );
     }
 
     #[test]
