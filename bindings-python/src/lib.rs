@@ -23,7 +23,7 @@ use parking_lot::{Mutex, RwLock};
 use pyo3::exceptions::{PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use ratewarden::backend::poll_ready;
 use ratewarden::decision::ReservationInfo;
 use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
@@ -308,11 +308,27 @@ impl Decision {
 
     /// The standard rate-limit response headers for this decision, as
     /// `(name, value)` pairs: `RateLimit-Policy` / `RateLimit` in the given style
-    /// (`draft-11` default, `draft-7`, `draft-6`) and `Retry-After` when denied.
-    #[pyo3(signature = (style = "draft-11"))]
-    fn headers(&self, style: &str) -> PyResult<Vec<(&'static str, String)>> {
+    /// (`draft-11` default, `draft-7`, `draft-6`, `off`) and `Retry-After` when
+    /// denied. With `raw=True`, as ASGI servers take them: lowercase names and
+    /// values as `bytes`.
+    #[pyo3(signature = (style = "draft-11", raw = false))]
+    fn headers<'py>(
+        &self,
+        py: Python<'py>,
+        style: &str,
+        raw: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
         let style = style.parse::<HeaderStyle>().map_err(|e| to_py(&e))?;
-        Ok(rate_limit_headers(&self.inner, style))
+        let out = PyList::empty(py);
+        for (name, value) in rate_limit_headers(&self.inner, style) {
+            if raw {
+                let name = PyBytes::new(py, name.to_ascii_lowercase().as_bytes());
+                out.append((name, PyBytes::new(py, value.as_bytes())))?;
+            } else {
+                out.append((name, value))?;
+            }
+        }
+        Ok(out)
     }
 
     /// The JSON body of a 429 response for this decision (`error`, `limit`,

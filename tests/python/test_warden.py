@@ -272,8 +272,11 @@ def test_decision_headers_and_denial_body_come_from_the_core() -> None:
     )
     ok = w.acquire("ip:1")
     assert ok.headers() == [("RateLimit-Policy", '"per-ip";q=1;w=1'), ("RateLimit", '"per-ip";r=0;t=1')]
+    assert ok.headers(raw=True) == [(b"ratelimit-policy", b'"per-ip";q=1;w=1'), (b"ratelimit", b'"per-ip";r=0;t=1')]
+    assert ok.headers("off") == []
     denied = w.acquire("ip:1")
     assert ("Retry-After", "1") in denied.headers("draft-7")
+    assert denied.headers("off") == [("Retry-After", "1")]
     assert '"error":"rate_limited"' in denied.denial_body()
     with pytest.raises(ratewarden.InvalidInput, match="draft-9"):
         ok.headers("draft-9")

@@ -66,7 +66,7 @@ class Decision:
     def denied_by(self) -> Optional[str]: ...
     @property
     def denied_kind(self) -> Optional[str]: ...
-    def headers(self, style: str = "draft-11") -> List[Tuple[str, str]]:
+    def headers(self, style: str = "draft-11", raw: bool = False) -> List[Tuple[Any, Any]]:
         """``RateLimit-Policy`` / ``RateLimit`` (and ``Retry-After`` when denied)."""
     def denial_body(self) -> str:
         """The JSON body of a 429 response for this decision."""

@@ -21,7 +21,7 @@ Header formats come from the core, identical to the Node middleware's.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable, Dict, List, MutableMapping, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, List, MutableMapping, Optional, Tuple, Union
 
 from ratewarden import Cost, Decision, InvalidInput, Warden, WardenError, _cost
 from ratewarden._native import client_scope, header_style
@@ -91,6 +91,7 @@ class RateLimitMiddleware:
             cost = _cost(cost)
         self.app = app
         self._native = warden._native
+        self._embedded = warden.backend == "memory"
         self._fields = (scope, resource, action, {"requests": 1} if cost is None else cost, priority)
         self._dynamic = any(callable(f) for f in self._fields) or skip is not None or on_limited is not None
         self._style = style
@@ -116,17 +117,24 @@ class RateLimitMiddleware:
         if self._skip is not None and self._skip(request):
             await self.app(scope, receive, send)
             return
-        who, resource, action, cost, priority = (
-            (f(request) if callable(f) else f)
-            for f in self._fields  # type: ignore[operator]
-        )
+        if self._dynamic:
+            who, resource, action, cost, priority = (
+                (f(request) if callable(f) else f)
+                for f in self._fields  # type: ignore[operator]
+            )
+            cost = _cost(cost)
+        else:
+            who, resource, action, cost, priority = self._fields
         if who is None:
             if self._fields[0] is not None:  # a callable said: not limited
                 await self.app(scope, receive, send)
                 return
             who = self._client_scope(scope)
-        decision = await self._native.acquire(who, resource, action, _cost(cost), priority, True)
-        extra = self._headers(decision)
+        # The embedded engine decides at once: no awaitable needed.
+        decision = self._native.acquire(who, resource, action, cost, priority, not self._embedded)
+        if not self._embedded:
+            decision = await decision
+        extra = decision.headers(self._style, True)
         if not decision.allowed:
             await self._limited(scope, receive, send, request, decision, extra)
             return
@@ -140,9 +148,6 @@ class RateLimitMiddleware:
             )
         client = scope.get("client")
         return client_scope(str(client[0]) if client else None, forwarded, self._trust_proxy)
-
-    def _headers(self, decision: Decision) -> List[Tuple[bytes, bytes]]:
-        return [(_lower(name), value.encode("latin-1")) for name, value in decision.headers(self._style)]
 
     async def _limited(
         self,
@@ -161,16 +166,6 @@ class RateLimitMiddleware:
                 await response(scope, receive, _with_headers(send, extra))
                 return
         await _respond(send, 429, [_JSON, *extra], decision.denial_body())
-
-
-_LOWER: Dict[str, bytes] = {}
-
-
-def _lower(name: str) -> bytes:
-    b = _LOWER.get(name)
-    if b is None:
-        b = _LOWER[name] = name.lower().encode("latin-1")
-    return b
 
 
 def _with_headers(send: Send, extra: List[Tuple[bytes, bytes]]) -> Send:
