@@ -62,6 +62,15 @@ export declare class NativeWarden {
   acquireHttpSync(scope: string, options: RequestOptions | undefined | null, style: string): HttpDecision
   /** Async form of `acquireHttpSync`. */
   acquireHttpAsync(scope: string, options: RequestOptions | undefined | null, style: string): Promise<HttpDecision>
+  /** The policy's limits, indexed by `id`, for reading compact decisions. */
+  limitTable(): Array<LimitMeta>
+  /**
+   * Check (`op` 0) or acquire (`op` 1) at once on the embedded engine. An
+   * allowed, plain decision is written into `out` (see `limitTable`) and its
+   * priority code returned; any other decision is returned whole. `cost` is
+   * `unit\x1famount` items joined by `\x1e`.
+   */
+  decide(op: number, scope: string, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, out: Float64Array): number | Decision
 }
 
 /** Restrictions to honour when allowed with caps (only those set). */
@@ -175,6 +184,22 @@ export interface LimitInfo {
   reset: number
   /** Whether this limit denied the request. */
   denied: boolean
+}
+
+/** One limit of the policy, as compact decisions refer to it (by `id`). */
+export interface LimitMeta {
+  /** Position in the policy: the index compact decisions use. */
+  id: number
+  /** Its name in the policy. */
+  name: string
+  /** `rate`, `quota`, `concurrency` or `budget`. */
+  kind: string
+  /** The unit it counts. */
+  unit: string
+  /** Decimals of that unit (amounts are in base units). */
+  decimals: number
+  /** Capacity, base units. */
+  limit: number
 }
 
 /** The result of a commit. */

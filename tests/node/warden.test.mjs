@@ -42,6 +42,37 @@ describe('Warden', () => {
     assert.equal(w.backend, 'memory');
   });
 
+  test('the compact path (allowed decisions on the embedded engine) reads exactly like the general one', async () => {
+    const wide = {
+      scopes: {
+        tenant: { limits: [
+          { name: 'tenant-usd', kind: 'budget', unit: 'usd', limit: '1', per: 'day' },
+          { name: 'tenant-huge', kind: 'budget', unit: 'usd', limit: '9000000000', per: 'day' },
+        ] },
+      },
+      resources: { llm: { limits: [{ name: 'llm-rpm', kind: 'rate', unit: 'requests', limit: 60, per: '1m' }] } },
+    };
+    const w = new Warden(wide, { clock: new ManualClock() });
+    // A fractional number takes the general path; the same amount as a string the compact one.
+    const general = await w.acquire('tenant:a', { resource: 'llm', cost: { usd: 0.25 }, priority: 'background' });
+    const compact = await w.acquire('tenant:b', { resource: 'llm', cost: { usd: '0.25' }, priority: 'background' });
+    assert.deepStrictEqual(compact, { ...general, limits: compact.limits });
+    // The resource's rate is shared by both tenants: one more request used.
+    assert.deepStrictEqual(
+      compact.limits,
+      general.limits.map((l) => (l.name === 'llm-rpm' ? { ...l, remaining: 58, remainingText: '58', reset: 2 } : l)),
+    );
+    assert.deepEqual(compact.limits.map((l) => l.remainingText), ['0.75', '8999999999.75', '58']);
+    assert.equal(compact.priority, 'background');
+    assert.equal(compact.limits[1].remaining, 8999999999750000); // near 2^53 base units, exact
+    const more = await w.acquire('tenant:b', { cost: { usd: '0.000001' } });
+    assert.equal(more.limits[0].remainingText, '0.749999');
+    assert.equal(more.limits[1].remainingText, '8999999999.749999');
+    // check() changes nothing on the compact path either.
+    assert.equal((await w.check('tenant:b', { cost: { usd: '0.5' } })).limits[0].remainingText, '0.249999');
+    assert.equal((await w.check('tenant:b')).limits[0].remainingText, '0.749999');
+  });
+
   test('reserve, commit the actual (refund), idempotent commit, release', async () => {
     const w = new Warden(budget, { clock: new ManualClock() });
     const r = await w.reserve('tenant:a', { cost: { usd: '0.40' } });
