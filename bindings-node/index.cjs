@@ -212,7 +212,13 @@ class Warden {
     if (policy === null || typeof policy !== 'object' || Array.isArray(policy)) {
       throw new InvalidInputError(`invalid policy: expected a policy object (or use Warden.fromFile), got ${Array.isArray(policy) ? 'an array' : typeof policy}`);
     }
-    this.#native = Warden.#build(JSON.stringify(policy), null, options);
+    this.#attach(Warden.#build(JSON.stringify(policy), null, options));
+  }
+
+  /** Holds the native warden; the embedded engine's compact-decision reader is made once. */
+  #attach(n) {
+    this.#native = n;
+    this.#compact = n.embedded ? new Compact(n) : undefined;
   }
 
   static #build(json, path, options) {
@@ -229,7 +235,7 @@ class Warden {
     requireString(path, 'path');
     requireOptions(options, 'options');
     const w = new Warden(UNBUILT);
-    w.#native = Warden.#build(null, path, options);
+    w.#attach(Warden.#build(null, path, options));
     return w;
   }
 
@@ -240,7 +246,7 @@ class Warden {
     const w = new Warden(UNBUILT);
     const json = typeof policy === 'string' ? null : JSON.stringify(policy);
     const path = typeof policy === 'string' ? policy : null;
-    w.#native = await native.NativeWarden.connect(json, path, rest, clock ?? null).catch(rethrow);
+    w.#attach(await native.NativeWarden.connect(json, path, rest, clock ?? null).catch(rethrow));
     return w;
   }
 
@@ -252,6 +258,7 @@ class Warden {
   /** Lets go of the backend; later calls throw. */
   close() {
     this.#native = undefined;
+    this.#compact = undefined;
   }
 
   #live() {
@@ -263,7 +270,7 @@ class Warden {
     try {
       const n = this.#live();
       // The embedded engine decides here and now: an already-settled Promise.
-      if (n.embedded) return Promise.resolve(n[`${name}Sync`](...args));
+      if (this.#compact !== undefined) return Promise.resolve(n[`${name}Sync`](...args));
       return n[`${name}Async`](...args).catch(rethrow);
     } catch (e) {
       return Promise.reject(typed(e));
@@ -272,8 +279,9 @@ class Warden {
 
   /** check (op 0) / acquire (op 1): the compact path on the embedded engine. */
   #decide(op, name, scope, options) {
+    const compact = this.#compact;
+    if (compact === undefined) return this.#call(name, [scope, options]); // Redis, or closed
     const n = this.#native;
-    if (n === undefined || !n.embedded) return this.#call(name, [scope, options]);
     let resource, action, cost, priority;
     if (options !== undefined && options !== null) {
       if (typeof options !== 'object' || Array.isArray(options)) return this.#call(name, [scope, options]);
@@ -282,8 +290,8 @@ class Warden {
       if (cost === SLOW) return this.#call(name, [scope, options]);
     }
     try {
-      const r = n.decide(op, scope, resource, action, cost, priority, (this.#compact ??= new Compact(n)).buf);
-      return Promise.resolve(typeof r === 'number' ? this.#compact.decision(r) : r);
+      const r = n.decide(op, scope, resource, action, cost, priority, compact.buf);
+      return Promise.resolve(typeof r === 'number' ? compact.decision(r) : r);
     } catch (e) {
       return Promise.reject(typed(e));
     }
@@ -407,8 +415,11 @@ class Warden {
       if (v !== undefined && typeof v !== 'function') throw new InvalidInputError(`invalid ${k}: expected a function`);
     }
     const n = this.#live();
+    const isEmbedded = n.embedded;
     const pick = (v, req) => (typeof v === 'function' ? v(req) : v);
     const constant = [resource, action, cost, priority].every((v) => typeof v !== 'function');
+    // Constant request fields are resolved (and the cost encoded) once.
+    const fixedCost = constant ? encodeCost(cost) : undefined;
     const fixed = constant ? { resource, action, cost, priority } : undefined;
 
     const clientScope = (req) => {
@@ -416,18 +427,47 @@ class Warden {
       return native.clientScope(req.socket?.remoteAddress ?? null, (Array.isArray(xff) ? xff.join(',') : xff) ?? null, trustProxy);
     };
 
-    const answer = (req, res, next, http) => {
+    const limited = (req, res, http) => {
       const { headerNames, headerValues } = http;
       for (let i = 0; i < headerNames.length; i++) res.setHeader(headerNames[i], headerValues[i]);
-      if (http.decision.allowed) return next();
       if (onLimited) {
         const handled = onLimited(req, res, http.decision);
-        if (res.headersSent || handled === true) return undefined;
+        if (res.headersSent || handled === true) return;
       }
       res.statusCode = 429;
       res.setHeader('Content-Type', 'application/json');
       res.end(http.body);
-      return undefined;
+    };
+
+    const answer = (req, res, next, http) => {
+      if (http.decision.allowed) {
+        const { headerNames, headerValues } = http;
+        for (let i = 0; i < headerNames.length; i++) res.setHeader(headerNames[i], headerValues[i]);
+        return next();
+      }
+      return limited(req, res, http);
+    };
+
+    // The embedded engine's hot path: one native call that finds the client
+    // scope, decides and, when allowed, hands back only the header pairs.
+    const embedded = (req, res, next, s) => {
+      let r, xff;
+      if (s === undefined && trustProxy) {
+        xff = req.headers['x-forwarded-for'];
+        if (Array.isArray(xff)) xff = xff.join(',');
+      }
+      if (fixedCost !== SLOW && fixed !== undefined) {
+        r = n.decideHttp(s, s === undefined ? req.socket?.remoteAddress : undefined, xff, trustProxy, resource, action, fixedCost, priority, style);
+      } else {
+        const c = fixed === undefined ? pick(cost, req) : cost;
+        const text = encodeCost(c);
+        const request = { resource: pick(resource, req), action: pick(action, req), cost: c, priority: pick(priority, req) };
+        if (text === SLOW) return answer(req, res, next, n.acquireHttpSync(s ?? clientScope(req), request, style));
+        r = n.decideHttp(s, s === undefined ? req.socket?.remoteAddress : undefined, xff, trustProxy, request.resource, request.action, text, request.priority, style);
+      }
+      if (!Array.isArray(r)) return limited(req, res, r);
+      for (let i = 0; i < r.length; i += 2) res.setHeader(r[i], r[i + 1]);
+      return next();
     };
 
     return function ratewardenMiddleware(req, res, next) {
@@ -436,11 +476,11 @@ class Warden {
         let s = who === undefined ? undefined : pick(who, req);
         if (s === undefined || s === null) {
           if (who !== undefined) return next(); // the scope function said: not limited
-          s = clientScope(req);
+          s = undefined;
         }
+        if (isEmbedded) return embedded(req, res, next, s);
         const request = fixed ?? { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
-        if (n.embedded) return answer(req, res, next, n.acquireHttpSync(s, request, style));
-        n.acquireHttpAsync(s, request, style).then(
+        n.acquireHttpAsync(s ?? clientScope(req), request, style).then(
           (http) => answer(req, res, next, http),
           (e) => next(typed(e)),
         );

@@ -88,36 +88,79 @@ export interface ExpressOptions<Req extends HttpRequest = HttpRequest, Res exten
   onLimited?: (req: Req, res: Res, decision: Decision) => unknown;
 }
 
-/** The governor: a policy plus a backend. Every method returns a Promise. */
+/**
+ * The governor: a policy plus a backend. Every decision is atomic across all the
+ * limits a request touches (all admitted and charged, or nothing changes). Every
+ * method returns a Promise; on the embedded engine it is already settled when
+ * returned (decided on the calling thread), with Redis the event loop never waits.
+ * Invalid arguments reject with an `InvalidInputError` naming the argument.
+ */
 export declare class Warden {
+  /**
+   * A warden for a policy object (the README's shape). With a Redis `backend` it
+   * starts connecting in the background; decisions follow `onBackendError` until
+   * Redis answers. Throws a `PolicyError` naming the path of a bad field.
+   */
   constructor(policy: object, options?: Options);
+  /** A warden for the policy file at `path` (YAML, JSON or TOML by extension). */
   static fromFile(path: string, options?: Options): Warden;
+  /** Like the constructor (or `fromFile` with a path), but resolves once Redis answered; rejects with a `BackendError` otherwise. */
   static connect(policy: object | string, options?: Options): Promise<Warden>;
+  /** `'memory'` (embedded) or `'redis'`. */
   readonly backend: 'memory' | 'redis';
+  /** Lets go of the backend; later calls reject with a `WardenError`. */
   close(): void;
+  /** Evaluates the request against every limit it touches, changing nothing. */
   check(scope: string, options?: RequestOptions): Promise<Decision>;
+  /** Admits the request and consumes its cost from every limit, or denies it and changes nothing. */
   acquire(scope: string, options?: RequestOptions): Promise<Decision>;
+  /** Holds the (estimated) cost under a lease until `commit`, `release` or expiry; the decision carries the reservation id. */
   reserve(scope: string, options?: RequestOptions): Promise<Decision>;
+  /** Charges a reservation's actual usage (units left out: as reserved). Idempotent: a repeat charges nothing (`duplicate: true`). */
   commit(reservation: string, actual?: Record<string, number | string>): Promise<Receipt>;
+  /** Ends a reservation or delegation without charging; resolves `false` if it was already released. */
   release(reservation: string): Promise<boolean>;
+  /** Renews a reservation's lease to `lease` seconds from now; resolves to the new expiry (seconds since the epoch). */
   extend(reservation: string, lease: number): Promise<number>;
+  /** Carves a sub-budget for `child` out of `{ fromScope }` or `{ fromReservation }`; the child can never spend more than it was given. */
   delegate(child: string, amounts: Record<string, number | string>, options: DelegateOptions): Promise<Decision>;
+  /** Waits up to `maxWait` seconds until admitted, then acquires (or reserves); resolves to the last denial if time runs out. */
   wait(scope: string, options?: WaitOptions): Promise<Decision>;
+  /**
+   * Wraps an async function: each call reserves `cost`, runs `fn`, commits
+   * `actual(result)` (or the estimate), or releases everything if `fn` throws.
+   * A denied call rejects with `RateLimitedError` / `BudgetExceededError` (or
+   * waits first with `onLimit: 'wait'`).
+   */
   wrap<Args extends unknown[], R>(fn: (...args: Args) => R | Promise<R>, options: WrapOptions<Args, R>): (...args: Args) => Promise<R>;
+  /**
+   * Express (or any `(req, res, next)`) middleware: acquires for each request,
+   * sets `RateLimit-Policy` / `RateLimit` on every response, answers denials
+   * with 429, `Retry-After` and a JSON body (or `onLimited`). Never crashes the
+   * server: backend failures follow `onBackendError`, other errors go to `next(err)`.
+   */
   express<Req extends HttpRequest = HttpRequest, Res extends HttpResponse = HttpResponse>(
     options?: ExpressOptions<Req, Res>,
   ): (req: Req, res: Res, next: (err?: unknown) => void) => void;
 }
 
+/** Base class of every error ratewarden throws. */
 export declare class WardenError extends Error {}
+/** The policy is invalid; the message names the file and the path inside it. */
 export declare class PolicyError extends WardenError {}
+/** An argument is invalid; the message names it and says why. Nothing was changed. */
 export declare class InvalidInputError extends WardenError {}
+/** The shared backend (Redis) failed or could not be reached. */
 export declare class BackendError extends WardenError {}
+/** A reservation id that does not exist (or no longer does). */
 export declare class ReservationNotFoundError extends WardenError {}
+/** An operation that conflicts with a reservation's state (commit after release…). */
 export declare class ReservationConflictError extends WardenError {}
+/** A request was denied (thrown by `wrap()`); carries the decision. */
 export declare class RateLimitedError extends WardenError {
   readonly decision: Decision;
   /** Seconds until a retry can succeed; null if it never can as asked. */
   readonly retryAfter: number | null | undefined;
 }
+/** Denied by a budget (money, tokens, risk points) rather than a rate. */
 export declare class BudgetExceededError extends RateLimitedError {}

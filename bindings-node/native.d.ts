@@ -71,6 +71,14 @@ export declare class NativeWarden {
    * `unit\x1famount` items joined by `\x1e`.
    */
   decide(op: number, scope: string, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, out: Float64Array): number | Decision
+  /**
+   * An HTTP request's acquire at once on the embedded engine, for the
+   * middleware's hot path: when allowed, only its response headers as
+   * `[name, value, name, value…]` in `style`; when denied, the whole
+   * `HttpDecision` (decision, headers and 429 body). The scope is
+   * `scope`, or else the client scope of `peer` / `forwardedFor`.
+   */
+  decideHttp(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, trustProxy: boolean, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, style: string): Array<string> | HttpDecision
 }
 
 /** Restrictions to honour when allowed with caps (only those set). */

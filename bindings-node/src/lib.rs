@@ -890,6 +890,59 @@ impl NativeWarden {
     }
 }
 
+#[napi]
+impl NativeWarden {
+    /// An HTTP request's acquire at once on the embedded engine, for the
+    /// middleware's hot path: when allowed, only its response headers as
+    /// `[name, value, name, value…]` in `style`; when denied, the whole
+    /// `HttpDecision` (decision, headers and 429 body). The scope is
+    /// `scope`, or else the client scope of `peer` / `forwardedFor`.
+    #[napi]
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide_http(
+        &self,
+        scope: Option<String>,
+        peer: Option<String>,
+        forwarded_for: Option<String>,
+        trust_proxy: bool,
+        resource: Option<String>,
+        action: Option<String>,
+        cost: Option<String>,
+        priority: Option<String>,
+        style: String,
+    ) -> Result<Either<Vec<String>, HttpDecision>> {
+        let style = style_of(&style)?;
+        let scope = match scope {
+            Some(s) => s,
+            None => {
+                ratewarden::http::client_scope(peer.as_deref(), forwarded_for.as_deref(), trust_proxy)
+                    .map_err(|e| to_js(&e))?
+            }
+        };
+        let cost = cost.as_deref().map(cost_of_text).transpose()?;
+        let req = ops::request(
+            &scope,
+            resource.as_deref(),
+            action.as_deref(),
+            cost,
+            priority.as_deref(),
+        )
+        .map_err(|e| to_js(&e))?;
+        let Answer::Decision(d) = self.sync(Call::Acquire(req))? else {
+            return Err(unexpected());
+        };
+        if !d.allowed() {
+            return Ok(Either::B(http_of(&d, style)));
+        }
+        let mut out = Vec::with_capacity(4);
+        for (name, value) in rate_limit_headers(&d, style) {
+            out.push(name.to_owned());
+            out.push(value);
+        }
+        Ok(Either::A(out))
+    }
+}
+
 fn style_of(style: &str) -> Result<HeaderStyle> {
     style.parse::<HeaderStyle>().map_err(|e| to_js(&e))
 }

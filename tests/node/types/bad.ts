@@ -1,0 +1,9 @@
+// Must NOT compile (types.test.mjs checks that tsc rejects it): proves the
+// declarations constrain something.
+import { Warden } from 'ratewarden';
+
+const warden = new Warden({});
+warden.acquire(42);
+warden.express({ headers: 'draft-99' });
+const n: string = (await warden.check('ip:1')).allowed;
+export { n };

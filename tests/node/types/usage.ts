@@ -1,0 +1,53 @@
+// Compiled (not run) by types.test.mjs with `tsc --strict`: the README's uses
+// of the package type-check against index.d.ts, with Express's own types.
+import express from 'express';
+import {
+  BudgetExceededError, ManualClock, RateLimitedError, Warden, WardenError, scope,
+  type Decision, type LimitInfo, type Receipt,
+} from 'ratewarden';
+
+const warden = new Warden(
+  { scopes: { tenant: { limits: [{ name: 'tenant-usd', kind: 'budget', unit: 'usd', limit: '5', per: 'day' }] } } },
+  { backend: 'memory', onBackendError: 'local', localShare: 2, clock: new ManualClock() },
+);
+
+async function decisions(): Promise<number> {
+  const d: Decision = await warden.acquire(scope({ tenant: 'acme' }), { cost: { usd: '0.01' }, priority: 'critical' });
+  const allowed: boolean = d.allowed;
+  const remaining: number[] = d.limits.map((l: LimitInfo) => l.remaining);
+  const after: number | undefined = d.retryAfter ?? undefined;
+  const r = await warden.reserve('tenant:acme', { cost: { usd: 1 }, lease: 30 });
+  if (r.reservation !== undefined && r.reservation !== null) {
+    const receipt: Receipt = await warden.commit(r.reservation, { usd: '0.5' });
+    const charged: number = receipt.charges[0].charged;
+    const released: boolean = await warden.release(r.reservation);
+    const expires: number = await warden.extend(r.reservation, 10);
+    return charged + expires + (released ? 1 : 0);
+  }
+  return (allowed ? 1 : 0) + remaining.length + (after ?? 0);
+}
+
+const ask = warden.wrap(async (tenant: string, prompt: string) => ({ text: prompt, usd: '0.002' }), {
+  scope: (tenant) => `tenant:${tenant}`,
+  cost: { usd: '0.01' },
+  actual: (result) => ({ usd: result.usd }),
+});
+const answer: Promise<{ text: string; usd: string }> = ask('acme', 'hello');
+
+function handle(e: unknown): number | null | undefined {
+  if (e instanceof BudgetExceededError) return e.retryAfter;
+  if (e instanceof RateLimitedError) return e.decision.retryAfter;
+  if (e instanceof WardenError) return null;
+  return undefined;
+}
+
+const app = express();
+app.use(warden.express({ headers: 'draft-7', trustProxy: true, skip: (req) => req.path === '/health' }));
+app.use(
+  warden.express<express.Request, express.Response>({
+    scope: (req) => (req.get('x-tenant') ? `tenant:${req.get('x-tenant')}` : undefined),
+    onLimited: (req, res, decision) => res.status(429).json({ retryAfter: decision.retryAfter }),
+  }),
+);
+
+export { answer, decisions, handle };
