@@ -57,6 +57,8 @@ step "npm install + debug build in bindings-node"
   npm install --no-audit --no-fund
   npm run build:debug
 )
+step "npm install in examples/node (links the package by name, as an application would)"
+(cd examples/node && npm install --no-audit --no-fund)
 
 step "node --test tests/node"
 node --test tests/node/*.test.mjs tests/node/*.test.cjs

@@ -1,6 +1,6 @@
 // A wrapped LLM tool: reserves the estimate, commits the actual usage, and an
 // Express route behind the middleware. Run: node examples/node/tool.mjs
-import { BudgetExceededError, Warden, scope } from '../../bindings-node/index.mjs';
+import { BudgetExceededError, Warden, scope } from 'ratewarden';
 
 const warden = new Warden({
   scopes: {

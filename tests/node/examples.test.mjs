@@ -1,20 +1,37 @@
-// examples/node run as shown, and the README's Node example is that file.
+// examples/node run as shown (importing `ratewarden` by name through
+// examples/node/node_modules), and the README's Node examples are those files.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-const example = fileURLToPath(new URL('../../examples/node/tool.mjs', import.meta.url));
+const example = (name) => fileURLToPath(new URL(`../../examples/node/${name}`, import.meta.url));
+const run = (name) => execFileSync(process.execPath, [example(name)], { encoding: 'utf8', timeout: 30_000 });
 
 test('examples/node/tool.mjs prints what it says', () => {
-  const out = execFileSync(process.execPath, [example], { encoding: 'utf8', timeout: 30_000 });
+  const out = run('tool.mjs');
   assert.match(out, /answered 14, then tenant-usd ran out/);
   assert.match(out, /middleware ready/);
 });
 
-test("the README's Node example is examples/node/tool.mjs", () => {
+test('examples/node/express.mjs: five 200s with draft-11 headers, then a 429 with Retry-After and a JSON body', () => {
+  const lines = run('express.mjs').trim().split('\n');
+  assert.equal(lines.length, 6);
+  lines.slice(0, 5).forEach((line, i) => {
+    assert.match(line, new RegExp(`^200 "per-ip";r=${4 - i};t=\\d+ - \\{"hello":"world"\\}$`));
+  });
+  const [status, header, retryAfter, ...body] = lines[5].split(' ');
+  assert.equal(status, '429');
+  assert.match(header, /^"per-ip";r=0;t=\d+$/);
+  assert.ok(Number(retryAfter) >= 11 && Number(retryAfter) <= 12, retryAfter);
+  const json = JSON.parse(body.join(' '));
+  assert.equal(json.error, 'rate_limited');
+  assert.equal(json.limit, 'per-ip');
+});
+
+test("the README's Node examples are examples/node/tool.mjs and express.mjs", () => {
   const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
-  const block = /```js\n([\s\S]*?)```/.exec(readme)?.[1];
-  assert.equal(block, readFileSync(example, 'utf8'));
+  const blocks = [...readme.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1]);
+  assert.deepEqual(blocks, [readFileSync(example('tool.mjs'), 'utf8'), readFileSync(example('express.mjs'), 'utf8')]);
 });
