@@ -914,10 +914,12 @@ impl NativeWarden {
         let style = style_of(&style)?;
         let scope = match scope {
             Some(s) => s,
-            None => {
-                ratewarden::http::client_scope(peer.as_deref(), forwarded_for.as_deref(), trust_proxy)
-                    .map_err(|e| to_js(&e))?
-            }
+            None => ratewarden::http::client_scope(
+                peer.as_deref(),
+                forwarded_for.as_deref(),
+                trust_proxy,
+            )
+            .map_err(|e| to_js(&e))?,
         };
         let cost = cost.as_deref().map(cost_of_text).transpose()?;
         let req = ops::request(
