@@ -521,8 +521,14 @@ impl RedisBackend {
         );
         let scope = plan.scope();
         // Grants cover limits of the scope tree's slot only, so only a primary
-        // part on that slot reads them.
-        let grants = if part.primary && part.slot == tag_slot(scope.prefix(1)) {
+        // part on that slot reads them; and they cover only holding limits
+        // (quota, budget, concurrency), so a part made of rate limits alone
+        // skips the lookups (one HMGET per scope level).
+        let holding = part
+            .items
+            .iter()
+            .any(|&i| !matches!(plan.get(i).def.kind, LimitKind::Rate(_)));
+        let grants = if holding && part.primary && part.slot == tag_slot(scope.prefix(1)) {
             scope.depth()
         } else {
             0
