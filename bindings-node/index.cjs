@@ -159,11 +159,12 @@ class Compact {
     this.buf = new Float64Array(1 + STRIDE * MAX_COMPACT_LIMITS);
   }
 
-  decision(code) {
-    const { buf, table } = this;
-    const count = buf[0];
+  /** The decision encoded in `buf` from `base` (the embedded engine's shared buffer, or an async answer). */
+  decision(code, buf = this.buf, base = 0) {
+    const { table } = this;
+    const count = buf[base];
     const limits = new Array(count);
-    for (let i = 0, at = 1; i < count; i++, at += STRIDE) {
+    for (let i = 0, at = base + 1; i < count; i++, at += STRIDE) {
       const t = table[buf[at]];
       const remaining = buf[at + 1];
       limits[i] = {
@@ -198,6 +199,7 @@ const UNBUILT = Symbol('unbuilt');
 class Warden {
   #native;
   #compact;
+  #embedded = false;
 
   /**
    * @param policy a policy object (as in the README) — or use `Warden.fromFile`.
@@ -218,7 +220,8 @@ class Warden {
   /** Holds the native warden; the embedded engine's compact-decision reader is made once. */
   #attach(n) {
     this.#native = n;
-    this.#compact = n.embedded ? new Compact(n) : undefined;
+    this.#embedded = n.embedded;
+    this.#compact = new Compact(n);
   }
 
   static #build(json, path, options) {
@@ -270,7 +273,7 @@ class Warden {
     try {
       const n = this.#live();
       // The embedded engine decides here and now: an already-settled Promise.
-      if (this.#compact !== undefined) return Promise.resolve(n[`${name}Sync`](...args));
+      if (this.#embedded) return Promise.resolve(n[`${name}Sync`](...args));
       return n[`${name}Async`](...args).catch(rethrow);
     } catch (e) {
       return Promise.reject(typed(e));
@@ -280,7 +283,7 @@ class Warden {
   /** check (op 0) / acquire (op 1): the compact path on the embedded engine. */
   #decide(op, name, scope, options) {
     const compact = this.#compact;
-    if (compact === undefined) return this.#call(name, [scope, options]); // Redis, or closed
+    if (compact === undefined) return this.#call(name, [scope, options]); // closed: the error
     const n = this.#native;
     let resource, action, cost, priority;
     if (options !== undefined && options !== null) {
@@ -290,6 +293,10 @@ class Warden {
       if (cost === SLOW) return this.#call(name, [scope, options]);
     }
     try {
+      if (!this.#embedded) {
+        return n.decideAsync(op, scope, resource, action, cost, priority)
+          .then((r) => (Array.isArray(r) ? compact.decision(r[0], r, 1) : r), rethrow);
+      }
       const r = n.decide(op, scope, resource, action, cost, priority, compact.buf);
       return Promise.resolve(typeof r === 'number' ? compact.decision(r) : r);
     } catch (e) {
@@ -448,26 +455,40 @@ class Warden {
       return limited(req, res, http);
     };
 
-    // The embedded engine's hot path: one native call that finds the client
-    // scope, decides and, when allowed, hands back only the header pairs.
-    const embedded = (req, res, next, s) => {
-      let r, xff;
+    // Allowed: the header pairs; denied: the whole HttpDecision.
+    const respond = (req, res, next, r) => {
+      if (!Array.isArray(r)) return limited(req, res, r);
+      for (let i = 0; i < r.length; i += 2) res.setHeader(r[i], r[i + 1]);
+      return next();
+    };
+
+    // One native call finds the client scope, decides and, when allowed, hands
+    // back only the header pairs (at once on the embedded engine).
+    const decide = (req, res, next, s) => {
+      let xff;
       if (s === undefined && trustProxy) {
         xff = req.headers['x-forwarded-for'];
         if (Array.isArray(xff)) xff = xff.join(',');
       }
-      if (fixedCost !== SLOW && fixed !== undefined) {
-        r = n.decideHttp(s, s === undefined ? req.socket?.remoteAddress : undefined, xff, trustProxy, resource, action, fixedCost, priority, style);
+      const peer = s === undefined ? req.socket?.remoteAddress : undefined;
+      let args;
+      if (fixed !== undefined && fixedCost !== SLOW) {
+        args = [s, peer, xff, trustProxy, resource, action, fixedCost, priority, style];
       } else {
-        const c = fixed === undefined ? pick(cost, req) : cost;
-        const text = encodeCost(c);
-        const request = { resource: pick(resource, req), action: pick(action, req), cost: c, priority: pick(priority, req) };
-        if (text === SLOW) return answer(req, res, next, n.acquireHttpSync(s ?? clientScope(req), request, style));
-        r = n.decideHttp(s, s === undefined ? req.socket?.remoteAddress : undefined, xff, trustProxy, request.resource, request.action, text, request.priority, style);
+        const request = fixed ?? { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
+        const text = encodeCost(request.cost);
+        if (text === SLOW) {
+          // Fractions, wrong types: the general conversion judges them.
+          const target = s ?? clientScope(req);
+          if (isEmbedded) return answer(req, res, next, n.acquireHttpSync(target, request, style));
+          n.acquireHttpAsync(target, request, style).then((http) => answer(req, res, next, http), (e) => next(typed(e)));
+          return undefined;
+        }
+        args = [s, peer, xff, trustProxy, request.resource, request.action, text, request.priority, style];
       }
-      if (!Array.isArray(r)) return limited(req, res, r);
-      for (let i = 0; i < r.length; i += 2) res.setHeader(r[i], r[i + 1]);
-      return next();
+      if (isEmbedded) return respond(req, res, next, n.decideHttp(...args));
+      n.decideHttpAsync(...args).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
+      return undefined;
     };
 
     return function ratewardenMiddleware(req, res, next) {
@@ -478,16 +499,10 @@ class Warden {
           if (who !== undefined) return next(); // the scope function said: not limited
           s = undefined;
         }
-        if (isEmbedded) return embedded(req, res, next, s);
-        const request = fixed ?? { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
-        n.acquireHttpAsync(s ?? clientScope(req), request, style).then(
-          (http) => answer(req, res, next, http),
-          (e) => next(typed(e)),
-        );
+        return decide(req, res, next, s);
       } catch (e) {
         return next(typed(e));
       }
-      return undefined;
     };
   }
 }

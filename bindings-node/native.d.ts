@@ -72,6 +72,12 @@ export declare class NativeWarden {
    */
   decide(op: number, scope: string, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, out: Float64Array): number | Decision
   /**
+   * `decide` for any backend, as a Promise: an allowed, plain decision
+   * resolves to `[priority code, then the compact encoding]`, any other to
+   * the whole decision.
+   */
+  decideAsync(op: number, scope: string, resource?: string | undefined | null, action?: string | undefined | null, cost?: string | undefined | null, priority?: string | undefined | null): Promise<Array<number> | Decision>
+  /**
    * An HTTP request's acquire at once on the embedded engine, for the
    * middleware's hot path: when allowed, only its response headers as
    * `[name, value, name, value…]` in `style`; when denied, the whole
@@ -79,6 +85,8 @@ export declare class NativeWarden {
    * `scope`, or else the client scope of `peer` / `forwardedFor`.
    */
   decideHttp(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, trustProxy: boolean, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, style: string): Array<string> | HttpDecision
+  /** `decideHttp` for any backend, as a Promise. */
+  decideHttpAsync(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, trustProxy: boolean, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, style: string): Promise<Array<string> | HttpDecision>
 }
 
 /** Restrictions to honour when allowed with caps (only those set). */

@@ -871,16 +871,11 @@ impl NativeWarden {
         priority: Option<String>,
         mut out: Float64ArraySlice,
     ) -> Result<Either<u32, Decision>> {
-        let cost = cost.as_deref().map(cost_of_text).transpose()?;
-        let req = ops::request(
-            &scope,
-            resource.as_deref(),
-            action.as_deref(),
-            cost,
-            priority.as_deref(),
-        )
-        .map_err(|e| to_js(&e))?;
-        let Answer::Decision(d) = self.sync(compact_call(op, req)?)? else {
+        let call = compact_call(
+            op,
+            compact_request(&scope, resource, action, cost, priority)?,
+        )?;
+        let Answer::Decision(d) = self.sync(call)? else {
             return Err(unexpected());
         };
         Ok(match compact(&d, writable(&mut out)) {
@@ -888,10 +883,38 @@ impl NativeWarden {
             None => Either::B(decision_of(&d)),
         })
     }
-}
 
-#[napi]
-impl NativeWarden {
+    /// `decide` for any backend, as a Promise: an allowed, plain decision
+    /// resolves to `[priority code, then the compact encoding]`, any other to
+    /// the whole decision.
+    #[napi]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn decide_async(
+        &self,
+        op: u32,
+        scope: String,
+        resource: Option<String>,
+        action: Option<String>,
+        cost: Option<String>,
+        priority: Option<String>,
+    ) -> Result<Either<Vec<f64>, Decision>> {
+        let call = compact_call(
+            op,
+            compact_request(&scope, resource, action, cost, priority)?,
+        )?;
+        let Answer::Decision(d) = self.run(call).await? else {
+            return Err(unexpected());
+        };
+        let mut out = vec![0.0; 2 + d.limits.len() * COMPACT_STRIDE];
+        Ok(match compact(&d, &mut out[1..]) {
+            Some(code) => {
+                out[0] = f64::from(code);
+                Either::A(out)
+            }
+            None => Either::B(decision_of(&d)),
+        })
+    }
+
     /// An HTTP request's acquire at once on the embedded engine, for the
     /// middleware's hot path: when allowed, only its response headers as
     /// `[name, value, name, value…]` in `style`; when denied, the whole
@@ -912,37 +935,85 @@ impl NativeWarden {
         style: String,
     ) -> Result<Either<Vec<String>, HttpDecision>> {
         let style = style_of(&style)?;
-        let scope = match scope {
-            Some(s) => s,
-            None => ratewarden::http::client_scope(
-                peer.as_deref(),
-                forwarded_for.as_deref(),
-                trust_proxy,
-            )
-            .map_err(|e| to_js(&e))?,
-        };
-        let cost = cost.as_deref().map(cost_of_text).transpose()?;
-        let req = ops::request(
-            &scope,
-            resource.as_deref(),
-            action.as_deref(),
-            cost,
-            priority.as_deref(),
-        )
-        .map_err(|e| to_js(&e))?;
+        let scope = http_scope(scope, peer, forwarded_for, trust_proxy)?;
+        let req = compact_request(&scope, resource, action, cost, priority)?;
         let Answer::Decision(d) = self.sync(Call::Acquire(req))? else {
             return Err(unexpected());
         };
-        if !d.allowed() {
-            return Ok(Either::B(http_of(&d, style)));
-        }
-        let mut out = Vec::with_capacity(4);
-        for (name, value) in rate_limit_headers(&d, style) {
-            out.push(name.to_owned());
-            out.push(value);
-        }
-        Ok(Either::A(out))
+        Ok(http_answer(&d, style))
     }
+
+    /// `decideHttp` for any backend, as a Promise.
+    #[napi]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn decide_http_async(
+        &self,
+        scope: Option<String>,
+        peer: Option<String>,
+        forwarded_for: Option<String>,
+        trust_proxy: bool,
+        resource: Option<String>,
+        action: Option<String>,
+        cost: Option<String>,
+        priority: Option<String>,
+        style: String,
+    ) -> Result<Either<Vec<String>, HttpDecision>> {
+        let style = style_of(&style)?;
+        let scope = http_scope(scope, peer, forwarded_for, trust_proxy)?;
+        let req = compact_request(&scope, resource, action, cost, priority)?;
+        let Answer::Decision(d) = self.run(Call::Acquire(req)).await? else {
+            return Err(unexpected());
+        };
+        Ok(http_answer(&d, style))
+    }
+}
+
+/// A request from the compact path's arguments (`cost` as `cost_of_text` reads it).
+fn compact_request(
+    scope: &str,
+    resource: Option<String>,
+    action: Option<String>,
+    cost: Option<String>,
+    priority: Option<String>,
+) -> Result<Request> {
+    let cost = cost.as_deref().map(cost_of_text).transpose()?;
+    ops::request(
+        scope,
+        resource.as_deref(),
+        action.as_deref(),
+        cost,
+        priority.as_deref(),
+    )
+    .map_err(|e| to_js(&e))
+}
+
+/// The scope of an HTTP request: the one given, or the client's (`clientScope`).
+fn http_scope(
+    scope: Option<String>,
+    peer: Option<String>,
+    forwarded_for: Option<String>,
+    trust_proxy: bool,
+) -> Result<String> {
+    match scope {
+        Some(s) => Ok(s),
+        None => {
+            ratewarden::http::client_scope(peer.as_deref(), forwarded_for.as_deref(), trust_proxy)
+                .map_err(|e| to_js(&e))
+        }
+    }
+}
+
+/// Allowed: only the header pairs; denied: the whole `HttpDecision`.
+fn http_answer(d: &CoreDecision, style: HeaderStyle) -> Either<Vec<String>, HttpDecision> {
+    if !d.allowed() {
+        return Either::B(http_of(d, style));
+    }
+    let mut out = Vec::with_capacity(4);
+    for (name, value) in rate_limit_headers(d, style) {
+        out.push(name.to_owned());
+        out.push(value);
+    }
+    Either::A(out)
 }
 
 fn style_of(style: &str) -> Result<HeaderStyle> {
