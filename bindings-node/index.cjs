@@ -455,12 +455,24 @@ class Warden {
       return limited(req, res, http);
     };
 
-    // Allowed: the header pairs; denied: the whole HttpDecision.
+    // Allowed: the headers as one string `name\nvalue\n…`; denied: the whole HttpDecision.
     const respond = (req, res, next, r) => {
-      if (!Array.isArray(r)) return limited(req, res, r);
-      for (let i = 0; i < r.length; i += 2) res.setHeader(r[i], r[i + 1]);
+      if (typeof r !== 'string') return limited(req, res, r);
+      if (r !== '') {
+        const h = r.split('\n');
+        for (let i = 0; i < h.length; i += 2) res.setHeader(h[i], h[i + 1]);
+      }
       return next();
     };
+    // Constant fields are validated once, here, and stay native (one index crosses per request).
+    let template;
+    if (fixed !== undefined && fixedCost !== SLOW) {
+      try {
+        template = n.prepareHttp(resource, action, fixedCost, priority, style);
+      } catch (e) {
+        throw typed(e);
+      }
+    }
 
     // One native call finds the client scope, decides and, when allowed, hands
     // back only the header pairs (at once on the embedded engine).
@@ -471,21 +483,21 @@ class Warden {
         if (Array.isArray(xff)) xff = xff.join(',');
       }
       const peer = s === undefined ? req.socket?.remoteAddress : undefined;
-      let args;
-      if (fixed !== undefined && fixedCost !== SLOW) {
-        args = [s, peer, xff, trustProxy, resource, action, fixedCost, priority, style];
-      } else {
-        const request = fixed ?? { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
-        const text = encodeCost(request.cost);
-        if (text === SLOW) {
-          // Fractions, wrong types: the general conversion judges them.
-          const target = s ?? clientScope(req);
-          if (isEmbedded) return answer(req, res, next, n.acquireHttpSync(target, request, style));
-          n.acquireHttpAsync(target, request, style).then((http) => answer(req, res, next, http), (e) => next(typed(e)));
-          return undefined;
-        }
-        args = [s, peer, xff, trustProxy, request.resource, request.action, text, request.priority, style];
+      if (template !== undefined) {
+        if (isEmbedded) return respond(req, res, next, n.decideHttpPrepared(s, peer, xff, trustProxy, template));
+        n.decideHttpPreparedAsync(s, peer, xff, trustProxy, template).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
+        return undefined;
       }
+      const request = fixed ?? { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
+      const text = encodeCost(request.cost);
+      if (text === SLOW) {
+        // Fractions, wrong types: the general conversion judges them.
+        const target = s ?? clientScope(req);
+        if (isEmbedded) return answer(req, res, next, n.acquireHttpSync(target, request, style));
+        n.acquireHttpAsync(target, request, style).then((http) => answer(req, res, next, http), (e) => next(typed(e)));
+        return undefined;
+      }
+      const args = [s, peer, xff, trustProxy, request.resource, request.action, text, request.priority, style];
       if (isEmbedded) return respond(req, res, next, n.decideHttp(...args));
       n.decideHttpAsync(...args).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
       return undefined;

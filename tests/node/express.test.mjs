@@ -179,5 +179,9 @@ describe('express middleware options', () => {
     assert.throws(() => w.express({ headers: 'draft-9' }), (e) => e instanceof InvalidInputError && /draft-9/.test(e.message));
     assert.throws(() => w.express({ skip: true }), (e) => e instanceof InvalidInputError && /skip/.test(e.message));
     assert.throws(() => w.express('nope'), InvalidInputError);
+    // Constant request fields are validated when the middleware is made, not per request.
+    assert.throws(() => w.express({ priority: 'urgent' }), (e) => e instanceof InvalidInputError && /urgent/.test(e.message));
+    assert.throws(() => w.express({ cost: { requests: '1.5.2' } }), (e) => e instanceof InvalidInputError && /cost\.requests/.test(e.message));
+    assert.throws(() => w.express({ resource: 42 }), InvalidInputError);
   });
 });
