@@ -122,8 +122,9 @@ function scope(...parts) {
 }
 
 // --- compact decisions ----------------------------------------------------------
-// On the embedded engine an allowed, plain decision comes back as numbers in a
-// Float64Array (see `decide` in src/lib.rs): building the object here is ~10x
+// An allowed, plain decision comes back as numbers — in a Float64Array this
+// layer owns on the embedded engine (`decide` in src/lib.rs), as a number array
+// from Redis (`decideAsync`) — and is built here as an object literal: ~10x
 // cheaper than field by field through N-API. Names come from the limit table.
 
 const PRIORITIES = ['critical', 'standard', 'background']; // the order of src/lib.rs priority_code
@@ -217,7 +218,7 @@ class Warden {
     this.#attach(Warden.#build(JSON.stringify(policy), null, options));
   }
 
-  /** Holds the native warden; the embedded engine's compact-decision reader is made once. */
+  /** Holds the native warden and its compact-decision reader (limit table and buffer, made once). */
   #attach(n) {
     this.#native = n;
     this.#embedded = n.embedded;
@@ -280,7 +281,7 @@ class Warden {
     }
   }
 
-  /** check (op 0) / acquire (op 1): the compact path on the embedded engine. */
+  /** check (op 0) / acquire (op 1) through the compact path (options it cannot encode take the general one). */
   #decide(op, name, scope, options) {
     const compact = this.#compact;
     if (compact === undefined) return this.#call(name, [scope, options]); // closed: the error
