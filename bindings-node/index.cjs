@@ -507,11 +507,9 @@ class Warden {
     return function ratewardenMiddleware(req, res, next) {
       try {
         if (skip && skip(req)) return next();
-        let s = who === undefined ? undefined : pick(who, req);
-        if (s === undefined || s === null) {
-          if (who !== undefined) return next(); // the scope function said: not limited
-          s = undefined;
-        }
+        if (who === undefined) return decide(req, res, next, undefined); // the client's address
+        const s = pick(who, req);
+        if (s === undefined || s === null) return next(); // the scope function said: not limited
         return decide(req, res, next, s);
       } catch (e) {
         return next(typed(e));
