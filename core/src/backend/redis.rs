@@ -62,6 +62,7 @@ use crate::scope::Scope;
 const COMMON: &str = include_str!("../../lua/common.lua");
 const DECIDE: &str = include_str!("../../lua/decide.lua");
 const SETTLE: &str = include_str!("../../lua/settle.lua");
+const RATE: &str = include_str!("../../lua/rate.lua");
 /// How long an ended reservation is remembered (idempotent commit / release).
 const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
 /// Default command timeout.
@@ -117,6 +118,8 @@ pub struct RedisBackend {
     cluster: bool,
     namespace: Arc<str>,
     decide: Arc<Script>,
+    /// `rate.lua`: check / acquire of rate limits only, no starvation tracker.
+    rate: Arc<Script>,
     settle: Arc<Script>,
     clock: Option<Arc<dyn Clock>>,
     on_error: OnBackendError,
@@ -249,6 +252,7 @@ impl RedisBackend {
             cluster,
             namespace: namespace.into(),
             decide: Arc::new(Script::new(&format!("{COMMON}\n{DECIDE}"))),
+            rate: Arc::new(Script::new(&format!("{COMMON}\n{RATE}"))),
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
             clock: None,
             on_error: OnBackendError::default(),
@@ -608,6 +612,56 @@ impl RedisBackend {
         (keys, args)
     }
 
+    /// The script for one part and its keys and arguments: `rate.lua` for a
+    /// check or acquire of rate limits only with no starvation tracker (the
+    /// common case: a third of the arguments, no grant, record or window
+    /// work), `decide.lua` for everything else.
+    fn script_for(
+        &self,
+        call: Call<'_>,
+        part: &Part,
+        step: &Step<'_>,
+    ) -> (&Script, Vec<String>, Vec<String>) {
+        let plan = call.plan;
+        let lean = matches!(step.mode, "check" | "acquire")
+            && call.delegate.is_none()
+            && step.id.is_none()
+            && (plan.caller_key().is_none() || !part.primary)
+            && part
+                .items
+                .iter()
+                .all(|&i| matches!(plan.get(i).def.kind, LimitKind::Rate(_)));
+        if !lean {
+            let (keys, args) = self.decide_args(call, part, step);
+            return (&self.decide, keys, args);
+        }
+        let rank = usize::from(step.rank.min(2));
+        let mut keys = Vec::with_capacity(part.items.len());
+        let mut args = Vec::with_capacity(3 + 5 * part.items.len());
+        args.extend([
+            self.now_arg().to_string(),
+            step.mode.to_owned(),
+            step.rank.to_string(),
+        ]);
+        for &i in &part.items {
+            let item = plan.get(i);
+            keys.push(self.key(item.key));
+            if let LimitKind::Rate(r) = &item.def.kind {
+                args.extend([
+                    item.amount.to_string(),
+                    r.burst.to_string(),
+                    item.def
+                        .floors
+                        .usable(r.burst, Priority::ALL[rank])
+                        .to_string(),
+                    r.p.to_string(),
+                    r.l.to_string(),
+                ]);
+            }
+        }
+        (&self.rate, keys, args)
+    }
+
     /// The exact command one `acquire` of `plan` sends — `EVALSHA <sha> <numkeys>
     /// <keys…> <args…>` — so benchmarks can replay it with `redis-benchmark`.
     /// For a plan on one slot (every plan on a standalone server).
@@ -616,10 +670,10 @@ impl RedisBackend {
     pub fn acquire_command(&self, plan: &Plan<'_>) -> Vec<String> {
         let call = Call::new(plan, "acquire");
         let part = &self.parts(call)[0];
-        let (keys, args) = self.decide_args(call, part, &Step::new("acquire", plan));
+        let (script, keys, args) = self.script_for(call, part, &Step::new("acquire", plan));
         let mut out = vec![
             "EVALSHA".to_owned(),
-            self.decide.get_hash().to_owned(),
+            script.get_hash().to_owned(),
             keys.len().to_string(),
         ];
         out.extend(keys);
@@ -629,8 +683,8 @@ impl RedisBackend {
 
     /// Runs the decision script for one part.
     async fn run_part(&self, call: Call<'_>, part: &Part, step: &Step<'_>) -> Result<PartOut> {
-        let (keys, args) = self.decide_args(call, part, step);
-        let mut inv = self.decide.prepare_invoke();
+        let (script, keys, args) = self.script_for(call, part, step);
+        let mut inv = script.prepare_invoke();
         for k in &keys {
             inv.key(k);
         }

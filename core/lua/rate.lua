@@ -1,0 +1,50 @@
+-- ratewarden: check or acquire a request whose limits (on this slot) are all
+-- rates, for a caller with no starvation tracker (any priority but background).
+-- The common case, without the general script's holds, grants, records and
+-- windows: decide.lua's rate branch formula for formula (core/src/eval.rs), the
+-- same answer shape, a third of the arguments.
+--
+-- KEYS[1..n]  one hash per rate limit instance (d = debt, t = time of d)
+--
+-- ARGV[1]  now in µs, or "-1" to read the server clock (TIME) — production always does
+-- ARGV[2]  mode: "check" | "acquire"
+-- ARGV[3]  the priority rank it is decided at (0 critical, 1 standard)
+-- ARGV[4 + 5*(i-1) ...] per limit i: amount, burst, usable at that rank
+--          (burst minus the rank's floor), p, l
+--
+-- Returns { rank, 0, 0, then per limit: allowed (0|1), remaining, reset (µs),
+--           retry (µs, -1 = never) }
+
+-- (helpers: common.lua, prepended at load time)
+
+local now = request_now(ARGV[1])
+local n = #KEYS
+local results, debts, all = { tonumber(ARGV[3]), 0, 0 }, {}, true
+for i = 1, n do
+  local b = 4 + 5 * (i - 1)
+  local amount, cap, usable = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local p, l = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local st = redis.call("HMGET", KEYS[i], "d", "t")
+  local debt = 0
+  if st[1] then debt = rate_debt_now(tonumber(st[1]), tonumber(st[2]), now, l) end
+  local need = debt + amount * p
+  local allowed = amount == 0 or need <= usable * p
+  local after = allowed and need or debt
+  local retry = NEVER
+  if not allowed and amount <= usable then retry = ceil_div(need - usable * p, l) end
+  if not allowed then all = false end
+  debts[i] = need
+  results[#results + 1] = allowed and 1 or 0
+  results[#results + 1] = math.floor(math.max(cap * p - after, 0) / p)
+  results[#results + 1] = ceil_div(after, l)
+  results[#results + 1] = retry
+end
+
+if all and ARGV[2] == "acquire" then
+  for i = 1, n do
+    local l = tonumber(ARGV[4 + 5 * (i - 1) + 4])
+    redis.call("HSET", KEYS[i], "d", debts[i], "t", now)
+    expire_at(KEYS[i], now + ceil_div(debts[i], l), now)
+  end
+end
+return results
