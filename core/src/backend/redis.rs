@@ -5,8 +5,9 @@
 //! after a restart or `SCRIPT FLUSH` is answered by loading the script and
 //! retrying, transparently. A check or acquire whose limits are all rates (and
 //! whose caller is not a tracked background one) runs the lean `rate.lua`;
-//! everything else runs `decide.lua`, whose rate formulas are the same. Time is the server's `TIME`, so client clocks never
-//! matter; [`RedisBackend::with_clock`] replaces it for deterministic tests
+//! everything else runs `decide.lua`, whose rate formulas are the same. Time
+//! is the server's `TIME`, so client clocks never matter;
+//! [`RedisBackend::with_clock`] replaces it for deterministic tests
 //! only. Connections are multiplexed: concurrent callers pipeline over one
 //! socket per server, which reconnects by itself.
 //!
