@@ -145,14 +145,6 @@ function encodeCost(cost) {
   return text;
 }
 
-/** An amount in base units as a decimal in its unit (the core's format_base; |v| <= 2^53 here). */
-function formatBase(v, decimals) {
-  if (decimals === 0) return String(v);
-  const digits = String(Math.abs(v)).padStart(decimals + 1, '0');
-  const frac = digits.slice(-decimals).replace(/0+$/, '');
-  return `${v < 0 ? '-' : ''}${digits.slice(0, -decimals)}${frac ? `.${frac}` : ''}`;
-}
-
 class Compact {
   constructor(n) {
     this.table = [];
@@ -170,7 +162,7 @@ class Compact {
       const remaining = buf[at + 1];
       limits[i] = {
         name: t.name, kind: t.kind, unit: t.unit, limit: t.limit, remaining,
-        remainingText: formatBase(remaining, t.decimals), amount: buf[at + 2], reset: buf[at + 3], denied: false,
+        remainingText: String(remaining), amount: buf[at + 2], reset: buf[at + 3], denied: false,
       };
     }
     return { allowed: true, outcome: 'allow', caps: {}, limits, priority: PRIORITIES[code] };
@@ -426,15 +418,6 @@ class Warden {
     const isEmbedded = n.embedded;
     const pick = (v, req) => (typeof v === 'function' ? v(req) : v);
     const constant = [resource, action, cost, priority].every((v) => typeof v !== 'function');
-    // Constant request fields are resolved (and the cost encoded) once.
-    const fixedCost = constant ? encodeCost(cost) : undefined;
-    const fixed = constant ? { resource, action, cost, priority } : undefined;
-
-    const clientScope = (req) => {
-      const xff = trustProxy ? req.headers['x-forwarded-for'] : undefined;
-      return native.clientScope(req.socket?.remoteAddress ?? null, (Array.isArray(xff) ? xff.join(',') : xff) ?? null, trustProxy);
-    };
-
     const limited = (req, res, http) => {
       const { headerNames, headerValues } = http;
       for (let i = 0; i < headerNames.length; i++) res.setHeader(headerNames[i], headerValues[i]);
@@ -447,15 +430,6 @@ class Warden {
       res.end(http.body);
     };
 
-    const answer = (req, res, next, http) => {
-      if (http.decision.allowed) {
-        const { headerNames, headerValues } = http;
-        for (let i = 0; i < headerNames.length; i++) res.setHeader(headerNames[i], headerValues[i]);
-        return next();
-      }
-      return limited(req, res, http);
-    };
-
     // Allowed: the headers as one string `name\nvalue\n…`; denied: the whole HttpDecision.
     const respond = (req, res, next, r) => {
       if (typeof r !== 'string') return limited(req, res, r);
@@ -465,9 +439,12 @@ class Warden {
       }
       return next();
     };
-    // Constant fields are validated once, here, and stay native (one index crosses per request).
+    // Constant request fields (values, not functions of req) are validated once,
+    // here, and stay native: one index crosses per request. A constant cost the
+    // compact encoding cannot carry (a fraction) takes the per-request path.
     let template;
-    if (fixed !== undefined && fixedCost !== SLOW) {
+    const fixedCost = constant ? encodeCost(cost) : SLOW;
+    if (fixedCost !== SLOW) {
       try {
         template = n.prepareHttp(resource, action, fixedCost, priority, style);
       } catch (e) {
@@ -475,8 +452,8 @@ class Warden {
       }
     }
 
-    // One native call finds the client scope, decides and, when allowed, hands
-    // back only the header pairs (at once on the embedded engine).
+    // One native call finds the client scope (when `s` is undefined), decides
+    // and, when allowed, hands back only the header pairs.
     const decide = (req, res, next, s) => {
       let xff;
       if (s === undefined && trustProxy) {
@@ -489,18 +466,11 @@ class Warden {
         n.decideHttpPreparedAsync(s, peer, xff, trustProxy, template).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
         return undefined;
       }
-      const request = fixed ?? { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
-      const text = encodeCost(request.cost);
-      if (text === SLOW) {
-        // Fractions, wrong types: the general conversion judges them.
-        const target = s ?? clientScope(req);
-        if (isEmbedded) return answer(req, res, next, n.acquireHttpSync(target, request, style));
-        n.acquireHttpAsync(target, request, style).then((http) => answer(req, res, next, http), (e) => next(typed(e)));
-        return undefined;
-      }
-      const args = [s, peer, xff, trustProxy, request.resource, request.action, text, request.priority, style];
-      if (isEmbedded) return respond(req, res, next, n.decideHttp(...args));
-      n.decideHttpAsync(...args).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
+      // Fields computed per request: the general conversion.
+      const request = { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
+      const target = s ?? native.clientScope(peer ?? null, xff ?? null, trustProxy);
+      if (isEmbedded) return respond(req, res, next, n.acquireHttpSync(target, request, style));
+      n.acquireHttpAsync(target, request, style).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
       return undefined;
     };
 
@@ -519,6 +489,8 @@ class Warden {
 }
 
 module.exports = {
+  // The addon itself, for the package's own tests (not part of the API).
+  [Symbol.for('ratewarden.native')]: native,
   Warden,
   ManualClock,
   scope,

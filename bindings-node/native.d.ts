@@ -56,12 +56,14 @@ export declare class NativeWarden {
   /** Waits up to `maxWait` seconds for admission, then acquires (or reserves). */
   waitAsync(scope: string, options: RequestOptions | undefined | null, maxWait: number, reserve: boolean): Promise<Decision>
   /**
-   * An HTTP request's decision (acquire) with its response headers in `style`
-   * (`draft-11`, `draft-7`, `draft-6`, `off`), at once on the embedded engine.
+   * An HTTP request's acquire with its response headers in `style`
+   * (`draft-11`, `draft-7`, `draft-6`, `off`), at once on the embedded
+   * engine, for request fields computed per request: answers as
+   * `decideHttpPrepared` does.
    */
-  acquireHttpSync(scope: string, options: RequestOptions | undefined | null, style: string): HttpDecision
+  acquireHttpSync(scope: string, options: RequestOptions | undefined | null, style: string): string | HttpDecision
   /** Async form of `acquireHttpSync`. */
-  acquireHttpAsync(scope: string, options: RequestOptions | undefined | null, style: string): Promise<HttpDecision>
+  acquireHttpAsync(scope: string, options: RequestOptions | undefined | null, style: string): Promise<string | HttpDecision>
   /** The policy's limits, indexed by `id`, for reading compact decisions. */
   limitTable(): Array<LimitMeta>
   /**
@@ -77,16 +79,6 @@ export declare class NativeWarden {
    * the whole decision.
    */
   decideAsync(op: number, scope: string, resource?: string | undefined | null, action?: string | undefined | null, cost?: string | undefined | null, priority?: string | undefined | null): Promise<Array<number> | Decision>
-  /**
-   * An HTTP request's acquire at once on the embedded engine, for the
-   * middleware's path for requests computed per request: when allowed, only
-   * its response headers (joined as by `decideHttpPrepared`); when denied, the whole
-   * `HttpDecision` (decision, headers and 429 body). The scope is
-   * `scope`, or else the client scope of `peer` / `forwardedFor`.
-   */
-  decideHttp(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, trustProxy: boolean, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, style: string): string | HttpDecision
-  /** `decideHttp` for any backend, as a Promise. */
-  decideHttpAsync(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, trustProxy: boolean, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, style: string): Promise<string | HttpDecision>
   /**
    * Validates a middleware's constant request fields and header style once
    * and returns their index for `decideHttpPrepared`. `cost` as in `decide`.
@@ -230,8 +222,6 @@ export interface LimitMeta {
   kind: string
   /** The unit it counts. */
   unit: string
-  /** Decimals of that unit (amounts are in base units). */
-  decimals: number
   /** Capacity, base units. */
   limit: number
 }

@@ -440,7 +440,6 @@ pub struct NativeWarden {
 }
 
 /// A middleware's constant request fields and header style, resolved once.
-#[derive(Clone)]
 struct Template {
     /// resource, action, cost and priority, with a placeholder scope.
     request: Request,
@@ -720,21 +719,23 @@ impl NativeWarden {
         call.run(self.warden.clone()).await.map_err(|e| to_js(&e))
     }
 
-    /// An HTTP request's decision (acquire) with its response headers in `style`
-    /// (`draft-11`, `draft-7`, `draft-6`, `off`), at once on the embedded engine.
+    /// An HTTP request's acquire with its response headers in `style`
+    /// (`draft-11`, `draft-7`, `draft-6`, `off`), at once on the embedded
+    /// engine, for request fields computed per request: answers as
+    /// `decideHttpPrepared` does.
     #[napi]
     pub fn acquire_http_sync(
         &self,
         scope: String,
         options: Option<RequestOptions>,
         style: String,
-    ) -> Result<HttpDecision> {
+    ) -> Result<Either<String, HttpDecision>> {
         let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
         if !self.embedded {
             return Err(invalid("call", "use acquireHttpAsync with Redis"));
         }
         let d = at_once(self.warden.acquire(&req))?;
-        Ok(http_of(&d, style))
+        Ok(http_joined(&d, style))
     }
 
     /// Async form of `acquireHttpSync`.
@@ -744,23 +745,24 @@ impl NativeWarden {
         scope: String,
         options: Option<RequestOptions>,
         style: String,
-    ) -> Result<HttpDecision> {
+    ) -> Result<Either<String, HttpDecision>> {
         let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
         let d = self.warden.acquire(&req).await.map_err(|e| to_js(&e))?;
-        Ok(http_of(&d, style))
+        Ok(http_joined(&d, style))
     }
 }
 
 // ---------------------------------------------------------------------------
-// Compact decisions: the hot path of the embedded engine
+// Compact decisions: the hot path
 //
 // Building a plain object field by field through N-API costs ~10x the decision
 // itself. `decide` instead writes an allowed decision's numbers into a
 // `Float64Array` the JS layer owns and returns a small status code; the JS
 // layer builds the object literal, taking names from the limit table
 // (`limitTable()`, fetched once). Everything else — a denial, caps, a
-// reservation, a degraded decision, an amount beyond 2^53 — comes back as the
-// full `Decision` object, so nothing is ever approximated.
+// reservation, a degraded decision, a unit with decimals, an amount beyond
+// 2^53 — comes back as the full `Decision` object, so nothing is approximated
+// and nothing is formatted outside core.
 
 /// Numbers per limit in the compact encoding: id, remaining, amount, reset.
 const COMPACT_STRIDE: usize = 4;
@@ -776,8 +778,6 @@ pub struct LimitMeta {
     pub kind: String,
     /// The unit it counts.
     pub unit: String,
-    /// Decimals of that unit (amounts are in base units).
-    pub decimals: u32,
     /// Capacity, base units.
     pub limit: i64,
 }
@@ -803,15 +803,6 @@ fn cost_of_text(text: &str) -> Result<Cost> {
     Ok(out)
 }
 
-/// Code of a priority in the compact status (the JS layer names them in this order).
-fn priority_code(p: ratewarden::Priority) -> u32 {
-    match p {
-        ratewarden::Priority::Critical => 0,
-        ratewarden::Priority::Standard => 1,
-        ratewarden::Priority::Background => 2,
-    }
-}
-
 /// Writes an allowed, plain decision into `out`; `None` if it does not fit the
 /// compact form (the caller then returns the full object).
 #[allow(clippy::cast_precision_loss)]
@@ -827,7 +818,9 @@ fn compact(d: &CoreDecision, out: &mut [f64]) -> Option<u32> {
     }
     out[0] = d.limits.len() as f64;
     for (i, l) in d.limits.iter().enumerate() {
-        if l.denied || l.remaining.abs() > EXACT || l.amount.abs() > EXACT {
+        // Whole units only: their `remainingText` is the integer itself, so the
+        // JS layer never formats decimals (that stays in core).
+        if l.denied || l.def.decimals != 0 || l.remaining.abs() > EXACT || l.amount.abs() > EXACT {
             return None;
         }
         let at = 1 + i * COMPACT_STRIDE;
@@ -836,7 +829,7 @@ fn compact(d: &CoreDecision, out: &mut [f64]) -> Option<u32> {
         out[at + 2] = l.amount as f64;
         out[at + 3] = l.reset.as_secs_f64();
     }
-    Some(priority_code(d.priority))
+    Some(u32::from(d.priority.rank()))
 }
 
 /// The compact buffer's memory, for this call.
@@ -861,7 +854,6 @@ impl NativeWarden {
                 name: l.name.clone(),
                 kind: l.kind.name().to_owned(),
                 unit: l.unit.clone(),
-                decimals: u32::from(l.decimals),
                 limit: l.limit,
             })
             .collect()
@@ -925,58 +917,6 @@ impl NativeWarden {
             }
             None => Either::B(decision_of(&d)),
         })
-    }
-
-    /// An HTTP request's acquire at once on the embedded engine, for the
-    /// middleware's path for requests computed per request: when allowed, only
-    /// its response headers (joined as by `decideHttpPrepared`); when denied, the whole
-    /// `HttpDecision` (decision, headers and 429 body). The scope is
-    /// `scope`, or else the client scope of `peer` / `forwardedFor`.
-    #[napi]
-    #[allow(clippy::too_many_arguments)]
-    pub fn decide_http(
-        &self,
-        scope: Option<String>,
-        peer: Option<String>,
-        forwarded_for: Option<String>,
-        trust_proxy: bool,
-        resource: Option<String>,
-        action: Option<String>,
-        cost: Option<String>,
-        priority: Option<String>,
-        style: String,
-    ) -> Result<Either<String, HttpDecision>> {
-        let style = style_of(&style)?;
-        let scope = http_scope(scope, peer, forwarded_for, trust_proxy)?;
-        let req = compact_request(&scope, resource, action, cost, priority)?;
-        let Answer::Decision(d) = self.sync(Call::Acquire(req))? else {
-            return Err(unexpected());
-        };
-        Ok(http_joined(&d, style))
-    }
-
-    /// `decideHttp` for any backend, as a Promise.
-    #[napi]
-    #[allow(clippy::too_many_arguments)]
-    pub async fn decide_http_async(
-        &self,
-        scope: Option<String>,
-        peer: Option<String>,
-        forwarded_for: Option<String>,
-        trust_proxy: bool,
-        resource: Option<String>,
-        action: Option<String>,
-        cost: Option<String>,
-        priority: Option<String>,
-        style: String,
-    ) -> Result<Either<String, HttpDecision>> {
-        let style = style_of(&style)?;
-        let scope = http_scope(scope, peer, forwarded_for, trust_proxy)?;
-        let req = compact_request(&scope, resource, action, cost, priority)?;
-        let Answer::Decision(d) = self.run(Call::Acquire(req)).await? else {
-            return Err(unexpected());
-        };
-        Ok(http_joined(&d, style))
     }
 }
 

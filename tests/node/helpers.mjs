@@ -1,9 +1,13 @@
 // Shared helpers of the Node tests (not itself a test file): real Redis servers
 // from scripts/redis_harness.py, and a real Express app on a free loopback port.
 import { execFileSync } from 'node:child_process';
+import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 
 import express from '../../bindings-node/node_modules/express/index.js';
+
+/** The native addon itself (index.cjs's loader), for tests of the binding's internals. */
+export const addon = createRequire(import.meta.url)('../../bindings-node/index.cjs')[Symbol.for('ratewarden.native')];
 
 const harness = fileURLToPath(new URL('../../scripts/redis_harness.py', import.meta.url));
 

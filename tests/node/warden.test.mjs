@@ -11,7 +11,7 @@ import {
   BudgetExceededError, InvalidInputError, ManualClock, PolicyError, RateLimitedError,
   ReservationConflictError, ReservationNotFoundError, Warden, WardenError, scope,
 } from '../../bindings-node/index.mjs';
-import { policy, startRedis } from './helpers.mjs';
+import { addon, policy, startRedis } from './helpers.mjs';
 
 let redis;
 before(() => { redis = startRedis(); });
@@ -42,35 +42,47 @@ describe('Warden', () => {
     assert.equal(w.backend, 'memory');
   });
 
-  test('the compact path (allowed decisions on the embedded engine) reads exactly like the general one', async () => {
-    const wide = {
+  test('the compact path (allowed check/acquire in whole units) reads exactly like the general one', async () => {
+    const whole = {
       scopes: {
         tenant: { limits: [
-          { name: 'tenant-usd', kind: 'budget', unit: 'usd', limit: '1', per: 'day' },
-          { name: 'tenant-huge', kind: 'budget', unit: 'usd', limit: '9000000000', per: 'day' },
+          { name: 'tenant-tokens', kind: 'budget', unit: 'tokens', limit: 1000, per: 'day' },
+          { name: 'tenant-huge', kind: 'budget', unit: 'tokens', limit: 9000000000000000, per: 'day' },
         ] },
       },
       resources: { llm: { limits: [{ name: 'llm-rpm', kind: 'rate', unit: 'requests', limit: 60, per: '1m' }] } },
     };
-    const w = new Warden(wide, { clock: new ManualClock() });
-    // A fractional number takes the general path; the same amount as a string the compact one.
-    const general = await w.acquire('tenant:a', { resource: 'llm', cost: { usd: 0.25 }, priority: 'background' });
-    const compact = await w.acquire('tenant:b', { resource: 'llm', cost: { usd: '0.25' }, priority: 'background' });
+    const w = new Warden(whole, { clock: new ManualClock() });
+    const request = { resource: 'llm', cost: { tokens: 250 }, priority: 'background' };
+    // wait() answers through the general conversion; acquire() through the compact one.
+    const general = await w.wait('tenant:a', { ...request, maxWait: 1 });
+    const compact = await w.acquire('tenant:b', request);
     assert.deepStrictEqual(compact, { ...general, limits: compact.limits });
     // The resource's rate is shared by both tenants: one more request used.
     assert.deepStrictEqual(
       compact.limits,
       general.limits.map((l) => (l.name === 'llm-rpm' ? { ...l, remaining: 58, remainingText: '58', reset: 2 } : l)),
     );
-    assert.deepEqual(compact.limits.map((l) => l.remainingText), ['0.75', '8999999999.75', '58']);
-    assert.equal(compact.priority, 'background');
-    assert.equal(compact.limits[1].remaining, 8999999999750000); // near 2^53 base units, exact
-    const more = await w.acquire('tenant:b', { cost: { usd: '0.000001' } });
-    assert.equal(more.limits[0].remainingText, '0.749999');
-    assert.equal(more.limits[1].remainingText, '8999999999.749999');
+    assert.deepEqual(compact.limits.map((l) => [l.name, l.remainingText]), [
+      ['tenant-tokens', '750'], ['tenant-huge', '8999999999999750'], ['llm-rpm', '58'],
+    ]);
+    assert.equal(compact.limits[1].remaining, 8999999999999750); // near 2^53, exact
     // check() changes nothing on the compact path either.
-    assert.equal((await w.check('tenant:b', { cost: { usd: '0.5' } })).limits[0].remainingText, '0.249999');
-    assert.equal((await w.check('tenant:b')).limits[0].remainingText, '0.749999');
+    assert.equal((await w.check('tenant:b', { cost: { tokens: 500 } })).limits[0].remainingText, '250');
+    assert.equal((await w.check('tenant:b')).limits[0].remainingText, '750');
+
+    // Which path answered, seen from the addon: a number is the compact code.
+    const n = new addon.NativeWarden(JSON.stringify(whole), null, {}, null);
+    const buf = new Float64Array(257);
+    assert.equal(n.decide(1, 'tenant:c', 'llm', undefined, 'tokens\x1f10\x1e', undefined, buf), 1);
+    assert.deepEqual([...buf.slice(0, 4)], [3, 0, 990, 10]); // 3 limits; tenant-tokens (id 0): 990 left, 10 taken
+    assert.ok(buf[4] > 0 && buf[4] <= 86400); // its reset: the rest of the (real) day
+    // A unit with decimals is answered whole, its text formatted by core.
+    const usd = { scopes: { tenant: { limits: [{ name: 'tenant-usd', kind: 'budget', unit: 'usd', limit: '1', per: 'day' }] } } };
+    const nu = new addon.NativeWarden(JSON.stringify(usd), null, {}, null);
+    const d = nu.decide(1, 'tenant:c', undefined, undefined, 'usd\x1f0.000001\x1e', undefined, buf);
+    assert.equal(typeof d, 'object');
+    assert.equal(d.limits[0].remainingText, '0.999999');
   });
 
   test('reserve, commit the actual (refund), idempotent commit, release', async () => {
