@@ -55,6 +55,12 @@ for target in url cluster_url; do
   step "engine suites on $backend"
   RATEWARDEN_TEST_BACKEND="$backend" cargo test --quiet -p ratewarden "${engine_suites[@]}"
 done
+# Once more with every decision through decide.lua: rate-only checks and
+# acquires normally take the lean rate.lua, so this pins decide.lua's rate
+# formulas to the same expectations.
+url=$(printf '%s' "$servers" | python3 -c "import json,sys; print(json.load(sys.stdin)['url'])")
+step "engine suites on $url through decide.lua only"
+RATEWARDEN_TEST_SCRIPT=decide RATEWARDEN_TEST_BACKEND="$url" cargo test --quiet -p ratewarden "${engine_suites[@]}"
 python3 scripts/redis_harness.py stop "$servers_dir"
 trap - EXIT
 

@@ -123,6 +123,9 @@ pub struct RedisBackend {
     decide: Arc<Script>,
     /// `rate.lua`: check / acquire of rate limits only, no starvation tracker.
     rate: Arc<Script>,
+    /// Whether `rate.lua` serves the requests it can (tests turn it off to run
+    /// the conformance suites through `decide.lua` alone).
+    use_rate_script: bool,
     settle: Arc<Script>,
     clock: Option<Arc<dyn Clock>>,
     on_error: OnBackendError,
@@ -256,6 +259,7 @@ impl RedisBackend {
             namespace: namespace.into(),
             decide: Arc::new(Script::new(&format!("{COMMON}\n{DECIDE}"))),
             rate: Arc::new(Script::new(&format!("{COMMON}\n{RATE}"))),
+            use_rate_script: true,
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
             clock: None,
             on_error: OnBackendError::default(),
@@ -419,6 +423,16 @@ impl RedisBackend {
         self
     }
 
+    /// Sends every decision through `decide.lua`, never `rate.lua`: for the
+    /// test suites, which run once each way so both scripts' rate formulas are
+    /// pinned by the same expectations.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn without_rate_script(mut self) -> Self {
+        self.use_rate_script = false;
+        self
+    }
+
     fn now_arg(&self) -> Micros {
         self.clock.as_ref().map_or(-1, |c| c.now())
     }
@@ -531,15 +545,12 @@ impl RedisBackend {
         // part on that slot reads them; and they cover only holding limits
         // (quota, budget, concurrency), so a part made of rate limits alone
         // skips the lookups (one HMGET per scope level).
-        let holding = part
-            .items
-            .iter()
-            .any(|&i| !matches!(plan.get(i).def.kind, LimitKind::Rate(_)));
-        let grants = if holding && part.primary && part.slot == tag_slot(scope.prefix(1)) {
-            scope.depth()
-        } else {
-            0
-        };
+        let grants =
+            if !rates_only(plan, part) && part.primary && part.slot == tag_slot(scope.prefix(1)) {
+                scope.depth()
+            } else {
+                0
+            };
         for d in 1..=grants {
             keys.push(self.key(KeyRef {
                 prefix: scope.prefix(d),
@@ -626,14 +637,12 @@ impl RedisBackend {
         step: &Step<'_>,
     ) -> (&Script, Vec<String>, Vec<String>) {
         let plan = call.plan;
-        let lean = matches!(step.mode, "check" | "acquire")
-            && call.delegate.is_none()
-            && step.id.is_none()
+        // check / acquire hold nothing and make no record; a starvation tracker
+        // lives on the primary part only.
+        let lean = self.use_rate_script
+            && matches!(step.mode, "check" | "acquire")
             && (plan.caller_key().is_none() || !part.primary)
-            && part
-                .items
-                .iter()
-                .all(|&i| matches!(plan.get(i).def.kind, LimitKind::Rate(_)));
+            && rates_only(plan, part);
         if !lean {
             let (keys, args) = self.decide_args(call, part, step);
             return (&self.decide, keys, args);
@@ -1142,6 +1151,13 @@ struct Part {
     items: SmallVec<[usize; 8]>,
     /// Whether this part carries the request's own keys (see [`RedisBackend::parts`]).
     primary: bool,
+}
+
+/// Whether every limit of `part` is a rate (no holds, windows or grants).
+fn rates_only(plan: &Plan<'_>, part: &Part) -> bool {
+    part.items
+        .iter()
+        .all(|&i| matches!(plan.get(i).def.kind, LimitKind::Rate(_)))
 }
 
 /// What one script run on one part is asked to do.

@@ -5,7 +5,8 @@
 //! `RATEWARDEN_TEST_BACKEND` names one (`redis://…` or `redis+cluster://…`):
 //! the warden then uses a fresh namespace and the same manual clock, passed to
 //! the scripts in place of the server's `TIME`. `scripts/test-all.sh` runs them
-//! both ways.
+//! both ways, and on a standalone Redis once more with
+//! `RATEWARDEN_TEST_SCRIPT=decide` (every decision through `decide.lua`).
 #![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +69,13 @@ pub fn warden_at(policy: serde_json::Value, clock: ManualClock) -> (Warden, Manu
     })
     .unwrap()
     .with_clock(shared.clone());
+    // RATEWARDEN_TEST_SCRIPT=decide: every decision through decide.lua (see
+    // RedisBackend::without_rate_script), so both scripts meet the same suites.
+    let backend = if std::env::var("RATEWARDEN_TEST_SCRIPT").as_deref() == Ok("decide") {
+        backend.without_rate_script()
+    } else {
+        backend
+    };
     (
         Warden::with_backend(policy, Arc::new(backend) as Arc<dyn Backend>, shared),
         clock,
