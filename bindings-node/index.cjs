@@ -127,7 +127,7 @@ function scope(...parts) {
 // from Redis (`decideAsync`) — and is built here as an object literal: ~10x
 // cheaper than field by field through N-API. Names come from the limit table.
 
-const PRIORITIES = ['critical', 'standard', 'background']; // the order of src/lib.rs priority_code
+const PRIORITIES = ['critical', 'standard', 'background']; // by core's Priority::rank()
 const STRIDE = 4; // id, remaining, amount, reset
 const MAX_COMPACT_LIMITS = 64;
 const SLOW = Symbol('slow');
