@@ -141,6 +141,39 @@ local function rate_debt_now(d, t, now, l)
   return math.max(d, 0)
 end
 
+-- Largest stored amount (2^53 - 1): counters and debts saturate here, so every
+-- stored number stays exact in a double (eval.rs MAX_AMOUNT, RATE_DEBT_MAX).
+local MAX_AMOUNT = 9007199254740991
+
+-- The debt of the rate limit hash `key` at `now`.
+local function rate_debt(key, now, l)
+  local st = redis.call("HMGET", key, "d", "t")
+  if not st[1] then return 0 end
+  return rate_debt_now(tonumber(st[1]), tonumber(st[2]), now, l)
+end
+
+-- One rate limit's decision (eval.rs rate_eval): allowed, remaining, reset,
+-- retry (NEVER when it can never pass) and the debt after admitting. The
+-- admission test compares the debt with the room the request leaves, so no
+-- intermediate exceeds 2^53.
+local function rate_step(debt, amount, usable, burst, p, l)
+  local allowed, retry = true, NEVER
+  if amount ~= 0 then
+    if amount > usable then
+      allowed = false
+    else
+      local room = (usable - amount) * p
+      if debt > room then
+        allowed = false
+        retry = ceil_div(debt - room, l)
+      end
+    end
+  end
+  local after = debt
+  if allowed then after = debt + amount * p end
+  return allowed, math.floor(math.max(burst * p - after, 0) / p), ceil_div(after, l), retry, after
+end
+
 -- Key lifetimes: Redis drops a key a second after the state it holds stops
 -- mattering, so memory stays bounded without a sweeper.
 local function ttl_ms(us)

@@ -111,17 +111,10 @@ for i = 1, n do
   }
   local allowed, remaining, reset, retry
   if it.kind == "r" then
-    local st = redis.call("HMGET", it.key, "d", "t")
-    local debt = 0
-    if st[1] then debt = rate_debt_now(tonumber(st[1]), tonumber(st[2]), now, it.l) end
-    local need = debt + it.amount * it.p
-    allowed = it.amount == 0 or need <= it.usable * it.p
-    local after = allowed and need or debt
-    remaining = math.floor(math.max(it.cap * it.p - after, 0) / it.p)
-    reset = ceil_div(after, it.l)
-    retry = NEVER
-    if not allowed and it.amount <= it.usable then retry = ceil_div(need - it.usable * it.p, it.l) end
-    it.debt_after = need
+    local after
+    allowed, remaining, reset, retry, after =
+      rate_step(rate_debt(it.key, now, it.l), it.amount, it.usable, it.cap, it.p, it.l)
+    it.debt_after = after
   else
     local wid, wend = window_at(it.wk, it.wlen, it.woff, now)
     local used = 0
@@ -145,10 +138,11 @@ for i = 1, n do
     if not allowed and not it.via and it.amount <= it.usable then
       local by_holds, by_window = NEVER, NEVER
       if used + it.amount <= it.usable then
-        by_holds = time_to_free(used + held + it.amount - it.usable, now, holds)
+        -- Grouped so every partial sum stays within 2^53 (held <= usable).
+        by_holds = time_to_free((used + it.amount - it.usable) + held, now, holds)
       end
       if wend ~= NEVER then
-        local after = time_to_free(held + it.amount - it.usable, now, holds)
+        local after = time_to_free((it.amount - it.usable) + held, now, holds)
         if after ~= NEVER then by_window = math.max(after, wend - now) end
       end
       if by_holds == NEVER then retry = by_window

@@ -24,19 +24,13 @@ for i = 1, n do
   local b = 4 + 5 * (i - 1)
   local amount, cap, usable = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local p, l = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-  local st = redis.call("HMGET", KEYS[i], "d", "t")
-  local debt = 0
-  if st[1] then debt = rate_debt_now(tonumber(st[1]), tonumber(st[2]), now, l) end
-  local need = debt + amount * p
-  local allowed = amount == 0 or need <= usable * p
-  local after = allowed and need or debt
-  local retry = NEVER
-  if not allowed and amount <= usable then retry = ceil_div(need - usable * p, l) end
+  local allowed, remaining, reset, retry, after =
+    rate_step(rate_debt(KEYS[i], now, l), amount, usable, cap, p, l)
   if not allowed then all = false end
-  debts[i] = need
+  debts[i] = after
   results[#results + 1] = allowed and 1 or 0
-  results[#results + 1] = math.floor(math.max(cap * p - after, 0) / p)
-  results[#results + 1] = ceil_div(after, l)
+  results[#results + 1] = remaining
+  results[#results + 1] = reset
   results[#results + 1] = retry
 end
 

@@ -129,10 +129,9 @@ for k, it in ipairs(list) do
     if it.overage == "cap" and charged > it.amount then charged = it.amount end
   end
   if it.kind == "r" then
-    local s = redis.call("HMGET", it.key, "d", "t")
-    local d = 0
-    if s[1] then d = rate_debt_now(tonumber(s[1]), tonumber(s[2]), now, it.l) end
-    d = math.max(d + (charged - it.amount) * it.p, 0)
+    -- eval.rs rate_settle: refunds never below zero, overage saturates.
+    local d = rate_debt(it.key, now, it.l) + (charged - it.amount) * it.p
+    d = math.min(math.max(d, 0), MAX_AMOUNT)
     redis.call("HSET", it.key, "d", d, "t", now)
     expire_in(it.key, ceil_div(d, it.l))
   else
@@ -142,7 +141,7 @@ for k, it in ipairs(list) do
       local s = redis.call("HMGET", it.key, "w", "u")
       local used = 0
       if s[1] and tonumber(s[1]) == wid then used = tonumber(s[2]) end
-      redis.call("HSET", it.key, "w", wid, "u", used + charged)
+      redis.call("HSET", it.key, "w", wid, "u", math.min(used + charged, MAX_AMOUNT))
       keep_until(it.key, wend, now)
     end
   end

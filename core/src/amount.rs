@@ -59,14 +59,17 @@ impl Amount {
             return Err(bad("is not a plain decimal number"));
         }
         let frac = frac.trim_end_matches('0');
-        if int.len() + frac.len() > 18 {
+        let scale = u8::try_from(frac.len()).map_err(|_| bad("has too many decimals"))?;
+        // Leading zeros (of the integer part, then of the fraction when the
+        // integer part is zero) are not significant.
+        let digits = int.bytes().chain(frac.bytes()).skip_while(|b| *b == b'0');
+        if digits.clone().count() > 18 {
             return Err(bad("has more than 18 significant digits"));
         }
         let mut value: i64 = 0;
-        for b in int.bytes().chain(frac.bytes()) {
+        for b in digits {
             value = value * 10 + i64::from(b - b'0');
         }
-        let scale = u8::try_from(frac.len()).map_err(|_| bad("has too many decimals"))?;
         Ok(Self { value, scale })
     }
 
@@ -105,20 +108,19 @@ impl Amount {
         if self.value < 0 {
             return Err(err(format!("{self} is negative")));
         }
-        let base = if self.scale == decimals {
+        let base = if self.value == 0 || self.scale == decimals {
             Some(self.value)
         } else if self.scale < decimals {
             pow10(decimals - self.scale).and_then(|m| self.value.checked_mul(m))
         } else {
-            let div = pow10(self.scale - decimals);
-            match div {
+            // A divisor past 10^18 exceeds every non-zero i64: never divisible.
+            match pow10(self.scale - decimals) {
                 Some(d) if self.value % d == 0 => Some(self.value / d),
-                Some(_) => {
+                _ => {
                     return Err(err(format!(
                         "{self} is finer than the unit's {decimals} decimal places"
                     )));
                 }
-                None => None,
             }
         };
         match base {
@@ -201,16 +203,16 @@ pub fn format_base(value: i64, decimals: u8) -> String {
     if decimals == 0 {
         return value.to_string();
     }
-    let neg = value < 0;
-    let v = value.unsigned_abs();
-    let m = 10u64.pow(u32::from(decimals));
-    let frac = format!("{:0width$}", v % m, width = usize::from(decimals));
+    // Digit arithmetic on the text, so any scale (up to 255) formats exactly.
+    let sign = if value < 0 { "-" } else { "" };
+    let width = usize::from(decimals) + 1;
+    let digits = format!("{:0width$}", value.unsigned_abs());
+    let (int, frac) = digits.split_at(digits.len() - usize::from(decimals));
     let frac = frac.trim_end_matches('0');
-    let sign = if neg { "-" } else { "" };
     if frac.is_empty() {
-        format!("{sign}{}", v / m)
+        format!("{sign}{int}")
     } else {
-        format!("{sign}{}.{frac}", v / m)
+        format!("{sign}{int}.{frac}")
     }
 }
 
@@ -280,6 +282,71 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_scale_converts_or_is_refused_without_panicking() {
+        for scale in 0..=u8::MAX {
+            for value in [0, 1, 7, MAX_AMOUNT, i64::MAX] {
+                let a = Amount::decimal(value, scale);
+                let text = a.to_string();
+                for decimals in [0, 6, 18] {
+                    match a.to_base("usd", decimals) {
+                        Ok(b) => assert_eq!(
+                            Amount::parse(&text)
+                                .unwrap()
+                                .to_base("usd", decimals)
+                                .unwrap(),
+                            b,
+                            "{text}"
+                        ),
+                        Err(e) => assert!(matches!(e, Error::InvalidAmount { .. }), "{e}"),
+                    }
+                }
+            }
+        }
+        assert!(
+            Amount::decimal(1, 64)
+                .to_base("usd", 6)
+                .unwrap_err()
+                .to_string()
+                .contains("finer than")
+        );
+        assert_eq!(Amount::decimal(0, 25).to_base("usd", 6).unwrap(), 0);
+        assert_eq!(Amount::decimal(10_000_000, 7).to_base("usd", 0).unwrap(), 1);
+    }
+
+    #[test]
+    fn leading_zeros_are_not_significant() {
+        let a = Amount::parse("00000000000000000000.01").unwrap();
+        assert_eq!(a.to_base("usd", 6).unwrap(), 10_000);
+        let a = Amount::parse("0.000000000000000000000000000001").unwrap();
+        assert!(
+            a.to_base("usd", 6)
+                .unwrap_err()
+                .to_string()
+                .contains("finer than")
+        );
+        assert!(Amount::parse("0000123456789012345678").is_ok());
+        assert!(
+            Amount::parse("1234567890123456789")
+                .unwrap_err()
+                .to_string()
+                .contains("18 significant")
+        );
+        assert_eq!(
+            Amount::parse(&format!("0.{}", "0".repeat(300)))
+                .unwrap()
+                .to_base("usd", 6)
+                .unwrap(),
+            0
+        );
+        assert!(
+            Amount::parse(&format!("0.{}1", "0".repeat(300)))
+                .unwrap_err()
+                .to_string()
+                .contains("too many decimals")
+        );
+    }
+
+    #[test]
     fn decimals_are_exact() {
         assert_eq!(
             Amount::parse("0.0125").unwrap().to_base("usd", 6).unwrap(),
@@ -307,6 +374,9 @@ mod tests {
         assert!(Amount::units(1 << 53).to_base("requests", 0).is_err());
         assert!(Amount::units(10_000_000_000).to_base("usd", 6).is_err());
         assert_eq!(format_base(12_500, 6), "0.0125");
+        assert_eq!(format_base(i64::MIN, 0), "-9223372036854775808");
+        assert_eq!(format_base(1, 64), format!("0.{}1", "0".repeat(63)));
+        assert_eq!(format_base(i64::MAX, 19), "0.9223372036854775807");
         assert_eq!(format_base(-3_000_000, 6), "-3");
     }
 }

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::amount::MAX_AMOUNT;
 use crate::clock::{Micros, duration};
 use crate::decision::{Caps, Decision, LimitState, Outcome, ReservationInfo};
 use crate::plan::{Plan, PlannedLimit};
@@ -50,16 +51,30 @@ pub fn rate_debt_now(spec: &RateSpec, debt: i64, at: Micros, now: Micros) -> i64
 }
 
 /// Evaluates a rate limit; returns the evaluation and the debt after admitting.
+///
+/// Exact over the whole accepted range: an amount above `usable` is refused
+/// before any product is formed, and the admission test compares the debt with
+/// the room the request leaves, `(usable − amount) × p` (≤ `burst × p` ≤ 2^53),
+/// so no intermediate exceeds 2^53 even when the debt is at [`RATE_DEBT_MAX`].
 #[must_use]
 pub fn rate_eval(spec: &RateSpec, debt_now: i64, amount: i64, usable: i64) -> (ItemEval, i64) {
     let cap = spec.burst * spec.p;
-    let need = debt_now + amount * spec.p;
-    let allowed = amount == 0 || need <= usable * spec.p;
-    let debt_after = if allowed { need } else { debt_now };
-    let retry = if allowed || amount > usable {
-        None
+    let (allowed, retry) = if amount == 0 {
+        (true, None)
+    } else if amount > usable {
+        (false, None)
     } else {
-        Some(ceil_div(need - usable * spec.p, spec.l))
+        let room = (usable - amount) * spec.p;
+        if debt_now <= room {
+            (true, None)
+        } else {
+            (false, Some(ceil_div(debt_now - room, spec.l)))
+        }
+    };
+    let debt_after = if allowed {
+        debt_now + amount * spec.p
+    } else {
+        debt_now
     };
     let eval = ItemEval {
         allowed,
@@ -68,6 +83,29 @@ pub fn rate_eval(spec: &RateSpec, debt_now: i64, amount: i64, usable: i64) -> (I
         retry,
     };
     (eval, debt_after)
+}
+
+/// Largest debt a rate limit records: an overage commit beyond it saturates
+/// here (the bucket is exhausted for centuries either way), so debts, like
+/// every other stored value, stay within 2^53 − 1.
+pub const RATE_DEBT_MAX: i64 = MAX_AMOUNT;
+
+/// The debt after a commit changes a reservation's `reserved` amount to
+/// `charged`: refunds lower it (never below zero), overage raises it up to
+/// [`RATE_DEBT_MAX`].
+#[must_use]
+pub fn rate_settle(spec: &RateSpec, debt_now: i64, reserved: i64, charged: i64) -> i64 {
+    let delta = (i128::from(charged) - i128::from(reserved)) * i128::from(spec.p);
+    let after = (i128::from(debt_now) + delta).clamp(0, i128::from(RATE_DEBT_MAX));
+    i64::try_from(after).unwrap_or(RATE_DEBT_MAX)
+}
+
+/// A counter's usage after adding `charged`: saturates at 2^53 − 1 (an
+/// exhausted counter stays exhausted; it can never wrap).
+#[must_use]
+pub const fn counter_add(used: i64, charged: i64) -> i64 {
+    let sum = used.saturating_add(charged);
+    if sum > MAX_AMOUNT { MAX_AMOUNT } else { sum }
 }
 
 /// Earliest time (µs from now) at which holds expiring at `expiries` free at least `needed`.
@@ -110,12 +148,14 @@ pub fn counter_eval(
         None
     } else {
         let by_holds = if used + amount <= usable {
-            time_to_free(used + held + amount - usable, now, holds)
+            // Grouped as the scripts must group it (held ≤ usable keeps every
+            // partial sum within 2^53, exact in a double).
+            time_to_free((used + amount - usable) + held, now, holds)
         } else {
             None
         };
         let by_window = window_end.and_then(|end| {
-            let after = time_to_free(held + amount - usable, now, holds)?;
+            let after = time_to_free((amount - usable) + held, now, holds)?;
             Some(after.max(end - now))
         });
         match (by_holds, by_window) {

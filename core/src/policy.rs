@@ -664,6 +664,12 @@ pub fn parse_duration(s: &str) -> std::result::Result<Micros, String> {
             .and_then(|v| total.checked_add(v))
             .ok_or_else(|| format!("`{s}` is too long"))?;
     }
+    // Every time the Redis scripts handle stays exact in a double.
+    if total > MAX_AMOUNT {
+        return Err(format!(
+            "`{s}` is longer than the longest supported duration (2^53 µs, about 285 years)"
+        ));
+    }
     Ok(total)
 }
 
@@ -671,19 +677,35 @@ fn parse_tz(s: &str) -> std::result::Result<Micros, String> {
     if s == "UTC" || s == "Z" {
         return Ok(0);
     }
-    let bad = || format!("`{s}` is not a UTC offset (expected `UTC`, `+05:30`, `-08:00`)");
-    let (sign, rest) = match s.as_bytes().first() {
-        Some(b'+') => (1, &s[1..]),
-        Some(b'-') => (-1, &s[1..]),
+    let bad = || {
+        format!(
+            "`{}` is not a UTC offset (expected `UTC`, or ±HH:MM between -12:00 and +14:00, e.g. `+05:30`, `-08:00`)",
+            crate::error::truncate(s)
+        )
+    };
+    // Exactly `±HH:MM`: one sign, two digits, a colon, two digits.
+    let b = s.as_bytes();
+    let two = |i: usize| -> Option<i64> {
+        let (x, y) = (*b.get(i)?, *b.get(i + 1)?);
+        (x.is_ascii_digit() && y.is_ascii_digit())
+            .then(|| i64::from(x - b'0') * 10 + i64::from(y - b'0'))
+    };
+    let sign = match b.first() {
+        Some(b'+') => 1,
+        Some(b'-') => -1,
         _ => return Err(bad()),
     };
-    let (h, m) = rest.split_once(':').ok_or_else(bad)?;
-    let h: i64 = h.parse().map_err(|_| bad())?;
-    let m: i64 = m.parse().map_err(|_| bad())?;
-    if h > 14 || m > 59 {
+    let (Some(h), Some(m)) = (two(1), two(4)) else {
+        return Err(bad());
+    };
+    if b.len() != 6 || b[3] != b':' || m > 59 {
         return Err(bad());
     }
-    Ok(sign * (h * HOUR_US + m * MINUTE_US))
+    let offset = sign * (h * HOUR_US + m * MINUTE_US);
+    if !(-12 * HOUR_US..=14 * HOUR_US).contains(&offset) {
+        return Err(bad());
+    }
+    Ok(offset)
 }
 
 fn parse_window(

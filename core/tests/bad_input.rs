@@ -305,6 +305,38 @@ fn malformed_policies_name_file_path_and_problem() {
             "not a valid scope kind",
         ),
     ];
+    let mut cases = cases;
+    // Malformed UTC offsets name the field; none is read as another offset.
+    for tz in [
+        "+-5:30", "+05:-30", "--05:00", "-+1:00", "+14:59", "+5:30", "+05:3", "+0530", "05:30",
+        "+05:30 ", "-12:30", "+15:00", "+05:60", "+٠٥:30",
+    ] {
+        cases.push((
+            Box::leak(
+                format!("scopes:\n  tenant:\n    limits:\n      - {{name: a, kind: quota, limit: 3, per: day, tz: '{tz}'}}\n")
+                    .into_boxed_str(),
+            ),
+            Format::Yaml,
+            "scopes.tenant.limits[0].tz",
+            "UTC offset",
+        ));
+    }
+    // Windows and periods whose length a double cannot hold exactly in µs.
+    for (kind, per) in [
+        ("quota", "99999999d"),
+        ("budget", "300000w"),
+        ("rate", "999999999h"),
+    ] {
+        cases.push((
+            Box::leak(
+                format!("scopes:\n  tenant:\n    limits:\n      - {{name: a, kind: {kind}, limit: 3, per: {per}}}\n")
+                    .into_boxed_str(),
+            ),
+            Format::Yaml,
+            "scopes.tenant.limits[0].per",
+            "longest supported duration",
+        ));
+    }
     for (text, format, path, needle) in cases {
         let e = Policy::from_str_as(text, format, "policy.test").unwrap_err();
         let s = e.to_string();

@@ -125,3 +125,34 @@ fn fifteen_minute_windows_are_epoch_aligned_and_budgets_can_be_lifetime() {
     assert_eq!(d.retry_after, None, "a spent lifetime budget never refills");
     assert_eq!(remaining(&d, "life"), 0);
 }
+
+#[test]
+fn every_well_formed_offset_is_read_exactly() {
+    let cases: [(&str, i64); 8] = [
+        ("+14:00", 840),
+        ("-12:00", -720),
+        ("+05:45", 345),
+        ("-03:30", -210),
+        ("UTC", 0),
+        ("Z", 0),
+        ("+00:00", 0),
+        ("-00:00", 0),
+    ];
+    for (tz, offset_min) in cases {
+        let (w, _clock) = warden_at(
+            json!({"scopes": {"tenant": {"limits": [
+                {"name": "q", "kind": "quota", "limit": 1, "per": "day", "tz": tz}
+            ]}}}),
+            at(2026, 1, 15, 0, 0),
+        );
+        // At 00:00 UTC the zone's day ends at its next local midnight.
+        let d = now(w.acquire(&Request::parse("tenant:a").unwrap())).unwrap();
+        let left = (86_400 - offset_min * 60).rem_euclid(86_400);
+        let left = if left == 0 { 86_400 } else { left };
+        assert_eq!(
+            d.limits[0].reset,
+            Duration::from_secs(left.unsigned_abs()),
+            "{tz}"
+        );
+    }
+}

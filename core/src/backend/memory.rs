@@ -19,7 +19,9 @@ use super::{Backend, Op, Pending, Reply};
 use crate::clock::{Clock, Micros};
 use crate::decision::{Charge, CommitReceipt, ReservationId, ReservationInfo};
 use crate::error::{Error, Result};
-use crate::eval::{ItemEval, assemble_with, counter_eval, rate_debt_now, rate_eval};
+use crate::eval::{
+    ItemEval, assemble_with, counter_add, counter_eval, rate_debt_now, rate_eval, rate_settle,
+};
 use crate::plan::{KeyRef, Plan, PlannedLimit};
 use crate::policy::{LimitDef, LimitKind, Overage};
 use crate::priority::Priority;
@@ -564,6 +566,7 @@ impl MemoryBackend {
         let def = &**item.def;
         match (&mut slot.state, &def.kind) {
             (State::Rate { debt, at }, LimitKind::Rate(spec)) => {
+                // Admitted: amount ≤ usable and the debt fits the room it leaves (eval.rs).
                 *debt = rate_debt_now(spec, *debt, *at, now) + item.amount * spec.p;
                 *at = now;
             }
@@ -613,7 +616,7 @@ impl MemoryBackend {
             }),
             None => {
                 if let Some(u) = used {
-                    *u += amount;
+                    *u = counter_add(*u, amount);
                 }
             }
         }
@@ -999,8 +1002,12 @@ impl MemoryBackend {
             );
             match (&mut slot.state, &item.def.kind) {
                 (State::Rate { debt, at }, LimitKind::Rate(spec)) => {
-                    let d = rate_debt_now(spec, *debt, *at, now) + (charged - item.amount) * spec.p;
-                    *debt = d.max(0);
+                    *debt = rate_settle(
+                        spec,
+                        rate_debt_now(spec, *debt, *at, now),
+                        item.amount,
+                        charged,
+                    );
                     *at = now;
                 }
                 (
@@ -1016,7 +1023,7 @@ impl MemoryBackend {
                         *window = wid;
                         *used = 0;
                     }
-                    *used += charged;
+                    *used = counter_add(*used, charged);
                     Self::drop_hold(holds, id.0, charged);
                 }
                 (State::Slots { holds }, _) => {
