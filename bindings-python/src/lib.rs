@@ -94,6 +94,7 @@ fn to_py(e: &Error) -> PyErr {
         ErrorKind::NotFound => "ReservationNotFound",
         ErrorKind::Conflict => "ReservationConflict",
         ErrorKind::Backend => "BackendError",
+        ErrorKind::Internal => "WardenError",
     };
     error_class(class, e.to_string())
 }

@@ -218,3 +218,23 @@ local function starvation(key, admitted, now, promote_after)
   redis.call("HSET", key, "s", since, "l", now)
   expire_in(key, promote_after)
 end
+
+-- Operation memory: the answer of a state-changing decision is kept under its
+-- operation id (a string key on the decision's slot), so the same request sent
+-- again after a lost reply gets the first answer and changes nothing.
+
+-- The remembered answer under `key`, as numbers, or nil.
+local function replayed(key)
+  local v = redis.call("GET", key)
+  if not v then return nil end
+  local out = {}
+  for x in string.gmatch(v, "[^,]+") do out[#out + 1] = tonumber(x) end
+  return out
+end
+
+-- Remembers `results` (integers) under `key` for `ms` milliseconds.
+local function remember(key, results, ms)
+  local parts = {}
+  for i, x in ipairs(results) do parts[i] = num(x) end
+  redis.call("SET", key, table.concat(parts, ","), "PX", ms)
+end

@@ -14,6 +14,7 @@
 --               (d = delegation id, e = expiry µs, c = tab-separated keys it covers)
 -- KEYS[n+3+g] delegate: the child's grant hash to create
 -- KEYS[n+4+g] delegate from a reservation: the parent's record
+-- KEYS[n+5+g] where the answer is remembered under ARGV[15] (see common.lua)
 --
 -- ARGV[1]  now in µs, or "-1" to read the server clock (TIME) — production always does
 -- ARGV[2]  mode: "check" | "acquire" | "reserve" | "delegate"
@@ -32,7 +33,11 @@
 --          the last step to settle (see settle.lua), a denied one updates it
 -- ARGV[14] reserve: ids of the same request's reservations on other slots
 --          (comma-separated), stored in the record as `links`; else ""
--- ARGV[15 + 13*(i-1) ...] per limit i, 13 fields:
+-- ARGV[15] the operation id an admitted decision is remembered under, or "":
+--          one already admitted under it is answered as it was, unchanged (a
+--          denial changed nothing and is not remembered)
+-- ARGV[16] how long the answer is remembered (ms)
+-- ARGV[17 + 13*(i-1) ...] per limit i, 13 fields:
 --   kind ("r" rate, "c" quota/budget, "s" concurrency), amount, capacity
 --   (rate: burst), usable for rank 0, 1, 2 (capacity minus the floor),
 --   p, l (rate), window kind ("n" none, "l" lifetime, "f" fixed, "w" week,
@@ -61,6 +66,11 @@ local g = tonumber(ARGV[11])
 local parent_id = ARGV[12]
 local first_step = ARGV[13] == "1"
 local links = ARGV[14]
+local op_key = ARGV[15] ~= "" and KEYS[n + 5 + g] or nil
+if op_key then
+  local prev = replayed(op_key)
+  if prev then return prev end
+end
 
 -- Limits a delegation covers spend from its hold instead (deepest grant wins;
 -- a parent reservation being carved overrides them all).
@@ -102,7 +112,7 @@ end
 
 local items, results, all = {}, {}, true
 for i = 1, n do
-  local b = 15 + 13 * (i - 1)
+  local b = 17 + 13 * (i - 1)
   local it = {
     key = KEYS[i], kind = ARGV[b], amount = tonumber(ARGV[b + 1]), cap = tonumber(ARGV[b + 2]),
     usable = tonumber(ARGV[b + 3 + rank]), p = tonumber(ARGV[b + 6]), l = tonumber(ARGV[b + 7]),
@@ -232,4 +242,5 @@ end
 table.insert(results, 1, pending)
 table.insert(results, 1, expires_at)
 table.insert(results, 1, rank)
+if op_key and all and mode ~= "check" then remember(op_key, results, tonumber(ARGV[16])) end
 return results

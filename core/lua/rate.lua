@@ -5,11 +5,15 @@
 -- same answer shape, a third of the arguments.
 --
 -- KEYS[1..n]  one hash per rate limit instance (d = debt, t = time of d)
+-- KEYS[n+1]   with an operation id: where the answer is remembered
 --
 -- ARGV[1]  now in µs, or "-1" to read the server clock (TIME) — production always does
 -- ARGV[2]  mode: "check" | "acquire"
 -- ARGV[3]  the priority rank it is decided at (0 critical, 1 standard)
--- ARGV[4 + 5*(i-1) ...] per limit i: amount, burst, usable at that rank
+-- ARGV[4]  the operation id an admitted acquire is remembered under, or "":
+--          one already admitted under it is answered as it was, unchanged
+-- ARGV[5]  how long the answer is remembered (ms)
+-- ARGV[6 + 5*(i-1) ...] per limit i: amount, burst, usable at that rank
 --          (burst minus the rank's floor), p, l
 --
 -- Returns { rank, 0, 0, then per limit: allowed (0|1), remaining, reset (µs),
@@ -19,9 +23,16 @@
 
 local now = request_now(ARGV[1])
 local n = #KEYS
+local op_key = nil
+if ARGV[4] ~= "" then
+  op_key = KEYS[n]
+  n = n - 1
+  local prev = replayed(op_key)
+  if prev then return prev end
+end
 local results, debts, all = { tonumber(ARGV[3]), 0, 0 }, {}, true
 for i = 1, n do
-  local b = 4 + 5 * (i - 1)
+  local b = 6 + 5 * (i - 1)
   local amount, cap, usable = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local p, l = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   local allowed, remaining, reset, retry, after =
@@ -36,9 +47,10 @@ end
 
 if all and ARGV[2] == "acquire" then
   for i = 1, n do
-    local l = tonumber(ARGV[4 + 5 * (i - 1) + 4])
+    local l = tonumber(ARGV[6 + 5 * (i - 1) + 4])
     redis.call("HSET", KEYS[i], "d", debts[i], "t", now)
     expire_at(KEYS[i], now + ceil_div(debts[i], l), now)
   end
 end
+if op_key and all and ARGV[2] == "acquire" then remember(op_key, results, tonumber(ARGV[5])) end
 return results

@@ -150,52 +150,81 @@ pub struct ReservationInfo {
     pub expires_at: i64,
 }
 
-/// A reservation id: 128 random bits, shown as 32 hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ReservationId(pub u128);
+/// An id of 128 random bits, shown as 32 hex digits.
+macro_rules! hex_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub u128);
 
-impl ReservationId {
-    /// A fresh random id.
-    #[must_use]
-    pub fn random() -> Self {
-        Self(fastrand::u128(1..))
-    }
+        impl $name {
+            /// A fresh random id (never zero).
+            #[must_use]
+            pub fn random() -> Self {
+                Self(fastrand::u128(1..))
+            }
 
-    /// Parses 32 hex digits.
-    ///
-    /// # Errors
-    /// [`crate::Error::InvalidArgument`] if it is not 32 hex digits.
-    pub fn parse(s: &str) -> crate::Result<Self> {
-        if s.len() == 32 {
-            if let Ok(v) = u128::from_str_radix(s, 16) {
-                return Ok(Self(v));
+            /// Parses 32 hex digits.
+            ///
+            /// # Errors
+            /// [`crate::Error::InvalidArgument`] if it is not 32 hex digits.
+            pub fn parse(s: &str) -> crate::Result<Self> {
+                if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    if let Ok(v) = u128::from_str_radix(s, 16) {
+                        return Ok(Self(v));
+                    }
+                }
+                Err(crate::Error::invalid(
+                    $what,
+                    format!("`{}` is not 32 hex digits", crate::error::truncate(s)),
+                ))
             }
         }
-        Err(crate::Error::invalid(
-            "reservation id",
-            format!("`{}` is not 32 hex digits", crate::error::truncate(s)),
-        ))
-    }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:032x}", self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), self)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = crate::Error;
+            fn from_str(s: &str) -> crate::Result<Self> {
+                Self::parse(s)
+            }
+        }
+    };
 }
 
-impl fmt::Display for ReservationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
+hex_id!(
+    /// A reservation id: 128 random bits, shown as 32 hex digits.
+    ReservationId,
+    "reservation id"
+);
 
-impl fmt::Debug for ReservationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ReservationId({self})")
-    }
-}
-
-impl std::str::FromStr for ReservationId {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> crate::Result<Self> {
-        Self::parse(s)
-    }
-}
+hex_id!(
+    /// The id of one decision that changes state (acquire, reserve, delegate).
+    ///
+    /// Every backend remembers an admitted decision made under an id the
+    /// caller gave ([`crate::Request::operation`]) for
+    /// [`crate::backend::OPERATION_MEMORY`]: asking again with the same id
+    /// returns the original decision and charges nothing more. (A denial
+    /// changed nothing, so a repeat is decided afresh.) Redis also remembers
+    /// every admitted decision under an id of its own for
+    /// [`crate::backend::IMPLICIT_OPERATION_MEMORY`], so it can send a
+    /// request again after a dropped connection, and names that id in a
+    /// decision whose answer was lost ([`Decision::unconfirmed`]). A
+    /// reservation made under an operation id takes the same 128 bits as its
+    /// [`ReservationId`], so a repeated `reserve` answers the same reservation.
+    OperationId,
+    "operation id"
+);
 
 /// The answer to `check`, `acquire`, `reserve` and `delegate`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +248,12 @@ pub struct Decision {
     /// Set when the decision was made without the shared backend (it was
     /// unreachable), following `on_backend_error`; `reason` says why.
     pub degraded: Option<Degraded>,
+    /// Set (with `degraded`) when the request may have reached the shared
+    /// backend but its answer was lost: whether the backend admitted and
+    /// charged it is unknown. Asking again with this operation id
+    /// ([`crate::Request::operation`]) returns the original decision, charged
+    /// at most once.
+    pub unconfirmed: Option<OperationId>,
 }
 
 /// How a decision was made while the shared backend was unreachable.

@@ -20,6 +20,9 @@ pub enum ErrorKind {
     Conflict,
     /// The storage backend failed (connection, timeout, protocol).
     Backend,
+    /// ratewarden broke one of its own invariants (a bug to report, never a
+    /// reason to degrade decisions).
+    Internal,
 }
 
 impl fmt::Display for ErrorKind {
@@ -30,6 +33,7 @@ impl fmt::Display for ErrorKind {
             Self::NotFound => "not_found",
             Self::Conflict => "conflict",
             Self::Backend => "backend",
+            Self::Internal => "internal",
         })
     }
 }
@@ -117,6 +121,22 @@ pub enum Error {
         /// What failed.
         message: String,
     },
+    /// A state-changing request was sent to the backend but its answer was
+    /// lost: it may or may not have been applied. Asking again with the same
+    /// [`crate::OperationId`] returns what happened, applied at most once.
+    #[error("backend error: {message}; whether operation {operation} was applied is unknown")]
+    Unconfirmed {
+        /// What failed.
+        message: String,
+        /// The operation to ask about again.
+        operation: crate::OperationId,
+    },
+    /// ratewarden broke one of its own invariants: a bug, reported as such.
+    #[error("internal error (please report): {message}")]
+    Internal {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl Error {
@@ -133,7 +153,8 @@ impl Error {
                 ErrorKind::NotFound
             }
             Self::ReservationClosed { .. } => ErrorKind::Conflict,
-            Self::Backend { .. } => ErrorKind::Backend,
+            Self::Backend { .. } | Self::Unconfirmed { .. } => ErrorKind::Backend,
+            Self::Internal { .. } => ErrorKind::Internal,
         }
     }
 

@@ -263,6 +263,7 @@ pub fn assemble_with<'p, 'e>(
         reservation: if allowed { reservation } else { None },
         priority: served,
         degraded: None,
+        unconfirmed: None,
     }
 }
 

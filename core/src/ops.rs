@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Backend, OnBackendError, RedisBackend};
+use crate::backend::{Backend, Fallback, OnBackendError, RedisBackend};
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::decision::{CommitReceipt, Decision, ReservationId};
 use crate::plan::Request;
@@ -67,21 +67,21 @@ impl Setup {
         let Some(url) = &self.backend else {
             return Ok(Warden::with_clock(policy, clock));
         };
-        let b = if self.lazy {
+        let mut b = if self.lazy {
             RedisBackend::connect_lazy(url, &self.namespace)?
         } else {
             RedisBackend::connect(url, &self.namespace).await?
         };
-        let mut b = b.on_backend_error(self.on_error)?;
         if let Some(t) = self.timeout {
             b = b.timeout(t)?;
         }
         if self.clock.is_some() {
             b = b.with_clock(Arc::clone(&clock));
         }
+        let backend = Fallback::new(b, self.on_error, Arc::clone(&clock))?;
         Ok(Warden::with_backend(
             policy,
-            Arc::new(b) as Arc<dyn Backend>,
+            Arc::new(backend) as Arc<dyn Backend>,
             clock,
         ))
     }

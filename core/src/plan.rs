@@ -12,6 +12,7 @@ use smallvec::SmallVec;
 
 use crate::amount::{Amount, Cost, MAX_AMOUNT};
 use crate::clock::Micros;
+use crate::decision::OperationId;
 use crate::error::{Error, Result};
 use crate::policy::{Attach, LimitDef, LimitKind, Policy};
 use crate::priority::Priority;
@@ -30,6 +31,10 @@ pub struct Request {
     pub cost: Cost,
     /// Its priority; standard by default.
     pub priority: Priority,
+    /// The id under which a state-changing decision is remembered, so asking
+    /// again with it returns the first answer and charges at most once; a
+    /// fresh one per call when not given (see [`crate::OperationId`]).
+    pub operation: Option<OperationId>,
 }
 
 impl Request {
@@ -42,6 +47,7 @@ impl Request {
             action: None,
             cost: Cost::new(),
             priority: Priority::Standard,
+            operation: None,
         }
     }
 
@@ -85,6 +91,15 @@ impl Request {
     #[must_use]
     pub fn priority(mut self, priority: Priority) -> Self {
         self.priority = priority;
+        self
+    }
+
+    /// Sets the operation id: repeating a request with the id of an earlier
+    /// one (e.g. a decision marked `unconfirmed`) returns that earlier
+    /// decision instead of deciding again.
+    #[must_use]
+    pub fn operation(mut self, id: OperationId) -> Self {
+        self.operation = Some(id);
         self
     }
 }
@@ -163,6 +178,7 @@ pub struct Plan<'p> {
     caller: Option<String>,
     priority: Priority,
     promote_after: Micros,
+    operation: Option<OperationId>,
 }
 
 /// Base amounts per unit resolved from a [`Cost`], borrowing its unit names.
@@ -219,6 +235,7 @@ impl<'p> Plan<'p> {
         };
         let scope = &request.scope;
         let mut plan = Self::empty(policy, scope, request.priority);
+        plan.operation = request.operation;
         for i in 0..scope.depth() {
             let kind = scope.kind(i);
             let limits = crate::policy::lookup(&policy.scopes, kind).ok_or_else(|| {
@@ -261,6 +278,7 @@ impl<'p> Plan<'p> {
             caller: None,
             priority,
             promote_after: policy.defaults.promote_after,
+            operation: None,
         }
     }
 
@@ -369,6 +387,12 @@ impl<'p> Plan<'p> {
     #[must_use]
     pub fn priority(&self) -> Priority {
         self.priority
+    }
+
+    /// The operation id the caller gave, if any.
+    #[must_use]
+    pub fn operation(&self) -> Option<OperationId> {
+        self.operation
     }
 
     /// The key tracking continuous denials of a background caller (starvation promotion).

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::amount::Cost;
-use crate::backend::{Backend, MemoryBackend, Op, Pending, Reply};
+use crate::backend::{Backend, MemoryBackend, Mode};
 use crate::clock::{Clock, Micros, SystemClock, micros};
 use crate::decision::{Caps, CommitReceipt, Decision, Outcome, ReservationId};
 use crate::error::{Error, Result};
@@ -114,33 +114,20 @@ impl Warden {
         &self.inner.clock
     }
 
-    async fn run(&self, op: Op<'_>) -> Result<Reply> {
-        match self.inner.backend.execute(op) {
-            Pending::Ready(r) => r,
-            Pending::Future(f) => f.await,
-        }
-    }
-
-    async fn decision(&self, op: Op<'_>) -> Result<Decision> {
-        let scope = op_scope(&op);
-        let reply = match self.inner.backend.execute(op) {
-            Pending::Ready(r) => r,
-            Pending::Future(f) => f.await,
+    /// Asks the backend for a decision and reports the events it implies.
+    async fn decide(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
+        let scope = match mode {
+            Mode::Delegate { child, .. } => child,
+            _ => plan.scope(),
         };
-        match reply? {
-            Reply::Decision(d) => {
-                self.report(&d, scope);
-                Ok(d)
-            }
-            other => Err(Error::Backend {
-                message: format!("backend answered {other:?} to a decision"),
-            }),
-        }
+        let d = self.inner.backend.decide(plan, mode).await?;
+        self.report(&d, scope);
+        Ok(d)
     }
 
     /// Emits the events a decision implies: backend outages, degraded
     /// decisions, recoveries. One relaxed load when all is well.
-    fn report(&self, d: &Decision, scope: Option<&Scope>) {
+    fn report(&self, d: &Decision, scope: &Scope) {
         use std::sync::atomic::Ordering;
         let inner = &self.inner;
         let since = inner.degraded_since.load(Ordering::Relaxed);
@@ -175,7 +162,7 @@ impl Warden {
                 }
                 let _ = inner.events.send(Event::DegradedDecision {
                     mode,
-                    scope: scope.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                    scope: scope.as_str().to_owned(),
                     outcome: d.outcome,
                     reason,
                     at,
@@ -198,7 +185,7 @@ impl Warden {
     /// Invalid input ([`Error::Unknown`], [`Error::InvalidAmount`]…) or a backend failure.
     pub async fn check(&self, request: &Request) -> Result<Decision> {
         let plan = Plan::build(&self.inner.policy, request)?;
-        self.decision(Op::Check(&plan)).await
+        self.decide(&plan, Mode::Check).await
     }
 
     /// Admits `request` and consumes its cost from every limit, or denies it and
@@ -208,7 +195,7 @@ impl Warden {
     /// Invalid input or a backend failure. A denial is `Ok` with `Outcome::Deny`.
     pub async fn acquire(&self, request: &Request) -> Result<Decision> {
         let plan = Plan::build(&self.inner.policy, request)?;
-        self.decision(Op::Acquire(&plan)).await
+        self.decide(&plan, Mode::Acquire).await
     }
 
     /// Admits `request` and holds its (estimated) cost under a lease until
@@ -220,12 +207,8 @@ impl Warden {
     pub async fn reserve(&self, request: &Request, lease: Option<Duration>) -> Result<Decision> {
         let plan = Plan::build(&self.inner.policy, request)?;
         let lease = self.lease(&plan, lease)?;
-        self.decision(Op::Reserve {
-            plan: &plan,
-            id: ReservationId::random(),
-            lease,
-        })
-        .await
+        let id = reservation_id(request);
+        self.decide(&plan, Mode::Reserve { id, lease }).await
     }
 
     fn lease(&self, plan: &Plan<'_>, lease: Option<Duration>) -> Result<Micros> {
@@ -251,22 +234,13 @@ impl Warden {
     /// [`Error::ReservationClosed`] (released), invalid amounts, backend failures.
     pub async fn commit(&self, id: ReservationId, actual: &Cost) -> Result<CommitReceipt> {
         let actual = resolve_cost(&self.inner.policy, actual)?;
-        match self
-            .run(Op::Commit {
-                policy: &self.inner.policy,
-                id,
-                actual: &actual,
-            })
-            .await?
-        {
-            Reply::Committed(r) => {
-                self.inner.queue.poke();
-                Ok(r)
-            }
-            other => Err(Error::Backend {
-                message: format!("backend answered {other:?} to commit"),
-            }),
-        }
+        let receipt = self
+            .inner
+            .backend
+            .commit(&self.inner.policy, id, &actual)
+            .await?;
+        self.inner.queue.poke();
+        Ok(receipt)
     }
 
     /// Ends a reservation or delegation and returns everything it holds.
@@ -276,15 +250,9 @@ impl Warden {
     /// # Errors
     /// [`Error::ReservationNotFound`], [`Error::ReservationClosed`] (committed), backend failures.
     pub async fn release(&self, id: ReservationId) -> Result<bool> {
-        match self.run(Op::Release { id }).await? {
-            Reply::Released(b) => {
-                self.inner.queue.poke();
-                Ok(b)
-            }
-            other => Err(Error::Backend {
-                message: format!("backend answered {other:?} to release"),
-            }),
-        }
+        let released = self.inner.backend.release(id).await?;
+        self.inner.queue.poke();
+        Ok(released)
     }
 
     /// Renews a live reservation's lease to `lease` from now; returns the new
@@ -295,12 +263,7 @@ impl Warden {
     /// if ended, invalid lease, backend failures.
     pub async fn extend(&self, id: ReservationId, lease: Duration) -> Result<Micros> {
         let lease = validate_lease(lease)?;
-        match self.run(Op::Extend { id, lease }).await? {
-            Reply::Extended(at) => Ok(at),
-            other => Err(Error::Backend {
-                message: format!("backend answered {other:?} to extend"),
-            }),
-        }
+        self.inner.backend.extend(id, lease).await
     }
 
     /// Carves a sub-budget of `amounts` for the sub-agent scope `child`.
@@ -364,14 +327,13 @@ impl Warden {
             Some(d) => validate_lease(d)?,
             None => policy.defaults().lease,
         };
-        self.decision(Op::Delegate {
-            plan: &plan,
-            from: from_id,
+        let mode = Mode::Delegate {
             child,
+            from: from_id,
             id: ReservationId::random(),
             lease,
-        })
-        .await
+        };
+        self.decide(&plan, mode).await
     }
 
     /// Waits until `request` is admitted (then acquires or reserves it), up to
@@ -411,15 +373,14 @@ impl Warden {
                 &keys,
             );
             if !ahead {
-                let op = match lease {
-                    None => Op::Acquire(&plan),
-                    Some(lease) => Op::Reserve {
-                        plan: &plan,
-                        id: ReservationId::random(),
+                let mode = match lease {
+                    None => Mode::Acquire,
+                    Some(lease) => Mode::Reserve {
+                        id: reservation_id(request),
                         lease,
                     },
                 };
-                let d = self.decision(op).await?;
+                let d = self.decide(&plan, mode).await?;
                 let now = clock.now();
                 let Some(retry) = d.retry_after.filter(|_| !d.allowed() && now < deadline) else {
                     return Ok(d);
@@ -445,7 +406,7 @@ impl Warden {
                 }
                 if clock.now() >= deadline {
                     // Out of time while others were ahead: report the state, never an admission.
-                    let mut d = self.decision(Op::Check(&plan)).await?;
+                    let mut d = self.decide(&plan, Mode::Check).await?;
                     if d.allowed() {
                         d.outcome = Outcome::Deny;
                         d.caps = Caps::default();
@@ -464,6 +425,14 @@ impl Warden {
             }
         }
     }
+}
+
+/// The id of a new reservation: the operation id's bits when the caller gave
+/// one (so a repeated request names the same reservation), else random.
+fn reservation_id(request: &Request) -> ReservationId {
+    request
+        .operation
+        .map_or_else(ReservationId::random, |op| ReservationId(op.0))
 }
 
 fn validate_lease(d: Duration) -> Result<Micros> {
@@ -538,14 +507,5 @@ impl WaitQueue {
         waiters
             .range(..bound)
             .any(|(_, theirs)| theirs.iter().any(|k| keys.contains(k)))
-    }
-}
-
-/// The scope a decision is for.
-fn op_scope<'a>(op: &Op<'a>) -> Option<&'a Scope> {
-    match op {
-        Op::Check(plan) | Op::Acquire(plan) | Op::Reserve { plan, .. } => Some(plan.scope()),
-        Op::Delegate { child, .. } => Some(child),
-        _ => None,
     }
 }

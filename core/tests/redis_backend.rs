@@ -200,11 +200,8 @@ async fn when_redis_goes_down_each_mode_holds_and_redis_resumes_when_back() {
     let make = |mode: OnBackendError, ns: &'static str| {
         let (url, policy) = (url.clone(), policy.clone());
         async move {
-            let b = RedisBackend::connect(&url, ns)
-                .await
-                .unwrap()
-                .on_backend_error(mode)
-                .unwrap();
+            let b = RedisBackend::connect(&url, ns).await.unwrap();
+            let b = ratewarden::backend::Fallback::new(b, mode, Arc::new(SystemClock)).unwrap();
             Warden::with_backend(
                 Policy::from_value(&policy).unwrap(),
                 Arc::new(b) as Arc<dyn Backend>,
@@ -362,7 +359,12 @@ async fn a_process_started_while_redis_is_down_degrades_then_uses_redis() {
     drop(servers); // nothing listens on the port now
     let e = RedisBackend::connect(&url, "lazy").await.unwrap_err();
     assert!(e.to_string().contains("cannot connect"), "{e}");
-    let backend = RedisBackend::connect_lazy(&url, "lazy").unwrap();
+    let backend = ratewarden::backend::Fallback::new(
+        RedisBackend::connect_lazy(&url, "lazy").unwrap(),
+        ratewarden::backend::OnBackendError::Deny,
+        Arc::new(SystemClock),
+    )
+    .unwrap();
     let w = Warden::with_backend(
         Policy::from_value(&json!({"scopes": {"tenant": {"limits": [
             {"name": "q", "kind": "quota", "limit": 3, "per": "day"}

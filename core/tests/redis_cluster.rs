@@ -26,7 +26,14 @@ fn policy() -> serde_json::Value {
     })
 }
 
+/// A warden on `backend` that denies (degraded) while it fails.
 fn warden(backend: RedisBackend) -> Warden {
+    let backend = ratewarden::backend::Fallback::new(
+        backend,
+        ratewarden::backend::OnBackendError::Deny,
+        Arc::new(SystemClock),
+    )
+    .unwrap();
     Warden::with_backend(
         Policy::from_value(&policy()).unwrap(),
         Arc::new(backend) as Arc<dyn Backend>,

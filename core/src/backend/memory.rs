@@ -15,15 +15,15 @@ use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{Backend, Op, Pending, Reply};
+use super::{Backend, Mode, Pending};
 use crate::clock::{Clock, Micros};
-use crate::decision::{Charge, CommitReceipt, ReservationId, ReservationInfo};
+use crate::decision::{Charge, CommitReceipt, Decision, ReservationId, ReservationInfo};
 use crate::error::{Error, Result};
 use crate::eval::{
     ItemEval, assemble_with, counter_add, counter_eval, rate_debt_now, rate_eval, rate_settle,
 };
 use crate::plan::{KeyRef, Plan, PlannedLimit};
-use crate::policy::{LimitDef, LimitKind, Overage};
+use crate::policy::{LimitDef, LimitKind, Overage, Policy};
 use crate::priority::Priority;
 use crate::scope::Scope;
 
@@ -120,6 +120,19 @@ struct ResShard {
     next_sweep: Micros,
 }
 
+/// A decision remembered under the operation id the caller gave.
+struct OpRecord {
+    id: u128,
+    forget_at: Micros,
+    decision: Decision,
+}
+
+#[derive(Default)]
+struct OpShard {
+    table: HashTable<OpRecord>,
+    next_sweep: Micros,
+}
+
 /// Counts of what the engine holds, for tests and benchmarks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStats {
@@ -135,6 +148,8 @@ pub struct MemoryBackend {
     hasher: foldhash::fast::RandomState,
     shards: Box<[Padded<Mutex<Shard>>]>,
     reservations: Box<[Padded<Mutex<ResShard>>]>,
+    /// Decisions remembered under operation ids callers gave (see `decide`).
+    ops: Box<[Padded<Mutex<OpShard>>]>,
     grants: AtomicUsize,
 }
 
@@ -265,6 +280,7 @@ impl MemoryBackend {
             hasher: foldhash::fast::RandomState::default(),
             shards: (0..SHARDS).map(|_| Padded::default()).collect(),
             reservations: (0..RES_SHARDS).map(|_| Padded::default()).collect(),
+            ops: (0..RES_SHARDS).map(|_| Padded::default()).collect(),
             grants: AtomicUsize::new(0),
         }
     }
@@ -622,9 +638,48 @@ impl MemoryBackend {
         }
     }
 
+    /// Decides as [`Self::decide_now`]; an admitted state-changing decision
+    /// under an operation id the caller gave is remembered (as on Redis, for
+    /// [`super::OPERATION_MEMORY`]) and a repeat answers it unchanged. The
+    /// id's shard stays locked while deciding, so two calls with one id
+    /// decide once.
+    pub(super) fn decide(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
+        let Some(op) = plan.operation().filter(|_| mode.mutates()) else {
+            return self.decide_now(plan, mode);
+        };
+        let now = self.clock.now();
+        let idx = usize::try_from((op.0 as u64) % RES_SHARDS as u64).unwrap_or(0);
+        let mut g = self.ops[idx].0.lock();
+        if now >= g.next_sweep {
+            g.table.retain(|r| r.forget_at > now);
+            g.next_sweep = now + SWEEP_EVERY;
+        }
+        let h = Self::res_hash(op.0);
+        if let Ok(e) = g.table.find_entry(h, |r| r.id == op.0) {
+            if e.get().forget_at > now {
+                return Ok(e.get().decision.clone());
+            }
+            e.remove();
+        }
+        let d = self.decide_now(plan, mode)?;
+        if !d.allowed() {
+            return Ok(d); // changed nothing: decided afresh next time
+        }
+        g.table.insert_unique(
+            h,
+            OpRecord {
+                id: op.0,
+                forget_at: now + crate::clock::micros(super::OPERATION_MEMORY),
+                decision: d.clone(),
+            },
+            |r| Self::res_hash(r.id),
+        );
+        Ok(d)
+    }
+
     /// Evaluates (and for acquire/reserve/delegate applies) a plan atomically.
     #[allow(clippy::too_many_lines)]
-    fn decide(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Reply> {
+    pub(super) fn decide_now(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
         let now = self.clock.now();
         // Resolve each item once: key, hash and current window.
         let tree = Self::shard_of(self.hasher.hash_one(plan.scope().prefix(1)));
@@ -657,12 +712,16 @@ impl MemoryBackend {
         for (_, l) in &grant_keys {
             locs.push(*l);
         }
-        let (child_grant, from) = match &mode {
+        let (child_grant, from) = match mode {
             Mode::Delegate { child, from, .. } => {
                 let k = Plan::grant_key(child, child.depth());
                 let l = self.loc(KeyRef::split(&k));
                 locs.push(l);
-                (Some((k, l)), from.clone())
+                let from = match from {
+                    Some(p) => Some((p.0, self.parent_keys(p, child)?)),
+                    None => None,
+                };
+                (Some((k, l)), from)
             }
             _ => (None, None),
         };
@@ -707,7 +766,7 @@ impl MemoryBackend {
 
         // Mutating ops make room first, so no insert below can grow a table and
         // move the buckets whose indices we keep between evaluation and apply.
-        let mutating = !matches!(mode, Mode::Check);
+        let mutating = mode.mutates();
         if mutating {
             let hasher = &self.hasher;
             for g in &mut locked.guards {
@@ -743,13 +802,8 @@ impl MemoryBackend {
 
         let mut reservation = None;
         let mut record_items = Vec::new();
-        if allowed && !matches!(mode, Mode::Check) {
-            let hold = match &mode {
-                Mode::Reserve { id, lease } | Mode::Delegate { id, lease, .. } => {
-                    Some((id.0, now + lease))
-                }
-                _ => None,
-            };
+        if allowed && mutating {
+            let hold = mode.hold().map(|(id, lease)| (id.0, now + lease));
             for w in &works {
                 let item = &w.item;
                 let slot = match locked.shard(w.loc.shard).table.get_bucket_mut(w.bucket) {
@@ -798,7 +852,7 @@ impl MemoryBackend {
                 });
             }
         }
-        if !matches!(mode, Mode::Check) {
+        if mutating {
             if let Some((key, h)) = caller {
                 if allowed {
                     if let Some(slot) = self.find(&mut locked, h, key) {
@@ -848,12 +902,12 @@ impl MemoryBackend {
                 grant_key,
             });
         }
-        Ok(Reply::Decision(assemble_with(
+        Ok(assemble_with(
             works.len(),
             |i| (works[i].item, &works[i].eval),
             served,
             reservation,
-        )))
+        ))
     }
 
     fn res_shard(&self, id: u128) -> MutexGuard<'_, ResShard> {
@@ -877,102 +931,89 @@ impl MemoryBackend {
         g.table.insert_unique(h, rec, |r| Self::res_hash(r.id));
     }
 
-    /// Looks up an active reservation and transitions it, returning its items.
-    fn end_reservation(&self, id: ReservationId, end: End<'_>) -> Result<EndOutcome> {
+    /// The record of `id` as every settle sees it first.
+    fn lookup(g: &mut ResShard, id: ReservationId, now: Micros) -> Result<Found<'_>> {
+        let rec = g
+            .table
+            .find_mut(Self::res_hash(id.0), |r| r.id == id.0)
+            .ok_or_else(|| Error::ReservationNotFound { id: id.to_string() })?;
+        Ok(match rec.state {
+            ResState::Committed(ref r) => Found::Committed(r),
+            ResState::Released => Found::Released,
+            ResState::Active if rec.expires <= now => Found::Lapsed,
+            ResState::Active => Found::Live(rec),
+        })
+    }
+
+    fn commit_now(&self, id: ReservationId, actual: &[(&str, i64)]) -> Result<CommitReceipt> {
         let now = self.clock.now();
         let mut g = self.res_shard(id.0);
-        let Some(rec) = g.table.find_mut(Self::res_hash(id.0), |r| r.id == id.0) else {
-            return Err(Error::ReservationNotFound { id: id.to_string() });
-        };
-        match (&rec.state, &end) {
-            (ResState::Committed(r), End::Commit(_)) => {
+        let rec = match Self::lookup(&mut g, id, now)? {
+            Found::Committed(r) => {
                 let mut r = r.clone();
                 r.duplicate = true;
-                return Ok(EndOutcome::Duplicate(Reply::Committed(r)));
+                return Ok(r);
             }
-            (ResState::Committed(_), _) => {
-                return Err(Error::ReservationClosed {
-                    id: id.to_string(),
-                    state: "committed",
-                });
-            }
-            (ResState::Released, End::Release) => {
-                return Ok(EndOutcome::Duplicate(Reply::Released(false)));
-            }
-            (ResState::Released, _) => {
-                return Err(Error::ReservationClosed {
-                    id: id.to_string(),
-                    state: "released",
-                });
-            }
-            (ResState::Active, _) => {}
+            Found::Released => return Err(closed(id, "released")),
+            Found::Lapsed => return Err(Error::ReservationExpired { id: id.to_string() }),
+            Found::Live(rec) => rec,
+        };
+        if rec.grant_key.is_some() {
+            return Err(Error::invalid(
+                "commit",
+                format!("{id} is a delegation; release it to close the sub-budget"),
+            ));
         }
-        if rec.expires <= now {
-            if matches!(end, End::Release) {
-                return Ok(EndOutcome::Duplicate(Reply::Released(false)));
-            }
-            return Err(Error::ReservationExpired { id: id.to_string() });
-        }
-        match end {
-            End::Extend(lease) => {
-                rec.expires = now + lease;
-                rec.forget_at = rec.expires + TOMBSTONE;
-                let keys = rec.items.iter().map(|i| Box::from(&*i.key)).collect();
-                Ok(EndOutcome::Extended(
-                    rec.expires,
-                    keys,
-                    rec.grant_key.clone(),
-                ))
-            }
-            End::Commit(actual) => {
-                if rec.grant_key.is_some() {
-                    return Err(Error::invalid(
-                        "commit",
-                        format!("{id} is a delegation; release it to close the sub-budget"),
-                    ));
-                }
-                let charges: Vec<Charge> = rec
-                    .items
+        let charges: Vec<Charge> = rec
+            .items
+            .iter()
+            .map(|it| {
+                let actual_amt = actual
                     .iter()
-                    .map(|it| {
-                        let actual_amt = actual
-                            .iter()
-                            .find(|(u, _)| **u == *it.def.unit)
-                            .map_or(it.amount, |(_, a)| *a);
-                        let charged = match it.def.overage {
-                            Overage::Charge => actual_amt,
-                            Overage::Cap => actual_amt.min(it.amount),
-                        };
-                        Charge {
-                            def: Arc::clone(&it.def),
-                            key: Arc::clone(&it.key),
-                            reserved: it.amount,
-                            charged,
-                            uncharged: actual_amt - charged,
-                        }
-                    })
-                    .collect();
-                let receipt = CommitReceipt {
-                    id,
-                    charges,
-                    duplicate: false,
+                    .find(|(u, _)| **u == *it.def.unit)
+                    .map_or(it.amount, |(_, a)| *a);
+                let charged = match it.def.overage {
+                    Overage::Charge => actual_amt,
+                    Overage::Cap => actual_amt.min(it.amount),
                 };
-                rec.state = ResState::Committed(receipt.clone());
-                rec.forget_at = now + TOMBSTONE;
-                let items = std::mem::take(&mut rec.items);
-                Ok(EndOutcome::Ended(
-                    items,
-                    Some(receipt),
-                    rec.grant_key.take(),
-                ))
-            }
-            End::Release => {
-                rec.state = ResState::Released;
-                rec.forget_at = now + TOMBSTONE;
-                let items = std::mem::take(&mut rec.items);
-                Ok(EndOutcome::Ended(items, None, rec.grant_key.take()))
-            }
-        }
+                Charge {
+                    def: Arc::clone(&it.def),
+                    key: Arc::clone(&it.key),
+                    reserved: it.amount,
+                    charged,
+                    uncharged: actual_amt - charged,
+                }
+            })
+            .collect();
+        let receipt = CommitReceipt {
+            id,
+            charges,
+            duplicate: false,
+        };
+        rec.state = ResState::Committed(receipt.clone());
+        rec.forget_at = now + TOMBSTONE;
+        let items = std::mem::take(&mut rec.items);
+        let grant = rec.grant_key.take();
+        drop(g);
+        self.finish(id, &items, Some(&receipt), grant.as_deref());
+        Ok(receipt)
+    }
+
+    fn release_now(&self, id: ReservationId) -> Result<bool> {
+        let now = self.clock.now();
+        let mut g = self.res_shard(id.0);
+        let rec = match Self::lookup(&mut g, id, now)? {
+            Found::Committed(_) => return Err(closed(id, "committed")),
+            Found::Released | Found::Lapsed => return Ok(false),
+            Found::Live(rec) => rec,
+        };
+        rec.state = ResState::Released;
+        rec.forget_at = now + TOMBSTONE;
+        let items = std::mem::take(&mut rec.items);
+        let grant = rec.grant_key.take();
+        drop(g);
+        self.finish(id, &items, None, grant.as_deref());
+        Ok(true)
     }
 
     fn finish(
@@ -1065,12 +1106,21 @@ impl MemoryBackend {
         }
     }
 
-    fn extend(&self, id: ReservationId, lease: Micros) -> Result<Reply> {
-        let (expires, keys, grant_key) = match self.end_reservation(id, End::Extend(lease))? {
-            EndOutcome::Extended(e, k, g) => (e, k, g),
-            EndOutcome::Duplicate(r) => return Ok(r),
-            EndOutcome::Ended(..) => return Err(Error::invalid("extend", "internal state error")),
+    fn extend_now(&self, id: ReservationId, lease: Micros) -> Result<Micros> {
+        let now = self.clock.now();
+        let mut g = self.res_shard(id.0);
+        let (expires, keys, grant_key) = match Self::lookup(&mut g, id, now)? {
+            Found::Committed(_) => return Err(closed(id, "committed")),
+            Found::Released => return Err(closed(id, "released")),
+            Found::Lapsed => return Err(Error::ReservationExpired { id: id.to_string() }),
+            Found::Live(rec) => {
+                rec.expires = now + lease;
+                rec.forget_at = rec.expires + TOMBSTONE;
+                let keys: Vec<Box<str>> = rec.items.iter().map(|i| Box::from(&*i.key)).collect();
+                (rec.expires, keys, rec.grant_key.clone())
+            }
         };
+        drop(g);
         let mut locs: SmallVec<[Loc; 8]> =
             keys.iter().map(|k| self.loc(KeyRef::split(k))).collect();
         let gl = grant_key.as_deref().map(|k| self.loc(KeyRef::split(k)));
@@ -1091,58 +1141,7 @@ impl MemoryBackend {
                 slot.idle_at = expires;
             }
         }
-        Ok(Reply::Extended(expires))
-    }
-
-    fn execute_sync(&self, op: Op<'_>) -> Result<Reply> {
-        match op {
-            Op::Check(plan) => self.decide(plan, Mode::Check),
-            Op::Acquire(plan) => self.decide(plan, Mode::Acquire),
-            Op::Reserve { plan, id, lease } => self.decide(plan, Mode::Reserve { id, lease }),
-            Op::Delegate {
-                plan,
-                from,
-                child,
-                id,
-                lease,
-                ..
-            } => {
-                let from = match from {
-                    None => None,
-                    Some(p) => Some((p.0, self.parent_keys(p, child)?)),
-                };
-                self.decide(
-                    plan,
-                    Mode::Delegate {
-                        child,
-                        from,
-                        id,
-                        lease,
-                    },
-                )
-            }
-            Op::Commit { id, actual, .. } => match self.end_reservation(id, End::Commit(actual))? {
-                EndOutcome::Ended(items, receipt, grant) => {
-                    self.finish(id, &items, receipt.as_ref(), grant.as_deref());
-                    Ok(Reply::Committed(receipt.unwrap_or(CommitReceipt {
-                        id,
-                        charges: Vec::new(),
-                        duplicate: false,
-                    })))
-                }
-                EndOutcome::Duplicate(r) => Ok(r),
-                EndOutcome::Extended(..) => Err(Error::invalid("commit", "internal state error")),
-            },
-            Op::Release { id } => match self.end_reservation(id, End::Release)? {
-                EndOutcome::Ended(items, _, grant) => {
-                    self.finish(id, &items, None, grant.as_deref());
-                    Ok(Reply::Released(true))
-                }
-                EndOutcome::Duplicate(r) => Ok(r),
-                EndOutcome::Extended(..) => Err(Error::invalid("release", "internal state error")),
-            },
-            Op::Extend { id, lease } => self.extend(id, lease),
-        }
+        Ok(expires)
     }
 
     /// Keys of a parent reservation a delegation may carve from, after checking
@@ -1208,36 +1207,42 @@ struct Work<'p> {
     eval: ItemEval,
 }
 
-enum Mode<'a> {
-    Check,
-    Acquire,
-    Reserve {
-        id: ReservationId,
-        lease: Micros,
-    },
-    Delegate {
-        child: &'a Scope,
-        from: Option<(u128, Vec<Box<str>>)>,
-        id: ReservationId,
-        lease: Micros,
-    },
+/// A reservation record as a settle finds it.
+enum Found<'r> {
+    Live(&'r mut ResRecord),
+    Committed(&'r CommitReceipt),
+    Released,
+    /// Active, but its lease ran out.
+    Lapsed,
 }
 
-enum End<'a> {
-    Commit(&'a [(&'a str, i64)]),
-    Release,
-    Extend(Micros),
-}
-
-enum EndOutcome {
-    Ended(Vec<ResItem>, Option<CommitReceipt>, Option<Box<str>>),
-    Duplicate(Reply),
-    Extended(Micros, Vec<Box<str>>, Option<Box<str>>),
+fn closed(id: ReservationId, state: &'static str) -> Error {
+    Error::ReservationClosed {
+        id: id.to_string(),
+        state,
+    }
 }
 
 impl Backend for MemoryBackend {
-    fn execute<'a>(&'a self, op: Op<'a>) -> Pending<'a> {
-        Pending::Ready(self.execute_sync(op))
+    fn decide<'a>(&'a self, plan: &'a Plan<'a>, mode: Mode<'a>) -> Pending<'a, Decision> {
+        Pending::Ready(Self::decide(self, plan, mode))
+    }
+
+    fn commit<'a>(
+        &'a self,
+        _policy: &'a Policy,
+        id: ReservationId,
+        actual: &'a [(&'a str, i64)],
+    ) -> Pending<'a, CommitReceipt> {
+        Pending::Ready(self.commit_now(id, actual))
+    }
+
+    fn release(&self, id: ReservationId) -> Pending<'_, bool> {
+        Pending::Ready(self.release_now(id))
+    }
+
+    fn extend(&self, id: ReservationId, lease: Micros) -> Pending<'_, Micros> {
+        Pending::Ready(self.extend_now(id, lease))
     }
 
     fn name(&self) -> &'static str {

@@ -1,73 +1,52 @@
 //! The storage backend contract.
 //!
 //! A [`Backend`] owns the state of every limit and makes each decision
-//! atomically: one [`Op`] in, one [`Reply`] out, one call. The embedded
-//! [`MemoryBackend`] answers synchronously ([`Pending::Ready`]); a networked
-//! backend (Redis) returns a future that performs exactly one round trip.
-//! The meaning of every op is fixed by the conformance tests, not by a backend.
+//! atomically: one typed method per operation ([`Backend::decide`] with a
+//! [`Mode`], `commit`, `release`, `extend`), each answering its own type. The
+//! embedded [`MemoryBackend`] answers synchronously ([`Pending::Ready`]); a
+//! networked backend (Redis) returns a future that performs one round trip.
+//! The meaning of every operation is fixed by the conformance tests, not by a
+//! backend.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 
 use crate::clock::Micros;
 use crate::decision::{CommitReceipt, Decision, ReservationId};
 use crate::error::Result;
 use crate::plan::Plan;
+use crate::policy::Policy;
 use crate::scope::Scope;
 
+mod fallback;
 mod memory;
 mod redis;
 
+pub use fallback::{Fallback, OnBackendError};
 pub use memory::{MemoryBackend, MemoryStats};
-pub use redis::{KeyState, OnBackendError, RedisBackend};
+pub use redis::{IMPLICIT_OPERATION_MEMORY, KeyState, OPERATION_MEMORY, RedisBackend};
 
-/// One operation for a backend.
-#[derive(Debug)]
-pub enum Op<'a> {
+/// What a decision does with an admitted request.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode<'a> {
     /// Evaluate without changing anything.
-    Check(&'a Plan<'a>),
-    /// Evaluate and, if allowed, consume now.
-    Acquire(&'a Plan<'a>),
-    /// Evaluate and, if allowed, hold the amounts under `id` until `lease` µs from now.
+    Check,
+    /// Consume now.
+    Acquire,
+    /// Hold the amounts under `id` until `lease` µs from now.
     Reserve {
-        /// The request.
-        plan: &'a Plan<'a>,
         /// The new reservation's id.
         id: ReservationId,
         /// Lease length, µs.
         lease: Micros,
     },
-    /// Charge the actual amounts of a reservation and end it. Units absent from
-    /// `actual` are charged at their reserved amount.
-    Commit {
-        /// The policy in force (names the limits in the receipt).
-        policy: &'a crate::Policy,
-        /// The reservation.
-        id: ReservationId,
-        /// Actual usage per unit, base units.
-        actual: &'a [(&'a str, i64)],
-    },
-    /// End a reservation (or delegation), returning everything it holds.
-    Release {
-        /// The reservation.
-        id: ReservationId,
-    },
-    /// Renew a reservation's lease to `lease` µs from now.
-    Extend {
-        /// The reservation.
-        id: ReservationId,
-        /// New lease length, µs.
-        lease: Micros,
-    },
-    /// Carve a sub-budget for `child` out of a parent scope (`plan`, holding
-    /// `amounts` on its limits) or out of an existing reservation (`from`).
+    /// Carve a sub-budget for `child` out of the plan's scope (holding its
+    /// amounts on the plan's limits) or out of an existing reservation (`from`).
     Delegate {
-        /// Plan over the parent scope's own limits (used when `from` is `None`).
-        plan: &'a Plan<'a>,
+        /// The sub-agent's scope (a strict descendant of the plan's).
+        child: &'a Scope,
         /// Carve from this reservation instead of from the parent's free capacity.
         from: Option<ReservationId>,
-        /// The sub-agent's scope (a strict descendant of the parent's).
-        child: &'a Scope,
         /// The delegation's id (it is a reservation).
         id: ReservationId,
         /// Lease length, µs.
@@ -75,36 +54,62 @@ pub enum Op<'a> {
     },
 }
 
-/// The answer to an [`Op`].
-#[derive(Debug, Clone)]
-pub enum Reply {
-    /// For check, acquire, reserve and delegate.
-    Decision(Decision),
-    /// For commit.
-    Committed(CommitReceipt),
-    /// For release: `true` if this call released it, `false` if it was already released.
-    Released(bool),
-    /// For extend: the new expiry, µs since the epoch.
-    Extended(Micros),
+impl Mode<'_> {
+    /// Whether an admitted request changes state (everything but a check).
+    #[must_use]
+    pub const fn mutates(&self) -> bool {
+        !matches!(self, Self::Check)
+    }
+
+    /// The reservation an admitted request creates, with its lease.
+    #[must_use]
+    pub const fn hold(&self) -> Option<(ReservationId, Micros)> {
+        match *self {
+            Self::Reserve { id, lease } | Self::Delegate { id, lease, .. } => Some((id, lease)),
+            Self::Check | Self::Acquire => None,
+        }
+    }
 }
 
-/// A backend's answer: already computed, or a future to await.
-pub enum Pending<'a> {
+/// A backend's answer of type `T`: already computed, or a future to await.
+/// `.await` it directly (it implements [`IntoFuture`]).
+pub enum Pending<'a, T> {
     /// Computed synchronously (embedded engine).
-    Ready(Result<Reply>),
+    Ready(Result<T>),
     /// In flight (networked backends).
-    Future(Pin<Box<dyn Future<Output = Result<Reply>> + Send + 'a>>),
+    Future(Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>),
 }
 
-impl Pending<'_> {
-    /// Awaits the reply.
-    ///
-    /// # Errors
-    /// Whatever the backend reports.
-    pub async fn resolve(self) -> Result<Reply> {
-        match self {
-            Self::Ready(r) => r,
-            Self::Future(f) => f.await,
+impl<'a, T: Send + 'a> IntoFuture for Pending<'a, T> {
+    type Output = Result<T>;
+    type IntoFuture = PendingFuture<'a, T>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        PendingFuture(Some(self))
+    }
+}
+
+/// The future of a [`Pending`]: ready at the first poll for [`Pending::Ready`].
+pub struct PendingFuture<'a, T>(Option<Pending<'a, T>>);
+
+// Never pinned structurally: the result is moved out, the future is boxed.
+impl<T> Unpin for PendingFuture<'_, T> {}
+
+impl<T> Future for PendingFuture<'_, T> {
+    type Output = Result<T>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            Some(Pending::Future(f)) => f.as_mut().poll(cx),
+            ready @ Some(Pending::Ready(_)) => match ready.take() {
+                Some(Pending::Ready(r)) => std::task::Poll::Ready(r),
+                _ => std::task::Poll::Pending,
+            },
+            // Polled after completion: a caller error, never reached by `.await`.
+            None => std::task::Poll::Pending,
         }
     }
 }
@@ -121,11 +126,31 @@ pub fn poll_ready<F: Future>(future: F) -> Option<F::Output> {
     }
 }
 
-/// Storage and atomic evaluation of limits.
+/// Storage and atomic evaluation of limits: one typed method per operation,
+/// so an operation and its answer cannot be mismatched.
 pub trait Backend: Send + Sync + 'static {
-    /// Executes one operation atomically: every limit of the plan is evaluated
-    /// and charged together or not at all.
-    fn execute<'a>(&'a self, op: Op<'a>) -> Pending<'a>;
+    /// Evaluates every limit of `plan` and, if all admit it, applies `mode`
+    /// to all of them together (nothing otherwise). Errors are invalid input
+    /// (e.g. a refused delegation) or a backend failure.
+    fn decide<'a>(&'a self, plan: &'a Plan<'a>, mode: Mode<'a>) -> Pending<'a, Decision>;
+
+    /// Charges a reservation's actual usage (units absent from `actual` at
+    /// their reserved amount) and ends it. Idempotent: a repeated commit
+    /// returns the first receipt marked `duplicate`.
+    fn commit<'a>(
+        &'a self,
+        policy: &'a Policy,
+        id: ReservationId,
+        actual: &'a [(&'a str, i64)],
+    ) -> Pending<'a, CommitReceipt>;
+
+    /// Ends a reservation (or delegation), returning everything it holds:
+    /// `true` if this call released it, `false` if it already was or expired.
+    fn release(&self, id: ReservationId) -> Pending<'_, bool>;
+
+    /// Renews a live reservation's lease to `lease` µs from now; returns the
+    /// new expiry (µs since the epoch).
+    fn extend(&self, id: ReservationId, lease: Micros) -> Pending<'_, Micros>;
 
     /// A short name for logs and `Decision` provenance (`memory`, `redis`).
     fn name(&self) -> &'static str;

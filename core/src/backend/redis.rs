@@ -48,13 +48,12 @@ use slots::{id_in_slot, id_slot, slot_tag, tag_slot};
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use super::{Backend, MemoryBackend, Op, Pending, Reply, poll_ready};
+use super::{Backend, Mode, Pending, poll_ready};
 use crate::calendar::Window;
-use crate::clock::SystemClock;
-use crate::clock::{Clock, Micros};
-use crate::decision::{Caps, Decision, Degraded, Outcome};
-use crate::decision::{Charge, CommitReceipt, ReservationId, ReservationInfo};
-use crate::error::ErrorKind;
+use crate::clock::{Clock, Micros, SystemClock};
+use crate::decision::{
+    Charge, CommitReceipt, Decision, OperationId, ReservationId, ReservationInfo,
+};
 use crate::error::{Error, Result};
 use crate::eval::{ItemEval, assemble};
 use crate::plan::{KeyRef, Plan};
@@ -74,47 +73,93 @@ const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(25
 /// its steps: what a process dying mid-request holds back, at most this long.
 const STEP_LEASE_US: i64 = 30 * 1_000_000;
 
-/// One decision for the scripts: the plan, the mode (`check`, `acquire`,
-/// `reserve`, `delegate`) and what reserving or delegating needs.
-#[derive(Clone, Copy)]
-struct Call<'a> {
-    plan: &'a Plan<'a>,
-    mode: &'a str,
-    id: Option<ReservationId>,
-    lease: Micros,
-    delegate: Option<(&'a Scope, Option<ReservationId>)>,
+/// What a decision script is asked to do (`ARGV` mode of `decide.lua` /
+/// `rate.lua`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StepMode {
+    Check,
+    Acquire,
+    Reserve,
+    Delegate,
 }
 
-impl<'a> Call<'a> {
-    fn new(plan: &'a Plan<'a>, mode: &'a str) -> Self {
-        Self {
-            plan,
-            mode,
-            id: None,
-            lease: 0,
-            delegate: None,
+impl StepMode {
+    const fn arg(self) -> &'static str {
+        match self {
+            Self::Check => "check",
+            Self::Acquire => "acquire",
+            Self::Reserve => "reserve",
+            Self::Delegate => "delegate",
         }
     }
 }
 
-/// What a decision does when Redis cannot be asked (refused, dropped, timed out).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnBackendError {
-    /// Deny, marked [`Degraded::Deny`] (fail closed). The default.
-    #[default]
-    Deny,
-    /// Allow without limits, marked [`Degraded::Allow`] (fail open).
-    Allow,
-    /// Decide on this process's embedded engine with `1/share` of every limit
-    /// (e.g. `share: 4` when four nodes share the limits), marked
-    /// [`Degraded::Local`]; Redis is asked again on the next decision.
-    Local {
-        /// Number of nodes the limits are split between (≥ 1).
-        share: u32,
-    },
+/// What the settle script is asked to do (`settle.lua` ARGV[2]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SettleMode {
+    Commit,
+    Release,
+    Extend,
 }
 
-/// A backend on one Redis or Valkey server, or on a Redis Cluster. Cheap to clone.
+impl SettleMode {
+    const fn arg(self) -> &'static str {
+        match self {
+            Self::Commit => "commit",
+            Self::Release => "release",
+            Self::Extend => "extend",
+        }
+    }
+}
+
+/// One decision for the scripts: the plan, what to do, what reserving or
+/// delegating needs, and the operation id it is remembered under.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    plan: &'a Plan<'a>,
+    mode: StepMode,
+    id: Option<ReservationId>,
+    lease: Micros,
+    delegate: Option<(&'a Scope, Option<ReservationId>)>,
+    /// The operation id and how long its answer is remembered (ms); only for
+    /// state-changing decisions on one slot.
+    op: Option<(OperationId, i64)>,
+}
+
+impl<'a> Call<'a> {
+    fn of(plan: &'a Plan<'a>, mode: Mode<'a>) -> Self {
+        let (step, id, lease, delegate) = match mode {
+            Mode::Check => (StepMode::Check, None, 0, None),
+            Mode::Acquire => (StepMode::Acquire, None, 0, None),
+            Mode::Reserve { id, lease } => (StepMode::Reserve, Some(id), lease, None),
+            Mode::Delegate {
+                child,
+                from,
+                id,
+                lease,
+            } => (StepMode::Delegate, Some(id), lease, Some((child, from))),
+        };
+        Self {
+            plan,
+            mode: step,
+            id,
+            lease,
+            delegate,
+            op: None,
+        }
+    }
+}
+
+/// How long a decision's answer is remembered under an operation id the caller
+/// gave ([`crate::Request::operation`]).
+pub const OPERATION_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long under an id the backend made up (long enough for its own resend
+/// after a dropped connection, and a prompt retry of an `unconfirmed` one).
+pub const IMPLICIT_OPERATION_MEMORY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A backend on one Redis or Valkey server, or on a Redis Cluster. Cheap to
+/// clone. It reports failures as errors; compose it with
+/// [`super::Fallback`] for `on_backend_error`.
 #[derive(Clone)]
 pub struct RedisBackend {
     conn: Conn,
@@ -128,15 +173,14 @@ pub struct RedisBackend {
     use_rate_script: bool,
     settle: Arc<Script>,
     clock: Option<Arc<dyn Clock>>,
-    on_error: OnBackendError,
     timeout: std::time::Duration,
-    /// Reservations made while degraded live here, and are settled here.
-    local: Arc<MemoryBackend>,
-    /// After a timeout, Redis is not waited on again before this time (µs).
-    skip_until: Arc<AtomicI64>,
+    /// Per slot (one entry for a standalone server): after a timeout, decisions
+    /// on that slot do not wait on Redis again before this time (µs).
+    skip_until: Arc<[AtomicI64]>,
 }
 
-/// After a command times out, how long decisions skip Redis before trying again.
+/// After a command times out, how long decisions on its slot skip Redis
+/// before trying again.
 const PROBE_AFTER_TIMEOUT_US: i64 = 1_000_000;
 
 /// How long a connection waits for a response before reaping it. Callers give
@@ -154,6 +198,50 @@ impl std::fmt::Debug for RedisBackend {
 fn backend_err(e: impl std::fmt::Display) -> Error {
     Error::Backend {
         message: e.to_string(),
+    }
+}
+
+/// A round trip that did not answer as asked, by whether the command may have
+/// been applied on the server.
+#[derive(Debug)]
+enum Sent {
+    /// Certainly not applied: a refused connection, an error reply — or not a
+    /// backend failure at all (a delegation the script refused).
+    Never(Error),
+    /// The connection failed with the command in flight: it may have been
+    /// applied. Safe to send again only under an operation id (or when
+    /// idempotent).
+    Lost(Error),
+    /// No answer within the timeout: it may have been (or may yet be) applied.
+    Late(Error),
+}
+
+impl Sent {
+    /// The error a caller sees: a state-changing decision remembered under
+    /// `op` that may have been applied is [`Error::Unconfirmed`].
+    fn into_error(self, op: Option<OperationId>) -> Error {
+        match (self, op) {
+            (Self::Lost(e) | Self::Late(e), Some(operation)) => Error::Unconfirmed {
+                message: match e {
+                    Error::Backend { message } => message,
+                    other => other.to_string(),
+                },
+                operation,
+            },
+            (Self::Never(e) | Self::Lost(e) | Self::Late(e), _) => e,
+        }
+    }
+}
+
+/// Classifies a failed Redis call.
+fn failed(e: &redis::RedisError) -> Sent {
+    let err = backend_err(e);
+    if e.is_connection_refusal() {
+        Sent::Never(err)
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+        Sent::Lost(err)
+    } else {
+        Sent::Never(err)
     }
 }
 
@@ -262,26 +350,11 @@ impl RedisBackend {
             use_rate_script: true,
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
             clock: None,
-            on_error: OnBackendError::default(),
             timeout: DEFAULT_TIMEOUT,
-            local: Arc::new(MemoryBackend::new(Arc::new(SystemClock))),
-            skip_until: Arc::new(AtomicI64::new(0)),
+            skip_until: (0..if cluster { slots::SLOTS } else { 1 })
+                .map(|_| AtomicI64::new(0))
+                .collect(),
         })
-    }
-
-    /// What decisions do when Redis cannot be asked (default: deny).
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for `Local { share: 0 }`.
-    pub fn on_backend_error(mut self, mode: OnBackendError) -> Result<Self> {
-        if mode == (OnBackendError::Local { share: 0 }) {
-            return Err(Error::invalid(
-                "on_backend_error",
-                "local share must be at least 1",
-            ));
-        }
-        self.on_error = mode;
-        Ok(self)
     }
 
     /// How long one command may take before it counts as a backend failure
@@ -308,111 +381,59 @@ impl RedisBackend {
             .map_or_else(|| SystemClock.now(), |c| c.now())
     }
 
-    /// Whether a recent timeout says not to wait on Redis right now.
-    fn skipping(&self) -> Option<Error> {
-        (self.local_now() < self.skip_until.load(Ordering::Relaxed))
-            .then(|| backend_err("Redis timed out recently; not asked again yet"))
+    fn health(&self, slot: u16) -> &AtomicI64 {
+        &self.skip_until[usize::from(slot) % self.skip_until.len()]
     }
 
-    /// Runs one Redis round trip under the command timeout; a timeout makes the
-    /// next decisions skip Redis for a moment instead of each waiting it out.
-    async fn bounded<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    /// Whether a recent timeout on `slot` says not to wait on Redis for it now.
+    fn skipping(&self, slot: u16) -> Option<Error> {
+        (self.local_now() < self.health(slot).load(Ordering::Relaxed)).then(|| {
+            backend_err(if self.cluster {
+                "the Redis node of this key's slot timed out recently; not asked again yet"
+            } else {
+                "Redis timed out recently; not asked again yet"
+            })
+        })
+    }
+
+    /// Runs one Redis round trip on `slot` under the command timeout. A
+    /// timeout makes the next decisions on that slot skip Redis for a moment
+    /// instead of each waiting it out; other slots are not affected.
+    async fn bounded<T>(
+        &self,
+        slot: u16,
+        call: impl std::future::Future<Output = Result<T, Sent>>,
+    ) -> Result<T, Sent> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
             Err(_) => {
-                self.skip_until
+                self.health(slot)
                     .store(self.local_now() + PROBE_AFTER_TIMEOUT_US, Ordering::Relaxed);
-                Err(backend_err(format!(
+                Err(Sent::Late(backend_err(format!(
                     "Redis did not answer within {:?}",
                     self.timeout
-                )))
+                ))))
             }
         }
     }
 
-    /// A settle operation, unless Redis is being skipped after a timeout.
-    async fn guarded<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        match self.skipping() {
-            Some(e) => Err(e),
-            None => call.await,
-        }
-    }
-
-    /// A decision made without Redis, following `on_backend_error`.
-    fn degraded(&self, call: Call<'_>, err: &Error) -> Result<Reply> {
-        let Call {
-            plan,
-            mode,
-            id,
-            lease,
-            delegate,
-        } = call;
-        let (local_plan, marker, share) = match self.on_error {
-            OnBackendError::Deny => {
-                return Ok(Reply::Decision(Decision {
-                    outcome: Outcome::Deny,
-                    caps: Caps::default(),
-                    retry_after: Some(std::time::Duration::from_secs(1)),
-                    limits: Vec::new(),
-                    reason: Some(format!(
-                        "the shared backend is unavailable ({err}); on_backend_error = deny"
-                    )),
-                    reservation: None,
-                    priority: plan.priority(),
-                    degraded: Some(Degraded::Deny),
-                }));
+    /// Runs `attempt` and, if the connection failed under it, once more at
+    /// once (the connection reconnects by itself; an idle connection a server
+    /// or proxy closed fails only its first command). Callers pass only
+    /// attempts that are safe to repeat: checks, settles (idempotent by
+    /// reservation id) and decisions remembered under an operation id.
+    async fn resent<T, F, Fut>(&self, slot: u16, attempt: F) -> Result<T, Sent>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Sent>>,
+    {
+        self.bounded(slot, async {
+            match attempt().await {
+                Err(Sent::Lost(_)) => attempt().await,
+                other => other,
             }
-            OnBackendError::Allow => (plan.unlimited(), Degraded::Allow, 1),
-            OnBackendError::Local { share } => (
-                plan.scaled(i64::from(share)),
-                Degraded::Local,
-                i64::from(share),
-            ),
-        };
-        let op = match (mode, id, delegate) {
-            ("reserve", Some(id), _) => Op::Reserve {
-                plan: &local_plan,
-                id,
-                lease,
-            },
-            ("delegate", Some(id), Some((child, from))) => Op::Delegate {
-                plan: &local_plan,
-                from,
-                child,
-                id,
-                lease,
-            },
-            ("check", ..) => Op::Check(&local_plan),
-            _ => Op::Acquire(&local_plan),
-        };
-        match self.local.execute(op) {
-            Pending::Ready(Ok(Reply::Decision(mut d))) => {
-                for l in &mut d.limits {
-                    l.remaining /= share;
-                    l.amount /= share;
-                }
-                d.degraded = Some(marker);
-                let why = format!(
-                    "decided without the shared backend ({err}); on_backend_error = {}",
-                    marker.as_str()
-                );
-                d.reason = Some(d.reason.map_or(why.clone(), |r| format!("{r}; {why}")));
-                Ok(Reply::Decision(d))
-            }
-            Pending::Ready(other) => other,
-            Pending::Future(_) => Err(backend_err("the local engine answered asynchronously")),
-        }
-    }
-
-    async fn decide_or_degrade(&self, call: Call<'_>) -> Result<Reply> {
-        let answer = match self.skipping() {
-            Some(e) => Err(e),
-            None => self.decide(call).await,
-        };
-        match answer {
-            Err(e) if e.kind() == ErrorKind::Backend => self.degraded(call, &e),
-            other => other,
-        }
+        })
+        .await
     }
 
     /// Uses `clock` instead of the server's `TIME` — for deterministic tests only:
@@ -461,6 +482,12 @@ impl RedisBackend {
     /// The record of a reservation, on the slot its id carries.
     fn record_key(&self, id: ReservationId) -> String {
         format!("{}:{{{}}}:res:{id}", self.namespace, slot_tag(id_slot(id)))
+    }
+
+    /// Where the answer of operation `op` is remembered: on the slot of the
+    /// decision's keys.
+    fn op_key(&self, op: OperationId, slot: u16) -> String {
+        format!("{}:{{{}}}:op:{op}", self.namespace, slot_tag(slot))
     }
 
     /// A key on `slot` that is never written: the scripts' placeholder for an
@@ -529,7 +556,7 @@ impl RedisBackend {
         let Call { plan, delegate, .. } = call;
         let n = part.items.len();
         let mut keys: Vec<String> = Vec::with_capacity(n + 8);
-        let mut args: Vec<String> = Vec::with_capacity(14 + 13 * n);
+        let mut args: Vec<String> = Vec::with_capacity(16 + 13 * n);
         for &i in &part.items {
             keys.push(self.key(plan.get(i).key));
         }
@@ -557,7 +584,7 @@ impl RedisBackend {
                 name: "@grant",
             }));
         }
-        let (child, parent) = match delegate.filter(|_| step.mode == "delegate") {
+        let (child, parent) = match delegate.filter(|_| step.mode == StepMode::Delegate) {
             Some((c, p)) => (Some(c), p),
             None => (None, None),
         };
@@ -571,9 +598,13 @@ impl RedisBackend {
             },
         ));
         keys.push(parent.map_or_else(|| self.spare_key(part.slot), |p| self.record_key(p)));
+        keys.push(step.op.map_or_else(
+            || self.spare_key(part.slot),
+            |(op, _)| self.op_key(op, part.slot),
+        ));
         args.extend([
             self.now_arg().to_string(),
-            step.mode.to_owned(),
+            step.mode.arg().to_owned(),
             n.to_string(),
             step.rank.to_string(),
             plan.promote_after().to_string(),
@@ -586,6 +617,8 @@ impl RedisBackend {
             parent.map_or_else(String::new, |p| p.to_string()),
             u8::from(step.first_of_many).to_string(),
             step.links.to_owned(),
+            step.op.map_or_else(String::new, |(op, _)| op.to_string()),
+            step.op.map_or(0, |(_, ms)| ms).to_string(),
         ]);
         for &i in &part.items {
             let item = plan.get(i);
@@ -640,7 +673,7 @@ impl RedisBackend {
         // check / acquire hold nothing and make no record; a starvation tracker
         // lives on the primary part only.
         let lean = self.use_rate_script
-            && matches!(step.mode, "check" | "acquire")
+            && matches!(step.mode, StepMode::Check | StepMode::Acquire)
             && (plan.caller_key().is_none() || !part.primary)
             && rates_only(plan, part);
         if !lean {
@@ -649,11 +682,13 @@ impl RedisBackend {
         }
         let rank = usize::from(step.rank.min(2));
         let mut keys = Vec::with_capacity(part.items.len());
-        let mut args = Vec::with_capacity(3 + 5 * part.items.len());
+        let mut args = Vec::with_capacity(5 + 5 * part.items.len());
         args.extend([
             self.now_arg().to_string(),
-            step.mode.to_owned(),
+            step.mode.arg().to_owned(),
             step.rank.to_string(),
+            step.op.map_or_else(String::new, |(op, _)| op.to_string()),
+            step.op.map_or(0, |(_, ms)| ms).to_string(),
         ]);
         for &i in &part.items {
             let item = plan.get(i);
@@ -671,18 +706,23 @@ impl RedisBackend {
                 ]);
             }
         }
+        if let Some((op, _)) = step.op {
+            keys.push(self.op_key(op, part.slot));
+        }
         (&self.rate, keys, args)
     }
 
     /// The exact command one `acquire` of `plan` sends — `EVALSHA <sha> <numkeys>
     /// <keys…> <args…>` — so benchmarks can replay it with `redis-benchmark`.
-    /// For a plan on one slot (every plan on a standalone server).
+    /// For a plan on one slot (every plan on a standalone server); without an
+    /// operation id (what the benchmark replays is the same command each time).
     #[doc(hidden)]
     #[must_use]
     pub fn acquire_command(&self, plan: &Plan<'_>) -> Vec<String> {
-        let call = Call::new(plan, "acquire");
+        let call = Call::of(plan, Mode::Acquire);
         let part = &self.parts(call)[0];
-        let (script, keys, args) = self.script_for(call, part, &Step::new("acquire", plan));
+        let step = Step::new(StepMode::Acquire, plan);
+        let (script, keys, args) = self.script_for(call, part, &step);
         let mut out = vec![
             "EVALSHA".to_owned(),
             script.get_hash().to_owned(),
@@ -693,57 +733,65 @@ impl RedisBackend {
         out
     }
 
-    /// Runs the decision script for one part.
-    async fn run_part(&self, call: Call<'_>, part: &Part, step: &Step<'_>) -> Result<PartOut> {
-        let (script, keys, args) = self.script_for(call, part, step);
+    /// Runs one script with `keys` and `args` on the slot's node.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, Sent> {
         let mut inv = script.prepare_invoke();
-        for k in &keys {
+        for k in keys {
             inv.key(k);
         }
-        for a in &args {
+        for a in args {
             inv.arg(a);
         }
         let mut conn = self.conn.clone();
-        let out: Vec<i64> = self
-            .bounded(async { inv.invoke_async(&mut conn).await.map_err(backend_err) })
-            .await?;
+        inv.invoke_async(&mut conn).await.map_err(|e| failed(&e))
+    }
+
+    /// Runs the decision script for one part, sending it once more if the
+    /// connection failed under a step that is safe to repeat (a check, or a
+    /// decision remembered under an operation id).
+    async fn run_part(
+        &self,
+        call: Call<'_>,
+        part: &Part,
+        step: &Step<'_>,
+    ) -> Result<PartOut, Sent> {
+        let (script, keys, args) = self.script_for(call, part, step);
+        let repeatable = step.mode == StepMode::Check || step.op.is_some();
+        let out: Vec<i64> = if repeatable {
+            self.resent(part.slot, || self.invoke(script, &keys, &args))
+                .await?
+        } else {
+            self.bounded(part.slot, self.invoke(script, &keys, &args))
+                .await?
+        };
         if let (Some(&code), Some((c, parent))) = (out.first(), call.delegate) {
-            let pid = || parent.map(|p| p.to_string()).unwrap_or_default();
-            match code {
-                -1 => {
-                    return Err(Error::invalid(
-                        "delegation",
-                        format!("scope `{c}` already has an open delegation; release it first"),
-                    ));
-                }
-                -2 => return Err(Error::ReservationNotFound { id: pid() }),
-                -3 => return Err(Error::ReservationExpired { id: pid() }),
-                -4 => {
-                    return Err(Error::ReservationClosed {
-                        id: pid(),
-                        state: "committed",
-                    });
-                }
-                -5 => {
-                    return Err(Error::ReservationClosed {
-                        id: pid(),
-                        state: "released",
-                    });
-                }
-                -6 => {
-                    return Err(Error::invalid(
-                        "delegation",
-                        format!("child scope `{c}` is not under the reservation's scope"),
-                    ));
-                }
-                _ => {}
+            if code < 0 {
+                return Err(Sent::Never(self.refused_delegation(code, c, parent).await));
             }
         }
         if out.len() != 3 + 4 * part.items.len() {
-            return Err(backend_err(format!(
-                "decide script answered {} values",
-                out.len()
-            )));
+            return Err(Sent::Never(match step.op {
+                // A remembered answer of another shape: the id was used before
+                // by a different request.
+                Some((op, _)) => Error::invalid(
+                    "operation",
+                    format!(
+                        "{op} was used by an earlier request with other limits; give each request its own id"
+                    ),
+                ),
+                None => Error::Internal {
+                    message: format!(
+                        "decide script answered {} values for {} limits",
+                        out.len(),
+                        part.items.len()
+                    ),
+                },
+            }));
         }
         Ok(PartOut {
             rank: u8::try_from(out[0].clamp(0, 2)).unwrap_or(2),
@@ -761,26 +809,139 @@ impl RedisBackend {
         })
     }
 
+    /// The error for a delegation the script refused (`code` < 0, see
+    /// decide.lua), worded as the embedded engine words it.
+    async fn refused_delegation(
+        &self,
+        code: i64,
+        child: &Scope,
+        parent: Option<ReservationId>,
+    ) -> Error {
+        let pid = || parent.map(|p| p.to_string()).unwrap_or_default();
+        match code {
+            -1 => Error::invalid(
+                "delegation",
+                format!("scope `{child}` already has an open delegation; release it first"),
+            ),
+            -2 => Error::ReservationNotFound { id: pid() },
+            -3 => Error::ReservationExpired { id: pid() },
+            -4 => closed(pid(), "committed"),
+            -5 => closed(pid(), "released"),
+            -6 => self.not_under(child, parent).await,
+            other => Error::Internal {
+                message: format!("decide script refused a delegation with code {other}"),
+            },
+        }
+    }
+
+    /// "child scope is not under the reservation's scope", naming that scope.
+    async fn not_under(&self, child: &Scope, parent: Option<ReservationId>) -> Error {
+        let scope = match parent {
+            Some(p) => {
+                let mut conn = self.conn.clone();
+                let get = redis::cmd("HGET")
+                    .arg(self.record_key(p))
+                    .arg("scope")
+                    .clone();
+                self.bounded(id_slot(p), async {
+                    get.query_async::<Option<String>>(&mut conn)
+                        .await
+                        .map_err(|e| failed(&e))
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+            None => None,
+        };
+        Error::invalid(
+            "delegation",
+            format!(
+                "child scope `{child}` is not under the reservation's scope `{}`",
+                scope.unwrap_or_default()
+            ),
+        )
+    }
+
+    /// On a cluster, a delegation from a reservation whose records live on
+    /// another slot than the child's scope tree: says why, as the embedded
+    /// engine would (not found, expired, settled, not under its scope), by
+    /// reading the record; a live record whose scope is a parent of the child
+    /// holds only shared pools, which cannot be carved from on a cluster.
+    async fn foreign_parent(&self, parent: ReservationId, child: &Scope) -> Error {
+        let mut conn = self.conn.clone();
+        let get = redis::cmd("HMGET")
+            .arg(self.record_key(parent))
+            .arg(&["st", "exp", "scope"])
+            .clone();
+        let rec: Result<RecordHead, Sent> = self
+            .bounded(id_slot(parent), async {
+                get.query_async(&mut conn).await.map_err(|e| failed(&e))
+            })
+            .await;
+        let now = match self.now_arg() {
+            n if n >= 0 => Some(n),
+            _ => self.server_now(id_slot(parent)).await,
+        };
+        let id = parent.to_string();
+        match rec {
+            Err(e) => e.into_error(None),
+            Ok((None, ..)) => Error::ReservationNotFound { id },
+            Ok((Some(st), _, _)) if st == "c" => closed(id, "committed"),
+            Ok((Some(st), _, _)) if st == "r" => closed(id, "released"),
+            // A record kept past its lease (its tombstone) has expired.
+            Ok((Some(_), Some(exp), _)) if now.is_some_and(|now| exp <= now) => {
+                Error::ReservationExpired { id }
+            }
+            Ok((Some(_), _, Some(scope))) if !child.as_str().starts_with(&format!("{scope}/")) => {
+                Error::invalid(
+                    "delegation",
+                    format!("child scope `{child}` is not under the reservation's scope `{scope}`"),
+                )
+            }
+            Ok(_) => Error::invalid(
+                "delegation",
+                format!(
+                    "in a Redis Cluster a delegation carves from a reservation on its scope tree's limits; {parent} holds only shared pools"
+                ),
+            ),
+        }
+    }
+
+    /// The server's clock (µs) as seen from `slot`'s node, if it answers.
+    async fn server_now(&self, slot: u16) -> Option<Micros> {
+        let mut conn = self.conn.clone();
+        let time = redis::cmd("TIME");
+        let (secs, us): (i64, i64) = self
+            .bounded(slot, async {
+                time.query_async(&mut conn).await.map_err(|e| failed(&e))
+            })
+            .await
+            .ok()?;
+        Some(secs * 1_000_000 + us)
+    }
+
     /// Decides a call: one script run when its limits share a slot, the
     /// reserve-then-commit steps described in the module docs otherwise.
-    async fn decide(&self, call: Call<'_>) -> Result<Reply> {
+    async fn decide_call(&self, call: Call<'_>) -> Result<Decision, Sent> {
         let plan = call.plan;
         let parts = self.parts(call);
         let primary = &parts[0];
+        for p in parts.iter() {
+            if let Some(e) = self.skipping(p.slot) {
+                return Err(Sent::Never(e));
+            }
+        }
         let id = call.id.map(|id| id_in_slot(id, primary.slot));
-        if let (Some((_, Some(parent))), true) = (call.delegate, self.cluster) {
+        if let (Some((child, Some(parent))), true) = (call.delegate, self.cluster) {
             if id_slot(parent) != primary.slot {
-                return Err(Error::invalid(
-                    "delegation",
-                    format!(
-                        "in a Redis Cluster a delegation carves from a reservation on its scope tree's limits; {parent} holds only shared pools"
-                    ),
-                ));
+                return Err(Sent::Never(self.foreign_parent(parent, child).await));
             }
         }
         let step = Step {
             id,
             lease: call.lease,
+            op: call.op,
             ..Step::new(call.mode, plan)
         };
         if parts.len() == 1 {
@@ -788,13 +949,13 @@ impl RedisBackend {
             return Ok(self.finish(call, &parts, &[out], id));
         }
         let foreign = &parts[1..];
-        let check = Step::new("check", plan);
+        let check = Step::new(StepMode::Check, plan);
         match call.mode {
-            "check" => {
+            StepMode::Check => {
                 let outs = self.run_parts(call, &parts, &check).await?;
                 Ok(self.finish(call, &parts, &outs, None))
             }
-            "delegate" => {
+            StepMode::Delegate => {
                 let mut outs = self.run_parts(call, foreign, &check).await?;
                 let all = outs.iter().all(PartOut::allowed);
                 let home = self
@@ -803,7 +964,7 @@ impl RedisBackend {
                 outs.insert(0, home);
                 Ok(self.finish(call, &parts, &outs, id.filter(|_| all)))
             }
-            _ => self.hold_then_commit(call, &parts, id).await,
+            StepMode::Acquire | StepMode::Reserve => self.hold_then_commit(call, &parts, id).await,
         }
     }
 
@@ -816,10 +977,10 @@ impl RedisBackend {
         call: Call<'_>,
         parts: &[Part],
         id: Option<ReservationId>,
-    ) -> Result<Reply> {
+    ) -> Result<Decision, Sent> {
         let plan = call.plan;
         let (primary, foreign) = (&parts[0], &parts[1..]);
-        let acquire = call.mode == "acquire";
+        let acquire = call.mode == StepMode::Acquire;
         let lease = if acquire { STEP_LEASE_US } else { call.lease };
         let home_id = id.unwrap_or_else(|| id_in_slot(ReservationId::random(), primary.slot));
         let sub: Vec<ReservationId> = foreign
@@ -846,14 +1007,14 @@ impl RedisBackend {
             lease,
             first_of_many: true,
             links: &links,
-            ..Step::new("reserve", plan)
+            ..Step::new(StepMode::Reserve, plan)
         };
         let home = self.run_part(call, primary, &first).await?;
         if !home.allowed() {
             undo.backend = None;
             let served = Step {
                 rank: home.rank,
-                ..Step::new("check", plan)
+                ..Step::new(StepMode::Check, plan)
             };
             let mut outs = self.run_parts(call, foreign, &served).await?;
             outs.insert(0, home);
@@ -867,7 +1028,7 @@ impl RedisBackend {
                 id: Some(sid),
                 lease,
                 rank: home.rank,
-                ..Step::new("reserve", plan)
+                ..Step::new(StepMode::Reserve, plan)
             })
             .collect();
         let results = join_all(
@@ -897,20 +1058,22 @@ impl RedisBackend {
                 let mut conn = self.conn.clone();
                 let del = redis::cmd("DEL").arg(t).clone();
                 let _: () = self
-                    .bounded(async { del.query_async(&mut conn).await.map_err(backend_err) })
+                    .bounded(primary.slot, async {
+                        del.query_async(&mut conn).await.map_err(|e| failed(&e))
+                    })
                     .await?;
             }
             return Ok(self.finish(call, parts, &outs, id));
         }
         let (mode, starve) = if all {
-            ("commit", "clear")
+            (SettleMode::Commit, "clear")
         } else {
-            ("release", "deny")
+            (SettleMode::Release, "deny")
         };
         let home_tracker = tracker.as_deref().map(|t| (t, starve));
         let ended = join_all(all_ids().map(|rid| {
             let tracker = home_tracker.filter(|_| rid == home_id);
-            self.settle_one(rid, mode, 0, &[], None, tracker, plan.promote_after())
+            self.settle_one(rid, mode, 0, &[], tracker, plan.promote_after())
         }))
         .await;
         undo.backend = None;
@@ -921,7 +1084,9 @@ impl RedisBackend {
             // Parts already committed stay charged (under-admission, never
             // over); the rest is released and the request reported as failed.
             for rid in all_ids() {
-                let _ = self.settle_one(rid, "release", 0, &[], None, None, 0).await;
+                let _ = self
+                    .settle_one(rid, SettleMode::Release, 0, &[], None, 0)
+                    .await;
             }
             return Err(e);
         }
@@ -934,7 +1099,7 @@ impl RedisBackend {
         call: Call<'_>,
         parts: &[Part],
         step: &Step<'_>,
-    ) -> Result<Vec<PartOut>> {
+    ) -> Result<Vec<PartOut>, Sent> {
         join_all(parts.iter().map(|p| self.run_part(call, p, step)))
             .await
             .into_iter()
@@ -948,7 +1113,7 @@ impl RedisBackend {
         parts: &[Part],
         outs: &[PartOut],
         reservation: Option<ReservationId>,
-    ) -> Reply {
+    ) -> Decision {
         let plan = call.plan;
         let mut evals = vec![
             ItemEval {
@@ -973,93 +1138,124 @@ impl RedisBackend {
             let expires_at = outs.first().map_or(0, |o| o.expires_at);
             (expires_at > 0).then_some(ReservationInfo { id, expires_at })
         });
-        Reply::Decision(assemble(plan, &evals, served, info))
+        assemble(plan, &evals, served, info)
     }
 
-    /// Commit, release or extend a reservation, then the reservations it links
-    /// to on other cluster slots (made by the same request), merging their answers.
-    async fn settle(
+    /// Commits a reservation, then the reservations it links to on other
+    /// cluster slots (made by the same request); the receipt lists every
+    /// charge in plan order, as the embedded engine does.
+    async fn commit_all(
         &self,
+        policy: &Policy,
         id: ReservationId,
-        mode: &str,
+        actual: &[(&str, i64)],
+    ) -> Result<CommitReceipt, Sent> {
+        let out = self
+            .resent(id_slot(id), || {
+                self.settle_one(id, SettleMode::Commit, 0, actual, None, 0)
+            })
+            .await?;
+        let mut receipt = receipt_of(policy, id, &out)?;
+        for (l, more) in self
+            .settle_links(&out.links, SettleMode::Commit, 0, actual)
+            .await?
+        {
+            receipt
+                .charges
+                .extend(receipt_of(policy, l, &more)?.charges);
+        }
+        receipt.charges.sort_by_key(plan_order);
+        Ok(receipt)
+    }
+
+    /// Releases a reservation and the ones it links to.
+    async fn release_all(&self, id: ReservationId) -> Result<bool, Sent> {
+        let out = self
+            .resent(id_slot(id), || {
+                self.settle_one(id, SettleMode::Release, 0, &[], None, 0)
+            })
+            .await?;
+        self.settle_links(&out.links, SettleMode::Release, 0, &[])
+            .await?;
+        match (out.status.as_str(), out.rest.first()) {
+            ("released", Some(v)) => Ok(int(v) == 1),
+            _ => Err(out.unexpected()),
+        }
+    }
+
+    /// Renews a reservation's lease and the leases of the ones it links to.
+    async fn extend_all(&self, id: ReservationId, lease: Micros) -> Result<Micros, Sent> {
+        let out = self
+            .resent(id_slot(id), || {
+                self.settle_one(id, SettleMode::Extend, lease, &[], None, 0)
+            })
+            .await?;
+        self.settle_links(&out.links, SettleMode::Extend, lease, &[])
+            .await?;
+        match (out.status.as_str(), out.rest.first()) {
+            ("extended", Some(v)) => Ok(int(v)),
+            _ => Err(out.unexpected()),
+        }
+    }
+
+    /// Settles the linked reservations of a multi-slot request the same way,
+    /// in parallel. A linked record gone (its lease ran out, or it was never
+    /// written because its step failed) holds nothing any more and is skipped.
+    async fn settle_links(
+        &self,
+        links: &[ReservationId],
+        mode: SettleMode,
         lease: Micros,
         actual: &[(&str, i64)],
-        policy: Option<&Policy>,
-    ) -> Result<Reply> {
-        let (reply, links) = self
-            .settle_one(id, mode, lease, actual, policy, None, 0)
-            .await?;
-        if links.is_empty() {
-            return Ok(reply);
-        }
-        let linked = join_all(
-            links
-                .iter()
-                .map(|&l| self.settle_one(l, mode, lease, actual, policy, None, 0)),
-        )
+    ) -> Result<Vec<(ReservationId, SettleOut)>, Sent> {
+        let linked = join_all(links.iter().map(|&l| async move {
+            let r = self
+                .resent(id_slot(l), || {
+                    self.settle_one(l, mode, lease, actual, None, 0)
+                })
+                .await;
+            (l, r)
+        }))
         .await;
-        let mut reply = reply;
-        for r in linked {
-            match (r, &mut reply) {
-                (Ok((Reply::Committed(more), _)), Reply::Committed(receipt)) => {
-                    receipt.charges.extend(more.charges);
-                }
-                // A linked record gone (its lease ran out, or it was never
-                // written because its step failed) holds nothing any more.
-                (
-                    Ok(_)
-                    | Err(Error::ReservationNotFound { .. } | Error::ReservationExpired { .. }),
-                    _,
-                ) => {}
-                (Err(e), _) => return Err(e),
+        let mut outs = Vec::new();
+        for (l, r) in linked {
+            match r {
+                Ok(out) => outs.push((l, out)),
+                Err(Sent::Never(
+                    Error::ReservationNotFound { .. } | Error::ReservationExpired { .. },
+                )) => {}
+                Err(e) => return Err(e),
             }
         }
-        Ok(reply)
+        Ok(outs)
     }
 
-    /// One run of the settle script on one record; also returns its links.
-    #[allow(clippy::too_many_arguments)]
+    /// One run of the settle script on one record. The statuses every mode
+    /// shares (not found, expired, closed, a delegation committed) become
+    /// errors; the rest is returned for the mode's own reading.
     async fn settle_one(
         &self,
         id: ReservationId,
-        mode: &str,
+        mode: SettleMode,
         lease: Micros,
         actual: &[(&str, i64)],
-        policy: Option<&Policy>,
         starve: Option<(&str, &str)>,
         promote_after: Micros,
-    ) -> Result<(Reply, Vec<ReservationId>)> {
+    ) -> Result<SettleOut, Sent> {
         let rec = self.record_key(id);
-        let mut inv = self.settle.prepare_invoke();
-        inv.key(&rec);
-        inv.key(starve.map_or(rec.as_str(), |(k, _)| k));
-        inv.arg(self.now_arg())
-            .arg(mode)
-            .arg(lease)
-            .arg(TOMBSTONE_US)
-            .arg(starve.map_or("", |(_, op)| op))
-            .arg(promote_after);
+        let keys = [rec.clone(), starve.map_or(rec, |(k, _)| k.to_owned())];
+        let mut args = vec![
+            self.now_arg().to_string(),
+            mode.arg().to_owned(),
+            lease.to_string(),
+            TOMBSTONE_US.to_string(),
+            starve.map_or("", |(_, op)| op).to_owned(),
+            promote_after.to_string(),
+        ];
         for (unit, amount) in actual {
-            inv.arg(*unit).arg(*amount);
+            args.extend([(*unit).to_owned(), amount.to_string()]);
         }
-        let mut conn = self.conn.clone();
-        let out: Vec<Value> = self
-            .bounded(async { inv.invoke_async(&mut conn).await.map_err(backend_err) })
-            .await?;
-        let text = |v: &Value| -> String {
-            match v {
-                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                Value::SimpleString(s) => s.clone(),
-                Value::Int(i) => i.to_string(),
-                other => format!("{other:?}"),
-            }
-        };
-        let int = |v: &Value| -> i64 {
-            match v {
-                Value::Int(i) => *i,
-                other => text(other).parse().unwrap_or(0),
-            }
-        };
+        let out: Vec<Value> = self.invoke(&self.settle, &keys, &args).await?;
         let status = out.first().map(text).unwrap_or_default();
         let links: Vec<ReservationId> = out
             .get(1)
@@ -1068,54 +1264,117 @@ impl RedisBackend {
             .split(',')
             .filter_map(|l| ReservationId::parse(l).ok())
             .collect();
-        let reply = match status.as_str() {
-            "nf" => Err(Error::ReservationNotFound { id: id.to_string() }),
-            "expired" => Err(Error::ReservationExpired { id: id.to_string() }),
-            "closed" => Err(Error::ReservationClosed {
-                id: id.to_string(),
-                state: if out.get(2).map(text).as_deref() == Some("committed") {
-                    "committed"
-                } else {
-                    "released"
-                },
-            }),
-            "released" => Ok(Reply::Released(out.get(2).map(int) == Some(1))),
-            "delegation" => Err(Error::invalid(
+        let id_s = || id.to_string();
+        let refused = match status.as_str() {
+            "nf" => Error::ReservationNotFound { id: id_s() },
+            "expired" => Error::ReservationExpired { id: id_s() },
+            "closed" if out.get(2).map(text).as_deref() == Some("committed") => {
+                closed(id_s(), "committed")
+            }
+            "closed" => closed(id_s(), "released"),
+            "delegation" => Error::invalid(
                 "commit",
                 format!("{id} is a delegation; release it to close the sub-budget"),
-            )),
-            "extended" => Ok(Reply::Extended(out.get(2).map_or(0, int))),
-            "ok" | "dup" => {
-                let mut charges = Vec::new();
-                if let Some(policy) = policy {
-                    for c in out.get(3..).unwrap_or_default().chunks_exact(4) {
-                        let key = text(&c[0]);
-                        let local = key.split_once("}:").map_or(key.as_str(), |(_, k)| k);
-                        let name = KeyRef::split(local).name;
-                        let def = policy.limit(name).ok_or_else(|| {
-                            backend_err(format!(
-                                "limit `{name}` of reservation {id} is not in the policy"
-                            ))
-                        })?;
-                        let (reserved, charged, actual) = (int(&c[1]), int(&c[2]), int(&c[3]));
-                        charges.push(Charge {
-                            def: Arc::clone(def),
-                            key: local.into(),
-                            reserved,
-                            charged,
-                            uncharged: actual - charged,
-                        });
-                    }
-                }
-                Ok(Reply::Committed(CommitReceipt {
-                    id,
-                    charges,
-                    duplicate: status == "dup",
-                }))
+            ),
+            _ => {
+                return Ok(SettleOut {
+                    status,
+                    rest: out.into_iter().skip(2).collect(),
+                    links,
+                });
             }
-            other => Err(backend_err(format!("settle script answered `{other}`"))),
         };
-        reply.map(|r| (r, links))
+        Err(Sent::Never(refused))
+    }
+}
+
+/// A reservation record's state, lease end and scope (`HMGET st exp scope`).
+type RecordHead = (Option<String>, Option<i64>, Option<String>);
+
+/// What the settle script answered besides the shared statuses.
+struct SettleOut {
+    /// `ok` / `dup` (commit), `released`, `extended`.
+    status: String,
+    /// The values after the status and the links.
+    rest: Vec<Value>,
+    /// Reservations of the same request on other cluster slots.
+    links: Vec<ReservationId>,
+}
+
+impl SettleOut {
+    fn unexpected(&self) -> Sent {
+        Sent::Never(Error::Internal {
+            message: format!("settle script answered `{}`", self.status),
+        })
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(i) => *i,
+        other => text(other).parse().unwrap_or(0),
+    }
+}
+
+fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn closed(id: String, state: &'static str) -> Error {
+    Error::ReservationClosed { id, state }
+}
+
+/// The receipt in a commit's answer: `ok` / `dup`, n, then per limit key,
+/// reserved, charged, actual.
+fn receipt_of(policy: &Policy, id: ReservationId, out: &SettleOut) -> Result<CommitReceipt, Sent> {
+    if !matches!(out.status.as_str(), "ok" | "dup") {
+        return Err(out.unexpected());
+    }
+    let mut charges = Vec::new();
+    for c in out.rest.get(1..).unwrap_or_default().chunks_exact(4) {
+        let key = text(&c[0]);
+        let local = key.split_once("}:").map_or(key.as_str(), |(_, k)| k);
+        let name = KeyRef::split(local).name;
+        let def = policy.limit(name).ok_or_else(|| {
+            Sent::Never(Error::invalid(
+                "commit",
+                format!("limit `{name}` of reservation {id} is not in the policy in force"),
+            ))
+        })?;
+        let (reserved, charged, actual) = (int(&c[1]), int(&c[2]), int(&c[3]));
+        charges.push(Charge {
+            def: Arc::clone(def),
+            key: local.into(),
+            reserved,
+            charged,
+            uncharged: actual - charged,
+        });
+    }
+    Ok(CommitReceipt {
+        id,
+        charges,
+        duplicate: out.status == "dup",
+    })
+}
+
+/// A charge's place in plan order: the scope chain's own limits by depth,
+/// then resource and action limits as the policy declares them.
+fn plan_order(c: &Charge) -> (u8, usize, u32) {
+    match c.def.attach {
+        crate::policy::Attach::Scope(_) => {
+            let prefix = KeyRef::split(&c.key).prefix;
+            (0, prefix.split('/').count(), c.def.id)
+        }
+        _ => (1, 0, c.def.id),
     }
 }
 
@@ -1137,7 +1396,7 @@ impl Drop for Undo {
         rt.spawn(async move {
             for id in ids {
                 let _ = backend
-                    .settle_one(id, "release", 0, &[], None, None, 0)
+                    .settle_one(id, SettleMode::Release, 0, &[], None, 0)
                     .await;
             }
         });
@@ -1162,7 +1421,7 @@ fn rates_only(plan: &Plan<'_>, part: &Part) -> bool {
 
 /// What one script run on one part is asked to do.
 struct Step<'s> {
-    mode: &'s str,
+    mode: StepMode,
     id: Option<ReservationId>,
     lease: Micros,
     /// Priority rank to decide at (the served rank, on later steps).
@@ -1171,10 +1430,12 @@ struct Step<'s> {
     first_of_many: bool,
     /// Reservations on other slots to record as links.
     links: &'s str,
+    /// The operation id its answer is remembered under, and for how long (ms).
+    op: Option<(OperationId, i64)>,
 }
 
-impl<'s> Step<'s> {
-    fn new(mode: &'s str, plan: &Plan<'_>) -> Self {
+impl Step<'_> {
+    fn new(mode: StepMode, plan: &Plan<'_>) -> Self {
         Self {
             mode,
             id: None,
@@ -1182,6 +1443,7 @@ impl<'s> Step<'s> {
             rank: plan.priority().rank(),
             first_of_many: false,
             links: "",
+            op: None,
         }
     }
 }
@@ -1391,50 +1653,52 @@ fn glob_escape(s: &str) -> String {
 }
 
 impl Backend for RedisBackend {
-    fn execute<'a>(&'a self, op: Op<'a>) -> Pending<'a> {
+    fn decide<'a>(&'a self, plan: &'a Plan<'a>, mode: Mode<'a>) -> Pending<'a, Decision> {
+        let mut call = Call::of(plan, mode);
+        // A state-changing decision on one slot is remembered under an
+        // operation id, so sending it again (after a lost reply) cannot
+        // charge twice; one spanning slots is made of reservations, which
+        // are released if any step fails.
+        let op = if mode.mutates() && self.parts(call).len() == 1 {
+            Some(match plan.operation() {
+                Some(op) => (op, millis(OPERATION_MEMORY)),
+                None => (OperationId::random(), millis(IMPLICIT_OPERATION_MEMORY)),
+            })
+        } else {
+            None
+        };
+        call.op = op;
         Pending::Future(Box::pin(async move {
-            match op {
-                Op::Check(plan) => self.decide_or_degrade(Call::new(plan, "check")).await,
-                Op::Acquire(plan) => self.decide_or_degrade(Call::new(plan, "acquire")).await,
-                Op::Reserve { plan, id, lease } => {
-                    self.decide_or_degrade(Call {
-                        id: Some(id),
-                        lease,
-                        ..Call::new(plan, "reserve")
-                    })
-                    .await
-                }
-                Op::Delegate {
-                    plan,
-                    from,
-                    child,
-                    id,
-                    lease,
-                } => {
-                    self.decide_or_degrade(Call {
-                        id: Some(id),
-                        lease,
-                        delegate: Some((child, from)),
-                        ..Call::new(plan, "delegate")
-                    })
-                    .await
-                }
-                // Reservations made while degraded are settled where they were made.
-                Op::Commit { id, .. } | Op::Release { id } | Op::Extend { id, .. }
-                    if self.local.knows(id) =>
-                {
-                    self.local.execute(op).resolve().await
-                }
-                Op::Commit { policy, id, actual } => {
-                    self.guarded(self.settle(id, "commit", 0, actual, Some(policy)))
-                        .await
-                }
-                Op::Release { id } => self.guarded(self.settle(id, "release", 0, &[], None)).await,
-                Op::Extend { id, lease } => {
-                    self.guarded(self.settle(id, "extend", lease, &[], None))
-                        .await
-                }
-            }
+            self.decide_call(call)
+                .await
+                .map_err(|e| e.into_error(op.map(|(id, _)| id)))
+        }))
+    }
+
+    fn commit<'a>(
+        &'a self,
+        policy: &'a Policy,
+        id: ReservationId,
+        actual: &'a [(&'a str, i64)],
+    ) -> Pending<'a, CommitReceipt> {
+        Pending::Future(Box::pin(async move {
+            self.commit_all(policy, id, actual)
+                .await
+                .map_err(|e| e.into_error(None))
+        }))
+    }
+
+    fn release(&self, id: ReservationId) -> Pending<'_, bool> {
+        Pending::Future(Box::pin(async move {
+            self.release_all(id).await.map_err(|e| e.into_error(None))
+        }))
+    }
+
+    fn extend(&self, id: ReservationId, lease: Micros) -> Pending<'_, Micros> {
+        Pending::Future(Box::pin(async move {
+            self.extend_all(id, lease)
+                .await
+                .map_err(|e| e.into_error(None))
         }))
     }
 

@@ -1,0 +1,190 @@
+//! Degraded mode as a composition: [`Fallback`] wraps any primary backend and
+//! decides, when the primary cannot be asked, as `on_backend_error` says —
+//! deny, allow, or on a local embedded engine with this node's share of each
+//! limit. It knows nothing of Redis: any [`Backend`] whose failures are
+//! [`Error::Backend`] / [`Error::Unconfirmed`] can be wrapped, and it is tested
+//! alone with a primary that fails on demand.
+//!
+//! Reservations made while degraded live in the local engine and are settled
+//! there; every other settle goes to the primary. The local engine reads the
+//! clock it is given (the warden's), so tests drive degraded decisions too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Backend, MemoryBackend, Mode, Pending};
+use crate::clock::{Clock, Micros};
+use crate::decision::{Caps, CommitReceipt, Decision, Degraded, Outcome, ReservationId};
+use crate::error::{Error, ErrorKind, Result};
+use crate::plan::Plan;
+use crate::policy::Policy;
+
+/// What a decision does when the shared backend cannot be asked (refused,
+/// dropped, timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnBackendError {
+    /// Deny, marked [`Degraded::Deny`] (fail closed). The default.
+    #[default]
+    Deny,
+    /// Allow without limits, marked [`Degraded::Allow`] (fail open).
+    Allow,
+    /// Decide on this process's embedded engine with `1/share` of every limit
+    /// (e.g. `share: 4` when four nodes share the limits), marked
+    /// [`Degraded::Local`]; the primary is asked again on the next decision.
+    Local {
+        /// Number of nodes the limits are split between (≥ 1).
+        share: u32,
+    },
+}
+
+impl OnBackendError {
+    /// `deny`, `allow` or `local`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Allow => "allow",
+            Self::Local { .. } => "local",
+        }
+    }
+}
+
+/// A primary backend, and what to do while it fails.
+pub struct Fallback<B> {
+    primary: B,
+    mode: OnBackendError,
+    /// Reservations made while degraded live here, and are settled here.
+    local: MemoryBackend,
+}
+
+impl<B> std::fmt::Debug for Fallback<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fallback")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Fallback<B> {
+    /// Wraps `primary`; degraded local decisions read `clock`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for `Local { share: 0 }`.
+    pub fn new(primary: B, mode: OnBackendError, clock: Arc<dyn Clock>) -> Result<Self> {
+        if mode == (OnBackendError::Local { share: 0 }) {
+            return Err(Error::invalid(
+                "on_backend_error",
+                "local share must be at least 1",
+            ));
+        }
+        Ok(Self {
+            primary,
+            mode,
+            local: MemoryBackend::new(clock),
+        })
+    }
+
+    /// The wrapped backend.
+    #[must_use]
+    pub const fn primary(&self) -> &B {
+        &self.primary
+    }
+
+    /// The decision made without the primary, which failed with `err`.
+    fn degraded(&self, plan: &Plan<'_>, mode: Mode<'_>, err: &Error) -> Result<Decision> {
+        let unconfirmed = match err {
+            Error::Unconfirmed { operation, .. } => Some(*operation),
+            _ => None,
+        };
+        let (local_plan, marker, share) = match self.mode {
+            OnBackendError::Deny => {
+                return Ok(Decision {
+                    outcome: Outcome::Deny,
+                    caps: Caps::default(),
+                    retry_after: Some(Duration::from_secs(1)),
+                    limits: Vec::new(),
+                    reason: Some(format!(
+                        "the shared backend is unavailable ({err}); on_backend_error = deny"
+                    )),
+                    reservation: None,
+                    priority: plan.priority(),
+                    degraded: Some(Degraded::Deny),
+                    unconfirmed,
+                });
+            }
+            OnBackendError::Allow => (plan.unlimited(), Degraded::Allow, 1),
+            OnBackendError::Local { share } => (
+                plan.scaled(i64::from(share)),
+                Degraded::Local,
+                i64::from(share),
+            ),
+        };
+        let mut d = self.local.decide_now(&local_plan, mode)?;
+        for l in &mut d.limits {
+            l.remaining /= share;
+            l.amount /= share;
+        }
+        d.degraded = Some(marker);
+        d.unconfirmed = unconfirmed;
+        let why = format!(
+            "decided without the shared backend ({err}); on_backend_error = {}",
+            marker.as_str()
+        );
+        d.reason = Some(d.reason.map_or(why.clone(), |r| format!("{r}; {why}")));
+        Ok(d)
+    }
+
+    /// The primary's answer, or the degraded decision when it failed.
+    fn or_degrade(&self, plan: &Plan<'_>, mode: Mode<'_>, r: Result<Decision>) -> Result<Decision> {
+        match r {
+            Err(e) if e.kind() == ErrorKind::Backend => self.degraded(plan, mode, &e),
+            other => other,
+        }
+    }
+}
+
+impl<B: Backend> Backend for Fallback<B> {
+    fn decide<'a>(&'a self, plan: &'a Plan<'a>, mode: Mode<'a>) -> Pending<'a, Decision> {
+        match self.primary.decide(plan, mode) {
+            Pending::Ready(r) => Pending::Ready(self.or_degrade(plan, mode, r)),
+            Pending::Future(f) => {
+                Pending::Future(Box::pin(
+                    async move { self.or_degrade(plan, mode, f.await) },
+                ))
+            }
+        }
+    }
+
+    fn commit<'a>(
+        &'a self,
+        policy: &'a Policy,
+        id: ReservationId,
+        actual: &'a [(&'a str, i64)],
+    ) -> Pending<'a, CommitReceipt> {
+        if self.local.knows(id) {
+            self.local.commit(policy, id, actual)
+        } else {
+            self.primary.commit(policy, id, actual)
+        }
+    }
+
+    fn release(&self, id: ReservationId) -> Pending<'_, bool> {
+        if self.local.knows(id) {
+            self.local.release(id)
+        } else {
+            self.primary.release(id)
+        }
+    }
+
+    fn extend(&self, id: ReservationId, lease: Micros) -> Pending<'_, Micros> {
+        if self.local.knows(id) {
+            self.local.extend(id, lease)
+        } else {
+            self.primary.extend(id, lease)
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        self.primary.name()
+    }
+}
