@@ -223,18 +223,23 @@ end
 -- operation id (a string key on the decision's slot), so the same request sent
 -- again after a lost reply gets the first answer and changes nothing.
 
--- The remembered answer under `key`, as numbers, or nil.
-local function replayed(key)
+-- The remembered answer under `key`, as numbers, or nil. The answer is kept
+-- with the fingerprint of the request it answered (`fp`, hex): the same id
+-- sent with another request answers { -7 } (refused, nothing changes).
+local function replayed(key, fp)
   local v = redis.call("GET", key)
   if not v then return nil end
+  local stored, rest = string.match(v, "^(%x+)|(.*)$")
+  if stored ~= fp then return { -7 } end
   local out = {}
-  for x in string.gmatch(v, "[^,]+") do out[#out + 1] = tonumber(x) end
+  for x in string.gmatch(rest, "[^,]+") do out[#out + 1] = tonumber(x) end
   return out
 end
 
--- Remembers `results` (integers) under `key` for `ms` milliseconds.
-local function remember(key, results, ms)
+-- Remembers `results` (integers) of the request `fp` under `key` for `ms`
+-- milliseconds.
+local function remember(key, fp, results, ms)
   local parts = {}
   for i, x in ipairs(results) do parts[i] = num(x) end
-  redis.call("SET", key, table.concat(parts, ","), "PX", ms)
+  redis.call("SET", key, fp .. "|" .. table.concat(parts, ","), "PX", ms)
 end

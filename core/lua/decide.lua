@@ -37,7 +37,9 @@
 --          one already admitted under it is answered as it was, unchanged (a
 --          denial changed nothing and is not remembered)
 -- ARGV[16] how long the answer is remembered (ms)
--- ARGV[17 + 13*(i-1) ...] per limit i, 13 fields:
+-- ARGV[17] the request's fingerprint (hex): the id sent again with another
+--          request is refused with { -7 }
+-- ARGV[18 + 13*(i-1) ...] per limit i, 13 fields:
 --   kind ("r" rate, "c" quota/budget, "s" concurrency), amount, capacity
 --   (rate: burst), usable for rank 0, 1, 2 (capacity minus the floor),
 --   p, l (rate), window kind ("n" none, "l" lifetime, "f" fixed, "w" week,
@@ -49,7 +51,8 @@
 --           allowed (0|1), remaining, reset (µs), retry (µs, -1 = never) }
 -- or { -code } on a refused delegation: 1 the child already has an open
 -- delegation, 2 no such parent reservation, 3 it expired, 4 it was committed,
--- 5 it was released, 6 the child is not under its scope.
+-- 5 it was released, 6 the child is not under its scope; or { -7 } when the
+-- operation id answered another request before.
 
 -- (helpers: common.lua, prepended at load time)
 
@@ -68,7 +71,7 @@ local first_step = ARGV[13] == "1"
 local links = ARGV[14]
 local op_key = ARGV[15] ~= "" and KEYS[n + 5 + g] or nil
 if op_key then
-  local prev = replayed(op_key)
+  local prev = replayed(op_key, ARGV[17])
   if prev then return prev end
 end
 
@@ -112,7 +115,7 @@ end
 
 local items, results, all = {}, {}, true
 for i = 1, n do
-  local b = 17 + 13 * (i - 1)
+  local b = 18 + 13 * (i - 1)
   local it = {
     key = KEYS[i], kind = ARGV[b], amount = tonumber(ARGV[b + 1]), cap = tonumber(ARGV[b + 2]),
     usable = tonumber(ARGV[b + 3 + rank]), p = tonumber(ARGV[b + 6]), l = tonumber(ARGV[b + 7]),
@@ -242,5 +245,5 @@ end
 table.insert(results, 1, pending)
 table.insert(results, 1, expires_at)
 table.insert(results, 1, rank)
-if op_key and all and mode ~= "check" then remember(op_key, results, tonumber(ARGV[16])) end
+if op_key and all and mode ~= "check" then remember(op_key, ARGV[17], results, tonumber(ARGV[16])) end
 return results

@@ -13,7 +13,8 @@
 -- ARGV[4]  the operation id an admitted acquire is remembered under, or "":
 --          one already admitted under it is answered as it was, unchanged
 -- ARGV[5]  how long the answer is remembered (ms)
--- ARGV[6 + 5*(i-1) ...] per limit i: amount, burst, usable at that rank
+-- ARGV[6]  the request's fingerprint (hex); { -7 } if the id answered another
+-- ARGV[7 + 5*(i-1) ...] per limit i: amount, burst, usable at that rank
 --          (burst minus the rank's floor), p, l
 --
 -- Returns { rank, 0, 0, then per limit: allowed (0|1), remaining, reset (µs),
@@ -27,12 +28,12 @@ local op_key = nil
 if ARGV[4] ~= "" then
   op_key = KEYS[n]
   n = n - 1
-  local prev = replayed(op_key)
+  local prev = replayed(op_key, ARGV[6])
   if prev then return prev end
 end
 local results, debts, all = { tonumber(ARGV[3]), 0, 0 }, {}, true
 for i = 1, n do
-  local b = 6 + 5 * (i - 1)
+  local b = 7 + 5 * (i - 1)
   local amount, cap, usable = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local p, l = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   local allowed, remaining, reset, retry, after =
@@ -47,10 +48,10 @@ end
 
 if all and ARGV[2] == "acquire" then
   for i = 1, n do
-    local l = tonumber(ARGV[6 + 5 * (i - 1) + 4])
+    local l = tonumber(ARGV[7 + 5 * (i - 1) + 4])
     redis.call("HSET", KEYS[i], "d", debts[i], "t", now)
     expire_at(KEYS[i], now + ceil_div(debts[i], l), now)
   end
 end
-if op_key and all and ARGV[2] == "acquire" then remember(op_key, results, tonumber(ARGV[5])) end
+if op_key and all and ARGV[2] == "acquire" then remember(op_key, ARGV[6], results, tonumber(ARGV[5])) end
 return results

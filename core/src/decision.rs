@@ -222,6 +222,11 @@ hex_id!(
     /// decision whose answer was lost ([`Decision::unconfirmed`]). A
     /// reservation made under an operation id takes the same 128 bits as its
     /// [`ReservationId`], so a repeated `reserve` answers the same reservation.
+    ///
+    /// An id names one request per scope tree (the scope's first segment, as
+    /// idempotency keys are per tenant): sent again with a different request
+    /// of the same tree it is refused ([`crate::Error::InvalidArgument`]); in
+    /// another tree it names another operation.
     OperationId,
     "operation id"
 );

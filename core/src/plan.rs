@@ -140,6 +140,27 @@ impl std::fmt::Display for KeyRef<'_> {
     }
 }
 
+/// FNV-1a, 64 bits: a hash that is the same in every process, version and
+/// language, for what is stored in a shared backend.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    /// Hashes one field (followed by a separator).
+    fn eat(&mut self, bytes: &[u8]) {
+        const PRIME: u64 = 0x0100_0000_01b3;
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(PRIME);
+        }
+        self.0 = (self.0 ^ 0xff).wrapping_mul(PRIME);
+    }
+}
+
 /// One limit instance of a plan.
 #[derive(Debug, Clone, Copy)]
 pub struct PlannedLimit<'p> {
@@ -387,6 +408,34 @@ impl<'p> Plan<'p> {
     #[must_use]
     pub fn priority(&self) -> Priority {
         self.priority
+    }
+
+    /// A fingerprint of what this plan asks (`mode`, scope, priority, every
+    /// limit's key and amount): stable across processes, versions and
+    /// languages (FNV-1a), so an operation id sent again with another request
+    /// is recognised.
+    #[must_use]
+    pub fn fingerprint(&self, mode: &str) -> u64 {
+        let mut h = Fnv::default();
+        h.eat(mode.as_bytes());
+        h.eat(self.scope.as_str().as_bytes());
+        h.eat(&[self.priority.rank()]);
+        for l in self.limits() {
+            h.eat(l.key.prefix.as_bytes());
+            h.eat(l.key.name.as_bytes());
+            h.eat(&l.amount.to_le_bytes());
+        }
+        h.0
+    }
+
+    /// What operation ids are scoped to: the scope tree (first segment), as
+    /// a stable hash — an id names one request per tree, like an idempotency
+    /// key per tenant.
+    #[must_use]
+    pub fn operation_tree(&self) -> u64 {
+        let mut h = Fnv::default();
+        h.eat(self.scope.prefix(1).as_bytes());
+        h.0
     }
 
     /// The operation id the caller gave, if any.

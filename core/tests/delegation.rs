@@ -182,3 +182,55 @@ fn delegation_input_is_validated() {
         9_000_000
     );
 }
+
+#[test]
+fn refusals_read_the_same_on_every_backend() {
+    let (w, _c) = warden(policy());
+    let reserve = |scope: &str| {
+        now(w.reserve(&Request::parse(scope).unwrap().cost(usd("1")), None))
+            .unwrap()
+            .reservation
+            .unwrap()
+            .id
+    };
+    // A live reservation of tenant a, carved into tenant b's tree (on a
+    // Redis Cluster: another slot).
+    let live = reserve("tenant:a/run:1");
+    let elsewhere = Scope::parse("tenant:b/run:1/agent:x").unwrap();
+    let e = now(w.delegate(
+        DelegateFrom::Reservation(live),
+        &elsewhere,
+        &usd("0.5"),
+        None,
+    ))
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid delegation: child scope `tenant:b/run:1/agent:x` is not under the reservation's scope `tenant:a/run:1`"
+    );
+    // Settled reservations, into the same tree and into another one.
+    let committed = reserve("tenant:a/run:2");
+    now(w.commit(committed, &Cost::new())).unwrap();
+    let released = reserve("tenant:a/run:3");
+    now(w.release(released)).unwrap();
+    for child in ["tenant:a/run:2/agent:y", "tenant:b/run:1/agent:y"] {
+        let child = Scope::parse(child).unwrap();
+        for (id, state) in [(committed, "committed"), (released, "released")] {
+            let e = now(w.delegate(DelegateFrom::Reservation(id), &child, &usd("0.5"), None))
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("reservation {id} was already {state}")
+            );
+        }
+    }
+    let unknown = ratewarden::ReservationId::random();
+    let e = now(w.delegate(
+        DelegateFrom::Reservation(unknown),
+        &elsewhere,
+        &usd("0.5"),
+        None,
+    ))
+    .unwrap_err();
+    assert_eq!(e.to_string(), format!("reservation {unknown} not found"));
+}

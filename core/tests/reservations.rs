@@ -238,3 +238,79 @@ fn caps_turn_allow_into_allow_with_caps() {
     assert_eq!(d.caps.max_tokens, Some(256));
     assert_eq!(d.caps.model.as_deref(), Some("gpt-4o-mini"));
 }
+
+#[test]
+fn receipts_list_charges_in_plan_order() {
+    // Scope limits by depth, then the resource's (a pool: on a Redis Cluster,
+    // another slot, so the commit merges two records).
+    let (w, _c) = warden(json!({
+        "scopes": {
+            "user": {"limits": [{"name": "u-tok", "kind": "budget", "unit": "tokens", "limit": 1000}]},
+            "tenant": {"limits": [{"name": "t-tok", "kind": "budget", "unit": "tokens", "limit": 1000}]}
+        },
+        "resources": {"llm": {"limits": [
+            {"name": "pool-tok", "kind": "quota", "unit": "tokens", "limit": 5000, "per": "day"},
+            {"name": "per-tenant", "kind": "budget", "unit": "tokens", "limit": 900, "scope": "tenant"}
+        ]}}
+    }));
+    let req = Request::parse("tenant:a/user:1")
+        .unwrap()
+        .resource("llm")
+        .spend("tokens", 10);
+    let id = now(w.reserve(&req, None)).unwrap().reservation.unwrap().id;
+    let receipt = now(w.commit(id, &Cost::new().with("tokens", 7))).unwrap();
+    let names: Vec<&str> = receipt.charges.iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["t-tok", "u-tok", "pool-tok", "per-tenant"]);
+    assert!(receipt.charges.iter().all(|c| c.charged == 7));
+}
+
+#[test]
+fn an_operation_id_is_decided_once() {
+    let (w, _c) = warden(budget_policy("charge"));
+    let req = |n: &str| Request::parse("tenant:a").unwrap().spend("usd", usd(n));
+    let op = ratewarden::OperationId::random();
+    let first = now(w.acquire(&req("4").operation(op))).unwrap();
+    assert!(first.allowed());
+    // The same id again: the first answer, nothing charged.
+    for _ in 0..2 {
+        let again = now(w.acquire(&req("4").operation(op))).unwrap();
+        assert_eq!(again, first);
+    }
+    // The same id with another request is refused and changes nothing.
+    for other in [req("6"), req("4").priority(ratewarden::Priority::Critical)] {
+        let e = now(w.acquire(&other.operation(op))).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        assert!(
+            e.to_string()
+                .contains("already answered a different request"),
+            "{e}"
+        );
+    }
+    let e = now(w.reserve(&req("4").operation(op), None)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    // Ids are scoped to the scope tree, like idempotency keys per tenant.
+    let b = Request::parse("tenant:b").unwrap().spend("usd", usd("4"));
+    assert!(now(w.acquire(&b.clone().operation(op))).unwrap().allowed());
+    assert_eq!(
+        now(w.acquire(&b.operation(op))).unwrap().limits[0].remaining,
+        6_000_000
+    );
+    let left = |w: &ratewarden::Warden| {
+        let d = now(w.check(&req("0").spend("requests", 0))).unwrap();
+        d.limits[0].remaining
+    };
+    assert_eq!(left(&w), 6_000_000);
+    // A reserve under an id names the same reservation when repeated.
+    let op = ratewarden::OperationId::random();
+    let r1 = now(w.reserve(&req("1").operation(op), None)).unwrap();
+    let r2 = now(w.reserve(&req("1").operation(op), None)).unwrap();
+    assert_eq!(r1.reservation, r2.reservation);
+    assert_eq!(left(&w), 5_000_000);
+    // A denial changed nothing and is decided afresh: once room is made,
+    // the same id is admitted.
+    let op = ratewarden::OperationId::random();
+    assert!(!now(w.acquire(&req("6").operation(op))).unwrap().allowed());
+    now(w.release(r1.reservation.unwrap().id)).unwrap();
+    assert!(now(w.acquire(&req("6").operation(op))).unwrap().allowed());
+    assert_eq!(left(&w), 0);
+}

@@ -123,6 +123,10 @@ struct ResShard {
 /// A decision remembered under the operation id the caller gave.
 struct OpRecord {
     id: u128,
+    /// [`Plan::operation_tree`]: ids are scoped to a scope tree.
+    tree: u64,
+    /// [`Plan::fingerprint`] of the request it answered.
+    fingerprint: u64,
     forget_at: Micros,
     decision: Decision,
 }
@@ -655,11 +659,14 @@ impl MemoryBackend {
             g.next_sweep = now + SWEEP_EVERY;
         }
         let h = Self::res_hash(op.0);
-        if let Ok(e) = g.table.find_entry(h, |r| r.id == op.0) {
-            if e.get().forget_at > now {
-                return Ok(e.get().decision.clone());
+        let fingerprint = plan.fingerprint(mode.name());
+        let tree = plan.operation_tree();
+        if let Ok(e) = g.table.find_entry(h, |r| r.id == op.0 && r.tree == tree) {
+            match e.get() {
+                r if r.forget_at <= now => drop(e.remove()),
+                r if r.fingerprint == fingerprint => return Ok(r.decision.clone()),
+                _ => return Err(super::redis::reused(op)),
             }
-            e.remove();
         }
         let d = self.decide_now(plan, mode)?;
         if !d.allowed() {
@@ -669,6 +676,8 @@ impl MemoryBackend {
             h,
             OpRecord {
                 id: op.0,
+                tree,
+                fingerprint,
                 forget_at: now + crate::clock::micros(super::OPERATION_MEMORY),
                 decision: d.clone(),
             },

@@ -61,6 +61,17 @@ impl Mode<'_> {
         !matches!(self, Self::Check)
     }
 
+    /// `check`, `acquire`, `reserve` or `delegate`.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Check => "check",
+            Self::Acquire => "acquire",
+            Self::Reserve { .. } => "reserve",
+            Self::Delegate { .. } => "delegate",
+        }
+    }
+
     /// The reservation an admitted request creates, with its lease.
     #[must_use]
     pub const fn hold(&self) -> Option<(ReservationId, Micros)> {

@@ -486,8 +486,15 @@ impl RedisBackend {
 
     /// Where the answer of operation `op` is remembered: on the slot of the
     /// decision's keys.
-    fn op_key(&self, op: OperationId, slot: u16) -> String {
-        format!("{}:{{{}}}:op:{op}", self.namespace, slot_tag(slot))
+    /// (An id is scoped to the request's scope tree, whose hash the key
+    /// carries, so it means the same on every backend and every slot.)
+    fn op_key(&self, op: OperationId, slot: u16, plan: &Plan<'_>) -> String {
+        format!(
+            "{}:{{{}}}:op:{op}:{:x}",
+            self.namespace,
+            slot_tag(slot),
+            plan.operation_tree()
+        )
     }
 
     /// A key on `slot` that is never written: the scripts' placeholder for an
@@ -600,7 +607,7 @@ impl RedisBackend {
         keys.push(parent.map_or_else(|| self.spare_key(part.slot), |p| self.record_key(p)));
         keys.push(step.op.map_or_else(
             || self.spare_key(part.slot),
-            |(op, _)| self.op_key(op, part.slot),
+            |(op, _)| self.op_key(op, part.slot, plan),
         ));
         args.extend([
             self.now_arg().to_string(),
@@ -619,6 +626,9 @@ impl RedisBackend {
             step.links.to_owned(),
             step.op.map_or_else(String::new, |(op, _)| op.to_string()),
             step.op.map_or(0, |(_, ms)| ms).to_string(),
+            step.op.map_or_else(String::new, |_| {
+                format!("{:016x}", plan.fingerprint(step.mode.arg()))
+            }),
         ]);
         for &i in &part.items {
             let item = plan.get(i);
@@ -689,6 +699,9 @@ impl RedisBackend {
             step.rank.to_string(),
             step.op.map_or_else(String::new, |(op, _)| op.to_string()),
             step.op.map_or(0, |(_, ms)| ms).to_string(),
+            step.op.map_or_else(String::new, |_| {
+                format!("{:016x}", plan.fingerprint(step.mode.arg()))
+            }),
         ]);
         for &i in &part.items {
             let item = plan.get(i);
@@ -707,7 +720,7 @@ impl RedisBackend {
             }
         }
         if let Some((op, _)) = step.op {
-            keys.push(self.op_key(op, part.slot));
+            keys.push(self.op_key(op, part.slot, plan));
         }
         (&self.rate, keys, args)
     }
@@ -769,28 +782,21 @@ impl RedisBackend {
             self.bounded(part.slot, self.invoke(script, &keys, &args))
                 .await?
         };
+        if let (Some(-7), Some((op, _))) = (out.first(), step.op) {
+            return Err(Sent::Never(reused(op)));
+        }
         if let (Some(&code), Some((c, parent))) = (out.first(), call.delegate) {
             if code < 0 {
                 return Err(Sent::Never(self.refused_delegation(code, c, parent).await));
             }
         }
         if out.len() != 3 + 4 * part.items.len() {
-            return Err(Sent::Never(match step.op {
-                // A remembered answer of another shape: the id was used before
-                // by a different request.
-                Some((op, _)) => Error::invalid(
-                    "operation",
-                    format!(
-                        "{op} was used by an earlier request with other limits; give each request its own id"
-                    ),
+            return Err(Sent::Never(Error::Internal {
+                message: format!(
+                    "decide script answered {} values for {} limits",
+                    out.len(),
+                    part.items.len()
                 ),
-                None => Error::Internal {
-                    message: format!(
-                        "decide script answered {} values for {} limits",
-                        out.len(),
-                        part.items.len()
-                    ),
-                },
             }));
         }
         Ok(PartOut {
@@ -1323,6 +1329,14 @@ fn int(v: &Value) -> i64 {
         Value::Int(i) => *i,
         other => text(other).parse().unwrap_or(0),
     }
+}
+
+/// An operation id sent again with another request.
+pub(crate) fn reused(op: OperationId) -> Error {
+    Error::invalid(
+        "operation",
+        format!("{op} already answered a different request; give each request its own id"),
+    )
 }
 
 fn millis(d: std::time::Duration) -> i64 {

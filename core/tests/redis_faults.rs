@@ -1,0 +1,187 @@
+//! Lost replies, dropped connections and slow nodes on real Redis servers:
+//! nothing is charged twice, no outcome is misreported, one slow node degrades
+//! only its own slots, and settles are never refused for a recent timeout.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::redis::{RedisServers, cli};
+use ratewarden::backend::{Backend, Fallback, OnBackendError, RedisBackend};
+use ratewarden::{Amount, Cost, Degraded, Policy, Request, SystemClock, Warden};
+use serde_json::json;
+
+fn policy() -> serde_json::Value {
+    json!({"scopes": {"tenant": {"limits": [
+        {"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month"},
+        {"name": "calls", "kind": "quota", "limit": 1000, "per": "day"}
+    ]}}})
+}
+
+fn warden(backend: RedisBackend) -> Warden {
+    let backend = Fallback::new(backend, OnBackendError::Deny, Arc::new(SystemClock)).unwrap();
+    Warden::with_backend(
+        Policy::from_value(&policy()).unwrap(),
+        Arc::new(backend) as Arc<dyn Backend>,
+        Arc::new(SystemClock),
+    )
+}
+
+fn usd(tenant: &str, amount: &str) -> Request {
+    Request::parse(&format!("tenant:{tenant}"))
+        .unwrap()
+        .spend("usd", Amount::parse(amount).unwrap())
+}
+
+/// `(usd left in base units, calls left)` of a tenant, read without charging.
+async fn left(w: &Warden, tenant: &str) -> (i64, i64) {
+    let d = w
+        .check(&usd(tenant, "0").spend("requests", 0))
+        .await
+        .unwrap();
+    assert!(d.degraded.is_none(), "{d:?}");
+    let get = |n: &str| d.limits.iter().find(|l| l.name() == n).unwrap().remaining;
+    (get("usd"), get("calls"))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_lost_answer_is_unconfirmed_and_asking_again_charges_once() {
+    let servers = RedisServers::start(false);
+    let clock = ratewarden::ManualClock::at_date(2026, 3, 2);
+    let backend = RedisBackend::connect(servers.url(), "lost")
+        .await
+        .unwrap()
+        .timeout(Duration::from_millis(100))
+        .unwrap()
+        .with_clock(Arc::new(clock.clone()));
+    let w = warden(backend);
+    assert_eq!(left(&w, "a").await, (10_000_000, 1000));
+
+    // The server takes the script but answers after the caller gave up.
+    assert_eq!(
+        cli(servers.port(), &["CLIENT", "PAUSE", "10000", "WRITE"]),
+        "OK"
+    );
+    let d = w.acquire(&usd("a", "1.00")).await.unwrap();
+    assert_eq!(d.degraded, Some(Degraded::Deny), "{d:?}");
+    let op = d
+        .unconfirmed
+        .expect("a decision whose answer was lost says so");
+    assert_eq!(cli(servers.port(), &["CLIENT", "UNPAUSE"]), "OK");
+    // Past the second in which a timed-out slot is not asked again.
+    clock.advance(Duration::from_secs(1));
+
+    // It was applied once the server went on; the caller cannot know that
+    // from the degraded answer, but asking again with its id tells.
+    let again = w.acquire(&usd("a", "1.00").operation(op)).await.unwrap();
+    assert!(again.allowed() && again.degraded.is_none(), "{again:?}");
+    assert_eq!(again.unconfirmed, None);
+    assert_eq!(left(&w, "a").await, (9_000_000, 999), "charged once");
+    let third = w.acquire(&usd("a", "1.00").operation(op)).await.unwrap();
+    assert_eq!(third, again, "the same answer, every time");
+    assert_eq!(left(&w, "a").await, (9_000_000, 999));
+
+    // A decision that never reached the server is decided afresh under its id.
+    let fresh = ratewarden::OperationId::random();
+    let d = w.acquire(&usd("a", "2.00").operation(fresh)).await.unwrap();
+    assert!(d.allowed());
+    assert_eq!(left(&w, "a").await, (7_000_000, 998));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_killed_idle_connection_costs_no_decision_and_no_double_charge() {
+    let servers = RedisServers::start(false);
+    let w = warden(RedisBackend::connect(servers.url(), "idle").await.unwrap());
+    assert!(w.acquire(&usd("a", "1")).await.unwrap().allowed());
+    let r = w
+        .reserve(&usd("a", "2"), None)
+        .await
+        .unwrap()
+        .reservation
+        .unwrap();
+    for round in 0..3 {
+        // A server `timeout`, a proxy or an operator closes every client.
+        let killed: u32 = cli(servers.port(), &["CLIENT", "KILL", "TYPE", "normal"])
+            .parse()
+            .unwrap();
+        assert!(killed >= 1, "our connection was there to kill");
+        let d = match round {
+            0 => w.acquire(&usd("a", "1")).await.unwrap(),
+            1 => w.check(&usd("a", "1")).await.unwrap(),
+            _ => {
+                let receipt = w.commit(r.id, &Cost::new()).await.unwrap();
+                assert!(!receipt.duplicate);
+                w.check(&usd("a", "0")).await.unwrap()
+            }
+        };
+        assert!(d.allowed() && d.degraded.is_none(), "round {round}: {d:?}");
+    }
+    // 1 + 1 acquired, 2 reserved then committed: exactly 4, nothing twice.
+    assert_eq!(left(&w, "a").await, (6_000_000, 997));
+}
+
+/// Two tenants whose keys live on different masters, with those masters' ports.
+fn tenants_on_two_nodes(ports: &[u16], ns: &str) -> [(String, u16); 2] {
+    let owner = |key: &str| {
+        *ports
+            .iter()
+            .find(|p| matches!(cli(**p, &["EXISTS", key]).as_str(), "0" | "1"))
+            .unwrap()
+    };
+    let home = |t: &str| owner(&format!("{ns}:{{tenant:{t}}}:x"));
+    let a = ("t0".to_owned(), home("t0"));
+    let b = (1..)
+        .map(|i| format!("t{i}"))
+        .find_map(|t| {
+            let p = home(&t);
+            (p != a.1).then_some((t, p))
+        })
+        .unwrap();
+    [a, b]
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_cluster_node_degrades_only_its_own_slots_and_settles_still_go_through() {
+    let servers = RedisServers::start(true);
+    let ports: Vec<u16> = servers
+        .cluster_nodes()
+        .iter()
+        .map(|n| n.rsplit(':').next().unwrap().parse().unwrap())
+        .collect();
+    let [(slow, slow_port), (fine, _)] = tenants_on_two_nodes(&ports, "slow");
+    let backend = RedisBackend::connect(servers.cluster_url(), "slow")
+        .await
+        .unwrap()
+        .timeout(Duration::from_millis(150))
+        .unwrap();
+    let w = warden(backend);
+    let held = w
+        .reserve(&usd(&slow, "1"), None)
+        .await
+        .unwrap()
+        .reservation
+        .unwrap();
+    assert!(w.acquire(&usd(&fine, "1")).await.unwrap().allowed());
+
+    assert_eq!(cli(slow_port, &["CLIENT", "PAUSE", "10000", "ALL"]), "OK");
+    let d = w.acquire(&usd(&slow, "1")).await.unwrap();
+    assert_eq!(d.degraded, Some(Degraded::Deny), "{d:?}");
+    // The other master answers as ever, right after the timeout.
+    for _ in 0..5 {
+        let d = w.acquire(&usd(&fine, "1")).await.unwrap();
+        assert!(d.allowed() && d.degraded.is_none(), "{d:?}");
+    }
+    // The slow node's slot is skipped for a moment: no second wait.
+    let d = w.acquire(&usd(&slow, "1")).await.unwrap();
+    assert!(
+        d.reason.as_deref().unwrap().contains("not asked again yet"),
+        "{d:?}"
+    );
+    assert_eq!(cli(slow_port, &["CLIENT", "UNPAUSE"]), "OK");
+    // A commit right after the node recovers is sent, not refused by the pause.
+    let receipt = w.commit(held.id, &Cost::new()).await.unwrap();
+    assert_eq!(receipt.charges.len(), 2);
+    assert_eq!(left(&w, &fine).await, (4_000_000, 994));
+}
