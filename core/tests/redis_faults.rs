@@ -185,3 +185,67 @@ async fn a_slow_cluster_node_degrades_only_its_own_slots_and_settles_still_go_th
     assert_eq!(receipt.charges.len(), 2);
     assert_eq!(left(&w, &fine).await, (4_000_000, 994));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_kill_storm_misreports_nothing() {
+    let servers = RedisServers::start(false);
+    let clock = ratewarden::ManualClock::at_date(2026, 3, 2);
+    let backend = RedisBackend::connect(servers.url(), "storm")
+        .await
+        .unwrap()
+        .with_clock(Arc::new(clock.clone()));
+    let w = warden(backend);
+    let port = servers.port();
+    // Fault injection: every normal client killed, 60 times, a few ms apart.
+    let killer = std::thread::spawn(move || {
+        for _ in 0..60 {
+            cli(port, &["CLIENT", "KILL", "TYPE", "normal"]);
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    });
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let w = w.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut admitted, mut unconfirmed, mut refused) = (0_i64, Vec::new(), 0_i64);
+            for _ in 0..150 {
+                let d = w.acquire(&usd(&format!("s{}", t % 2), "0")).await.unwrap();
+                match (d.allowed(), d.degraded, d.unconfirmed) {
+                    (true, None, None) => admitted += 1,
+                    (false, Some(Degraded::Deny), Some(op)) => unconfirmed.push(op),
+                    (false, Some(Degraded::Deny), None) => refused += 1,
+                    other => panic!("unexpected {other:?}: {d:?}"),
+                }
+            }
+            (t % 2, admitted, unconfirmed, refused)
+        }));
+    }
+    let mut admitted = [0_i64; 2];
+    let mut lost = [Vec::new(), Vec::new()];
+    for t in tasks {
+        let (tenant, a, u, _) = t.await.unwrap();
+        admitted[tenant] += a;
+        lost[tenant].extend(u);
+    }
+    killer.join().unwrap();
+    // Past the second in which a slot that timed out is not asked again.
+    clock.advance(Duration::from_secs(2));
+    for tenant in 0..2 {
+        // Each lost answer, asked again under its id: applied once, or now.
+        for op in &lost[tenant] {
+            let d = w
+                .acquire(&usd(&format!("s{tenant}"), "0").operation(*op))
+                .await
+                .unwrap();
+            assert!(d.allowed() && d.degraded.is_none(), "{d:?}");
+            admitted[tenant] += 1;
+        }
+        let (_, calls_left) = left(&w, &format!("s{tenant}")).await;
+        assert_eq!(
+            1000 - calls_left,
+            admitted[tenant],
+            "every charge is one its caller was told of (tenant {tenant}, {} answers lost)",
+            lost[tenant].len()
+        );
+    }
+}
