@@ -108,6 +108,14 @@ impl Warden {
         self.inner.backend.name()
     }
 
+    /// What the embedded engine holds right now (keys, reservation records,
+    /// remembered operations, table capacity); `None` on Redis, whose memory
+    /// is the server's.
+    #[must_use]
+    pub fn stats(&self) -> Option<crate::backend::MemoryStats> {
+        self.inner.backend.stats()
+    }
+
     /// The clock used for waiting.
     #[must_use]
     pub fn clock(&self) -> &Arc<dyn Clock> {

@@ -62,3 +62,62 @@ fn operations_complete_synchronously_on_the_embedded_engine() {
     let d = now(w.acquire(&Request::parse("user:1").unwrap())).unwrap();
     assert!(d.allowed() && d.limits.is_empty());
 }
+
+#[test]
+fn memory_comes_back_after_a_burst_of_keys_expires() {
+    let clock = ManualClock::at_date(2026, 1, 15);
+    let policy = Policy::from_value(&json!({"scopes": {"user": {"limits": [
+        {"name": "rps", "kind": "rate", "limit": 10, "per": "1s"}
+    ]}}}))
+    .unwrap();
+    let w = Warden::with_clock(policy, Arc::new(clock.clone()));
+    let live = |w: &Warden| {
+        for i in 0..1_000 {
+            now(w.acquire(&Request::parse(&format!("user:live{i}")).unwrap())).unwrap();
+        }
+    };
+    live(&w);
+    let base = w.stats().unwrap();
+    for i in 0..200_000 {
+        now(w.acquire(&Request::parse(&format!("user:burst{i}")).unwrap())).unwrap();
+    }
+    let burst = w.stats().unwrap();
+    assert!(burst.keys >= 201_000, "{burst:?}");
+    assert!(burst.capacity >= burst.keys, "{burst:?}");
+    // The burst goes idle; only the live keys keep being used.
+    clock.advance(Duration::from_secs(2));
+    live(&w);
+    let after = w.stats().unwrap();
+    assert_eq!(after.keys, 1_000, "{after:?}");
+    assert!(
+        after.capacity <= base.capacity.max(after.keys) * 8,
+        "tables shrank back: {base:?} → {burst:?} → {after:?}"
+    );
+}
+
+#[test]
+fn ended_reservations_go_without_reservation_traffic() {
+    let clock = ManualClock::at_date(2026, 1, 15);
+    let policy = Policy::from_value(&json!({"scopes": {"user": {"limits": [
+        {"name": "b", "kind": "budget", "unit": "tokens", "limit": 100}
+    ]}}}))
+    .unwrap();
+    let w = Warden::with_clock(policy, Arc::new(clock.clone()));
+    let op = ratewarden::OperationId::random();
+    now(w.acquire(&Request::parse("user:op").unwrap().operation(op))).unwrap();
+    for i in 0..10_000 {
+        let req = Request::parse(&format!("user:{i}"))
+            .unwrap()
+            .spend("tokens", 1);
+        let r = now(w.reserve(&req, None)).unwrap().reservation.unwrap();
+        now(w.release(r.id)).unwrap();
+    }
+    let full = w.stats().unwrap();
+    assert_eq!((full.reservations, full.operations), (10_000, 1));
+    // Past the lease, the remembered window and the operation memory, with
+    // nothing but acquires arriving.
+    clock.advance(Duration::from_secs(3_600));
+    now(w.acquire(&Request::parse("user:z").unwrap())).unwrap();
+    let after = w.stats().unwrap();
+    assert_eq!((after.reservations, after.operations), (0, 0), "{after:?}");
+}

@@ -119,7 +119,7 @@ impl<B: Backend> Fallback<B> {
                 i64::from(share),
             ),
         };
-        let mut d = self.local.decide_now(&local_plan, mode)?;
+        let mut d = self.local.decide_sync(&local_plan, mode)?;
         for l in &mut d.limits {
             l.remaining /= share;
             l.amount /= share;
@@ -186,5 +186,9 @@ impl<B: Backend> Backend for Fallback<B> {
 
     fn name(&self) -> &'static str {
         self.primary.name()
+    }
+
+    fn stats(&self) -> Option<super::MemoryStats> {
+        self.primary.stats()
     }
 }

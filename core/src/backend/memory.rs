@@ -9,7 +9,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
 use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
@@ -137,13 +137,19 @@ struct OpShard {
     next_sweep: Micros,
 }
 
-/// Counts of what the engine holds, for tests and benchmarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Counts of what the engine holds ([`crate::Warden::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryStats {
     /// Limit, grant and starvation keys currently stored.
     pub keys: usize,
     /// Reservation records (live and remembered) currently stored.
     pub reservations: usize,
+    /// Decisions remembered under callers' operation ids.
+    pub operations: usize,
+    /// Entries the tables have room for: what memory they hold. Tables shrink
+    /// once a sweep leaves them under a quarter full, so this follows `keys`
+    /// down after a burst of keys expires.
+    pub capacity: usize,
 }
 
 /// The embedded engine. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -155,6 +161,8 @@ pub struct MemoryBackend {
     /// Decisions remembered under operation ids callers gave (see `decide`).
     ops: Box<[Padded<Mutex<OpShard>>]>,
     grants: AtomicUsize,
+    /// When decisions next sweep the reservation and operation records (µs).
+    next_record_sweep: AtomicI64,
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -219,6 +227,15 @@ fn key_hash(hasher: &foldhash::fast::RandomState, k: KeyRef<'_>) -> u64 {
     h.write_u8(b'#');
     h.write(k.name.as_bytes());
     h.finish()
+}
+
+/// Gives memory back once a table is under a quarter full (keeping room for
+/// twice what it holds, so a table that refills does not thrash).
+fn shrink<T>(table: &mut HashTable<T>, hash: impl Fn(&T) -> u64) {
+    const MIN: usize = 64;
+    if table.capacity() > MIN && table.len() * 4 < table.capacity() {
+        table.shrink_to((table.len() * 2).max(MIN), hash);
+    }
 }
 
 /// Removes expired holds, returning carved amounts to their parent hold if it is still live.
@@ -286,6 +303,7 @@ impl MemoryBackend {
             reservations: (0..RES_SHARDS).map(|_| Padded::default()).collect(),
             ops: (0..RES_SHARDS).map(|_| Padded::default()).collect(),
             grants: AtomicUsize::new(0),
+            next_record_sweep: AtomicI64::new(0),
         }
     }
 
@@ -298,14 +316,23 @@ impl MemoryBackend {
     /// What the engine currently stores.
     #[must_use]
     pub fn stats(&self) -> MemoryStats {
-        MemoryStats {
-            keys: self.shards.iter().map(|s| s.0.lock().table.len()).sum(),
-            reservations: self
-                .reservations
-                .iter()
-                .map(|s| s.0.lock().table.len())
-                .sum(),
+        let mut st = MemoryStats::default();
+        for s in &*self.shards {
+            let g = s.0.lock();
+            st.keys += g.table.len();
+            st.capacity += g.table.capacity();
         }
+        for s in &*self.reservations {
+            let g = s.0.lock();
+            st.reservations += g.table.len();
+            st.capacity += g.table.capacity();
+        }
+        for s in &*self.ops {
+            let g = s.0.lock();
+            st.operations += g.table.len();
+            st.capacity += g.table.capacity();
+        }
+        st
     }
 
     /// Whether a reservation with this id is known here (live or remembered).
@@ -323,11 +350,31 @@ impl MemoryBackend {
         for s in &*self.shards {
             self.sweep(&mut s.0.lock(), now);
         }
+        self.sweep_records(now);
+    }
+
+    /// Forgets ended reservation records and remembered operations whose time
+    /// is up, in every shard; run once per clock-second by decisions (so
+    /// records go even when no reservation traffic comes), or by a settle on
+    /// its own shard.
+    fn sweep_records(&self, now: Micros) {
+        self.next_record_sweep
+            .store(now.saturating_add(SWEEP_EVERY), Ordering::Relaxed);
         for s in &*self.reservations {
+            Self::sweep_res(&mut s.0.lock(), now);
+        }
+        for s in &*self.ops {
             let mut g = s.0.lock();
             g.table.retain(|r| r.forget_at > now);
+            shrink(&mut g.table, |r| Self::res_hash(r.id));
             g.next_sweep = now + SWEEP_EVERY;
         }
+    }
+
+    fn sweep_res(g: &mut ResShard, now: Micros) {
+        g.table.retain(|r| r.forget_at > now);
+        shrink(&mut g.table, |r| Self::res_hash(r.id));
+        g.next_sweep = now + SWEEP_EVERY;
     }
 
     /// Where `key` lives.
@@ -382,6 +429,10 @@ impl MemoryBackend {
         if dropped_grants > 0 {
             self.grants.fetch_sub(dropped_grants, Ordering::Relaxed);
         }
+        let hasher = &self.hasher;
+        shrink(&mut shard.table, |s| {
+            key_hash(hasher, KeyRef::split(&s.key))
+        });
         shard.next_sweep = now + SWEEP_EVERY;
     }
 
@@ -642,16 +693,20 @@ impl MemoryBackend {
         }
     }
 
-    /// Decides as [`Self::decide_now`]; an admitted state-changing decision
+    /// Decides as [`Self::decide_now`] (sweeping ended records first when
+    /// due); an admitted state-changing decision
     /// under an operation id the caller gave is remembered (as on Redis, for
     /// [`super::OPERATION_MEMORY`]) and a repeat answers it unchanged. The
     /// id's shard stays locked while deciding, so two calls with one id
     /// decide once.
-    pub(super) fn decide(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
+    pub(super) fn decide_sync(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
+        let now = self.clock.now();
+        if now >= self.next_record_sweep.load(Ordering::Relaxed) {
+            self.sweep_records(now);
+        }
         let Some(op) = plan.operation().filter(|_| mode.mutates()) else {
             return self.decide_now(plan, mode);
         };
-        let now = self.clock.now();
         let idx = usize::try_from((op.0 as u64) % RES_SHARDS as u64).unwrap_or(0);
         let mut g = self.ops[idx].0.lock();
         if now >= g.next_sweep {
@@ -688,7 +743,7 @@ impl MemoryBackend {
 
     /// Evaluates (and for acquire/reserve/delegate applies) a plan atomically.
     #[allow(clippy::too_many_lines)]
-    pub(super) fn decide_now(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
+    fn decide_now(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
         let now = self.clock.now();
         // Resolve each item once: key, hash and current window.
         let tree = Self::shard_of(self.hasher.hash_one(plan.scope().prefix(1)));
@@ -924,8 +979,7 @@ impl MemoryBackend {
         let mut g = self.reservations[idx].0.lock();
         let now = self.clock.now();
         if now >= g.next_sweep {
-            g.table.retain(|r| r.forget_at > now);
-            g.next_sweep = now + SWEEP_EVERY;
+            Self::sweep_res(&mut g, now);
         }
         g
     }
@@ -1234,7 +1288,7 @@ fn closed(id: ReservationId, state: &'static str) -> Error {
 
 impl Backend for MemoryBackend {
     fn decide<'a>(&'a self, plan: &'a Plan<'a>, mode: Mode<'a>) -> Pending<'a, Decision> {
-        Pending::Ready(Self::decide(self, plan, mode))
+        Pending::Ready(self.decide_sync(plan, mode))
     }
 
     fn commit<'a>(
@@ -1256,5 +1310,9 @@ impl Backend for MemoryBackend {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn stats(&self) -> Option<MemoryStats> {
+        Some(Self::stats(self))
     }
 }

@@ -165,4 +165,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A short name for logs and `Decision` provenance (`memory`, `redis`).
     fn name(&self) -> &'static str;
+
+    /// What an in-process engine holds (keys, records, table capacity);
+    /// `None` for a backend whose state lives elsewhere (Redis).
+    fn stats(&self) -> Option<MemoryStats> {
+        None
+    }
 }
