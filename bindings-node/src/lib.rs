@@ -14,10 +14,9 @@ use std::time::Duration;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use ratewarden::backend::poll_ready;
 use ratewarden::decision::{CommitReceipt, Decision as CoreDecision};
 use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
-use ratewarden::ops::{self, Answer, Call, Setup, Source};
+use ratewarden::ops::{self, Setup, Source};
 use ratewarden::{Amount, Cost, ErrorKind, Policy, Request, ReservationId, Scope, WaitFor, Warden};
 
 /// Return the version of the ratewarden core library.
@@ -339,41 +338,15 @@ fn http_of(d: &CoreDecision, style: HeaderStyle) -> HttpDecision {
     }
 }
 
-/// The expected answer of a call, or an error saying it was not.
-fn unexpected() -> Error {
-    Error::new(
-        Status::GenericFailure,
-        "[ratewarden:Backend] unexpected answer",
-    )
+/// A core result as a JS one.
+fn js<T>(r: ratewarden::Result<T>) -> Result<T> {
+    r.map_err(|e| to_js(&e))
 }
 
-fn as_decision(a: Answer) -> Result<Decision> {
-    match a {
-        Answer::Decision(d) => Ok(decision_of(&d)),
-        _ => Err(unexpected()),
-    }
-}
-
-fn as_receipt(a: Answer) -> Result<Receipt> {
-    match a {
-        Answer::Receipt(r) => Ok(receipt_of(&r)),
-        _ => Err(unexpected()),
-    }
-}
-
-fn as_released(a: Answer) -> Result<bool> {
-    match a {
-        Answer::Released(b) => Ok(b),
-        _ => Err(unexpected()),
-    }
-}
-
+/// An expiry (µs since the epoch) in seconds.
 #[allow(clippy::cast_precision_loss)]
-fn as_extended(a: Answer) -> Result<f64> {
-    match a {
-        Answer::Extended(t) => Ok(t as f64 / 1e6),
-        _ => Err(unexpected()),
-    }
+fn seconds_of(at: i64) -> f64 {
+    at as f64 / 1e6
 }
 
 // ---------------------------------------------------------------------------
@@ -476,14 +449,9 @@ fn policy_of(json: Option<String>, path: Option<String>) -> Result<Policy> {
     }
 }
 
+/// Completes an embedded-engine operation on the calling thread.
 fn at_once<T>(f: impl std::future::Future<Output = ratewarden::Result<T>>) -> Result<T> {
-    poll_ready(f)
-        .unwrap_or_else(|| {
-            Err(ratewarden::Error::Backend {
-                message: "the embedded engine did not answer synchronously".into(),
-            })
-        })
-        .map_err(|e| to_js(&e))
+    ratewarden::backend::at_once(f).map_err(|e| to_js(&e))
 }
 
 #[napi]
@@ -543,35 +511,38 @@ impl NativeWarden {
         self.warden.backend_name()
     }
 
-    fn sync(&self, call: Call) -> Result<Answer> {
-        if call.waits() || !self.embedded {
+    /// Runs an operation at once on the embedded engine (only there).
+    fn sync<T>(&self, op: impl std::future::Future<Output = ratewarden::Result<T>>) -> Result<T> {
+        if !self.embedded {
             return Err(invalid(
                 "call",
                 "only the embedded engine decides synchronously; use the async form",
             ));
         }
-        at_once(call.run(self.warden.clone()))
+        at_once(op)
     }
 
     /// Decides at once on the embedded engine.
     #[napi]
     pub fn check_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
-        self.sync(Call::Check(request_of(&scope, options.as_ref())?))
-            .and_then(as_decision)
+        let req = request_of(&scope, options.as_ref())?;
+        self.sync(self.warden.check(&req)).map(|d| decision_of(&d))
     }
 
     /// Decides at once on the embedded engine.
     #[napi]
     pub fn acquire_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
-        self.sync(Call::Acquire(request_of(&scope, options.as_ref())?))
-            .and_then(as_decision)
+        let req = request_of(&scope, options.as_ref())?;
+        self.sync(self.warden.acquire(&req))
+            .map(|d| decision_of(&d))
     }
 
     /// Decides at once on the embedded engine.
     #[napi]
     pub fn reserve_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
-        self.sync(reserve_call(&scope, options.as_ref())?)
-            .and_then(as_decision)
+        let (req, lease) = reserve_args(&scope, options.as_ref())?;
+        self.sync(self.warden.reserve(&req, lease))
+            .map(|d| decision_of(&d))
     }
 
     /// Decides at once on the embedded engine.
@@ -581,25 +552,22 @@ impl NativeWarden {
         reservation: String,
         actual: Option<serde_json::Value>,
     ) -> Result<Receipt> {
-        self.sync(commit_call(&reservation, actual.as_ref())?)
-            .and_then(as_receipt)
+        let (id, actual) = commit_args(&reservation, actual.as_ref())?;
+        self.sync(self.warden.commit(id, &actual))
+            .map(|r| receipt_of(&r))
     }
 
     /// Decides at once on the embedded engine.
     #[napi]
     pub fn release_sync(&self, reservation: String) -> Result<bool> {
-        self.sync(Call::Release(reservation_id(&reservation)?))
-            .and_then(as_released)
+        self.sync(self.warden.release(reservation_id(&reservation)?))
     }
 
     /// Decides at once on the embedded engine.
     #[napi]
     pub fn extend_sync(&self, reservation: String, lease: f64) -> Result<f64> {
-        self.sync(Call::Extend(
-            reservation_id(&reservation)?,
-            seconds(lease, "lease")?,
-        ))
-        .and_then(as_extended)
+        let (id, lease) = (reservation_id(&reservation)?, seconds(lease, "lease")?);
+        self.sync(self.warden.extend(id, lease)).map(seconds_of)
     }
 
     /// Decides at once on the embedded engine.
@@ -610,8 +578,12 @@ impl NativeWarden {
         amounts: serde_json::Value,
         options: Option<DelegateOptions>,
     ) -> Result<Decision> {
-        self.sync(delegate_call(&child, &amounts, options.as_ref())?)
-            .and_then(as_decision)
+        let (child, amounts, from, lease) = delegate_args(&child, &amounts, options.as_ref())?;
+        self.sync(
+            self.warden
+                .delegate(from.as_from(), &child, &amounts, lease),
+        )
+        .map(|d| decision_of(&d))
     }
 
     /// Runs any operation on the runtime (Redis, waits).
@@ -621,9 +593,8 @@ impl NativeWarden {
         scope: String,
         options: Option<RequestOptions>,
     ) -> Result<Decision> {
-        self.run(Call::Check(request_of(&scope, options.as_ref())?))
-            .await
-            .and_then(as_decision)
+        let req = request_of(&scope, options.as_ref())?;
+        js(self.warden.check(&req).await).map(|d| decision_of(&d))
     }
 
     /// Runs on the runtime.
@@ -633,9 +604,8 @@ impl NativeWarden {
         scope: String,
         options: Option<RequestOptions>,
     ) -> Result<Decision> {
-        self.run(Call::Acquire(request_of(&scope, options.as_ref())?))
-            .await
-            .and_then(as_decision)
+        let req = request_of(&scope, options.as_ref())?;
+        js(self.warden.acquire(&req).await).map(|d| decision_of(&d))
     }
 
     /// Runs on the runtime.
@@ -645,9 +615,8 @@ impl NativeWarden {
         scope: String,
         options: Option<RequestOptions>,
     ) -> Result<Decision> {
-        self.run(reserve_call(&scope, options.as_ref())?)
-            .await
-            .and_then(as_decision)
+        let (req, lease) = reserve_args(&scope, options.as_ref())?;
+        js(self.warden.reserve(&req, lease).await).map(|d| decision_of(&d))
     }
 
     /// Runs on the runtime.
@@ -657,28 +626,21 @@ impl NativeWarden {
         reservation: String,
         actual: Option<serde_json::Value>,
     ) -> Result<Receipt> {
-        self.run(commit_call(&reservation, actual.as_ref())?)
-            .await
-            .and_then(as_receipt)
+        let (id, actual) = commit_args(&reservation, actual.as_ref())?;
+        js(self.warden.commit(id, &actual).await).map(|r| receipt_of(&r))
     }
 
     /// Runs on the runtime.
     #[napi]
     pub async fn release_async(&self, reservation: String) -> Result<bool> {
-        self.run(Call::Release(reservation_id(&reservation)?))
-            .await
-            .and_then(as_released)
+        js(self.warden.release(reservation_id(&reservation)?).await)
     }
 
     /// Runs on the runtime.
     #[napi]
     pub async fn extend_async(&self, reservation: String, lease: f64) -> Result<f64> {
-        self.run(Call::Extend(
-            reservation_id(&reservation)?,
-            seconds(lease, "lease")?,
-        ))
-        .await
-        .and_then(as_extended)
+        let (id, lease) = (reservation_id(&reservation)?, seconds(lease, "lease")?);
+        js(self.warden.extend(id, lease).await).map(seconds_of)
     }
 
     /// Runs on the runtime.
@@ -689,9 +651,12 @@ impl NativeWarden {
         amounts: serde_json::Value,
         options: Option<DelegateOptions>,
     ) -> Result<Decision> {
-        self.run(delegate_call(&child, &amounts, options.as_ref())?)
-            .await
-            .and_then(as_decision)
+        let (child, amounts, from, lease) = delegate_args(&child, &amounts, options.as_ref())?;
+        js(self
+            .warden
+            .delegate(from.as_from(), &child, &amounts, lease)
+            .await)
+        .map(|d| decision_of(&d))
     }
 
     /// Waits up to `maxWait` seconds for admission, then acquires (or reserves).
@@ -712,13 +677,8 @@ impl NativeWarden {
         } else {
             WaitFor::Acquire
         };
-        self.run(Call::Wait(req, what, seconds(max_wait, "maxWait")?))
-            .await
-            .and_then(as_decision)
-    }
-
-    async fn run(&self, call: Call) -> Result<Answer> {
-        call.run(self.warden.clone()).await.map_err(|e| to_js(&e))
+        let max_wait = seconds(max_wait, "maxWait")?;
+        js(self.warden.wait(&req, what, max_wait).await).map(|d| decision_of(&d))
     }
 
     /// An HTTP request's acquire with its response headers in `style`
@@ -784,11 +744,11 @@ pub struct LimitMeta {
     pub limit: i64,
 }
 
-/// What `decide` does: dry-run or consume.
-fn compact_call(op: u32, req: Request) -> Result<Call> {
+/// Whether `decide`'s `op` consumes (1) or only checks (0).
+fn acquires(op: u32) -> Result<bool> {
     match op {
-        0 => Ok(Call::Check(req)),
-        1 => Ok(Call::Acquire(req)),
+        0 => Ok(false),
+        1 => Ok(true),
         _ => Err(invalid("op", "expected 0 (check) or 1 (acquire)")),
     }
 }
@@ -877,12 +837,14 @@ impl NativeWarden {
         priority: Option<String>,
         mut out: Float64ArraySlice,
     ) -> Result<Either<u32, Decision>> {
-        let call = compact_call(
-            op,
+        let (acquire, req) = (
+            acquires(op)?,
             compact_request(&scope, resource, action, cost, priority)?,
-        )?;
-        let Answer::Decision(d) = self.sync(call)? else {
-            return Err(unexpected());
+        );
+        let d = if acquire {
+            self.sync(self.warden.acquire(&req))?
+        } else {
+            self.sync(self.warden.check(&req))?
         };
         Ok(match compact(&d, writable(&mut out)) {
             Some(code) => Either::A(code),
@@ -904,13 +866,15 @@ impl NativeWarden {
         cost: Option<String>,
         priority: Option<String>,
     ) -> Result<Either<Vec<f64>, Decision>> {
-        let call = compact_call(
-            op,
+        let (acquire, req) = (
+            acquires(op)?,
             compact_request(&scope, resource, action, cost, priority)?,
-        )?;
-        let Answer::Decision(d) = self.run(call).await? else {
-            return Err(unexpected());
-        };
+        );
+        let d = js(if acquire {
+            self.warden.acquire(&req).await
+        } else {
+            self.warden.check(&req).await
+        })?;
         let mut out = vec![0.0; 2 + d.limits.len() * COMPACT_STRIDE];
         Ok(match compact(&d, &mut out[1..]) {
             Some(code) => {
@@ -962,9 +926,7 @@ impl NativeWarden {
         template: u32,
     ) -> Result<Either<String, HttpDecision>> {
         let (req, style) = self.prepared(template, scope, peer, forwarded_for, trust_proxy)?;
-        let Answer::Decision(d) = self.sync(Call::Acquire(req))? else {
-            return Err(unexpected());
-        };
+        let d = self.sync(self.warden.acquire(&req))?;
         Ok(http_joined(&d, style))
     }
 
@@ -979,9 +941,7 @@ impl NativeWarden {
         template: u32,
     ) -> Result<Either<String, HttpDecision>> {
         let (req, style) = self.prepared(template, scope, peer, forwarded_for, trust_proxy)?;
-        let Answer::Decision(d) = self.run(Call::Acquire(req)).await? else {
-            return Err(unexpected());
-        };
+        let d = js(self.warden.acquire(&req).await)?;
         Ok(http_joined(&d, style))
     }
 }
@@ -1088,18 +1048,18 @@ pub fn client_scope(
         .map_err(|e| to_js(&e))
 }
 
-fn reserve_call(scope: &str, o: Option<&RequestOptions>) -> Result<Call> {
-    Ok(Call::Reserve(
+fn reserve_args(scope: &str, o: Option<&RequestOptions>) -> Result<(Request, Option<Duration>)> {
+    Ok((
         request_of(scope, o)?,
         optional_seconds(o.and_then(|o| o.lease), "lease")?,
     ))
 }
 
-fn commit_call(reservation: &str, actual: Option<&serde_json::Value>) -> Result<Call> {
-    Ok(Call::Commit(
-        reservation_id(reservation)?,
-        cost_of(actual, "actual")?,
-    ))
+fn commit_args(
+    reservation: &str,
+    actual: Option<&serde_json::Value>,
+) -> Result<(ReservationId, Cost)> {
+    Ok((reservation_id(reservation)?, cost_of(actual, "actual")?))
 }
 
 /// Where a delegation comes from, and its lease.
@@ -1113,11 +1073,11 @@ pub struct DelegateOptions {
     pub lease: Option<f64>,
 }
 
-fn delegate_call(
+fn delegate_args(
     child: &str,
     amounts: &serde_json::Value,
     o: Option<&DelegateOptions>,
-) -> Result<Call> {
+) -> Result<(Scope, Cost, Source, Option<Duration>)> {
     let child = Scope::parse(child).map_err(|e| to_js(&e))?;
     let amounts = cost_of(Some(amounts), "amounts")?;
     let (from_scope, from_reservation) = o.map_or((None, None), |o| {
@@ -1129,7 +1089,7 @@ fn delegate_call(
         ["fromScope", "fromReservation"],
     )
     .map_err(|e| to_js(&e))?;
-    Ok(Call::Delegate(
+    Ok((
         child,
         amounts,
         from,

@@ -24,10 +24,10 @@ use pyo3::exceptions::{PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use ratewarden::backend::poll_ready;
+use ratewarden::backend::{at_once, poll_ready};
 use ratewarden::decision::ReservationInfo;
 use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
-use ratewarden::ops::{self, Answer, Call, Setup, Source};
+use ratewarden::ops::{self, Setup, Source};
 use ratewarden::{
     Amount, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind, Policy, Request,
     ReservationId, Scope, WaitFor, Warden,
@@ -57,6 +57,8 @@ fn process_generation() -> u32 {
 #[pyfunction]
 fn _after_fork_in_child() {
     FORKS.fetch_add(1, Ordering::AcqRel);
+    // The parent's random state was copied: ids must not repeat across processes.
+    ratewarden::decision::reseed_ids_after_fork();
 }
 
 /// The process's Tokio runtime; a fresh one in a forked child.
@@ -511,17 +513,6 @@ where
     py.detach(|| runtime().block_on(f))
 }
 
-/// Completes a future that the embedded engine answers without waiting.
-fn at_once<T>(
-    f: impl std::future::Future<Output = ratewarden::Result<T>>,
-) -> ratewarden::Result<T> {
-    poll_ready(f).unwrap_or_else(|| {
-        Err(Error::Backend {
-            message: "the embedded engine did not answer synchronously".into(),
-        })
-    })
-}
-
 /// A guard's request converted once (scope parsed, cost resolved): reserving it
 /// again costs no conversion.
 #[pyclass(frozen, module = "ratewarden._native")]
@@ -533,44 +524,58 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn call(&self) -> Call {
-        match self.max_wait {
-            None => Call::Reserve(self.request.clone(), self.lease),
-            Some(m) => Call::Wait(self.request.clone(), WaitFor::Reserve(self.lease), m),
+    /// Reserves it (waiting first when `max_wait` is set), as an owned future.
+    fn hold(
+        &self,
+        w: Warden,
+    ) -> impl std::future::Future<Output = ratewarden::Result<CoreDecision>> + Send + 'static {
+        let (request, lease, max_wait) = (self.request.clone(), self.lease, self.max_wait);
+        async move {
+            match max_wait {
+                None => w.reserve(&request, lease).await,
+                Some(m) => w.wait(&request, WaitFor::Reserve(lease), m).await,
+            }
         }
     }
 }
 
+/// How an answer of type `T` becomes a Python value.
+type Convert<T> = fn(Python<'_>, T) -> PyResult<Py<PyAny>>;
+
+fn decision_to_py(py: Python<'_>, d: CoreDecision) -> PyResult<Py<PyAny>> {
+    Ok(Py::new(py, Decision { inner: d })?.into_any())
+}
+
 /// What `hold` answers: the reservation id as an `int` when admitted, else the
 /// (denying) decision.
-fn held_to_py(py: Python<'_>, a: Answer) -> PyResult<Py<PyAny>> {
-    match a {
-        Answer::Decision(d) => match &d.reservation {
-            Some(r) => Ok(r.id.0.into_pyobject(py)?.into_any().unbind()),
-            None => Ok(Py::new(py, Decision { inner: d })?.into_any()),
-        },
-        other => answer_to_py(py, other),
+fn held_to_py(py: Python<'_>, d: CoreDecision) -> PyResult<Py<PyAny>> {
+    match &d.reservation {
+        Some(r) => Ok(r.id.0.into_pyobject(py)?.into_any().unbind()),
+        None => decision_to_py(py, d),
     }
 }
 
-/// `None`: the guard does not look at the receipt.
-fn nothing_to_py(py: Python<'_>, _: Answer) -> PyResult<Py<PyAny>> {
+fn receipt_to_py(py: Python<'_>, r: CommitReceipt) -> PyResult<Py<PyAny>> {
+    receipt_dict(py, &r)
+}
+
+fn released_to_py(py: Python<'_>, b: bool) -> PyResult<Py<PyAny>> {
+    Ok(pyo3::types::PyBool::new(py, b)
+        .to_owned()
+        .into_any()
+        .unbind())
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn expiry_to_py(py: Python<'_>, at: i64) -> PyResult<Py<PyAny>> {
+    Ok(pyo3::types::PyFloat::new(py, at as f64 / 1e6)
+        .into_any()
+        .unbind())
+}
+
+/// `None`: the guard does not look at the answer.
+fn nothing_to_py<T>(py: Python<'_>, _: T) -> PyResult<Py<PyAny>> {
     Ok(py.None())
-}
-
-fn answer_to_py(py: Python<'_>, a: Answer) -> PyResult<Py<PyAny>> {
-    match a {
-        Answer::Decision(d) => Ok(Py::new(py, Decision { inner: d })?.into_any()),
-        Answer::Receipt(r) => receipt_dict(py, &r),
-        Answer::Released(b) => Ok(pyo3::types::PyBool::new(py, b)
-            .to_owned()
-            .into_any()
-            .unbind()),
-        #[allow(clippy::cast_precision_loss)]
-        Answer::Extended(at) => Ok(pyo3::types::PyFloat::new(py, at as f64 / 1e6)
-            .into_any()
-            .unbind()),
-    }
 }
 
 impl NativeWarden {
@@ -609,64 +614,53 @@ impl NativeWarden {
         Ok(fresh)
     }
 
-    /// Runs `call`: decided on the calling thread by the embedded engine; on
-    /// the runtime with the GIL released for Redis and for waiting.
-    fn run(&self, py: Python<'_>, call: Call) -> PyResult<Answer> {
-        self.run_core(py, call)?.map_err(|e| to_py(&e))
-    }
-
-    /// [`Self::run`] keeping the core's error (the outer error: reconnecting
-    /// after a fork failed).
-    fn run_core(&self, py: Python<'_>, call: Call) -> PyResult<ratewarden::Result<Answer>> {
-        let w = self.warden(py)?;
-        Ok(if self.embedded() && !call.waits() {
-            at_once(call.run(w))
-        } else {
-            block(py, call.run(w))
-        })
-    }
-
-    /// The sync (`run`) or async (`asynchronous`) form, the answer converted.
-    fn answer(
+    /// Runs an operation (`make` builds its future on this process's warden):
+    /// decided on the calling thread when the embedded engine answers at once;
+    /// otherwise (Redis, a wait) on the runtime with the GIL released.
+    fn run<T, Fut>(
         &self,
         py: Python<'_>,
-        call: PyResult<Call>,
-        asynchronous: bool,
-        convert: fn(Python<'_>, Answer) -> PyResult<Py<PyAny>>,
-    ) -> PyResult<Py<PyAny>> {
-        if asynchronous {
-            self.asynchronous(py, call, convert)
-        } else {
-            convert(py, self.run(py, call?)?)
-        }
-    }
-
-    /// The async form: an already-completed awaitable when the embedded engine
-    /// answers at once (a wait admitted on its first try included), else an
-    /// asyncio future completed from the runtime.
-    fn asynchronous(
-        &self,
-        py: Python<'_>,
-        call: PyResult<Call>,
-        convert: fn(Python<'_>, Answer) -> PyResult<Py<PyAny>>,
-    ) -> PyResult<Py<PyAny>> {
-        let (w, call) = (self.warden(py)?, call?);
+        make: impl FnOnce(Warden) -> Fut,
+    ) -> PyResult<ratewarden::Result<T>>
+    where
+        T: Send,
+        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send,
+    {
+        let mut f = Box::pin(make(self.warden(py)?));
         if self.embedded() {
-            let answer = if call.waits() {
-                match poll_ready(call.clone().run(w.clone())) {
-                    Some(a) => a,
-                    // Not admitted on the first try: wait on the runtime.
-                    None => return spawn_async(py, call.run(w), convert),
-                }
-            } else {
-                at_once(call.run(w))
-            };
-            return ready(
-                py,
-                answer.map_err(|e| to_py(&e)).and_then(|a| convert(py, a)),
-            );
+            if let Some(r) = poll_ready(&mut f) {
+                return Ok(r);
+            }
         }
-        spawn_async(py, call.run(w), convert)
+        Ok(block(py, f))
+    }
+
+    /// The sync form (`run`, converted) or the async form (an awaitable): an
+    /// already-completed one when the embedded engine answers at once, else
+    /// an asyncio future completed from the runtime.
+    fn answer<T, Fut>(
+        &self,
+        py: Python<'_>,
+        make: PyResult<impl FnOnce(Warden) -> Fut>,
+        asynchronous: bool,
+        convert: Convert<T>,
+    ) -> PyResult<Py<PyAny>>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
+    {
+        let make = make?;
+        if !asynchronous {
+            let v = self.run(py, make)?.map_err(|e| to_py(&e))?;
+            return convert(py, v);
+        }
+        let mut f = Box::pin(make(self.warden(py)?));
+        if self.embedded() {
+            if let Some(r) = poll_ready(&mut f) {
+                return ready(py, r.map_err(|e| to_py(&e)).and_then(|v| convert(py, v)));
+            }
+        }
+        spawn_async(py, f, convert)
     }
 
     /// Reserves a prepared request (waiting first if it says so); on the
@@ -676,10 +670,7 @@ impl NativeWarden {
             let w = self.warden(py)?;
             return at_once(w.reserve(&p.request, p.lease)).map_err(|e| to_py(&e));
         }
-        match self.run(py, p.call())? {
-            Answer::Decision(d) => Ok(d),
-            _ => Err(invalid("prepared", "did not answer with a decision")),
-        }
+        self.run(py, |w| p.hold(w))?.map_err(|e| to_py(&e))
     }
 }
 
@@ -772,28 +763,33 @@ where
     Ok(fut)
 }
 
-fn reserve_call(req: PyResult<Request>, lease: Option<f64>) -> PyResult<Call> {
-    Ok(Call::Reserve(req?, optional_seconds(lease, "lease")?))
+/// A core operation's future, owned (it may run on the runtime).
+type OpFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = ratewarden::Result<T>> + Send>>;
+
+/// Commit `id` with `actual` (the estimate when `None`).
+fn commit_op(
+    id: PyResult<ReservationId>,
+    actual: Option<&Bound<'_, PyDict>>,
+) -> PyResult<impl FnOnce(Warden) -> OpFuture<CommitReceipt>> {
+    let (id, actual) = (id?, cost_of(actual, "actual")?);
+    Ok(move |w: Warden| -> OpFuture<CommitReceipt> {
+        Box::pin(async move { w.commit(id, &actual).await })
+    })
 }
 
-fn commit_call(id: PyResult<ReservationId>, actual: Option<&Bound<'_, PyDict>>) -> PyResult<Call> {
-    Ok(Call::Commit(id?, cost_of(actual, "actual")?))
+/// Release `id`.
+fn release_op(id: ReservationId) -> impl FnOnce(Warden) -> OpFuture<bool> {
+    move |w: Warden| -> OpFuture<bool> { Box::pin(async move { w.release(id).await }) }
 }
 
-fn extend_call(reservation: &str, lease: f64) -> PyResult<Call> {
-    Ok(Call::Extend(
-        reservation_id(reservation)?,
-        seconds(lease, "lease")?,
-    ))
-}
-
-fn delegate_call(
+fn delegate_args(
     child: &str,
     amounts: &Bound<'_, PyDict>,
     from_scope: Option<&str>,
     from_reservation: Option<&str>,
     lease: Option<f64>,
-) -> PyResult<Call> {
+) -> PyResult<(Scope, Cost, Source, Option<Duration>)> {
     let child = Scope::parse(child).map_err(|e| to_py(&e))?;
     let amounts = cost_of(Some(amounts), "amounts")?;
     let from = Source::pick(
@@ -802,30 +798,12 @@ fn delegate_call(
         ["from_scope=", "from_reservation="],
     )
     .map_err(|e| to_py(&e))?;
-    Ok(Call::Delegate(
-        child,
-        amounts,
-        from,
-        optional_seconds(lease, "lease")?,
-    ))
+    Ok((child, amounts, from, optional_seconds(lease, "lease")?))
 }
 
-fn wait_call(
-    req: PyResult<Request>,
-    max_wait: f64,
-    reserve: bool,
-    lease: Option<f64>,
-) -> PyResult<Call> {
-    let what = if reserve {
-        WaitFor::Reserve(optional_seconds(lease, "lease")?)
-    } else {
-        WaitFor::Acquire
-    };
-    Ok(Call::Wait(req?, what, seconds(max_wait, "max_wait")?))
-}
-
-// Every operation converts its arguments into one `Call`, run on the calling
-// thread or the runtime (`asynchronous=False`), or as an awaitable (`True`).
+// Every operation converts its arguments, then runs one typed core call on the
+// calling thread or the runtime (`asynchronous=False`), or as an awaitable
+// (`True`).
 #[pymethods]
 impl NativeWarden {
     /// Builds a warden from a policy document given as JSON text, or from a
@@ -880,8 +858,9 @@ impl NativeWarden {
         priority: Option<&str>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let call = request_of(scope, resource, action, cost, priority).map(Call::Check);
-        self.answer(py, call, asynchronous, answer_to_py)
+        let op = request_of(scope, resource, action, cost, priority)
+            .map(|r| move |w: Warden| async move { w.check(&r).await });
+        self.answer(py, op, asynchronous, decision_to_py)
     }
 
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
@@ -896,8 +875,9 @@ impl NativeWarden {
         priority: Option<&str>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let call = request_of(scope, resource, action, cost, priority).map(Call::Acquire);
-        self.answer(py, call, asynchronous, answer_to_py)
+        let op = request_of(scope, resource, action, cost, priority)
+            .map(|r| move |w: Warden| async move { w.acquire(&r).await });
+        self.answer(py, op, asynchronous, decision_to_py)
     }
 
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, asynchronous=false))]
@@ -913,8 +893,11 @@ impl NativeWarden {
         lease: Option<f64>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
-        self.answer(py, reserve_call(req, lease), asynchronous, answer_to_py)
+        let op = request_of(scope, resource, action, cost, priority).and_then(|r| {
+            let lease = optional_seconds(lease, "lease")?;
+            Ok(move |w: Warden| async move { w.reserve(&r, lease).await })
+        });
+        self.answer(py, op, asynchronous, decision_to_py)
     }
 
     #[pyo3(signature = (reservation, actual=None, asynchronous=false))]
@@ -925,8 +908,8 @@ impl NativeWarden {
         actual: Option<&Bound<'_, PyDict>>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let call = commit_call(reservation_id(reservation), actual);
-        self.answer(py, call, asynchronous, answer_to_py)
+        let op = commit_op(reservation_id(reservation), actual);
+        self.answer(py, op, asynchronous, receipt_to_py)
     }
 
     #[pyo3(signature = (reservation, asynchronous=false))]
@@ -936,8 +919,8 @@ impl NativeWarden {
         reservation: &str,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let call = reservation_id(reservation).map(Call::Release);
-        self.answer(py, call, asynchronous, answer_to_py)
+        let op = reservation_id(reservation).map(release_op);
+        self.answer(py, op, asynchronous, released_to_py)
     }
 
     #[pyo3(signature = (reservation, lease, asynchronous=false))]
@@ -948,8 +931,11 @@ impl NativeWarden {
         lease: f64,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let call = extend_call(reservation, lease);
-        self.answer(py, call, asynchronous, answer_to_py)
+        let op = reservation_id(reservation).and_then(|id| {
+            let lease = seconds(lease, "lease")?;
+            Ok(move |w: Warden| async move { w.extend(id, lease).await })
+        });
+        self.answer(py, op, asynchronous, expiry_to_py)
     }
 
     #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None, asynchronous=false))]
@@ -964,8 +950,15 @@ impl NativeWarden {
         lease: Option<f64>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let call = delegate_call(child, amounts, from_scope, from_reservation, lease);
-        self.answer(py, call, asynchronous, answer_to_py)
+        let op =
+            delegate_args(child, amounts, from_scope, from_reservation, lease).map(
+                |(child, amounts, from, lease)| {
+                    move |w: Warden| async move {
+                        w.delegate(from.as_from(), &child, &amounts, lease).await
+                    }
+                },
+            );
+        self.answer(py, op, asynchronous, decision_to_py)
     }
 
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None, asynchronous=false))]
@@ -983,9 +976,16 @@ impl NativeWarden {
         lease: Option<f64>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
-        let call = wait_call(req, max_wait, reserve, lease);
-        self.answer(py, call, asynchronous, answer_to_py)
+        let op = request_of(scope, resource, action, cost, priority).and_then(|r| {
+            let what = if reserve {
+                WaitFor::Reserve(optional_seconds(lease, "lease")?)
+            } else {
+                WaitFor::Acquire
+            };
+            let max_wait = seconds(max_wait, "max_wait")?;
+            Ok(move |w: Warden| async move { w.wait(&r, what, max_wait).await })
+        });
+        self.answer(py, op, asynchronous, decision_to_py)
     }
 
     /// Converts a guard's request once: reserve (`max_wait` unset) or wait up to
@@ -1014,10 +1014,11 @@ impl NativeWarden {
     #[pyo3(signature = (prepared, asynchronous=false))]
     fn hold(&self, py: Python<'_>, prepared: &Prepared, asynchronous: bool) -> PyResult<Py<PyAny>> {
         if asynchronous {
-            return self.asynchronous(py, Ok(prepared.call()), held_to_py);
+            let op = Ok(|w: Warden| prepared.hold(w));
+            return self.answer(py, op, true, held_to_py);
         }
         let d = self.reserve_prepared(py, prepared)?;
-        held_to_py(py, Answer::Decision(d))
+        held_to_py(py, d)
     }
 
     /// Runs `func(*args, **kwargs)` under a hold of `prepared` — the whole
@@ -1047,7 +1048,7 @@ impl NativeWarden {
             Ok(r) => r,
             Err(e) => {
                 // The original error wins over a failed release.
-                let _ = self.run(py, Call::Release(id));
+                let _ = self.run(py, release_op(id));
                 return Err(e);
             }
         };
@@ -1069,7 +1070,7 @@ impl NativeWarden {
                     })
             })
             .transpose()?;
-        match self.run_core(py, commit_call(Ok(id), used.as_ref())?)? {
+        match self.run(py, commit_op(Ok(id), used.as_ref())?)? {
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Backend => {
                 static UNSETTLED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -1091,15 +1092,15 @@ impl NativeWarden {
         actual: Option<&Bound<'_, PyDict>>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let call = commit_call(Ok(ReservationId(id)), actual);
-        self.answer(py, call, asynchronous, nothing_to_py)
+        let op = commit_op(Ok(ReservationId(id)), actual);
+        self.answer(py, op, asynchronous, nothing_to_py)
     }
 
     /// Releases a held reservation (by its `int` id); returns nothing.
     #[pyo3(signature = (id, asynchronous=false))]
     fn drop_held(&self, py: Python<'_>, id: u128, asynchronous: bool) -> PyResult<Py<PyAny>> {
-        let call = Ok(Call::Release(ReservationId(id)));
-        self.answer(py, call, asynchronous, nothing_to_py)
+        let op = Ok(release_op(ReservationId(id)));
+        self.answer(py, op, asynchronous, nothing_to_py)
     }
 }
 

@@ -164,6 +164,16 @@ macro_rules! hex_id {
                 Self(fastrand::u128(1..))
             }
 
+            /// A fresh random id that also differs between processes forked
+            /// from one another (whose random generators were copied in one
+            /// state): the process id is mixed into its low bits. For ids
+            /// stored in a shared backend; one system call more than
+            /// [`Self::random`].
+            #[must_use]
+            pub fn random_in_process() -> Self {
+                Self(fastrand::u128(1..) ^ u128::from(std::process::id()))
+            }
+
             /// Parses 32 hex digits.
             ///
             /// # Errors
@@ -200,6 +210,15 @@ macro_rules! hex_id {
             }
         }
     };
+}
+
+/// Reseeds this thread's generator of random ids: call it in a child right
+/// after `fork()` (the Python package does), so the child's ids do not repeat
+/// its parent's.
+pub fn reseed_ids_after_fork() {
+    use crate::clock::Clock as _;
+    let now = crate::clock::SystemClock.now().unsigned_abs();
+    fastrand::seed(now ^ u64::from(std::process::id()).rotate_left(32));
 }
 
 hex_id!(

@@ -1,19 +1,18 @@
 //! What every language binding needs besides conversions: building a warden
-//! from a policy and connection settings ([`Setup`]), and one operation as a
-//! value ([`Call`]) that runs the same way from a binding's sync and async forms
-//! — decided on the calling thread by the embedded engine, or awaited on a
-//! runtime for Redis and for waits.
+//! from a policy and connection settings ([`Setup`]), a request from the
+//! fields every binding takes ([`request`]), durations in seconds, the
+//! `on_backend_error` mode and a delegation's [`Source`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{Backend, Fallback, OnBackendError, RedisBackend};
 use crate::clock::{Clock, ManualClock, SystemClock};
-use crate::decision::{CommitReceipt, Decision, ReservationId};
+use crate::decision::ReservationId;
 use crate::plan::Request;
 use crate::priority::Priority;
 use crate::scope::Scope;
-use crate::warden::{DelegateFrom, WaitFor, Warden};
+use crate::warden::{DelegateFrom, Warden};
 use crate::{Cost, Policy, Result};
 
 /// How to build a [`Warden`]: the backend and its settings.
@@ -154,7 +153,7 @@ pub fn on_backend_error(mode: &str, share: u32) -> Result<OnBackendError> {
     }
 }
 
-/// Where a delegation's amounts come from.
+/// Where a delegation's amounts come from (owned; see [`Source::as_from`]).
 #[derive(Clone, Debug)]
 pub enum Source {
     /// A parent scope's free capacity.
@@ -181,69 +180,13 @@ impl Source {
             )),
         }
     }
-}
 
-/// One operation with its inputs converted.
-#[derive(Clone, Debug)]
-pub enum Call {
-    /// [`Warden::check`].
-    Check(Request),
-    /// [`Warden::acquire`].
-    Acquire(Request),
-    /// [`Warden::reserve`] with an optional lease.
-    Reserve(Request, Option<Duration>),
-    /// [`Warden::commit`].
-    Commit(ReservationId, Cost),
-    /// [`Warden::release`].
-    Release(ReservationId),
-    /// [`Warden::extend`].
-    Extend(ReservationId, Duration),
-    /// [`Warden::delegate`]: child scope, amounts, source, lease.
-    Delegate(Scope, Cost, Source, Option<Duration>),
-    /// [`Warden::wait`]: what to do once admitted, and for how long to wait.
-    Wait(Request, WaitFor, Duration),
-}
-
-/// What a [`Call`] answers.
-#[derive(Debug)]
-pub enum Answer {
-    /// From check, acquire, reserve, delegate and wait.
-    Decision(Decision),
-    /// From commit.
-    Receipt(CommitReceipt),
-    /// From release: whether it was still held.
-    Released(bool),
-    /// From extend: the new expiry, µs since the epoch.
-    Extended(i64),
-}
-
-impl Call {
-    /// Whether it may wait for capacity (so never answers at once).
+    /// The source as [`Warden::delegate`] takes it.
     #[must_use]
-    pub const fn waits(&self) -> bool {
-        matches!(self, Self::Wait(..))
-    }
-
-    /// Runs it.
-    ///
-    /// # Errors
-    /// Whatever the operation returns.
-    pub async fn run(self, w: Warden) -> Result<Answer> {
-        Ok(match self {
-            Self::Check(r) => Answer::Decision(w.check(&r).await?),
-            Self::Acquire(r) => Answer::Decision(w.acquire(&r).await?),
-            Self::Reserve(r, lease) => Answer::Decision(w.reserve(&r, lease).await?),
-            Self::Commit(id, actual) => Answer::Receipt(w.commit(id, &actual).await?),
-            Self::Release(id) => Answer::Released(w.release(id).await?),
-            Self::Extend(id, lease) => Answer::Extended(w.extend(id, lease).await?),
-            Self::Delegate(child, amounts, from, lease) => {
-                let from = match &from {
-                    Source::Scope(s) => DelegateFrom::Scope(s),
-                    Source::Reservation(id) => DelegateFrom::Reservation(*id),
-                };
-                Answer::Decision(w.delegate(from, &child, &amounts, lease).await?)
-            }
-            Self::Wait(r, what, max_wait) => Answer::Decision(w.wait(&r, what, max_wait).await?),
-        })
+    pub const fn as_from(&self) -> DelegateFrom<'_> {
+        match self {
+            Self::Scope(s) => DelegateFrom::Scope(s),
+            Self::Reservation(id) => DelegateFrom::Reservation(*id),
+        }
     }
 }

@@ -137,6 +137,21 @@ pub fn poll_ready<F: Future>(future: F) -> Option<F::Output> {
     }
 }
 
+/// Completes on the calling thread an operation the embedded engine answers
+/// without waiting (every one but `wait`, as [`poll_ready`] does); a future
+/// that would wait is an [`crate::Error::Internal`] — callers use it only where
+/// the engine is known to answer at once.
+///
+/// # Errors
+/// The operation's own error, or `Internal` if it did not complete.
+pub fn at_once<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
+    poll_ready(future).unwrap_or_else(|| {
+        Err(crate::Error::Internal {
+            message: "the embedded engine did not answer synchronously".into(),
+        })
+    })
+}
+
 /// Storage and atomic evaluation of limits: one typed method per operation,
 /// so an operation and its answer cannot be mismatched.
 pub trait Backend: Send + Sync + 'static {

@@ -938,7 +938,16 @@ impl RedisBackend {
                 return Err(Sent::Never(e));
             }
         }
-        let id = call.id.map(|id| id_in_slot(id, primary.slot));
+        // A random reservation id is stored in Redis, which processes forked
+        // from one share: mix the process in (an id from an operation id
+        // stays as it is, so a repeated request names the same reservation).
+        let id = call.id.map(|id| match plan.operation() {
+            Some(_) => id_in_slot(id, primary.slot),
+            None => id_in_slot(
+                ReservationId(id.0 ^ u128::from(std::process::id())),
+                primary.slot,
+            ),
+        });
         if let (Some((child, Some(parent))), true) = (call.delegate, self.cluster) {
             if id_slot(parent) != primary.slot {
                 return Err(Sent::Never(self.foreign_parent(parent, child).await));
@@ -988,10 +997,11 @@ impl RedisBackend {
         let (primary, foreign) = (&parts[0], &parts[1..]);
         let acquire = call.mode == StepMode::Acquire;
         let lease = if acquire { STEP_LEASE_US } else { call.lease };
-        let home_id = id.unwrap_or_else(|| id_in_slot(ReservationId::random(), primary.slot));
+        let home_id =
+            id.unwrap_or_else(|| id_in_slot(ReservationId::random_in_process(), primary.slot));
         let sub: Vec<ReservationId> = foreign
             .iter()
-            .map(|p| id_in_slot(ReservationId::random(), p.slot))
+            .map(|p| id_in_slot(ReservationId::random_in_process(), p.slot))
             .collect();
         let all_ids = || std::iter::once(home_id).chain(sub.iter().copied());
         let links = sub
@@ -1676,7 +1686,10 @@ impl Backend for RedisBackend {
         let op = if mode.mutates() && self.parts(call).len() == 1 {
             Some(match plan.operation() {
                 Some(op) => (op, millis(OPERATION_MEMORY)),
-                None => (OperationId::random(), millis(IMPLICIT_OPERATION_MEMORY)),
+                None => (
+                    OperationId::random_in_process(),
+                    millis(IMPLICIT_OPERATION_MEMORY),
+                ),
             })
         } else {
             None
