@@ -741,11 +741,56 @@ impl MemoryBackend {
         Ok(d)
     }
 
-    /// Evaluates (and for acquire/reserve/delegate applies) a plan atomically.
-    #[allow(clippy::too_many_lines)]
+    /// Evaluates (and for acquire/reserve/delegate applies) a plan atomically,
+    /// in phases under one lock set: resolve the keys, find delegation grants,
+    /// the priority served, evaluate, apply, track starvation; then record the
+    /// reservation made.
     fn decide_now(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
         let now = self.clock.now();
-        // Resolve each item once: key, hash and current window.
+        let mut t = self.touched(plan, mode, now)?;
+        let mut locked = self.lock(&t.locs);
+        self.maybe_sweep(&mut locked, now);
+        let shadows = self.shadows_for(&mut locked, &t, now)?;
+        let served = self.served(&mut locked, plan, t.caller, now);
+        let mutating = mode.mutates();
+        self.evaluate(&mut locked, &mut t.works, &shadows, served, mutating, now);
+        let allowed = t.works.iter().all(|w| w.eval.allowed);
+        let (reservation, record_items) = if allowed && mutating {
+            self.apply(&mut locked, plan, mode, &t, now)
+        } else {
+            (None, Vec::new())
+        };
+        if mutating {
+            self.track_starvation(&mut locked, plan, t.caller, allowed, now);
+        }
+        drop(locked);
+        if let Some(info) = &reservation {
+            let scope: Box<str> = match mode {
+                Mode::Delegate { child, .. } => child.as_str().into(),
+                _ => plan.scope().as_str().into(),
+            };
+            self.insert_record(ResRecord {
+                id: info.id.0,
+                scope,
+                expires: info.expires_at,
+                forget_at: info.expires_at + TOMBSTONE,
+                state: ResState::Active,
+                items: record_items,
+                grant_key: t.child_grant.map(|(k, _)| k.into_boxed_str()),
+            });
+        }
+        Ok(assemble_with(
+            t.works.len(),
+            |i| (t.works[i].item, &t.works[i].eval),
+            served,
+            reservation,
+        ))
+    }
+
+    /// Phase 1, before any lock: every key the decision touches, where it
+    /// lives and each limit's current window; a parent reservation being
+    /// carved is looked up (and refused if not live).
+    fn touched<'p>(&self, plan: &'p Plan<'p>, mode: Mode<'_>, now: Micros) -> Result<Touched<'p>> {
         let tree = Self::shard_of(self.hasher.hash_one(plan.scope().prefix(1)));
         let mut works: SmallVec<[Work<'_>; 8]> = SmallVec::new();
         let mut locs: SmallVec<[Loc; 8]> = SmallVec::new();
@@ -769,13 +814,9 @@ impl MemoryBackend {
         let caller = plan
             .caller_key()
             .map(|k| (KeyRef::split(k), self.loc(KeyRef::split(k))));
-        if let Some((_, l)) = caller {
-            locs.push(l);
-        }
+        locs.extend(caller.map(|(_, l)| l));
         let grant_keys = self.grant_keys(plan.scope());
-        for (_, l) in &grant_keys {
-            locs.push(*l);
-        }
+        locs.extend(grant_keys.iter().map(|(_, l)| *l));
         let (child_grant, from) = match mode {
             Mode::Delegate { child, from, .. } => {
                 let k = Plan::grant_key(child, child.depth());
@@ -789,11 +830,27 @@ impl MemoryBackend {
             }
             _ => (None, None),
         };
-        let mut locked = self.lock(&locs);
-        self.maybe_sweep(&mut locked, now);
+        Ok(Touched {
+            works,
+            locs,
+            caller,
+            grant_keys,
+            child_grant,
+            from,
+        })
+    }
 
-        let mut shadows = self.shadows(&mut locked, &grant_keys, now);
-        if let Some((from_id, from_keys)) = &from {
+    /// Phase 2: which limits spend from a delegation's hold instead (the
+    /// scope's live grants, a parent reservation being carved overriding
+    /// them); a delegation onto a scope that has one open is refused.
+    fn shadows_for(
+        &self,
+        locked: &mut Locked<'_>,
+        t: &Touched<'_>,
+        now: Micros,
+    ) -> Result<Vec<(Box<str>, u128)>> {
+        let mut shadows = self.shadows(locked, &t.grant_keys, now);
+        if let Some((from_id, from_keys)) = &t.from {
             for k in from_keys {
                 if let Some(e) = shadows.iter_mut().find(|(s, _)| s == k) {
                     e.1 = *from_id;
@@ -802,8 +859,8 @@ impl MemoryBackend {
                 }
             }
         }
-        if let Some((k, h)) = &child_grant {
-            if let Some(slot) = self.find(&mut locked, *h, KeyRef::split(k)) {
+        if let Some((k, h)) = &t.child_grant {
+            if let Some(slot) = self.find(locked, *h, KeyRef::split(k)) {
                 if slot.idle_at > now && matches!(slot.state, State::Grant(_)) {
                     return Err(Error::invalid(
                         "delegation",
@@ -815,30 +872,51 @@ impl MemoryBackend {
                 }
             }
         }
+        Ok(shadows)
+    }
 
-        // Starvation promotion (background only).
-        let mut served = plan.priority();
+    /// Phase 3: the priority served — a background caller denied
+    /// continuously for `promote_after` is served as standard.
+    fn served(
+        &self,
+        locked: &mut Locked<'_>,
+        plan: &Plan<'_>,
+        caller: Option<(KeyRef<'_>, Loc)>,
+        now: Micros,
+    ) -> Priority {
         if let Some((key, h)) = caller {
-            if let Some(slot) = self.find(&mut locked, h, key) {
+            if let Some(slot) = self.find(locked, h, key) {
                 if let State::Starve { since, last } = slot.state {
-                    if now - last <= plan.promote_after() && now - since >= plan.promote_after() {
-                        served = Priority::Standard;
+                    let pa = plan.promote_after();
+                    if now - last <= pa && now - since >= pa {
+                        return Priority::Standard;
                     }
                 }
             }
         }
+        plan.priority()
+    }
 
-        // Mutating ops make room first, so no insert below can grow a table and
-        // move the buckets whose indices we keep between evaluation and apply.
-        let mutating = mode.mutates();
+    /// Phase 4: evaluates every limit. Mutating decisions make room in the
+    /// tables first and keep each limit's bucket, so no insert can grow a
+    /// table and move a bucket between evaluation and apply.
+    fn evaluate(
+        &self,
+        locked: &mut Locked<'_>,
+        works: &mut [Work<'_>],
+        shadows: &[(Box<str>, u128)],
+        served: Priority,
+        mutating: bool,
+        now: Micros,
+    ) {
         if mutating {
             let hasher = &self.hasher;
             for g in &mut locked.guards {
                 g.table
-                    .reserve(plan.len() + 3, |s| key_hash(hasher, KeyRef::split(&s.key)));
+                    .reserve(works.len() + 3, |s| key_hash(hasher, KeyRef::split(&s.key)));
             }
         }
-        for w in &mut works {
+        for w in works {
             let item = &w.item;
             w.via = shadows
                 .iter()
@@ -846,7 +924,7 @@ impl MemoryBackend {
                 .map(|(_, d)| *d);
             let bucket = if mutating {
                 Some(self.slot_index(
-                    &mut locked,
+                    locked,
                     w.loc,
                     item.key,
                     || fresh_state(item.def, now, w.win.0),
@@ -862,116 +940,108 @@ impl MemoryBackend {
             w.eval = Self::eval_item(slot, item, served, now, w.via, w.win);
             w.bucket = bucket.unwrap_or(usize::MAX);
         }
-        let allowed = works.iter().all(|w| w.eval.allowed);
+    }
 
-        let mut reservation = None;
+    /// Phase 5, when every limit admitted a mutating decision: charges or
+    /// holds each limit, opens the child's grant for a delegation, and
+    /// returns the reservation made with the items its record keeps.
+    fn apply(
+        &self,
+        locked: &mut Locked<'_>,
+        plan: &Plan<'_>,
+        mode: Mode<'_>,
+        t: &Touched<'_>,
+        now: Micros,
+    ) -> (Option<ReservationInfo>, Vec<ResItem>) {
+        let hold = mode.hold().map(|(id, lease)| (id.0, now + lease));
         let mut record_items = Vec::new();
-        if allowed && mutating {
-            let hold = mode.hold().map(|(id, lease)| (id.0, now + lease));
-            for w in &works {
-                let item = &w.item;
-                let slot = match locked.shard(w.loc.shard).table.get_bucket_mut(w.bucket) {
-                    Some(slot) => slot,
-                    None => self.find_or_insert(
-                        &mut locked,
-                        w.loc,
-                        item.key,
-                        || fresh_state(item.def, now, w.win.0),
-                        now,
-                    ),
-                };
-                Self::apply_item(slot, item, now, w.via, hold, w.win);
-                if hold.is_some() {
-                    record_items.push(ResItem {
-                        key: Arc::from(item.key.to_string()),
-                        def: Arc::clone(item.def),
-                        amount: item.amount,
-                    });
-                }
-            }
-            if let (Some((k, h)), Mode::Delegate { id, lease, .. }) = (&child_grant, &mode) {
-                let covers = plan
-                    .limits()
-                    .filter(|l| l.amount > 0 && !matches!(l.def.kind, LimitKind::Rate(_)))
-                    .map(|l| l.key.to_string().into_boxed_str())
-                    .collect();
-                let slot = self.find_or_insert(
-                    &mut locked,
-                    *h,
-                    KeyRef::split(k),
-                    || State::Starve { since: 0, last: 0 },
+        for w in &t.works {
+            let item = &w.item;
+            let slot = match locked.shard(w.loc.shard).table.get_bucket_mut(w.bucket) {
+                Some(slot) => slot,
+                None => self.find_or_insert(
+                    locked,
+                    w.loc,
+                    item.key,
+                    || fresh_state(item.def, now, w.win.0),
                     now,
-                );
-                slot.state = State::Grant(Box::new(Grant {
-                    delegation: id.0,
-                    covers,
-                }));
-                slot.idle_at = now + lease;
-                self.grants.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Some((id, expires)) = hold {
-                reservation = Some(ReservationInfo {
-                    id: ReservationId(id),
-                    expires_at: expires,
+                ),
+            };
+            Self::apply_item(slot, item, now, w.via, hold, w.win);
+            if hold.is_some() {
+                record_items.push(ResItem {
+                    key: Arc::from(item.key.to_string()),
+                    def: Arc::clone(item.def),
+                    amount: item.amount,
                 });
             }
         }
-        if mutating {
-            if let Some((key, h)) = caller {
-                if allowed {
-                    if let Some(slot) = self.find(&mut locked, h, key) {
-                        slot.idle_at = now; // dropped by the next sweep
-                        slot.state = State::Starve {
-                            since: now,
-                            last: i64::MIN / 2,
-                        };
-                    }
-                } else {
-                    let pa = plan.promote_after();
-                    let slot = self.find_or_insert(
-                        &mut locked,
-                        h,
-                        key,
-                        || State::Starve {
-                            since: now,
-                            last: now,
-                        },
-                        now,
-                    );
-                    if let State::Starve { since, last } = &mut slot.state {
-                        if now - *last > pa {
-                            *since = now;
-                        }
-                        *last = now;
-                    }
-                    slot.idle_at = now + pa + 1; // still "continuous" at exactly last + pa
-                }
-            }
+        if let (Some((k, h)), Mode::Delegate { id, lease, .. }) = (&t.child_grant, mode) {
+            let covers = plan
+                .limits()
+                .filter(|l| l.amount > 0 && !matches!(l.def.kind, LimitKind::Rate(_)))
+                .map(|l| l.key.to_string().into_boxed_str())
+                .collect();
+            let slot = self.find_or_insert(
+                locked,
+                *h,
+                KeyRef::split(k),
+                || State::Starve { since: 0, last: 0 },
+                now,
+            );
+            slot.state = State::Grant(Box::new(Grant {
+                delegation: id.0,
+                covers,
+            }));
+            slot.idle_at = now + lease;
+            self.grants.fetch_add(1, Ordering::Relaxed);
         }
-        drop(locked);
+        let reservation = hold.map(|(id, expires)| ReservationInfo {
+            id: ReservationId(id),
+            expires_at: expires,
+        });
+        (reservation, record_items)
+    }
 
-        if let Some(info) = &reservation {
-            let grant_key = child_grant.map(|(k, _)| k.into_boxed_str());
-            let scope: Box<str> = match &mode {
-                Mode::Delegate { child, .. } => child.as_str().into(),
-                _ => plan.scope().as_str().into(),
-            };
-            self.insert_record(ResRecord {
-                id: info.id.0,
-                scope,
-                expires: info.expires_at,
-                forget_at: info.expires_at + TOMBSTONE,
-                state: ResState::Active,
-                items: record_items,
-                grant_key,
-            });
+    /// Phase 6, for a mutating decision of a tracked (background) caller: an
+    /// admission forgets its streak of denials; a denial starts or continues it.
+    fn track_starvation(
+        &self,
+        locked: &mut Locked<'_>,
+        plan: &Plan<'_>,
+        caller: Option<(KeyRef<'_>, Loc)>,
+        allowed: bool,
+        now: Micros,
+    ) {
+        let Some((key, h)) = caller else { return };
+        if allowed {
+            if let Some(slot) = self.find(locked, h, key) {
+                slot.idle_at = now; // dropped by the next sweep
+                slot.state = State::Starve {
+                    since: now,
+                    last: i64::MIN / 2,
+                };
+            }
+            return;
         }
-        Ok(assemble_with(
-            works.len(),
-            |i| (works[i].item, &works[i].eval),
-            served,
-            reservation,
-        ))
+        let pa = plan.promote_after();
+        let slot = self.find_or_insert(
+            locked,
+            h,
+            key,
+            || State::Starve {
+                since: now,
+                last: now,
+            },
+            now,
+        );
+        if let State::Starve { since, last } = &mut slot.state {
+            if now - *last > pa {
+                *since = now;
+            }
+            *last = now;
+        }
+        slot.idle_at = now + pa + 1; // still "continuous" at exactly last + pa
     }
 
     fn res_shard(&self, id: u128) -> MutexGuard<'_, ResShard> {
@@ -1255,6 +1325,21 @@ impl MemoryBackend {
             .map(|i| Box::from(&*i.key))
             .collect())
     }
+}
+
+/// Everything one decision touches, resolved before any lock is taken.
+struct Touched<'p> {
+    works: SmallVec<[Work<'p>; 8]>,
+    /// Every shard location to lock.
+    locs: SmallVec<[Loc; 8]>,
+    /// A background caller's starvation tracker.
+    caller: Option<(KeyRef<'p>, Loc)>,
+    /// The delegation grants of the scope's levels.
+    grant_keys: Vec<(String, Loc)>,
+    /// A delegation's grant key for the child.
+    child_grant: Option<(String, Loc)>,
+    /// A parent reservation being carved: its id and the keys it holds.
+    from: Option<(u128, Vec<Box<str>>)>,
 }
 
 /// One limit of a decision in flight: resolved once, then evaluated and applied.
