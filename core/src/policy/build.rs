@@ -1,0 +1,430 @@
+//! Building a [`Policy`] from its raw document: every field validated, every
+//! error naming the source, the path inside the document and the problem;
+//! amounts converted to base units once.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+pub(super) struct Ctx<'a> {
+    pub(super) source: &'a str,
+}
+
+impl Ctx<'_> {
+    pub(super) fn err(&self, path: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::Policy {
+            source_name: self.source.to_owned(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub(super) fn build_floors(
+    ctx: &Ctx<'_>,
+    path: &str,
+    raw: Option<&RawFloors>,
+    base: Floors,
+) -> Result<Floors> {
+    let Some(raw) = raw else { return Ok(base) };
+    let mut f = base;
+    if let Some(v) = &raw.standard {
+        f.standard = parse_permille(v).map_err(|m| ctx.err(format!("{path}.standard"), m))?;
+    }
+    if let Some(v) = &raw.background {
+        f.background = parse_permille(v).map_err(|m| ctx.err(format!("{path}.background"), m))?;
+    }
+    if f.standard > f.background {
+        return Err(ctx.err(
+            path,
+            format!(
+                "standard floor ({}) is above background floor ({}); higher tiers must not keep less headroom",
+                fmt_permille(f.standard),
+                fmt_permille(f.background)
+            ),
+        ));
+    }
+    if f.background >= 1000 {
+        return Err(ctx.err(
+            format!("{path}.background"),
+            "a 100% floor would deny every background call",
+        ));
+    }
+    Ok(f)
+}
+
+pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
+    if let Some(v) = raw.version {
+        if v != 1 {
+            return Err(ctx.err(
+                "version",
+                format!("unsupported version {v}; this ratewarden reads version 1"),
+            ));
+        }
+    }
+    let floors = build_floors(
+        ctx,
+        "defaults.floors",
+        raw.defaults.floors.as_ref(),
+        Floors::default(),
+    )?;
+    let dur = |path: &str, v: &Option<String>, default: Micros| -> Result<Micros> {
+        match v {
+            None => Ok(default),
+            Some(s) => {
+                let d = parse_duration(s).map_err(|m| ctx.err(path, m))?;
+                if d <= 0 {
+                    return Err(ctx.err(path, "must be longer than zero"));
+                }
+                Ok(d)
+            }
+        }
+    };
+    let defaults = Defaults {
+        floors,
+        promote_after: dur(
+            "defaults.promote_after",
+            &raw.defaults.promote_after,
+            5 * MINUTE_US,
+        )?,
+        lease: dur("defaults.lease", &raw.defaults.lease, 30 * SECOND_US)?,
+        overage: raw.defaults.overage.unwrap_or_default(),
+    };
+
+    let mut units: Map<UnitDef> = BUILTIN_UNITS
+        .iter()
+        .map(|&(n, d)| {
+            (
+                n.to_owned(),
+                UnitDef {
+                    name: n.to_owned(),
+                    decimals: d,
+                },
+            )
+        })
+        .collect();
+    for (name, u) in &raw.units {
+        if !valid_unit(name) {
+            return Err(ctx.err(
+                format!("units.{name}"),
+                "unit names are lowercase words: a-z, 0-9, `_`",
+            ));
+        }
+        if u.decimals > 9 {
+            return Err(ctx.err(format!("units.{name}.decimals"), "at most 9 decimals"));
+        }
+        units.insert(
+            name.clone(),
+            UnitDef {
+                name: name.clone(),
+                decimals: u.decimals,
+            },
+        );
+    }
+
+    let mut by_name: HashMap<String, Arc<LimitDef>> = HashMap::new();
+    let mut scopes = Map::default();
+    for (kind, sk) in raw.scopes {
+        let path = format!("scopes.{kind}");
+        if crate::scope::Scope::from_segments([(kind.as_str(), "x")]).is_err() {
+            return Err(ctx.err(&path, format!("`{kind}` is not a valid scope kind (a-z, 0-9, `_`, `-`, starting with a letter)")));
+        }
+        let _ = sk.description;
+        let mut limits = Vec::new();
+        for (i, rl) in sk.limits.into_iter().enumerate() {
+            let lpath = format!("{path}.limits[{i}]");
+            if rl.scope.is_some() {
+                return Err(ctx.err(format!("{lpath}.scope"), "`scope` is only for resource and action limits; scope limits count per their own scope kind"));
+            }
+            let def = build_limit(
+                ctx,
+                &lpath,
+                rl,
+                &defaults,
+                &mut units,
+                Attach::Scope(kind.clone()),
+                None,
+            )?;
+            limits.push(register(ctx, &lpath, def, &mut by_name)?);
+        }
+        scopes.insert(kind, limits);
+    }
+    let targets = |raws: IndexMap<String, RawTarget>,
+                   section: &str,
+                   units: &mut Map<UnitDef>,
+                   by_name: &mut HashMap<String, Arc<LimitDef>>|
+     -> Result<Map<Target>> {
+        let mut out = Map::default();
+        for (name, rt) in raws {
+            let path = format!("{section}.{name}");
+            if !valid_name(&name, &[':', '/']) {
+                return Err(ctx.err(
+                    &path,
+                    format!(
+                        "`{name}` is not a valid {} name (1-64 of a-z A-Z 0-9 `_ - . : /`)",
+                        &section[..section.len() - 1]
+                    ),
+                ));
+            }
+            let owner = if section == "resources" {
+                Owner::Resource(name.clone())
+            } else {
+                Owner::Action(name.clone())
+            };
+            let risk = match &rt.risk {
+                None => 0,
+                Some(v) => {
+                    if section == "resources" {
+                        return Err(
+                            ctx.err(format!("{path}.risk"), "risk points belong to actions")
+                        );
+                    }
+                    let d = units.get("risk").map_or(0, |u| u.decimals);
+                    parse_amount(v, "risk", d).map_err(|m| ctx.err(format!("{path}.risk"), m))?
+                }
+            };
+            let mut limits = Vec::new();
+            for (i, rl) in rt.limits.into_iter().enumerate() {
+                let lpath = format!("{path}.limits[{i}]");
+                let attach = match &rl.scope {
+                    None => Attach::Pool,
+                    Some(k) => {
+                        if !scopes.contains_key(k) {
+                            return Err(ctx.err(format!("{lpath}.scope"), format!("scope kind `{k}` is not declared under `scopes` (declared: {})", scopes.keys().cloned().collect::<Vec<_>>().join(", "))));
+                        }
+                        Attach::PerScope(k.clone())
+                    }
+                };
+                let def = build_limit(
+                    ctx,
+                    &lpath,
+                    rl,
+                    &defaults,
+                    units,
+                    attach,
+                    Some(owner.clone()),
+                )?;
+                limits.push(register(ctx, &lpath, def, by_name)?);
+            }
+            out.insert(
+                name,
+                Target {
+                    limits,
+                    risk,
+                    description: rt.description,
+                },
+            );
+        }
+        Ok(out)
+    };
+    let resources = targets(raw.resources, "resources", &mut units, &mut by_name)?;
+    let actions = targets(raw.actions, "actions", &mut units, &mut by_name)?;
+    let mut all: Vec<Arc<LimitDef>> = by_name.values().cloned().collect();
+    all.sort_by_key(|d| d.id);
+    Ok(Policy {
+        source: ctx.source.to_owned(),
+        defaults,
+        units,
+        scopes,
+        resources,
+        actions,
+        by_name,
+        all,
+    })
+}
+
+pub(super) fn register(
+    ctx: &Ctx<'_>,
+    path: &str,
+    def: LimitDef,
+    by_name: &mut HashMap<String, Arc<LimitDef>>,
+) -> Result<Arc<LimitDef>> {
+    if by_name.contains_key(&def.name) {
+        return Err(ctx.err(
+            format!("{path}.name"),
+            format!(
+                "limit name `{}` is used twice; names must be unique in a policy",
+                def.name
+            ),
+        ));
+    }
+    let mut def = def;
+    def.id = u32::try_from(by_name.len()).unwrap_or(u32::MAX);
+    let def = Arc::new(def);
+    by_name.insert(def.name.clone(), Arc::clone(&def));
+    Ok(def)
+}
+
+#[allow(clippy::too_many_lines)]
+pub(super) fn build_limit(
+    ctx: &Ctx<'_>,
+    path: &str,
+    rl: RawLimit,
+    defaults: &Defaults,
+    units: &mut Map<UnitDef>,
+    attach: Attach,
+    owner: Option<Owner>,
+) -> Result<LimitDef> {
+    if !valid_name(&rl.name, &[]) {
+        return Err(ctx.err(
+            format!("{path}.name"),
+            format!(
+                "`{}` is not a valid limit name (1-64 of a-z A-Z 0-9 `_ - .`)",
+                rl.name
+            ),
+        ));
+    }
+    let unit = rl.unit.clone().unwrap_or_else(|| "requests".to_owned());
+    if !valid_unit(&unit) {
+        return Err(ctx.err(
+            format!("{path}.unit"),
+            format!("`{unit}` is not a valid unit name (lowercase a-z, 0-9, `_`)"),
+        ));
+    }
+    let decimals = units
+        .entry(unit.clone())
+        .or_insert_with(|| UnitDef {
+            name: unit.clone(),
+            decimals: 0,
+        })
+        .decimals;
+    let limit = parse_amount(&rl.limit, &unit, decimals)
+        .map_err(|m| ctx.err(format!("{path}.limit"), m))?;
+    if limit == 0 {
+        return Err(ctx.err(format!("{path}.limit"), "must be greater than zero"));
+    }
+    let only = |field: &str, present: bool, kinds: &str| -> Result<()> {
+        if present {
+            Err(ctx.err(
+                format!("{path}.{field}"),
+                format!("`{field}` only applies to {kinds} limits"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let tz = match &rl.tz {
+        None => 0,
+        Some(s) => parse_tz(s).map_err(|m| ctx.err(format!("{path}.tz"), m))?,
+    };
+    let kind = match rl.kind {
+        RawKind::Rate => {
+            only("tz", rl.tz.is_some(), "quota and budget")?;
+            only("lease", rl.lease.is_some(), "concurrency")?;
+            let per = rl
+                .per
+                .as_deref()
+                .ok_or_else(|| ctx.err(path, "a rate limit needs `per` (e.g. `1s`, `1m`, `1h`)"))?;
+            let period = match per {
+                "second" => SECOND_US,
+                "minute" => MINUTE_US,
+                "hour" => HOUR_US,
+                "day" => DAY_US,
+                other => parse_duration(other).map_err(|m| {
+                    ctx.err(
+                        format!("{path}.per"),
+                        format!("{m}; rate periods are fixed durations"),
+                    )
+                })?,
+            };
+            if period <= 0 {
+                return Err(ctx.err(format!("{path}.per"), "must be longer than zero"));
+            }
+            let burst = match &rl.burst {
+                None => limit,
+                Some(v) => parse_amount(v, &unit, decimals)
+                    .map_err(|m| ctx.err(format!("{path}.burst"), m))?,
+            };
+            if burst == 0 {
+                return Err(ctx.err(format!("{path}.burst"), "must be greater than zero"));
+            }
+            let g = gcd(period, limit);
+            let (p, l) = (period / g, limit / g);
+            if i128::from(burst) * i128::from(p) > i128::from(MAX_AMOUNT) {
+                return Err(ctx.err(
+                    path,
+                    format!(
+                        "{} per {} with burst {} cannot be tracked exactly (burst × period/gcd exceeds 2^53); use a coarser unit or a quota",
+                        format_base(limit, decimals), per, format_base(burst, decimals)
+                    ),
+                ));
+            }
+            LimitKind::Rate(RateSpec {
+                period,
+                burst,
+                p,
+                l,
+            })
+        }
+        RawKind::Quota | RawKind::Budget => {
+            let budget = rl.kind == RawKind::Budget;
+            only("burst", rl.burst.is_some(), "rate")?;
+            only("lease", rl.lease.is_some(), "concurrency")?;
+            let w = parse_window(rl.per.as_deref(), tz, budget)
+                .map_err(|m| ctx.err(format!("{path}.per"), m))?;
+            if budget {
+                LimitKind::Budget(w)
+            } else {
+                LimitKind::Quota(w)
+            }
+        }
+        RawKind::Concurrency => {
+            only("burst", rl.burst.is_some(), "rate")?;
+            only("per", rl.per.is_some(), "rate, quota and budget")?;
+            only("tz", rl.tz.is_some(), "quota and budget")?;
+            LimitKind::Concurrency
+        }
+    };
+    let lease = match &rl.lease {
+        None => defaults.lease,
+        Some(s) => {
+            let d = parse_duration(s).map_err(|m| ctx.err(format!("{path}.lease"), m))?;
+            if d <= 0 {
+                return Err(ctx.err(format!("{path}.lease"), "must be longer than zero"));
+            }
+            d
+        }
+    };
+    let floors = build_floors(
+        ctx,
+        &format!("{path}.floors"),
+        rl.floors.as_ref(),
+        defaults.floors,
+    )?;
+    let mut caps = Vec::new();
+    for (i, c) in rl.caps.into_iter().enumerate() {
+        let cpath = format!("{path}.caps[{i}]");
+        let below = parse_permille(&c.when_remaining_below)
+            .map_err(|m| ctx.err(format!("{cpath}.when_remaining_below"), m))?;
+        let caps_v = crate::decision::Caps {
+            delay_ms: c.delay_ms,
+            max_tokens: c.max_tokens,
+            model: c.model,
+            sequential: c.sequential.unwrap_or(false),
+        };
+        if caps_v.is_empty() {
+            return Err(ctx.err(
+                &cpath,
+                "a caps rule needs at least one of delay_ms, max_tokens, model, sequential",
+            ));
+        }
+        caps.push(CapRule {
+            below,
+            caps: caps_v,
+        });
+    }
+    Ok(LimitDef {
+        id: 0, // assigned by register()
+        name: rl.name,
+        kind,
+        unit,
+        decimals,
+        limit,
+        floors,
+        overage: rl.overage.unwrap_or(defaults.overage),
+        attach,
+        owner,
+        caps,
+        lease,
+        description: rl.description,
+    })
+}

@@ -1,0 +1,100 @@
+//! The policy document as written: what serde reads from YAML, JSON or
+//! TOML, before any validation (every field optional where the format allows
+//! it, so errors come from `build` with a path, not from serde).
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    #[serde(default)]
+    pub(super) version: Option<u32>,
+    #[serde(default)]
+    pub(super) defaults: RawDefaults,
+    #[serde(default)]
+    pub(super) units: IndexMap<String, RawUnit>,
+    #[serde(default)]
+    pub(super) scopes: IndexMap<String, RawScopeKind>,
+    #[serde(default)]
+    pub(super) resources: IndexMap<String, RawTarget>,
+    #[serde(default)]
+    pub(super) actions: IndexMap<String, RawTarget>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDefaults {
+    pub(super) floors: Option<RawFloors>,
+    pub(super) promote_after: Option<String>,
+    pub(super) lease: Option<String>,
+    pub(super) overage: Option<Overage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUnit {
+    pub(super) decimals: u8,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawScopeKind {
+    #[serde(default)]
+    pub(super) limits: Vec<RawLimit>,
+    pub(super) description: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTarget {
+    #[serde(default)]
+    pub(super) limits: Vec<RawLimit>,
+    pub(super) risk: Option<Value>,
+    pub(super) description: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawKind {
+    Rate,
+    Quota,
+    Concurrency,
+    Budget,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimit {
+    pub(super) name: String,
+    pub(super) kind: RawKind,
+    pub(super) limit: Value,
+    pub(super) per: Option<String>,
+    pub(super) burst: Option<Value>,
+    pub(super) unit: Option<String>,
+    pub(super) lease: Option<String>,
+    pub(super) tz: Option<String>,
+    pub(super) scope: Option<String>,
+    pub(super) floors: Option<RawFloors>,
+    pub(super) overage: Option<Overage>,
+    #[serde(default)]
+    pub(super) caps: Vec<RawCapRule>,
+    pub(super) description: Option<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFloors {
+    pub(super) standard: Option<Value>,
+    pub(super) background: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCapRule {
+    pub(super) when_remaining_below: Value,
+    pub(super) delay_ms: Option<u64>,
+    pub(super) max_tokens: Option<u64>,
+    pub(super) model: Option<String>,
+    pub(super) sequential: Option<bool>,
+}
