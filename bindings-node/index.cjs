@@ -281,6 +281,8 @@ class Warden {
     let resource, action, cost, priority;
     if (options !== undefined && options !== null) {
       if (typeof options !== 'object' || Array.isArray(options)) return this.#call(name, [scope, options]);
+      // An operation id (a repeated request) is read by the general path.
+      if (options.operation !== undefined) return this.#call(name, [scope, options]);
       ({ resource, action, priority } = options);
       cost = encodeCost(options.cost);
       if (cost === SLOW) return this.#call(name, [scope, options]);

@@ -153,6 +153,13 @@ export interface Decision {
   priority: string
   /** `deny`, `allow` or `local` when decided without the shared backend. */
   degraded?: string
+  /**
+   * With `degraded`: the operation id of a request that may have reached
+   * the shared backend although its answer was lost (whether it was charged
+   * is unknown). Repeat the request with `{ operation: id }` to learn the
+   * original decision; it is charged at most once.
+   */
+  unconfirmed?: string
   /** The first limit that denied it. */
   deniedBy?: string
   /** That limit's kind. */
@@ -248,6 +255,12 @@ export interface RequestOptions {
   priority?: string
   /** Lease of a reservation, seconds. */
   lease?: number
+  /**
+   * Operation id (32 hex digits): a request repeated with the id of an
+   * earlier one (e.g. a decision's `unconfirmed`) answers that decision,
+   * charged at most once.
+   */
+  operation?: string
 }
 
 /**

@@ -71,6 +71,10 @@ pub struct RequestOptions {
     pub priority: Option<String>,
     /// Lease of a reservation, seconds.
     pub lease: Option<f64>,
+    /// Operation id (32 hex digits): a request repeated with the id of an
+    /// earlier one (e.g. a decision's `unconfirmed`) answers that decision,
+    /// charged at most once.
+    pub operation: Option<String>,
 }
 
 fn amount_of(v: &serde_json::Value, at: &str) -> Result<Amount> {
@@ -141,14 +145,20 @@ fn request_of(scope: &str, o: Option<&RequestOptions>) -> Result<Request> {
         .as_ref()
         .map(|c| cost_of(Some(c), "cost"))
         .transpose()?;
-    ops::request(
+    let req = ops::request(
         scope,
         o.resource.as_deref(),
         o.action.as_deref(),
         cost,
         o.priority.as_deref(),
     )
-    .map_err(|e| to_js(&e))
+    .map_err(|e| to_js(&e))?;
+    match &o.operation {
+        None => Ok(req),
+        Some(op) => Ok(req.operation(
+            ratewarden::OperationId::parse(op).map_err(|e| to_js(&e))?,
+        )),
+    }
 }
 
 fn reservation_id(id: &str) -> Result<ReservationId> {
@@ -217,6 +227,11 @@ pub struct Decision {
     pub priority: String,
     /// `deny`, `allow` or `local` when decided without the shared backend.
     pub degraded: Option<String>,
+    /// With `degraded`: the operation id of a request that may have reached
+    /// the shared backend although its answer was lost (whether it was charged
+    /// is unknown). Repeat the request with `{ operation: id }` to learn the
+    /// original decision; it is charged at most once.
+    pub unconfirmed: Option<String>,
     /// The first limit that denied it.
     pub denied_by: Option<String>,
     /// That limit's kind.
@@ -262,6 +277,7 @@ fn decision_of(d: &CoreDecision) -> Decision {
         expires_at: d.reservation.as_ref().map(|r| r.expires_at as f64 / 1e6),
         priority: d.priority.as_str().to_owned(),
         degraded: d.degraded.map(|g| g.as_str().to_owned()),
+        unconfirmed: d.unconfirmed.map(|op| op.to_string()),
         denied_by: by.map(|l| l.name().to_owned()),
         denied_kind: by.map(|l| l.kind().to_owned()),
     }

@@ -175,6 +175,16 @@ fn request_of(
     ops::request(scope, resource, action, cost, priority).map_err(|e| to_py(&e))
 }
 
+/// `request_of` repeated under an operation id (32 hex digits), if given.
+fn operation_of(req: PyResult<Request>, operation: Option<&str>) -> PyResult<Request> {
+    match operation {
+        None => req,
+        Some(op) => Ok(req?.operation(
+            ratewarden::OperationId::parse(op).map_err(|e| to_py(&e))?,
+        )),
+    }
+}
+
 fn seconds(s: f64, what: &'static str) -> PyResult<Duration> {
     ops::seconds(s, what).map_err(|e| to_py(&e))
 }
@@ -295,6 +305,15 @@ impl Decision {
     #[getter]
     fn degraded(&self) -> Option<&'static str> {
         self.inner.degraded.map(ratewarden::Degraded::as_str)
+    }
+
+    /// With `degraded`: the operation id of a request that may have reached
+    /// the shared backend although its answer was lost (whether it was
+    /// charged is unknown). Repeat the request with `operation=` this id to
+    /// learn the original decision; it is charged at most once.
+    #[getter]
+    fn unconfirmed(&self) -> Option<String> {
+        self.inner.unconfirmed.map(|op| op.to_string())
     }
 
     /// The name of the first limit that denied it, if any.
@@ -863,7 +882,7 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, decision_to_py)
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false, operation=None))]
     #[allow(clippy::too_many_arguments)]
     fn acquire(
         &self,
@@ -874,13 +893,15 @@ impl NativeWarden {
         cost: Option<&Bound<'_, PyDict>>,
         priority: Option<&str>,
         asynchronous: bool,
+        operation: Option<&str>,
     ) -> PyResult<Py<PyAny>> {
-        let op = request_of(scope, resource, action, cost, priority)
+        let req = request_of(scope, resource, action, cost, priority);
+        let op = operation_of(req, operation)
             .map(|r| move |w: Warden| async move { w.acquire(&r).await });
         self.answer(py, op, asynchronous, decision_to_py)
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, asynchronous=false))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, asynchronous=false, operation=None))]
     #[allow(clippy::too_many_arguments)]
     fn reserve(
         &self,
@@ -892,8 +913,10 @@ impl NativeWarden {
         priority: Option<&str>,
         lease: Option<f64>,
         asynchronous: bool,
+        operation: Option<&str>,
     ) -> PyResult<Py<PyAny>> {
-        let op = request_of(scope, resource, action, cost, priority).and_then(|r| {
+        let req = request_of(scope, resource, action, cost, priority);
+        let op = operation_of(req, operation).and_then(|r| {
             let lease = optional_seconds(lease, "lease")?;
             Ok(move |w: Warden| async move { w.reserve(&r, lease).await })
         });

@@ -128,6 +128,20 @@ describe('Warden', () => {
     assert.ok(results.filter((r) => r.status === 'rejected').every((r) => r.reason instanceof BudgetExceededError));
   });
 
+  test('an operation id is decided once (the general path reads it)', async () => {
+    const w = new Warden(budget, { clock: new ManualClock() });
+    const op = '0123456789abcdef0123456789abcdef';
+    const first = await w.acquire('tenant:a', { cost: { usd: '0.4' }, operation: op });
+    const again = await w.acquire('tenant:a', { cost: { usd: '0.4' }, operation: op });
+    assert.equal(first.allowed, true);
+    assert.deepEqual(again, first);
+    assert.equal(first.unconfirmed ?? null, null);
+    const left = await w.check('tenant:a', { cost: { usd: 0 } });
+    assert.equal(left.limits[0].remaining, 600000, 'charged once');
+    await assert.rejects(w.acquire('tenant:a', { cost: { usd: '0.5' }, operation: op }), (e) =>
+      e instanceof InvalidInputError && /already answered a different request/.test(e.message));
+  });
+
   test('wait() resolves once capacity returns', async () => {
     const clock = new ManualClock();
     const w = new Warden(policy(1), { clock });

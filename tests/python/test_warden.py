@@ -280,3 +280,19 @@ def test_decision_headers_and_denial_body_come_from_the_core() -> None:
     assert '"error":"rate_limited"' in denied.denial_body()
     with pytest.raises(ratewarden.InvalidInput, match="draft-9"):
         ok.headers("draft-9")
+
+
+def test_an_operation_id_is_decided_once() -> None:
+    w = Warden(budget("10"), clock=ManualClock())
+    op = "0123456789abcdef0123456789abcdef"
+    first = w.acquire("tenant:a", cost={"usd": "4"}, operation=op)
+    again = w.acquire("tenant:a", cost={"usd": "4"}, operation=op)
+    assert first.allowed and again.allowed and first.unconfirmed is None
+    assert remaining(w, "tenant:a") == 6_000_000, "charged once"
+    r1 = w.reserve("tenant:a", cost={"usd": "1"}, operation="1" * 32)
+    r2 = w.reserve("tenant:a", cost={"usd": "1"}, operation="1" * 32)
+    assert r1.reservation == r2.reservation and remaining(w, "tenant:a") == 5_000_000
+    with pytest.raises(ratewarden.InvalidInput, match="already answered a different request"):
+        w.acquire("tenant:a", cost={"usd": "5"}, operation=op)
+    with pytest.raises(ratewarden.InvalidInput, match="operation id"):
+        w.acquire("tenant:a", operation="not-hex")

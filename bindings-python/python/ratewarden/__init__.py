@@ -300,10 +300,15 @@ class Warden:
         action: Optional[str] = None,
         cost: Optional[Cost] = None,
         priority: Optional[str] = None,
+        operation: Optional[str] = None,
     ) -> Decision:
         """Admits the request and consumes its cost from every limit, or denies it and
-        changes nothing. A denial is a :class:`Decision` with ``allowed == False``."""
-        return self._native.acquire(scope, resource, action, _cost(cost), priority)
+        changes nothing. A denial is a :class:`Decision` with ``allowed == False``.
+
+        ``operation`` (32 hex digits) names the request: repeated with the id of an
+        earlier admitted one — e.g. a decision's ``unconfirmed`` after a lost
+        answer — it returns that decision and charges nothing more."""
+        return self._native.acquire(scope, resource, action, _cost(cost), priority, False, operation)
 
     def acquire_async(
         self,
@@ -313,9 +318,10 @@ class Warden:
         action: Optional[str] = None,
         cost: Optional[Cost] = None,
         priority: Optional[str] = None,
+        operation: Optional[str] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`acquire`."""
-        return self._native.acquire(scope, resource, action, _cost(cost), priority, True)
+        return self._native.acquire(scope, resource, action, _cost(cost), priority, True, operation)
 
     def reserve(
         self,
@@ -326,11 +332,15 @@ class Warden:
         cost: Optional[Cost] = None,
         priority: Optional[str] = None,
         lease: Optional[float] = None,
+        operation: Optional[str] = None,
     ) -> Reservation:
         """Holds the request's (estimated) cost under a lease (seconds) until it is
         committed, released or expires. Returns a :class:`Reservation` (check
-        ``.allowed``), usable as a context manager."""
-        return Reservation(self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease))
+        ``.allowed``), usable as a context manager. ``operation`` as for
+        :meth:`acquire`: a repeated reserve names the same reservation."""
+        return Reservation(
+            self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, False, operation)
+        )
 
     def reserve_async(
         self,
@@ -341,9 +351,12 @@ class Warden:
         cost: Optional[Cost] = None,
         priority: Optional[str] = None,
         lease: Optional[float] = None,
+        operation: Optional[str] = None,
     ) -> _ReserveCall:
         """Async form of :meth:`reserve`: ``await`` it, or ``async with`` it."""
-        return _ReserveCall(self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, True))
+        return _ReserveCall(
+            self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, True, operation)
+        )
 
     def commit(self, reservation: str, actual: Optional[Cost] = None) -> Dict[str, Any]:
         """Charges a reservation's actual usage (units left out: as reserved) and ends it.
