@@ -645,9 +645,9 @@ impl NativeWarden {
         T: Send,
         Fut: std::future::Future<Output = ratewarden::Result<T>> + Send,
     {
-        let mut f = Box::pin(make(self.warden(py)?));
+        let mut f = std::pin::pin!(make(self.warden(py)?));
         if self.embedded() {
-            if let Some(r) = poll_ready(&mut f) {
+            if let Some(r) = poll_ready(f.as_mut()) {
                 return Ok(r);
             }
         }
@@ -782,26 +782,6 @@ where
     Ok(fut)
 }
 
-/// A core operation's future, owned (it may run on the runtime).
-type OpFuture<T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = ratewarden::Result<T>> + Send>>;
-
-/// Commit `id` with `actual` (the estimate when `None`).
-fn commit_op(
-    id: PyResult<ReservationId>,
-    actual: Option<&Bound<'_, PyDict>>,
-) -> PyResult<impl FnOnce(Warden) -> OpFuture<CommitReceipt>> {
-    let (id, actual) = (id?, cost_of(actual, "actual")?);
-    Ok(move |w: Warden| -> OpFuture<CommitReceipt> {
-        Box::pin(async move { w.commit(id, &actual).await })
-    })
-}
-
-/// Release `id`.
-fn release_op(id: ReservationId) -> impl FnOnce(Warden) -> OpFuture<bool> {
-    move |w: Warden| -> OpFuture<bool> { Box::pin(async move { w.release(id).await }) }
-}
-
 fn delegate_args(
     child: &str,
     amounts: &Bound<'_, PyDict>,
@@ -931,7 +911,10 @@ impl NativeWarden {
         actual: Option<&Bound<'_, PyDict>>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let op = commit_op(reservation_id(reservation), actual);
+        let op = reservation_id(reservation).and_then(|id| {
+            let actual = cost_of(actual, "actual")?;
+            Ok(move |w: Warden| async move { w.commit(id, &actual).await })
+        });
         self.answer(py, op, asynchronous, receipt_to_py)
     }
 
@@ -942,7 +925,8 @@ impl NativeWarden {
         reservation: &str,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let op = reservation_id(reservation).map(release_op);
+        let op = reservation_id(reservation)
+            .map(|id| move |w: Warden| async move { w.release(id).await });
         self.answer(py, op, asynchronous, released_to_py)
     }
 
@@ -1071,7 +1055,7 @@ impl NativeWarden {
             Ok(r) => r,
             Err(e) => {
                 // The original error wins over a failed release.
-                let _ = self.run(py, release_op(id));
+                let _ = self.run(py, |w| async move { w.release(id).await });
                 return Err(e);
             }
         };
@@ -1093,7 +1077,8 @@ impl NativeWarden {
                     })
             })
             .transpose()?;
-        match self.run(py, commit_op(Ok(id), used.as_ref())?)? {
+        let used = cost_of(used.as_ref(), "actual")?;
+        match self.run(py, |w| async move { w.commit(id, &used).await })? {
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Backend => {
                 static UNSETTLED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -1115,14 +1100,17 @@ impl NativeWarden {
         actual: Option<&Bound<'_, PyDict>>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
-        let op = commit_op(Ok(ReservationId(id)), actual);
+        let id = ReservationId(id);
+        let op = cost_of(actual, "actual")
+            .map(|actual| move |w: Warden| async move { w.commit(id, &actual).await });
         self.answer(py, op, asynchronous, nothing_to_py)
     }
 
     /// Releases a held reservation (by its `int` id); returns nothing.
     #[pyo3(signature = (id, asynchronous=false))]
     fn drop_held(&self, py: Python<'_>, id: u128, asynchronous: bool) -> PyResult<Py<PyAny>> {
-        let op = Ok(release_op(ReservationId(id)));
+        let id = ReservationId(id);
+        let op = Ok(move |w: Warden| async move { w.release(id).await });
         self.answer(py, op, asynchronous, nothing_to_py)
     }
 }
