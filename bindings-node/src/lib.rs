@@ -155,9 +155,7 @@ fn request_of(scope: &str, o: Option<&RequestOptions>) -> Result<Request> {
     .map_err(|e| to_js(&e))?;
     match &o.operation {
         None => Ok(req),
-        Some(op) => Ok(req.operation(
-            ratewarden::OperationId::parse(op).map_err(|e| to_js(&e))?,
-        )),
+        Some(op) => Ok(req.operation(ratewarden::OperationId::parse(op).map_err(|e| to_js(&e))?)),
     }
 }
 

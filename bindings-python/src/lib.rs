@@ -179,9 +179,7 @@ fn request_of(
 fn operation_of(req: PyResult<Request>, operation: Option<&str>) -> PyResult<Request> {
     match operation {
         None => req,
-        Some(op) => Ok(req?.operation(
-            ratewarden::OperationId::parse(op).map_err(|e| to_py(&e))?,
-        )),
+        Some(op) => Ok(req?.operation(ratewarden::OperationId::parse(op).map_err(|e| to_py(&e))?)),
     }
 }
 

@@ -189,11 +189,24 @@ fn main() {
         "| request | callers | ratewarden decisions/s | p50 | p99 | redis-benchmark EVALSHA/s | ratio | EVALSHA per decision |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (i, (name, policy, req)) in scenarios.iter().enumerate() {
+    // Each request with the default operation memory (every admitted decision
+    // remembered under an id, so lost replies are safe to resend), then
+    // without it (`remember_operations(false)`): its cost, side by side.
+    let variants = scenarios
+        .iter()
+        .flat_map(|s| [(s, true), (s, false)])
+        .enumerate();
+    for (i, ((name, policy, req), remember)) in variants {
+        let name = if remember {
+            (*name).to_owned()
+        } else {
+            format!("{name}, no op memory")
+        };
         let policy = Policy::from_value(policy).unwrap();
         let backend = rt
             .block_on(RedisBackend::connect(&url, &format!("b{i}")))
-            .unwrap();
+            .unwrap()
+            .remember_operations(remember);
         let plan = Plan::build(&policy, req).unwrap();
         let command = backend.acquire_command(&plan);
         let w = Warden::with_backend(

@@ -226,20 +226,17 @@ end
 -- The remembered answer under `key`, as numbers, or nil. The answer is kept
 -- with the fingerprint of the request it answered (`fp`, hex): the same id
 -- sent with another request answers { -7 } (refused, nothing changes).
+-- Stored as MessagePack (integers exact, no string formatting).
 local function replayed(key, fp)
   local v = redis.call("GET", key)
   if not v then return nil end
-  local stored, rest = string.match(v, "^(%x+)|(.*)$")
+  local stored, results = cmsgpack.unpack(v)
   if stored ~= fp then return { -7 } end
-  local out = {}
-  for x in string.gmatch(rest, "[^,]+") do out[#out + 1] = tonumber(x) end
-  return out
+  return results
 end
 
 -- Remembers `results` (integers) of the request `fp` under `key` for `ms`
 -- milliseconds.
 local function remember(key, fp, results, ms)
-  local parts = {}
-  for i, x in ipairs(results) do parts[i] = num(x) end
-  redis.call("SET", key, fp .. "|" .. table.concat(parts, ","), "PX", ms)
+  redis.call("SET", key, cmsgpack.pack(fp, results), "PX", ms)
 end

@@ -249,3 +249,48 @@ async fn a_client_kill_storm_misreports_nothing() {
         );
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn operation_memory_is_one_key_per_admitted_decision_and_can_be_turned_off() {
+    let servers = RedisServers::start(false);
+    let port = servers.port();
+    let on = warden(RedisBackend::connect(servers.url(), "on").await.unwrap());
+    let off = warden(
+        RedisBackend::connect(servers.url(), "off")
+            .await
+            .unwrap()
+            .remember_operations(false),
+    );
+    let ops = |ns: &str| {
+        cli(port, &["KEYS", &format!("{ns}:*:op:*")])
+            .lines()
+            .count()
+    };
+    for _ in 0..5 {
+        assert!(on.acquire(&usd("a", "1")).await.unwrap().allowed());
+        assert!(off.acquire(&usd("a", "1")).await.unwrap().allowed());
+    }
+    assert!(!on.acquire(&usd("a", "100")).await.unwrap().allowed());
+    assert_eq!(
+        (ops("on"), ops("off")),
+        (5, 0),
+        "denials are not remembered"
+    );
+    // A caller's own id is remembered either way.
+    let op = ratewarden::OperationId::random();
+    assert!(
+        off.acquire(&usd("a", "1").operation(op))
+            .await
+            .unwrap()
+            .allowed()
+    );
+    assert_eq!(ops("off"), 1);
+    // Without the memory a killed connection is not retried: degraded, no id.
+    cli(port, &["CLIENT", "KILL", "TYPE", "normal"]);
+    let d = off.acquire(&usd("a", "1")).await.unwrap();
+    assert_eq!(
+        (d.degraded, d.unconfirmed),
+        (Some(Degraded::Deny), None),
+        "{d:?}"
+    );
+}

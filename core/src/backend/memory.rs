@@ -705,7 +705,7 @@ impl MemoryBackend {
             self.sweep_records(now);
         }
         let Some(op) = plan.operation().filter(|_| mode.mutates()) else {
-            return self.decide_now(plan, mode);
+            return self.decide_now(plan, mode, now);
         };
         let idx = usize::try_from((op.0 as u64) % RES_SHARDS as u64).unwrap_or(0);
         let mut g = self.ops[idx].0.lock();
@@ -723,7 +723,7 @@ impl MemoryBackend {
                 _ => return Err(super::redis::reused(op)),
             }
         }
-        let d = self.decide_now(plan, mode)?;
+        let d = self.decide_now(plan, mode, now)?;
         if !d.allowed() {
             return Ok(d); // changed nothing: decided afresh next time
         }
@@ -745,8 +745,7 @@ impl MemoryBackend {
     /// in phases under one lock set: resolve the keys, find delegation grants,
     /// the priority served, evaluate, apply, track starvation; then record the
     /// reservation made.
-    fn decide_now(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
-        let now = self.clock.now();
+    fn decide_now(&self, plan: &Plan<'_>, mode: Mode<'_>, now: Micros) -> Result<Decision> {
         let mut t = self.touched(plan, mode, now)?;
         let mut locked = self.lock(&t.locs);
         self.maybe_sweep(&mut locked, now);

@@ -148,6 +148,9 @@ pub struct RedisBackend {
     /// Per slot (one entry for a standalone server): after a timeout, decisions
     /// on that slot do not wait on Redis again before this time (µs).
     skip_until: Arc<[AtomicI64]>,
+    /// Whether decisions without a caller's operation id are remembered under
+    /// one of the backend's own (see [`RedisBackend::remember_operations`]).
+    remember: bool,
 }
 
 /// After a command times out, how long decisions on its slot skip Redis
@@ -325,7 +328,23 @@ impl RedisBackend {
             skip_until: (0..if cluster { slots::SLOTS } else { 1 })
                 .map(|_| AtomicI64::new(0))
                 .collect(),
+            remember: true,
         })
+    }
+
+    /// Whether every admitted decision is remembered under an operation id of
+    /// the backend's own for [`IMPLICIT_OPERATION_MEMORY`] (default: yes).
+    /// That is what lets a decision whose connection dropped be sent again
+    /// safely, and a lost answer name the id to ask again with
+    /// ([`crate::Decision::unconfirmed`]); it costs one more key written per
+    /// decision (about 0.6× the one-limit throughput at 64 callers, see
+    /// `bench/README.md`). Turned off, a dropped connection is not retried and
+    /// a lost answer is degraded without an id — decisions under an id the
+    /// caller gave ([`crate::Request::operation`]) are remembered either way.
+    #[must_use]
+    pub fn remember_operations(mut self, on: bool) -> Self {
+        self.remember = on;
+        self
     }
 
     /// How long one command may take before it counts as a backend failure
@@ -760,13 +779,14 @@ impl Backend for RedisBackend {
         // charge twice; one spanning slots is made of reservations, which
         // are released if any step fails.
         let op = if mode.mutates() && self.parts(call).len() == 1 {
-            Some(match plan.operation() {
-                Some(op) => (op, millis(OPERATION_MEMORY)),
-                None => (
+            match plan.operation() {
+                Some(op) => Some((op, millis(OPERATION_MEMORY))),
+                None if self.remember => Some((
                     OperationId::random_in_process(),
                     millis(IMPLICIT_OPERATION_MEMORY),
-                ),
-            })
+                )),
+                None => None,
+            }
         } else {
             None
         };
