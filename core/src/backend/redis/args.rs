@@ -135,12 +135,8 @@ impl RedisBackend {
             parent.map_or_else(String::new, |p| p.to_string()),
             u8::from(step.first_of_many).to_string(),
             step.links.to_owned(),
-            step.op.map_or_else(String::new, |(op, _)| op.to_string()),
-            step.op.map_or(0, |(_, ms)| ms).to_string(),
-            step.op.map_or_else(String::new, |_| {
-                format!("{:016x}", plan.fingerprint(step.mode.arg()))
-            }),
         ]);
+        args.extend(op_args(plan, step));
         for &i in &part.items {
             let item = plan.get(i);
             let def = &**item.def;
@@ -208,12 +204,8 @@ impl RedisBackend {
             self.now_arg().to_string(),
             step.mode.arg().to_owned(),
             step.rank.to_string(),
-            step.op.map_or_else(String::new, |(op, _)| op.to_string()),
-            step.op.map_or(0, |(_, ms)| ms).to_string(),
-            step.op.map_or_else(String::new, |_| {
-                format!("{:016x}", plan.fingerprint(step.mode.arg()))
-            }),
         ]);
+        args.extend(op_args(plan, step));
         for &i in &part.items {
             let item = plan.get(i);
             keys.push(self.key(item.key));
@@ -255,5 +247,19 @@ impl RedisBackend {
         out.extend(keys);
         out.extend(args);
         out
+    }
+}
+
+/// The operation arguments both scripts take, in order: the id its answer is
+/// remembered under (`""`: none), for how long (ms), and the request's
+/// fingerprint (see `common.lua`).
+fn op_args(plan: &Plan<'_>, step: &Step<'_>) -> [String; 3] {
+    match step.op {
+        None => [String::new(), "0".to_owned(), String::new()],
+        Some((op, ms)) => [
+            op.to_string(),
+            ms.to_string(),
+            format!("{:016x}", plan.fingerprint(step.mode.arg())),
+        ],
     }
 }
