@@ -165,6 +165,19 @@ async fn a_slow_cluster_node_degrades_only_its_own_slots_and_settles_still_go_th
         .unwrap();
     assert!(w.acquire(&usd(&fine, "1")).await.unwrap().allowed());
 
+    // A tenant on the same master as `slow`, on another slot.
+    let neighbour = (0..)
+        .map(|i| format!("n{i}"))
+        .find(|t| {
+            let key = format!("slow:{{tenant:{t}}}:x");
+            cli(slow_port, &["CLUSTER", "KEYSLOT", &key])
+                != cli(
+                    slow_port,
+                    &["CLUSTER", "KEYSLOT", &format!("slow:{{tenant:{slow}}}:x")],
+                )
+                && matches!(cli(slow_port, &["EXISTS", &key]).as_str(), "0" | "1")
+        })
+        .unwrap();
     assert_eq!(cli(slow_port, &["CLIENT", "PAUSE", "10000", "ALL"]), "OK");
     let d = w.acquire(&usd(&slow, "1")).await.unwrap();
     assert_eq!(d.degraded, Some(Degraded::Deny), "{d:?}");
@@ -173,12 +186,17 @@ async fn a_slow_cluster_node_degrades_only_its_own_slots_and_settles_still_go_th
         let d = w.acquire(&usd(&fine, "1")).await.unwrap();
         assert!(d.allowed() && d.degraded.is_none(), "{d:?}");
     }
-    // The slow node's slot is skipped for a moment: no second wait.
-    let d = w.acquire(&usd(&slow, "1")).await.unwrap();
-    assert!(
-        d.reason.as_deref().unwrap().contains("not asked again yet"),
-        "{d:?}"
-    );
+    // The slow node is skipped for a moment, for every slot it serves: no
+    // second wait, neither for this tenant nor for another on that node.
+    let neighbour = &neighbour;
+
+    for tenant in [&slow, neighbour] {
+        let d = w.acquire(&usd(tenant, "1")).await.unwrap();
+        assert!(
+            d.reason.as_deref().unwrap().contains("not asked again yet"),
+            "{tenant}: {d:?}"
+        );
+    }
     assert_eq!(cli(slow_port, &["CLIENT", "UNPAUSE"]), "OK");
     // A commit right after the node recovers is sent, not refused by the pause.
     let receipt = w.commit(held.id, &Cost::new()).await.unwrap();

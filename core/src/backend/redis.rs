@@ -43,6 +43,7 @@ use smallvec::SmallVec;
 mod args;
 mod cluster;
 mod conn;
+mod health;
 mod inspect;
 mod keys;
 mod settle;
@@ -55,8 +56,6 @@ use settle::SettleMode;
 
 use conn::{Conn, Target};
 use slots::{id_in_slot, id_slot, slot_tag, tag_slot};
-
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use super::{Backend, Mode, Pending, poll_ready};
 use crate::calendar::Window;
@@ -145,17 +144,12 @@ pub struct RedisBackend {
     settle: Arc<Script>,
     clock: Option<Arc<dyn Clock>>,
     timeout: std::time::Duration,
-    /// Per slot (one entry for a standalone server): after a timeout, decisions
-    /// on that slot do not wait on Redis again before this time (µs).
-    skip_until: Arc<[AtomicI64]>,
+    /// After a timeout, the node that timed out is skipped for a moment.
+    health: Arc<health::Health>,
     /// Whether decisions without a caller's operation id are remembered under
     /// one of the backend's own (see [`RedisBackend::remember_operations`]).
     remember: bool,
 }
-
-/// After a command times out, how long decisions on its slot skip Redis
-/// before trying again.
-const PROBE_AFTER_TIMEOUT_US: i64 = 1_000_000;
 
 /// How long a connection waits for a response before reaping it. Callers give
 /// up earlier (their `timeout`); this only bounds what nobody waits for any more.
@@ -315,6 +309,12 @@ impl RedisBackend {
                 (Conn::Cluster(conn), true)
             }
         };
+        let health = Arc::new(health::Health::new(cluster));
+        if cluster && !lazy {
+            Arc::clone(&health)
+                .refresh(conn.clone(), connect_timeout)
+                .await;
+        }
         Ok(Self {
             conn,
             cluster,
@@ -325,9 +325,7 @@ impl RedisBackend {
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
             clock: None,
             timeout: DEFAULT_TIMEOUT,
-            skip_until: (0..if cluster { slots::SLOTS } else { 1 })
-                .map(|_| AtomicI64::new(0))
-                .collect(),
+            health,
             remember: true,
         })
     }
@@ -371,13 +369,9 @@ impl RedisBackend {
             .map_or_else(|| SystemClock.now(), |c| c.now())
     }
 
-    fn health(&self, slot: u16) -> &AtomicI64 {
-        &self.skip_until[usize::from(slot) % self.skip_until.len()]
-    }
-
-    /// Whether a recent timeout on `slot` says not to wait on Redis for it now.
+    /// Whether a recent timeout of `slot`'s node says not to wait on it now.
     fn skipping(&self, slot: u16) -> Option<Error> {
-        (self.local_now() < self.health(slot).load(Ordering::Relaxed)).then(|| {
+        self.health.skipping(slot, self.local_now()).then(|| {
             backend_err(if self.cluster {
                 "the Redis node of this key's slot timed out recently; not asked again yet"
             } else {
@@ -387,8 +381,8 @@ impl RedisBackend {
     }
 
     /// Runs one Redis round trip on `slot` under the command timeout. A
-    /// timeout makes the next decisions on that slot skip Redis for a moment
-    /// instead of each waiting it out; other slots are not affected.
+    /// timeout makes the next decisions on that slot's node skip Redis for a
+    /// moment instead of each waiting it out; other nodes are not affected.
     async fn bounded<T>(
         &self,
         slot: u16,
@@ -397,8 +391,13 @@ impl RedisBackend {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
             Err(_) => {
-                self.health(slot)
-                    .store(self.local_now() + PROBE_AFTER_TIMEOUT_US, Ordering::Relaxed);
+                if self.health.timed_out(slot, self.local_now()) && self.cluster {
+                    // Follow failovers: read the slot map again, off this call.
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        let (h, conn) = (Arc::clone(&self.health), self.conn.clone());
+                        rt.spawn(h.refresh(conn, self.timeout));
+                    }
+                }
                 Err(Sent::Late(backend_err(format!(
                     "Redis did not answer within {:?}",
                     self.timeout
