@@ -101,9 +101,7 @@ impl RedisBackend {
         actual: &[(&str, i64)],
     ) -> Result<CommitReceipt, Sent> {
         let out = self
-            .resent(id_slot(id), || {
-                self.settle_one(id, SettleMode::Commit, 0, actual, None, 0)
-            })
+            .settle_one(id, SettleMode::Commit, 0, actual, None, 0)
             .await?;
         let mut receipt = receipt_of(policy, id, &out)?;
         for (l, more) in self
@@ -121,9 +119,7 @@ impl RedisBackend {
     /// Releases a reservation and the ones it links to.
     pub(super) async fn release_all(&self, id: ReservationId) -> Result<bool, Sent> {
         let out = self
-            .resent(id_slot(id), || {
-                self.settle_one(id, SettleMode::Release, 0, &[], None, 0)
-            })
+            .settle_one(id, SettleMode::Release, 0, &[], None, 0)
             .await?;
         self.settle_links(&out.links, SettleMode::Release, 0, &[])
             .await?;
@@ -140,9 +136,7 @@ impl RedisBackend {
         lease: Micros,
     ) -> Result<Micros, Sent> {
         let out = self
-            .resent(id_slot(id), || {
-                self.settle_one(id, SettleMode::Extend, lease, &[], None, 0)
-            })
+            .settle_one(id, SettleMode::Extend, lease, &[], None, 0)
             .await?;
         self.settle_links(&out.links, SettleMode::Extend, lease, &[])
             .await?;
@@ -163,11 +157,7 @@ impl RedisBackend {
         actual: &[(&str, i64)],
     ) -> Result<Vec<(ReservationId, SettleOut)>, Sent> {
         let linked = join_all(links.iter().map(|&l| async move {
-            let r = self
-                .resent(id_slot(l), || {
-                    self.settle_one(l, mode, lease, actual, None, 0)
-                })
-                .await;
+            let r = self.settle_one(l, mode, lease, actual, None, 0).await;
             (l, r)
         }))
         .await;
@@ -184,10 +174,28 @@ impl RedisBackend {
         Ok(outs)
     }
 
-    /// One run of the settle script on one record. The statuses every mode
-    /// shares (not found, expired, closed, a delegation committed) become
-    /// errors; the rest is returned for the mode's own reading.
+    /// The settle script on one record, under the command timeout, sent once
+    /// more if the connection failed under it (a settle is idempotent by
+    /// reservation id). The statuses every mode shares (not found, expired,
+    /// closed, a delegation committed) become errors; the rest is returned for
+    /// the mode's own reading.
     pub(super) async fn settle_one(
+        &self,
+        id: ReservationId,
+        mode: SettleMode,
+        lease: Micros,
+        actual: &[(&str, i64)],
+        starve: Option<(&str, &str)>,
+        promote_after: Micros,
+    ) -> Result<SettleOut, Sent> {
+        self.resent(id_slot(id), || {
+            self.settle_once(id, mode, lease, actual, starve, promote_after)
+        })
+        .await
+    }
+
+    /// One run of the settle script (see [`Self::settle_one`]).
+    async fn settle_once(
         &self,
         id: ReservationId,
         mode: SettleMode,
