@@ -73,6 +73,10 @@ function typed(e) {
   return e;
 }
 
+function isThenable(v) {
+  return v !== null && (typeof v === 'object' || typeof v === 'function') && typeof v.then === 'function';
+}
+
 function denied(decision) {
   return decision.deniedKind === 'budget' ? new BudgetExceededError(decision) : new RateLimitedError(decision);
 }
@@ -420,24 +424,38 @@ class Warden {
     const isEmbedded = n.embedded;
     const pick = (v, req) => (typeof v === 'function' ? v(req) : v);
     const constant = [resource, action, cost, priority].every((v) => typeof v !== 'function');
-    const limited = (req, res, http) => {
-      const { headerNames, headerValues } = http;
-      for (let i = 0; i < headerNames.length; i++) res.setHeader(headerNames[i], headerValues[i]);
-      if (onLimited) {
-        const handled = onLimited(req, res, http.decision);
-        if (res.headersSent || handled === true) return;
-      }
+    const tooMany = (res, http) => {
+      if (res.headersSent || res.writableEnded) return;
       res.statusCode = 429;
       res.setHeader('Content-Type', 'application/json');
       res.end(http.body);
     };
+    // A denial: `onLimited` may answer (also asynchronously: its promise is
+    // awaited, and what it throws or rejects with goes to next(err)); else 429.
+    const limited = (req, res, next, http) => {
+      const { headerNames, headerValues } = http;
+      for (let i = 0; i < headerNames.length; i++) res.setHeader(headerNames[i], headerValues[i]);
+      if (!onLimited) return tooMany(res, http);
+      const handled = onLimited(req, res, http.decision);
+      if (isThenable(handled)) {
+        handled.then((h) => { if (h !== true) tooMany(res, http); }, (e) => next(typed(e)));
+        return undefined;
+      }
+      if (handled !== true) tooMany(res, http);
+      return undefined;
+    };
 
     // Allowed: the headers as one string `name\nvalue\n…`; denied: the whole HttpDecision.
+    // Whatever a user callback throws here goes to next(err), never up the stack.
     const respond = (req, res, next, r) => {
-      if (typeof r !== 'string') return limited(req, res, r);
-      if (r !== '') {
-        const h = r.split('\n');
-        for (let i = 0; i < h.length; i += 2) res.setHeader(h[i], h[i + 1]);
+      try {
+        if (typeof r !== 'string') return limited(req, res, next, r);
+        if (r !== '') {
+          const h = r.split('\n');
+          for (let i = 0; i < h.length; i += 2) res.setHeader(h[i], h[i + 1]);
+        }
+      } catch (e) {
+        return next(typed(e));
       }
       return next();
     };
@@ -476,13 +494,33 @@ class Warden {
       return undefined;
     };
 
+    const proceed = (req, res, next) => {
+      // A middleware outlives nothing: once the warden is closed it refuses.
+      if (this.#native === undefined) return next(new WardenError('this warden is closed'));
+      if (who === undefined) return decide(req, res, next, undefined); // the client's address
+      const s = pick(who, req);
+      if (s === undefined || s === null) return next(); // the scope function said: not limited
+      return decide(req, res, next, s);
+    };
+
     return function ratewardenMiddleware(req, res, next) {
       try {
-        if (skip && skip(req)) return next();
-        if (who === undefined) return decide(req, res, next, undefined); // the client's address
-        const s = pick(who, req);
-        if (s === undefined || s === null) return next(); // the scope function said: not limited
-        return decide(req, res, next, s);
+        if (skip) {
+          const skipped = skip(req);
+          // `skip` may be async (a Promise is truthy: awaited, not taken as true).
+          if (isThenable(skipped)) {
+            skipped.then((v) => {
+              try {
+                return v ? next() : proceed(req, res, next);
+              } catch (e) {
+                return next(typed(e));
+              }
+            }, (e) => next(typed(e)));
+            return undefined;
+          }
+          if (skipped) return next();
+        }
+        return proceed(req, res, next);
       } catch (e) {
         return next(typed(e));
       }

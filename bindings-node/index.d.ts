@@ -82,9 +82,13 @@ export interface ExpressOptions<Req extends HttpRequest = HttpRequest, Res exten
   headers?: 'draft-11' | 'draft-7' | 'draft-6' | 'off' | false;
   /** Take the client address from `X-Forwarded-For` (only behind a proxy you control). */
   trustProxy?: boolean;
-  /** Requests for which this returns true are not limited. */
-  skip?: (req: Req) => boolean;
-  /** Called on each denial after the headers are set; answer the response (or return true) to replace the default 429. */
+  /** Requests for which this returns (or resolves to) true are not limited. */
+  skip?: (req: Req) => boolean | Promise<boolean>;
+  /**
+   * Called on each denial after the headers are set; answer the response (or
+   * return true) to replace the default 429. May be async: its promise is
+   * awaited; what it throws or rejects with goes to `next(err)`.
+   */
   onLimited?: (req: Req, res: Res, decision: Decision) => unknown;
 }
 

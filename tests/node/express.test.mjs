@@ -47,6 +47,42 @@ for (const [name, options] of Object.entries(backends)) {
       }
     });
 
+    test('user callbacks never crash the process: throwing or async onLimited, async skip, a closed warden', async () => {
+      const w = await Warden.connect(policy(1), { ...options(), clock: new ManualClock(1_700_000_000) });
+      const apps = {
+        throws: await serve(w.express({ scope: () => 'ip:throws', onLimited: () => { throw new Error('boom'); } })),
+        later: await serve(w.express({
+          scope: () => 'ip:later',
+          onLimited: async (req, res) => { await new Promise((r) => setImmediate(r)); res.status(429).json({ later: true }); return true; },
+        })),
+        rejects: await serve(w.express({ scope: () => 'ip:rejects', onLimited: async () => { throw new Error('async boom'); } })),
+        fallsThrough: await serve(w.express({ scope: () => 'ip:falls', onLimited: async () => undefined })),
+        skipNo: await serve(w.express({ scope: () => 'ip:skipno', skip: async () => false })),
+        skipYes: await serve(w.express({ scope: () => 'ip:skipyes', skip: async () => true })),
+        skipRejects: await serve(w.express({ scope: () => 'ip:skiprej', skip: async () => { throw new Error('skip boom'); } })),
+      };
+      const get = async (app) => { const r = await fetch(app.url); return [r.status, await r.text()]; };
+      try {
+        for (const app of Object.values(apps)) await get(app); // each spends its one request (or is skipped)
+        assert.deepEqual((await get(apps.throws))[0], 500, 'a throwing onLimited is next(err)');
+        assert.deepEqual(await get(apps.later), [429, '{"later":true}'], 'an async onLimited is awaited');
+        assert.equal((await get(apps.rejects))[0], 500, 'a rejecting onLimited is next(err)');
+        assert.equal((await get(apps.fallsThrough))[0], 429, 'an async onLimited that does not answer: the default 429');
+        assert.equal((await get(apps.skipNo))[0], 429, 'skip resolving to false does not disable the limiter');
+        assert.equal((await get(apps.skipYes))[0], 200);
+        assert.equal((await get(apps.skipRejects))[0], 500);
+        assert.equal((await get(apps.throws))[0], 500, 'the server keeps serving');
+        // A middleware made before close() stops deciding after it.
+        w.close();
+        const [status, body] = await get(apps.skipNo);
+        assert.equal(status, 500);
+        assert.match(body, /closed/);
+      } finally {
+        for (const app of Object.values(apps)) await app.close();
+        w.close();
+      }
+    });
+
     test('exactly the limit under 1,000 concurrent requests', async () => {
       const w = await Warden.connect(policy(250), { ...options(), clock: new ManualClock(1_700_000_000) });
       const app = await serve(w.express());
