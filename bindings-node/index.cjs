@@ -111,11 +111,18 @@ class ManualClock extends native.ManualClock {
  * `scope({ tenant: 'acme', user: 'a/b' })` → `'tenant:acme/user:a%2Fb'`;
  * pairs work too: `scope(['ip', '::1'])`.
  */
+/** An id given to `scope()`: a string, or a finite number; anything else (undefined, null, objects) would make every such caller share one bucket. */
+function scopeId(kind, v) {
+  if (typeof v === 'string' || (typeof v === 'number' && Number.isFinite(v)) || typeof v === 'bigint') return String(v);
+  const got = v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
+  throw new InvalidInputError(`invalid scope: the id of \`${kind}\` must be a string or a number, got ${got}`);
+}
+
 function scope(...parts) {
   const segments = [];
   for (const p of parts) {
-    if (Array.isArray(p)) segments.push(p.map(String));
-    else if (p && typeof p === 'object') for (const [k, v] of Object.entries(p)) segments.push([k, String(v)]);
+    if (Array.isArray(p)) segments.push(p.length === 2 ? [String(p[0]), scopeId(p[0], p[1])] : p.map(String));
+    else if (p && typeof p === 'object') for (const [k, v] of Object.entries(p)) segments.push([k, scopeId(k, v)]);
     else throw new InvalidInputError(`invalid scope: expected { kind: id } objects or [kind, id] pairs, got ${typeof p}`);
   }
   try {
@@ -177,10 +184,24 @@ function requireString(value, what) {
   if (typeof value !== 'string') throw new InvalidInputError(`invalid ${what}: expected a string, got ${value === null ? 'null' : typeof value}`);
 }
 
+function isOptions(value) {
+  return value === undefined || value === null || (typeof value === 'object' && !Array.isArray(value));
+}
+
 function requireOptions(value, what) {
-  if (value !== undefined && value !== null && (typeof value !== 'object' || Array.isArray(value))) {
+  if (!isOptions(value)) {
     throw new InvalidInputError(`invalid ${what}: expected an options object, got ${Array.isArray(value) ? 'an array' : typeof value}`);
   }
+}
+
+/** A rejected Promise for options that are not an object (nothing is decided or charged). */
+function invalidOptions(value) {
+  try {
+    requireOptions(value, 'options');
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  return undefined;
 }
 
 // --- the warden -----------------------------------------------------------------
@@ -284,7 +305,7 @@ class Warden {
     const n = this.#native;
     let resource, action, cost, priority;
     if (options !== undefined && options !== null) {
-      if (typeof options !== 'object' || Array.isArray(options)) return this.#call(name, [scope, options]);
+      if (typeof options !== 'object' || Array.isArray(options)) return invalidOptions(options);
       // An operation id (a repeated request) is read by the general path.
       if (options.operation !== undefined) return this.#call(name, [scope, options]);
       ({ resource, action, priority } = options);
@@ -315,6 +336,7 @@ class Warden {
 
   /** Holds the (estimated) cost under a lease until commit, release or expiry. */
   reserve(scope, options) {
+    if (!isOptions(options)) return invalidOptions(options);
     return this.#call('reserve', [scope, options]);
   }
 
@@ -335,6 +357,7 @@ class Warden {
 
   /** Carves a sub-budget for `child` out of `{ fromScope }` or `{ fromReservation }` (with optional `lease`). */
   delegate(child, amounts, options) {
+    if (!isOptions(options)) return invalidOptions(options);
     return this.#call('delegate', [child, amounts, options]);
   }
 

@@ -166,6 +166,11 @@ describe('bad input: typed errors that name the problem, nothing changed', () =>
     ['a NaN lease on extend', (w) => w.extend('0'.repeat(32), Number.NaN), InvalidInputError, /lease/],
     ['delegate without a source', (w) => w.delegate('ip:1/sub:2', { requests: 1 }, {}), InvalidInputError, /fromScope/],
     ['wait with a negative maxWait', (w) => w.wait('ip:1', { maxWait: -5 }), InvalidInputError, /maxWait/],
+    ['options that are a string', (w) => w.acquire('ip:1', 'x'), InvalidInputError, /options.*string/],
+    ['options that are an array', (w) => w.acquire('ip:1', [1]), InvalidInputError, /options.*array/],
+    ['check options that are a number', (w) => w.check('ip:1', 5), InvalidInputError, /options.*number/],
+    ['reserve options that are a boolean', (w) => w.reserve('ip:1', true), InvalidInputError, /options.*boolean/],
+    ['delegate options that are a string', (w) => w.delegate('ip:1/sub:2', { requests: 1 }, 'ip:1'), InvalidInputError, /options.*string/],
   ];
   for (const [what, call, cls, message] of cases) {
     test(what, async () => {
@@ -185,6 +190,12 @@ describe('bad input: typed errors that name the problem, nothing changed', () =>
     assert.throws(() => new Warden(policy(), { backend: 'http://x' }), InvalidInputError);
     assert.throws(() => new ManualClock(Number.NaN), InvalidInputError);
     assert.throws(() => scope({ Tenant: 'a' }), InvalidInputError);
+    // Ids that would make every anonymous caller share one bucket.
+    for (const id of [undefined, null, {}, [], Number.NaN, () => 1]) {
+      assert.throws(() => scope({ user: id }), (e) => e instanceof InvalidInputError && /id of `user`/.test(e.message), String(id));
+      assert.throws(() => scope(['user', id]), InvalidInputError, String(id));
+    }
+    assert.equal(scope({ tenant: 'acme', user: 42 }), 'tenant:acme/user:42');
   });
 
   test('a closed warden says so', async () => {
