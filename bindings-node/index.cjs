@@ -144,13 +144,19 @@ const MAX_COMPACT_LIMITS = 64;
 const SLOW = Symbol('slow');
 
 /** `unit\x1famount\x1e…` for the fast path, SLOW when the general conversion must judge it. */
+const SEPARATORS = /[\x1e\x1f]/;
+
 function encodeCost(cost) {
   if (cost === undefined || cost === null) return undefined;
   if (typeof cost !== 'object' || Array.isArray(cost)) return SLOW;
   let text = '';
   for (const unit of Object.keys(cost)) {
     const v = cost[unit];
-    if (typeof v === 'string' || (typeof v === 'number' && Number.isSafeInteger(v))) text += `${unit}\x1f${v}\x1e`;
+    // The separators may not occur inside a field: such input takes the
+    // general path, which validates it exactly as every other path does.
+    if (SEPARATORS.test(unit)) return SLOW;
+    if (typeof v === 'string' && !SEPARATORS.test(v)) text += `${unit}\x1f${v}\x1e`;
+    else if (typeof v === 'number' && Number.isSafeInteger(v)) text += `${unit}\x1f${v}\x1e`;
     else return SLOW; // fractions, NaN, wrong types: the general path's exact conversion and errors
   }
   return text;

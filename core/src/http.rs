@@ -195,12 +195,13 @@ pub fn rate_limit_headers(decision: &Decision, style: HeaderStyle) -> Vec<(&'sta
                         now.push_str(", ");
                     }
                     push_sf_string(&mut now, l.name());
-                    let _ = write!(
-                        now,
-                        ";r={};t={}",
-                        sf_int(l.remaining),
-                        ceil_secs(l.reset).min(SF_INTEGER_MAX.unsigned_abs())
-                    );
+                    let _ = write!(now, ";r={}", sf_int(l.remaining));
+                    // A lifetime budget or a concurrency limit never resets
+                    // (its policy item has no `w` either): no `t` then.
+                    if l.window_secs().is_some() {
+                        let t = ceil_secs(l.reset).min(SF_INTEGER_MAX.unsigned_abs());
+                        let _ = write!(now, ";t={t}");
+                    }
                 }
                 out.push(("RateLimit", now));
             }
@@ -314,7 +315,11 @@ mod tests {
             now.starts_with(r#""per-ip";r=1;t=30, "ip-day";r=99;t=43200, "#),
             "{now}"
         );
-        assert!(now.contains(r#""llm-usd";r=4750000;t=0"#), "{now}");
+        // A lifetime budget and a concurrency limit never reset: no `t`.
+        assert!(
+            now.ends_with(r#""llm-usd";r=4750000, "llm-slots";r=3"#),
+            "{now}"
+        );
         assert_eq!(header(&h, "Retry-After"), None);
     }
 
