@@ -48,7 +48,14 @@ impl Amount {
         };
         let t = s.trim();
         let t = t.strip_prefix('+').unwrap_or(t);
-        if t.starts_with('-') {
+        if let Some(rest) = t.strip_prefix('-') {
+            // Negative zero is zero; anything else below zero is refused.
+            if !rest.is_empty()
+                && rest.bytes().all(|b| b == b'0' || b == b'.')
+                && rest.contains('0')
+            {
+                return Ok(Self::units(0));
+            }
             return Err(bad("is negative"));
         }
         let (int, frac) = t.split_once('.').unwrap_or((t, ""));
@@ -84,6 +91,9 @@ impl Amount {
                 unit: String::new(),
                 message: format!("{f} is not a finite number"),
             });
+        }
+        if f == 0.0 {
+            return Ok(Self::units(0)); // -0.0 included
         }
         if f < 0.0 {
             return Err(Error::InvalidAmount {
@@ -311,6 +321,34 @@ mod tests {
         );
         assert_eq!(Amount::decimal(0, 25).to_base("usd", 6).unwrap(), 0);
         assert_eq!(Amount::decimal(10_000_000, 7).to_base("usd", 0).unwrap(), 1);
+    }
+
+    #[test]
+    fn negative_zero_is_zero_and_messages_name_the_unit_once_known() {
+        for z in ["-0", "-0.0", "-00.000", "+0", "0"] {
+            assert_eq!(
+                Amount::parse(z).unwrap().to_base("usd", 6).unwrap(),
+                0,
+                "{z}"
+            );
+        }
+        assert_eq!(
+            Amount::from_f64(-0.0).unwrap().to_base("usd", 6).unwrap(),
+            0
+        );
+        for bad in ["-", "-.", "-0.1", "-1"] {
+            assert!(Amount::parse(bad).is_err(), "{bad}");
+        }
+        let e = Amount::parse("x").unwrap_err().to_string();
+        assert_eq!(e, "invalid amount: `x` is not a plain decimal number");
+        let e = Amount::parse("0.0000001")
+            .unwrap()
+            .to_base("usd", 6)
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("invalid amount for unit `usd`: "),
+            "{e}"
+        );
     }
 
     #[test]

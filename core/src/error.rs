@@ -70,7 +70,7 @@ pub enum Error {
         message: String,
     },
     /// An amount in a cost map is invalid.
-    #[error("invalid amount for unit `{unit}`: {message}")]
+    #[error("invalid amount{}: {message}", for_unit(.unit))]
     InvalidAmount {
         /// The unit the amount was given for.
         unit: String,
@@ -182,6 +182,15 @@ impl Error {
             name: truncate(name),
             hint,
         }
+    }
+}
+
+/// ` for unit `usd``, or nothing when the amount was not yet given for a unit.
+fn for_unit(unit: &str) -> String {
+    if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" for unit `{unit}`")
     }
 }
 

@@ -125,3 +125,13 @@ def test_bad_construction_arguments() -> None:
         Warden(POLICY, backend="http://example.com")
     with pytest.raises(InvalidInput, match="start"):
         ratewarden.ManualClock(float("inf"))
+
+
+def test_negative_zero_is_zero_and_amount_errors_never_name_an_empty_unit(w: Warden) -> None:
+    for zero in (-0.0, "-0", "-0.00"):
+        assert w.acquire("tenant:a", cost={"usd": zero}).allowed
+    for bad in ("x", float("nan"), float("inf"), -0.5):
+        with pytest.raises(InvalidInput) as e:
+            w.acquire("tenant:a", cost={"usd": bad})
+        assert "unit ``" not in str(e.value)
+        assert 'cost["usd"]' in str(e.value) or "unit `usd`" in str(e.value)
