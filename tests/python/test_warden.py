@@ -296,3 +296,20 @@ def test_an_operation_id_is_decided_once() -> None:
         w.acquire("tenant:a", cost={"usd": "5"}, operation=op)
     with pytest.raises(ratewarden.InvalidInput, match="operation id"):
         w.acquire("tenant:a", operation="not-hex")
+
+
+def test_reservation_fields_are_typed_properties_of_its_decision() -> None:
+    import typing
+
+    w = Warden(budget("10"), clock=ManualClock())
+    r = w.reserve("tenant:a", cost={"usd": "1"})
+    names = ["allowed", "outcome", "caps", "retry_after", "limits", "reason", "reservation", "expires_at"]
+    names += ["priority", "degraded", "unconfirmed", "denied_by", "denied_kind"]
+    for name in names:
+        prop = getattr(ratewarden.Reservation, name)
+        assert isinstance(prop, property), name
+        assert typing.get_type_hints(prop.fget)["return"] is not Any, name
+        assert getattr(r, name) == getattr(r.decision, name), name
+    with pytest.raises(AttributeError):
+        r.no_such_field  # noqa: B018
+    r.release()

@@ -28,7 +28,7 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, Awaitable, Callable, Dict, Generator, Mapping, Optional, TypeVar, Union
+from typing import Any, Awaitable, Callable, Dict, Generator, List, Mapping, Optional, TypeVar, Union
 
 from ratewarden._errors import (
     BackendError,
@@ -86,8 +86,58 @@ class Reservation:
         self.decision = decision
         self._ended = decision.reservation is None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.decision, name)
+    # The decision's fields, typed (they were reached through __getattr__ as Any).
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+    @property
+    def outcome(self) -> str:
+        return self.decision.outcome
+
+    @property
+    def caps(self) -> Dict[str, Any]:
+        return self.decision.caps
+
+    @property
+    def retry_after(self) -> Optional[float]:
+        return self.decision.retry_after
+
+    @property
+    def limits(self) -> List[Dict[str, Any]]:
+        return self.decision.limits
+
+    @property
+    def reason(self) -> Optional[str]:
+        return self.decision.reason
+
+    @property
+    def reservation(self) -> Optional[str]:
+        return self.decision.reservation
+
+    @property
+    def expires_at(self) -> Optional[float]:
+        return self.decision.expires_at
+
+    @property
+    def priority(self) -> str:
+        return self.decision.priority
+
+    @property
+    def degraded(self) -> Optional[str]:
+        return self.decision.degraded
+
+    @property
+    def unconfirmed(self) -> Optional[str]:
+        return self.decision.unconfirmed
+
+    @property
+    def denied_by(self) -> Optional[str]:
+        return self.decision.denied_by
+
+    @property
+    def denied_kind(self) -> Optional[str]:
+        return self.decision.denied_kind
 
     def __repr__(self) -> str:
         return f"Reservation({self.decision!r})"
