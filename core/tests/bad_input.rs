@@ -352,3 +352,32 @@ fn malformed_policies_name_file_path_and_problem() {
     let e = Policy::from_file("policy.ini").unwrap_err();
     assert!(e.to_string().contains(".ini"), "{e}");
 }
+
+#[test]
+fn ids_are_exactly_32_hex_digits() {
+    use ratewarden::OperationId;
+    for bad in [
+        format!("+{}", "0".repeat(31)),
+        format!("-{}", "1".repeat(31)),
+        "0".repeat(31),
+        "0".repeat(33),
+        format!("{}g", "0".repeat(31)),
+        String::new(),
+    ] {
+        let e = ReservationId::parse(&bad).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+        assert!(e.to_string().contains("reservation id"), "{e}");
+        let e = OperationId::parse(&bad).unwrap_err();
+        assert!(e.to_string().contains("operation id"), "{e}");
+    }
+    for good in ["0".repeat(32), "F".repeat(32), "aBcD".repeat(8)] {
+        assert_eq!(
+            ReservationId::parse(&good).unwrap().to_string(),
+            good.to_lowercase()
+        );
+        assert_eq!(
+            OperationId::parse(&good).unwrap().to_string(),
+            good.to_lowercase()
+        );
+    }
+}

@@ -185,7 +185,7 @@ fn delegation_input_is_validated() {
 
 #[test]
 fn refusals_read_the_same_on_every_backend() {
-    let (w, _c) = warden(policy());
+    let (w, clock) = warden(policy());
     let reserve = |scope: &str| {
         now(w.reserve(&Request::parse(scope).unwrap().cost(usd("1")), None))
             .unwrap()
@@ -223,6 +223,27 @@ fn refusals_read_the_same_on_every_backend() {
                 format!("reservation {id} was already {state}")
             );
         }
+    }
+    // A reservation whose lease ran out (still remembered), into either tree.
+    let lapsed = now(w.reserve(
+        &Request::parse("tenant:a/run:4").unwrap().cost(usd("1")),
+        Some(Duration::from_secs(1)),
+    ))
+    .unwrap()
+    .reservation
+    .unwrap()
+    .id;
+    clock.advance(Duration::from_secs(2));
+    for child in ["tenant:a/run:4/agent:z", "tenant:b/run:1/agent:z"] {
+        let child = Scope::parse(child).unwrap();
+        let e = now(w.delegate(DelegateFrom::Reservation(lapsed), &child, &usd("0.5"), None))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "reservation {lapsed} expired before this call; its capacity was already returned"
+            )
+        );
     }
     let unknown = ratewarden::ReservationId::random();
     let e = now(w.delegate(

@@ -151,11 +151,15 @@ async fn a_slow_cluster_node_degrades_only_its_own_slots_and_settles_still_go_th
         .map(|n| n.rsplit(':').next().unwrap().parse().unwrap())
         .collect();
     let [(slow, slow_port), (fine, _)] = tenants_on_two_nodes(&ports, "slow");
+    // The test clock decides how long a timed-out node is skipped: it stays
+    // skipped until the clock moves, however slow this machine is.
+    let clock = ratewarden::ManualClock::at_date(2026, 3, 2);
     let backend = RedisBackend::connect(servers.cluster_url(), "slow")
         .await
         .unwrap()
         .timeout(Duration::from_millis(150))
-        .unwrap();
+        .unwrap()
+        .with_clock(Arc::new(clock.clone()));
     let w = warden(backend);
     let held = w
         .reserve(&usd(&slow, "1"), None)

@@ -630,9 +630,8 @@ impl RedisBackend {
 
     /// Decides a call: one script run when its limits share a slot, the
     /// reserve-then-commit steps described in the module docs otherwise.
-    async fn decide_call(&self, call: Call<'_>) -> Result<Decision, Sent> {
+    async fn decide_call(&self, call: Call<'_>, parts: &[Part]) -> Result<Decision, Sent> {
         let plan = call.plan;
-        let parts = self.parts(call);
         let primary = &parts[0];
         for p in parts.iter() {
             if let Some(e) = self.skipping(p.slot) {
@@ -662,14 +661,14 @@ impl RedisBackend {
         };
         if parts.len() == 1 {
             let out = self.run_part(call, primary, &step).await?;
-            return Ok(self.finish(call, &parts, &[out], id));
+            return Ok(self.finish(call, parts, &[out], id));
         }
         let foreign = &parts[1..];
         let check = Step::new(StepMode::Check, plan);
         match call.mode {
             StepMode::Check => {
-                let outs = self.run_parts(call, &parts, &check).await?;
-                Ok(self.finish(call, &parts, &outs, None))
+                let outs = self.run_parts(call, parts, &check).await?;
+                Ok(self.finish(call, parts, &outs, None))
             }
             StepMode::Delegate => {
                 let mut outs = self.run_parts(call, foreign, &check).await?;
@@ -678,9 +677,9 @@ impl RedisBackend {
                     .run_part(call, primary, if all { &step } else { &check })
                     .await?;
                 outs.insert(0, home);
-                Ok(self.finish(call, &parts, &outs, id.filter(|_| all)))
+                Ok(self.finish(call, parts, &outs, id.filter(|_| all)))
             }
-            StepMode::Acquire | StepMode::Reserve => self.hold_then_commit(call, &parts, id).await,
+            StepMode::Acquire | StepMode::Reserve => self.hold_then_commit(call, parts, id).await,
         }
     }
 
@@ -773,11 +772,12 @@ impl PartOut {
 impl Backend for RedisBackend {
     fn decide<'a>(&'a self, plan: &'a Plan<'a>, mode: Mode<'a>) -> Pending<'a, Decision> {
         let mut call = Call::of(plan, mode);
+        let parts = self.parts(call);
         // A state-changing decision on one slot is remembered under an
         // operation id, so sending it again (after a lost reply) cannot
         // charge twice; one spanning slots is made of reservations, which
         // are released if any step fails.
-        let op = if mode.mutates() && self.parts(call).len() == 1 {
+        let op = if mode.mutates() && parts.len() == 1 {
             match plan.operation() {
                 Some(op) => Some((op, millis(OPERATION_MEMORY))),
                 None if self.remember => Some((
@@ -791,7 +791,7 @@ impl Backend for RedisBackend {
         };
         call.op = op;
         Pending::Future(Box::pin(async move {
-            self.decide_call(call)
+            self.decide_call(call, &parts)
                 .await
                 .map_err(|e| e.into_error(op.map(|(id, _)| id)))
         }))

@@ -188,22 +188,6 @@ impl RedisBackend {
         starve: Option<(&str, &str)>,
         promote_after: Micros,
     ) -> Result<SettleOut, Sent> {
-        self.resent(id_slot(id), || {
-            self.settle_once(id, mode, lease, actual, starve, promote_after)
-        })
-        .await
-    }
-
-    /// One run of the settle script (see [`Self::settle_one`]).
-    async fn settle_once(
-        &self,
-        id: ReservationId,
-        mode: SettleMode,
-        lease: Micros,
-        actual: &[(&str, i64)],
-        starve: Option<(&str, &str)>,
-        promote_after: Micros,
-    ) -> Result<SettleOut, Sent> {
         let rec = self.record_key(id);
         let keys = [rec.clone(), starve.map_or(rec, |(k, _)| k.to_owned())];
         let mut args = vec![
@@ -217,7 +201,9 @@ impl RedisBackend {
         for (unit, amount) in actual {
             args.extend([(*unit).to_owned(), amount.to_string()]);
         }
-        let out: Vec<Value> = self.invoke(&self.settle, &keys, &args).await?;
+        let out: Vec<Value> = self
+            .resent(id_slot(id), || self.invoke(&self.settle, &keys, &args))
+            .await?;
         let status = out.first().map(text).unwrap_or_default();
         let links: Vec<ReservationId> = out
             .get(1)
