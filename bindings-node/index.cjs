@@ -186,6 +186,24 @@ class Compact {
   }
 }
 
+/**
+ * Throws an InvalidInputError naming `what.unit` for a cost value that cannot
+ * cross to the core as an amount (NaN, infinities, BigInt, objects…): napi's own
+ * conversion error would not say which.
+ */
+function checkCost(cost, what) {
+  if (cost === undefined || cost === null) return;
+  if (typeof cost !== 'object' || Array.isArray(cost)) {
+    throw new InvalidInputError(`invalid ${what}: expected an object of unit to amount, got ${Array.isArray(cost) ? 'an array' : typeof cost}`);
+  }
+  for (const unit of Object.keys(cost)) {
+    const v = cost[unit];
+    if (typeof v === 'string' || (typeof v === 'number' && Number.isFinite(v))) continue;
+    const got = typeof v === 'number' ? String(v) : v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
+    throw new InvalidInputError(`invalid ${what}.${unit}: expected a finite number or a decimal string, got ${got}`);
+  }
+}
+
 function requireString(value, what) {
   if (typeof value !== 'string') throw new InvalidInputError(`invalid ${what}: expected a string, got ${value === null ? 'null' : typeof value}`);
 }
@@ -382,11 +400,50 @@ class Warden {
   }
 
   /**
+   * Settles a wrapped call's reservation by core's settlement rule; what did
+   * not go as reported becomes a process warning (`RATEWARDEN_SETTLEMENT`),
+   * never an exception: the call already happened.
+   */
+  async #finish(fn, reservation, failed, used, unreadable) {
+    let problem;
+    try {
+      const n = this.#live();
+      const settle = (args) => (this.#embedded ? n.finishSync(...args) : n.finishAsync(...args));
+      try {
+        problem = await settle([reservation, failed, used, unreadable ?? null]);
+      } catch (e) {
+        // A usage that cannot even cross (BigInt, cycles, NaN) is unreadable:
+        // settled at the estimate all the same.
+        if (failed || used === undefined || !(typed(e) instanceof InvalidInputError)) throw e;
+        problem = await settle([reservation, false, undefined, `actual() returned an object that is not a cost (${typed(e).message})`]);
+      }
+    } catch (e) {
+      problem = `reservation ${reservation} could not be settled: ${typed(e).message}`;
+    }
+    if (problem) {
+      process.emitWarning(`ratewarden.wrap: ${fn.name || 'anonymous'}: ${problem}`, {
+        type: 'RatewardenWarning', code: 'RATEWARDEN_SETTLEMENT',
+      });
+    }
+  }
+
+  /**
    * Wraps an async function: each call reserves `cost` (an estimate; a value or a
-   * function of the call's arguments), runs `fn`, then commits `actual(result)` (or
-   * the estimate) — or releases everything if `fn` throws. Denied calls reject with
-   * a `RateLimitedError` / `BudgetExceededError`, or wait first with
+   * function of the call's arguments) and runs `fn`. Denied calls reject with a
+   * `RateLimitedError` / `BudgetExceededError`, or wait first with
    * `onLimit: 'wait'` (up to `maxWait` seconds).
+   *
+   * Settlement (the same rule in every binding, decided in core): if `fn` throws,
+   * the hold is released, nothing is charged and its error propagates unchanged.
+   * If it returns, its side effects happened, so something is always charged and
+   * its result is always returned: `actual(result)` (may be async) when given and
+   * valid, amounts finer than the unit rounded up to the next base unit; the
+   * estimate when `actual` is absent or returns undefined/null — or throws,
+   * returns something that is not an object of unit to amount, or names an unknown
+   * unit or a bad amount. Those, and a commit the backend cannot confirm, are
+   * reported as a process warning (`process.on('warning')`, code
+   * `RATEWARDEN_SETTLEMENT`), never thrown: that would invite a retry and a
+   * double spend.
    */
   wrap(fn, options = {}) {
     if (typeof fn !== 'function') throw new InvalidInputError(`invalid fn: wrap() needs a function, got ${typeof fn}`);
@@ -408,10 +465,33 @@ class Warden {
       try {
         result = await fn.apply(this, args);
       } catch (e) {
-        await warden.release(d.reservation);
+        // Failed: released; the caller's error propagates unchanged.
+        await warden.#finish(fn, d.reservation, true);
         throw e;
       }
-      await warden.commit(d.reservation, actual ? actual(result) : undefined);
+      // Ran: always charged, its result always returned (see `wrap`).
+      let used;
+      let unreadable;
+      if (actual) {
+        try {
+          used = actual(result);
+          if (isThenable(used)) used = await used;
+        } catch (e) {
+          unreadable = `actual() threw ${e?.name ?? typeof e}: ${e?.message ?? String(e)}`;
+        }
+        if (unreadable === undefined && used !== undefined && used !== null
+          && (typeof used !== 'object' || Array.isArray(used))) {
+          unreadable = `actual() returned ${Array.isArray(used) ? 'an array' : typeof used}, not an object of unit to amount`;
+        }
+        if (unreadable === undefined) {
+          try {
+            checkCost(used, 'actual');
+          } catch (e) {
+            unreadable = e.message;
+          }
+        }
+      }
+      await warden.#finish(fn, d.reservation, false, unreadable === undefined ? used : undefined, unreadable);
       return result;
     };
     Object.defineProperty(wrapped, 'name', { value: fn.name });

@@ -46,8 +46,13 @@ export interface WrapOptions<Args extends unknown[], R> {
   /** The estimate held while the call runs: `{ tokens: 4000, usd: '0.01' }`. */
   cost?: Pick<Args, Record<string, number | string> | undefined>;
   priority?: Pick<Args, 'critical' | 'standard' | 'background' | undefined>;
-  /** What is charged after the call, from its result (default: the estimate). */
-  actual?: (result: R) => Record<string, number | string> | undefined;
+  /**
+   * What is charged after the call, from its result (default: the estimate);
+   * amounts finer than the unit are rounded up. If it throws or returns
+   * something that is not a cost, the estimate is charged and a
+   * `RATEWARDEN_SETTLEMENT` process warning says why.
+   */
+  actual?: (result: R) => Record<string, number | string> | null | undefined | Promise<Record<string, number | string> | null | undefined>;
   /** Lease of the hold, seconds. */
   lease?: number;
   /** `'raise'` (default): reject denied calls; `'wait'`: wait up to `maxWait` first. */

@@ -47,6 +47,17 @@ export declare class NativeWarden {
   reserveAsync(scope: string, options?: RequestOptions | undefined | null): Promise<Decision>
   /** Runs on the runtime. */
   commitAsync(reservation: string, actual?: any | undefined | null): Promise<Receipt>
+  /**
+   * Settles a wrapped call's reservation by the settlement rule of
+   * `ratewarden::settle` (the same in every binding): `failed` → released;
+   * else committed at `actual` (rounded up to each unit) — or at the
+   * estimate when `actual` is undefined, or `unreadable` says why the call's
+   * usage could not be read, or `actual` is not a valid cost. Resolves to
+   * the problem to report, or null; never rejects for the settlement itself.
+   */
+  finishSync(reservation: string, failed: boolean, actual?: any | undefined | null, unreadable?: string | undefined | null): string | null
+  /** Runs on the runtime. */
+  finishAsync(reservation: string, failed: boolean, actual?: any | undefined | null, unreadable?: string | undefined | null): Promise<string | null>
   /** Runs on the runtime. */
   releaseAsync(reservation: string): Promise<boolean>
   /** Runs on the runtime. */

@@ -17,7 +17,10 @@ use napi_derive::napi;
 use ratewarden::decision::{CommitReceipt, Decision as CoreDecision};
 use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
 use ratewarden::ops::{self, Setup, Source};
-use ratewarden::{Amount, Cost, ErrorKind, Policy, Request, ReservationId, Scope, WaitFor, Warden};
+use ratewarden::{
+    Amount, CallOutcome, Cost, ErrorKind, Policy, Request, ReservationId, Scope, Usage, WaitFor,
+    Warden,
+};
 
 /// Return the version of the ratewarden core library.
 #[napi]
@@ -644,6 +647,38 @@ impl NativeWarden {
         js(self.warden.commit(id, &actual).await).map(|r| receipt_of(&r))
     }
 
+    /// Settles a wrapped call's reservation by the settlement rule of
+    /// `ratewarden::settle` (the same in every binding): `failed` → released;
+    /// else committed at `actual` (rounded up to each unit) — or at the
+    /// estimate when `actual` is undefined, or `unreadable` says why the call's
+    /// usage could not be read, or `actual` is not a valid cost. Resolves to
+    /// the problem to report, or null; never rejects for the settlement itself.
+    #[napi]
+    pub fn finish_sync(
+        &self,
+        reservation: String,
+        failed: bool,
+        actual: Option<serde_json::Value>,
+        unreadable: Option<String>,
+    ) -> Result<Option<String>> {
+        let (id, outcome) = finish_args(&reservation, failed, actual, unreadable)?;
+        self.sync(async move { Ok(self.warden.finish(id, outcome).await) })
+            .map(|s| s.problem())
+    }
+
+    /// Runs on the runtime.
+    #[napi]
+    pub async fn finish_async(
+        &self,
+        reservation: String,
+        failed: bool,
+        actual: Option<serde_json::Value>,
+        unreadable: Option<String>,
+    ) -> Result<Option<String>> {
+        let (id, outcome) = finish_args(&reservation, failed, actual, unreadable)?;
+        Ok(self.warden.finish(id, outcome).await.problem())
+    }
+
     /// Runs on the runtime.
     #[napi]
     pub async fn release_async(&self, reservation: String) -> Result<bool> {
@@ -1067,6 +1102,33 @@ fn reserve_args(scope: &str, o: Option<&RequestOptions>) -> Result<(Request, Opt
         request_of(scope, o)?,
         optional_seconds(o.and_then(|o| o.lease), "lease")?,
     ))
+}
+
+/// A settlement's reservation and outcome (see `finish_sync`).
+fn finish_args(
+    reservation: &str,
+    failed: bool,
+    actual: Option<serde_json::Value>,
+    unreadable: Option<String>,
+) -> Result<(ReservationId, CallOutcome)> {
+    let id = reservation_id(reservation)?;
+    if failed {
+        return Ok((id, CallOutcome::Failed));
+    }
+    let usage = match (unreadable, actual) {
+        (Some(why), _) => Usage::Unreadable(why),
+        (None, None | Some(serde_json::Value::Null)) => Usage::Estimate,
+        (None, Some(v)) => match cost_of(Some(&v), "actual") {
+            Ok(c) => Usage::Actual(c),
+            // The message without the kind prefix the JS layer reads.
+            Err(e) => Usage::Unreadable(
+                e.reason
+                    .trim_start_matches("[ratewarden:InvalidInput] ")
+                    .to_owned(),
+            ),
+        },
+    };
+    Ok((id, CallOutcome::Ran(usage)))
 }
 
 fn commit_args(

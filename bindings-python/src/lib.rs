@@ -29,8 +29,8 @@ use ratewarden::decision::ReservationInfo;
 use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
 use ratewarden::ops::{self, Setup, Source};
 use ratewarden::{
-    Amount, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind, Policy, Request,
-    ReservationId, Scope, WaitFor, Warden,
+    Amount, CallOutcome, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind, Policy,
+    Request, ReservationId, Scope, Settlement, Usage, WaitFor, Warden,
 };
 
 /// Return the version of the ratewarden core library.
@@ -591,8 +591,65 @@ fn expiry_to_py(py: Python<'_>, at: i64) -> PyResult<Py<PyAny>> {
 }
 
 /// `None`: the guard does not look at the answer.
-fn nothing_to_py<T>(py: Python<'_>, _: T) -> PyResult<Py<PyAny>> {
-    Ok(py.None())
+/// What a settlement answers Python: the problem to log, or None.
+fn problem_to_py(py: Python<'_>, s: Settlement) -> PyResult<Py<PyAny>> {
+    Ok(match s.problem() {
+        Some(p) => PyString::new(py, &p).into_any().unbind(),
+        None => py.None(),
+    })
+}
+
+/// Logs a settlement's problem through `ratewarden._settlement_problem`.
+fn log_problem(py: Python<'_>, func: &Bound<'_, PyAny>, s: &Settlement) -> PyResult<()> {
+    if let Some(problem) = s.problem() {
+        static LOG: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        python_fn(py, &LOG, "ratewarden", "_settlement_problem")?.call1(py, (func, problem))?;
+    }
+    Ok(())
+}
+
+/// The usage a guarded call reports: `actual(result)` as a cost, read for the
+/// settlement rule — no callable or `None` → the estimate; a callable that
+/// raises, or returns what is not a mapping of unit to valid amounts →
+/// unreadable (the estimate is charged and the reason logged). Units and
+/// precision are judged by core (finer amounts are rounded up there).
+fn usage_of(py: Python<'_>, actual: Option<&Bound<'_, PyAny>>, result: &Bound<'_, PyAny>) -> Usage {
+    let Some(f) = actual.filter(|f| !f.is_none()) else {
+        return Usage::Estimate;
+    };
+    let reported = match f.call1((result,)) {
+        Ok(r) if r.is_none() => return Usage::Estimate,
+        Ok(r) => r,
+        Err(e) => return Usage::Unreadable(format!("actual() raised {}", describe_error(py, &e))),
+    };
+    let mapping = py
+        .get_type::<PyDict>()
+        .call1((&reported,))
+        .ok()
+        .and_then(|d| d.cast_into::<PyDict>().ok())
+        .filter(|_| !reported.is_instance_of::<PyString>());
+    let Some(mapping) = mapping else {
+        let t = reported
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_owned(), |n| n.to_string());
+        return Usage::Unreadable(format!(
+            "actual() returned {t}, not a mapping of unit to amount"
+        ));
+    };
+    match cost_of(Some(&mapping), "actual") {
+        Ok(c) => Usage::Actual(c),
+        Err(e) => Usage::Unreadable(describe_error(py, &e)),
+    }
+}
+
+/// `Type: message` of a Python exception, for a log line.
+fn describe_error(py: Python<'_>, e: &PyErr) -> String {
+    let t = e
+        .get_type(py)
+        .name()
+        .map_or_else(|_| "Exception".to_owned(), |n| n.to_string());
+    format!("{t}: {}", e.value(py))
 }
 
 impl NativeWarden {
@@ -650,6 +707,20 @@ impl NativeWarden {
             }
         }
         Ok(block(py, f))
+    }
+
+    /// A settlement on the calling thread (blocking with the GIL released
+    /// when the backend must be asked).
+    fn run_settle(
+        &self,
+        py: Python<'_>,
+        id: ReservationId,
+        outcome: CallOutcome,
+    ) -> PyResult<Settlement> {
+        let settled = self.run(py, move |w| async move {
+            Ok::<_, ratewarden::Error>(w.finish(id, outcome).await)
+        })?;
+        settled.map_err(|e| to_py(&e))
     }
 
     /// The sync form (`run`, converted) or the async form (an awaitable): an
@@ -1052,64 +1123,46 @@ impl NativeWarden {
         let result = match func.call(args, kwargs) {
             Ok(r) => r,
             Err(e) => {
-                // The original error wins over a failed release.
-                let _ = self.run(py, |w| async move { w.release(id).await });
+                // The call failed: released. The user's error propagates
+                // unchanged; a release that failed is logged, not raised.
+                let s = self.run_settle(py, id, CallOutcome::Failed)?;
+                log_problem(py, func, &s)?;
                 return Err(e);
             }
         };
-        let used = match actual {
-            Some(f) => Some(f.call1((&result,))?).filter(|c| !c.is_none()),
-            None => None,
-        };
-        // Any mapping will do, as everywhere else.
-        let used = used
-            .map(|c| {
-                py.get_type::<PyDict>()
-                    .call1((c,))
-                    .and_then(|d| Ok(d.cast_into::<PyDict>()?))
-                    .map_err(|_| {
-                        invalid(
-                            "actual",
-                            "the actual= callable must return a mapping of unit to amount",
-                        )
-                    })
-            })
-            .transpose()?;
-        let used = cost_of(used.as_ref(), "actual")?;
-        match self.run(py, |w| async move { w.commit(id, &used).await })? {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::Backend => {
-                static UNSETTLED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-                python_fn(py, &UNSETTLED, "ratewarden", "_unsettled")?
-                    .call1(py, (func, id.0, to_py(&e).into_value(py)))?;
-            }
-            Err(e) => return Err(to_py(&e)),
-        }
+        let usage = usage_of(py, actual, &result);
+        let s = self.run_settle(py, id, CallOutcome::Ran(usage))?;
+        log_problem(py, func, &s)?;
         Ok(result.unbind())
     }
 
-    /// Commits a held reservation (by its `int` id) with `actual` (default: as
-    /// reserved); returns nothing.
-    #[pyo3(signature = (id, actual=None, asynchronous=false))]
-    fn settle(
+    /// Settles a held reservation (by its `int` id) by the settlement rule of
+    /// `ratewarden::settle`: `failed` → released; else committed at
+    /// `actual(result)` (rounded up to each unit), or at the estimate when
+    /// `actual` is None, raises, or returns something that is not a valid
+    /// cost. Returns the problem to log (a `str`), or None; never raises for
+    /// the settlement itself.
+    #[pyo3(signature = (id, failed, actual=None, result=None, asynchronous=false))]
+    fn finish(
         &self,
         py: Python<'_>,
         id: u128,
-        actual: Option<&Bound<'_, PyDict>>,
+        failed: bool,
+        actual: Option<&Bound<'_, PyAny>>,
+        result: Option<&Bound<'_, PyAny>>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
         let id = ReservationId(id);
-        let op = cost_of(actual, "actual")
-            .map(|actual| move |w: Warden| async move { w.commit(id, &actual).await });
-        self.answer(py, op, asynchronous, nothing_to_py)
-    }
-
-    /// Releases a held reservation (by its `int` id); returns nothing.
-    #[pyo3(signature = (id, asynchronous=false))]
-    fn drop_held(&self, py: Python<'_>, id: u128, asynchronous: bool) -> PyResult<Py<PyAny>> {
-        let id = ReservationId(id);
-        let op = Ok(move |w: Warden| async move { w.release(id).await });
-        self.answer(py, op, asynchronous, nothing_to_py)
+        let outcome = if failed {
+            CallOutcome::Failed
+        } else {
+            let none = py.None().into_bound(py);
+            CallOutcome::Ran(usage_of(py, actual, result.unwrap_or(&none)))
+        };
+        let op = Ok(move |w: Warden| async move {
+            Ok::<_, ratewarden::Error>(w.finish(id, outcome).await)
+        });
+        self.answer(py, op, asynchronous, problem_to_py)
     }
 }
 

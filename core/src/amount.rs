@@ -111,6 +111,21 @@ impl Amount {
     /// [`Error::InvalidAmount`] if it has finer precision than the unit allows,
     /// is negative, or exceeds [`MAX_AMOUNT`].
     pub fn to_base(self, unit: &str, decimals: u8) -> Result<i64> {
+        self.base(unit, decimals, false).map(|(b, _)| b)
+    }
+
+    /// The amount in base units, rounded **up** to the next whole base unit when
+    /// it is finer than the unit allows (`0.0000025` usd → 3 base units, i.e.
+    /// `0.000003`); the flag says whether it was rounded. The settlement of a
+    /// call that already ran uses it: what was spent is charged, never less.
+    ///
+    /// # Errors
+    /// [`Error::InvalidAmount`] if it is negative or exceeds [`MAX_AMOUNT`] once rounded.
+    pub fn to_base_ceil(self, unit: &str, decimals: u8) -> Result<(i64, bool)> {
+        self.base(unit, decimals, true)
+    }
+
+    fn base(self, unit: &str, decimals: u8, round_up: bool) -> Result<(i64, bool)> {
         let err = |message: String| Error::InvalidAmount {
             unit: unit.to_owned(),
             message,
@@ -118,6 +133,7 @@ impl Amount {
         if self.value < 0 {
             return Err(err(format!("{self} is negative")));
         }
+        let mut rounded = false;
         let base = if self.value == 0 || self.scale == decimals {
             Some(self.value)
         } else if self.scale < decimals {
@@ -126,6 +142,11 @@ impl Amount {
             // A divisor past 10^18 exceeds every non-zero i64: never divisible.
             match pow10(self.scale - decimals) {
                 Some(d) if self.value % d == 0 => Some(self.value / d),
+                d if round_up => {
+                    rounded = true;
+                    // value > 0 here; past 10^18 the quotient is 0, rounded up to 1.
+                    Some(d.map_or(0, |d| self.value / d) + 1)
+                }
                 _ => {
                     return Err(err(format!(
                         "{self} is finer than the unit's {decimals} decimal places"
@@ -134,7 +155,7 @@ impl Amount {
             }
         };
         match base {
-            Some(b) if b <= MAX_AMOUNT => Ok(b),
+            Some(b) if b <= MAX_AMOUNT => Ok((b, rounded)),
             _ => Err(err(format!(
                 "{self} exceeds the largest amount (2^53-1 base units = {})",
                 format_base(MAX_AMOUNT, decimals)
@@ -382,6 +403,30 @@ mod tests {
                 .to_string()
                 .contains("too many decimals")
         );
+    }
+
+    #[test]
+    fn rounding_up_charges_the_next_base_unit() {
+        let up = |s: &str, d: u8| Amount::parse(s).unwrap().to_base_ceil("usd", d).unwrap();
+        assert_eq!(up("0.0000025", 6), (3, true));
+        assert_eq!(up("0.000003", 6), (3, false));
+        assert_eq!(up("2.5", 0), (3, true));
+        assert_eq!(up("0", 0), (0, false));
+        assert_eq!(up("0.000000000000000000001", 0), (1, true));
+        assert_eq!(
+            Amount::decimal(1, 64).to_base_ceil("usd", 0).unwrap(),
+            (1, true)
+        );
+        let max = format!("{MAX_AMOUNT}.5");
+        assert!(
+            Amount::parse(&max)
+                .unwrap()
+                .to_base_ceil("t", 0)
+                .unwrap_err()
+                .to_string()
+                .contains("exceeds")
+        );
+        assert!(Amount::units(-1).to_base_ceil("t", 0).is_err());
     }
 
     #[test]

@@ -40,6 +40,17 @@ pub enum Event {
         /// When (µs since the epoch, the warden's clock).
         at: Micros,
     },
+    /// A governed call's settlement ([`crate::Warden::finish`]) did not go as
+    /// reported: its actual usage could not be charged as given (the estimate
+    /// was), or the backend refused or did not confirm the commit or release.
+    SettlementProblem {
+        /// The reservation.
+        reservation: crate::decision::ReservationId,
+        /// What went wrong, one line (as [`crate::settle::Settlement::problem`]).
+        problem: String,
+        /// When (µs since the epoch, the warden's clock).
+        at: Micros,
+    },
     /// The shared backend answered again after degraded decisions.
     BackendRecovered {
         /// How long decisions were degraded.

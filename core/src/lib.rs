@@ -48,6 +48,7 @@ pub mod plan;
 pub mod policy;
 pub mod priority;
 pub mod scope;
+pub mod settle;
 mod warden;
 
 pub use amount::{Amount, Cost};
@@ -64,6 +65,7 @@ pub use plan::Request;
 pub use policy::{Format, Policy};
 pub use priority::Priority;
 pub use scope::Scope;
+pub use settle::{CallOutcome, Settlement, Usage};
 pub use warden::{DelegateFrom, MAX_LEASE, WaitFor, Warden};
 
 /// The README's Rust examples, compiled and run as doctests.

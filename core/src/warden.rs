@@ -19,6 +19,17 @@ use crate::events::Event;
 use crate::plan::{Plan, Request, resolve_cost};
 use crate::policy::{LimitKind, Policy};
 use crate::scope::Scope;
+use crate::settle::{CallOutcome, Settlement};
+
+/// A failed commit or release: not confirmed (the backend failed: it may have
+/// landed) or refused (the backend answered no).
+fn settle_error(e: Error) -> crate::settle::Settled {
+    if e.kind() == crate::ErrorKind::Backend {
+        crate::settle::Settled::Unconfirmed(e)
+    } else {
+        crate::settle::Settled::Refused(e)
+    }
+}
 
 /// Longest lease a reservation or delegation may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -249,6 +260,58 @@ impl Warden {
             .await?;
         self.inner.queue.poke();
         Ok(receipt)
+    }
+
+    /// Settles a reservation held for a governed call once the call is over,
+    /// by the one rule every binding's decorator, wrapper and middleware
+    /// follows (see [`crate::settle`]): the call failed → released; it ran →
+    /// committed at its actual usage (amounts finer than the unit rounded up),
+    /// or at the estimate when that usage cannot be used. Never fails: the
+    /// call already happened, so what went wrong is in
+    /// [`Settlement::problem`](crate::settle::Settlement::problem) and emitted
+    /// as [`Event::SettlementProblem`] — the caller returns the call's result
+    /// (or re-raises its error) unchanged.
+    pub async fn finish(&self, id: ReservationId, outcome: CallOutcome) -> Settlement {
+        use crate::settle::{Charged, Settled, charge_for};
+        let (charged, settled, note) = match &outcome {
+            CallOutcome::Failed => {
+                let settled = match self.inner.backend.release(id).await {
+                    Ok(r) => Settled::Released(r),
+                    Err(e) => settle_error(e),
+                };
+                (Charged::Nothing, settled, None)
+            }
+            CallOutcome::Ran(usage) => {
+                let policy = &*self.inner.policy;
+                let (amounts, charged, note) = charge_for(policy, usage);
+                match self.inner.backend.commit(policy, id, &amounts).await {
+                    Ok(receipt) => (charged, Settled::Committed(receipt), note),
+                    Err(e) => {
+                        let charged = if e.kind() == crate::ErrorKind::Backend {
+                            charged
+                        } else {
+                            Charged::Nothing
+                        };
+                        (charged, settle_error(e), note)
+                    }
+                }
+            }
+        };
+        self.inner.queue.poke();
+        let settlement = Settlement {
+            id,
+            charged,
+            settled,
+            note,
+        };
+        if let Some(problem) = settlement.problem() {
+            let _ = self.inner.events.send(Event::SettlementProblem {
+                reservation: id,
+                problem,
+                at: self.inner.clock.now(),
+            });
+        }
+        settlement
     }
 
     /// Ends a reservation or delegation and returns everything it holds.

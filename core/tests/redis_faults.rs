@@ -316,3 +316,48 @@ async fn operation_memory_is_one_key_per_admitted_decision_and_can_be_turned_off
         "{d:?}"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_settlement_whose_answer_is_lost_is_unconfirmed_and_lands_once() {
+    use ratewarden::settle::{Charged, Settled};
+    use ratewarden::{CallOutcome, Usage};
+    let servers = RedisServers::start(false);
+    let clock = ratewarden::ManualClock::at_date(2026, 3, 2);
+    let backend = RedisBackend::connect(servers.url(), "settle")
+        .await
+        .unwrap()
+        .timeout(Duration::from_millis(100))
+        .unwrap()
+        .with_clock(Arc::new(clock.clone()));
+    let w = warden(backend);
+    let d = w.reserve(&usd("a", "2.00"), None).await.unwrap();
+    let id = d.reservation.unwrap().id;
+    assert_eq!(left(&w, "a").await, (8_000_000, 999));
+
+    // The commit reaches the server but its answer comes after the caller gave up.
+    assert_eq!(
+        cli(servers.port(), &["CLIENT", "PAUSE", "10000", "WRITE"]),
+        "OK"
+    );
+    let actual = Cost::new().with("usd", Amount::parse("0.5").unwrap());
+    let s = w.finish(id, CallOutcome::Ran(Usage::Actual(actual))).await;
+    assert!(matches!(s.settled, Settled::Unconfirmed(_)), "{s:?}");
+    assert_eq!(s.charged, Charged::Actual, "what it asked to charge");
+    assert!(s.problem().unwrap().contains("not confirmed"), "{s:?}");
+    assert_eq!(cli(servers.port(), &["CLIENT", "UNPAUSE"]), "OK");
+    clock.advance(Duration::from_secs(1));
+    // Whether it landed or not, settling again with the same usage charges
+    // the actual exactly once (a commit is idempotent by reservation id).
+    let before = left(&w, "a").await;
+    assert!(
+        before == (8_000_000, 999) || before == (9_500_000, 999),
+        "{before:?}"
+    );
+    let actual = Cost::new().with("usd", Amount::parse("0.5").unwrap());
+    let again = w.finish(id, CallOutcome::Ran(Usage::Actual(actual))).await;
+    match again.settled {
+        Settled::Committed(r) => assert_eq!(r.duplicate, before.0 == 9_500_000, "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(left(&w, "a").await, (9_500_000, 999));
+}

@@ -514,10 +514,19 @@ class Warden:
         are values, or callables receiving the call's arguments. Before each call the
         estimate is reserved; ``on_limit="raise"`` raises :class:`RateLimited` (or
         :class:`BudgetExceeded`) when denied, ``on_limit="wait"`` waits up to
-        ``max_wait`` seconds first. After the call the reservation is committed —
-        with ``actual(result)`` if given (e.g. the tokens an LLM response reports),
-        else at the estimate; if the call raises, it is released and nothing is
-        charged. The wrapper keeps the function's name, docstring and signature.
+        ``max_wait`` seconds first. The wrapper keeps the function's name,
+        docstring and signature.
+
+        Settlement (the same rule in every binding, decided in core): if the call
+        raises, the hold is released, nothing is charged and the error propagates
+        unchanged. If it returns, its side effects happened, so something is always
+        charged and its result is always returned: ``actual(result)`` (e.g. the
+        tokens or dollars an LLM response reports) when given and valid, amounts
+        finer than the unit rounded **up** to the next base unit; the estimate when
+        ``actual`` is not given or returns None — or raises, returns something that
+        is not a mapping, or names an unknown unit or a bad amount (then logged as a
+        warning on the ``ratewarden`` logger). A commit the backend cannot confirm
+        is logged too, never raised: raising would invite a retry and a double spend.
         """
         if on_limit not in ("raise", "wait"):
             raise InvalidInput(f"invalid on_limit: {on_limit!r} is not 'raise' or 'wait'")
@@ -557,9 +566,9 @@ class Warden:
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException:
-                        native.drop_held(held)
+                        _settlement_problem(fn, native.finish(held, True))
                         raise
-                    native.settle(held, _cost(actual(result)) if actual else None)
+                    _settlement_problem(fn, native.finish(held, False, actual, result))
                     return result
 
                 return guarded_at_once  # type: ignore[return-value]
@@ -574,12 +583,9 @@ class Warden:
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException:
-                        await native.drop_held(held, True)
+                        _settlement_problem(fn, await native.finish(held, True, None, None, True))
                         raise
-                    try:
-                        await native.settle(held, _cost(actual(result)) if actual else None, True)
-                    except BackendError as e:
-                        _unsettled(fn, held, e)
+                    _settlement_problem(fn, await native.finish(held, False, actual, result, True))
                     return result
 
                 return guarded_async  # type: ignore[return-value]
@@ -597,14 +603,9 @@ class Warden:
         return decorate
 
 
-def _unsettled(fn: Callable[..., Any], held: int, error: BackendError) -> None:
-    """The guarded call ran but its commit could not be confirmed: its result is
-    returned anyway (the spend happened) and this is logged. The capacity stays
-    taken: the commit may still land, else the hold ends with its lease."""
-    logging.getLogger("ratewarden").warning(
-        "ratewarden.guard: %s ran but the commit of reservation %032x was not confirmed (%s); "
-        "if it did not land, the hold is released when its lease expires",
-        getattr(fn, "__qualname__", fn),
-        held,
-        error,
-    )
+def _settlement_problem(fn: Callable[..., Any], problem: Optional[str]) -> None:
+    """Logs what did not go as reported when a guarded call was settled (see
+    ``Warden.guard``): the call's result is returned (or its error raised)
+    regardless — the spend already happened."""
+    if problem is not None:
+        logging.getLogger("ratewarden").warning("ratewarden.guard: %s: %s", getattr(fn, "__qualname__", fn), problem)

@@ -4,7 +4,7 @@ Use the ``ratewarden`` package; this module is its implementation.
 """
 
 import os
-from typing import Any, Dict, Generator, List, Mapping, Optional, Tuple, Union, final
+from typing import Any, Callable, Dict, Generator, List, Mapping, Optional, Tuple, Union, final
 
 from typing_extensions import TypeAlias
 
@@ -188,8 +188,14 @@ class NativeWarden:
         kwargs: Optional[Dict[str, Any]] = None,
         actual: Optional[Any] = None,
     ) -> Any: ...
-    def settle(self, id: int, actual: _Cost = None, asynchronous: bool = False) -> Any: ...
-    def drop_held(self, id: int, asynchronous: bool = False) -> Any: ...
+    def finish(
+        self,
+        id: int,
+        failed: bool,
+        actual: Optional[Callable[[Any], Any]] = None,
+        result: Any = None,
+        asynchronous: bool = False,
+    ) -> Any: ...
 
 @final
 class ManualClock:
