@@ -421,7 +421,7 @@ class Warden {
       problem = `reservation ${reservation} could not be settled: ${typed(e).message}`;
     }
     if (problem) {
-      process.emitWarning(`ratewarden.wrap: ${fn.name || 'anonymous'}: ${problem}`, {
+      process.emitWarning(`ratewarden: ${fn.name || 'anonymous'}: ${problem}`, {
         type: 'RatewardenWarning', code: 'RATEWARDEN_SETTLEMENT',
       });
     }
@@ -500,7 +500,9 @@ class Warden {
 
   /**
    * Express (or any `(req, res, next)`) middleware: every request asks the warden
-   * (`acquire`, one `requests` unit unless `cost` says otherwise) for its scope —
+   * (`acquire`, one `requests` unit unless `cost` says otherwise; when the request
+   * touches a concurrency limit its slot is held until the response is done, the
+   * handler fails or the client goes away, leased for the limit's `lease`) for its scope —
    * by default `ip:<client address>` from the socket (`X-Forwarded-For` only with
    * `trustProxy: true`). Every response gets `RateLimit-Policy` / `RateLimit`
    * (`headers: 'draft-11'` default, `'draft-7'`, `'draft-6'`, or `false`); a denied
@@ -554,11 +556,22 @@ class Warden {
       return undefined;
     };
 
-    // Allowed: the headers as one string `name\nvalue\n…`; denied: the whole HttpDecision.
-    // Whatever a user callback throws here goes to next(err), never up the stack.
+    // Allowed: the headers as one string `name\nvalue\n…`; denied, or allowed
+    // holding a concurrency slot: the whole HttpDecision. Whatever a user
+    // callback throws here goes to next(err), never up the stack.
     const respond = (req, res, next, r) => {
       try {
-        if (typeof r !== 'string') return limited(req, res, next, r);
+        if (typeof r !== 'string') {
+          if (!r.decision.allowed) return limited(req, res, next, r);
+          // The slot is held for the request's lifetime: freed once the
+          // response is done or the connection closes (served, failed or
+          // aborted alike — 'close' follows 'finish' too).
+          const held = r.decision.reservation;
+          res.once('close', () => { this.#finish(ratewardenMiddleware, held, false); });
+          const { headerNames, headerValues } = r;
+          for (let i = 0; i < headerNames.length; i++) res.setHeader(headerNames[i], headerValues[i]);
+          return next();
+        }
         if (r !== '') {
           const h = r.split('\n');
           for (let i = 0; i < h.length; i += 2) res.setHeader(h[i], h[i + 1]);
@@ -612,7 +625,7 @@ class Warden {
       return decide(req, res, next, s);
     };
 
-    return function ratewardenMiddleware(req, res, next) {
+    function ratewardenMiddleware(req, res, next) {
       try {
         if (skip) {
           const skipped = skip(req);
@@ -633,7 +646,8 @@ class Warden {
       } catch (e) {
         return next(typed(e));
       }
-    };
+    }
+    return ratewardenMiddleware;
   }
 }
 

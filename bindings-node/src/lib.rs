@@ -745,7 +745,7 @@ impl NativeWarden {
         if !self.embedded {
             return Err(invalid("call", "use acquireHttpAsync with Redis"));
         }
-        let d = at_once(self.warden.acquire(&req))?;
+        let d = at_once(self.warden.admit(&req))?;
         Ok(http_joined(&d, style))
     }
 
@@ -758,7 +758,7 @@ impl NativeWarden {
         style: String,
     ) -> Result<Either<String, HttpDecision>> {
         let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
-        let d = self.warden.acquire(&req).await.map_err(|e| to_js(&e))?;
+        let d = self.warden.admit(&req).await.map_err(|e| to_js(&e))?;
         Ok(http_joined(&d, style))
     }
 }
@@ -975,7 +975,7 @@ impl NativeWarden {
         template: u32,
     ) -> Result<Either<String, HttpDecision>> {
         let (req, style) = self.prepared(template, scope, peer, forwarded_for, trust_proxy)?;
-        let d = self.sync(self.warden.acquire(&req))?;
+        let d = self.sync(self.warden.admit(&req))?;
         Ok(http_joined(&d, style))
     }
 
@@ -990,7 +990,7 @@ impl NativeWarden {
         template: u32,
     ) -> Result<Either<String, HttpDecision>> {
         let (req, style) = self.prepared(template, scope, peer, forwarded_for, trust_proxy)?;
-        let d = js(self.warden.acquire(&req).await)?;
+        let d = js(self.warden.admit(&req).await)?;
         Ok(http_joined(&d, style))
     }
 }
@@ -1022,9 +1022,10 @@ impl NativeWarden {
 }
 
 /// Allowed: the header pairs joined by newlines (header names and values
-/// never contain one); denied: the whole `HttpDecision`.
+/// never contain one); denied, or holding a concurrency slot the middleware
+/// must free when the response ends (`Warden::admit`): the whole `HttpDecision`.
 fn http_joined(d: &CoreDecision, style: HeaderStyle) -> Either<String, HttpDecision> {
-    if !d.allowed() {
+    if !d.allowed() || d.reservation.is_some() {
         return Either::B(http_of(d, style));
     }
     let mut out = String::with_capacity(96);

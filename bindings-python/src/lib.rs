@@ -950,6 +950,25 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, decision_to_py)
     }
 
+    /// `Warden::admit`, for the ASGI middleware: an acquire that holds a
+    /// concurrency slot (the decision's reservation) until `finish`.
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = request_of(scope, resource, action, cost, priority)
+            .map(|r| move |w: Warden| async move { w.admit(&r).await });
+        self.answer(py, op, asynchronous, decision_to_py)
+    }
+
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, asynchronous=false, operation=None))]
     #[allow(clippy::too_many_arguments)]
     fn reserve(

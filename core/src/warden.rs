@@ -208,13 +208,40 @@ impl Warden {
     }
 
     /// Admits `request` and consumes its cost from every limit, or denies it and
-    /// changes nothing. Concurrency limits are checked but not held (use `reserve`).
+    /// changes nothing. A concurrency limit is only **checked** (is a slot free
+    /// now?), never held: an acquire ends at once, so it occupies no slot. To
+    /// hold a slot while work runs use [`Warden::reserve`] (or
+    /// [`Warden::admit`], what the HTTP middlewares use).
     ///
     /// # Errors
     /// Invalid input or a backend failure. A denial is `Ok` with `Outcome::Deny`.
     pub async fn acquire(&self, request: &Request) -> Result<Decision> {
         let plan = Plan::build(&self.inner.policy, request)?;
         self.decide(&plan, Mode::Acquire).await
+    }
+
+    /// Admits a request that is served over a stretch of time — an HTTP
+    /// request, a job — as the middlewares of every binding do: like
+    /// [`Warden::acquire`], except that when it touches a concurrency limit
+    /// the slot is **held** (the decision is a reservation, leased for the
+    /// concurrency limit's lease) until the caller ends it with
+    /// [`Warden::finish`] — `CallOutcome::Ran(Usage::Estimate)` when served,
+    /// which charges the rest as acquired and frees the slot. Without a
+    /// concurrency limit it is exactly `acquire` (nothing to end).
+    ///
+    /// # Errors
+    /// As [`Warden::acquire`].
+    pub async fn admit(&self, request: &Request) -> Result<Decision> {
+        let plan = Plan::build(&self.inner.policy, request)?;
+        if !plan
+            .limits()
+            .any(|l| matches!(l.def.kind, LimitKind::Concurrency))
+        {
+            return self.decide(&plan, Mode::Acquire).await;
+        }
+        let lease = self.lease(&plan, None)?;
+        let id = reservation_id(request);
+        self.decide(&plan, Mode::Reserve { id, lease }).await
     }
 
     /// Admits `request` and holds its (estimated) cost under a lease until

@@ -314,3 +314,42 @@ fn an_operation_id_is_decided_once() {
     assert!(now(w.acquire(&req("6").operation(op))).unwrap().allowed());
     assert_eq!(left(&w), 0);
 }
+
+#[test]
+fn admit_holds_a_concurrency_slot_until_finished_and_acquire_holds_none() {
+    use ratewarden::{CallOutcome, Usage};
+    let (w, _c) = warden(json!({"scopes": {"ip": {"limits": [
+        {"name": "one-at-a-time", "kind": "concurrency", "limit": 1},
+        {"name": "per-minute", "kind": "rate", "limit": 10, "per": "1m"}
+    ]}}}));
+    let req = Request::parse("ip:1").unwrap();
+    // acquire only checks the slot: three in a row pass, none holds it.
+    for _ in 0..3 {
+        let d = now(w.acquire(&req)).unwrap();
+        assert!(d.allowed() && d.reservation.is_none(), "{d:?}");
+    }
+    let first = now(w.admit(&req)).unwrap();
+    assert!(first.allowed(), "{first:?}");
+    let id = first.reservation.as_ref().expect("a held slot").id;
+    assert_eq!(remaining(&first, "one-at-a-time"), 0);
+    assert_eq!(remaining(&first, "per-minute"), 6);
+    let second = now(w.admit(&req)).unwrap();
+    assert!(!second.allowed(), "the slot is taken: {second:?}");
+    assert_eq!(second.denied_by().unwrap().name(), "one-at-a-time");
+    let s = now(w.finish(id, CallOutcome::Ran(Usage::Estimate)));
+    assert!(s.confirmed() && s.problem().is_none(), "{s:?}");
+    let third = now(w.admit(&req)).unwrap();
+    assert!(third.allowed(), "freed: {third:?}");
+    assert_eq!(
+        remaining(&third, "per-minute"),
+        5,
+        "the finished one stays charged"
+    );
+
+    // Without a concurrency limit, admit is acquire: nothing to end.
+    let (w, _c) = warden(json!({"scopes": {"ip": {"limits": [
+        {"name": "per-minute", "kind": "rate", "limit": 10, "per": "1m"}
+    ]}}}));
+    let d = now(w.admit(&req)).unwrap();
+    assert!(d.allowed() && d.reservation.is_none());
+}

@@ -83,6 +83,77 @@ for (const [name, options] of Object.entries(backends)) {
       }
     });
 
+    test('a concurrency limit holds its slot for the request\'s lifetime: served, failed or aborted', async () => {
+      const w = await Warden.connect({
+        scopes: { ip: { limits: [
+          { name: 'one-at-a-time', kind: 'concurrency', limit: 1 },
+          { name: 'per-ip', kind: 'rate', limit: 100, per: '1m' },
+        ] } },
+      }, options());
+      const express = (await import('../../bindings-node/node_modules/express/index.js')).default;
+      const app = express();
+      app.use(w.express());
+      let entered;
+      let release;
+      const gate = () => {
+        const inside = new Promise((resolve) => { entered = resolve; });
+        const open = new Promise((resolve) => { release = resolve; });
+        return { inside, open };
+      };
+      let g = gate();
+      app.get('/slow', async (req, res) => {
+        entered();
+        await g.open;
+        if (!res.destroyed) res.send('slow');
+      });
+      app.get('/fails', (req, res, next) => next(new Error('the handler broke')));
+      app.get('/fast', (req, res) => res.send('fast'));
+      app.use((err, req, res, _next) => res.status(500).send(err.message));
+      const server = await new Promise((resolve) => { const s = app.listen(0, '127.0.0.1', () => resolve(s)); });
+      const url = `http://127.0.0.1:${server.address().port}`;
+      // The slot is free again: read without charging (bounded; on Redis the
+      // release lands a round trip after the response).
+      const freed = async () => {
+        for (let i = 0; i < 1000; i++) {
+          const d = await w.check('ip:127.0.0.1', { cost: { requests: 0 } });
+          if (d.limits.find((l) => l.name === 'one-at-a-time').remaining === 1) return true;
+          await new Promise((resolve) => setImmediate(resolve)); // let the server see the socket
+        }
+        return false;
+      };
+      try {
+        const slow = fetch(`${url}/slow`);
+        await g.inside;
+        const refused = await Promise.all([1, 2, 3, 4].map(() => fetch(`${url}/fast`)));
+        assert.deepEqual(refused.map((r) => r.status), [429, 429, 429, 429]);
+        for (const r of refused) assert.match(r.headers.get('ratelimit'), /"one-at-a-time";r=0/);
+        release();
+        const done = await slow;
+        assert.equal(done.status, 200);
+        assert.equal(await done.text(), 'slow');
+        assert.match(done.headers.get('ratelimit'), /"one-at-a-time";r=0/, 'held while it ran');
+        assert.ok(await freed(), 'freed once answered');
+        assert.equal((await fetch(`${url}/fast`)).status, 200);
+        assert.ok(await freed());
+        const failed = await fetch(`${url}/fails`);
+        assert.equal(failed.status, 500);
+        assert.ok(await freed(), 'freed when the handler failed');
+        // A client that goes away: freed when the connection closes.
+        g = gate();
+        const abort = new AbortController();
+        const gone = fetch(`${url}/slow`, { signal: abort.signal }).catch((e) => e.name);
+        await g.inside;
+        assert.equal((await fetch(`${url}/fast`)).status, 429);
+        abort.abort();
+        assert.equal(await gone, 'AbortError');
+        assert.ok(await freed(), 'freed when the client aborted');
+        release();
+      } finally {
+        await new Promise((resolve) => { server.close(resolve); server.closeAllConnections?.(); });
+        w.close();
+      }
+    });
+
     test('exactly the limit under 1,000 concurrent requests', async () => {
       const w = await Warden.connect(policy(250), { ...options(), clock: new ManualClock(1_700_000_000) });
       const app = await serve(w.express());

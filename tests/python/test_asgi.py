@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator, List
 
@@ -262,3 +263,51 @@ def test_redis_down_follows_on_backend_error() -> None:
             assert r.status_code == status, (mode, r.text)
             if status == 429:
                 assert "on_backend_error = deny" in json.loads(r.text)["reason"]
+
+
+def test_a_concurrency_limit_holds_its_slot_for_the_whole_request() -> None:
+    """A slow request keeps its concurrency slot until it is answered (or fails):
+    the others are refused meanwhile, and the slot is free again after."""
+    warden = Warden(
+        {
+            "scopes": {
+                "ip": {
+                    "limits": [
+                        {"name": "one-at-a-time", "kind": "concurrency", "limit": 1},
+                        {"name": "per-ip", "kind": "rate", "limit": 100, "per": "minute"},
+                    ]
+                }
+            }
+        }
+    )
+    entered, release = threading.Event(), threading.Event()
+
+    async def slow(request: Request) -> PlainTextResponse:
+        entered.set()
+        await asyncio.to_thread(release.wait)
+        return PlainTextResponse("slow")
+
+    async def fails(request: Request) -> PlainTextResponse:
+        raise RuntimeError("the handler broke")
+
+    async def fast(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("fast")
+
+    app = Starlette(routes=[Route("/slow", slow), Route("/fails", fails), Route("/fast", fast)])
+    app.add_middleware(RateLimitMiddleware, warden=warden)
+    with serve(app) as url, httpx.Client(base_url=url) as http:
+        with ThreadPoolExecutor(1) as pool:
+            slow_response = pool.submit(http.get, "/slow")
+            assert entered.wait(30)
+            refused = [http.get("/fast") for _ in range(4)]
+            assert [r.status_code for r in refused] == [429] * 4
+            assert all('"one-at-a-time";r=0' in r.headers["ratelimit"] for r in refused)
+            release.set()
+            done = slow_response.result(30)
+        assert done.status_code == 200 and done.text == "slow"
+        assert '"one-at-a-time";r=0' in done.headers["ratelimit"], "held while it ran"
+        assert http.get("/fast").status_code == 200, "freed once answered"
+        assert http.get("/fails").status_code == 500
+        # (uvicorn closes a connection whose app raised: a new one.)
+        assert httpx.get(f"{url}/fast").status_code == 200, "freed when the handler raised"
+    assert warden.check("ip:127.0.0.1", cost={"requests": 0}).allowed

@@ -123,6 +123,15 @@ class NativeWarden:
         priority: Optional[str] = None,
         asynchronous: bool = False,
     ) -> Any: ...
+    def admit(
+        self,
+        scope: str,
+        resource: Optional[str] = None,
+        action: Optional[str] = None,
+        cost: _Cost = None,
+        priority: Optional[str] = None,
+        asynchronous: bool = False,
+    ) -> Any: ...
     def acquire(
         self,
         scope: str,

@@ -11,8 +11,10 @@
 
 Each request is acquired (one atomic decision, one unit of ``requests`` unless
 ``cost`` says otherwise) against the limits of its scope — by default
-``ip:<client address>``. An admitted request goes on to the app and its response
-gets the ``RateLimit-Policy`` / ``RateLimit`` headers; a denied one gets a 429
+``ip:<client address>``. When it touches a concurrency limit, its slot is held
+for as long as the app handles the request (until the response is sent, the app
+raises, or the client disconnects), leased for the limit's ``lease``. An
+admitted request goes on to the app and its response gets the ``RateLimit-Policy`` / ``RateLimit`` headers; a denied one gets a 429
 with the same headers, ``Retry-After`` and a JSON body
 (``{"error": "rate_limited", "limit": …, "kind": …, "reason": …, "retry_after": …}``).
 Header formats come from the core, identical to the Node middleware's.
@@ -21,6 +23,7 @@ Header formats come from the core, identical to the Node middleware's.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Awaitable, Callable, List, MutableMapping, Optional, Tuple, Union
 
 from ratewarden import Cost, Decision, InvalidInput, Warden, WardenError, _cost
@@ -72,7 +75,7 @@ class RateLimitMiddleware:
         priority: Union[str, Callable[[Any], Optional[str]], None] = None,
         headers: Optional[str] = "draft-11",
         trust_proxy: bool = False,
-        skip: Optional[Callable[[Any], bool]] = None,
+        skip: Optional[Callable[[Any], Union[bool, Awaitable[bool]]]] = None,
         on_limited: Optional[Callable[[Any, Decision], Any]] = None,
     ) -> None:
         if not isinstance(warden, Warden):
@@ -114,9 +117,13 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         request = self._request(scope, receive) if self._dynamic else None
-        if self._skip is not None and self._skip(request):
-            await self.app(scope, receive, send)
-            return
+        if self._skip is not None:
+            skipped = self._skip(request)
+            if inspect.isawaitable(skipped):  # an async skip is awaited, not taken as true
+                skipped = await skipped
+            if skipped:
+                await self.app(scope, receive, send)
+                return
         if self._dynamic:
             who, resource, action, cost, priority = (
                 (f(request) if callable(f) else f)
@@ -130,15 +137,30 @@ class RateLimitMiddleware:
                 await self.app(scope, receive, send)
                 return
             who = self._client_scope(scope)
-        # The embedded engine decides at once: no awaitable needed.
-        decision = self._native.acquire(who, resource, action, cost, priority, not self._embedded)
+        # The embedded engine decides at once: no awaitable needed. `admit`
+        # holds a concurrency slot (a reservation) when the request touches a
+        # concurrency limit; it is freed when the app is done with the request.
+        native = self._native
+        decision = native.admit(who, resource, action, cost, priority, not self._embedded)
         if not self._embedded:
             decision = await decision
         extra = decision.headers(self._style, True)
         if not decision.allowed:
             await self._limited(scope, receive, send, request, decision, extra)
             return
-        await self.app(scope, receive, _with_headers(send, extra) if extra else send)
+        held = decision.reservation
+        if held is None:
+            await self.app(scope, receive, _with_headers(send, extra) if extra else send)
+            return
+        try:
+            await self.app(scope, receive, _with_headers(send, extra) if extra else send)
+        finally:
+            # Served, failed or the client went away: the slot is freed and the
+            # request stays charged (it was served, at least in part).
+            settled = native.finish(int(held, 16), False, None, None, not self._embedded)
+            problem = settled if self._embedded else await settled
+            if problem is not None:
+                logging.getLogger("ratewarden").warning("ratewarden.asgi: %s", problem)
 
     def _client_scope(self, scope: MutableMapping[str, Any]) -> str:
         forwarded = None
