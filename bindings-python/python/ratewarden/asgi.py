@@ -14,8 +14,9 @@ Each request is acquired (one atomic decision, one unit of ``requests`` unless
 ``ip:<client address>``. When it touches a concurrency limit, its slot is held
 for as long as the app handles the request (until the response is sent, the app
 raises, or the client disconnects), leased for the limit's ``lease``. An
-admitted request goes on to the app and its response gets the ``RateLimit-Policy`` / ``RateLimit`` headers; a denied one gets a 429
-with the same headers, ``Retry-After`` and a JSON body
+admitted request goes on to the app and its response gets the
+``RateLimit-Policy`` / ``RateLimit`` headers; a denied one gets a 429 with
+the same headers, ``Retry-After`` and a JSON body
 (``{"error": "rate_limited", "limit": …, "kind": …, "reason": …, "retry_after": …}``).
 Header formats come from the core, identical to the Node middleware's.
 """
