@@ -503,8 +503,13 @@ class Warden {
    * (`acquire`, one `requests` unit unless `cost` says otherwise; when the request
    * touches a concurrency limit its slot is held until the response is done, the
    * handler fails or the client goes away, leased for the limit's `lease`) for its scope —
-   * by default `ip:<client address>` from the socket (`X-Forwarded-For` only with
-   * `trustProxy: true`). Every response gets `RateLimit-Policy` / `RateLimit`
+   * by default `ip:<client address>` from the socket. Behind proxies, `trustProxy`
+   * says which to believe (Express's model: the right-most address that is not a
+   * trusted proxy is the client): `true` = one proxy in front (nginx appending to
+   * `X-Forwarded-For`), a number = that many hops, or a list of proxy networks
+   * (`'10.0.0.0/8'`, `['loopback', 'uniquelocal']`). Addresses are normalised
+   * (`::ffff:127.0.0.1` is `127.0.0.1`) and IPv6 clients are keyed by their
+   * `/ipv6Subnet` (default 56): one host can rotate through a whole /64. Every response gets `RateLimit-Policy` / `RateLimit`
    * (`headers: 'draft-11'` default, `'draft-7'`, `'draft-6'`, or `false`); a denied
    * request gets a 429 with `Retry-After` and a JSON body, unless
    * `onLimited(req, res, decision)` answers it. `skip(req)` exempts requests;
@@ -517,8 +522,19 @@ class Warden {
     requireOptions(options, 'options');
     const {
       scope: who, resource, action, cost = { requests: 1 }, priority,
-      headers = 'draft-11', trustProxy = false, skip, onLimited,
+      headers = 'draft-11', trustProxy = false, ipv6Subnet, skip, onLimited,
     } = options;
+    if (ipv6Subnet !== undefined && !(Number.isInteger(ipv6Subnet) && ipv6Subnet >= 1 && ipv6Subnet <= 128)) {
+      throw new InvalidInputError(`invalid ipv6Subnet: expected a prefix length from 1 to 128, got ${String(ipv6Subnet)}`);
+    }
+    // Who the client is: proxies trusted, addresses normalised, IPv6 by subnet (core).
+    let identity;
+    try {
+      identity = new native.ClientIdentity(trustProxy ?? false, ipv6Subnet);
+    } catch (e) {
+      throw typed(e);
+    }
+    const readsForwarded = identity.trustsProxies;
     if (headers !== false && typeof headers !== 'string') {
       throw new InvalidInputError(`invalid headers: expected 'draft-11', 'draft-7', 'draft-6' or false, got ${typeof headers}`);
     }
@@ -598,19 +614,19 @@ class Warden {
     // and, when allowed, hands back only the header pairs.
     const decide = (req, res, next, s) => {
       let xff;
-      if (s === undefined && trustProxy) {
+      if (s === undefined && readsForwarded) {
         xff = req.headers['x-forwarded-for'];
         if (Array.isArray(xff)) xff = xff.join(',');
       }
       const peer = s === undefined ? req.socket?.remoteAddress : undefined;
       if (template !== undefined) {
-        if (isEmbedded) return respond(req, res, next, n.decideHttpPrepared(s, peer, xff, trustProxy, template));
-        n.decideHttpPreparedAsync(s, peer, xff, trustProxy, template).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
+        if (isEmbedded) return respond(req, res, next, n.decideHttpPrepared(s, peer, xff, identity, template));
+        n.decideHttpPreparedAsync(s, peer, xff, identity, template).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
         return undefined;
       }
       // Fields computed per request: the general conversion.
       const request = { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
-      const target = s ?? native.clientScope(peer ?? null, xff ?? null, trustProxy);
+      const target = s ?? identity.scope(peer ?? null, xff ?? null);
       if (isEmbedded) return respond(req, res, next, n.acquireHttpSync(target, request, style));
       n.acquireHttpAsync(target, request, style).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
       return undefined;

@@ -85,8 +85,16 @@ export interface ExpressOptions<Req extends HttpRequest = HttpRequest, Res exten
   priority?: 'critical' | 'standard' | 'background' | ((req: Req) => 'critical' | 'standard' | 'background');
   /** Header generation: `'draft-11'` (default), `'draft-7'`, `'draft-6'`, or `'off'` / `false` (only Retry-After). */
   headers?: 'draft-11' | 'draft-7' | 'draft-6' | 'off' | false;
-  /** Take the client address from `X-Forwarded-For` (only behind a proxy you control). */
-  trustProxy?: boolean;
+  /**
+   * Which proxies in front of the server to believe about the client address
+   * (`X-Forwarded-For`, read right to left; the first address that is not a
+   * trusted proxy is the client): `false` (default: the socket peer), `true`
+   * (one proxy in front), a hop count, or proxy networks — `'10.0.0.0/8'`,
+   * `'loopback, uniquelocal'`, `['127.0.0.1', 'fd00::/8']`.
+   */
+  trustProxy?: boolean | number | string | string[];
+  /** IPv6 clients are keyed by this prefix length (1–128, default 56). */
+  ipv6Subnet?: number;
   /** Requests for which this returns (or resolves to) true are not limited. */
   skip?: (req: Req) => boolean | Promise<boolean>;
   /**

@@ -971,10 +971,10 @@ impl NativeWarden {
         scope: Option<String>,
         peer: Option<String>,
         forwarded_for: Option<String>,
-        trust_proxy: bool,
+        identity: &ClientIdentity,
         template: u32,
     ) -> Result<Either<String, HttpDecision>> {
-        let (req, style) = self.prepared(template, scope, peer, forwarded_for, trust_proxy)?;
+        let (req, style) = self.prepared(template, scope, peer, forwarded_for, identity)?;
         let d = self.sync(self.warden.admit(&req))?;
         Ok(http_joined(&d, style))
     }
@@ -986,10 +986,10 @@ impl NativeWarden {
         scope: Option<String>,
         peer: Option<String>,
         forwarded_for: Option<String>,
-        trust_proxy: bool,
+        identity: &ClientIdentity,
         template: u32,
     ) -> Result<Either<String, HttpDecision>> {
-        let (req, style) = self.prepared(template, scope, peer, forwarded_for, trust_proxy)?;
+        let (req, style) = self.prepared(template, scope, peer, forwarded_for, identity)?;
         let d = js(self.warden.admit(&req).await)?;
         Ok(http_joined(&d, style))
     }
@@ -1003,9 +1003,9 @@ impl NativeWarden {
         scope: Option<String>,
         peer: Option<String>,
         forwarded_for: Option<String>,
-        trust_proxy: bool,
+        identity: &ClientIdentity,
     ) -> Result<(Request, HeaderStyle)> {
-        let scope = http_scope(scope, peer, forwarded_for, trust_proxy)?;
+        let scope = http_scope(scope, peer, forwarded_for, identity)?;
         let scope = Scope::parse(&scope).map_err(|e| to_js(&e))?;
         let all = self
             .templates
@@ -1064,14 +1064,14 @@ fn http_scope(
     scope: Option<String>,
     peer: Option<String>,
     forwarded_for: Option<String>,
-    trust_proxy: bool,
+    identity: &ClientIdentity,
 ) -> Result<String> {
     match scope {
         Some(s) => Ok(s),
-        None => {
-            ratewarden::http::client_scope(peer.as_deref(), forwarded_for.as_deref(), trust_proxy)
-                .map_err(|e| to_js(&e))
-        }
+        None => identity
+            .inner
+            .scope(peer.as_deref(), forwarded_for.as_deref())
+            .map_err(|e| to_js(&e)),
     }
 }
 
@@ -1088,14 +1088,39 @@ pub fn header_style(style: String) -> Result<&'static str> {
 
 /// The default scope of an HTTP request, `ip:<client address>`: the socket
 /// `peer`, or with `trustProxy` the first `X-Forwarded-For` entry.
+/// Who the client of an HTTP request is (core `http::ClientIdentity`): the
+/// proxies trusted (`false`, `true` = one hop, a hop count, or networks) and
+/// the IPv6 subnet clients are keyed by (default 56).
 #[napi]
-pub fn client_scope(
-    peer: Option<String>,
-    forwarded_for: Option<String>,
-    trust_proxy: bool,
-) -> Result<String> {
-    ratewarden::http::client_scope(peer.as_deref(), forwarded_for.as_deref(), trust_proxy)
-        .map_err(|e| to_js(&e))
+pub struct ClientIdentity {
+    inner: ratewarden::http::ClientIdentity,
+}
+
+#[napi]
+impl ClientIdentity {
+    /// Validates the settings once (the middleware's `trustProxy`, `ipv6Subnet`).
+    #[napi(constructor)]
+    pub fn new(trust_proxy: serde_json::Value, ipv6_subnet: Option<u32>) -> Result<Self> {
+        let trust = ratewarden::http::TrustProxy::from_json(&trust_proxy).map_err(|e| to_js(&e))?;
+        let subnet = match ipv6_subnet {
+            None => ratewarden::http::DEFAULT_IPV6_SUBNET,
+            Some(n) => u8::try_from(n).unwrap_or(u8::MAX),
+        };
+        let inner = ratewarden::http::ClientIdentity::new(trust, subnet).map_err(|e| to_js(&e))?;
+        Ok(Self { inner })
+    }
+
+    /// Whether `X-Forwarded-For` is read at all.
+    #[napi(getter)]
+    pub fn trusts_proxies(&self) -> bool {
+        *self.inner.trust() != ratewarden::http::TrustProxy::Nobody
+    }
+
+    /// The default scope of a request: `ip:<client address>`.
+    #[napi]
+    pub fn scope(&self, peer: Option<String>, forwarded_for: Option<String>) -> Result<String> {
+        http_scope(None, peer, forwarded_for, self)
+    }
 }
 
 fn reserve_args(scope: &str, o: Option<&RequestOptions>) -> Result<(Request, Option<Duration>)> {

@@ -1204,16 +1204,76 @@ fn header_style(style: &str) -> PyResult<&'static str> {
         .map_err(|e| to_py(&e))
 }
 
-/// The default scope of an HTTP request, `ip:<client address>`: the socket
-/// `peer`, or with `trust_proxy` the first `X-Forwarded-For` entry.
-#[pyfunction]
-#[pyo3(signature = (peer, forwarded_for=None, trust_proxy=false))]
-fn client_scope(
-    peer: Option<&str>,
-    forwarded_for: Option<&str>,
-    trust_proxy: bool,
-) -> PyResult<String> {
-    ratewarden::http::client_scope(peer, forwarded_for, trust_proxy).map_err(|e| to_py(&e))
+/// Who the client of an HTTP request is (core `http::ClientIdentity`): the
+/// proxies trusted — `False`, `True` (one hop), a hop count, or networks (a
+/// comma-separated string or a list) — and the IPv6 subnet clients are keyed by.
+#[pyclass(frozen, module = "ratewarden._native")]
+struct ClientIdentity {
+    inner: ratewarden::http::ClientIdentity,
+}
+
+#[pymethods]
+impl ClientIdentity {
+    #[new]
+    #[pyo3(signature = (trust_proxy=None, ipv6_subnet=56))]
+    fn new(trust_proxy: Option<&Bound<'_, PyAny>>, ipv6_subnet: i64) -> PyResult<Self> {
+        use serde_json::Value;
+        let bad = |why: String| invalid("trust_proxy", why);
+        let setting = match trust_proxy {
+            None => Value::Null,
+            Some(v) if v.is_instance_of::<pyo3::types::PyBool>() => Value::Bool(v.is_truthy()?),
+            Some(v) if v.is_instance_of::<pyo3::types::PyInt>() => {
+                let n: i64 = v
+                    .extract()
+                    .map_err(|_| bad("the hop count is out of range".into()))?;
+                serde_json::json!(n)
+            }
+            Some(v) if v.is_instance_of::<PyString>() => Value::String(v.extract()?),
+            Some(v) if v.is_instance_of::<PyList>() || v.is_instance_of::<PyTuple>() => {
+                let mut items = Vec::new();
+                for item in v.try_iter()? {
+                    let item = item?;
+                    let text: String = item.extract().map_err(|_| {
+                        bad(format!(
+                            "expected networks as strings, got {}",
+                            type_name(&item)
+                        ))
+                    })?;
+                    items.push(Value::String(text));
+                }
+                Value::Array(items)
+            }
+            Some(v) => {
+                return Err(bad(format!(
+                    "expected a bool, a hop count, or proxy networks, got {}",
+                    type_name(v)
+                )));
+            }
+        };
+        let trust = ratewarden::http::TrustProxy::from_json(&setting).map_err(|e| to_py(&e))?;
+        let subnet = u8::try_from(ipv6_subnet).unwrap_or(0);
+        let inner = ratewarden::http::ClientIdentity::new(trust, subnet).map_err(|e| to_py(&e))?;
+        Ok(Self { inner })
+    }
+
+    /// Whether `X-Forwarded-For` is read at all.
+    #[getter]
+    fn trusts_proxies(&self) -> bool {
+        *self.inner.trust() != ratewarden::http::TrustProxy::Nobody
+    }
+
+    /// The default scope of a request, `ip:<client address>`.
+    #[pyo3(signature = (peer, forwarded_for=None))]
+    fn scope(&self, peer: Option<&str>, forwarded_for: Option<&str>) -> PyResult<String> {
+        self.inner.scope(peer, forwarded_for).map_err(|e| to_py(&e))
+    }
+}
+
+/// A Python value's type name, for messages.
+fn type_name(v: &Bound<'_, PyAny>) -> String {
+    v.get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
 }
 
 /// A Python function of the package, looked up once.
@@ -1232,7 +1292,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(scope_of, m)?)?;
     m.add_function(wrap_pyfunction!(header_style, m)?)?;
-    m.add_function(wrap_pyfunction!(client_scope, m)?)?;
     let after_fork = wrap_pyfunction!(_after_fork_in_child, m)?;
     let hooks = PyDict::new(m.py());
     hooks.set_item("after_in_child", &after_fork)?;
@@ -1246,5 +1305,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Canceller>()?;
     m.add_class::<ManualClock>()?;
     m.add_class::<Prepared>()?;
+    m.add_class::<ClientIdentity>()?;
     Ok(())
 }

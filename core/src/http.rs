@@ -1,6 +1,7 @@
 //! What the HTTP middlewares of every binding share, so they all behave and say
-//! the same: the default scope of a request ([`client_scope`]), the standard
-//! rate-limit headers and the 429 body for a [`Decision`].
+//! the same: who the client of a request is ([`ClientIdentity`]: trusted
+//! proxies, normalised addresses, IPv6 subnets), the standard rate-limit
+//! headers and the 429 body for a [`Decision`].
 //!
 //! The default is the IETF draft-11 form (`draft-ietf-httpapi-ratelimit-headers-11`):
 //! two Structured-Field lists with one item per limit involved, named after the
@@ -26,6 +27,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::decision::{Decision, LimitState};
+
+mod client;
+pub use client::{ClientIdentity, DEFAULT_IPV6_SUBNET, Network, TrustProxy};
 
 /// Largest Structured-Field integer (15 digits); larger counts are clamped to it.
 const SF_INTEGER_MAX: i64 = 999_999_999_999_999;
@@ -80,30 +84,6 @@ impl FromStr for HeaderStyle {
             )),
         }
     }
-}
-
-/// The default scope of an HTTP request: `ip:<client address>` (escaped). The
-/// address is the socket `peer`; with `trust_proxy`, the first entry of the
-/// `X-Forwarded-For` value when there is one (only behind a proxy you control:
-/// clients can send anything). `unknown` when neither is known.
-///
-/// # Errors
-/// Never for real addresses; [`crate::Error::InvalidScope`] for an address over
-/// the id length limit.
-pub fn client_scope(
-    peer: Option<&str>,
-    forwarded_for: Option<&str>,
-    trust_proxy: bool,
-) -> crate::Result<String> {
-    let forwarded = forwarded_for
-        .filter(|_| trust_proxy)
-        .and_then(|v| v.split(',').next())
-        .map(str::trim)
-        .filter(|v| !v.is_empty());
-    let address = forwarded
-        .or(peer.filter(|p| !p.is_empty()))
-        .unwrap_or("unknown");
-    crate::Scope::from_segments([("ip", address)]).map(|s| s.as_str().to_owned())
 }
 
 /// Whole seconds, rounded up (a client told `0` would retry at once).
@@ -371,29 +351,6 @@ mod tests {
         assert_eq!(header(&h6, "RateLimit-Remaining"), Some("1"));
         assert_eq!(header(&h6, "RateLimit-Reset"), Some("30"));
         assert_eq!(header(&h6, "RateLimit"), None);
-    }
-
-    #[test]
-    fn client_scope_trusts_forwarded_for_only_when_told() {
-        let xff = Some(" 203.0.113.7 , 10.0.0.1");
-        assert_eq!(
-            client_scope(Some("::1"), xff, false).ok().as_deref(),
-            Some("ip:%3A%3A1")
-        );
-        assert_eq!(
-            client_scope(Some("::1"), xff, true).ok().as_deref(),
-            Some("ip:203.0.113.7")
-        );
-        assert_eq!(
-            client_scope(Some("10.0.0.2"), Some(" ,x"), true)
-                .ok()
-                .as_deref(),
-            Some("ip:10.0.0.2")
-        );
-        assert_eq!(
-            client_scope(None, None, true).ok().as_deref(),
-            Some("ip:unknown")
-        );
     }
 
     #[test]

@@ -173,19 +173,37 @@ for (const [name, options] of Object.entries(backends)) {
 }
 
 describe('express middleware options', () => {
-  test('trustProxy off ignores X-Forwarded-For, on uses its first entry', async () => {
-    for (const [trustProxy, separate] of [[false, false], [true, true]]) {
-      const w = new Warden(policy(1), { clock: new ManualClock() });
-      const app = await serve(w.express({ trustProxy }));
+  test('trustProxy: the right-most untrusted address is the client; forged entries, bad entries and spellings change nothing', async () => {
+    // Behind one proxy that appends (nginx $proxy_add_x_forwarded_for): the
+    // socket peer (127.0.0.1 here) is the proxy, the last entry the client.
+    const attempt = async (trustProxy, xffs, extra = {}) => {
+      const w = new Warden(policy(3), { clock: new ManualClock() });
+      const app = await serve(w.express({ trustProxy, ...extra }));
       try {
-        const a = await fetch(app.url, { headers: { 'x-forwarded-for': '203.0.113.7, 10.0.0.1' } });
-        const b = await fetch(app.url, { headers: { 'x-forwarded-for': '198.51.100.9' } });
-        assert.equal(a.status, 200);
-        assert.equal(b.status === 200, separate, `trustProxy=${trustProxy}`);
+        const codes = [];
+        for (const xff of xffs) codes.push((await fetch(app.url, { headers: { 'x-forwarded-for': xff } })).status);
+        return codes.filter((c) => c === 200).length;
       } finally {
         await app.close();
       }
-    }
+    };
+    const forged = Array.from({ length: 10 }, (_, i) => `10.9.9.${i}, 203.0.113.7`);
+    assert.equal(await attempt(true, forged), 3, 'a rotating forged first entry gains nothing');
+    assert.equal(await attempt(1, forged), 3);
+    assert.equal(await attempt('loopback', forged), 3);
+    assert.equal(await attempt(['127.0.0.1/32'], forged), 3);
+    // Two hops trusted: the forged entry is taken as the client (as configured).
+    assert.equal(await attempt(2, forged), 10);
+    // Not trusted: X-Forwarded-For is ignored, everything is the socket's.
+    assert.equal(await attempt(false, ['198.51.100.1', '198.51.100.2', '198.51.100.3', '198.51.100.4']), 3);
+    // Different clients behind the proxy are kept apart.
+    assert.equal(await attempt(true, ['198.51.100.1', '198.51.100.2', '198.51.100.3', '198.51.100.4']), 4);
+    // Entries that are not addresses are never keys (the proxy's address is).
+    assert.equal(await attempt(true, ['garbage', '1.2.3.4:5555', 'x, ', 'unknown']), 3);
+    // One client, many spellings; one IPv6 /56, many hosts.
+    assert.equal(await attempt(true, ['203.0.113.7', '::ffff:203.0.113.7', '::FFFF:203.0.113.7', '203.0.113.7 ']), 3);
+    assert.equal(await attempt(true, ['2001:db8:0:100::1', '2001:DB8:0:1ff::2', '2001:db8:0:1aa:0:0:0:3', '[2001:db8:0:100::4]']), 3);
+    assert.equal(await attempt(true, ['2001:db8:0:100::1', '2001:db8:0:100::2', '2001:db8:0:100::3', '2001:db8:0:100::4'], { ipv6Subnet: 128 }), 4);
   });
 
   test('scope and resource from the request, skip, and a scope function returning null', async () => {
@@ -290,5 +308,10 @@ describe('express middleware options', () => {
     assert.throws(() => w.express({ priority: 'urgent' }), (e) => e instanceof InvalidInputError && /urgent/.test(e.message));
     assert.throws(() => w.express({ cost: { requests: '1.5.2' } }), (e) => e instanceof InvalidInputError && /cost\.requests/.test(e.message));
     assert.throws(() => w.express({ resource: 42 }), InvalidInputError);
+    assert.throws(() => w.express({ trustProxy: 'yes' }), (e) => e instanceof InvalidInputError && /trust_proxy.*yes/.test(e.message));
+    assert.throws(() => w.express({ trustProxy: -1 }), (e) => e instanceof InvalidInputError && /hop count/.test(e.message));
+    assert.throws(() => w.express({ trustProxy: { a: 1 } }), InvalidInputError);
+    assert.throws(() => w.express({ ipv6Subnet: 0 }), (e) => e instanceof InvalidInputError && /ipv6Subnet/.test(e.message));
+    assert.throws(() => w.express({ ipv6Subnet: '56' }), InvalidInputError);
   });
 });

@@ -156,14 +156,34 @@ def test_exact_count_of_1000_requests_over_16_connections() -> None:
     assert len(served) == 250
 
 
-def test_trust_proxy_off_ignores_x_forwarded_for_and_on_uses_it() -> None:
-    for trust, expect_separate in ((False, False), (True, True)):
-        warden = Warden(policy(1), clock=ManualClock(T0))
-        with serve(make_app([], warden=warden, trust_proxy=trust)) as url, httpx.Client(base_url=url) as http:
-            a = http.get("/", headers={"x-forwarded-for": "203.0.113.7, 10.0.0.1"})
-            b = http.get("/", headers={"x-forwarded-for": "198.51.100.9"})
-            assert a.status_code == 200
-            assert (b.status_code == 200) is expect_separate, f"trust_proxy={trust}"
+def admitted(xffs: List[str], **options: Any) -> int:
+    """How many of `xffs` (one request each, X-Forwarded-For as given) a 3 per
+    minute per-client limit admits; the socket peer, 127.0.0.1, is the proxy."""
+    warden = Warden(policy(3), clock=ManualClock(T0))
+    with serve(make_app([], warden=warden, **options)) as url, httpx.Client(base_url=url) as http:
+        return sum(http.get("/", headers={"x-forwarded-for": x}).status_code == 200 for x in xffs)
+
+
+def test_trust_proxy_takes_the_right_most_untrusted_address() -> None:
+    # Behind one proxy that appends (nginx $proxy_add_x_forwarded_for), a
+    # client rotating a forged first entry gains nothing.
+    forged = [f"10.9.9.{i}, 203.0.113.7" for i in range(10)]
+    for trust in (True, 1, "loopback", ["127.0.0.1/32"], ("loopback", "10.0.0.0/8")):
+        assert admitted(forged, trust_proxy=trust) == 3, trust
+    assert admitted(forged, trust_proxy=2) == 10, "two hops trusted: the forged entry is the client, as configured"
+    others = ["198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4"]
+    assert admitted(others, trust_proxy=False) == 3, "not trusted: all the socket's"
+    assert admitted(others, trust_proxy=True) == 4, "different clients kept apart"
+    assert admitted(["garbage", "1.2.3.4:5555", "x,", "unknown"], trust_proxy=True) == 3, "never keys"
+
+
+def test_client_addresses_are_normalised_and_ipv6_keyed_by_subnet() -> None:
+    spellings = ["203.0.113.7", "::ffff:203.0.113.7", "::FFFF:203.0.113.7", "[::ffff:203.0.113.7]"]
+    assert admitted(spellings, trust_proxy=True) == 3
+    one_56 = ["2001:db8:0:100::1", "2001:DB8:0:1ff::2", "2001:db8:0:1aa:0:0:0:3", "[2001:db8:0:100::4]"]
+    assert admitted(one_56, trust_proxy=True) == 3
+    hosts = ["2001:db8:0:100::1", "2001:db8:0:100::2", "2001:db8:0:100::3", "2001:db8:0:100::4"]
+    assert admitted(hosts, trust_proxy=True, ipv6_subnet=128) == 4
 
 
 def test_scope_from_the_request_resource_skip_and_unlimited() -> None:
@@ -220,6 +240,12 @@ def test_bad_options_are_refused_at_construction() -> None:
         ({"warden": warden, "scope": 42}, "scope must be a string or a callable"),
         ({"warden": warden, "skip": True}, "skip must be callable"),
         ({"warden": warden, "cost": ["requests"]}, "invalid cost"),
+        ({"warden": warden, "trust_proxy": "yes"}, "invalid trust_proxy: `yes`"),
+        ({"warden": warden, "trust_proxy": -1}, "is not a hop count"),
+        ({"warden": warden, "trust_proxy": [1]}, "expected networks as strings, got int"),
+        ({"warden": warden, "trust_proxy": 1.5}, "invalid trust_proxy"),
+        ({"warden": warden, "ipv6_subnet": 0}, "invalid ipv6_subnet"),
+        ({"warden": warden, "ipv6_subnet": "56"}, "invalid ipv6_subnet"),
     ]
     for options, message in cases:
         with pytest.raises(InvalidInput, match=message.replace("(", r"\(")):

@@ -10,13 +10,13 @@ from typing_extensions import TypeAlias
 
 __all__ = [
     "Canceller",
+    "ClientIdentity",
     "Decision",
     "ManualClock",
     "NativeWarden",
     "Prepared",
     "Ready",
     "__version__",
-    "client_scope",
     "header_style",
     "scope_of",
     "version",
@@ -28,9 +28,6 @@ _Cost: TypeAlias = Optional[Mapping[str, Any]]
 
 def header_style(style: str) -> str:
     """The canonical name of a rate-limit header style."""
-
-def client_scope(peer: Optional[str], forwarded_for: Optional[str] = None, trust_proxy: bool = False) -> str:
-    """``ip:<client address>`` for an HTTP request."""
 
 def scope_of(segments: List[Tuple[str, str]]) -> str:
     """A scope string from ``(kind, id)`` pairs, ids escaped."""
@@ -213,3 +210,12 @@ class ManualClock:
     def __new__(cls, start: float = ...) -> ManualClock: ...
     def advance(self, seconds: float) -> None: ...
     def now(self) -> float: ...
+
+@final
+class ClientIdentity:
+    def __new__(
+        cls, trust_proxy: Union[bool, int, str, List[str], Tuple[str, ...], None] = None, ipv6_subnet: int = 56
+    ) -> ClientIdentity: ...
+    @property
+    def trusts_proxies(self) -> bool: ...
+    def scope(self, peer: Optional[str], forwarded_for: Optional[str] = None) -> str: ...

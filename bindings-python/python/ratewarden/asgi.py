@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Awaitable, Callable, List, MutableMapping, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, List, MutableMapping, Optional, Sequence, Tuple, Union
 
 from ratewarden import Cost, Decision, InvalidInput, Warden, WardenError, _cost
-from ratewarden._native import client_scope, header_style
+from ratewarden._native import ClientIdentity, header_style
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -47,10 +47,15 @@ class RateLimitMiddleware:
     ``priority`` are values, or callables receiving the request (a Starlette
     ``Request``: ``request.headers``, ``request.url``…); ``scope`` defaults to
     ``ip:<client address>``, and a callable returning ``None`` lets the request
-    through unlimited. The client address is the socket peer; with
-    ``trust_proxy=True`` it is the first ``X-Forwarded-For`` entry (only behind a
-    proxy you control: clients can send anything). ``cost`` defaults to one unit
-    of ``requests`` (``{"requests": 1}``).
+    through unlimited. The client address is the socket peer; behind proxies,
+    ``trust_proxy`` says which to believe (Express's model: ``X-Forwarded-For`` is
+    read right to left and the first address that is not a trusted proxy is the
+    client, so an entry a client forged is never reached): ``True`` = one proxy in
+    front (nginx appending), an int = that many hops, or proxy networks
+    (``"10.0.0.0/8"``, ``["loopback", "uniquelocal"]``). Entries that are not
+    addresses are never keys; ``::ffff:127.0.0.1`` is ``127.0.0.1``; IPv6 clients
+    are keyed by their ``/ipv6_subnet`` (default 56: one host can rotate through a
+    whole /64). ``cost`` defaults to one unit of ``requests`` (``{"requests": 1}``).
 
     ``headers`` is ``"draft-11"`` (default: Structured-Field lists, one item per
     limit), ``"draft-7"``, ``"draft-6"`` or ``None`` (no rate-limit headers; a 429
@@ -75,7 +80,8 @@ class RateLimitMiddleware:
         cost: Union[Cost, Callable[[Any], Optional[Cost]], None] = None,
         priority: Union[str, Callable[[Any], Optional[str]], None] = None,
         headers: Optional[str] = "draft-11",
-        trust_proxy: bool = False,
+        trust_proxy: Union[bool, int, str, Sequence[str]] = False,
+        ipv6_subnet: int = 56,
         skip: Optional[Callable[[Any], Union[bool, Awaitable[bool]]]] = None,
         on_limited: Optional[Callable[[Any, Decision], Any]] = None,
     ) -> None:
@@ -91,6 +97,10 @@ class RateLimitMiddleware:
         for name, hook in (("skip", skip), ("on_limited", on_limited)):
             if hook is not None and not callable(hook):
                 raise InvalidInput(f"RateLimitMiddleware: {name} must be callable")
+        if isinstance(ipv6_subnet, bool) or not isinstance(ipv6_subnet, int):
+            raise InvalidInput(f"invalid ipv6_subnet: expected an int from 1 to 128, got {type(ipv6_subnet).__name__}")
+        # Who the client is: proxies trusted, addresses normalised, IPv6 by subnet (core).
+        self._identity = ClientIdentity(trust_proxy, ipv6_subnet)
         if cost is not None and not callable(cost):
             cost = _cost(cost)
         self.app = app
@@ -99,7 +109,7 @@ class RateLimitMiddleware:
         self._fields = (scope, resource, action, {"requests": 1} if cost is None else cost, priority)
         self._dynamic = any(callable(f) for f in self._fields) or skip is not None or on_limited is not None
         self._style = style
-        self._trust_proxy = trust_proxy
+        self._trust_proxy = self._identity.trusts_proxies
         self._skip = skip
         self._on_limited = on_limited
         if self._dynamic:
@@ -166,11 +176,10 @@ class RateLimitMiddleware:
     def _client_scope(self, scope: MutableMapping[str, Any]) -> str:
         forwarded = None
         if self._trust_proxy:
-            forwarded = next(
-                (v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"x-forwarded-for"), None
-            )
+            # Every X-Forwarded-For field, in order, as one list.
+            forwarded = ",".join(v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"x-forwarded-for")
         client = scope.get("client")
-        return client_scope(str(client[0]) if client else None, forwarded, self._trust_proxy)
+        return self._identity.scope(str(client[0]) if client else None, forwarded)
 
     async def _limited(
         self,
