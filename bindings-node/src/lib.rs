@@ -499,20 +499,24 @@ impl NativeWarden {
     }
 
     /// Connects first (rejects with a BackendError if Redis cannot be reached).
-    #[napi]
-    pub async fn connect(
+    #[napi(ts_return_type = "Promise<NativeWarden>")]
+    pub fn connect<'env>(
+        env: &'env Env,
         json: Option<String>,
         path: Option<String>,
         options: Option<WardenOptions>,
         clock: Option<&ManualClock>,
-    ) -> Result<NativeWarden> {
+    ) -> Result<PromiseRaw<'env, NativeWarden>> {
+        // Everything borrowed from JS is read here: the future owns what it uses.
         let policy = policy_of(json, path)?;
         let setup = setup_of(options.as_ref(), clock, false)?;
-        let warden = setup.connect(policy).await.map_err(|e| to_js(&e))?;
-        Ok(Self {
-            embedded: setup.embedded(),
-            warden,
-            templates: std::sync::RwLock::default(),
+        env.spawn_future(async move {
+            let warden = setup.connect(policy).await.map_err(|e| to_js(&e))?;
+            Ok(Self {
+                embedded: setup.embedded(),
+                warden,
+                templates: std::sync::RwLock::default(),
+            })
         })
     }
 
@@ -604,47 +608,63 @@ impl NativeWarden {
     }
 
     /// Runs any operation on the runtime (Redis, waits).
-    #[napi]
-    pub async fn check_async(
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn check_async<'env>(
         &self,
+        env: &'env Env,
         scope: String,
         options: Option<RequestOptions>,
-    ) -> Result<Decision> {
-        let req = request_of(&scope, options.as_ref())?;
-        js(self.warden.check(&req).await).map(|d| decision_of(&d))
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let req = request_of(&scope, options.as_ref())?;
+            js(warden.check(&req).await).map(|d| decision_of(&d))
+        })
     }
 
     /// Runs on the runtime.
-    #[napi]
-    pub async fn acquire_async(
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn acquire_async<'env>(
         &self,
+        env: &'env Env,
         scope: String,
         options: Option<RequestOptions>,
-    ) -> Result<Decision> {
-        let req = request_of(&scope, options.as_ref())?;
-        js(self.warden.acquire(&req).await).map(|d| decision_of(&d))
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let req = request_of(&scope, options.as_ref())?;
+            js(warden.acquire(&req).await).map(|d| decision_of(&d))
+        })
     }
 
     /// Runs on the runtime.
-    #[napi]
-    pub async fn reserve_async(
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn reserve_async<'env>(
         &self,
+        env: &'env Env,
         scope: String,
         options: Option<RequestOptions>,
-    ) -> Result<Decision> {
-        let (req, lease) = reserve_args(&scope, options.as_ref())?;
-        js(self.warden.reserve(&req, lease).await).map(|d| decision_of(&d))
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (req, lease) = reserve_args(&scope, options.as_ref())?;
+            js(warden.reserve(&req, lease).await).map(|d| decision_of(&d))
+        })
     }
 
     /// Runs on the runtime.
-    #[napi]
-    pub async fn commit_async(
+    #[napi(ts_return_type = "Promise<Receipt>")]
+    pub fn commit_async<'env>(
         &self,
+        env: &'env Env,
         reservation: String,
         actual: Option<serde_json::Value>,
-    ) -> Result<Receipt> {
-        let (id, actual) = commit_args(&reservation, actual.as_ref())?;
-        js(self.warden.commit(id, &actual).await).map(|r| receipt_of(&r))
+    ) -> Result<PromiseRaw<'env, Receipt>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (id, actual) = commit_args(&reservation, actual.as_ref())?;
+            js(warden.commit(id, &actual).await).map(|r| receipt_of(&r))
+        })
     }
 
     /// Settles a wrapped call's reservation by the settlement rule of
@@ -667,67 +687,91 @@ impl NativeWarden {
     }
 
     /// Runs on the runtime.
-    #[napi]
-    pub async fn finish_async(
+    #[napi(ts_return_type = "Promise<string | null>")]
+    pub fn finish_async<'env>(
         &self,
+        env: &'env Env,
         reservation: String,
         failed: bool,
         actual: Option<serde_json::Value>,
         unreadable: Option<String>,
-    ) -> Result<Option<String>> {
-        let (id, outcome) = finish_args(&reservation, failed, actual, unreadable)?;
-        Ok(self.warden.finish(id, outcome).await.problem())
+    ) -> Result<PromiseRaw<'env, Option<String>>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (id, outcome) = finish_args(&reservation, failed, actual, unreadable)?;
+            Ok(warden.finish(id, outcome).await.problem())
+        })
     }
 
     /// Runs on the runtime.
-    #[napi]
-    pub async fn release_async(&self, reservation: String) -> Result<bool> {
-        js(self.warden.release(reservation_id(&reservation)?).await)
-    }
-
-    /// Runs on the runtime.
-    #[napi]
-    pub async fn extend_async(&self, reservation: String, lease: f64) -> Result<f64> {
-        let (id, lease) = (reservation_id(&reservation)?, seconds(lease, "lease")?);
-        js(self.warden.extend(id, lease).await).map(seconds_of)
-    }
-
-    /// Runs on the runtime.
-    #[napi]
-    pub async fn delegate_async(
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn release_async<'env>(
         &self,
+        env: &'env Env,
+        reservation: String,
+    ) -> Result<PromiseRaw<'env, bool>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move { js(warden.release(reservation_id(&reservation)?).await) })
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn extend_async<'env>(
+        &self,
+        env: &'env Env,
+        reservation: String,
+        lease: f64,
+    ) -> Result<PromiseRaw<'env, f64>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (id, lease) = (reservation_id(&reservation)?, seconds(lease, "lease")?);
+            js(warden.extend(id, lease).await).map(seconds_of)
+        })
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn delegate_async<'env>(
+        &self,
+        env: &'env Env,
         child: String,
         amounts: serde_json::Value,
         options: Option<DelegateOptions>,
-    ) -> Result<Decision> {
-        let (child, amounts, from, lease) = delegate_args(&child, &amounts, options.as_ref())?;
-        js(self
-            .warden
-            .delegate(from.as_from(), &child, &amounts, lease)
-            .await)
-        .map(|d| decision_of(&d))
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (child, amounts, from, lease) = delegate_args(&child, &amounts, options.as_ref())?;
+            js(warden
+                .delegate(from.as_from(), &child, &amounts, lease)
+                .await)
+            .map(|d| decision_of(&d))
+        })
     }
 
     /// Waits up to `maxWait` seconds for admission, then acquires (or reserves).
-    #[napi]
-    pub async fn wait_async(
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn wait_async<'env>(
         &self,
+        env: &'env Env,
         scope: String,
         options: Option<RequestOptions>,
         max_wait: f64,
         reserve: bool,
-    ) -> Result<Decision> {
-        let req = request_of(&scope, options.as_ref())?;
-        let what = if reserve {
-            WaitFor::Reserve(optional_seconds(
-                options.as_ref().and_then(|o| o.lease),
-                "lease",
-            )?)
-        } else {
-            WaitFor::Acquire
-        };
-        let max_wait = seconds(max_wait, "maxWait")?;
-        js(self.warden.wait(&req, what, max_wait).await).map(|d| decision_of(&d))
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let req = request_of(&scope, options.as_ref())?;
+            let what = if reserve {
+                WaitFor::Reserve(optional_seconds(
+                    options.as_ref().and_then(|o| o.lease),
+                    "lease",
+                )?)
+            } else {
+                WaitFor::Acquire
+            };
+            let max_wait = seconds(max_wait, "maxWait")?;
+            js(warden.wait(&req, what, max_wait).await).map(|d| decision_of(&d))
+        })
     }
 
     /// An HTTP request's acquire with its response headers in `style`
@@ -750,16 +794,20 @@ impl NativeWarden {
     }
 
     /// Async form of `acquireHttpSync`.
-    #[napi]
-    pub async fn acquire_http_async(
+    #[napi(ts_return_type = "Promise<string | HttpDecision>")]
+    pub fn acquire_http_async<'env>(
         &self,
+        env: &'env Env,
         scope: String,
         options: Option<RequestOptions>,
         style: String,
-    ) -> Result<Either<String, HttpDecision>> {
-        let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
-        let d = self.warden.admit(&req).await.map_err(|e| to_js(&e))?;
-        Ok(http_joined(&d, style))
+    ) -> Result<PromiseRaw<'env, Either<String, HttpDecision>>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
+            let d = warden.admit(&req).await.map_err(|e| to_js(&e))?;
+            Ok(http_joined(&d, style))
+        })
     }
 }
 
@@ -904,33 +952,37 @@ impl NativeWarden {
     /// `decide` for any backend, as a Promise: an allowed, plain decision
     /// resolves to `[priority code, then the compact encoding]`, any other to
     /// the whole decision.
-    #[napi]
+    #[napi(ts_return_type = "Promise<Array<number> | Decision>")]
     #[allow(clippy::too_many_arguments)]
-    pub async fn decide_async(
+    pub fn decide_async<'env>(
         &self,
+        env: &'env Env,
         op: u32,
         scope: String,
         resource: Option<String>,
         action: Option<String>,
         cost: Option<String>,
         priority: Option<String>,
-    ) -> Result<Either<Vec<f64>, Decision>> {
+    ) -> Result<PromiseRaw<'env, Either<Vec<f64>, Decision>>> {
         let (acquire, req) = (
             acquires(op)?,
             compact_request(&scope, resource, action, cost, priority)?,
         );
-        let d = js(if acquire {
-            self.warden.acquire(&req).await
-        } else {
-            self.warden.check(&req).await
-        })?;
-        let mut out = vec![0.0; 2 + d.limits.len() * COMPACT_STRIDE];
-        Ok(match compact(&d, &mut out[1..]) {
-            Some(code) => {
-                out[0] = f64::from(code);
-                Either::A(out)
-            }
-            None => Either::B(decision_of(&d)),
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let d = js(if acquire {
+                warden.acquire(&req).await
+            } else {
+                warden.check(&req).await
+            })?;
+            let mut out = vec![0.0; 2 + d.limits.len() * COMPACT_STRIDE];
+            Ok(match compact(&d, &mut out[1..]) {
+                Some(code) => {
+                    out[0] = f64::from(code);
+                    Either::A(out)
+                }
+                None => Either::B(decision_of(&d)),
+            })
         })
     }
 }
@@ -980,18 +1032,22 @@ impl NativeWarden {
     }
 
     /// `decideHttpPrepared` for any backend, as a Promise.
-    #[napi]
-    pub async fn decide_http_prepared_async(
+    #[napi(ts_return_type = "Promise<string | HttpDecision>")]
+    pub fn decide_http_prepared_async<'env>(
         &self,
+        env: &'env Env,
         scope: Option<String>,
         peer: Option<String>,
         forwarded_for: Option<String>,
         identity: &ClientIdentity,
         template: u32,
-    ) -> Result<Either<String, HttpDecision>> {
+    ) -> Result<PromiseRaw<'env, Either<String, HttpDecision>>> {
         let (req, style) = self.prepared(template, scope, peer, forwarded_for, identity)?;
-        let d = js(self.warden.admit(&req).await)?;
-        Ok(http_joined(&d, style))
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let d = js(warden.admit(&req).await)?;
+            Ok(http_joined(&d, style))
+        })
     }
 }
 
