@@ -89,16 +89,40 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 /// Raises the `ratewarden` exception matching `e` (classes live in
 /// `ratewarden/_errors.py`, so they can inherit from built-in exceptions too).
+/// The exception carries the error's data as attributes: `kind`, `code`,
+/// `path` / `source` (policy errors), `argument`, `unit`, `reservation`,
+/// `operation` (None when not about one).
 fn to_py(e: &Error) -> PyErr {
     let class = match e.kind() {
         ErrorKind::Policy => "PolicyError",
         ErrorKind::InvalidInput => "InvalidInput",
+        ErrorKind::NotFound if e.code() == "reservation_expired" => "ReservationExpired",
         ErrorKind::NotFound => "ReservationNotFound",
         ErrorKind::Conflict => "ReservationConflict",
         ErrorKind::Backend => "BackendError",
         ErrorKind::Internal => "WardenError",
     };
-    error_class(class, e.to_string())
+    let err = error_class(class, e.to_string());
+    Python::attach(|py| {
+        let v = err.value(py);
+        let d = e.details();
+        let operation = d.operation.map(|o| o.to_string());
+        let attrs: [(&str, Option<&str>); 8] = [
+            ("kind", Some(&e.kind().to_string())),
+            ("code", Some(e.code())),
+            ("path", d.path),
+            ("source", d.source),
+            ("argument", d.argument),
+            ("unit", d.unit),
+            ("reservation", d.reservation),
+            ("operation", operation.as_deref()),
+        ];
+        for (name, value) in attrs {
+            // An exception instance takes attributes; nothing to do if one refuses.
+            let _ = v.setattr(name, value);
+        }
+    });
+    err
 }
 
 fn error_class(class: &str, message: String) -> PyErr {

@@ -158,6 +158,58 @@ impl Error {
         }
     }
 
+    /// The stable code of this error, finer than [`Error::kind`]: the
+    /// bindings carry it as `.code` (`reservation_expired` vs
+    /// `reservation_not_found`, `unknown` vs `invalid_amount`…).
+    #[must_use]
+    pub const fn code(&self) -> &'static str {
+        match self {
+            Self::Policy { .. } => "policy",
+            Self::PolicyIo { .. } => "policy_io",
+            Self::InvalidScope { .. } => "invalid_scope",
+            Self::InvalidAmount { .. } => "invalid_amount",
+            Self::InvalidArgument { .. } => "invalid_argument",
+            Self::Unknown { .. } => "unknown",
+            Self::ReservationNotFound { .. } => "reservation_not_found",
+            Self::ReservationExpired { .. } => "reservation_expired",
+            Self::ReservationClosed { .. } => "reservation_closed",
+            Self::Backend { .. } => "backend",
+            Self::Unconfirmed { .. } => "unconfirmed",
+            Self::Internal { .. } => "internal",
+        }
+    }
+
+    /// What the error is about, for the bindings' exception attributes: the
+    /// policy path (`scopes.tenant.limits[2].per`) or file, the argument or
+    /// unit, the reservation id, the operation id. Empty fields are `None`.
+    #[must_use]
+    pub fn details(&self) -> ErrorDetails<'_> {
+        let mut d = ErrorDetails::default();
+        match self {
+            Self::Policy {
+                source_name, path, ..
+            } => {
+                d.path = Some(path);
+                d.source = Some(source_name);
+            }
+            Self::PolicyIo { path, .. } => d.source = Some(path),
+            Self::InvalidScope { .. } => d.argument = Some("scope"),
+            Self::InvalidAmount { unit, .. } => {
+                d.argument = Some("cost");
+                d.unit = Some(unit.as_str()).filter(|u| !u.is_empty());
+            }
+            Self::InvalidArgument { what, .. } | Self::Unknown { what, .. } => {
+                d.argument = Some(what);
+            }
+            Self::ReservationNotFound { id }
+            | Self::ReservationExpired { id }
+            | Self::ReservationClosed { id, .. } => d.reservation = Some(id),
+            Self::Unconfirmed { operation, .. } => d.operation = Some(*operation),
+            Self::Backend { .. } | Self::Internal { .. } => {}
+        }
+        d
+    }
+
     pub(crate) fn invalid(what: &'static str, message: impl Into<String>) -> Self {
         Self::InvalidArgument {
             what,
@@ -183,6 +235,24 @@ impl Error {
             hint,
         }
     }
+}
+
+/// What an [`Error`] is about ([`Error::details`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ErrorDetails<'a> {
+    /// Where in the policy document (`scopes.tenant.limits[2].per`).
+    pub path: Option<&'a str>,
+    /// The policy's file (or `<inline>`).
+    pub source: Option<&'a str>,
+    /// The argument that was wrong (`scope`, `cost`, `lease`, `resource`…).
+    pub argument: Option<&'a str>,
+    /// The unit of a wrong amount.
+    pub unit: Option<&'a str>,
+    /// The reservation the error is about.
+    pub reservation: Option<&'a str>,
+    /// The operation whose outcome is unknown ([`Error::Unconfirmed`]).
+    pub operation: Option<crate::OperationId>,
 }
 
 /// ` for unit `usd``, or nothing when the amount was not yet given for a unit.

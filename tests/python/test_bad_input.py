@@ -135,3 +135,71 @@ def test_negative_zero_is_zero_and_amount_errors_never_name_an_empty_unit(w: War
             w.acquire("tenant:a", cost={"usd": bad})
         assert "unit ``" not in str(e.value)
         assert 'cost["usd"]' in str(e.value) or "unit `usd`" in str(e.value)
+
+
+WRONG_TYPES: Dict[str, Any] = {
+    "scope=None": (lambda w: w.acquire(None), "scope"),
+    "resource=5": (lambda w: w.acquire("tenant:a", resource=5), "resource"),
+    "priority=0": (lambda w: w.acquire("tenant:a", priority=0), "priority"),
+    "lease='10'": (lambda w: w.reserve("tenant:a", lease="10"), None),
+    "commit(None)": (lambda w: w.commit(None), "reservation"),
+    "release(5)": (lambda w: w.release(5), "reservation"),
+    "extend lease as text": (lambda w: w.extend("0" * 32, "x"), None),
+    "max_wait as text": (lambda w: w.wait("tenant:a", max_wait="x"), None),
+    "async scope=None": (lambda w: w.acquire_async(None), "scope"),
+    "lone surrogate": (lambda w: w.acquire("tenant:\ud800"), "scope"),
+    "backend=123": (lambda w: Warden(POLICY, backend=123), "backend"),
+    "clock='x'": (lambda w: Warden(POLICY, clock="x"), None),
+    "local_share=-1": (lambda w: Warden(POLICY, local_share=-1), "local_share"),
+    "guard(scope=None)": (lambda w: w.guard(None)(lambda: 1), "scope"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_TYPES))
+def test_wrong_types_are_invalid_input_naming_the_argument(w: Warden, case: str) -> None:
+    call, argument = WRONG_TYPES[case]
+    before = state(w)
+    with pytest.raises(InvalidInput) as e:
+        call(w)
+    assert isinstance(e.value, (TypeError, ValueError))
+    assert e.value.kind == "invalid_input", case
+    if argument is not None:
+        assert e.value.argument == argument and argument in str(e.value), f"{case}: {e.value!r}"
+    assert state(w) == before
+
+
+def test_errors_carry_data_and_an_expired_reservation_is_not_an_unknown_one() -> None:
+    clock = ratewarden.ManualClock()
+    w = Warden(POLICY, clock=clock)
+    r = w.reserve("tenant:a", cost={"usd": 1}, lease=1)
+    clock.advance(2)
+    with pytest.raises(ratewarden.ReservationExpired) as expired:
+        r.commit()
+    assert isinstance(expired.value, ReservationNotFound), "still a not-found, for old handlers"
+    assert (expired.value.kind, expired.value.code, expired.value.reservation) == (
+        "not_found",
+        "reservation_expired",
+        r.id,
+    )
+    with pytest.raises(ReservationNotFound) as unknown:
+        w.commit("0" * 31 + "1")
+    assert not isinstance(unknown.value, ratewarden.ReservationExpired)
+    assert (unknown.value.code, unknown.value.reservation) == ("reservation_not_found", "0" * 31 + "1")
+
+    with pytest.raises(PolicyError) as p:
+        Warden({"scopes": {"tenant": {"limits": [{"name": "x", "kind": "quota", "limit": 1, "per": "fortnight"}]}}})
+    assert p.value.kind == "policy" and p.value.path == "scopes.tenant.limits[0].per", p.value.path
+    with pytest.raises(InvalidInput) as u:
+        w.acquire("tenant:a", cost={"eur": 1})
+    assert (u.value.code, u.value.argument) == ("unknown", "unit")
+    with pytest.raises(InvalidInput) as a:
+        w.acquire("tenant:a", cost={"usd": "0.0000001"})
+    assert (a.value.code, a.value.unit) == ("invalid_amount", "usd")
+    r = w.reserve("tenant:a", cost={"usd": 1})
+    r.commit()
+    with pytest.raises(ReservationConflict) as c:
+        w.release(r.id)
+    assert (c.value.kind, c.value.code, c.value.reservation) == ("conflict", "reservation_closed", r.id)
+    with pytest.raises(ratewarden.BudgetExceeded) as d:
+        w.guard("tenant:a", cost={"usd": 100})(lambda: 1)()
+    assert (d.value.kind, d.value.code) == ("denied", "budget_exceeded") and d.value.decision.denied_by == "usd"

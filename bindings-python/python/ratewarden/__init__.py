@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from typing import Any, Awaitable, Callable, Dict, Generator, List, Mapping, Optional, TypeVar, Union
 
 from ratewarden._errors import (
@@ -37,6 +38,7 @@ from ratewarden._errors import (
     PolicyError,
     RateLimited,
     ReservationConflict,
+    ReservationExpired,
     ReservationNotFound,
     WardenError,
     denied,
@@ -53,6 +55,7 @@ __all__ = [
     "RateLimited",
     "Reservation",
     "ReservationConflict",
+    "ReservationExpired",
     "ReservationNotFound",
     "Warden",
     "WardenError",
@@ -223,6 +226,30 @@ class _ReserveCall:
             await self._reservation.__aexit__(*exc)
 
 
+#: What the native module raises for an argument of the wrong type or range
+#: before it is ours to judge (pyo3's conversions): reraised as InvalidInput.
+_CONVERSION_ERRORS = (TypeError, OverflowError, UnicodeError, ValueError)
+
+
+def _bad_argument(e: BaseException) -> InvalidInput:
+    """An :class:`InvalidInput` for a conversion error, naming the argument."""
+    text = str(e)
+    # pyo3 names the argument in a note ("while processing 'scope'") or the text.
+    where = " ".join([*getattr(e, "__notes__", ()), text])
+    m = re.search(r"(?:processing|argument) '(\w+)'", where)
+    name = m.group(1) if m else None
+    m = re.match(r"argument '\w+': ", text)
+    if isinstance(e, UnicodeError):
+        text = "not valid text (lone surrogates cannot be encoded)"
+    elif isinstance(e, OverflowError):
+        text = f"out of range ({text})"
+    elif m:
+        text = text[m.end() :].lstrip(": ")
+    err = InvalidInput(f"invalid {name or 'argument'}: {text}")
+    err.argument = name
+    return err
+
+
 def scope(*segments: tuple[str, str], **kinds: str) -> str:
     """Builds a scope string from raw ids, escaping what needs it: ``scope(tenant="acme",
     user="a/b")`` → ``"tenant:acme/user:a%2Fb"``; kinds that are not Python names go as
@@ -287,11 +314,19 @@ class Warden:
                 text = json.dumps(policy)
             except (TypeError, ValueError) as e:
                 raise PolicyError(f"policy: not a JSON-like document: {e}") from None
-            self._native = NativeWarden(json=text, **options)
+            source: Dict[str, Any] = {"json": text}
         elif isinstance(policy, (str, os.PathLike)):
-            self._native = NativeWarden(path=os.fspath(policy), **options)
+            source = {"path": os.fspath(policy)}
         else:
             raise InvalidInput(f"invalid policy: expected a dict or a file path, got {type(policy).__name__}")
+        if clock is not None and not isinstance(clock, ManualClock):
+            raise InvalidInput(f"invalid clock: expected a ratewarden.ManualClock, got {type(clock).__name__}")
+        try:
+            self._native = NativeWarden(**source, **options)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike[str]], backend: Optional[str] = None, **options: Any) -> Warden:
@@ -328,7 +363,12 @@ class Warden:
         priority: Optional[str] = None,
     ) -> Decision:
         """Evaluates the request against every limit it touches, changing nothing."""
-        return self._native.check(scope, resource, action, _cost(cost), priority)
+        try:
+            return self._native.check(scope, resource, action, _cost(cost), priority)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def check_async(
         self,
@@ -340,7 +380,12 @@ class Warden:
         priority: Optional[str] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`check`."""
-        return self._native.check(scope, resource, action, _cost(cost), priority, True)
+        try:
+            return self._native.check(scope, resource, action, _cost(cost), priority, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def acquire(
         self,
@@ -358,7 +403,12 @@ class Warden:
         ``operation`` (32 hex digits) names the request: repeated with the id of an
         earlier admitted one — e.g. a decision's ``unconfirmed`` after a lost
         answer — it returns that decision and charges nothing more."""
-        return self._native.acquire(scope, resource, action, _cost(cost), priority, False, operation)
+        try:
+            return self._native.acquire(scope, resource, action, _cost(cost), priority, False, operation)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def acquire_async(
         self,
@@ -371,7 +421,12 @@ class Warden:
         operation: Optional[str] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`acquire`."""
-        return self._native.acquire(scope, resource, action, _cost(cost), priority, True, operation)
+        try:
+            return self._native.acquire(scope, resource, action, _cost(cost), priority, True, operation)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def reserve(
         self,
@@ -388,9 +443,14 @@ class Warden:
         committed, released or expires. Returns a :class:`Reservation` (check
         ``.allowed``), usable as a context manager. ``operation`` as for
         :meth:`acquire`: a repeated reserve names the same reservation."""
-        return Reservation(
-            self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, False, operation)
-        )
+        try:
+            return Reservation(
+                self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, False, operation)
+            )
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def reserve_async(
         self,
@@ -404,35 +464,70 @@ class Warden:
         operation: Optional[str] = None,
     ) -> _ReserveCall:
         """Async form of :meth:`reserve`: ``await`` it, or ``async with`` it."""
-        return _ReserveCall(
-            self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, True, operation)
-        )
+        try:
+            return _ReserveCall(
+                self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, True, operation)
+            )
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def commit(self, reservation: str, actual: Optional[Cost] = None) -> Dict[str, Any]:
         """Charges a reservation's actual usage (units left out: as reserved) and ends it.
         Idempotent: a repeated commit charges nothing and returns the first receipt
         with ``duplicate=True``."""
-        return self._native.commit(reservation, _cost(actual))
+        try:
+            return self._native.commit(reservation, _cost(actual))
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def commit_async(self, reservation: str, actual: Optional[Cost] = None) -> Awaitable[Dict[str, Any]]:
         """Async form of :meth:`commit`."""
-        return self._native.commit(reservation, _cost(actual), True)
+        try:
+            return self._native.commit(reservation, _cost(actual), True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def release(self, reservation: str) -> bool:
         """Ends a reservation (or delegation) without charging; ``False`` if already released."""
-        return self._native.release(reservation)
+        try:
+            return self._native.release(reservation)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def release_async(self, reservation: str) -> Awaitable[bool]:
         """Async form of :meth:`release`."""
-        return self._native.release(reservation, True)
+        try:
+            return self._native.release(reservation, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def extend(self, reservation: str, lease: float) -> float:
         """Renews a reservation's lease to ``lease`` seconds from now; returns the expiry."""
-        return self._native.extend(reservation, lease)
+        try:
+            return self._native.extend(reservation, lease)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def extend_async(self, reservation: str, lease: float) -> Awaitable[float]:
         """Async form of :meth:`extend`."""
-        return self._native.extend(reservation, lease, True)
+        try:
+            return self._native.extend(reservation, lease, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def delegate(
         self,
@@ -447,7 +542,12 @@ class Warden:
         scope's free capacity) or ``from_reservation``. The child can never spend more
         than ``amounts``; what it spends counts at the parent; releasing the
         delegation (``release(decision.reservation)``) returns the unspent part."""
-        return self._native.delegate(child, _cost(amounts), from_scope, from_reservation, lease)
+        try:
+            return self._native.delegate(child, _cost(amounts), from_scope, from_reservation, lease)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def delegate_async(
         self,
@@ -459,7 +559,12 @@ class Warden:
         lease: Optional[float] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`delegate`."""
-        return self._native.delegate(child, _cost(amounts), from_scope, from_reservation, lease, True)
+        try:
+            return self._native.delegate(child, _cost(amounts), from_scope, from_reservation, lease, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def wait(
         self,
@@ -476,7 +581,12 @@ class Warden:
         """Waits (up to ``max_wait`` seconds) until the request is admitted, then acquires
         it (or reserves it with ``reserve=True``). Waiters in this process are served
         in priority order. Returns the last denial if the time runs out."""
-        return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
+        try:
+            return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     def wait_async(
         self,
@@ -491,7 +601,12 @@ class Warden:
         lease: Optional[float] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`wait`; cancelling it leaves nothing held."""
-        return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease, True)
+        try:
+            return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
 
     # -- the decorator -----------------------------------------------------
 
@@ -537,11 +652,11 @@ class Warden:
 
             def prepare(args: tuple, kwargs: dict) -> Prepared:
                 s, r, a, c, p = (f(*args, **kwargs) if callable(f) else f for f in fields)
-                return native.prepare(s, r, a, _cost(c), p, lease, wait_for)
+                return _prepared(native, s, r, a, c, p, lease, wait_for)
 
         else:
             # Constant request: converted (and validated) once, here.
-            const = native.prepare(scope, resource, action, _cost(cost), priority, lease, wait_for)
+            const = _prepared(native, scope, resource, action, cost, priority, lease, wait_for)
 
             def prepare(args: tuple, kwargs: dict) -> Prepared:
                 return const
@@ -601,6 +716,25 @@ class Warden:
             return guarded  # type: ignore[return-value]
 
         return decorate
+
+
+def _prepared(
+    native: NativeWarden,
+    scope: Any,
+    resource: Any,
+    action: Any,
+    cost: Any,
+    priority: Any,
+    lease: Any,
+    max_wait: Optional[float],
+) -> Prepared:
+    """A guard's request converted by the native module (wrong types: InvalidInput)."""
+    try:
+        return native.prepare(scope, resource, action, _cost(cost), priority, lease, max_wait)
+    except WardenError:
+        raise
+    except _CONVERSION_ERRORS as e:
+        raise _bad_argument(e) from None
 
 
 def _settlement_problem(fn: Callable[..., Any], problem: Optional[str]) -> None:
