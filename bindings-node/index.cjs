@@ -23,23 +23,54 @@ const native = require(addon);
 
 // --- errors ---------------------------------------------------------------------
 
-/** Base class of every error ratewarden throws. */
+/**
+ * Base class of every error ratewarden throws. Besides the message it carries
+ * data (null when not about one): `code` (stable: `unknown`, `invalid_amount`,
+ * `reservation_expired`, `reservation_not_found`, `backend`…), `kind`
+ * (`policy`, `invalid_input`, `not_found`, `conflict`, `backend`, `internal`,
+ * `denied`), `path` / `source` (where in which policy), `argument` / `unit`
+ * (what input was wrong), `reservation` (the id) and `operation` (an operation
+ * whose outcome is unknown: ask again with it).
+ */
 class WardenError extends Error {
   constructor(message, options) {
     super(message, options);
     this.name = new.target.name;
+    this.code = new.target.CODE;
+    this.kind = new.target.KIND;
+    this.path = null;
+    this.source = null;
+    this.argument = options?.argument ?? null;
+    this.unit = null;
+    this.reservation = null;
+    this.operation = null;
   }
 }
-/** The policy is invalid; the message names the file and the path inside it. */
+WardenError.CODE = 'internal';
+WardenError.KIND = 'internal';
+/** The policy is invalid; `path` says where (`scopes.tenant.limits[2].per`), `source` in which file. */
 class PolicyError extends WardenError {}
-/** An argument is invalid; the message names it and says why. */
+PolicyError.CODE = 'policy';
+PolicyError.KIND = 'policy';
+/** An argument is invalid; the message and `argument` name it. */
 class InvalidInputError extends WardenError {}
+InvalidInputError.CODE = 'invalid_argument';
+InvalidInputError.KIND = 'invalid_input';
 /** The shared backend (Redis) failed or could not be reached. */
 class BackendError extends WardenError {}
-/** A reservation id that does not exist (or no longer does). */
+BackendError.CODE = 'backend';
+BackendError.KIND = 'backend';
+/** A reservation id that does not exist (or no longer does); `reservation` is the id. */
 class ReservationNotFoundError extends WardenError {}
+ReservationNotFoundError.CODE = 'reservation_not_found';
+ReservationNotFoundError.KIND = 'not_found';
+/** A reservation whose lease ran out before this call (its holds were already returned). */
+class ReservationExpiredError extends ReservationNotFoundError {}
+ReservationExpiredError.CODE = 'reservation_expired';
 /** An operation that conflicts with a reservation's state (commit after release…). */
 class ReservationConflictError extends WardenError {}
+ReservationConflictError.CODE = 'reservation_closed';
+ReservationConflictError.KIND = 'conflict';
 /** A request was denied: `retryAfter` (seconds, or null if it never can succeed) and the `decision`. */
 class RateLimitedError extends WardenError {
   constructor(decision) {
@@ -50,8 +81,11 @@ class RateLimitedError extends WardenError {
     this.retryAfter = decision.retryAfter;
   }
 }
+RateLimitedError.CODE = 'rate_limited';
+RateLimitedError.KIND = 'denied';
 /** Denied by a budget (money, tokens, risk points) rather than a rate. */
 class BudgetExceededError extends RateLimitedError {}
+BudgetExceededError.CODE = 'budget_exceeded';
 
 const KINDS = {
   Policy: PolicyError,
@@ -61,11 +95,26 @@ const KINDS = {
   Conflict: ReservationConflictError,
 };
 
-/** The typed error for a native error (its kind travels as a message prefix). */
+// Every native error's message is this marker then a JSON object (src/lib.rs `to_js`).
+const ERROR_MARK = 'ratewarden\x1f';
+
+/** The typed error for a native error: its class, `code` and data come from the JSON the addon sends. */
 function typed(e) {
   if (e instanceof WardenError) return e;
-  const m = /^\[ratewarden:(\w+)\] ([\s\S]*)$/.exec(e?.message ?? '');
-  if (m) return new (KINDS[m[1]] ?? WardenError)(m[2]);
+  const message = typeof e?.message === 'string' ? e.message : '';
+  if (message.startsWith(ERROR_MARK)) {
+    let data;
+    try {
+      data = JSON.parse(message.slice(ERROR_MARK.length));
+    } catch {
+      return new WardenError(message.slice(ERROR_MARK.length));
+    }
+    const Class = data.code === 'reservation_expired' ? ReservationExpiredError : (KINDS[data.kind] ?? WardenError);
+    const err = new Class(data.message);
+    err.code = data.code;
+    for (const k of ['path', 'source', 'argument', 'unit', 'reservation', 'operation']) err[k] = data[k] ?? null;
+    return err;
+  }
   // napi's own conversion errors (a wrong argument type): still bad input.
   if (e?.code === 'InvalidArg' || e?.code === 'NumberExpected' || e?.code === 'StringExpected' || e?.code === 'ObjectExpected') {
     return new InvalidInputError(`invalid argument: ${e.message}`);
@@ -187,25 +236,61 @@ class Compact {
 }
 
 /**
- * Throws an InvalidInputError naming `what.unit` for a cost value that cannot
- * cross to the core as an amount (NaN, infinities, BigInt, objects…): napi's own
- * conversion error would not say which.
+ * The cost as the core takes it, or an InvalidInputError naming `what.unit` for
+ * a value that cannot be an amount (NaN, infinities, objects…): napi's own
+ * conversion error would not say which. A BigInt is an exact whole amount
+ * (passed on as its decimal text).
  */
 function checkCost(cost, what) {
-  if (cost === undefined || cost === null) return;
+  if (cost === undefined || cost === null) return cost;
   if (typeof cost !== 'object' || Array.isArray(cost)) {
-    throw new InvalidInputError(`invalid ${what}: expected an object of unit to amount, got ${Array.isArray(cost) ? 'an array' : typeof cost}`);
+    throw new InvalidInputError(`invalid ${what}: expected an object of unit to amount, got ${describe(cost)}`, { argument: what });
   }
+  let out = cost;
   for (const unit of Object.keys(cost)) {
     const v = cost[unit];
     if (typeof v === 'string' || (typeof v === 'number' && Number.isFinite(v))) continue;
-    const got = typeof v === 'number' ? String(v) : v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
-    throw new InvalidInputError(`invalid ${what}.${unit}: expected a finite number or a decimal string, got ${got}`);
+    if (typeof v === 'bigint') {
+      if (out === cost) out = { ...cost };
+      out[unit] = v.toString();
+      continue;
+    }
+    const got = typeof v === 'number' ? String(v) : describe(v);
+    throw new InvalidInputError(`invalid ${what}.${unit}: expected a finite number or a decimal string, got ${got}`, { argument: what });
+  }
+  return out;
+}
+
+/** `null`, `an array`, or the typeof of a value, for messages. */
+function describe(v) {
+  return v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
+}
+
+function optionalString(value, what) {
+  if (value !== undefined && value !== null && typeof value !== 'string') {
+    throw new InvalidInputError(`invalid ${what}: expected a string, got ${describe(value)}`, { argument: what });
   }
 }
 
+function optionalSeconds(value, what) {
+  if (value !== undefined && value !== null && typeof value !== 'number') {
+    throw new InvalidInputError(`invalid ${what}: expected seconds as a number, got ${describe(value)}`, { argument: what });
+  }
+}
+
+/** A request's scope and options checked for types (the core judges the values); the options as the addon takes them. */
+function checkRequest(scope, options) {
+  requireString(scope, 'scope');
+  if (options === undefined || options === null) return options;
+  requireOptions(options, 'options');
+  for (const k of ['resource', 'action', 'priority', 'operation']) optionalString(options[k], k);
+  optionalSeconds(options.lease, 'lease');
+  const cost = checkCost(options.cost, 'cost');
+  return cost === options.cost ? options : { ...options, cost };
+}
+
 function requireString(value, what) {
-  if (typeof value !== 'string') throw new InvalidInputError(`invalid ${what}: expected a string, got ${value === null ? 'null' : typeof value}`);
+  if (typeof value !== 'string') throw new InvalidInputError(`invalid ${what}: expected a string, got ${describe(value)}`, { argument: what });
 }
 
 function isOptions(value) {
@@ -226,6 +311,18 @@ function invalidOptions(value) {
     return Promise.reject(e);
   }
   return undefined;
+}
+
+/** A policy object as JSON text; a PolicyError for one that is not a JSON document (BigInt, cycles). */
+function policyJson(policy) {
+  if (policy === null || typeof policy !== 'object' || Array.isArray(policy)) {
+    throw new InvalidInputError(`invalid policy: expected a policy object (or a file path), got ${describe(policy)}`, { argument: 'policy' });
+  }
+  try {
+    return JSON.stringify(policy);
+  } catch (e) {
+    throw new PolicyError(`invalid policy <object>: not a JSON document (${e.message.split('\n')[0]})`);
+  }
 }
 
 // --- the warden -----------------------------------------------------------------
@@ -256,7 +353,7 @@ class Warden {
     if (policy === null || typeof policy !== 'object' || Array.isArray(policy)) {
       throw new InvalidInputError(`invalid policy: expected a policy object (or use Warden.fromFile), got ${Array.isArray(policy) ? 'an array' : typeof policy}`);
     }
-    this.#attach(Warden.#build(JSON.stringify(policy), null, options));
+    this.#attach(Warden.#build(policyJson(policy), null, options));
   }
 
   /** Holds the native warden and its compact-decision reader (limit table and buffer, made once). */
@@ -289,7 +386,7 @@ class Warden {
     requireOptions(options, 'options');
     const { clock, ...rest } = options;
     const w = new Warden(UNBUILT);
-    const json = typeof policy === 'string' ? null : JSON.stringify(policy);
+    const json = typeof policy === 'string' ? null : policyJson(policy);
     const path = typeof policy === 'string' ? policy : null;
     w.#attach(await native.NativeWarden.connect(json, path, rest, clock ?? null).catch(rethrow));
     return w;
@@ -322,19 +419,32 @@ class Warden {
     }
   }
 
+  /** A request through the general path: argument types checked here (errors name the argument), values by the core. */
+  #request(name, scope, options) {
+    try {
+      return this.#call(name, [scope, checkRequest(scope, options)]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
   /** check (op 0) / acquire (op 1) through the compact path (options it cannot encode take the general one). */
   #decide(op, name, scope, options) {
     const compact = this.#compact;
-    if (compact === undefined) return this.#call(name, [scope, options]); // closed: the error
+    if (compact === undefined || typeof scope !== 'string') return this.#request(name, scope, options); // closed, or a bad scope: the error
     const n = this.#native;
     let resource, action, cost, priority;
     if (options !== undefined && options !== null) {
       if (typeof options !== 'object' || Array.isArray(options)) return invalidOptions(options);
       // An operation id (a repeated request) is read by the general path.
-      if (options.operation !== undefined) return this.#call(name, [scope, options]);
+      if (options.operation !== undefined) return this.#request(name, scope, options);
       ({ resource, action, priority } = options);
+      if ((resource !== undefined && typeof resource !== 'string') || (action !== undefined && typeof action !== 'string')
+        || (priority !== undefined && typeof priority !== 'string')) {
+        return this.#request(name, scope, options);
+      }
       cost = encodeCost(options.cost);
-      if (cost === SLOW) return this.#call(name, [scope, options]);
+      if (cost === SLOW) return this.#request(name, scope, options);
     }
     try {
       if (!this.#embedded) {
@@ -361,28 +471,54 @@ class Warden {
   /** Holds the (estimated) cost under a lease until commit, release or expiry. */
   reserve(scope, options) {
     if (!isOptions(options)) return invalidOptions(options);
-    return this.#call('reserve', [scope, options]);
+    return this.#request('reserve', scope, options);
   }
 
   /** Charges a reservation's actual usage (units left out: as reserved); idempotent. */
   commit(reservation, actual) {
-    return this.#call('commit', [reservation, actual]);
+    try {
+      requireString(reservation, 'reservation');
+      return this.#call('commit', [reservation, checkCost(actual, 'actual')]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
   }
 
   /** Ends a reservation or delegation without charging; resolves `false` if already released. */
   release(reservation) {
+    try {
+      requireString(reservation, 'reservation');
+    } catch (e) {
+      return Promise.reject(e);
+    }
     return this.#call('release', [reservation]);
   }
 
   /** Renews a reservation's lease to `lease` seconds from now; resolves to the new expiry (s since epoch). */
   extend(reservation, lease) {
+    try {
+      requireString(reservation, 'reservation');
+      if (typeof lease !== 'number') throw new InvalidInputError(`invalid lease: expected seconds as a number, got ${describe(lease)}`, { argument: 'lease' });
+    } catch (e) {
+      return Promise.reject(e);
+    }
     return this.#call('extend', [reservation, lease]);
   }
 
   /** Carves a sub-budget for `child` out of `{ fromScope }` or `{ fromReservation }` (with optional `lease`). */
   delegate(child, amounts, options) {
     if (!isOptions(options)) return invalidOptions(options);
-    return this.#call('delegate', [child, amounts, options]);
+    try {
+      requireString(child, 'child');
+      if (amounts === undefined || amounts === null) throw new InvalidInputError('invalid amounts: expected an object of unit to amount', { argument: 'amounts' });
+      const checked = checkCost(amounts, 'amounts');
+      optionalString(options?.fromScope, 'fromScope');
+      optionalString(options?.fromReservation, 'fromReservation');
+      optionalSeconds(options?.lease, 'lease');
+      return this.#call('delegate', [child, checked, options]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
   }
 
   /**
@@ -393,7 +529,8 @@ class Warden {
     try {
       requireOptions(options, 'options');
       const { maxWait = 30, reserve = false, ...request } = options ?? {};
-      return this.#live().waitAsync(scope, request, maxWait, Boolean(reserve)).catch(rethrow);
+      optionalSeconds(maxWait, 'maxWait');
+      return this.#live().waitAsync(scope, checkRequest(scope, request), maxWait, Boolean(reserve)).catch(rethrow);
     } catch (e) {
       return Promise.reject(typed(e));
     }
@@ -545,7 +682,10 @@ class Warden {
       throw typed(e);
     }
     for (const [k, v] of Object.entries({ skip, onLimited })) {
-      if (v !== undefined && typeof v !== 'function') throw new InvalidInputError(`invalid ${k}: expected a function`);
+      if (v !== undefined && typeof v !== 'function') throw new InvalidInputError(`invalid ${k}: expected a function`, { argument: k });
+    }
+    if (who !== undefined && typeof who !== 'string' && typeof who !== 'function') {
+      throw new InvalidInputError(`invalid scope: expected a scope string or a function of the request, got ${describe(who)}`, { argument: 'scope' });
     }
     const n = this.#live();
     const isEmbedded = n.embedded;
@@ -598,13 +738,13 @@ class Warden {
       return next();
     };
     // Constant request fields (values, not functions of req) are validated once,
-    // here, and stay native: one index crosses per request. A constant cost the
-    // compact encoding cannot carry (a fraction) takes the per-request path.
+    // here — types, then resource, action, units and amounts against the policy —
+    // and stay native: one index crosses per request.
     let template;
-    const fixedCost = constant ? encodeCost(cost) : SLOW;
-    if (fixedCost !== SLOW) {
+    if (constant) {
       try {
-        template = n.prepareHttp(resource, action, fixedCost, priority, style);
+        for (const [k, v] of Object.entries({ resource, action, priority })) optionalString(v, k);
+        template = n.prepareHttp(resource, action, checkCost(cost, 'cost'), priority, style);
       } catch (e) {
         throw typed(e);
       }
@@ -625,8 +765,10 @@ class Warden {
         return undefined;
       }
       // Fields computed per request: the general conversion.
-      const request = { resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req) };
       const target = s ?? identity.scope(peer ?? null, xff ?? null);
+      const request = checkRequest(target, {
+        resource: pick(resource, req), action: pick(action, req), cost: pick(cost, req), priority: pick(priority, req),
+      });
       if (isEmbedded) return respond(req, res, next, n.acquireHttpSync(target, request, style));
       n.acquireHttpAsync(target, request, style).then((r) => respond(req, res, next, r), (e) => next(typed(e)));
       return undefined;
@@ -679,6 +821,7 @@ module.exports = {
   InvalidInputError,
   BackendError,
   ReservationNotFoundError,
+  ReservationExpiredError,
   ReservationConflictError,
   RateLimitedError,
   BudgetExceededError,

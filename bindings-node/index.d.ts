@@ -74,6 +74,15 @@ export interface HttpResponse {
   end(body?: string): unknown;
 }
 
+/**
+ * What `req` / `res` are typed as in the middleware's callbacks when the
+ * framework's own types cannot be inferred (a middleware declared before
+ * `app.use`, or mounted on a path): anything, as Express's are. Pass
+ * `express<express.Request, express.Response>(…)` for the exact types.
+ */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export type ExpressLike = any;
+
 /** Options of the `express()` middleware. */
 export interface ExpressOptions<Req extends HttpRequest = HttpRequest, Res extends HttpResponse = HttpResponse> {
   /** The request's scope (default `ip:<client address>`); null/undefined from a function: not limited. */
@@ -156,21 +165,46 @@ export declare class Warden {
    * with 429, `Retry-After` and a JSON body (or `onLimited`). Never crashes the
    * server: backend failures follow `onBackendError`, other errors go to `next(err)`.
    */
-  express<Req extends HttpRequest = HttpRequest, Res extends HttpResponse = HttpResponse>(
+  express<Req extends HttpRequest = ExpressLike, Res extends HttpResponse = ExpressLike>(
     options?: ExpressOptions<Req, Res>,
   ): (req: Req, res: Res, next: (err?: unknown) => void) => void;
 }
 
-/** Base class of every error ratewarden throws. */
-export declare class WardenError extends Error {}
-/** The policy is invalid; the message names the file and the path inside it. */
+/** The stable code of a ratewarden error (`err.code`). */
+export type ErrorCode =
+  | 'policy' | 'policy_io' | 'invalid_scope' | 'invalid_amount' | 'invalid_argument' | 'unknown'
+  | 'reservation_not_found' | 'reservation_expired' | 'reservation_closed'
+  | 'backend' | 'unconfirmed' | 'internal' | 'rate_limited' | 'budget_exceeded';
+
+/** Base class of every error ratewarden throws; its data are fields, never to be parsed out of the message. */
+export declare class WardenError extends Error {
+  /** Stable code: `unknown`, `invalid_amount`, `reservation_expired`, `reservation_not_found`, `backend`… */
+  readonly code: ErrorCode;
+  /** `policy`, `invalid_input`, `not_found`, `conflict`, `backend`, `internal` or `denied`. */
+  readonly kind: 'policy' | 'invalid_input' | 'not_found' | 'conflict' | 'backend' | 'internal' | 'denied';
+  /** Where in the policy (`scopes.tenant.limits[2].per`). */
+  readonly path: string | null;
+  /** The policy's file (or `<object>`). */
+  readonly source: string | null;
+  /** The argument that was wrong (`scope`, `cost`, `lease`, `resource`…). */
+  readonly argument: string | null;
+  /** The unit of a wrong amount. */
+  readonly unit: string | null;
+  /** The reservation the error is about. */
+  readonly reservation: string | null;
+  /** An operation whose outcome is unknown (`code: 'unconfirmed'`): ask again with `{ operation }`. */
+  readonly operation: string | null;
+}
+/** The policy is invalid; `path` and `source` say where. */
 export declare class PolicyError extends WardenError {}
-/** An argument is invalid; the message names it and says why. Nothing was changed. */
+/** An argument is invalid; the message and `argument` name it. Nothing was changed. */
 export declare class InvalidInputError extends WardenError {}
 /** The shared backend (Redis) failed or could not be reached. */
 export declare class BackendError extends WardenError {}
 /** A reservation id that does not exist (or no longer does). */
 export declare class ReservationNotFoundError extends WardenError {}
+/** A reservation whose lease ran out before this call: its holds were already returned. */
+export declare class ReservationExpiredError extends ReservationNotFoundError {}
 /** An operation that conflicts with a reservation's state (commit after release…). */
 export declare class ReservationConflictError extends WardenError {}
 /** A request was denied (thrown by `wrap()`); carries the decision. */

@@ -11,6 +11,7 @@ export const {
   InvalidInputError,
   BackendError,
   ReservationNotFoundError,
+  ReservationExpiredError,
   ReservationConflictError,
   RateLimitedError,
   BudgetExceededError,

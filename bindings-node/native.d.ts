@@ -110,7 +110,7 @@ export declare class NativeWarden {
    * Validates a middleware's constant request fields and header style once
    * and returns their index for `decideHttpPrepared`. `cost` as in `decide`.
    */
-  prepareHttp(resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, style: string): number
+  prepareHttp(resource: string | undefined | null, action: string | undefined | null, cost: any | undefined | null, priority: string | undefined | null, style: string): number
   /**
    * An HTTP request's acquire with a prepared request (`prepareHttp`), at
    * once on the embedded engine: when allowed, its response headers as one
@@ -270,10 +270,10 @@ export interface RequestOptions {
   resource?: string
   /** The action it takes (`send_email`…), whose limits apply too. */
   action?: string
-  /** Amount per unit: `{ tokens: 800, usd: '0.0125' }` (numbers or decimal strings). */
-  cost?: any
+  /** Amount per unit: `{ tokens: 800, usd: '0.0125' }` (numbers, decimal strings or BigInts). */
+  cost?: Record<string, number | string | bigint>
   /** `critical`, `standard` (default) or `background`. */
-  priority?: string
+  priority?: 'critical' | 'standard' | 'background'
   /** Lease of a reservation, seconds. */
   lease?: number
   /**

@@ -7,7 +7,7 @@
 //! - The `*Async` methods run on napi's Tokio runtime (Redis, and waits) and
 //!   return Promises; nothing blocks the event loop and no handle keeps the
 //!   process alive.
-//! - Errors carry their kind as a `[ratewarden:<Kind>]` prefix that the JS layer
+//! - Errors carry their kind, code and details as JSON after a marker that the JS layer
 //!   turns into a typed error class (users never parse messages).
 
 use std::time::Duration;
@@ -31,6 +31,12 @@ pub fn version() -> &'static str {
 // ---------------------------------------------------------------------------
 // Errors
 
+/// The marker that starts the reason of every error this addon raises: the
+/// rest is a JSON object (`kind`, `code`, `message` and the error's details)
+/// that the JS layer turns into a typed error with `err.code` and fields —
+/// nothing is parsed out of a message.
+const ERROR_MARK: &str = "ratewarden\u{1f}";
+
 fn kind_name(kind: ErrorKind) -> &'static str {
     match kind {
         ErrorKind::Policy => "Policy",
@@ -44,17 +50,38 @@ fn kind_name(kind: ErrorKind) -> &'static str {
 }
 
 fn to_js(e: &ratewarden::Error) -> Error {
-    Error::new(
-        Status::GenericFailure,
-        format!("[ratewarden:{}] {e}", kind_name(e.kind())),
-    )
+    let d = e.details();
+    let data = serde_json::json!({
+        "kind": kind_name(e.kind()),
+        "code": e.code(),
+        "message": e.to_string(),
+        "path": d.path,
+        "source": d.source,
+        "argument": d.argument,
+        "unit": d.unit,
+        "reservation": d.reservation,
+        "operation": d.operation.map(|o| o.to_string()),
+    });
+    Error::new(Status::GenericFailure, format!("{ERROR_MARK}{data}"))
+}
+
+/// The message of an error made by `to_js` (for a problem text).
+fn message_of(e: &Error) -> String {
+    e.reason
+        .strip_prefix(ERROR_MARK)
+        .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| e.reason.clone())
 }
 
 fn invalid(what: &str, why: impl std::fmt::Display) -> Error {
-    Error::new(
-        Status::InvalidArg,
-        format!("[ratewarden:InvalidInput] invalid {what}: {why}"),
-    )
+    let data = serde_json::json!({
+        "kind": "InvalidInput",
+        "code": "invalid_argument",
+        "message": format!("invalid {what}: {why}"),
+        "argument": what,
+    });
+    Error::new(Status::InvalidArg, format!("{ERROR_MARK}{data}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -68,9 +95,11 @@ pub struct RequestOptions {
     pub resource: Option<String>,
     /// The action it takes (`send_email`…), whose limits apply too.
     pub action: Option<String>,
-    /// Amount per unit: `{ tokens: 800, usd: '0.0125' }` (numbers or decimal strings).
+    /// Amount per unit: `{ tokens: 800, usd: '0.0125' }` (numbers, decimal strings or BigInts).
+    #[napi(ts_type = "Record<string, number | string | bigint>")]
     pub cost: Option<serde_json::Value>,
     /// `critical`, `standard` (default) or `background`.
+    #[napi(ts_type = "'critical' | 'standard' | 'background'")]
     pub priority: Option<String>,
     /// Lease of a reservation, seconds.
     pub lease: Option<f64>,
@@ -996,12 +1025,23 @@ impl NativeWarden {
         &self,
         resource: Option<String>,
         action: Option<String>,
-        cost: Option<String>,
+        cost: Option<serde_json::Value>,
         priority: Option<String>,
         style: String,
     ) -> Result<u32> {
+        let cost = cost.map(|c| cost_of(Some(&c), "cost")).transpose()?;
+        let request = ops::request(
+            "prepared:request",
+            resource.as_deref(),
+            action.as_deref(),
+            cost,
+            priority.as_deref(),
+        )
+        .map_err(|e| to_js(&e))?;
+        // Resource, action and cost against the policy: a typo fails here, once.
+        ratewarden::plan::check_parts(self.warden.policy(), &request).map_err(|e| to_js(&e))?;
         let template = Template {
-            request: compact_request("prepared:request", resource, action, cost, priority)?,
+            request,
             style: style_of(&style)?,
         };
         let mut all = self
@@ -1203,11 +1243,7 @@ fn finish_args(
         (None, Some(v)) => match cost_of(Some(&v), "actual") {
             Ok(c) => Usage::Actual(c),
             // The message without the kind prefix the JS layer reads.
-            Err(e) => Usage::Unreadable(
-                e.reason
-                    .trim_start_matches("[ratewarden:InvalidInput] ")
-                    .to_owned(),
-            ),
+            Err(e) => Usage::Unreadable(message_of(&e)),
         },
     };
     Ok((id, CallOutcome::Ran(usage)))

@@ -221,6 +221,37 @@ pub fn resolve_cost<'c>(policy: &Policy, cost: &'c Cost) -> Result<Amounts<'c>> 
     Ok(out)
 }
 
+/// Checks everything about `request` but its scope against `policy` — the
+/// resource, the action, the cost's units and amounts — as a middleware does
+/// once for its constant request fields, so a typo fails when the middleware
+/// is made rather than on every request.
+///
+/// # Errors
+/// [`Error::Unknown`] for undeclared resources, actions or units;
+/// [`Error::InvalidAmount`] for bad amounts.
+pub fn check_parts(policy: &Policy, request: &Request) -> Result<()> {
+    resolve_cost(policy, &request.cost)?;
+    if let Some(a) = &request.action {
+        if policy.action(a).is_none() {
+            return Err(Error::unknown(
+                "action",
+                a,
+                policy.actions.keys().map(String::as_str),
+            ));
+        }
+    }
+    if let Some(r) = &request.resource {
+        if policy.resource(r).is_none() {
+            return Err(Error::unknown(
+                "resource",
+                r,
+                policy.resources.keys().map(String::as_str),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn amount_for(amounts: &[(&str, i64)], unit: &str, default_requests: bool) -> Option<i64> {
     match amounts.iter().find(|(u, _)| *u == unit) {
         Some((_, a)) => Some(*a),

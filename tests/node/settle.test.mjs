@@ -90,7 +90,7 @@ for (const backend of ['memory', 'redis']) {
         [() => ({ usd: -1 }), 'negative'],
         [() => ({ usd: Number.NaN }), 'actual.usd: expected a finite number'],
         [() => ({ usd: 2 ** 60 }), 'actual.usd'],
-        [() => ({ usd: 1n }), 'got bigint'],
+        [() => ({ usd: {} }), 'actual.usd: expected a finite number or a decimal string, got object'],
         [() => circular, 'actual.self'],
         [async () => { throw new RangeError('late'); }, 'RangeError'],
       ];

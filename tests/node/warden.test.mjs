@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 
 import {
   BudgetExceededError, InvalidInputError, ManualClock, PolicyError, RateLimitedError,
-  ReservationConflictError, ReservationNotFoundError, Warden, WardenError, scope,
+  ReservationConflictError, ReservationExpiredError, ReservationNotFoundError, Warden, WardenError, scope,
 } from '../../bindings-node/index.mjs';
 import { addon, policy, startRedis } from './helpers.mjs';
 
@@ -155,7 +155,17 @@ describe('Warden', () => {
 describe('bad input: typed errors that name the problem, nothing changed', () => {
   const cases = [
     ['a scope without kind', (w) => w.acquire('nokind'), InvalidInputError, /scope/],
-    ['a scope that is not a string', (w) => w.acquire(42), InvalidInputError, /String/],
+    ['a scope that is not a string', (w) => w.acquire(42), InvalidInputError, /invalid scope: expected a string, got number/],
+    ['no scope at all', (w) => w.acquire(), InvalidInputError, /invalid scope: expected a string, got undefined/],
+    ['a resource that is a number', (w) => w.acquire('ip:1', { resource: 5 }), InvalidInputError, /invalid resource: expected a string/],
+    ['a NaN amount', (w) => w.acquire('ip:1', { cost: { requests: Number.NaN } }), InvalidInputError, /cost\.requests.*NaN/],
+    ['a lease that is text', (w) => w.reserve('ip:1', { lease: '10' }), InvalidInputError, /invalid lease: expected seconds/],
+    ['a reservation id that is not a string', (w) => w.commit(undefined), InvalidInputError, /invalid reservation: expected a string/],
+    ['release without an id', (w) => w.release(), InvalidInputError, /invalid reservation/],
+    ['extend with a text lease', (w) => w.extend('0'.repeat(32), '5'), InvalidInputError, /invalid lease/],
+    ['delegate to a number', (w) => w.delegate(5, { requests: 1 }, { fromScope: 'ip:1' }), InvalidInputError, /invalid child/],
+    ['wait for undefined', (w) => w.wait(undefined), InvalidInputError, /invalid scope/],
+    ['an operation id that is a number', (w) => w.acquire('ip:1', { operation: 5 }), InvalidInputError, /invalid operation/],
     ['a boolean amount', (w) => w.acquire('ip:1', { cost: { requests: true } }), InvalidInputError, /cost\.requests.*boolean/],
     ['a non-decimal string amount', (w) => w.acquire('ip:1', { cost: { requests: 'lots' } }), InvalidInputError, /lots.*decimal/],
     ['a negative amount', (w) => w.acquire('ip:1', { cost: { requests: -1 } }), InvalidInputError, /negative|must be/],
@@ -183,6 +193,53 @@ describe('bad input: typed errors that name the problem, nothing changed', () =>
       assert.equal((await w.check('ip:1', { cost: { requests: 0 } })).limits[0].remaining, 5, 'nothing changed');
     });
   }
+
+  test('errors carry code, kind and data; an expired reservation is not an unknown one', async () => {
+    const clock = new ManualClock();
+    const w = new Warden(policy(5), { clock });
+    const r = await w.reserve('ip:1', { lease: 1 });
+    clock.advance(2);
+    const expired = await w.commit(r.reservation).catch((e) => e);
+    assert.ok(expired instanceof ReservationExpiredError && expired instanceof ReservationNotFoundError, expired?.constructor?.name);
+    assert.deepEqual([expired.code, expired.kind, expired.reservation], ['reservation_expired', 'not_found', r.reservation]);
+    const unknown = await w.release('0'.repeat(31) + '1').catch((e) => e);
+    assert.ok(unknown instanceof ReservationNotFoundError && !(unknown instanceof ReservationExpiredError));
+    assert.deepEqual([unknown.code, unknown.reservation], ['reservation_not_found', '0'.repeat(31) + '1']);
+    const u = await w.acquire('ip:1', { cost: { eur: 1 } }).catch((e) => e);
+    assert.deepEqual([u.code, u.kind, u.argument], ['unknown', 'invalid_input', 'unit']);
+    const a = await w.acquire('ip:1', { cost: { requests: '0.5' } }).catch((e) => e);
+    assert.deepEqual([a.code, a.unit], ['invalid_amount', 'requests']);
+    const t = await w.acquire(42).catch((e) => e);
+    assert.deepEqual([t.code, t.argument], ['invalid_argument', 'scope']);
+    const p = (() => { try { new Warden({ scopes: { ip: { limits: [{ name: 'x', kind: 'nope' }] } } }); } catch (e) { return e; } return null; })();
+    assert.deepEqual([p.code, p.kind, p.path], ['policy', 'policy', 'scopes.ip.limits[0].kind']);
+    const d = await w.wrap(async () => 1, { scope: 'ip:1', cost: { requests: 99 } })().catch((e) => e);
+    assert.deepEqual([d.code, d.kind], ['rate_limited', 'denied']);
+    // A BigInt amount is an exact whole amount; a BigInt or circular policy a PolicyError.
+    assert.equal((await w.acquire('ip:1', { cost: { requests: 2n } })).limits[0].amount, 2);
+    const circular = { scopes: {} };
+    circular.self = circular;
+    for (const bad of [{ scopes: { ip: { limits: [{ name: 'x', kind: 'rate', limit: 5n, per: '1s' }] } } }, circular]) {
+      assert.throws(() => new Warden(bad), (e) => e instanceof PolicyError && e.code === 'policy' && /not a JSON document/.test(e.message));
+    }
+  });
+
+  test('bad constant middleware options fail when the middleware is made', () => {
+    const w = new Warden({ ...policy(5), resources: { llm: { limits: [] } } });
+    const cases = [
+      [{ trustProxy: 'yes' }, /trust_proxy/],
+      [{ scope: 5 }, /invalid scope/],
+      [{ resource: 'nope' }, /unknown resource `nope`/],
+      [{ cost: { requests: Number.NaN } }, /cost\.requests/],
+      [{ cost: { eur: 1 } }, /unknown unit `eur`/],
+      [{ cost: { requests: '0.5' } }, /finer than/],
+      [{ priority: 5 }, /invalid priority/],
+    ];
+    for (const [options, message] of cases) {
+      assert.throws(() => w.express(options), (e) => e instanceof InvalidInputError && message.test(e.message), JSON.stringify(options));
+    }
+    assert.equal(typeof w.express({ resource: 'llm', cost: { usd: 0.5 } }), 'function');
+  });
 
   test('policies and options', () => {
     assert.throws(() => new Warden({ scopes: { ip: { limits: [{ name: 'x', kind: 'nope' }] } } }), (e) => e instanceof PolicyError && /scopes\.ip\.limits\[0\]\.kind/.test(e.message));

@@ -6,4 +6,6 @@ const warden = new Warden({});
 warden.acquire(42);
 warden.express({ headers: 'draft-99' });
 const n: string = (await warden.check('ip:1')).allowed;
+warden.acquire('ip:1', { priority: 'urgent' });
+warden.acquire('ip:1', { cost: { usd: {} } });
 export { n };

@@ -50,4 +50,25 @@ app.use(
   }),
 );
 
-export { answer, decisions, handle };
+// Declared first, or mounted on a path: the callbacks still see Express's
+// request and response methods without explicit generics.
+const declaredFirst = warden.express({
+  scope: (req) => req.header('x-tenant') ?? undefined,
+  onLimited: (req, res) => res.status(429).json({ path: req.path }),
+});
+app.use(declaredFirst);
+app.use('/api', warden.express({ scope: (req) => req.get('x-tenant'), skip: async (req) => req.method === 'OPTIONS' }));
+app.use(warden.express({ trustProxy: ['loopback', '10.0.0.0/8'], ipv6Subnet: 64 }));
+app.use(warden.express({ trustProxy: 2 }));
+
+async function errors(): Promise<string | null> {
+  try {
+    await warden.release('0'.repeat(32));
+  } catch (e) {
+    if (e instanceof WardenError && e.code === 'reservation_expired') return e.reservation;
+    if (e instanceof WardenError) return `${e.kind}:${e.code}:${e.argument ?? ''}`;
+  }
+  return null;
+}
+
+export { answer, decisions, errors, handle };
