@@ -16,10 +16,11 @@
 //! - a warden used in a forked child reconnects its backend there.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use pyo3::exceptions::{PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -30,7 +31,7 @@ use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
 use ratewarden::ops::{self, Setup, Source};
 use ratewarden::{
     Amount, CallOutcome, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind, Policy,
-    Request, ReservationId, Scope, Settlement, Usage, WaitFor, Warden,
+    Request, ReservationId, Scope, Settlement, Usage, WaitCancel, WaitFor, Warden,
 };
 
 /// Return the version of the ratewarden core library.
@@ -56,16 +57,31 @@ fn process_generation() -> u32 {
 /// Runs in the child after `os.fork()`.
 #[pyfunction]
 fn _after_fork_in_child() {
+    // A thread that held one of these at fork() (making the process's first
+    // Redis call starts the runtime under RT) does not exist in the child: the
+    // lock would never be released and the child's first call would hang.
+    RT.store(Arc::default());
+    TX.store(Arc::default());
     FORKS.fetch_add(1, Ordering::AcqRel);
     // The parent's random state was copied: ids must not repeat across processes.
     ratewarden::decision::reseed_ids_after_fork();
 }
 
 /// The process's Tokio runtime; a fresh one in a forked child.
+/// A process-wide slot that a forked child gets afresh: the hook after
+/// `fork()` swaps in a new, unlocked mutex (never locking the old one, which a
+/// thread that does not exist in the child may have held at fork time).
+type ForkSlot<T> = std::sync::LazyLock<arc_swap::ArcSwap<Mutex<Option<(u32, T)>>>>;
+
+/// The process's runtime, by fork generation (see `runtime`).
+static RT: ForkSlot<&'static tokio::runtime::Runtime> = std::sync::LazyLock::new(Default::default);
+/// The completer thread's queue, by fork generation (see `completer`).
+static TX: ForkSlot<std::sync::mpsc::Sender<Job>> = std::sync::LazyLock::new(Default::default);
+
 fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
     let generation = process_generation();
-    let mut slot = RT.lock();
+    let rt_slot = RT.load();
+    let mut slot = rt_slot.lock();
     if let Some((owner, rt)) = *slot {
         if owner == generation {
             return rt;
@@ -487,14 +503,20 @@ impl Ready {
 /// Aborts the Tokio task behind an asyncio future when that future is cancelled.
 #[pyclass(frozen, module = "ratewarden._native")]
 struct Canceller {
-    handle: tokio::task::AbortHandle,
+    /// A wait to stop at its next waiting point; other operations run to the
+    /// end (one backend call, bounded by its timeout): dropping one mid-call
+    /// could apply it with nobody to see the answer. An answer nobody receives
+    /// gives back what it holds (`_bridge.complete`, `Undo`).
+    wait: Option<Arc<WaitCancel>>,
 }
 
 #[pymethods]
 impl Canceller {
     fn __call__(&self, fut: &Bound<'_, PyAny>) -> PyResult<()> {
         if fut.call_method0("cancelled")?.is_truthy()? {
-            self.handle.abort();
+            if let Some(w) = &self.wait {
+                w.cancel();
+            }
         }
         Ok(())
     }
@@ -541,7 +563,9 @@ impl ManualClock {
 /// The native warden behind `ratewarden.Warden`.
 #[pyclass(frozen, module = "ratewarden._native")]
 struct NativeWarden {
-    warden: RwLock<Warden>,
+    /// Swapped (never locked) when a forked child reconnects: a lock another
+    /// thread held at `fork()` would stay locked in the child forever.
+    warden: arc_swap::ArcSwap<Warden>,
     /// The process (fork generation) the backend's connections belong to.
     generation: AtomicU32,
     config: Setup,
@@ -569,12 +593,16 @@ impl Prepared {
     fn hold(
         &self,
         w: Warden,
+        cancel: Arc<WaitCancel>,
     ) -> impl std::future::Future<Output = ratewarden::Result<CoreDecision>> + Send + 'static {
         let (request, lease, max_wait) = (self.request.clone(), self.lease, self.max_wait);
         async move {
             match max_wait {
                 None => w.reserve(&request, lease).await,
-                Some(m) => w.wait(&request, WaitFor::Reserve(lease), m).await,
+                Some(m) => {
+                    w.wait_cancellable(&request, WaitFor::Reserve(lease), m, &cancel)
+                        .await
+                }
             }
         }
     }
@@ -685,7 +713,7 @@ impl NativeWarden {
         }
         .map_err(|e| to_py(&e))?;
         Ok(Self {
-            warden: RwLock::new(warden),
+            warden: arc_swap::ArcSwap::from_pointee(warden),
             generation: AtomicU32::new(process_generation()),
             config,
         })
@@ -697,7 +725,7 @@ impl NativeWarden {
 
     /// The warden, reconnected first if this is a forked child.
     fn warden(&self, py: Python<'_>) -> PyResult<Warden> {
-        let current = self.warden.read().clone();
+        let current = Warden::clone(&self.warden.load());
         if self.embedded() {
             return Ok(current);
         }
@@ -707,7 +735,7 @@ impl NativeWarden {
         }
         let fresh =
             block(py, self.config.connect(current.policy().clone())).map_err(|e| to_py(&e))?;
-        *self.warden.write() = fresh.clone();
+        self.warden.store(std::sync::Arc::new(fresh.clone()));
         self.generation.store(generation, Ordering::Release);
         Ok(fresh)
     }
@@ -750,6 +778,7 @@ impl NativeWarden {
     /// The sync form (`run`, converted) or the async form (an awaitable): an
     /// already-completed one when the embedded engine answers at once, else
     /// an asyncio future completed from the runtime.
+    /// `answer_with` for an operation that is one backend call (no wait to cancel).
     fn answer<T, Fut>(
         &self,
         py: Python<'_>,
@@ -758,10 +787,28 @@ impl NativeWarden {
         convert: Convert<T>,
     ) -> PyResult<Py<PyAny>>
     where
-        T: Send + 'static,
+        T: Held + Send + 'static,
+        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
+    {
+        self.answer_with(py, make, asynchronous, convert, None)
+    }
+
+    fn answer_with<T, Fut>(
+        &self,
+        py: Python<'_>,
+        make: PyResult<impl FnOnce(Warden) -> Fut>,
+        asynchronous: bool,
+        convert: Convert<T>,
+        wait: Option<Arc<WaitCancel>>,
+    ) -> PyResult<Py<PyAny>>
+    where
+        T: Held + Send + 'static,
         Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
     {
         let make = make?;
+        // A wait may sleep on a Tokio timer even when polled here first (the
+        // embedded engine with the system clock): inside the runtime's context.
+        let _runtime = wait.as_ref().map(|_| runtime().enter());
         if !asynchronous {
             let v = self.run(py, make)?.map_err(|e| to_py(&e))?;
             return convert(py, v);
@@ -772,7 +819,7 @@ impl NativeWarden {
                 return ready(py, r.map_err(|e| to_py(&e)).and_then(|v| convert(py, v)));
             }
         }
-        spawn_async(py, f, convert)
+        spawn_async(py, f, convert, self.warden(py)?, wait)
     }
 
     /// Reserves a prepared request (waiting first if it says so); on the
@@ -782,7 +829,10 @@ impl NativeWarden {
             let w = self.warden(py)?;
             return at_once(w.reserve(&p.request, p.lease)).map_err(|e| to_py(&e));
         }
-        self.run(py, |w| p.hold(w))?.map_err(|e| to_py(&e))
+        // A wait may sleep on a Tokio timer even when polled here first.
+        let _runtime = p.max_wait.map(|_| runtime().enter());
+        self.run(py, |w| p.hold(w, Arc::default()))?
+            .map_err(|e| to_py(&e))
     }
 }
 
@@ -792,9 +842,9 @@ type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 /// The process's completer thread: takes the GIL once per batch of finished
 /// operations and completes their asyncio futures. A fresh one after `fork()`.
 fn completer() -> std::sync::mpsc::Sender<Job> {
-    static TX: Mutex<Option<(u32, std::sync::mpsc::Sender<Job>)>> = Mutex::new(None);
     let generation = process_generation();
-    let mut slot = TX.lock();
+    let tx_slot = TX.load();
+    let mut slot = tx_slot.lock();
     if let Some((owner, tx)) = &*slot {
         if *owner == generation {
             return tx.clone();
@@ -825,9 +875,89 @@ fn ready(py: Python<'_>, value: PyResult<Py<PyAny>>) -> PyResult<Py<PyAny>> {
 
 /// Runs `f` on the runtime and returns an asyncio future of the running loop
 /// that completes with its converted result; cancelling the future aborts `f`.
-fn spawn_async<T, Fut, C>(py: Python<'_>, f: Fut, convert: C) -> PyResult<Py<PyAny>>
+/// What an async answer holds that must be given back when nobody receives
+/// it (the awaiting task was cancelled as the answer arrived): a reservation.
+trait Held {
+    fn held(&self) -> Option<ReservationId> {
+        None
+    }
+}
+
+impl Held for CoreDecision {
+    fn held(&self) -> Option<ReservationId> {
+        self.reservation.as_ref().map(|r| r.id)
+    }
+}
+impl Held for CommitReceipt {}
+impl Held for bool {}
+impl Held for i64 {}
+impl Held for Settlement {}
+
+/// Releases a reservation whose answer was never received (its future was
+/// cancelled as it arrived, or its loop closed first): when called, or when
+/// dropped without `keep()` — an answer that never reached anyone is given
+/// back whichever way it was lost. The release runs on the runtime, never
+/// blocking the event loop.
+#[pyclass(frozen, module = "ratewarden._native")]
+struct Undo {
+    warden: Warden,
+    id: ReservationId,
+    pending: std::sync::atomic::AtomicBool,
+}
+
+impl Undo {
+    fn new(warden: Warden, id: ReservationId) -> Self {
+        Self {
+            warden,
+            id,
+            pending: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    fn release(&self) {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            let (w, id) = (self.warden.clone(), self.id);
+            if w.backend_name() == "memory" {
+                // Answers at once: given back before this returns.
+                let _ = at_once(w.release(id));
+                return;
+            }
+            runtime().spawn(async move {
+                // Released, already ended or lapsed: either way nothing stays held.
+                let _ = w.release(id).await;
+            });
+        }
+    }
+}
+
+#[pymethods]
+impl Undo {
+    /// Gives the reservation back now.
+    fn __call__(&self) {
+        self.release();
+    }
+
+    /// The answer was delivered: the reservation is the receiver's.
+    fn keep(&self) {
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+fn spawn_async<T, Fut, C>(
+    py: Python<'_>,
+    f: Fut,
+    convert: C,
+    warden: Warden,
+    wait: Option<Arc<WaitCancel>>,
+) -> PyResult<Py<PyAny>>
 where
-    T: Send + 'static,
+    T: Held + Send + 'static,
     Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
     C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
 {
@@ -848,11 +978,30 @@ where
     let event_loop = get_loop.call0(py)?;
     let fut = event_loop.call_method0(py, "create_future")?;
     let (loop2, fut2) = (event_loop.clone_ref(py), fut.clone_ref(py));
-    let task = runtime().spawn(async move {
+    runtime().spawn(async move {
         let result = f.await;
         // Never wait for the GIL on a runtime thread: that would stall every
         // other operation in flight. The completer thread takes it instead.
         let job: Job = Box::new(move |py| {
+            // What the answer holds, to give back if nobody receives it.
+            let undo = match result.as_ref().ok().and_then(Held::held) {
+                Some(id) => Py::new(py, Undo::new(warden, id)).ok().map(Py::into_any),
+                None => None,
+            };
+            let give_back = |py: Python<'_>, undo: &Option<Py<PyAny>>| {
+                if let Some(u) = undo {
+                    let _ = u.call0(py);
+                }
+            };
+            // Cancelled already: nobody will receive it.
+            if fut2
+                .bind(py)
+                .call_method0("cancelled")
+                .is_ok_and(|c| c.is_truthy().unwrap_or(false))
+            {
+                give_back(py, &undo);
+                return;
+            }
             let (ok, value) = match result {
                 Ok(v) => match convert(py, v) {
                     Ok(obj) => (true, obj),
@@ -860,17 +1009,23 @@ where
                 },
                 Err(e) => (false, to_py(&e).into_value(py).into_any()),
             };
-            // The loop may be closed by now; nobody is left to tell then.
-            let _ = loop2.call_method1(py, "call_soon_threadsafe", (complete, fut2, ok, value));
+            let late = undo.as_ref().map_or_else(|| py.None(), |u| u.clone_ref(py));
+            // `complete` gives it back if the future is cancelled before it
+            // runs; if the loop is closed, nobody is left to receive it.
+            if loop2
+                .call_method1(
+                    py,
+                    "call_soon_threadsafe",
+                    (complete, fut2, ok, value, late),
+                )
+                .is_err()
+            {
+                give_back(py, &undo);
+            }
         });
         let _ = completer().send(job);
     });
-    let canceller = Py::new(
-        py,
-        Canceller {
-            handle: task.abort_handle(),
-        },
-    )?;
+    let canceller = Py::new(py, Canceller { wait })?;
     fut.call_method1(py, "add_done_callback", (canceller,))?;
     Ok(fut)
 }
@@ -1095,6 +1250,8 @@ impl NativeWarden {
         lease: Option<f64>,
         asynchronous: bool,
     ) -> PyResult<Py<PyAny>> {
+        let cancel = Arc::new(WaitCancel::default());
+        let stop = Arc::clone(&cancel);
         let op = request_of(scope, resource, action, cost, priority).and_then(|r| {
             let what = if reserve {
                 WaitFor::Reserve(optional_seconds(lease, "lease")?)
@@ -1102,9 +1259,9 @@ impl NativeWarden {
                 WaitFor::Acquire
             };
             let max_wait = seconds(max_wait, "max_wait")?;
-            Ok(move |w: Warden| async move { w.wait(&r, what, max_wait).await })
+            Ok(move |w: Warden| async move { w.wait_cancellable(&r, what, max_wait, &stop).await })
         });
-        self.answer(py, op, asynchronous, decision_to_py)
+        self.answer_with(py, op, asynchronous, decision_to_py, Some(cancel))
     }
 
     /// Converts a guard's request once: reserve (`max_wait` unset) or wait up to
@@ -1133,8 +1290,10 @@ impl NativeWarden {
     #[pyo3(signature = (prepared, asynchronous=false))]
     fn hold(&self, py: Python<'_>, prepared: &Prepared, asynchronous: bool) -> PyResult<Py<PyAny>> {
         if asynchronous {
-            let op = Ok(|w: Warden| prepared.hold(w));
-            return self.answer(py, op, true, held_to_py);
+            let cancel = Arc::new(WaitCancel::default());
+            let stop = Arc::clone(&cancel);
+            let op = Ok(move |w: Warden| prepared.hold(w, stop));
+            return self.answer_with(py, op, true, held_to_py, Some(cancel));
         }
         let d = self.reserve_prepared(py, prepared)?;
         held_to_py(py, d)
@@ -1313,6 +1472,10 @@ fn python_fn<'a>(
 /// The `ratewarden._native` extension module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Made now, by the importing thread: a fork while another thread was
+    // initialising them would leave the child waiting for that thread.
+    std::sync::LazyLock::force(&RT);
+    std::sync::LazyLock::force(&TX);
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(scope_of, m)?)?;
     m.add_function(wrap_pyfunction!(header_style, m)?)?;
@@ -1330,5 +1493,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ManualClock>()?;
     m.add_class::<Prepared>()?;
     m.add_class::<ClientIdentity>()?;
+    m.add_class::<Undo>()?;
     Ok(())
 }

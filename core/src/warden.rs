@@ -31,6 +31,40 @@ fn settle_error(e: Error) -> crate::settle::Settled {
     }
 }
 
+/// Cancels a [`Warden::wait_cancellable`] from anywhere (another thread, a
+/// binding's cancelled future). Cancelling is sticky and idempotent.
+#[derive(Debug, Default)]
+pub struct WaitCancel {
+    cancelled: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl WaitCancel {
+    /// Stops the wait at its next waiting point (at once if it is waiting).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Whether [`WaitCancel::cancel`] was called.
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    async fn cancelled(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Longest lease a reservation or delegation may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -448,6 +482,26 @@ impl Warden {
         what: WaitFor,
         max_wait: Duration,
     ) -> Result<Decision> {
+        self.wait_cancellable(request, what, max_wait, &WaitCancel::default())
+            .await
+    }
+
+    /// [`Warden::wait`] that stops early once `cancel` is cancelled — only
+    /// while it waits, never with a backend call in flight, so a cancelled wait
+    /// holds nothing unless it returns an admission (which then belongs to the
+    /// caller). Dropping a `wait` future mid-call is not that safe with a shared
+    /// backend: the call may have been applied with no one to see the answer.
+    /// A cancelled wait returns its last denial, with the reason `cancelled`.
+    ///
+    /// # Errors
+    /// As [`Warden::wait`].
+    pub async fn wait_cancellable(
+        &self,
+        request: &Request,
+        what: WaitFor,
+        max_wait: Duration,
+        cancel: &WaitCancel,
+    ) -> Result<Decision> {
         let plan = Plan::build(&self.inner.policy, request)?;
         let lease = match what {
             WaitFor::Acquire => None,
@@ -478,11 +532,15 @@ impl Warden {
                         lease,
                     },
                 };
-                let d = self.decide(&plan, mode).await?;
+                let mut d = self.decide(&plan, mode).await?;
                 let now = clock.now();
                 let Some(retry) = d.retry_after.filter(|_| !d.allowed() && now < deadline) else {
                     return Ok(d);
                 };
+                if cancel.is_cancelled() {
+                    d.reason = Some("cancelled".into());
+                    return Ok(d);
+                }
                 // Join the queue, or move up a tier once the backend promoted us.
                 let rank = d.priority.rank();
                 match &mut ticket {
@@ -496,6 +554,10 @@ impl Warden {
                 tokio::select! {
                     () = clock.sleep_until(wake) => {}
                     () = &mut notified => {}
+                    () = cancel.cancelled() => {
+                        d.reason = Some("cancelled".into());
+                        return Ok(d);
+                    }
                 }
             } else {
                 if ticket.is_none() {
@@ -516,9 +578,18 @@ impl Warden {
                     }
                     return Ok(d);
                 }
-                tokio::select! {
-                    () = &mut notified => {}
-                    () = clock.sleep_until(deadline) => {}
+                let cancelled = tokio::select! {
+                    () = &mut notified => false,
+                    () = clock.sleep_until(deadline) => false,
+                    () = cancel.cancelled() => true,
+                };
+                if cancelled {
+                    let mut d = self.decide(&plan, Mode::Check).await?;
+                    d.outcome = Outcome::Deny;
+                    d.caps = Caps::default();
+                    d.reservation = None;
+                    d.reason = Some("cancelled".into());
+                    return Ok(d);
                 }
             }
         }

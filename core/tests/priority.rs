@@ -235,3 +235,40 @@ async fn a_queued_waiter_that_times_out_is_denied_and_consumes_nothing() {
     let d = w.check(&req(Priority::Critical)).await.unwrap();
     assert_eq!(d.retry_after, Some(Duration::from_secs(10)));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_cancelled_wait_stops_where_it_waits_and_holds_nothing() {
+    use ratewarden::WaitCancel;
+    if common::embedded_only() {
+        return;
+    }
+    let (w, _clock) = warden(json!({"scopes": {"user": {"limits": [
+        {"name": "slots", "kind": "concurrency", "limit": 1}
+    ]}}}));
+    let req = Request::parse("user:1").unwrap();
+    let held = w.reserve(&req, None).await.unwrap();
+    assert!(held.allowed());
+    let cancel = Arc::new(WaitCancel::default());
+    // One waiting on the backend's retry time, one queued behind it.
+    let mut waiters = Vec::new();
+    for _ in 0..2 {
+        let (w, r, c) = (w.clone(), req.clone(), Arc::clone(&cancel));
+        waiters.push(tokio::spawn(async move {
+            w.wait_cancellable(&r, WaitFor::Reserve(None), Duration::from_secs(600), &c)
+                .await
+                .unwrap()
+        }));
+        settle().await;
+    }
+    cancel.cancel();
+    assert!(cancel.is_cancelled());
+    for waiter in waiters {
+        let d = waiter.await.unwrap();
+        assert!(!d.allowed(), "{d:?}");
+        assert!(d.reservation.is_none());
+        assert_eq!(d.reason.as_deref(), Some("cancelled"));
+    }
+    // Nothing was taken meanwhile: the slot frees for the next caller at once.
+    w.release(held.reservation.unwrap().id).await.unwrap();
+    assert!(w.reserve(&req, None).await.unwrap().allowed());
+}

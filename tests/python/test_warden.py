@@ -313,3 +313,37 @@ def test_reservation_fields_are_typed_properties_of_its_decision() -> None:
     with pytest.raises(AttributeError):
         r.no_such_field  # noqa: B018
     r.release()
+
+
+def test_waiting_on_the_embedded_engine_with_the_system_clock() -> None:
+    """A wait that must sleep on the embedded engine with the real clock (it
+    used to panic: a timer made outside the runtime). 20/s: one wait of ~50 ms."""
+    w = Warden({"scopes": {"t": {"limits": [{"name": "r", "kind": "rate", "limit": 20, "per": "1s"}]}}})
+
+    def spend() -> None:
+        while w.acquire("t:1").allowed:
+            pass
+
+    spend()
+    assert w.wait("t:1", max_wait=5).allowed
+    spend()
+    assert w.wait("t:1", max_wait=5, reserve=True).allowed
+    spend()
+
+    @w.guard("t:1", on_limit="wait", max_wait=5)
+    def sync_tool() -> int:
+        return 1
+
+    assert sync_tool() == 1
+    spend()
+
+    @w.guard("t:1", on_limit="wait", max_wait=5)
+    async def async_tool() -> int:
+        return 2
+
+    async def main() -> None:
+        assert (await w.wait_async("t:1", max_wait=5)).allowed
+        spend()
+        assert await async_tool() == 2
+
+    asyncio.run(main())

@@ -16,6 +16,7 @@ __all__ = [
     "NativeWarden",
     "Prepared",
     "Ready",
+    "Undo",
     "__version__",
     "header_style",
     "scope_of",
@@ -219,3 +220,8 @@ class ClientIdentity:
     @property
     def trusts_proxies(self) -> bool: ...
     def scope(self, peer: Optional[str], forwarded_for: Optional[str] = None) -> str: ...
+
+@final
+class Undo:
+    def __call__(self, *args: Any, **kwargs: Any) -> None: ...
+    def keep(self) -> None: ...
