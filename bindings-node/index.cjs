@@ -474,6 +474,24 @@ class Warden {
     return this.#request('reserve', scope, options);
   }
 
+  /**
+   * What is left of every limit a request by `scope` (on `options.resource`)
+   * would touch, read without a request — nothing is charged or counted: per
+   * limit `name`, `kind`, `unit`, `owner`, `limit` / `remaining` / `held` (base
+   * units, with `*Text` decimals) and `reset` (seconds; absent when it never
+   * resets). Rejects with a BackendError when Redis cannot be asked.
+   */
+  balances(scope, options) {
+    try {
+      requireString(scope, 'scope');
+      requireOptions(options, 'options');
+      optionalString(options?.resource, 'resource');
+      return this.#call('balances', [scope, options?.resource ?? null]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
   /** Charges a reservation's actual usage (units left out: as reserved); idempotent. */
   commit(reservation, actual) {
     try {

@@ -63,6 +63,10 @@ export declare class NativeWarden {
   reserveAsync(scope: string, options?: RequestOptions | undefined | null): Promise<Decision>
   /** Runs on the runtime. */
   commitAsync(reservation: string, actual?: any | undefined | null): Promise<Receipt>
+  /** What is left of every limit `scope` (on `resource`) touches, charging nothing. */
+  balancesSync(scope: string, resource?: string | undefined | null): Array<BalanceInfo>
+  /** Runs on the runtime. */
+  balancesAsync(scope: string, resource?: string | undefined | null): Promise<Array<BalanceInfo>>
   /**
    * Settles a wrapped call's reservation by the settlement rule of
    * `ratewarden::settle` (the same in every binding): `failed` → released;
@@ -124,6 +128,35 @@ export declare class NativeWarden {
   decideHttpPrepared(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, identity: ClientIdentity, template: number): string | HttpDecision
   /** `decideHttpPrepared` for any backend, as a Promise. */
   decideHttpPreparedAsync(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, identity: ClientIdentity, template: number): Promise<string | HttpDecision>
+}
+
+/**
+ * What is left of one limit (`Warden.balances`); amounts in base units of
+ * `unit` (`decimals` places), with their decimal text beside them.
+ */
+export interface BalanceInfo {
+  /** The limit's name in the policy. */
+  name: string
+  /** `rate`, `quota`, `budget` or `concurrency`. */
+  kind: string
+  /** The unit it counts. */
+  unit: string
+  /** The scope prefix whose counter it is; null for a pool shared by everyone. */
+  owner?: string
+  /** Capacity (rate: the burst), base units. */
+  limit: number
+  /** Free now, base units. */
+  remaining: number
+  /** Held by live reservations, delegations and concurrency slots, base units. */
+  held: number
+  /** `limit` as a decimal in the unit. */
+  limitText: string
+  /** `remaining` as a decimal in the unit. */
+  remainingText: string
+  /** `held` as a decimal in the unit. */
+  heldText: string
+  /** Seconds until fully available again; null for lifetime budgets and concurrency. */
+  reset?: number
 }
 
 /** Restrictions to honour when allowed with caps (only those set). */

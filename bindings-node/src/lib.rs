@@ -451,6 +451,52 @@ pub struct WardenOptions {
     pub timeout: Option<f64>,
 }
 
+/// What is left of one limit (`Warden.balances`); amounts in base units of
+/// `unit` (`decimals` places), with their decimal text beside them.
+#[napi(object)]
+pub struct BalanceInfo {
+    /// The limit's name in the policy.
+    pub name: String,
+    /// `rate`, `quota`, `budget` or `concurrency`.
+    pub kind: String,
+    /// The unit it counts.
+    pub unit: String,
+    /// The scope prefix whose counter it is; null for a pool shared by everyone.
+    pub owner: Option<String>,
+    /// Capacity (rate: the burst), base units.
+    pub limit: f64,
+    /// Free now, base units.
+    pub remaining: f64,
+    /// Held by live reservations, delegations and concurrency slots, base units.
+    pub held: f64,
+    /// `limit` as a decimal in the unit.
+    pub limit_text: String,
+    /// `remaining` as a decimal in the unit.
+    pub remaining_text: String,
+    /// `held` as a decimal in the unit.
+    pub held_text: String,
+    /// Seconds until fully available again; null for lifetime budgets and concurrency.
+    pub reset: Option<f64>,
+}
+
+#[allow(clippy::cast_precision_loss)] // base units stay within ±2^53: exact in a double
+fn balance_of(b: &ratewarden::Balance) -> BalanceInfo {
+    let text = |v: i64| ratewarden::amount::format_base(v, b.decimals);
+    BalanceInfo {
+        name: b.name.clone(),
+        kind: b.kind.to_owned(),
+        unit: b.unit.clone(),
+        owner: b.owner.clone(),
+        limit: b.limit as f64,
+        remaining: b.remaining as f64,
+        held: b.held as f64,
+        limit_text: text(b.limit),
+        remaining_text: text(b.remaining),
+        held_text: text(b.held),
+        reset: b.reset.map(|r| r.as_secs_f64()),
+    }
+}
+
 /// The native warden behind the JS `Warden`.
 #[napi]
 pub struct NativeWarden {
@@ -693,6 +739,34 @@ impl NativeWarden {
         env.spawn_future(async move {
             let (id, actual) = commit_args(&reservation, actual.as_ref())?;
             js(warden.commit(id, &actual).await).map(|r| receipt_of(&r))
+        })
+    }
+
+    /// What is left of every limit `scope` (on `resource`) touches, charging nothing.
+    #[napi]
+    pub fn balances_sync(
+        &self,
+        scope: String,
+        resource: Option<String>,
+    ) -> Result<Vec<BalanceInfo>> {
+        let scope = Scope::parse(&scope).map_err(|e| to_js(&e))?;
+        self.sync(self.warden.balances(&scope, resource.as_deref()))
+            .map(|b| b.iter().map(balance_of).collect())
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<Array<BalanceInfo>>")]
+    pub fn balances_async<'env>(
+        &self,
+        env: &'env Env,
+        scope: String,
+        resource: Option<String>,
+    ) -> Result<PromiseRaw<'env, Vec<BalanceInfo>>> {
+        let scope = Scope::parse(&scope).map_err(|e| to_js(&e))?;
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            js(warden.balances(&scope, resource.as_deref()).await)
+                .map(|b| b.iter().map(balance_of).collect())
         })
     }
 

@@ -30,8 +30,8 @@ use ratewarden::decision::ReservationInfo;
 use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
 use ratewarden::ops::{self, Setup, Source};
 use ratewarden::{
-    Amount, CallOutcome, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind, Policy,
-    Request, ReservationId, Scope, Settlement, Usage, WaitCancel, WaitFor, Warden,
+    Amount, Balance, CallOutcome, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind,
+    Policy, Request, ReservationId, Scope, Settlement, Usage, WaitCancel, WaitFor, Warden,
 };
 
 /// Return the version of the ratewarden core library.
@@ -643,6 +643,29 @@ fn expiry_to_py(py: Python<'_>, at: i64) -> PyResult<Py<PyAny>> {
 }
 
 /// `None`: the guard does not look at the answer.
+/// Balances as a list of dicts: amounts in integer base units, their decimal
+/// text in the unit beside them, `reset` in seconds (None: never resets).
+fn balances_to_py(py: Python<'_>, balances: Vec<Balance>) -> PyResult<Py<PyAny>> {
+    let out = PyList::empty(py);
+    for b in &balances {
+        let d = PyDict::new(py);
+        d.set_item("name", &b.name)?;
+        d.set_item("kind", b.kind)?;
+        d.set_item("unit", &b.unit)?;
+        d.set_item("owner", b.owner.as_deref())?;
+        d.set_item("limit", b.limit)?;
+        d.set_item("remaining", b.remaining)?;
+        d.set_item("held", b.held)?;
+        let text = |v: i64| ratewarden::amount::format_base(v, b.decimals);
+        d.set_item("limit_text", text(b.limit))?;
+        d.set_item("remaining_text", text(b.remaining))?;
+        d.set_item("held_text", text(b.held))?;
+        d.set_item("reset", b.reset.map(|r| r.as_secs_f64()))?;
+        out.append(d)?;
+    }
+    Ok(out.into_any().unbind())
+}
+
 /// What a settlement answers Python: the problem to log, or None.
 fn problem_to_py(py: Python<'_>, s: Settlement) -> PyResult<Py<PyAny>> {
     Ok(match s.problem() {
@@ -892,6 +915,7 @@ impl Held for CommitReceipt {}
 impl Held for bool {}
 impl Held for i64 {}
 impl Held for Settlement {}
+impl Held for Vec<Balance> {}
 
 /// Releases a reservation whose answer was never received (its future was
 /// cancelled as it arrived, or its loop closed first): when called, or when
@@ -1127,6 +1151,23 @@ impl NativeWarden {
         let op = operation_of(req, operation)
             .map(|r| move |w: Warden| async move { w.acquire(&r).await });
         self.answer(py, op, asynchronous, decision_to_py)
+    }
+
+    /// What is left of every limit `scope` (on `resource`) touches, charging
+    /// nothing: a list of dicts (see `ratewarden.Warden.balances`).
+    #[pyo3(signature = (scope, resource=None, asynchronous=false))]
+    fn balances(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let resource = resource.map(str::to_owned);
+        let op = Scope::parse(scope)
+            .map_err(|e| to_py(&e))
+            .map(|s| move |w: Warden| async move { w.balances(&s, resource.as_deref()).await });
+        self.answer(py, op, asynchronous, balances_to_py)
     }
 
     /// `Warden::admit`, for the ASGI middleware: an acquire that holds a

@@ -48,7 +48,8 @@
 --
 -- Returns { served rank, expires_at (reserve) or 0, 1 if a starvation tracker
 --           was left to the last step (ARGV[13]) else 0, then per limit:
---           allowed (0|1), remaining, reset (µs), retry (µs, -1 = never) }
+--           allowed (0|1), remaining, reset (µs), retry (µs, -1 = never),
+--           held (by live holds) }
 -- or { -code } on a refused delegation: 1 the child already has an open
 -- delegation, 2 no such parent reservation, 3 it expired, 4 it was committed,
 -- 5 it was released, 6 the child is not under its scope; or { -7 } when the
@@ -123,6 +124,7 @@ for i = 1, n do
     unit = ARGV[b + 11], overage = ARGV[b + 12],
   }
   local allowed, remaining, reset, retry
+  local held_now = 0
   if it.kind == "r" then
     local after
     allowed, remaining, reset, retry, after =
@@ -136,6 +138,7 @@ for i = 1, n do
       if st[1] and tonumber(st[1]) == wid then used = tonumber(st[2]) end
     end
     local holds, held, byid = live_holds(it.key, now)
+    held_now = held
     it.via = shadow[it.key]
     reset = wend == NEVER and 0 or math.max(wend - now, 0)
     retry = NEVER
@@ -170,6 +173,7 @@ for i = 1, n do
   results[#results + 1] = remaining
   results[#results + 1] = reset
   results[#results + 1] = retry
+  results[#results + 1] = held_now
 end
 
 

@@ -18,7 +18,7 @@
 --          (burst minus the rank's floor), p, l
 --
 -- Returns { rank, 0, 0, then per limit: allowed (0|1), remaining, reset (µs),
---           retry (µs, -1 = never) }
+--           retry (µs, -1 = never), held (always 0: rates hold nothing) }
 
 -- (helpers: common.lua, prepended at load time)
 
@@ -44,6 +44,7 @@ for i = 1, n do
   results[#results + 1] = remaining
   results[#results + 1] = reset
   results[#results + 1] = retry
+  results[#results + 1] = 0
 end
 
 if all and ARGV[2] == "acquire" then

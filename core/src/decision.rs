@@ -97,6 +97,10 @@ pub struct LimitState {
     pub denied: bool,
     /// Amount this request takes (or would take) from the limit, base units.
     pub amount: i64,
+    /// Held now by live reservations, delegations and concurrency slots, base
+    /// units (part of what is not `remaining`; 0 for rates, whose
+    /// reservations charge at once).
+    pub held: i64,
 }
 
 impl LimitState {
@@ -137,6 +141,53 @@ impl LimitState {
         match &self.def.kind {
             LimitKind::Rate(r) => Some(r.period / 1_000_000),
             k => k.window().and_then(|w| w.nominal_secs()),
+        }
+    }
+}
+
+/// What is left of one limit, as [`crate::Warden::balances`] reads it —
+/// without a request, charging nothing. Amounts are base units of `unit`
+/// (`decimals` places: micro-dollars for `usd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    /// The limit's name in the policy.
+    pub name: String,
+    /// `rate`, `quota`, `budget` or `concurrency`.
+    pub kind: &'static str,
+    /// The unit it counts.
+    pub unit: String,
+    /// Decimal places of the unit.
+    pub decimals: u8,
+    /// Whose counter: the scope prefix (`tenant:acme`) it is kept for, or
+    /// `None` for a pool shared by everyone (a resource's global limit).
+    pub owner: Option<String>,
+    /// Capacity (rate: the burst), base units.
+    pub limit: i64,
+    /// Free now, base units.
+    pub remaining: i64,
+    /// Held by live reservations, delegations and concurrency slots, base units.
+    pub held: i64,
+    /// Until it is fully available again (rate: bucket full; quota and budget:
+    /// the window's end); `None` for what never resets by itself (lifetime
+    /// budgets, concurrency).
+    pub reset: Option<Duration>,
+}
+
+impl Balance {
+    /// The balance of `l`, a limit of a decision on `scope`.
+    pub(crate) fn of(l: &LimitState, scope: &crate::Scope) -> Self {
+        Self {
+            name: l.name().to_owned(),
+            kind: l.kind(),
+            unit: l.unit().to_owned(),
+            decimals: l.decimals(),
+            owner: l
+                .scope_depth
+                .map(|d| scope.prefix(usize::from(d)).to_owned()),
+            limit: l.limit(),
+            remaining: l.remaining,
+            held: l.held,
+            reset: l.window_secs().map(|_| l.reset),
         }
     }
 }

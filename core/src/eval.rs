@@ -27,6 +27,9 @@ pub struct ItemEval {
     pub reset: Micros,
     /// When denied: microseconds until a retry can succeed; `None` = never.
     pub retry: Option<Micros>,
+    /// Held now by live reservations, delegations and concurrency slots,
+    /// base units (0 for rates, whose reservations charge at once).
+    pub held: i64,
 }
 
 /// `ceil(a / b)` for `a ≥ 0`, `b > 0` (stable-Rust stand-in for signed `div_ceil`).
@@ -81,6 +84,7 @@ pub fn rate_eval(spec: &RateSpec, debt_now: i64, amount: i64, usable: i64) -> (I
         remaining: ((cap - debt_after).max(0)) / spec.p,
         reset: ceil_div(debt_after, spec.l),
         retry,
+        held: 0,
     };
     (eval, debt_after)
 }
@@ -168,6 +172,7 @@ pub fn counter_eval(
         remaining,
         reset,
         retry,
+        held,
     }
 }
 
@@ -230,13 +235,22 @@ pub fn assemble_with<'p, 'e>(
                 }
             }
         }
+        // A limit that would have admitted the request reports what it would
+        // have left after it (`remaining` net of the charge); when another
+        // limit denied, nothing was charged: report its true state.
+        let remaining = if !allowed && e.allowed {
+            e.remaining.saturating_add(item.amount)
+        } else {
+            e.remaining
+        };
         limits.push(LimitState {
             def: Arc::clone(def),
             scope_depth: item.scope_depth,
-            remaining: e.remaining,
+            remaining,
             reset: duration(e.reset),
             denied: !e.allowed,
             amount: item.amount,
+            held: e.held,
         });
     }
     let (outcome, retry_after) = if !allowed {

@@ -55,7 +55,7 @@ pub use amount::{Amount, Cost};
 pub use backend::{Backend, MemoryBackend};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use decision::{
-    Caps, Charge, CommitReceipt, Decision, Degraded, LimitState, OperationId, Outcome,
+    Balance, Caps, Charge, CommitReceipt, Decision, Degraded, LimitState, OperationId, Outcome,
     ReservationId, ReservationInfo,
 };
 pub use error::{Error, ErrorKind, Result};

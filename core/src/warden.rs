@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use crate::amount::Cost;
 use crate::backend::{Backend, MemoryBackend, Mode};
 use crate::clock::{Clock, Micros, SystemClock, micros};
-use crate::decision::{Caps, CommitReceipt, Decision, Outcome, ReservationId};
+use crate::decision::{Balance, Caps, CommitReceipt, Decision, Outcome, ReservationId};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::plan::{Plan, Request, resolve_cost};
@@ -252,6 +252,33 @@ impl Warden {
     pub async fn acquire(&self, request: &Request) -> Result<Decision> {
         let plan = Plan::build(&self.inner.policy, request)?;
         self.decide(&plan, Mode::Acquire).await
+    }
+
+    /// What is left of every limit a request by `scope` (on `resource`, if
+    /// given) would touch — remaining, capacity, held, reset — read without a
+    /// request: nothing is charged or counted (a `check` would evaluate one
+    /// unit of `requests`). Read from the backend itself: when it cannot be
+    /// asked this is an error, never a fallback's estimate.
+    ///
+    /// # Errors
+    /// Unknown scope kinds or resources; [`Error::Backend`] when the backend
+    /// cannot be asked.
+    pub async fn balances(&self, scope: &Scope, resource: Option<&str>) -> Result<Vec<Balance>> {
+        let mut request = Request::new(scope.clone()).cost(Cost::new().with("requests", 0));
+        if let Some(r) = resource {
+            request = request.resource(r);
+        }
+        let plan = Plan::build(&self.inner.policy, &request)?;
+        let d = self.inner.backend.decide(&plan, Mode::Check).await?;
+        if d.degraded.is_some() {
+            return Err(Error::Backend {
+                message: format!(
+                    "balances are read from the backend, which cannot be asked: {}",
+                    d.reason.as_deref().unwrap_or("unavailable")
+                ),
+            });
+        }
+        Ok(d.limits.iter().map(|l| Balance::of(l, scope)).collect())
     }
 
     /// Admits a request that is served over a stretch of time — an HTTP

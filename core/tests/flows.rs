@@ -143,3 +143,30 @@ async fn settle() {
         tokio::task::yield_now().await;
     }
 }
+
+#[test]
+fn a_denial_reports_the_true_state_of_the_limits_that_did_not_deny() {
+    let (w, _c) = common::warden(serde_json::json!({
+        "scopes": {"ip": {"limits": [{"name": "per-ip", "kind": "rate", "limit": 2, "per": "1m"}]}},
+        "resources": {"llm": {"limits": [
+            {"name": "llm-usd", "kind": "budget", "unit": "usd", "limit": "1", "per": "day"}
+        ]}}
+    }));
+    let req = ratewarden::Request::parse("ip:1")
+        .unwrap()
+        .resource("llm")
+        .spend("usd", ratewarden::Amount::parse("0.25").unwrap());
+    for left in [750_000, 500_000] {
+        let d = common::now(w.acquire(&req)).unwrap();
+        assert!(d.allowed());
+        assert_eq!(common::remaining(&d, "llm-usd"), left);
+    }
+    // The rate denies; the budget was not charged and says so (not 250000).
+    let d = common::now(w.acquire(&req)).unwrap();
+    assert!(!d.allowed());
+    assert_eq!(d.denied_by().unwrap().name(), "per-ip");
+    assert_eq!(common::remaining(&d, "llm-usd"), 500_000);
+    assert_eq!(common::remaining(&d, "per-ip"), 0);
+    let again = common::now(w.check(&req)).unwrap();
+    assert_eq!(common::remaining(&again, "llm-usd"), 500_000);
+}

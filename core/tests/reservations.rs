@@ -353,3 +353,72 @@ fn admit_holds_a_concurrency_slot_until_finished_and_acquire_holds_none() {
     let d = now(w.admit(&req)).unwrap();
     assert!(d.allowed() && d.reservation.is_none());
 }
+
+#[test]
+fn balances_read_every_limit_without_charging_anything() {
+    use ratewarden::Scope;
+    let (w, _c) = warden(json!({
+        "scopes": {"tenant": {"limits": [
+            {"name": "rpm", "kind": "rate", "limit": 10, "per": "1m"},
+            {"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month"},
+            {"name": "lifetime", "kind": "budget", "unit": "tokens", "limit": 1000},
+            {"name": "slots", "kind": "concurrency", "limit": 2}
+        ]}},
+        "resources": {"llm": {"limits": [
+            {"name": "llm-tpm", "kind": "rate", "unit": "tokens", "limit": 5000, "per": "1m"}
+        ]}}
+    }));
+    let tenant = Scope::parse("tenant:acme").unwrap();
+    let req = Request::parse("tenant:acme")
+        .unwrap()
+        .spend("usd", usd("2.5"))
+        .spend("tokens", 100);
+    let held = now(w.reserve(&req, None)).unwrap();
+    assert!(held.allowed());
+    now(w.acquire(&Request::parse("tenant:acme").unwrap())).unwrap();
+    for _ in 0..3 {
+        let b = now(w.balances(&tenant, None)).unwrap();
+        let by = |n: &str| b.iter().find(|x| x.name == n).unwrap().clone();
+        assert_eq!(b.len(), 4, "{b:?}");
+        let rpm = by("rpm");
+        assert_eq!(
+            (rpm.limit, rpm.remaining, rpm.held),
+            (10, 8, 0),
+            "two requests so far, none more"
+        );
+        assert!(rpm.reset.is_some());
+        let usd = by("usd");
+        assert_eq!(
+            (usd.limit, usd.remaining, usd.held),
+            (10_000_000, 7_500_000, 2_500_000)
+        );
+        assert_eq!(
+            (usd.unit.as_str(), usd.decimals, usd.owner.as_deref()),
+            ("usd", 6, Some("tenant:acme"))
+        );
+        assert!(usd.reset.is_some(), "a monthly budget resets");
+        let life = by("lifetime");
+        assert_eq!(
+            (life.remaining, life.held, life.reset),
+            (900, 100, None),
+            "never resets"
+        );
+        let slots = by("slots");
+        assert_eq!(
+            (slots.kind, slots.remaining, slots.held, slots.reset),
+            ("concurrency", 1, 1, None)
+        );
+    }
+    // With the resource: its pool too, owned by nobody.
+    let b = now(w.balances(&tenant, Some("llm"))).unwrap();
+    let pool = b.iter().find(|x| x.name == "llm-tpm").unwrap();
+    assert_eq!(
+        (pool.owner.as_deref(), pool.remaining, pool.held),
+        (None, 5000, 0)
+    );
+    now(w.release(held.reservation.unwrap().id)).unwrap();
+    let b = now(w.balances(&tenant, None)).unwrap();
+    assert!(b.iter().all(|x| x.held == 0), "{b:?}");
+    assert!(now(w.balances(&tenant, Some("nope"))).is_err());
+    assert!(now(w.balances(&Scope::parse("team:x").unwrap(), None)).is_err());
+}

@@ -299,6 +299,27 @@ describe('express middleware options', () => {
     }
   });
 
+  test('a 429 reports the true state of the limits that did not deny', async () => {
+    const w = new Warden({
+      scopes: { ip: { limits: [{ name: 'per-ip', kind: 'rate', limit: 2, per: '1m' }] } },
+      resources: { llm: { limits: [{ name: 'llm-usd', kind: 'budget', unit: 'usd', limit: '1', per: 'day' }] } },
+    }, { clock: new ManualClock() });
+    const app = await serve(w.express({ resource: 'llm', cost: { requests: 1, usd: '0.25' } }));
+    try {
+      const seen = [];
+      for (let i = 0; i < 3; i++) {
+        const r = await fetch(app.url);
+        seen.push([r.status, r.headers.get('ratelimit')]);
+      }
+      assert.deepEqual(seen.map(([s]) => s), [200, 200, 429]);
+      assert.match(seen[1][1], /"llm-usd";r=500000;/);
+      // Denied by the rate: the budget was not charged and says so (not r=250000).
+      assert.match(seen[2][1], /"per-ip";r=0;t=\d+, "llm-usd";r=500000;t=\d+/);
+    } finally {
+      await app.close();
+    }
+  });
+
   test('bad options are refused with typed errors', () => {
     const w = new Warden(policy());
     assert.throws(() => w.express({ headers: 'draft-9' }), (e) => e instanceof InvalidInputError && /draft-9/.test(e.message));

@@ -109,3 +109,25 @@ for (const backend of ['memory', 'redis']) {
     });
   });
 }
+
+for (const backend of ['memory', 'redis']) {
+  test(`balances on ${backend}: every limit read without charging anything`, async () => {
+    const w = backend === 'memory'
+      ? new Warden(POLICY)
+      : await Warden.connect(POLICY, { backend: redis.url, namespace: `node-bal-${process.pid}-${n++}` });
+    const r = await w.reserve('tenant:a', { cost: { usd: '2.5' } });
+    assert.ok(r.allowed);
+    for (let i = 0; i < 3; i++) {
+      const by = Object.fromEntries((await w.balances('tenant:a')).map((b) => [b.name, b]));
+      assert.deepEqual([by.usd.remaining, by.usd.held, by.usd.limit], [7_500_000, 2_500_000, 10_000_000]);
+      assert.deepEqual([by.usd.remainingText, by.usd.heldText, by.usd.owner], ['7.5', '2.5', 'tenant:a']);
+      assert.ok(by.usd.reset > 0);
+      assert.deepEqual([by.calls.remaining, by.calls.held], [99, 1], "the reservation's call, nothing more");
+    }
+    await w.release(r.reservation);
+    assert.ok((await w.balances('tenant:a')).every((b) => b.held === 0));
+    await assert.rejects(w.balances('tenant:a', { resource: 'nope' }), (e) => e.code === 'unknown');
+    await assert.rejects(w.balances(5), (e) => e.argument === 'scope');
+    w.close();
+  });
+}

@@ -337,3 +337,22 @@ def test_a_concurrency_limit_holds_its_slot_for_the_whole_request() -> None:
         # (uvicorn closes a connection whose app raised: a new one.)
         assert httpx.get(f"{url}/fast").status_code == 200, "freed when the handler raised"
     assert warden.check("ip:127.0.0.1", cost={"requests": 0}).allowed
+
+
+def test_a_429_reports_the_true_state_of_the_limits_that_did_not_deny() -> None:
+    warden = Warden(
+        {
+            "scopes": {"ip": {"limits": [{"name": "per-ip", "kind": "rate", "limit": 2, "per": "minute"}]}},
+            "resources": {
+                "llm": {"limits": [{"name": "llm-usd", "kind": "budget", "unit": "usd", "limit": "1", "per": "day"}]}
+            },
+        },
+        clock=ManualClock(T0),
+    )
+    app = make_app([], warden=warden, resource="llm", cost={"requests": 1, "usd": "0.25"})
+    with serve(app) as url, httpx.Client(base_url=url) as http:
+        seen = [http.get("/") for _ in range(3)]
+    assert [r.status_code for r in seen] == [200, 200, 429]
+    assert '"llm-usd";r=500000;' in seen[1].headers["ratelimit"]
+    # Denied by the rate: the budget was not charged and says so (not r=250000).
+    assert '"llm-usd";r=500000;' in seen[2].headers["ratelimit"], seen[2].headers["ratelimit"]

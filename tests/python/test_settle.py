@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterator
 
 import pytest
 
+import ratewarden
 from ratewarden import Warden
 
 POLICY = {
@@ -109,3 +110,22 @@ def test_an_unusable_actual_charges_the_estimate_returns_the_result_and_logs(
         assert left(warden) == (10_000_000 - i * 1_000_000, 100 - i), why
         [record] = [r for r in caplog.records if r.name == "ratewarden"]
         assert "charged the estimate" in record.getMessage() and why in record.getMessage(), record.getMessage()
+
+
+def test_balances_read_every_limit_without_charging(warden: Warden) -> None:
+    r = warden.reserve("tenant:a", cost={"usd": "2.5"})
+    assert r.allowed
+    for _ in range(3):
+        by = {b["name"]: b for b in warden.balances("tenant:a")}
+        assert (by["usd"]["remaining"], by["usd"]["held"], by["usd"]["limit"]) == (7_500_000, 2_500_000, 10_000_000)
+        assert (by["usd"]["remaining_text"], by["usd"]["held_text"], by["usd"]["owner"]) == ("7.5", "2.5", "tenant:a")
+        assert by["usd"]["reset"] is not None and by["usd"]["reset"] > 0
+        assert (by["calls"]["remaining"], by["calls"]["held"]) == (99, 1), "the reservation's call, nothing more"
+    r.release()
+    assert all(b["held"] == 0 for b in asyncio.run(_balances(warden)))
+    with pytest.raises(ratewarden.InvalidInput):
+        warden.balances("tenant:a", resource="nope")
+
+
+async def _balances(w: Warden) -> Any:
+    return await w.balances_async("tenant:a")

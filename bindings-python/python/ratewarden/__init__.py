@@ -608,6 +608,31 @@ class Warden:
         except _CONVERSION_ERRORS as e:
             raise _bad_argument(e) from None
 
+    def balances(self, scope: str, *, resource: Optional[str] = None) -> List[Dict[str, Any]]:
+        """What is left of every limit a request by ``scope`` (on ``resource``) would
+        touch, read without a request — nothing is charged or counted. One dict per
+        limit: ``name``, ``kind``, ``unit``, ``owner`` (the scope prefix whose counter
+        it is; None for a shared pool), ``limit``, ``remaining`` and ``held`` (held by
+        live reservations and concurrency slots) in integer base units with their
+        ``*_text`` decimals, and ``reset`` (seconds until fully available; None for
+        lifetime budgets and concurrency). Raises :class:`BackendError` when Redis
+        cannot be asked (never a fallback's estimate)."""
+        try:
+            return self._native.balances(scope, resource)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def balances_async(self, scope: str, *, resource: Optional[str] = None) -> Awaitable[List[Dict[str, Any]]]:
+        """Async form of :meth:`balances`."""
+        try:
+            return self._native.balances(scope, resource, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
     # -- the decorator -----------------------------------------------------
 
     def guard(

@@ -121,6 +121,7 @@ class NativeWarden:
         priority: Optional[str] = None,
         asynchronous: bool = False,
     ) -> Any: ...
+    def balances(self, scope: str, resource: Optional[str] = None, asynchronous: bool = False) -> Any: ...
     def admit(
         self,
         scope: str,

@@ -592,6 +592,7 @@ impl MemoryBackend {
                         remaining: avail - if allowed { item.amount } else { 0 },
                         reset: end.map_or(0, |e| e - now),
                         retry: None,
+                        held: holds.iter().map(|h| h.amount).sum(),
                     };
                 }
                 let held = holds.iter().map(|h| h.amount).sum();
@@ -807,6 +808,7 @@ impl MemoryBackend {
                     remaining: 0,
                     reset: 0,
                     retry: None,
+                    held: 0,
                 },
             });
         }

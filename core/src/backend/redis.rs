@@ -491,7 +491,7 @@ impl RedisBackend {
                 return Err(Sent::Never(self.refused_delegation(code, c, parent).await));
             }
         }
-        if out.len() != 3 + 4 * part.items.len() {
+        if out.len() != 3 + 5 * part.items.len() {
             return Err(Sent::Never(Error::Internal {
                 message: format!(
                     "decide script answered {} values for {} limits",
@@ -505,12 +505,13 @@ impl RedisBackend {
             expires_at: out[1],
             tracker_left: out[2] == 1,
             evals: out[3..]
-                .chunks_exact(4)
+                .chunks_exact(5)
                 .map(|c| ItemEval {
                     allowed: c[0] == 1,
                     remaining: c[1],
                     reset: c[2],
                     retry: (c[3] >= 0).then_some(c[3]),
+                    held: c[4],
                 })
                 .collect(),
         })
@@ -698,6 +699,7 @@ impl RedisBackend {
                 remaining: 0,
                 reset: 0,
                 retry: None,
+                held: 0,
             };
             plan.len()
         ];
