@@ -1,0 +1,483 @@
+//! `NativeWarden`: every operation of `ratewarden.Warden`, sync or async.
+
+#[allow(clippy::wildcard_imports)]
+use crate::*;
+
+/// The native warden behind `ratewarden.Warden`.
+#[pyclass(frozen, module = "ratewarden._native")]
+pub(crate) struct NativeWarden {
+    /// Swapped (never locked) when a forked child reconnects: a lock another
+    /// thread held at `fork()` would stay locked in the child forever.
+    pub(crate) warden: arc_swap::ArcSwap<Warden>,
+    /// The process (fork generation) the backend's connections belong to.
+    pub(crate) generation: AtomicU32,
+    pub(crate) config: Setup,
+}
+
+impl NativeWarden {
+    fn build(py: Python<'_>, policy: Policy, config: Setup) -> PyResult<Self> {
+        let warden = if config.backend.is_none() {
+            at_once(config.connect(policy))
+        } else {
+            block(py, config.connect(policy))
+        }
+        .or_raise()?;
+        Ok(Self {
+            warden: arc_swap::ArcSwap::from_pointee(warden),
+            generation: AtomicU32::new(process_generation()),
+            config,
+        })
+    }
+
+    fn embedded(&self) -> bool {
+        self.config.embedded()
+    }
+
+    /// The warden, reconnected first if this is a forked child.
+    fn warden(&self, py: Python<'_>) -> PyResult<Warden> {
+        let current = Warden::clone(&self.warden.load());
+        if self.embedded() {
+            return Ok(current);
+        }
+        let generation = process_generation();
+        if self.generation.load(Ordering::Acquire) == generation {
+            return Ok(current);
+        }
+        let fresh = block(py, self.config.connect(current.policy().clone())).or_raise()?;
+        self.warden.store(std::sync::Arc::new(fresh.clone()));
+        self.generation.store(generation, Ordering::Release);
+        Ok(fresh)
+    }
+
+    /// Runs an operation (`make` builds its future on this process's warden):
+    /// decided on the calling thread when the embedded engine answers at once;
+    /// otherwise (Redis, a wait) on the runtime with the GIL released.
+    fn run<T, Fut>(
+        &self,
+        py: Python<'_>,
+        make: impl FnOnce(Warden) -> Fut,
+    ) -> PyResult<ratewarden::Result<T>>
+    where
+        T: Send,
+        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send,
+    {
+        let mut f = std::pin::pin!(make(self.warden(py)?));
+        if self.embedded() {
+            if let Some(r) = poll_ready(f.as_mut()) {
+                return Ok(r);
+            }
+        }
+        Ok(block(py, f))
+    }
+
+    /// A settlement on the calling thread (blocking with the GIL released
+    /// when the backend must be asked).
+    fn run_settle(
+        &self,
+        py: Python<'_>,
+        id: ReservationId,
+        outcome: CallOutcome,
+    ) -> PyResult<Settlement> {
+        let settled = self.run(py, move |w| async move {
+            Ok::<_, ratewarden::Error>(w.finish(id, outcome).await)
+        })?;
+        settled.or_raise()
+    }
+
+    /// The sync form (`run`, converted) or the async form (an awaitable): an
+    /// already-completed one when the embedded engine answers at once, else
+    /// an asyncio future completed from the runtime.
+    /// `answer_with` for an operation that is one backend call (no wait to cancel).
+    fn answer<T, Fut>(
+        &self,
+        py: Python<'_>,
+        make: PyResult<impl FnOnce(Warden) -> Fut>,
+        asynchronous: bool,
+        convert: Convert<T>,
+    ) -> PyResult<Py<PyAny>>
+    where
+        T: Held + Send + 'static,
+        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
+    {
+        self.answer_with(py, make, asynchronous, convert, None)
+    }
+
+    fn answer_with<T, Fut>(
+        &self,
+        py: Python<'_>,
+        make: PyResult<impl FnOnce(Warden) -> Fut>,
+        asynchronous: bool,
+        convert: Convert<T>,
+        wait: Option<Arc<WaitCancel>>,
+    ) -> PyResult<Py<PyAny>>
+    where
+        T: Held + Send + 'static,
+        Fut: std::future::Future<Output = ratewarden::Result<T>> + Send + 'static,
+    {
+        let make = make?;
+        // A wait may sleep on a Tokio timer even when polled here first (the
+        // embedded engine with the system clock): inside the runtime's context.
+        let _runtime = wait.as_ref().map(|_| runtime().enter());
+        if !asynchronous {
+            let v = self.run(py, make)?.or_raise()?;
+            return convert(py, v);
+        }
+        let mut f = Box::pin(make(self.warden(py)?));
+        if self.embedded() {
+            if let Some(r) = poll_ready(&mut f) {
+                return ready(py, r.or_raise().and_then(|v| convert(py, v)));
+            }
+        }
+        spawn_async(py, f, convert, self.warden(py)?, wait)
+    }
+
+    /// Reserves a prepared request (waiting first if it says so); on the
+    /// embedded engine without copying the request.
+    fn reserve_prepared(&self, py: Python<'_>, p: &Prepared) -> PyResult<CoreDecision> {
+        if self.embedded() && p.max_wait.is_none() {
+            let w = self.warden(py)?;
+            return at_once(w.reserve(&p.request, p.lease)).or_raise();
+        }
+        // A wait may sleep on a Tokio timer even when polled here first.
+        let _runtime = p.max_wait.map(|_| runtime().enter());
+        self.run(py, |w| p.hold(w, Arc::default()))?.or_raise()
+    }
+}
+
+// Every operation converts its arguments, then runs one typed core call on the
+// calling thread or the runtime (`asynchronous=False`), or as an awaitable
+// (`True`).
+#[pymethods]
+impl NativeWarden {
+    /// Builds a warden from a policy document given as JSON text, or from a
+    /// policy file when `path` is given.
+    #[new]
+    #[pyo3(signature = (json=None, path=None, backend=None, namespace="rw", on_backend_error="deny", local_share=1, timeout=None, clock=None, lazy=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        json: Option<&str>,
+        path: Option<PathBuf>,
+        backend: Option<String>,
+        namespace: &str,
+        on_backend_error: &str,
+        local_share: u32,
+        timeout: Option<f64>,
+        clock: Option<PyRef<'_, ManualClock>>,
+        lazy: bool,
+    ) -> PyResult<Self> {
+        let policy = match (json, path) {
+            (Some(text), None) => {
+                Policy::from_str_as(text, ratewarden::Format::Json, "<dict>").or_raise()?
+            }
+            (None, Some(p)) => Policy::from_file(&p).or_raise()?,
+            _ => return Err(invalid("policy", "give exactly one of json= or path=")),
+        };
+        let config = Setup {
+            on_error: ratewarden::ops::on_backend_error(on_backend_error, local_share)
+                .or_raise()?,
+            timeout: optional_seconds(timeout, "timeout")?,
+            clock: clock.map(|c| c.inner.clone()),
+            lazy,
+            ..Setup::new(backend.as_deref(), namespace)
+        };
+        Self::build(py, policy, config)
+    }
+
+    /// `"memory"` or `"redis"`.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        if self.embedded() { "memory" } else { "redis" }
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = request_of(scope, resource, action, cost, priority)
+            .map(|r| move |w: Warden| async move { w.check(&r).await });
+        self.answer(py, op, asynchronous, decision_to_py)
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false, operation=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        asynchronous: bool,
+        operation: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        let req = request_of(scope, resource, action, cost, priority);
+        let op = operation_of(req, operation)
+            .map(|r| move |w: Warden| async move { w.acquire(&r).await });
+        self.answer(py, op, asynchronous, decision_to_py)
+    }
+
+    /// What is left of every limit `scope` (on `resource`) touches, charging
+    /// nothing: a list of dicts (see `ratewarden.Warden.balances`).
+    #[pyo3(signature = (scope, resource=None, asynchronous=false))]
+    fn balances(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let resource = resource.map(str::to_owned);
+        let op = Scope::parse(scope)
+            .or_raise()
+            .map(|s| move |w: Warden| async move { w.balances(&s, resource.as_deref()).await });
+        self.answer(py, op, asynchronous, balances_to_py)
+    }
+
+    /// `Warden::admit`, for the ASGI middleware: an acquire that holds a
+    /// concurrency slot (the decision's reservation) until `finish`.
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = request_of(scope, resource, action, cost, priority)
+            .map(|r| move |w: Warden| async move { w.admit(&r).await });
+        self.answer(py, op, asynchronous, decision_to_py)
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, asynchronous=false, operation=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn reserve(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        lease: Option<f64>,
+        asynchronous: bool,
+        operation: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        let req = request_of(scope, resource, action, cost, priority);
+        let op = operation_of(req, operation).and_then(|r| {
+            let lease = optional_seconds(lease, "lease")?;
+            Ok(move |w: Warden| async move { w.reserve(&r, lease).await })
+        });
+        self.answer(py, op, asynchronous, decision_to_py)
+    }
+
+    #[pyo3(signature = (reservation, actual=None, asynchronous=false))]
+    fn commit(
+        &self,
+        py: Python<'_>,
+        reservation: &str,
+        actual: Option<&Bound<'_, PyDict>>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = reservation_id(reservation).and_then(|id| {
+            let actual = cost_of(actual, "actual")?;
+            Ok(move |w: Warden| async move { w.commit(id, &actual).await })
+        });
+        self.answer(py, op, asynchronous, receipt_to_py)
+    }
+
+    #[pyo3(signature = (reservation, asynchronous=false))]
+    fn release(
+        &self,
+        py: Python<'_>,
+        reservation: &str,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = reservation_id(reservation)
+            .map(|id| move |w: Warden| async move { w.release(id).await });
+        self.answer(py, op, asynchronous, released_to_py)
+    }
+
+    #[pyo3(signature = (reservation, lease, asynchronous=false))]
+    fn extend(
+        &self,
+        py: Python<'_>,
+        reservation: &str,
+        lease: f64,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = reservation_id(reservation).and_then(|id| {
+            let lease = seconds(lease, "lease")?;
+            Ok(move |w: Warden| async move { w.extend(id, lease).await })
+        });
+        self.answer(py, op, asynchronous, expiry_to_py)
+    }
+
+    #[pyo3(signature = (child, amounts, from_scope=None, from_reservation=None, lease=None, asynchronous=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn delegate(
+        &self,
+        py: Python<'_>,
+        child: &str,
+        amounts: &Bound<'_, PyDict>,
+        from_scope: Option<&str>,
+        from_reservation: Option<&str>,
+        lease: Option<f64>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op =
+            delegate_args(child, amounts, from_scope, from_reservation, lease).map(
+                |(child, amounts, from, lease)| {
+                    move |w: Warden| async move {
+                        w.delegate(from.as_from(), &child, &amounts, lease).await
+                    }
+                },
+            );
+        self.answer(py, op, asynchronous, decision_to_py)
+    }
+
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None, asynchronous=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn wait(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        max_wait: f64,
+        reserve: bool,
+        lease: Option<f64>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let cancel = Arc::new(WaitCancel::default());
+        let stop = Arc::clone(&cancel);
+        let op = request_of(scope, resource, action, cost, priority).and_then(|r| {
+            let what = if reserve {
+                WaitFor::Reserve(optional_seconds(lease, "lease")?)
+            } else {
+                WaitFor::Acquire
+            };
+            let max_wait = seconds(max_wait, "max_wait")?;
+            Ok(move |w: Warden| async move { w.wait_cancellable(&r, what, max_wait, &stop).await })
+        });
+        self.answer_with(py, op, asynchronous, decision_to_py, Some(cancel))
+    }
+
+    /// Converts a guard's request once: reserve (`max_wait` unset) or wait up to
+    /// `max_wait` seconds and reserve.
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, max_wait=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        &self,
+        scope: &str,
+        resource: Option<&str>,
+        action: Option<&str>,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+        lease: Option<f64>,
+        max_wait: Option<f64>,
+    ) -> PyResult<Prepared> {
+        Ok(Prepared {
+            request: request_of(scope, resource, action, cost, priority)?,
+            lease: optional_seconds(lease, "lease")?,
+            max_wait: optional_seconds(max_wait, "max_wait")?,
+        })
+    }
+
+    /// Reserves a prepared request: the reservation id (an `int`) when admitted,
+    /// else the decision that denied it.
+    #[pyo3(signature = (prepared, asynchronous=false))]
+    fn hold(&self, py: Python<'_>, prepared: &Prepared, asynchronous: bool) -> PyResult<Py<PyAny>> {
+        if asynchronous {
+            let cancel = Arc::new(WaitCancel::default());
+            let stop = Arc::clone(&cancel);
+            let op = Ok(move |w: Warden| prepared.hold(w, stop));
+            return self.answer_with(py, op, true, held_to_py, Some(cancel));
+        }
+        let d = self.reserve_prepared(py, prepared)?;
+        held_to_py(py, d)
+    }
+
+    /// Runs `func(*args, **kwargs)` under a hold of `prepared` — the whole
+    /// guard of a sync function in one native call: denied → the
+    /// `RateLimited` / `BudgetExceeded` of `_errors.denied`; `func` raises →
+    /// released, re-raised; else committed with `actual(result)` (or the
+    /// estimate) and its result returned — also when the backend could not
+    /// confirm the commit (then `ratewarden._unsettled` logs it).
+    #[pyo3(signature = (prepared, func, args, kwargs=None, actual=None))]
+    fn guarded_call(
+        &self,
+        py: Python<'_>,
+        prepared: &Prepared,
+        func: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+        actual: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let d = self.reserve_prepared(py, prepared)?;
+        let Some(id) = d.reservation.as_ref().map(|r| r.id) else {
+            static DENIED: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+            let exc = python_fn(py, &DENIED, "ratewarden._errors", "denied")?
+                .call1(py, (Decision { inner: d },))?;
+            return Err(PyErr::from_value(exc.into_bound(py)));
+        };
+        let result = match func.call(args, kwargs) {
+            Ok(r) => r,
+            Err(e) => {
+                // The call failed: released. The user's error propagates
+                // unchanged; a release that failed is logged, not raised.
+                let s = self.run_settle(py, id, CallOutcome::Failed)?;
+                log_problem(py, func, &s)?;
+                return Err(e);
+            }
+        };
+        let usage = usage_of(py, actual, &result);
+        let s = self.run_settle(py, id, CallOutcome::Ran(usage))?;
+        log_problem(py, func, &s)?;
+        Ok(result.unbind())
+    }
+
+    /// Settles a held reservation (by its `int` id) by the settlement rule of
+    /// `ratewarden::settle`: `failed` → released; else committed at
+    /// `actual(result)` (rounded up to each unit), or at the estimate when
+    /// `actual` is None, raises, or returns something that is not a valid
+    /// cost. Returns the problem to log (a `str`), or None; never raises for
+    /// the settlement itself.
+    #[pyo3(signature = (id, failed, actual=None, result=None, asynchronous=false))]
+    fn finish(
+        &self,
+        py: Python<'_>,
+        id: u128,
+        failed: bool,
+        actual: Option<&Bound<'_, PyAny>>,
+        result: Option<&Bound<'_, PyAny>>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let id = ReservationId(id);
+        let outcome = if failed {
+            CallOutcome::Failed
+        } else {
+            let none = py.None().into_bound(py);
+            CallOutcome::Ran(usage_of(py, actual, result.unwrap_or(&none)))
+        };
+        let op = Ok(move |w: Warden| async move {
+            Ok::<_, ratewarden::Error>(w.finish(id, outcome).await)
+        });
+        self.answer(py, op, asynchronous, problem_to_py)
+    }
+}
