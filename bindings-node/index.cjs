@@ -187,9 +187,9 @@ function scope(...parts) {
 // from Redis (`decideAsync`) — and is built here as an object literal: ~10x
 // cheaper than field by field through N-API. Names come from the limit table.
 
-const PRIORITIES = ['critical', 'standard', 'background']; // by core's Priority::rank()
-const STRIDE = 4; // id, remaining, amount, reset
-const MAX_COMPACT_LIMITS = 64;
+// The layout comes from the addon (src/compact.rs), never a copy of our own:
+// numbers per limit (id, remaining, amount, reset), priority names by code.
+const { stride: STRIDE, priorities: PRIORITIES, maxLimits: MAX_COMPACT_LIMITS } = native.compactLayout();
 const SLOW = Symbol('slow');
 
 /** `unit\x1famount\x1e…` for the fast path, SLOW when the general conversion must judge it. */

@@ -29,6 +29,40 @@ export declare class ManualClock {
 
 /** The native warden behind the JS `Warden`. */
 export declare class NativeWarden {
+  /** The policy's limits, indexed by `id`, for reading compact decisions. */
+  limitTable(): Array<LimitMeta>
+  /**
+   * Check (`op` 0) or acquire (`op` 1) at once on the embedded engine. An
+   * allowed, plain decision is written into `out` (see `limitTable`) and its
+   * priority code returned; any other decision is returned whole. `cost` is
+   * `unit\x1famount` items joined by `\x1e`.
+   */
+  decide(op: number, scope: string, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, out: Float64Array): number | Decision
+  /**
+   * `decide` for any backend, as a Promise: an allowed, plain decision
+   * resolves to `[priority code, then the compact encoding]`, any other to
+   * the whole decision.
+   */
+  decideAsync(op: number, scope: string, resource?: string | undefined | null, action?: string | undefined | null, cost?: string | undefined | null, priority?: string | undefined | null): Promise<Array<number> | Decision>
+  /**
+   * Validates a middleware's constant request fields and header style once
+   * — types, then resource, action, units and amounts against the policy —
+   * and returns their index for `decideHttpPrepared`. `cost` is an object.
+   */
+  prepareHttp(resource: string | undefined | null, action: string | undefined | null, cost: any | undefined | null, priority: string | undefined | null, style: string): number
+  /**
+   * An HTTP request's acquire with a prepared request (`prepareHttp`), at
+   * once on the embedded engine: when allowed, its response headers as one
+   * string `name
+  value
+  name
+  value…` (one value crossing instead of an
+   * array of strings: in a busy server each N-API crossing is cold and
+   * costs ~0.2 µs); when denied, the whole `HttpDecision`.
+   */
+  decideHttpPrepared(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, identity: ClientIdentity, template: number): string | HttpDecision
+  /** `decideHttpPrepared` for any backend, as a Promise. */
+  decideHttpPreparedAsync(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, identity: ClientIdentity, template: number): Promise<string | HttpDecision>
   /**
    * A warden for a policy (JSON text, or a file path). With a Redis backend
    * it starts connecting in the background (decisions follow
@@ -95,39 +129,6 @@ export declare class NativeWarden {
   acquireHttpSync(scope: string, options: RequestOptions | undefined | null, style: string): string | HttpDecision
   /** Async form of `acquireHttpSync`. */
   acquireHttpAsync(scope: string, options: RequestOptions | undefined | null, style: string): Promise<string | HttpDecision>
-  /** The policy's limits, indexed by `id`, for reading compact decisions. */
-  limitTable(): Array<LimitMeta>
-  /**
-   * Check (`op` 0) or acquire (`op` 1) at once on the embedded engine. An
-   * allowed, plain decision is written into `out` (see `limitTable`) and its
-   * priority code returned; any other decision is returned whole. `cost` is
-   * `unit\x1famount` items joined by `\x1e`.
-   */
-  decide(op: number, scope: string, resource: string | undefined | null, action: string | undefined | null, cost: string | undefined | null, priority: string | undefined | null, out: Float64Array): number | Decision
-  /**
-   * `decide` for any backend, as a Promise: an allowed, plain decision
-   * resolves to `[priority code, then the compact encoding]`, any other to
-   * the whole decision.
-   */
-  decideAsync(op: number, scope: string, resource?: string | undefined | null, action?: string | undefined | null, cost?: string | undefined | null, priority?: string | undefined | null): Promise<Array<number> | Decision>
-  /**
-   * Validates a middleware's constant request fields and header style once
-   * and returns their index for `decideHttpPrepared`. `cost` as in `decide`.
-   */
-  prepareHttp(resource: string | undefined | null, action: string | undefined | null, cost: any | undefined | null, priority: string | undefined | null, style: string): number
-  /**
-   * An HTTP request's acquire with a prepared request (`prepareHttp`), at
-   * once on the embedded engine: when allowed, its response headers as one
-   * string `name
-  value
-  name
-  value…` (one value crossing instead of an
-   * array of strings: in a busy server each N-API crossing is cold and
-   * costs ~0.2 µs); when denied, the whole `HttpDecision`.
-   */
-  decideHttpPrepared(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, identity: ClientIdentity, template: number): string | HttpDecision
-  /** `decideHttpPrepared` for any backend, as a Promise. */
-  decideHttpPreparedAsync(scope: string | undefined | null, peer: string | undefined | null, forwardedFor: string | undefined | null, identity: ClientIdentity, template: number): Promise<string | HttpDecision>
 }
 
 /**
@@ -183,6 +184,19 @@ export interface Charge {
   charged: number
   /** Used beyond what was charged (overage `cap`), base units. */
   uncharged: number
+}
+
+/** The layout of compact decisions (see the module's documentation). */
+export declare function compactLayout(): CompactLayout
+
+/** The compact encoding's layout, read once by the JS layer. */
+export interface CompactLayout {
+  /** Numbers per limit: id, remaining, amount, reset. */
+  stride: number
+  /** Priority names by the code `decide` returns (`Priority::rank()`). */
+  priorities: Array<string>
+  /** Limits the buffer must hold: `1 + stride * maxLimits` numbers. */
+  maxLimits: number
 }
 
 /** The answer to check / acquire / reserve / delegate / wait. */

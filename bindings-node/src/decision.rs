@@ -1,0 +1,215 @@
+//! Decisions, receipts and balances as plain JS objects.
+
+#[allow(clippy::wildcard_imports)]
+use crate::*;
+
+/// Restrictions to honour when allowed with caps (only those set).
+#[napi(object)]
+pub struct Caps {
+    /// Pace: wait this long before going ahead.
+    pub delay_ms: Option<i64>,
+    /// Ask the model for at most this many tokens.
+    pub max_tokens: Option<i64>,
+    /// Use this (cheaper) model instead.
+    pub model: Option<String>,
+    /// Take the ordered lock (cascade mode).
+    pub sequential: Option<bool>,
+}
+
+/// One limit the request touched.
+#[napi(object)]
+pub struct LimitInfo {
+    /// Its name in the policy.
+    pub name: String,
+    /// `rate`, `quota`, `concurrency` or `budget`.
+    pub kind: String,
+    /// The unit it counts.
+    pub unit: String,
+    /// Capacity, base units.
+    pub limit: i64,
+    /// What remains, base units (micro-units for a unit with 6 decimals).
+    pub remaining: i64,
+    /// What remains, as a decimal in the unit (`"4.75"`).
+    pub remaining_text: String,
+    /// What this request takes (or would take), base units.
+    pub amount: i64,
+    /// Seconds until fully available again.
+    pub reset: f64,
+    /// Whether this limit denied the request.
+    pub denied: bool,
+}
+
+/// The answer to check / acquire / reserve / delegate / wait.
+#[napi(object)]
+pub struct Decision {
+    /// Whether the caller may go ahead (`allow` or `allow_with_caps`).
+    pub allowed: bool,
+    /// `allow`, `allow_with_caps` or `deny`.
+    pub outcome: String,
+    /// Restrictions to honour with `allow_with_caps`.
+    pub caps: Caps,
+    /// With a denial: seconds until a retry can succeed; `null` if it never can.
+    pub retry_after: Option<f64>,
+    /// Every limit involved, in policy order.
+    pub limits: Vec<LimitInfo>,
+    /// Why it was denied or capped, in words.
+    pub reason: Option<String>,
+    /// The reservation id a reserve / delegate / wait(reserve) holds.
+    pub reservation: Option<String>,
+    /// When that reservation's lease ends, seconds since the epoch.
+    pub expires_at: Option<f64>,
+    /// The priority it was served at.
+    pub priority: String,
+    /// `deny`, `allow` or `local` when decided without the shared backend.
+    pub degraded: Option<String>,
+    /// With `degraded`: the operation id of a request that may have reached
+    /// the shared backend although its answer was lost (whether it was charged
+    /// is unknown). Repeat the request with `{ operation: id }` to learn the
+    /// original decision; it is charged at most once.
+    pub unconfirmed: Option<String>,
+    /// The first limit that denied it.
+    pub denied_by: Option<String>,
+    /// That limit's kind.
+    pub denied_kind: Option<String>,
+}
+
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn decision_of(d: &CoreDecision) -> Decision {
+    let by = d.denied_by();
+    Decision {
+        allowed: d.allowed(),
+        outcome: d.outcome.as_str().to_owned(),
+        caps: Caps {
+            delay_ms: d
+                .caps
+                .delay_ms
+                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+            max_tokens: d
+                .caps
+                .max_tokens
+                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+            model: d.caps.model.clone(),
+            sequential: d.caps.sequential.then_some(true),
+        },
+        retry_after: d.retry_after.map(|r| r.as_secs_f64()),
+        limits: d
+            .limits
+            .iter()
+            .map(|l| LimitInfo {
+                name: l.name().to_owned(),
+                kind: l.kind().to_owned(),
+                unit: l.unit().to_owned(),
+                limit: l.limit(),
+                remaining: l.remaining,
+                remaining_text: ratewarden::amount::format_base(l.remaining, l.def.decimals),
+                amount: l.amount,
+                reset: l.reset.as_secs_f64(),
+                denied: l.denied,
+            })
+            .collect(),
+        reason: d.reason.clone(),
+        reservation: d.reservation.as_ref().map(|r| r.id.to_string()),
+        expires_at: d.reservation.as_ref().map(|r| r.expires_at as f64 / 1e6),
+        priority: d.priority.as_str().to_owned(),
+        degraded: d.degraded.map(|g| g.as_str().to_owned()),
+        unconfirmed: d.unconfirmed.map(|op| op.to_string()),
+        denied_by: by.map(|l| l.name().to_owned()),
+        denied_kind: by.map(|l| l.kind().to_owned()),
+    }
+}
+
+/// What one limit was charged by a commit.
+#[napi(object)]
+pub struct Charge {
+    /// The limit.
+    pub name: String,
+    /// Its unit.
+    pub unit: String,
+    /// Held by the reservation, base units.
+    pub reserved: i64,
+    /// Charged, base units.
+    pub charged: i64,
+    /// Used beyond what was charged (overage `cap`), base units.
+    pub uncharged: i64,
+}
+
+/// The result of a commit.
+#[napi(object)]
+pub struct Receipt {
+    /// The reservation id.
+    pub reservation: String,
+    /// `true` if it had been committed before: nothing charged this time.
+    pub duplicate: bool,
+    /// Per-limit charges.
+    pub charges: Vec<Charge>,
+}
+
+pub(crate) fn receipt_of(r: &CommitReceipt) -> Receipt {
+    Receipt {
+        reservation: r.id.to_string(),
+        duplicate: r.duplicate,
+        charges: r
+            .charges
+            .iter()
+            .map(|c| Charge {
+                name: c.name().to_owned(),
+                unit: c.unit().to_owned(),
+                reserved: c.reserved,
+                charged: c.charged,
+                uncharged: c.uncharged,
+            })
+            .collect(),
+    }
+}
+
+/// An expiry (µs since the epoch) in seconds.
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn seconds_of(at: i64) -> f64 {
+    at as f64 / 1e6
+}
+
+/// What is left of one limit (`Warden.balances`); amounts in base units of
+/// `unit` (`decimals` places), with their decimal text beside them.
+#[napi(object)]
+pub struct BalanceInfo {
+    /// The limit's name in the policy.
+    pub name: String,
+    /// `rate`, `quota`, `budget` or `concurrency`.
+    pub kind: String,
+    /// The unit it counts.
+    pub unit: String,
+    /// The scope prefix whose counter it is; null for a pool shared by everyone.
+    pub owner: Option<String>,
+    /// Capacity (rate: the burst), base units.
+    pub limit: f64,
+    /// Free now, base units.
+    pub remaining: f64,
+    /// Held by live reservations, delegations and concurrency slots, base units.
+    pub held: f64,
+    /// `limit` as a decimal in the unit.
+    pub limit_text: String,
+    /// `remaining` as a decimal in the unit.
+    pub remaining_text: String,
+    /// `held` as a decimal in the unit.
+    pub held_text: String,
+    /// Seconds until fully available again; null for lifetime budgets and concurrency.
+    pub reset: Option<f64>,
+}
+
+#[allow(clippy::cast_precision_loss)] // base units stay within ±2^53: exact in a double
+pub(crate) fn balance_of(b: &ratewarden::Balance) -> BalanceInfo {
+    let text = |v: i64| ratewarden::amount::format_base(v, b.decimals);
+    BalanceInfo {
+        name: b.name.clone(),
+        kind: b.kind.to_owned(),
+        unit: b.unit.clone(),
+        owner: b.owner.clone(),
+        limit: b.limit as f64,
+        remaining: b.remaining as f64,
+        held: b.held as f64,
+        limit_text: text(b.limit),
+        remaining_text: text(b.remaining),
+        held_text: text(b.held),
+        reset: b.reset.map(|r| r.as_secs_f64()),
+    }
+}

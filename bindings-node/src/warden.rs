@@ -1,0 +1,420 @@
+//! `NativeWarden`: every operation of the JS `Warden`, at once on the embedded
+//! engine (`*Sync`) or as a Promise on the runtime (`*Async`). An async
+//! operation reads its JS arguments on the calling thread and runs a future that
+//! owns everything it uses: nothing it touches is freed with a worker's
+//! environment.
+
+#[allow(clippy::wildcard_imports)]
+use crate::*;
+
+/// The native warden behind the JS `Warden`.
+#[napi]
+pub struct NativeWarden {
+    pub(crate) warden: Warden,
+    pub(crate) embedded: bool,
+    /// Requests prepared once by a middleware (`prepareHttp`), by index.
+    pub(crate) templates: std::sync::RwLock<Vec<Template>>,
+}
+
+/// A middleware's constant request fields and header style, resolved once.
+pub(crate) struct Template {
+    /// resource, action, cost and priority, with a placeholder scope.
+    pub(crate) request: Request,
+    pub(crate) style: HeaderStyle,
+}
+
+#[napi]
+impl NativeWarden {
+    /// A warden for a policy (JSON text, or a file path). With a Redis backend
+    /// it starts connecting in the background (decisions follow
+    /// `onBackendError` until Redis answers); `NativeWarden.connect` waits.
+    #[napi(constructor)]
+    pub fn new(
+        json: Option<String>,
+        path: Option<String>,
+        options: Option<WardenOptions>,
+        clock: Option<&ManualClock>,
+    ) -> Result<Self> {
+        let policy = policy_of(json, path)?;
+        let setup = setup_of(options.as_ref(), clock, true)?;
+        let warden = if setup.embedded() {
+            ratewarden::backend::at_once(setup.connect(policy)).or_throw()?
+        } else {
+            // connect_lazy needs a Tokio context: napi's runtime.
+            block_on(async { setup.connect(policy).await }).or_throw()?
+        };
+        Ok(Self {
+            embedded: setup.embedded(),
+            warden,
+            templates: std::sync::RwLock::default(),
+        })
+    }
+
+    /// Connects first (rejects with a BackendError if Redis cannot be reached).
+    #[napi(ts_return_type = "Promise<NativeWarden>")]
+    pub fn connect<'env>(
+        env: &'env Env,
+        json: Option<String>,
+        path: Option<String>,
+        options: Option<WardenOptions>,
+        clock: Option<&ManualClock>,
+    ) -> Result<PromiseRaw<'env, NativeWarden>> {
+        // Everything borrowed from JS is read here: the future owns what it uses.
+        let policy = policy_of(json, path)?;
+        let setup = setup_of(options.as_ref(), clock, false)?;
+        env.spawn_future(async move {
+            let warden = setup.connect(policy).await.or_throw()?;
+            Ok(Self {
+                embedded: setup.embedded(),
+                warden,
+                templates: std::sync::RwLock::default(),
+            })
+        })
+    }
+
+    /// Whether decisions are made in this process (every call answers at once).
+    #[napi(getter)]
+    pub fn embedded(&self) -> bool {
+        self.embedded
+    }
+
+    /// `memory` or `redis`.
+    #[napi(getter)]
+    pub fn backend(&self) -> &'static str {
+        self.warden.backend_name()
+    }
+
+    /// Runs an operation at once on the embedded engine (only there).
+    pub(crate) fn sync<T>(
+        &self,
+        op: impl std::future::Future<Output = ratewarden::Result<T>>,
+    ) -> Result<T> {
+        if !self.embedded {
+            return Err(invalid(
+                "call",
+                "only the embedded engine decides synchronously; use the async form",
+            ));
+        }
+        ratewarden::backend::at_once(op).or_throw()
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn check_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
+        let req = request_of(&scope, options.as_ref())?;
+        self.sync(self.warden.check(&req)).map(|d| decision_of(&d))
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn acquire_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
+        let req = request_of(&scope, options.as_ref())?;
+        self.sync(self.warden.acquire(&req))
+            .map(|d| decision_of(&d))
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn reserve_sync(&self, scope: String, options: Option<RequestOptions>) -> Result<Decision> {
+        let (req, lease) = reserve_args(&scope, options.as_ref())?;
+        self.sync(self.warden.reserve(&req, lease))
+            .map(|d| decision_of(&d))
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn commit_sync(
+        &self,
+        reservation: String,
+        actual: Option<serde_json::Value>,
+    ) -> Result<Receipt> {
+        let (id, actual) = commit_args(&reservation, actual.as_ref())?;
+        self.sync(self.warden.commit(id, &actual))
+            .map(|r| receipt_of(&r))
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn release_sync(&self, reservation: String) -> Result<bool> {
+        self.sync(self.warden.release(reservation_id(&reservation)?))
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn extend_sync(&self, reservation: String, lease: f64) -> Result<f64> {
+        let (id, lease) = (reservation_id(&reservation)?, seconds(lease, "lease")?);
+        self.sync(self.warden.extend(id, lease)).map(seconds_of)
+    }
+
+    /// Decides at once on the embedded engine.
+    #[napi]
+    pub fn delegate_sync(
+        &self,
+        child: String,
+        amounts: serde_json::Value,
+        options: Option<DelegateOptions>,
+    ) -> Result<Decision> {
+        let (child, amounts, from, lease) = delegate_args(&child, &amounts, options.as_ref())?;
+        self.sync(
+            self.warden
+                .delegate(from.as_from(), &child, &amounts, lease),
+        )
+        .map(|d| decision_of(&d))
+    }
+
+    /// Runs any operation on the runtime (Redis, waits).
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn check_async<'env>(
+        &self,
+        env: &'env Env,
+        scope: String,
+        options: Option<RequestOptions>,
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let req = request_of(&scope, options.as_ref())?;
+            warden.check(&req).await.or_throw().map(|d| decision_of(&d))
+        })
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn acquire_async<'env>(
+        &self,
+        env: &'env Env,
+        scope: String,
+        options: Option<RequestOptions>,
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let req = request_of(&scope, options.as_ref())?;
+            warden
+                .acquire(&req)
+                .await
+                .or_throw()
+                .map(|d| decision_of(&d))
+        })
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn reserve_async<'env>(
+        &self,
+        env: &'env Env,
+        scope: String,
+        options: Option<RequestOptions>,
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (req, lease) = reserve_args(&scope, options.as_ref())?;
+            warden
+                .reserve(&req, lease)
+                .await
+                .or_throw()
+                .map(|d| decision_of(&d))
+        })
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<Receipt>")]
+    pub fn commit_async<'env>(
+        &self,
+        env: &'env Env,
+        reservation: String,
+        actual: Option<serde_json::Value>,
+    ) -> Result<PromiseRaw<'env, Receipt>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (id, actual) = commit_args(&reservation, actual.as_ref())?;
+            warden
+                .commit(id, &actual)
+                .await
+                .or_throw()
+                .map(|r| receipt_of(&r))
+        })
+    }
+
+    /// What is left of every limit `scope` (on `resource`) touches, charging nothing.
+    #[napi]
+    pub fn balances_sync(
+        &self,
+        scope: String,
+        resource: Option<String>,
+    ) -> Result<Vec<BalanceInfo>> {
+        let scope = Scope::parse(&scope).or_throw()?;
+        self.sync(self.warden.balances(&scope, resource.as_deref()))
+            .map(|b| b.iter().map(balance_of).collect())
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<Array<BalanceInfo>>")]
+    pub fn balances_async<'env>(
+        &self,
+        env: &'env Env,
+        scope: String,
+        resource: Option<String>,
+    ) -> Result<PromiseRaw<'env, Vec<BalanceInfo>>> {
+        let scope = Scope::parse(&scope).or_throw()?;
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            warden
+                .balances(&scope, resource.as_deref())
+                .await
+                .or_throw()
+                .map(|b| b.iter().map(balance_of).collect())
+        })
+    }
+
+    /// Settles a wrapped call's reservation by the settlement rule of
+    /// `ratewarden::settle` (the same in every binding): `failed` → released;
+    /// else committed at `actual` (rounded up to each unit) — or at the
+    /// estimate when `actual` is undefined, or `unreadable` says why the call's
+    /// usage could not be read, or `actual` is not a valid cost. Resolves to
+    /// the problem to report, or null; never rejects for the settlement itself.
+    #[napi]
+    pub fn finish_sync(
+        &self,
+        reservation: String,
+        failed: bool,
+        actual: Option<serde_json::Value>,
+        unreadable: Option<String>,
+    ) -> Result<Option<String>> {
+        let (id, outcome) = finish_args(&reservation, failed, actual, unreadable)?;
+        self.sync(async move { Ok(self.warden.finish(id, outcome).await) })
+            .map(|s| s.problem())
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<string | null>")]
+    pub fn finish_async<'env>(
+        &self,
+        env: &'env Env,
+        reservation: String,
+        failed: bool,
+        actual: Option<serde_json::Value>,
+        unreadable: Option<String>,
+    ) -> Result<PromiseRaw<'env, Option<String>>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (id, outcome) = finish_args(&reservation, failed, actual, unreadable)?;
+            Ok(warden.finish(id, outcome).await.problem())
+        })
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn release_async<'env>(
+        &self,
+        env: &'env Env,
+        reservation: String,
+    ) -> Result<PromiseRaw<'env, bool>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            warden
+                .release(reservation_id(&reservation)?)
+                .await
+                .or_throw()
+        })
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn extend_async<'env>(
+        &self,
+        env: &'env Env,
+        reservation: String,
+        lease: f64,
+    ) -> Result<PromiseRaw<'env, f64>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (id, lease) = (reservation_id(&reservation)?, seconds(lease, "lease")?);
+            warden.extend(id, lease).await.or_throw().map(seconds_of)
+        })
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn delegate_async<'env>(
+        &self,
+        env: &'env Env,
+        child: String,
+        amounts: serde_json::Value,
+        options: Option<DelegateOptions>,
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (child, amounts, from, lease) = delegate_args(&child, &amounts, options.as_ref())?;
+            warden
+                .delegate(from.as_from(), &child, &amounts, lease)
+                .await
+                .or_throw()
+                .map(|d| decision_of(&d))
+        })
+    }
+
+    /// Waits up to `maxWait` seconds for admission, then acquires (or reserves).
+    #[napi(ts_return_type = "Promise<Decision>")]
+    pub fn wait_async<'env>(
+        &self,
+        env: &'env Env,
+        scope: String,
+        options: Option<RequestOptions>,
+        max_wait: f64,
+        reserve: bool,
+    ) -> Result<PromiseRaw<'env, Decision>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let req = request_of(&scope, options.as_ref())?;
+            let what = if reserve {
+                WaitFor::Reserve(optional_seconds(
+                    options.as_ref().and_then(|o| o.lease),
+                    "lease",
+                )?)
+            } else {
+                WaitFor::Acquire
+            };
+            let max_wait = seconds(max_wait, "maxWait")?;
+            warden
+                .wait(&req, what, max_wait)
+                .await
+                .or_throw()
+                .map(|d| decision_of(&d))
+        })
+    }
+
+    /// An HTTP request's acquire with its response headers in `style`
+    /// (`draft-11`, `draft-7`, `draft-6`, `off`), at once on the embedded
+    /// engine, for request fields computed per request: answers as
+    /// `decideHttpPrepared` does.
+    #[napi]
+    pub fn acquire_http_sync(
+        &self,
+        scope: String,
+        options: Option<RequestOptions>,
+        style: String,
+    ) -> Result<Either<String, HttpDecision>> {
+        let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
+        if !self.embedded {
+            return Err(invalid("call", "use acquireHttpAsync with Redis"));
+        }
+        let d = ratewarden::backend::at_once(self.warden.admit(&req)).or_throw()?;
+        Ok(http_joined(&d, style))
+    }
+
+    /// Async form of `acquireHttpSync`.
+    #[napi(ts_return_type = "Promise<string | HttpDecision>")]
+    pub fn acquire_http_async<'env>(
+        &self,
+        env: &'env Env,
+        scope: String,
+        options: Option<RequestOptions>,
+        style: String,
+    ) -> Result<PromiseRaw<'env, Either<String, HttpDecision>>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (req, style) = (request_of(&scope, options.as_ref())?, style_of(&style)?);
+            let d = warden.admit(&req).await.or_throw()?;
+            Ok(http_joined(&d, style))
+        })
+    }
+}
