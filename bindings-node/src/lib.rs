@@ -35,12 +35,13 @@ mod errors;
 mod http;
 mod warden;
 
-use clock::*;
-use convert::*;
-use decision::*;
+pub use clock::*;
+pub use compact::*;
+pub use convert::*;
+pub use decision::*;
 use errors::*;
-use http::*;
-use warden::*;
+pub use http::*;
+pub use warden::*;
 
 /// Return the version of the ratewarden core library.
 #[napi]
