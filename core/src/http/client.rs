@@ -48,7 +48,7 @@ impl Network {
     /// Parses `10.0.0.0/8`, `::1/128` or a bare address (a network of one).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] naming the entry.
+    /// [`Error::InvalidArgument`] naming the entry.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::invalid(
@@ -99,7 +99,7 @@ impl TrustProxy {
     /// `loopback`, `linklocal` and `uniquelocal` (Express's shorthands).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] naming the entry that is neither.
+    /// [`Error::InvalidArgument`] naming the entry that is neither.
     pub fn networks<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self> {
         let mut out = Vec::new();
         for e in entries {
@@ -127,7 +127,7 @@ impl TrustProxy {
     /// `uniquelocal`, or an array of them → those proxies.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] naming `trust_proxy` and what was wrong.
+    /// [`Error::InvalidArgument`] naming `trust_proxy` and what was wrong.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
         use serde_json::Value;
         let bad = |why: String| Error::invalid("trust_proxy", why);
@@ -191,7 +191,7 @@ impl ClientIdentity {
     /// 128 keys each address alone).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a subnet outside 1–128.
+    /// [`Error::InvalidArgument`] for a subnet outside 1–128.
     pub fn new(trust: TrustProxy, ipv6_subnet: u8) -> Result<Self> {
         if !(1..=128).contains(&ipv6_subnet) {
             return Err(Error::invalid(
