@@ -49,6 +49,7 @@ pub mod policy;
 pub mod priority;
 pub mod scope;
 pub mod settle;
+pub mod upstream;
 mod warden;
 
 pub use amount::{Amount, Cost};
