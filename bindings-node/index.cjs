@@ -827,12 +827,34 @@ class Warden {
   }
 }
 
+/**
+ * Seconds to wait before retry number `attempt` (1 for the first) of a refused
+ * upstream call: `retryAfter` (seconds) when the upstream said, else an
+ * exponential backoff (0.5 s doubling, at most 60 s), plus a jittered offset from
+ * the caller's tier — critical 0–0.5 s, standard 0.5–3.5 s, background 3.5–9.5 s.
+ * The bands never overlap, so retries never collide across tiers.
+ */
+function retryDelay(attempt, options = {}) {
+  if (!Number.isInteger(attempt) || attempt < 0 || attempt > 0xffffffff) {
+    throw new InvalidInputError(`invalid attempt: expected a whole number from 0, got ${String(attempt)}`, { argument: 'attempt' });
+  }
+  requireOptions(options, 'options');
+  optionalString(options?.priority, 'priority');
+  optionalSeconds(options?.retryAfter, 'retryAfter');
+  try {
+    return native.retryDelay(attempt, options?.priority ?? null, options?.retryAfter ?? null);
+  } catch (e) {
+    throw typed(e);
+  }
+}
+
 module.exports = {
   // The addon itself, for the package's own tests (not part of the API).
   [Symbol.for('ratewarden.native')]: native,
   Warden,
   ManualClock,
   scope,
+  retryDelay,
   version: native.version,
   WardenError,
   PolicyError,

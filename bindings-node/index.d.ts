@@ -16,6 +16,16 @@ export type { BalanceInfo, Caps, Charge, Decision, DelegateOptions, LimitInfo, R
 import { ManualClock } from './native';
 export { ManualClock };
 
+/**
+ * Seconds to wait before retry number `attempt` (1 for the first): `retryAfter`
+ * when the upstream said, else an exponential backoff, plus a jittered offset from
+ * the tier's band (critical 0–0.5 s, standard 0.5–3.5 s, background 3.5–9.5 s).
+ */
+export declare function retryDelay(
+  attempt: number,
+  options?: { priority?: 'critical' | 'standard' | 'background'; retryAfter?: number },
+): number;
+
 /** Return the version of the ratewarden core library. */
 export declare function version(): string;
 

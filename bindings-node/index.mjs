@@ -5,6 +5,7 @@ export const {
   Warden,
   ManualClock,
   scope,
+  retryDelay,
   version,
   WardenError,
   PolicyError,

@@ -332,6 +332,13 @@ export interface RequestOptions {
 }
 
 /**
+ * Seconds to wait before retry `attempt` (1 = the first) of a `priority`
+ * caller: the upstream's `retryAfter` (seconds) or an exponential backoff,
+ * plus a jittered offset from the tier's band (`ratewarden::retry`).
+ */
+export declare function retryDelay(attempt: number, priority?: string | undefined | null, retryAfter?: number | undefined | null): number
+
+/**
  * A scope string from `[kind, id]` pairs; ids may hold any text (`/`, `:`…):
  * they are escaped, never interpreted.
  */

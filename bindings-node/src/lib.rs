@@ -43,6 +43,26 @@ use errors::*;
 pub use http::*;
 pub use warden::*;
 
+/// Seconds to wait before retry `attempt` (1 = the first) of a `priority`
+/// caller: the upstream's `retryAfter` (seconds) or an exponential backoff,
+/// plus a jittered offset from the tier's band (`ratewarden::retry`).
+#[napi]
+pub fn retry_delay(
+    attempt: u32,
+    priority: Option<String>,
+    retry_after: Option<f64>,
+) -> Result<f64> {
+    let priority: ratewarden::Priority = priority
+        .as_deref()
+        .unwrap_or("standard")
+        .parse()
+        .or_throw()?;
+    let retry_after = optional_seconds(retry_after, "retryAfter")?;
+    Ok(ratewarden::retry::RetryBands::default()
+        .retry_delay(attempt, priority, retry_after)
+        .as_secs_f64())
+}
+
 /// Return the version of the ratewarden core library.
 #[napi]
 pub fn version() -> &'static str {

@@ -67,6 +67,20 @@ fn version() -> &'static str {
     ratewarden::VERSION
 }
 
+/// Seconds to wait before retry `attempt` (1 = the first) of a `priority`
+/// caller: the upstream's `retry_after` (seconds) or an exponential backoff,
+/// plus a jittered offset from the tier's band — critical, standard and
+/// background bands never overlap (`ratewarden::retry`).
+#[pyfunction]
+#[pyo3(signature = (attempt, priority="standard", retry_after=None))]
+fn retry_delay(attempt: u32, priority: &str, retry_after: Option<f64>) -> PyResult<f64> {
+    let priority: ratewarden::Priority = priority.parse().or_raise()?;
+    let retry_after = optional_seconds(retry_after, "retry_after")?;
+    Ok(ratewarden::retry::RetryBands::default()
+        .retry_delay(attempt, priority, retry_after)
+        .as_secs_f64())
+}
+
 /// A scope string from `(kind, id)` pairs; ids may hold any text (`/`, `:`,
 /// spaces…): they are escaped, never interpreted.
 #[pyfunction]
@@ -86,6 +100,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(scope_of, m)?)?;
     m.add_function(wrap_pyfunction!(header_style, m)?)?;
+    m.add_function(wrap_pyfunction!(retry_delay, m)?)?;
     let after_fork = wrap_pyfunction!(_after_fork_in_child, m)?;
     let hooks = PyDict::new(m.py());
     hooks.set_item("after_in_child", &after_fork)?;

@@ -370,3 +370,27 @@ proptest! {
         }
     }
 }
+
+proptest::proptest! {
+    /// Retry bands never overlap: for any base (a Retry-After or an attempt's
+    /// backoff) and any draws, every critical delay is below every standard
+    /// one, and every standard below every background one.
+    #[test]
+    fn retry_bands_never_overlap(
+        attempt in 0u32..100,
+        retry_after_ms in proptest::option::of(0u64..(400 * 24 * 3600 * 1000)),
+        draws in proptest::array::uniform3(0.0f64..1.0),
+        edges in proptest::array::uniform3(proptest::prop_oneof![proptest::strategy::Just(0.0f64), proptest::strategy::Just(0.999_999_999_9f64), 0.0f64..1.0]),
+    ) {
+        use ratewarden::Priority;
+        use ratewarden::retry::RetryBands;
+        let bands = RetryBands::default();
+        let ra = retry_after_ms.map(std::time::Duration::from_millis);
+        for (a, b) in [(draws, edges), (edges, draws)] {
+            let c = bands.delay_with(attempt, Priority::Critical, ra, a[0]);
+            let s = bands.delay_with(attempt, Priority::Standard, ra, b[1]);
+            let g = bands.delay_with(attempt, Priority::Background, ra, a[2]);
+            proptest::prop_assert!(c < s && s < g, "{c:?} {s:?} {g:?}");
+        }
+    }
+}

@@ -372,3 +372,17 @@ test('a script that uses a Redis warden and closes it exits by itself', () => {
   const out = execFileSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 20_000 });
   assert.equal(out.trim(), 'allowed');
 });
+
+test('retryDelay: the tiers\' bands never overlap; Retry-After honoured; bad input typed', async () => {
+  const { retryDelay } = await import('../../bindings-node/index.mjs');
+  const draws = Object.fromEntries(['critical', 'standard', 'background'].map((p) => [p, Array.from({ length: 2000 }, () => retryDelay(3, { priority: p, retryAfter: 20 }))]));
+  assert.ok(Math.min(...draws.critical) >= 20 && Math.max(...draws.critical) < 20.5);
+  assert.ok(Math.max(...draws.critical) < Math.min(...draws.standard) && Math.max(...draws.standard) < 23.5);
+  assert.ok(Math.max(...draws.standard) < Math.min(...draws.background) && Math.max(...draws.background) < 29.5);
+  const first = retryDelay(3, { priority: 'critical' });
+  assert.ok(first >= 2 && first < 2.5, String(first));
+  assert.throws(() => retryDelay(1, { priority: 'urgent' }), (e) => e instanceof InvalidInputError && /urgent/.test(e.message));
+  assert.throws(() => retryDelay(-1), (e) => e instanceof InvalidInputError && e.argument === 'attempt');
+  assert.throws(() => retryDelay(1, { retryAfter: '5' }), (e) => e.argument === 'retryAfter');
+  assert.throws(() => retryDelay(1, { retryAfter: -5 }), InvalidInputError);
+});

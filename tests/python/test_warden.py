@@ -347,3 +347,23 @@ def test_waiting_on_the_embedded_engine_with_the_system_clock() -> None:
         assert await async_tool() == 2
 
     asyncio.run(main())
+
+
+def test_retry_delay_bands_never_overlap_across_tiers() -> None:
+    draws = {
+        p: [ratewarden.retry_delay(3, p, retry_after=20) for _ in range(2000)]
+        for p in ("critical", "standard", "background")
+    }
+    assert min(draws["critical"]) >= 20 and max(draws["critical"]) < 20.5
+    assert max(draws["critical"]) < min(draws["standard"]) and max(draws["standard"]) < 23.5
+    assert max(draws["standard"]) < min(draws["background"]) and max(draws["background"]) < 29.5
+    # No Retry-After: 0.5 s doubling per attempt (attempt 3: 2 s), capped at 60 s.
+    assert 2.0 <= ratewarden.retry_delay(3, "critical") < 2.5
+    assert 60.0 <= ratewarden.retry_delay(40, "critical") < 60.5
+    for bad in (
+        lambda: ratewarden.retry_delay(1, "urgent"),
+        lambda: ratewarden.retry_delay(-1),
+        lambda: ratewarden.retry_delay(1, retry_after=-2),
+    ):
+        with pytest.raises(ratewarden.InvalidInput):
+            bad()

@@ -44,6 +44,7 @@ from ratewarden._errors import (
     denied,
 )
 from ratewarden._native import Decision, ManualClock, NativeWarden, Prepared, __version__, scope_of, version
+from ratewarden._native import retry_delay as _retry_delay
 
 __all__ = [
     "BackendError",
@@ -60,6 +61,7 @@ __all__ = [
     "Warden",
     "WardenError",
     "__version__",
+    "retry_delay",
     "scope",
     "version",
 ]
@@ -248,6 +250,20 @@ def _bad_argument(e: BaseException) -> InvalidInput:
     err = InvalidInput(f"invalid {name or 'argument'}: {text}")
     err.argument = name
     return err
+
+
+def retry_delay(attempt: int, priority: str = "standard", retry_after: Optional[float] = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (1 for the first) of a refused
+    upstream call: the upstream's ``retry_after`` (seconds) when it said, else an
+    exponential backoff (0.5 s doubling, at most 60 s), plus a jittered offset from
+    the caller's tier — critical 0 to 0.5 s, standard 0.5 to 3.5 s, background 3.5 to 9.5 s.
+    The bands never overlap, so agents' retries never collide across tiers."""
+    try:
+        return _retry_delay(attempt, priority, retry_after)
+    except WardenError:
+        raise
+    except _CONVERSION_ERRORS as e:
+        raise _bad_argument(e) from None
 
 
 def scope(*segments: tuple[str, str], **kinds: str) -> str:

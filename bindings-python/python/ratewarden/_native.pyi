@@ -19,6 +19,7 @@ __all__ = [
     "Undo",
     "__version__",
     "header_style",
+    "retry_delay",
     "scope_of",
     "version",
 ]
@@ -29,6 +30,9 @@ _Cost: TypeAlias = Optional[Mapping[str, Any]]
 
 def header_style(style: str) -> str:
     """The canonical name of a rate-limit header style."""
+
+def retry_delay(attempt: int, priority: str = "standard", retry_after: Optional[float] = None) -> float:
+    """Seconds to wait before a retry, in the caller's tier's band."""
 
 def scope_of(segments: List[Tuple[str, str]]) -> str:
     """A scope string from ``(kind, id)`` pairs, ids escaped."""
