@@ -848,6 +848,40 @@ function retryDelay(attempt, options = {}) {
   }
 }
 
+/**
+ * What an upstream response's headers say about its rate limits: OpenAI, Azure
+ * OpenAI, Anthropic, GitHub, the IETF drafts, generic `X-RateLimit-*` and
+ * `Retry-After`. `headers` is a fetch `Headers`, a plain object or `[name, value]`
+ * pairs; `options.now` the response's time (seconds since the epoch; default: now).
+ * Resolves nothing: returns `{ quotas, retryAfter, warnings }`, one quota per
+ * dimension with `limit`, `remaining`, `reset` (seconds) as far as the headers
+ * tell; malformed values are warnings, never numbers.
+ */
+function parseHeaders(headers, options = {}) {
+  requireOptions(options, 'options');
+  optionalSeconds(options?.now, 'now');
+  let pairs;
+  if (headers !== null && typeof headers === 'object' && typeof headers.entries === 'function' && !Array.isArray(headers)) {
+    pairs = [...headers.entries()];
+  } else if (Array.isArray(headers)) {
+    pairs = headers;
+  } else if (headers !== null && typeof headers === 'object') {
+    pairs = Object.entries(headers).flatMap(([k, v]) => (Array.isArray(v) ? v.map((x) => [k, x]) : [[k, v]]));
+  } else {
+    throw new InvalidInputError(`invalid headers: expected Headers, an object or [name, value] pairs, got ${describe(headers)}`, { argument: 'headers' });
+  }
+  const strings = [];
+  for (const p of pairs) {
+    if (!Array.isArray(p) || p.length !== 2 || p[1] === undefined || p[1] === null) continue;
+    strings.push([String(p[0]), String(p[1])]);
+  }
+  try {
+    return native.parseHeaders(strings, options?.now ?? null);
+  } catch (e) {
+    throw typed(e);
+  }
+}
+
 module.exports = {
   // The addon itself, for the package's own tests (not part of the API).
   [Symbol.for('ratewarden.native')]: native,
@@ -855,6 +889,7 @@ module.exports = {
   ManualClock,
   scope,
   retryDelay,
+  parseHeaders,
   version: native.version,
   WardenError,
   PolicyError,

@@ -26,6 +26,25 @@ export declare function retryDelay(
   options?: { priority?: 'critical' | 'standard' | 'background'; retryAfter?: number },
 ): number;
 
+/** What an upstream response's headers say about its rate limits (`parseHeaders`). */
+export interface UpstreamHeaders {
+  /** One quota per dimension (`requests`, `tokens`, `input_tokens`, `output_tokens`) and name. */
+  quotas: Array<{ dimension: string; name?: string; limit?: number; remaining?: number; reset?: number }>;
+  /** Seconds the upstream asks callers to wait. */
+  retryAfter?: number;
+  /** Values present but not usable, one line each. */
+  warnings: string[];
+}
+
+/**
+ * Parses an upstream response's rate-limit headers (OpenAI, Azure OpenAI,
+ * Anthropic, GitHub, IETF drafts, generic `X-RateLimit-*`, `Retry-After`).
+ */
+export declare function parseHeaders(
+  headers: Headers | Record<string, string | string[] | undefined> | Array<[string, string]>,
+  options?: { now?: number },
+): UpstreamHeaders;
+
 /** Return the version of the ratewarden core library. */
 export declare function version(): string;
 

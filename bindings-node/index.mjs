@@ -6,6 +6,7 @@ export const {
   ManualClock,
   scope,
   retryDelay,
+  parseHeaders,
   version,
   WardenError,
   PolicyError,

@@ -301,6 +301,23 @@ export interface LimitMeta {
   limit: number
 }
 
+/** What one response's rate-limit headers say (`parseHeaders`). */
+export interface ParsedHeaders {
+  /** One quota per dimension (and name). */
+  quotas: Array<UpstreamQuota>
+  /** Seconds the upstream asks callers to wait. */
+  retryAfter?: number
+  /** Values present but not usable, one line each. */
+  warnings: Array<string>
+}
+
+/**
+ * An upstream response's rate-limit headers (`[name, value]` pairs) as
+ * `ratewarden::upstream::parse` reads them, at `now` (seconds since the
+ * epoch; default: this machine's clock).
+ */
+export declare function parseHeaders(headers: Array<Array<string>>, now?: number | undefined | null): ParsedHeaders
+
 /** The result of a commit. */
 export interface Receipt {
   /** The reservation id. */
@@ -343,6 +360,20 @@ export declare function retryDelay(attempt: number, priority?: string | undefine
  * they are escaped, never interpreted.
  */
 export declare function scopeOf(segments: Array<Array<string>>): string
+
+/** One quota an upstream's headers describe (`parseHeaders`). */
+export interface UpstreamQuota {
+  /** `requests`, `tokens`, `input_tokens` or `output_tokens`. */
+  dimension: string
+  /** The provider's name for it, when it names one. */
+  name?: string
+  /** Its capacity, when given. */
+  limit?: number
+  /** What is left, when given. */
+  remaining?: number
+  /** Seconds until replenished, when given. */
+  reset?: number
+}
 
 /** Return the version of the ratewarden core library. */
 export declare function version(): string

@@ -43,6 +43,74 @@ use errors::*;
 pub use http::*;
 pub use warden::*;
 
+/// One quota an upstream's headers describe (`parseHeaders`).
+#[napi(object)]
+pub struct UpstreamQuota {
+    /// `requests`, `tokens`, `input_tokens` or `output_tokens`.
+    pub dimension: String,
+    /// The provider's name for it, when it names one.
+    pub name: Option<String>,
+    /// Its capacity, when given.
+    pub limit: Option<f64>,
+    /// What is left, when given.
+    pub remaining: Option<f64>,
+    /// Seconds until replenished, when given.
+    pub reset: Option<f64>,
+}
+
+/// What one response's rate-limit headers say (`parseHeaders`).
+#[napi(object)]
+pub struct ParsedHeaders {
+    /// One quota per dimension (and name).
+    pub quotas: Vec<UpstreamQuota>,
+    /// Seconds the upstream asks callers to wait.
+    pub retry_after: Option<f64>,
+    /// Values present but not usable, one line each.
+    pub warnings: Vec<String>,
+}
+
+/// An upstream response's rate-limit headers (`[name, value]` pairs) as
+/// `ratewarden::upstream::parse` reads them, at `now` (seconds since the
+/// epoch; default: this machine's clock).
+#[napi]
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // counts ≤ 2^53; finite seconds
+pub fn parse_headers(headers: Vec<Vec<String>>, now: Option<f64>) -> Result<ParsedHeaders> {
+    use ratewarden::Clock as _;
+    let now = match now {
+        Some(s) if s.is_finite() && s >= 0.0 => (s * 1e6) as i64,
+        Some(s) => {
+            return Err(invalid(
+                "now",
+                format!("{s} is not seconds since the epoch"),
+            ));
+        }
+        None => ratewarden::SystemClock.now(),
+    };
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .filter_map(|p| match p.as_slice() {
+            [k, v] => Some((k.as_str(), v.as_str())),
+            _ => None,
+        })
+        .collect();
+    let o = ratewarden::upstream::parse(pairs, now);
+    Ok(ParsedHeaders {
+        quotas: o
+            .quotas
+            .iter()
+            .map(|q| UpstreamQuota {
+                dimension: q.dimension.as_str().to_owned(),
+                name: q.name.clone(),
+                limit: q.limit.map(|v| v as f64),
+                remaining: q.remaining.map(|v| v as f64),
+                reset: q.reset.map(|r| r.as_secs_f64()),
+            })
+            .collect(),
+        retry_after: o.retry_after.map(|r| r.as_secs_f64()),
+        warnings: o.warnings,
+    })
+}
+
 /// Seconds to wait before retry `attempt` (1 = the first) of a `priority`
 /// caller: the upstream's `retryAfter` (seconds) or an exponential backoff,
 /// plus a jittered offset from the tier's band (`ratewarden::retry`).

@@ -67,6 +67,51 @@ fn version() -> &'static str {
     ratewarden::VERSION
 }
 
+/// An upstream response's rate-limit headers (`(name, value)` pairs) as
+/// `ratewarden::upstream::parse` reads them, at `now` (seconds since the
+/// epoch; default: this machine's clock): a dict of `quotas` (each with
+/// `dimension`, `name`, `limit`, `remaining`, `reset` in seconds),
+/// `retry_after` (seconds) and `warnings`.
+#[pyfunction]
+#[pyo3(signature = (headers, now=None))]
+fn parse_headers(
+    py: Python<'_>,
+    headers: Vec<(String, String)>,
+    now: Option<f64>,
+) -> PyResult<Py<PyAny>> {
+    use ratewarden::Clock as _;
+    let now = match now {
+        Some(s) if s.is_finite() && s >= 0.0 => {
+            #[allow(clippy::cast_possible_truncation)] // finite, non-negative, seconds
+            let us = (s * 1e6) as i64;
+            us
+        }
+        Some(s) => {
+            return Err(invalid(
+                "now",
+                format!("{s} is not seconds since the epoch"),
+            ));
+        }
+        None => ratewarden::SystemClock.now(),
+    };
+    let o = ratewarden::upstream::parse(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), now);
+    let quotas = PyList::empty(py);
+    for q in &o.quotas {
+        let d = PyDict::new(py);
+        d.set_item("dimension", q.dimension.as_str())?;
+        d.set_item("name", q.name.as_deref())?;
+        d.set_item("limit", q.limit)?;
+        d.set_item("remaining", q.remaining)?;
+        d.set_item("reset", q.reset.map(|r| r.as_secs_f64()))?;
+        quotas.append(d)?;
+    }
+    let out = PyDict::new(py);
+    out.set_item("quotas", quotas)?;
+    out.set_item("retry_after", o.retry_after.map(|r| r.as_secs_f64()))?;
+    out.set_item("warnings", o.warnings)?;
+    Ok(out.into_any().unbind())
+}
+
 /// Seconds to wait before retry `attempt` (1 = the first) of a `priority`
 /// caller: the upstream's `retry_after` (seconds) or an exponential backoff,
 /// plus a jittered offset from the tier's band — critical, standard and
@@ -101,6 +146,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scope_of, m)?)?;
     m.add_function(wrap_pyfunction!(header_style, m)?)?;
     m.add_function(wrap_pyfunction!(retry_delay, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_headers, m)?)?;
     let after_fork = wrap_pyfunction!(_after_fork_in_child, m)?;
     let hooks = PyDict::new(m.py());
     hooks.set_item("after_in_child", &after_fork)?;

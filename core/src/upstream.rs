@@ -66,7 +66,8 @@ pub struct Quota {
 /// Everything one response's headers say about the upstream's limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observation {
-    /// The quotas, one per dimension (and name) the headers describe.
+    /// The quotas, one per dimension (and name) the headers describe, ordered
+    /// by dimension (requests, tokens, input, output tokens), then name.
     pub quotas: Vec<Quota>,
     /// How long the upstream asks callers to wait (`Retry-After`, `retry-after-ms`).
     pub retry_after: Option<Duration>,
@@ -136,6 +137,9 @@ pub fn parse<'a>(
     for (name, value) in &deferred {
         header(&mut o, name, value, now, github_resource.as_deref());
     }
+    // Whatever order the headers came in (fetch's Headers sorts them).
+    o.quotas
+        .sort_by(|a, b| (a.dimension, &a.name).cmp(&(b.dimension, &b.name)));
     o
 }
 

@@ -44,6 +44,7 @@ from ratewarden._errors import (
     denied,
 )
 from ratewarden._native import Decision, ManualClock, NativeWarden, Prepared, __version__, scope_of, version
+from ratewarden._native import parse_headers as _parse_headers
 from ratewarden._native import retry_delay as _retry_delay
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "Warden",
     "WardenError",
     "__version__",
+    "parse_headers",
     "retry_delay",
     "scope",
     "version",
@@ -250,6 +252,30 @@ def _bad_argument(e: BaseException) -> InvalidInput:
     err = InvalidInput(f"invalid {name or 'argument'}: {text}")
     err.argument = name
     return err
+
+
+def parse_headers(headers: Any, now: Optional[float] = None) -> Dict[str, Any]:
+    """What an upstream response's headers say about its rate limits: OpenAI, Azure
+    OpenAI, Anthropic, GitHub, the IETF drafts, generic ``X-RateLimit-*`` and
+    ``Retry-After``. ``headers`` is a mapping, an ``httpx.Headers`` (repeated fields
+    kept) or ``(name, value)`` pairs; ``now`` the response's time (seconds since the
+    epoch; default: now). Returns ``{"quotas": [...], "retry_after": s | None,
+    "warnings": [...]}``, one quota per dimension (``requests``, ``tokens``,
+    ``input_tokens``, ``output_tokens``) with ``limit``, ``remaining`` and ``reset``
+    (seconds) as far as the headers tell; malformed values are warnings, never
+    numbers."""
+    try:
+        if hasattr(headers, "multi_items"):
+            pairs = list(headers.multi_items())
+        elif isinstance(headers, Mapping):
+            pairs = list(headers.items())
+        else:
+            pairs = list(headers)
+        return _parse_headers([(str(k), str(v)) for k, v in pairs], now)
+    except WardenError:
+        raise
+    except _CONVERSION_ERRORS as e:
+        raise _bad_argument(e) from None
 
 
 def retry_delay(attempt: int, priority: str = "standard", retry_after: Optional[float] = None) -> float:

@@ -19,6 +19,7 @@ __all__ = [
     "Undo",
     "__version__",
     "header_style",
+    "parse_headers",
     "retry_delay",
     "scope_of",
     "version",
@@ -30,6 +31,9 @@ _Cost: TypeAlias = Optional[Mapping[str, Any]]
 
 def header_style(style: str) -> str:
     """The canonical name of a rate-limit header style."""
+
+def parse_headers(headers: List[Tuple[str, str]], now: Optional[float] = None) -> Dict[str, Any]:
+    """An upstream response's rate-limit headers, parsed."""
 
 def retry_delay(attempt: int, priority: str = "standard", retry_after: Optional[float] = None) -> float:
     """Seconds to wait before a retry, in the caller's tier's band."""
