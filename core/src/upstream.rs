@@ -310,12 +310,7 @@ fn rfc3339(s: &str) -> Option<Micros> {
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
-    };
+    let num = |r: std::ops::Range<usize>| s.get(r).and_then(digits);
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     if b[13] != b':' || b[16] != b':' {
         return None;
@@ -348,7 +343,8 @@ fn rfc3339(s: &str) -> Option<Micros> {
     civil_micros(y, mo, d, h, mi, se).map(|t| t - offset_secs * 1_000_000 + frac_us)
 }
 
-/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) as µs since the epoch.
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) as µs since the epoch:
+/// a two-digit day, a four-digit year, `HH:MM:SS`, exactly as RFC 9110 writes it.
 fn http_date(s: &str) -> Option<Micros> {
     let parts: Vec<&str> = s.split_whitespace().collect();
     let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
@@ -359,25 +355,38 @@ fn http_date(s: &str) -> Option<Micros> {
     ]
     .iter()
     .position(|m| m == month)?;
-    let t: Vec<i64> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, mi, se] = t.as_slice() else {
+    let t = time.as_bytes();
+    if day.len() != 2 || year.len() != 4 || t.len() != 8 || t[2] != b':' || t[5] != b':' {
         return None;
-    };
+    }
     civil_micros(
-        year.parse().ok()?,
+        digits(year)?,
         i64::try_from(month + 1).ok()?,
-        day.parse().ok()?,
-        *h,
-        *mi,
-        *se,
+        digits(day)?,
+        digits(time.get(0..2)?)?,
+        digits(time.get(3..5)?)?,
+        digits(time.get(6..8)?)?,
     )
 }
 
+/// A field of ASCII digits only (no sign, no spaces) as a number.
+fn digits(s: &str) -> Option<i64> {
+    if s.is_empty() || s.len() > 9 || !s.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// A civil UTC time as µs since the epoch; `None` for any field out of range
+/// (years 1–9999, so no arithmetic can overflow).
 fn civil_micros(y: i64, mo: i64, d: i64, h: i64, mi: i64, s: i64) -> Option<Micros> {
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+    let ok = (1..=9999).contains(&y)
+        && (1..=12).contains(&mo)
+        && (1..=31).contains(&d)
+        && (0..=23).contains(&h)
+        && (0..=59).contains(&mi)
+        && (0..=60).contains(&s);
+    if !ok {
         return None;
     }
     let days = days_from_civil(y, u32::try_from(mo).ok()?, u32::try_from(d).ok()?);
@@ -518,6 +527,19 @@ mod tests {
             Some(NOW + 7_000_000)
         );
         assert_eq!(http_date("yesterday"), None);
+        // Out-of-range fields are not dates (a huge year overflowed the day
+        // arithmetic; negative hours passed the range check).
+        for bad in [
+            "Mon, 01 Dec 99999999999999999 04:30:07 GMT",
+            "Mon, 01 Dec 2025 -4:30:07 GMT",
+            "Mon, 01 Dec 2025 04:-1:07 GMT",
+            "Mon, 01 Dec 2025 04:30:-7 GMT",
+            "Mon, 01 Dec 2025 +4:30:07 GMT",
+            "Mon, 00 Dec 2025 04:30:07 GMT",
+            "Mon, 01 Dec 0 04:30:07 GMT",
+        ] {
+            assert_eq!(http_date(bad), None, "{bad}");
+        }
         assert_eq!(count("-1"), None);
         assert_eq!(count("18446744073709551615"), None);
     }
