@@ -197,7 +197,12 @@ impl ClientIdentity {
         let trust = ratewarden::http::TrustProxy::from_json(&trust_proxy).or_throw()?;
         let subnet = match ipv6_subnet {
             None => ratewarden::http::DEFAULT_IPV6_SUBNET,
-            Some(n) => u8::try_from(n).unwrap_or(u8::MAX),
+            Some(n) => u8::try_from(n).map_err(|_| {
+                invalid(
+                    "ipv6Subnet",
+                    format!("{n} is not a prefix length from 1 to 128"),
+                )
+            })?,
         };
         let inner = ratewarden::http::ClientIdentity::new(trust, subnet).or_throw()?;
         Ok(Self { inner })

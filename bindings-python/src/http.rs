@@ -60,7 +60,12 @@ impl ClientIdentity {
             }
         };
         let trust = ratewarden::http::TrustProxy::from_json(&setting).or_raise()?;
-        let subnet = u8::try_from(ipv6_subnet).unwrap_or(0);
+        let subnet = u8::try_from(ipv6_subnet).map_err(|_| {
+            invalid(
+                "ipv6_subnet",
+                format!("{ipv6_subnet} is not a prefix length from 1 to 128"),
+            )
+        })?;
         let inner = ratewarden::http::ClientIdentity::new(trust, subnet).or_raise()?;
         Ok(Self { inner })
     }

@@ -244,7 +244,10 @@ def test_bad_options_are_refused_at_construction() -> None:
         ({"warden": warden, "trust_proxy": -1}, "is not a hop count"),
         ({"warden": warden, "trust_proxy": [1]}, "expected networks as strings, got int"),
         ({"warden": warden, "trust_proxy": 1.5}, "invalid trust_proxy"),
-        ({"warden": warden, "ipv6_subnet": 0}, "invalid ipv6_subnet"),
+        ({"warden": warden, "ipv6_subnet": 0}, "invalid ipv6_subnet: 0 is not"),
+        ({"warden": warden, "ipv6_subnet": 129}, "invalid ipv6_subnet: 129 is not"),
+        ({"warden": warden, "ipv6_subnet": 300}, "invalid ipv6_subnet: 300 is not"),
+        ({"warden": warden, "ipv6_subnet": -1}, "invalid ipv6_subnet: -1 is not"),
         ({"warden": warden, "ipv6_subnet": "56"}, "invalid ipv6_subnet"),
     ]
     for options, message in cases:

@@ -438,6 +438,15 @@ mod tests {
             s64.address(Some("2001:db8:0:1ff::1"), None).as_deref(),
             Some("2001:db8:0:1ff::/64")
         );
+        let one = ClientIdentity::new(TrustProxy::Nobody, 1).unwrap();
+        assert_eq!(
+            one.address(Some("2001:db8::1"), None).as_deref(),
+            Some("::/1")
+        );
+        assert_eq!(
+            one.address(Some("fe80::1"), None).as_deref(),
+            Some("8000::/1")
+        );
         assert!(ClientIdentity::new(TrustProxy::Nobody, 0).is_err());
         assert!(ClientIdentity::new(TrustProxy::Nobody, 129).is_err());
         assert_eq!(
