@@ -415,93 +415,81 @@ fn draft_ratelimit(o: &mut Observation, value: &str) {
             return;
         }
     }
-    match sfv::Parser::new(value).parse_list::<sfv::List>() {
-        Ok(list) => {
-            for entry in &list {
-                let sfv::ListEntry::Item(item) = entry else {
-                    continue;
-                };
-                let Some(name) = item.bare_item.as_string().map(|s| s.as_str().to_owned()) else {
-                    continue;
-                };
-                let param = |k: &str| {
-                    item.params
-                        .get(k)
-                        .and_then(sfv::BareItem::as_integer)
-                        .map(i64::from)
-                        .and_then(|v| u64::try_from(v).ok())
-                };
-                // Its dimension is the policy item's of the same name (`qu`),
-                // whichever header came first; requests until known.
-                let q = match o
-                    .quotas
-                    .iter()
-                    .position(|x| x.name.as_deref() == Some(&name))
-                {
-                    Some(i) => &mut o.quotas[i],
-                    None => o.entry(Dimension::Requests, Some(&name)),
-                };
-                if let Some(r) = param("r") {
-                    q.remaining = Some(r);
-                }
-                if let Some(t) = param("t").filter(|t| *t <= MAX_WAIT.as_secs()) {
-                    q.reset = Some(Duration::from_secs(t));
-                }
-            }
+    for (name, params) in named_items(o, "ratelimit", value) {
+        // Its dimension is the policy item's of the same name (`qu`),
+        // whichever header came first; requests until known.
+        let q = match o
+            .quotas
+            .iter()
+            .position(|x| x.name.as_deref() == Some(&name))
+        {
+            Some(i) => &mut o.quotas[i],
+            None => o.entry(Dimension::Requests, Some(&name)),
+        };
+        if let Some(r) = count_param(&params, "r") {
+            q.remaining = Some(r);
         }
-        Err(e) => o.warn("ratelimit", value, &format!("not a Structured Field ({e})")),
+        if let Some(t) = count_param(&params, "t").filter(|t| *t <= MAX_WAIT.as_secs()) {
+            q.reset = Some(Duration::from_secs(t));
+        }
     }
 }
 
 /// draft-11 `RateLimit-Policy`: `"name";q=…;w=…;qu="…"`.
 fn draft11_policy(o: &mut Observation, value: &str) {
-    match sfv::Parser::new(value).parse_list::<sfv::List>() {
-        Ok(list) => {
-            for entry in &list {
-                let sfv::ListEntry::Item(item) = entry else {
-                    continue;
-                };
-                let Some(name) = item.bare_item.as_string().map(|s| s.as_str().to_owned()) else {
-                    continue;
-                };
-                let dim = match item
-                    .params
-                    .get("qu")
-                    .and_then(sfv::BareItem::as_string)
-                    .map(|s| s.as_str())
-                {
-                    Some("tokens") => Dimension::Tokens,
-                    Some("input-tokens" | "input_tokens") => Dimension::InputTokens,
-                    Some("output-tokens" | "output_tokens") => Dimension::OutputTokens,
-                    _ => Dimension::Requests,
-                };
-                let q = item
-                    .params
-                    .get("q")
-                    .and_then(sfv::BareItem::as_integer)
-                    .map(i64::from)
-                    .and_then(|v| u64::try_from(v).ok());
-                // The RateLimit item of the same name was filed as requests:
-                // move it to the policy's dimension.
-                if let Some(i) = o
-                    .quotas
-                    .iter()
-                    .position(|x| x.name.as_deref() == Some(&name) && x.dimension != dim)
-                {
-                    o.quotas[i].dimension = dim;
-                }
-                let entry = o.entry(dim, Some(&name));
-                if q.is_some() {
-                    entry.limit = q;
-                }
-            }
+    for (name, params) in named_items(o, "ratelimit-policy", value) {
+        let dim = match params
+            .get("qu")
+            .and_then(sfv::BareItem::as_string)
+            .map(|s| s.as_str())
+        {
+            Some("tokens") => Dimension::Tokens,
+            Some("input-tokens" | "input_tokens") => Dimension::InputTokens,
+            Some("output-tokens" | "output_tokens") => Dimension::OutputTokens,
+            _ => Dimension::Requests,
+        };
+        // The RateLimit item of the same name was filed as requests: move it
+        // to the policy's dimension.
+        if let Some(i) = o
+            .quotas
+            .iter()
+            .position(|x| x.name.as_deref() == Some(&name) && x.dimension != dim)
+        {
+            o.quotas[i].dimension = dim;
         }
-        Err(e) => o.warn(
-            "ratelimit-policy",
-            value,
-            &format!("not a Structured Field ({e})"),
-        ),
+        if let Some(q) = count_param(&params, "q") {
+            o.entry(dim, Some(&name)).limit = Some(q);
+        }
     }
+}
+
+/// The named items (`"name";params`) of a draft-11 Structured-Field List;
+/// a value that is not one is a warning and yields nothing.
+fn named_items(o: &mut Observation, header: &str, value: &str) -> Vec<(String, sfv::Parameters)> {
+    match sfv::Parser::new(value).parse_list::<sfv::List>() {
+        Ok(list) => list
+            .into_iter()
+            .filter_map(|entry| match entry {
+                sfv::ListEntry::Item(item) => {
+                    let name = item.bare_item.as_string()?.as_str().to_owned();
+                    Some((name, item.params))
+                }
+                sfv::ListEntry::InnerList(_) => None,
+            })
+            .collect(),
+        Err(e) => {
+            o.warn(header, value, &format!("not a Structured Field ({e})"));
+            Vec::new()
+        }
+    }
+}
+
+/// A non-negative integer parameter.
+fn count_param(params: &sfv::Parameters, key: &str) -> Option<u64> {
+    params
+        .get(key)
+        .and_then(sfv::BareItem::as_integer)
+        .and_then(|v| u64::try_from(i64::from(v)).ok())
 }
 
 #[cfg(test)]
