@@ -163,7 +163,7 @@ class ManualClock extends native.ManualClock {
 /** An id given to `scope()`: a string, or a finite number; anything else (undefined, null, objects) would make every such caller share one bucket. */
 function scopeId(kind, v) {
   if (typeof v === 'string' || (typeof v === 'number' && Number.isFinite(v)) || typeof v === 'bigint') return String(v);
-  const got = v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
+  const got = describe(v);
   throw new InvalidInputError(`invalid scope: the id of \`${kind}\` must be a string or a number, got ${got}`);
 }
 
@@ -299,7 +299,7 @@ function isOptions(value) {
 
 function requireOptions(value, what) {
   if (!isOptions(value)) {
-    throw new InvalidInputError(`invalid ${what}: expected an options object, got ${Array.isArray(value) ? 'an array' : typeof value}`);
+    throw new InvalidInputError(`invalid ${what}: expected an options object, got ${describe(value)}`, { argument: what });
   }
 }
 
@@ -316,7 +316,7 @@ function invalidOptions(value) {
 /** A policy object as JSON text; a PolicyError for one that is not a JSON document (BigInt, cycles). */
 function policyJson(policy) {
   if (policy === null || typeof policy !== 'object' || Array.isArray(policy)) {
-    throw new InvalidInputError(`invalid policy: expected a policy object (or a file path), got ${describe(policy)}`, { argument: 'policy' });
+    throw new InvalidInputError(`invalid policy: expected a policy object (or use Warden.fromFile / connect with a path), got ${describe(policy)}`, { argument: 'policy' });
   }
   try {
     return JSON.stringify(policy);
@@ -350,9 +350,6 @@ class Warden {
   constructor(policy, options = {}) {
     requireOptions(options, 'options');
     if (policy === UNBUILT) return;
-    if (policy === null || typeof policy !== 'object' || Array.isArray(policy)) {
-      throw new InvalidInputError(`invalid policy: expected a policy object (or use Warden.fromFile), got ${Array.isArray(policy) ? 'an array' : typeof policy}`);
-    }
     this.#attach(Warden.#build(policyJson(policy), null, options));
   }
 
@@ -636,7 +633,7 @@ class Warden {
         }
         if (unreadable === undefined && used !== undefined && used !== null
           && (typeof used !== 'object' || Array.isArray(used))) {
-          unreadable = `actual() returned ${Array.isArray(used) ? 'an array' : typeof used}, not an object of unit to amount`;
+          unreadable = `actual() returned ${describe(used)}, not an object of unit to amount`;
         }
         if (unreadable === undefined) {
           try {
