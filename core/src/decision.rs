@@ -329,6 +329,10 @@ pub struct Decision {
     /// ([`crate::Request::operation`]) returns the original decision, charged
     /// at most once.
     pub unconfirmed: Option<OperationId>,
+    /// The traffic light of the request's resource, when it coordinates on
+    /// its upstream (`upstream:` in the policy): what the upstream's observed
+    /// state meant for this request.
+    pub light: Option<crate::upstream::Light>,
 }
 
 /// How a decision was made while the shared backend was unreachable.

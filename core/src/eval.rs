@@ -278,6 +278,7 @@ pub fn assemble_with<'p, 'e>(
         priority: served,
         degraded: None,
         unconfirmed: None,
+        light: None,
     }
 }
 

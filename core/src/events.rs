@@ -51,6 +51,18 @@ pub enum Event {
         /// When (µs since the epoch, the warden's clock).
         at: Micros,
     },
+    /// An upstream response moved a coordinated resource's traffic light
+    /// ([`crate::Warden::observe`], [`crate::Warden::report`]).
+    UpstreamZone {
+        /// The resource.
+        resource: String,
+        /// The zone before.
+        from: crate::upstream::Zone,
+        /// The zone now.
+        to: crate::upstream::Zone,
+        /// When (µs since the epoch, the backend's clock).
+        at: Micros,
+    },
     /// The shared backend answered again after degraded decisions.
     BackendRecovered {
         /// How long decisions were degraded.

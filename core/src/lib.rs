@@ -68,6 +68,7 @@ pub use policy::{Format, Policy};
 pub use priority::Priority;
 pub use scope::Scope;
 pub use settle::{CallOutcome, Settlement, Usage};
+pub use upstream::{UpstreamView, Zone};
 pub use warden::{DelegateFrom, MAX_LEASE, WaitCancel, WaitFor, Warden};
 
 /// The README's Rust examples, compiled and run as doctests.

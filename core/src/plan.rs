@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 use crate::policy::{Attach, LimitDef, LimitKind, Policy};
 use crate::priority::Priority;
 use crate::scope::Scope;
+use crate::upstream::Coordination;
+use crate::upstream::light::{Ask, DIMENSIONS};
 
 /// One request for a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +202,10 @@ pub struct Plan<'p> {
     priority: Priority,
     promote_after: Micros,
     operation: Option<OperationId>,
+    /// The resource, when it coordinates on its upstream.
+    upstream: Option<(&'p str, &'p Coordination)>,
+    /// What the request takes of each upstream dimension.
+    upstream_amounts: [i64; DIMENSIONS],
 }
 
 /// Base amounts per unit resolved from a [`Cost`], borrowing its unit names.
@@ -252,6 +258,31 @@ pub fn check_parts(policy: &Policy, request: &Request) -> Result<()> {
     Ok(())
 }
 
+/// What a request takes of each upstream dimension, in whole units: its
+/// `requests` (1 when unsaid); `tokens` (or input plus output tokens);
+/// `input_tokens` (or, unsaid, its `tokens`: the conservative guess);
+/// `output_tokens`.
+fn upstream_amounts(policy: &Policy, amounts: &[(&str, i64)]) -> [i64; DIMENSIONS] {
+    let get = |unit: &str| {
+        amounts.iter().find(|(u, _)| *u == unit).map(|&(u, a)| {
+            let decimals = policy.unit(u).map_or(0, |d| u32::from(d.decimals));
+            10i64
+                .checked_pow(decimals)
+                .map_or(i64::from(a > 0), |p| a / p + i64::from(a % p != 0))
+        })
+    };
+    let (input, output) = (get("input_tokens"), get("output_tokens"));
+    let tokens = get("tokens").or_else(|| {
+        (input.is_some() || output.is_some()).then(|| input.unwrap_or(0) + output.unwrap_or(0))
+    });
+    [
+        get("requests").unwrap_or(1),
+        tokens.unwrap_or(0),
+        input.or_else(|| get("tokens")).unwrap_or(0),
+        output.unwrap_or(0),
+    ]
+}
+
 fn amount_for(amounts: &[(&str, i64)], unit: &str, default_requests: bool) -> Option<i64> {
     match amounts.iter().find(|(u, _)| *u == unit) {
         Some((_, a)) => Some(*a),
@@ -298,6 +329,13 @@ impl<'p> Plan<'p> {
                 plan.push(i + 1, def, amount);
             }
         }
+        if let (Some(name), Some(c)) = (
+            &request.resource,
+            resource.and_then(|r| r.upstream.as_ref()),
+        ) {
+            plan.upstream = Some((name.as_str(), c));
+            plan.upstream_amounts = upstream_amounts(policy, &amounts);
+        }
         for target in resource.into_iter().chain(action) {
             for def in &target.limits {
                 let depth = match &def.attach {
@@ -331,6 +369,8 @@ impl<'p> Plan<'p> {
             priority,
             promote_after: policy.defaults.promote_after,
             operation: None,
+            upstream: None,
+            upstream_amounts: [0; DIMENSIONS],
         }
     }
 
@@ -381,6 +421,23 @@ impl<'p> Plan<'p> {
         p.items.clear();
         p.caller = None;
         p
+    }
+
+    /// The resource and how it coordinates on its upstream, when it does
+    /// (`upstream:` in the policy).
+    #[must_use]
+    pub fn upstream(&self) -> Option<(&'p str, &'p Coordination)> {
+        self.upstream
+    }
+
+    /// What the request asks of its resource's upstream at the traffic light.
+    #[must_use]
+    pub fn upstream_ask(&self, mutate: bool) -> Ask {
+        Ask {
+            priority: self.priority,
+            amounts: self.upstream_amounts,
+            mutate,
+        }
     }
 
     fn push(&mut self, depth: usize, def: &Arc<LimitDef>, amount: i64) {

@@ -19,6 +19,7 @@ use crate::calendar::{DAY_US, HOUR_US, MINUTE_US, SECOND_US, Window};
 use crate::clock::Micros;
 use crate::error::{Error, Result};
 use crate::priority::Floors;
+use crate::upstream::Coordination;
 
 mod build;
 mod describe;
@@ -203,6 +204,9 @@ pub struct Target {
     pub limits: Vec<Arc<LimitDef>>,
     /// Risk points per call (actions), base units of `risk`.
     pub risk: i64,
+    /// How a resource coordinates on its upstream's observed state
+    /// (`upstream:` in the policy); `None`: it does not.
+    pub upstream: Option<Coordination>,
     /// Free text.
     pub description: Option<String>,
 }

@@ -9,9 +9,11 @@ use std::time::Duration;
 use ratewarden::backend::{Backend, Fallback, MemoryBackend, Mode, OnBackendError, Pending};
 use ratewarden::clock::Micros;
 use ratewarden::plan::Plan;
+use ratewarden::upstream::Coordination;
+use ratewarden::upstream::light::{Ask, Gate, Observed, Sample};
 use ratewarden::{
-    CommitReceipt, Cost, Decision, Degraded, Error, ManualClock, OperationId, Policy, Request,
-    ReservationId, Warden,
+    CommitReceipt, Cost, Decision, Degraded, Error, ManualClock, OperationId, Policy, Priority,
+    Request, ReservationId, Warden, Zone,
 };
 use serde_json::json;
 
@@ -78,6 +80,30 @@ impl Backend for Flaky {
     fn name(&self) -> &'static str {
         "flaky"
     }
+
+    fn observe<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        sample: &'a Sample,
+    ) -> Pending<'a, Observed> {
+        match self.failure() {
+            Some(e) => Pending::Ready(Err(e)),
+            None => self.inner.observe(resource, coordination, sample),
+        }
+    }
+
+    fn gate<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        ask: Ask,
+    ) -> Pending<'a, Gate> {
+        match self.failure() {
+            Some(e) => Pending::Ready(Err(e)),
+            None => self.inner.gate(resource, coordination, ask),
+        }
+    }
 }
 
 struct Setup {
@@ -99,7 +125,7 @@ fn setup(mode: OnBackendError) -> Setup {
     let backend = Fallback::new(primary, mode, shared.clone()).unwrap();
     let policy = Policy::from_value(&json!({"scopes": {"tenant": {"limits": [
         {"name": "rps", "kind": "rate", "limit": 4, "per": "1s"}
-    ]}}}))
+    ]}}, "resources": {"api": {"upstream": {}}}}))
     .unwrap();
     Setup {
         warden: Warden::with_backend(policy, Arc::new(backend), shared),
@@ -185,4 +211,37 @@ fn settles_are_never_degraded() {
     assert!(matches!(e, Error::Backend { .. }), "{e}");
     s.down.store(false, Ordering::SeqCst);
     assert!(!now(s.warden.commit(r.id, &Cost::new())).unwrap().duplicate);
+}
+
+#[test]
+fn the_upstream_light_runs_on_what_this_process_saw_while_the_primary_fails() {
+    let s = setup(OnBackendError::Allow);
+    let w = &s.warden;
+    let red = [
+        ("x-ratelimit-limit-requests", "100"),
+        ("x-ratelimit-remaining-requests", "5"),
+        ("x-ratelimit-reset-requests", "1m"),
+    ];
+    let bg = || req().resource("api").priority(Priority::Background);
+    now(w.observe("api", &red)).unwrap();
+    assert!(
+        !now(w.acquire(&bg())).unwrap().allowed(),
+        "red on the primary"
+    );
+    s.down.store(true, Ordering::SeqCst);
+    // Nothing seen locally: the light is unknown, the limits decide degraded.
+    let d = now(w.acquire(&bg())).unwrap();
+    assert!(d.allowed() && d.degraded.is_some(), "{d:?}");
+    assert_eq!(d.light.unwrap().zone, Zone::Unknown);
+    // What this process observes during the outage governs it.
+    let v = now(w.observe("api", &red)).unwrap();
+    assert_eq!(v.zone, Zone::Red);
+    assert!(!now(w.acquire(&bg())).unwrap().allowed());
+    s.down.store(false, Ordering::SeqCst);
+    s.clock.advance(Duration::from_secs(61));
+    let d = now(w.acquire(&bg())).unwrap();
+    assert!(
+        d.allowed() && d.degraded.is_none(),
+        "stale everywhere after the reset"
+    );
 }

@@ -18,6 +18,8 @@ use crate::decision::{Caps, CommitReceipt, Decision, Degraded, Outcome, Reservat
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan::Plan;
 use crate::policy::Policy;
+use crate::upstream::Coordination;
+use crate::upstream::light::{Ask, Gate, Observed, Sample, Ticket};
 
 /// What a decision does when the shared backend cannot be asked (refused,
 /// dropped, timed out).
@@ -110,6 +112,7 @@ impl<B: Backend> Fallback<B> {
                     priority: plan.priority(),
                     degraded: Some(Degraded::Deny),
                     unconfirmed,
+                    light: None,
                 });
             }
             OnBackendError::Allow => (plan.unlimited(), Degraded::Allow, 1),
@@ -188,7 +191,63 @@ impl<B: Backend> Backend for Fallback<B> {
         self.primary.name()
     }
 
+    // The upstream's state: while the primary cannot be asked, this process
+    // observes and gates on its own engine (what it saw itself during the
+    // outage; nothing known is the unknown zone, which passes) — the limits'
+    // own degraded decision still follows `on_backend_error`.
+    fn observe<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        sample: &'a Sample,
+    ) -> Pending<'a, Observed> {
+        or_local(
+            self.primary.observe(resource, coordination, sample),
+            move || self.local.observe(resource, coordination, sample),
+        )
+    }
+
+    fn gate<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        ask: Ask,
+    ) -> Pending<'a, Gate> {
+        or_local(self.primary.gate(resource, coordination, ask), move || {
+            self.local.gate(resource, coordination, ask)
+        })
+    }
+
+    fn ungate<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        ticket: Ticket,
+    ) -> Pending<'a, ()> {
+        or_local(
+            self.primary.ungate(resource, coordination, ticket),
+            move || self.local.ungate(resource, coordination, ticket),
+        )
+    }
+
     fn stats(&self) -> Option<super::MemoryStats> {
         self.primary.stats()
+    }
+}
+
+/// The primary's answer, or — when it cannot be asked — the local engine's.
+fn or_local<'a, T: Send + 'a>(
+    primary: Pending<'a, T>,
+    local: impl FnOnce() -> Pending<'a, T> + Send + 'a,
+) -> Pending<'a, T> {
+    match primary {
+        Pending::Ready(Err(e)) if e.kind() == ErrorKind::Backend => local(),
+        Pending::Ready(r) => Pending::Ready(r),
+        Pending::Future(f) => Pending::Future(Box::pin(async move {
+            match f.await {
+                Err(e) if e.kind() == ErrorKind::Backend => local().await,
+                r => r,
+            }
+        })),
     }
 }

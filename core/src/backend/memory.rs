@@ -26,6 +26,9 @@ use crate::plan::{KeyRef, Plan, PlannedLimit};
 use crate::policy::{LimitDef, LimitKind, Overage, Policy};
 use crate::priority::Priority;
 use crate::scope::Scope;
+use crate::upstream::Coordination;
+use crate::upstream::light::{Ask, Gate, Observed, Sample, Ticket, UpstreamState};
+use std::collections::HashMap;
 
 const SHARDS: usize = 64;
 const RES_SHARDS: usize = 16;
@@ -163,6 +166,9 @@ pub struct MemoryBackend {
     grants: AtomicUsize,
     /// When decisions next sweep the reservation and operation records (µs).
     next_record_sweep: AtomicI64,
+    /// Each coordinating resource's observed upstream state (one entry per
+    /// resource a policy declares `upstream:` for).
+    upstream: Mutex<HashMap<Box<str>, UpstreamState, foldhash::fast::RandomState>>,
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -304,7 +310,23 @@ impl MemoryBackend {
             ops: (0..RES_SHARDS).map(|_| Padded::default()).collect(),
             grants: AtomicUsize::new(0),
             next_record_sweep: AtomicI64::new(0),
+            upstream: Mutex::default(),
         }
+    }
+
+    /// Runs `f` on `resource`'s upstream state at the engine's time, under
+    /// its lock.
+    fn with_upstream<T>(
+        &self,
+        resource: &str,
+        f: impl FnOnce(&mut UpstreamState, Micros) -> T,
+    ) -> T {
+        let now = self.clock.now();
+        let mut map = self.upstream.lock();
+        if let Some(state) = map.get_mut(resource) {
+            return f(state, now);
+        }
+        f(map.entry(resource.into()).or_default(), now)
     }
 
     /// The clock this engine reads.
@@ -1396,6 +1418,43 @@ impl Backend for MemoryBackend {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn observe<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        sample: &'a Sample,
+    ) -> Pending<'a, Observed> {
+        Pending::Ready(Ok(self.with_upstream(resource, |state, now| {
+            let before = state.observe(sample, now, coordination);
+            Observed {
+                state: *state,
+                now,
+                before,
+            }
+        })))
+    }
+
+    fn gate<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        ask: Ask,
+    ) -> Pending<'a, Gate> {
+        Pending::Ready(Ok(self.with_upstream(resource, |state, now| {
+            state.gate(&ask, now, coordination)
+        })))
+    }
+
+    fn ungate<'a>(
+        &'a self,
+        resource: &'a str,
+        _coordination: &'a Coordination,
+        ticket: Ticket,
+    ) -> Pending<'a, ()> {
+        self.with_upstream(resource, |state, _| state.ungate(&ticket));
+        Pending::Ready(Ok(()))
     }
 
     fn stats(&self) -> Option<MemoryStats> {

@@ -17,6 +17,8 @@ use crate::error::Result;
 use crate::plan::Plan;
 use crate::policy::Policy;
 use crate::scope::Scope;
+use crate::upstream::Coordination;
+use crate::upstream::light::{Ask, Gate, Observed, Sample, Ticket};
 
 mod fallback;
 mod memory;
@@ -152,6 +154,12 @@ pub fn at_once<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
     })
 }
 
+fn no_upstream(name: &str) -> crate::Error {
+    crate::Error::Backend {
+        message: format!("the {name} backend keeps no upstream state"),
+    }
+}
+
 /// Storage and atomic evaluation of limits: one typed method per operation,
 /// so an operation and its answer cannot be mismatched.
 pub trait Backend: Send + Sync + 'static {
@@ -180,6 +188,44 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A short name for logs and `Decision` provenance (`memory`, `redis`).
     fn name(&self) -> &'static str;
+
+    /// Records what an upstream response said about `resource`'s upstream
+    /// (an empty `sample` only reads), atomically, on the backend's clock,
+    /// following [`crate::upstream::light::UpstreamState::observe`]; answers
+    /// the state after it.
+    fn observe<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        sample: &'a Sample,
+    ) -> Pending<'a, Observed> {
+        let _ = (resource, coordination, sample);
+        Pending::Ready(Err(no_upstream(self.name())))
+    }
+
+    /// Passes a request through `resource`'s traffic light atomically
+    /// ([`crate::upstream::light::UpstreamState::gate`]).
+    fn gate<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        ask: Ask,
+    ) -> Pending<'a, Gate> {
+        let _ = (resource, coordination, ask);
+        Pending::Ready(Err(no_upstream(self.name())))
+    }
+
+    /// Gives back what a pass through the light counted
+    /// ([`crate::upstream::light::UpstreamState::ungate`]).
+    fn ungate<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        ticket: Ticket,
+    ) -> Pending<'a, ()> {
+        let _ = (resource, coordination, ticket);
+        Pending::Ready(Err(no_upstream(self.name())))
+    }
 
     /// What an in-process engine holds (keys, records, table capacity);
     /// `None` for a backend whose state lives elsewhere (Redis).

@@ -48,6 +48,7 @@ mod inspect;
 mod keys;
 mod settle;
 mod slots;
+mod upstream;
 
 use args::{Step, StepMode};
 use cluster::Part;
@@ -69,11 +70,14 @@ use crate::plan::{KeyRef, Plan};
 use crate::policy::{LimitKind, Overage, Policy};
 use crate::priority::Priority;
 use crate::scope::Scope;
+use crate::upstream::Coordination;
+use crate::upstream::light::{Ask, Gate, Observed, Sample, Ticket};
 
 const COMMON: &str = include_str!("../../lua/common.lua");
 const DECIDE: &str = include_str!("../../lua/decide.lua");
 const SETTLE: &str = include_str!("../../lua/settle.lua");
 const RATE: &str = include_str!("../../lua/rate.lua");
+const UPSTREAM: &str = include_str!("../../lua/upstream.lua");
 /// How long an ended reservation is remembered (idempotent commit / release).
 const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
 /// Default command timeout.
@@ -142,6 +146,8 @@ pub struct RedisBackend {
     /// the conformance suites through `decide.lua` alone).
     use_rate_script: bool,
     settle: Arc<Script>,
+    /// `upstream.lua`: coordinated resources' upstream state.
+    upstream: Arc<Script>,
     clock: Option<Arc<dyn Clock>>,
     timeout: std::time::Duration,
     /// After a timeout, the node that timed out is skipped for a moment.
@@ -323,6 +329,7 @@ impl RedisBackend {
             rate: Arc::new(Script::new(&format!("{COMMON}\n{RATE}"))),
             use_rate_script: true,
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
+            upstream: Arc::new(Script::new(&format!("{COMMON}\n{UPSTREAM}"))),
             clock: None,
             timeout: DEFAULT_TIMEOUT,
             health,
@@ -828,5 +835,32 @@ impl Backend for RedisBackend {
 
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    fn observe<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        sample: &'a Sample,
+    ) -> Pending<'a, Observed> {
+        upstream::observe(self, resource, coordination, sample)
+    }
+
+    fn gate<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        ask: Ask,
+    ) -> Pending<'a, Gate> {
+        upstream::gate(self, resource, coordination, ask)
+    }
+
+    fn ungate<'a>(
+        &'a self,
+        resource: &'a str,
+        coordination: &'a Coordination,
+        ticket: Ticket,
+    ) -> Pending<'a, ()> {
+        upstream::ungate(self, resource, coordination, ticket)
     }
 }

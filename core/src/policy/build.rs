@@ -182,6 +182,16 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
                     parse_amount(v, "risk", d).map_err(|m| ctx.err(format!("{path}.risk"), m))?
                 }
             };
+            let upstream = match rt.upstream {
+                None => None,
+                Some(_) if section != "resources" => {
+                    return Err(ctx.err(
+                        format!("{path}.upstream"),
+                        "an upstream belongs to a resource, not an action",
+                    ));
+                }
+                Some(u) => Some(build_upstream(ctx, &format!("{path}.upstream"), u)?),
+            };
             let mut limits = Vec::new();
             for (i, rl) in rt.limits.into_iter().enumerate() {
                 let lpath = format!("{path}.limits[{i}]");
@@ -210,6 +220,7 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
                 Target {
                     limits,
                     risk,
+                    upstream,
                     description: rt.description,
                 },
             );
@@ -427,4 +438,60 @@ pub(super) fn build_limit(
         lease,
         description: rl.description,
     })
+}
+
+/// The longest coordination time accepted (a year): `now` plus it stays
+/// exact in the Redis scripts' doubles.
+const MAX_COORDINATION_TIME: Micros = 366 * DAY_US;
+/// The longest amber delay accepted (an hour): times the ‰ depth it stays exact.
+const MAX_DELAY: Micros = HOUR_US;
+
+/// Validates a resource's `upstream:` section over the defaults of
+/// [`Coordination`].
+fn build_upstream(ctx: &Ctx<'_>, path: &str, raw: RawUpstream) -> Result<Coordination> {
+    let mut c = Coordination::default();
+    let share = |v: &Option<Value>, field: &str, default: u16| -> Result<u16> {
+        v.as_ref().map_or(Ok(default), |v| {
+            parse_permille(v).map_err(|m| ctx.err(format!("{path}.{field}"), m))
+        })
+    };
+    c.green = share(&raw.green, "green", c.green)?;
+    c.red = share(&raw.red, "red", c.red)?;
+    if c.green <= c.red {
+        return Err(ctx.err(
+            path,
+            format!(
+                "green ({}%) must be above red ({}%): amber lies between them",
+                f64::from(c.green) / 10.0,
+                f64::from(c.red) / 10.0
+            ),
+        ));
+    }
+    let time = |v: &Option<String>, field: &str, default: Micros, delay: bool| -> Result<Micros> {
+        let Some(s) = v else { return Ok(default) };
+        let at = format!("{path}.{field}");
+        let t = parse_duration(s).map_err(|m| ctx.err(&at, m))?;
+        if t == 0 && !delay {
+            return Err(ctx.err(&at, "must be longer than zero"));
+        }
+        if delay && t > MAX_DELAY {
+            return Err(ctx.err(&at, format!("`{s}` is longer than an hour")));
+        }
+        if t > MAX_COORDINATION_TIME {
+            return Err(ctx.err(&at, format!("`{s}` is longer than a year")));
+        }
+        Ok(t)
+    };
+    let delay = raw.delay.unwrap_or_default();
+    c.delay_standard = time(&delay.standard, "delay.standard", c.delay_standard, true)?;
+    c.delay_background = time(
+        &delay.background,
+        "delay.background",
+        c.delay_background,
+        true,
+    )?;
+    c.pace = time(&raw.pace, "pace", c.pace, false)?;
+    c.ttl = time(&raw.ttl, "ttl", c.ttl, false)?;
+    c.block = time(&raw.block, "block", c.block, false)?;
+    Ok(c)
 }

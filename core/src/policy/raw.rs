@@ -51,7 +51,27 @@ pub(super) struct RawTarget {
     #[serde(default)]
     pub(super) limits: Vec<RawLimit>,
     pub(super) risk: Option<Value>,
+    pub(super) upstream: Option<RawUpstream>,
     pub(super) description: Option<String>,
+}
+
+/// `upstream:` under a resource: coordinate on the upstream's observed state.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) green: Option<Value>,
+    pub(super) red: Option<Value>,
+    pub(super) delay: Option<RawDelay>,
+    pub(super) pace: Option<String>,
+    pub(super) ttl: Option<String>,
+    pub(super) block: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDelay {
+    pub(super) standard: Option<String>,
+    pub(super) background: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -1,20 +1,5 @@
-//! What an upstream's response says about its own limits: the rate-limit
-//! headers of the providers agents call, parsed into one shape
-//! ([`Observation`]) — the first step of coordinating on the upstream's real
-//! state (SPEC §3.3).
-//!
-//! Understood: OpenAI and Azure OpenAI (`x-ratelimit-{limit,remaining,reset}-
-//! {requests,tokens}`, resets like `6m0s`, `1.5s`, `20ms`), Anthropic
-//! (`anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-
-//! {limit,remaining,reset}`, RFC 3339 resets), GitHub (`x-ratelimit-limit`,
-//! `-remaining`, `-used`, `-reset` in epoch seconds, `x-ratelimit-resource`),
-//! the IETF drafts (draft-6 `RateLimit-Limit`/`-Remaining`/`-Reset`, draft-7
-//! `RateLimit: limit=…, remaining=…, reset=…`, draft-11 `RateLimit` /
-//! `RateLimit-Policy` lists, parsed as RFC 9651 Structured Fields), generic
-//! `X-RateLimit-*`, `Retry-After` (seconds or an HTTP-date) and
-//! `retry-after-ms`. Every dimension (requests, tokens, input and output
-//! tokens) is kept apart. A malformed or sentinel value is skipped with a
-//! warning ([`Observation::warnings`]) — never a panic, never a number made up.
+//! The header parsers: every provider's rate-limit headers into one
+//! [`Observation`].
 
 use std::time::Duration;
 

@@ -21,6 +21,8 @@ use crate::policy::{LimitKind, Policy};
 use crate::scope::Scope;
 use crate::settle::{CallOutcome, Settlement};
 
+mod light;
+
 /// A failed commit or release: not confirmed (the backend failed: it may have
 /// landed) or refused (the backend answered no).
 fn settle_error(e: Error) -> crate::settle::Settled {
@@ -173,14 +175,19 @@ impl Warden {
             Mode::Delegate { child, .. } => child,
             _ => plan.scope(),
         };
-        let d = self.inner.backend.decide(plan, mode).await?;
-        self.report(&d, scope);
+        let d = match plan.upstream() {
+            Some((resource, c)) if !matches!(mode, Mode::Delegate { .. }) => {
+                self.through_light(plan, mode, resource, c).await?
+            }
+            _ => self.inner.backend.decide(plan, mode).await?,
+        };
+        self.emit_for(&d, scope);
         Ok(d)
     }
 
     /// Emits the events a decision implies: backend outages, degraded
     /// decisions, recoveries. One relaxed load when all is well.
-    fn report(&self, d: &Decision, scope: &Scope) {
+    fn emit_for(&self, d: &Decision, scope: &Scope) {
         use std::sync::atomic::Ordering;
         let inner = &self.inner;
         let since = inner.degraded_since.load(Ordering::Relaxed);
@@ -536,9 +543,15 @@ impl Warden {
         };
         let clock = &self.inner.clock;
         let deadline = clock.now().saturating_add(micros(max_wait));
+        // Waiters line up behind the limits they share, and behind the
+        // traffic light of a coordinated upstream.
         let keys: Vec<Box<str>> = plan
             .limits()
             .map(|l| l.key.to_string().into_boxed_str())
+            .chain(
+                plan.upstream()
+                    .map(|(r, _)| format!("@up#{r}").into_boxed_str()),
+            )
             .collect();
         let queue = &self.inner.queue;
         let mut ticket: Option<Ticket<'_>> = None;

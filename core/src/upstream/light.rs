@@ -1,0 +1,744 @@
+//! The traffic light: what the upstream's observed state means for the next
+//! request, decided here once for every backend (the Redis script
+//! `lua/upstream.lua` mirrors it rule for rule; the conformance tests hold
+//! them together).
+//!
+//! **State.** Per dimension (requests, tokens, input and output tokens) a
+//! resource keeps the last [`Reading`]: the upstream's limit and remaining,
+//! when it resets, when it was seen, and how much this system admitted since
+//! (`spent`) — so N agents in flight between two responses do not all see
+//! the same remaining. A reading is **fresh** until its reset (or, for
+//! headers that give none, `ttl` after it was seen); a stale reading is
+//! ignored. A response within the same window (its reset no later than the
+//! stored one plus [`WINDOW_SLACK`]) can only lower the estimate — a reply to
+//! an older request arriving late never raises it; a later window replaces
+//! it.
+//!
+//! **Zones.** From the tightest fresh dimension's share left:
+//! green above `green` (default 40%), amber down to `red` (15%), red below.
+//! Per priority:
+//! - critical passes (unless the upstream is blocked or a dimension is
+//!   exhausted — the upstream would refuse it anyway);
+//! - amber: standard and background callers get `caps.delay_ms`, growing
+//!   linearly from 0 at the top of amber to their tier's maximum at the
+//!   bottom (background's maximum is the larger: it yields first);
+//! - red: background is denied until the tightest dimension resets; standard
+//!   is paced to one request per `pace` across every process (the next one
+//!   is told when its turn comes);
+//! - blocked (the upstream said `Retry-After`, or a 429 was reported) or a
+//!   dimension without room for the request: everyone is denied until then.
+
+use std::time::Duration;
+
+use super::{Dimension, Observation};
+use crate::clock::Micros;
+use crate::priority::Priority;
+
+/// The number of dimensions a resource tracks.
+pub const DIMENSIONS: usize = 4;
+
+/// A response whose reset is at most this much later than the stored one is
+/// from the same window (resets given as durations drift by the network's
+/// latency).
+pub const WINDOW_SLACK: Micros = 1_000_000;
+
+/// Largest limit or remaining kept: a reading past it is treated as no
+/// constraint (and its arithmetic stays exact in a Redis script's doubles).
+pub const MAX_READING: u64 = 1 << 40;
+
+impl Dimension {
+    /// Every dimension, in the order of [`Dimension::index`].
+    pub const ALL: [Self; DIMENSIONS] = [
+        Self::Requests,
+        Self::Tokens,
+        Self::InputTokens,
+        Self::OutputTokens,
+    ];
+
+    /// Position in [`Dimension::ALL`].
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How a resource coordinates on its upstream (`upstream:` under a resource
+/// in the policy). Shares are in ‰ of the quota, times in µs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coordination {
+    /// Green while more than this is left (‰; default 400).
+    pub green: u16,
+    /// Red below this (‰; default 150). Amber in between.
+    pub red: u16,
+    /// Longest amber delay for standard callers (default 500 ms).
+    pub delay_standard: Micros,
+    /// Longest amber delay for background callers (default 2 s).
+    pub delay_background: Micros,
+    /// In red, standard callers go one per this interval across every process
+    /// (default 1 s).
+    pub pace: Micros,
+    /// How long a reading without a reset is trusted (default 60 s).
+    pub ttl: Micros,
+    /// How long a reported 429 blocks when the response says neither
+    /// `Retry-After` nor when an exhausted quota resets (default 1 s).
+    pub block: Micros,
+}
+
+impl Default for Coordination {
+    fn default() -> Self {
+        Self {
+            green: 400,
+            red: 150,
+            delay_standard: 500_000,
+            delay_background: 2_000_000,
+            pace: 1_000_000,
+            ttl: 60_000_000,
+            block: 1_000_000,
+        }
+    }
+}
+
+/// The traffic light of a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Zone {
+    /// Nothing fresh is known about the upstream: no throttling.
+    #[default]
+    Unknown,
+    /// Plenty left: no throttling.
+    Green,
+    /// Running low: lower tiers are delayed.
+    Amber,
+    /// Nearly gone (or the upstream said wait): background denied, standard paced.
+    Red,
+}
+
+impl Zone {
+    /// `unknown`, `green`, `amber` or `red`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Green => "green",
+            Self::Amber => "amber",
+            Self::Red => "red",
+        }
+    }
+
+    /// 0 unknown, 1 green, 2 amber, 3 red (the scripts' encoding).
+    #[must_use]
+    pub const fn code(self) -> i64 {
+        match self {
+            Self::Unknown => 0,
+            Self::Green => 1,
+            Self::Amber => 2,
+            Self::Red => 3,
+        }
+    }
+
+    /// The zone of a script's code (anything unknown is `Unknown`).
+    #[must_use]
+    pub const fn of_code(code: i64) -> Self {
+        match code {
+            1 => Self::Green,
+            2 => Self::Amber,
+            3 => Self::Red,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for Zone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The last thing the upstream said about one dimension.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// Its limit (when the headers give none: the most seen remaining).
+    pub limit: i64,
+    /// Remaining, as observed (or lowered by a late reply of the same window).
+    pub remaining: i64,
+    /// Admitted by this system since it was observed.
+    pub spent: i64,
+    /// When it resets, µs since the epoch (0: the headers said not).
+    pub reset_at: Micros,
+    /// When it was observed, µs since the epoch (0: never).
+    pub seen_at: Micros,
+}
+
+impl Reading {
+    /// Until when it is trusted.
+    #[must_use]
+    pub const fn expires(&self, ttl: Micros) -> Micros {
+        if self.reset_at > 0 {
+            self.reset_at
+        } else {
+            self.seen_at.saturating_add(ttl)
+        }
+    }
+
+    /// Whether it is trusted at `now`.
+    #[must_use]
+    pub const fn fresh(&self, now: Micros, ttl: Micros) -> bool {
+        self.seen_at > 0 && now < self.expires(ttl)
+    }
+
+    /// The estimate of what is left: observed remaining minus admitted since.
+    #[must_use]
+    pub fn left(&self) -> i64 {
+        (self.remaining - self.spent).max(0)
+    }
+
+    /// [`Reading::left`] in ‰ of the limit (rounded down).
+    #[must_use]
+    pub fn permille(&self) -> i64 {
+        if self.limit <= 0 {
+            0
+        } else {
+            (self.left() * 1000 / self.limit).min(1000)
+        }
+    }
+}
+
+/// A resource's observed upstream state, as a backend keeps it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpstreamState {
+    /// One reading per dimension, by [`Dimension::index`] (`seen_at` 0: none).
+    pub dims: [Reading; DIMENSIONS],
+    /// Everyone waits until then (µs since the epoch; 0: not blocked).
+    pub blocked_until: Micros,
+    /// In red, the next standard request may go at (µs since the epoch).
+    pub pace_next: Micros,
+}
+
+/// A backend's answer to [`crate::backend::Backend::observe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// The state after the observation.
+    pub state: UpstreamState,
+    /// The backend's time of it (µs since the epoch).
+    pub now: Micros,
+    /// The zone before it.
+    pub before: Zone,
+}
+
+/// One dimension of a response, validated for storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// The limit, when the headers give it.
+    pub limit: Option<i64>,
+    /// What is left.
+    pub remaining: i64,
+    /// Until it resets, when the headers say.
+    pub reset: Option<Micros>,
+}
+
+/// What one response tells a backend: the dimensions it reports and how long
+/// everyone must wait, if it says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// By [`Dimension::index`].
+    pub dims: [Option<Seen>; DIMENSIONS],
+    /// Everyone waits this long from now (µs).
+    pub block: Option<Micros>,
+}
+
+impl Sample {
+    /// What `observation` (of a response with `status`, if known) tells the
+    /// backend. Of several quotas of one dimension (draft-11 lists name
+    /// several) the one with the smallest share left counts. A quota
+    /// without `remaining` says nothing; one past [`MAX_READING`] is no
+    /// constraint (a warning says so). The upstream asks everyone to wait
+    /// when it sends `Retry-After`/`retry-after-ms`, or — with a 429 and no
+    /// such header — until the earliest reset of an exhausted quota, or for
+    /// `coordination.block`.
+    #[must_use]
+    pub fn of(
+        observation: &Observation,
+        status: Option<u16>,
+        coordination: &Coordination,
+    ) -> (Self, Vec<String>) {
+        let mut sample = Self::default();
+        let mut warnings = Vec::new();
+        for q in &observation.quotas {
+            let Some(remaining) = q.remaining else {
+                continue;
+            };
+            if remaining > MAX_READING || q.limit.is_some_and(|l| l > MAX_READING) {
+                warnings.push(format!(
+                    "the {} quota reports more than 2^40 ({}), treated as no constraint",
+                    q.dimension.as_str(),
+                    q.limit.unwrap_or(remaining).max(remaining)
+                ));
+                continue;
+            }
+            let remaining = to_i64(remaining);
+            // An inconsistent limit below remaining is no limit at all.
+            let limit = q.limit.map(to_i64).filter(|&l| l >= remaining && l > 0);
+            let seen = Seen {
+                limit,
+                remaining,
+                reset: q.reset.map(micros),
+            };
+            let slot = &mut sample.dims[q.dimension.index()];
+            *slot = Some(match *slot {
+                Some(prev) if tighter(&prev, &seen) => prev,
+                _ => seen,
+            });
+        }
+        sample.block = match observation.retry_after {
+            Some(d) if !d.is_zero() => Some(micros(d)),
+            Some(_) => None,
+            None if status == Some(429) => Some(
+                sample
+                    .dims
+                    .iter()
+                    .flatten()
+                    .filter(|s| s.remaining == 0)
+                    .filter_map(|s| s.reset)
+                    .filter(|&r| r > 0)
+                    .min()
+                    .unwrap_or(coordination.block),
+            ),
+            None => None,
+        };
+        (sample, warnings)
+    }
+
+    /// Whether it tells nothing (a read).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.block.is_none() && self.dims.iter().all(Option::is_none)
+    }
+}
+
+/// Whether `a` leaves a smaller share than `b` (unknown limits count as full).
+fn tighter(a: &Seen, b: &Seen) -> bool {
+    let share = |s: &Seen| {
+        (
+            i128::from(s.remaining),
+            i128::from(s.limit.unwrap_or(s.remaining).max(1)),
+        )
+    };
+    let ((ra, la), (rb, lb)) = (share(a), share(b));
+    ra * lb < rb * la
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn micros(d: Duration) -> Micros {
+    Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
+}
+
+/// What a request asks of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    /// The caller's tier.
+    pub priority: Priority,
+    /// Per dimension, by [`Dimension::index`].
+    pub amounts: [i64; DIMENSIONS],
+    /// Whether an admitted request counts (acquire, reserve) or is only
+    /// evaluated (check).
+    pub mutate: bool,
+}
+
+/// How a request fares at the light.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go.
+    Pass,
+    /// Go after this long (µs): `caps.delay_ms`.
+    Delay(Micros),
+    /// Do not go; try again after `retry` µs.
+    Deny {
+        /// Until the request could pass, µs.
+        retry: Micros,
+        /// Why.
+        why: Why,
+    },
+}
+
+/// Why the light denied a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// The upstream asked everyone to wait (`Retry-After`, a reported 429).
+    Blocked,
+    /// This dimension has no room left for the request.
+    Exhausted(Dimension),
+    /// Red: background callers wait for the reset.
+    Red,
+    /// Red: standard callers go one per `pace`; this one's turn is later.
+    Paced,
+}
+
+impl Why {
+    /// 0 blocked, 1 exhausted, 2 red, 3 paced (the scripts' encoding).
+    #[must_use]
+    pub const fn code(self) -> i64 {
+        match self {
+            Self::Blocked => 0,
+            Self::Exhausted(_) => 1,
+            Self::Red => 2,
+            Self::Paced => 3,
+        }
+    }
+}
+
+/// The light as a decision reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Light {
+    /// The zone.
+    pub zone: Zone,
+    /// Share left of the tightest fresh dimension, ‰ (`None`: nothing fresh).
+    pub left: Option<u16>,
+    /// That dimension.
+    pub dimension: Option<Dimension>,
+}
+
+/// What to undo if the limits deny a request the light let through: the
+/// amounts it counted on the readings it counted them on, and the pacing
+/// turn it took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ticket {
+    /// Counted per dimension.
+    pub amounts: [i64; DIMENSIONS],
+    /// The `seen_at` of each reading counted on (0: not counted).
+    pub seen: [Micros; DIMENSIONS],
+    /// The pacing turn taken: `(before, after)` of `pace_next`.
+    pub pace: Option<(Micros, Micros)>,
+}
+
+/// A request's pass through the light.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    /// The light.
+    pub light: Light,
+    /// The outcome.
+    pub verdict: Verdict,
+    /// What was counted (an admitted, mutating pass), to give back if the
+    /// limits then deny.
+    pub ticket: Option<Ticket>,
+}
+
+impl UpstreamState {
+    /// The light at `now`: the tightest fresh dimension decides; blocked is red.
+    #[must_use]
+    pub fn light(&self, now: Micros, c: &Coordination) -> Light {
+        let mut tightest: Option<(i64, Dimension)> = None;
+        for d in Dimension::ALL {
+            let r = &self.dims[d.index()];
+            if r.fresh(now, c.ttl) {
+                let p = r.permille();
+                if tightest.is_none_or(|(q, _)| p < q) {
+                    tightest = Some((p, d));
+                }
+            }
+        }
+        let zone = match tightest {
+            _ if self.blocked_until > now => Zone::Red,
+            None => Zone::Unknown,
+            Some((p, _)) if p > i64::from(c.green) => Zone::Green,
+            Some((p, _)) if p >= i64::from(c.red) => Zone::Amber,
+            Some(_) => Zone::Red,
+        };
+        Light {
+            zone,
+            left: tightest.map(|(p, _)| u16::try_from(p).unwrap_or(1000)),
+            dimension: tightest.map(|(_, d)| d),
+        }
+    }
+
+    /// Records what a response said (see the module docs); returns the zone
+    /// before.
+    pub fn observe(&mut self, sample: &Sample, now: Micros, c: &Coordination) -> Zone {
+        let before = self.light(now, c).zone;
+        for (i, seen) in sample.dims.iter().enumerate() {
+            let Some(s) = seen else { continue };
+            let prev = self.dims[i];
+            let fresh = prev.fresh(now, c.ttl);
+            let reset_at = s.reset.map_or(0, |r| now.saturating_add(r));
+            let same_window = fresh
+                && (reset_at == 0
+                    || prev.reset_at == 0
+                    || reset_at <= prev.reset_at.saturating_add(WINDOW_SLACK));
+            let remaining = if same_window {
+                s.remaining.min(prev.left())
+            } else {
+                s.remaining
+            };
+            let limit = s.limit.unwrap_or(if fresh {
+                prev.limit.max(s.remaining)
+            } else {
+                s.remaining
+            });
+            self.dims[i] = Reading {
+                limit,
+                remaining,
+                spent: 0,
+                reset_at: if reset_at == 0 && same_window {
+                    prev.reset_at
+                } else {
+                    reset_at
+                },
+                seen_at: now,
+            };
+        }
+        if let Some(b) = sample.block {
+            self.blocked_until = self.blocked_until.max(now.saturating_add(b));
+        }
+        before
+    }
+
+    /// Passes a request through the light at `now` (see the module docs);
+    /// an admitted, mutating pass counts its amounts and pacing turn.
+    pub fn gate(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
+        let light = self.light(now, c);
+        let deny = |retry: Micros, why| Gate {
+            light,
+            verdict: Verdict::Deny {
+                retry: retry.max(1),
+                why,
+            },
+            ticket: None,
+        };
+        if self.blocked_until > now {
+            return deny(self.blocked_until - now, Why::Blocked);
+        }
+        for d in Dimension::ALL {
+            let r = &self.dims[d.index()];
+            let want = ask.amounts[d.index()];
+            if want > 0 && r.fresh(now, c.ttl) && r.left() < want {
+                return deny(r.expires(c.ttl) - now, Why::Exhausted(d));
+            }
+        }
+        let mut pace = None;
+        let verdict = match (light.zone, ask.priority) {
+            (Zone::Unknown | Zone::Green, _) | (_, Priority::Critical) => Verdict::Pass,
+            (Zone::Amber, tier) => {
+                let top = if tier == Priority::Background {
+                    c.delay_background
+                } else {
+                    c.delay_standard
+                };
+                let depth = i64::from(c.green) - i64::from(light.left.unwrap_or(0));
+                let span = (i64::from(c.green) - i64::from(c.red)).max(1);
+                Verdict::Delay(top * depth.clamp(0, span) / span)
+            }
+            (Zone::Red, Priority::Background) => {
+                let until = light
+                    .dimension
+                    .map_or(now + c.pace, |d| self.dims[d.index()].expires(c.ttl));
+                return deny(until - now, Why::Red);
+            }
+            (Zone::Red, Priority::Standard) => {
+                if self.pace_next > now {
+                    return deny(self.pace_next - now, Why::Paced);
+                }
+                pace = Some((self.pace_next, now + c.pace));
+                Verdict::Pass
+            }
+        };
+        let ticket = ask.mutate.then(|| {
+            let mut t = Ticket {
+                pace,
+                ..Ticket::default()
+            };
+            if let Some((_, next)) = pace {
+                self.pace_next = next;
+            }
+            for d in Dimension::ALL {
+                let i = d.index();
+                let r = &mut self.dims[i];
+                if ask.amounts[i] > 0 && r.fresh(now, c.ttl) {
+                    r.spent += ask.amounts[i];
+                    t.amounts[i] = ask.amounts[i];
+                    t.seen[i] = r.seen_at;
+                }
+            }
+            t
+        });
+        Gate {
+            light,
+            verdict,
+            ticket,
+        }
+    }
+
+    /// Gives back what `ticket` counted, where nothing newer replaced it.
+    pub fn ungate(&mut self, ticket: &Ticket) {
+        for i in 0..DIMENSIONS {
+            let r = &mut self.dims[i];
+            if ticket.seen[i] > 0 && r.seen_at == ticket.seen[i] {
+                r.spent = (r.spent - ticket.amounts[i]).max(0);
+            }
+        }
+        if let Some((before, after)) = ticket.pace {
+            if self.pace_next == after {
+                self.pace_next = before;
+            }
+        }
+    }
+
+    /// Until when anything in it matters (µs since the epoch): a backend
+    /// may forget it after.
+    #[must_use]
+    pub fn expires(&self, c: &Coordination) -> Micros {
+        self.dims
+            .iter()
+            .filter(|r| r.seen_at > 0)
+            .map(|r| r.expires(c.ttl))
+            .chain([self.blocked_until, self.pace_next])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// How it looks at `now`, for people and dashboards.
+    #[must_use]
+    pub fn view(&self, resource: &str, now: Micros, c: &Coordination) -> UpstreamView {
+        let light = self.light(now, c);
+        UpstreamView {
+            resource: resource.to_owned(),
+            zone: light.zone,
+            left: light.left,
+            blocked: (self.blocked_until > now).then(|| until(self.blocked_until, now)),
+            quotas: Dimension::ALL
+                .iter()
+                .filter_map(|&d| {
+                    let r = &self.dims[d.index()];
+                    r.fresh(now, c.ttl).then(|| QuotaView {
+                        dimension: d,
+                        limit: r.limit,
+                        remaining: r.left(),
+                        observed: r.remaining,
+                        reset: (r.reset_at > 0).then(|| until(r.reset_at, now)),
+                        age: until(now, r.seen_at),
+                    })
+                })
+                .collect(),
+            previous: light.zone,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+fn until(at: Micros, now: Micros) -> Duration {
+    Duration::from_micros(u64::try_from(at - now).unwrap_or(0))
+}
+
+/// One fresh dimension of an [`UpstreamView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaView {
+    /// What it counts.
+    pub dimension: Dimension,
+    /// Its limit (the most seen remaining when the headers give none).
+    pub limit: i64,
+    /// The estimate of what is left now: observed minus admitted since.
+    pub remaining: i64,
+    /// What the upstream last said was left.
+    pub observed: i64,
+    /// Until it resets, when the upstream said.
+    pub reset: Option<Duration>,
+    /// How long ago it was observed.
+    pub age: Duration,
+}
+
+/// A resource's upstream state as every process sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamView {
+    /// The resource.
+    pub resource: String,
+    /// Its traffic light now.
+    pub zone: Zone,
+    /// Share left of the tightest fresh dimension, ‰.
+    pub left: Option<u16>,
+    /// How long everyone must still wait, if the upstream said so.
+    pub blocked: Option<Duration>,
+    /// The fresh dimensions.
+    pub quotas: Vec<QuotaView>,
+    /// The zone before the response that produced this view (the same as
+    /// `zone` for a read).
+    pub previous: Zone,
+    /// Header values that could not be used, one line each.
+    pub warnings: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C: Coordination = Coordination {
+        green: 400,
+        red: 150,
+        delay_standard: 500_000,
+        delay_background: 2_000_000,
+        pace: 1_000_000,
+        ttl: 60_000_000,
+        block: 1_000_000,
+    };
+
+    fn seen(limit: i64, remaining: i64, reset_s: i64) -> Sample {
+        let mut s = Sample::default();
+        s.dims[0] = Some(Seen {
+            limit: Some(limit),
+            remaining,
+            reset: Some(reset_s * 1_000_000),
+        });
+        s
+    }
+
+    fn ask(priority: Priority) -> Ask {
+        Ask {
+            priority,
+            amounts: [1, 0, 0, 0],
+            mutate: true,
+        }
+    }
+
+    #[test]
+    fn a_late_reply_of_the_same_window_never_raises_the_estimate() {
+        let mut s = UpstreamState::default();
+        s.observe(&seen(100, 50, 60), 1_000_000, &C);
+        s.observe(&seen(100, 80, 60), 1_500_000, &C);
+        assert_eq!(s.dims[0].remaining, 50);
+        // A later window replaces it.
+        s.observe(&seen(100, 90, 120), 2_000_000, &C);
+        assert_eq!(s.dims[0].remaining, 90);
+    }
+
+    #[test]
+    fn amber_delay_grows_linearly_and_background_yields_first() {
+        let mut s = UpstreamState::default();
+        s.observe(&seen(1000, 275, 60), 1, &C);
+        let g = s.gate(&ask(Priority::Standard), 2, &C);
+        assert_eq!(g.verdict, Verdict::Delay(250_000));
+        let g = s.gate(&ask(Priority::Background), 2, &C);
+        // 274 left after the standard one: (400 - 274) / 250 of 2 s.
+        assert_eq!(g.verdict, Verdict::Delay(2_000_000 * 126 / 250));
+        assert_eq!(
+            s.gate(&ask(Priority::Critical), 2, &C).verdict,
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn ungate_gives_back_only_what_nothing_replaced() {
+        let mut s = UpstreamState::default();
+        s.observe(&seen(100, 10, 60), 1, &C);
+        let g = s.gate(&ask(Priority::Standard), 2, &C);
+        assert_eq!(s.pace_next, 1_000_002);
+        let t = g.ticket.expect("counted");
+        s.ungate(&t);
+        assert_eq!((s.dims[0].spent, s.pace_next), (0, 0));
+        let t = s
+            .gate(&ask(Priority::Standard), 3, &C)
+            .ticket
+            .expect("counted");
+        s.observe(&seen(100, 9, 60), 4, &C);
+        s.ungate(&t);
+        assert_eq!(s.dims[0].spent, 0, "the new reading stands");
+    }
+}

@@ -1,0 +1,476 @@
+//! Coordination on the upstream's observed state: `observe` / `report`, the
+//! traffic light in every decision on a coordinated resource, staleness, the
+//! give-back when the limits deny. Runs on the embedded engine and, with
+//! `RATEWARDEN_TEST_BACKEND`, unchanged on Redis and Redis Cluster (the same
+//! rules in `lua/upstream.lua`).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{now, warden};
+use ratewarden::upstream::Zone;
+use ratewarden::{ErrorKind, Event, Outcome, Priority, Request};
+use serde_json::{Value, json};
+
+fn policy(extra_limits: Value) -> Value {
+    json!({
+        "scopes": {"user": {"limits": []}},
+        "resources": {
+            "openai": {"upstream": {}, "limits": extra_limits},
+            "plain": {"limits": []}
+        }
+    })
+}
+
+fn openai(limit: u64, remaining: u64, reset: &str) -> Vec<(String, String)> {
+    vec![
+        ("x-ratelimit-limit-requests".into(), limit.to_string()),
+        (
+            "x-ratelimit-remaining-requests".into(),
+            remaining.to_string(),
+        ),
+        ("x-ratelimit-reset-requests".into(), reset.into()),
+    ]
+}
+
+fn pairs(h: &[(String, String)]) -> Vec<(&str, &str)> {
+    h.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
+}
+
+fn ask(user: &str, p: Priority) -> Request {
+    Request::parse(user).unwrap().resource("openai").priority(p)
+}
+
+#[test]
+fn green_amber_red_per_tier() {
+    let (w, clock) = warden(policy(json!([])));
+    let v = now(w.observe("openai", &pairs(&openai(1000, 500, "60s")))).unwrap();
+    assert_eq!((v.zone, v.left), (Zone::Green, Some(500)));
+    let d = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert_eq!(d.outcome, Outcome::Allow);
+    assert_eq!(d.light.unwrap().zone, Zone::Green);
+
+    // Amber: 275 of 1000 left → standard 125/250 of 500 ms, background more.
+    now(w.observe("openai", &pairs(&openai(1000, 275, "60s")))).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(d.outcome, Outcome::AllowWithCaps, "{d:?}");
+    assert_eq!(d.caps.delay_ms, Some(250));
+    let d = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert_eq!(d.caps.delay_ms, Some(1008), "274 left: 126/250 of 2 s");
+    let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
+    assert_eq!(d.outcome, Outcome::Allow, "critical is never delayed");
+
+    // Red: 100 of 1000 left (a later window).
+    now(w.observe("openai", &pairs(&openai(1000, 100, "90s")))).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(
+        d.retry_after,
+        Some(Duration::from_secs(90)),
+        "until the reset"
+    );
+    assert!(d.reason.as_deref().unwrap().contains("red"), "{d:?}");
+    // Standard: one per second across every caller.
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+    let d = now(w.acquire(&ask("user:2", Priority::Standard))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
+    assert!(
+        now(w.acquire(&ask("user:2", Priority::Critical)))
+            .unwrap()
+            .allowed()
+    );
+    clock.advance(Duration::from_secs(1));
+    assert!(
+        now(w.acquire(&ask("user:2", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+}
+
+#[test]
+fn admissions_lower_the_estimate_until_the_next_response() {
+    let (w, _clock) = warden(policy(json!([])));
+    now(w.observe("openai", &pairs(&openai(100, 100, "60s")))).unwrap();
+    for _ in 0..59 {
+        assert_eq!(
+            now(w.acquire(&ask("user:1", Priority::Background)))
+                .unwrap()
+                .outcome,
+            Outcome::Allow
+        );
+    }
+    // 41 left (41%): still green; a check counts nothing.
+    for _ in 0..5 {
+        assert_eq!(
+            now(w.check(&ask("user:1", Priority::Background)))
+                .unwrap()
+                .outcome,
+            Outcome::Allow
+        );
+    }
+    let v = now(w.upstream("openai")).unwrap();
+    assert_eq!((v.quotas[0].remaining, v.quotas[0].observed), (41, 100));
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Background)))
+            .unwrap()
+            .allowed()
+    );
+    // 40 left: amber, at its top (no delay yet); 39 left (390‰): 10/250 of 2 s.
+    let d = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert_eq!(
+        (d.outcome, d.light.unwrap().zone),
+        (Outcome::Allow, Zone::Amber)
+    );
+    let d = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert_eq!(
+        (d.outcome, d.caps.delay_ms),
+        (Outcome::AllowWithCaps, Some(80))
+    );
+    // A late reply of the same window (it says 80) never raises the estimate.
+    let v = now(w.observe("openai", &pairs(&openai(100, 80, "60s")))).unwrap();
+    assert_eq!(v.quotas[0].remaining, 38);
+}
+
+#[test]
+fn stale_state_is_ignored() {
+    let (w, clock) = warden(policy(json!([])));
+    now(w.observe("openai", &pairs(&openai(100, 5, "10s")))).unwrap();
+    assert!(
+        !now(w.acquire(&ask("user:1", Priority::Background)))
+            .unwrap()
+            .allowed()
+    );
+    clock.advance(Duration::from_secs(10));
+    let d = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert_eq!(
+        (d.outcome, d.light.unwrap().zone),
+        (Outcome::Allow, Zone::Unknown)
+    );
+    // Without a reset (Azure) a reading is trusted for `ttl` (60 s).
+    let azure = [("x-ratelimit-remaining-requests", "0")];
+    now(w.observe("openai", &azure)).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
+    assert_eq!(
+        d.outcome,
+        Outcome::Deny,
+        "nothing left: even critical waits"
+    );
+    assert_eq!(d.retry_after, Some(Duration::from_secs(60)));
+    clock.advance(Duration::from_secs(60));
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Critical)))
+            .unwrap()
+            .allowed()
+    );
+}
+
+#[test]
+fn a_429_stops_everyone_until_retry_after() {
+    let (w, clock) = warden(policy(json!([])));
+    let v = now(w.report("openai", 429, &[("retry-after", "5")])).unwrap();
+    assert_eq!(
+        (v.zone, v.blocked),
+        (Zone::Red, Some(Duration::from_secs(5)))
+    );
+    let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.retry_after, Some(Duration::from_secs(5)));
+    clock.advance(Duration::from_secs(5));
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Critical)))
+            .unwrap()
+            .allowed()
+    );
+    // A 429 that says nothing blocks for the policy's `block` (1 s).
+    let v = now(w.report("openai", 429, &[])).unwrap();
+    assert_eq!(v.blocked, Some(Duration::from_secs(1)));
+    // A 429 with an exhausted quota and no Retry-After: until it resets.
+    clock.advance(Duration::from_secs(1));
+    let v = now(w.report("openai", 429, &pairs(&openai(100, 0, "7s")))).unwrap();
+    assert_eq!(v.blocked, Some(Duration::from_secs(7)));
+}
+
+#[test]
+fn what_the_light_counted_comes_back_when_the_limits_deny() {
+    let (w, _clock) = warden(policy(json!([
+        {"name": "per_user", "kind": "quota", "limit": 1, "per": "day", "scope": "user"}
+    ])));
+    now(w.observe("openai", &pairs(&openai(100, 10, "60s")))).unwrap();
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Critical)))
+            .unwrap()
+            .allowed()
+    );
+    // user:1's quota is gone: denied by the limit, the paced turn it took is
+    // handed back, so user:2 goes at once.
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert!(d.reason.as_deref().unwrap().contains("per_user"), "{d:?}");
+    assert!(
+        now(w.acquire(&ask("user:2", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+    let v = now(w.upstream("openai")).unwrap();
+    assert_eq!(
+        v.quotas[0].remaining, 8,
+        "two admitted, the denied one given back"
+    );
+}
+
+#[test]
+fn a_denial_by_the_light_reports_the_limits_true_state() {
+    let (w, _clock) = warden(policy(json!([
+        {"name": "pool", "kind": "quota", "limit": 10, "per": "day"}
+    ])));
+    now(w.report("openai", 429, &[("retry-after", "3")])).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny);
+    let pool = d.limits.iter().find(|l| l.name() == "pool").unwrap();
+    assert_eq!(
+        (pool.remaining, pool.denied),
+        (9, false),
+        "what it would leave"
+    );
+    assert!(
+        d.reason
+            .as_deref()
+            .unwrap()
+            .contains("asked callers to wait"),
+        "{d:?}"
+    );
+    let scope = ratewarden::Scope::parse("user:1").unwrap();
+    let b = now(w.balances(&scope, Some("openai"))).unwrap();
+    assert_eq!(b[0].remaining, 10, "nothing charged");
+}
+
+#[test]
+fn every_dimension_is_its_own_constraint() {
+    let (w, _clock) = warden(policy(json!([])));
+    let h = [
+        ("x-ratelimit-limit-requests", "100"),
+        ("x-ratelimit-remaining-requests", "90"),
+        ("x-ratelimit-reset-requests", "1m"),
+        ("x-ratelimit-limit-tokens", "10000"),
+        ("x-ratelimit-remaining-tokens", "400"),
+        ("x-ratelimit-reset-tokens", "30s"),
+    ];
+    let v = now(w.observe("openai", &h)).unwrap();
+    assert_eq!(
+        (v.zone, v.left),
+        (Zone::Red, Some(40)),
+        "tokens are the tightest"
+    );
+    let big = ask("user:1", Priority::Critical).spend("tokens", 500);
+    let d = now(w.acquire(&big)).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.retry_after, Some(Duration::from_secs(30)));
+    assert!(
+        d.reason.as_deref().unwrap().contains("no tokens left"),
+        "{d:?}"
+    );
+    let small = ask("user:1", Priority::Critical).spend("tokens", 300);
+    assert!(now(w.acquire(&small)).unwrap().allowed());
+    let v = now(w.upstream("openai")).unwrap();
+    assert_eq!((v.quotas[0].remaining, v.quotas[1].remaining), (89, 100));
+}
+
+#[test]
+fn headers_that_say_nothing_change_nothing() {
+    let (w, _clock) = warden(policy(json!([])));
+    let v = now(w.observe(
+        "openai",
+        &[
+            ("x-ratelimit-remaining-requests", "lots"),
+            ("x-ratelimit-limit-requests", "-1"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!((v.zone, v.quotas.len()), (Zone::Unknown, 0));
+    assert_eq!(v.warnings.len(), 2, "{:?}", v.warnings);
+    let v = now(w.observe("openai", &[("content-type", "text/plain")])).unwrap();
+    assert_eq!((v.zone, v.warnings.len()), (Zone::Unknown, 0));
+}
+
+#[test]
+fn zone_changes_are_events() {
+    let (w, _clock) = warden(policy(json!([])));
+    let mut rx = w.subscribe();
+    now(w.observe("openai", &pairs(&openai(100, 90, "60s")))).unwrap();
+    now(w.observe("openai", &pairs(&openai(100, 89, "60s")))).unwrap();
+    now(w.observe("openai", &pairs(&openai(100, 10, "60s")))).unwrap();
+    let mut seen = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        if let Event::UpstreamZone {
+            resource, from, to, ..
+        } = e
+        {
+            seen.push((resource, from, to));
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("openai".into(), Zone::Unknown, Zone::Green),
+            ("openai".into(), Zone::Green, Zone::Red)
+        ]
+    );
+}
+
+#[test]
+fn bad_calls_name_what_was_wrong() {
+    let (w, _clock) = warden(policy(json!([])));
+    let e = now(w.observe("opnai", &[])).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("opnai"), "{e}");
+    let e = now(w.observe("plain", &[])).unwrap_err();
+    assert!(e.to_string().contains("upstream: {}"), "{e}");
+    let e = now(w.report("openai", 42, &[])).unwrap_err();
+    assert!(e.to_string().contains("42 is not an HTTP status"), "{e}");
+    // A resource without `upstream:` decides as before: no light.
+    let d = now(w.acquire(&Request::parse("user:1").unwrap().resource("plain"))).unwrap();
+    assert!(d.light.is_none());
+}
+
+#[test]
+fn the_policy_section_is_validated() {
+    let bad = |upstream: Value, want: &str| {
+        let e =
+            ratewarden::Policy::from_value(&json!({"resources": {"r": {"upstream": upstream}}}))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains(want), "{e} should say {want}");
+    };
+    bad(json!({"green": "10%", "red": "20%"}), "must be above red");
+    bad(
+        json!({"delay": {"background": "2h"}}),
+        "longer than an hour",
+    );
+    bad(json!({"pace": "0s"}), "resources.r.upstream.pace");
+    bad(json!({"ttl": "400d"}), "longer than a year");
+    bad(json!({"green": 1.5}), "more than 100%");
+    bad(json!({"gren": 0.5}), "unknown field `gren`");
+    let e = ratewarden::Policy::from_value(&json!({"actions": {"a": {"upstream": {}}}}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("belongs to a resource"), "{e}");
+}
+
+/// One step of the model test.
+#[derive(Debug, Clone)]
+enum Step {
+    Observe {
+        limit: Option<u64>,
+        remaining: u64,
+        reset_ms: Option<u64>,
+        tokens: bool,
+    },
+    Report429 {
+        retry_after: Option<u64>,
+    },
+    Acquire {
+        priority: Priority,
+        tokens: u64,
+        check: bool,
+    },
+    Advance(u64),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let count = prop_oneof![0u64..200, 0u64..=(1 << 40), Just(1u64 << 40)];
+    let priority = prop_oneof![
+        Just(Priority::Critical),
+        Just(Priority::Standard),
+        Just(Priority::Background)
+    ];
+    prop_oneof![
+        3 => (proptest::option::of(count.clone()), count.clone(), proptest::option::of(1u64..120_000), any::<bool>())
+            .prop_map(|(limit, remaining, reset_ms, tokens)| Step::Observe { limit, remaining, reset_ms, tokens }),
+        1 => proptest::option::of(0u64..30).prop_map(|retry_after| Step::Report429 { retry_after }),
+        6 => (priority, prop_oneof![Just(0u64), 0u64..300, 0u64..=(1 << 40)], any::<bool>())
+            .prop_map(|(priority, tokens, check)| Step::Acquire { priority, tokens, check }),
+        2 => prop_oneof![0u64..2_000, 0u64..200_000].prop_map(Step::Advance),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Every backend decides exactly as the rules in `upstream::light` on a
+    /// model state, over the whole accepted range of readings and amounts.
+    #[test]
+    fn every_backend_follows_the_rules(steps in proptest::collection::vec(step(), 1..40)) {
+        use ratewarden::upstream::light::{Sample, UpstreamState, Verdict};
+        use ratewarden::upstream::{Coordination, parse};
+        use ratewarden::Clock;
+        let (w, clock) = warden(policy(json!([])));
+        let c = Coordination::default();
+        let mut model = UpstreamState::default();
+        for s in steps {
+            match s {
+                Step::Observe { limit, remaining, reset_ms, tokens } => {
+                    let dim = if tokens { "tokens" } else { "requests" };
+                    let mut h = vec![(format!("x-ratelimit-remaining-{dim}"), remaining.to_string())];
+                    if let Some(l) = limit {
+                        h.push((format!("x-ratelimit-limit-{dim}"), l.to_string()));
+                    }
+                    if let Some(r) = reset_ms {
+                        h.push((format!("x-ratelimit-reset-{dim}"), format!("{r}ms")));
+                    }
+                    let h = pairs(&h);
+                    let (sample, _) = Sample::of(&parse(h.iter().copied(), clock.now()), None, &c);
+                    let before = model.observe(&sample, clock.now(), &c);
+                    let v = now(w.observe("openai", &h)).unwrap();
+                    let mut expected = model.view("openai", clock.now(), &c);
+                    expected.previous = before;
+                    expected.warnings.clone_from(&v.warnings);
+                    proptest::prop_assert_eq!(v, expected);
+                }
+                Step::Report429 { retry_after } => {
+                    let r = retry_after.map(|s| s.to_string());
+                    let h: Vec<(&str, &str)> = r.iter().map(|r| ("retry-after", r.as_str())).collect();
+                    let (sample, _) = Sample::of(&parse(h.iter().copied(), clock.now()), Some(429), &c);
+                    model.observe(&sample, clock.now(), &c);
+                    let v = now(w.report("openai", 429, &h)).unwrap();
+                    proptest::prop_assert_eq!(v.blocked, model.view("openai", clock.now(), &c).blocked);
+                }
+                Step::Acquire { priority, tokens, check } => {
+                    let r = ask("user:1", priority).spend("tokens", tokens);
+                    let d = if check { now(w.check(&r)) } else { now(w.acquire(&r)) }.unwrap();
+                    let plan_ask = ratewarden::upstream::light::Ask {
+                        priority,
+                        amounts: [1, i64::try_from(tokens).unwrap(), i64::try_from(tokens).unwrap(), 0],
+                        mutate: !check,
+                    };
+                    let g = model.gate(&plan_ask, clock.now(), &c);
+                    proptest::prop_assert_eq!(d.light, Some(g.light));
+                    match g.verdict {
+                        Verdict::Pass => proptest::prop_assert_eq!(d.outcome, Outcome::Allow),
+                        Verdict::Delay(0) => proptest::prop_assert_eq!(d.outcome, Outcome::Allow),
+                        Verdict::Delay(us) => {
+                            proptest::prop_assert_eq!(d.outcome, Outcome::AllowWithCaps);
+                            proptest::prop_assert_eq!(d.caps.delay_ms, Some(u64::try_from(us).unwrap().div_ceil(1000)));
+                        }
+                        Verdict::Deny { retry, .. } => {
+                            proptest::prop_assert_eq!(d.outcome, Outcome::Deny);
+                            proptest::prop_assert_eq!(d.retry_after, Some(Duration::from_micros(u64::try_from(retry).unwrap())));
+                        }
+                    }
+                }
+                Step::Advance(ms) => clock.advance(Duration::from_millis(ms)),
+            }
+        }
+    }
+}
