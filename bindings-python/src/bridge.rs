@@ -96,6 +96,7 @@ impl Held for bool {}
 impl Held for i64 {}
 impl Held for Settlement {}
 impl Held for Vec<Balance> {}
+impl Held for ratewarden::UpstreamView {}
 
 /// Releases a reservation whose answer was never received (its future was
 /// cancelled as it arrived, or its loop closed first): when called, or when

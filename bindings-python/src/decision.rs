@@ -119,6 +119,19 @@ impl Decision {
         self.inner.unconfirmed.map(|op| op.to_string())
     }
 
+    /// The traffic light of the request's resource when it coordinates on
+    /// its upstream (`upstream:` in the policy): `{"zone": "unknown" |
+    /// "green" | "amber" | "red", "left": share of the tightest dimension
+    /// (0-1) or None, "dimension": its name or None}`; else `None`.
+    #[getter]
+    fn light<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.inner
+            .light
+            .as_ref()
+            .map(|l| light_dict(py, l))
+            .transpose()
+    }
+
     /// The name of the first limit that denied it, if any.
     #[getter]
     fn denied_by(&self) -> Option<&str> {
@@ -175,6 +188,7 @@ impl Decision {
         d.set_item("expires_at", self.expires_at())?;
         d.set_item("priority", self.priority())?;
         d.set_item("degraded", self.degraded())?;
+        d.set_item("light", self.light(py)?)?;
         Ok(d)
     }
 
@@ -282,4 +296,50 @@ pub(crate) fn problem_to_py(py: Python<'_>, s: Settlement) -> PyResult<Py<PyAny>
         Some(p) => PyString::new(py, &p).into_any().unbind(),
         None => py.None(),
     })
+}
+
+fn share(permille: Option<u16>) -> Option<f64> {
+    permille.map(|p| f64::from(p) / 1000.0)
+}
+
+fn light_dict<'py>(
+    py: Python<'py>,
+    l: &ratewarden::upstream::Light,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("zone", l.zone.as_str())?;
+    d.set_item("left", share(l.left))?;
+    d.set_item(
+        "dimension",
+        l.dimension.map(ratewarden::upstream::Dimension::as_str),
+    )?;
+    Ok(d)
+}
+
+/// An upstream's state as a dict: `resource`, `zone`, `previous` (the zone
+/// before this response), `left` (0-1), `blocked` (seconds everyone still
+/// waits, or None), `quotas` (fresh dimensions: `dimension`, `limit`,
+/// `remaining` — observed less admitted since —, `observed`, `reset` and
+/// `age` in seconds) and `warnings`.
+pub(crate) fn upstream_to_py(py: Python<'_>, v: ratewarden::UpstreamView) -> PyResult<Py<PyAny>> {
+    let d = PyDict::new(py);
+    d.set_item("resource", &v.resource)?;
+    d.set_item("zone", v.zone.as_str())?;
+    d.set_item("previous", v.previous.as_str())?;
+    d.set_item("left", share(v.left))?;
+    d.set_item("blocked", v.blocked.map(|b| b.as_secs_f64()))?;
+    let quotas = PyList::empty(py);
+    for q in &v.quotas {
+        let qd = PyDict::new(py);
+        qd.set_item("dimension", q.dimension.as_str())?;
+        qd.set_item("limit", q.limit)?;
+        qd.set_item("remaining", q.remaining)?;
+        qd.set_item("observed", q.observed)?;
+        qd.set_item("reset", q.reset.map(|r| r.as_secs_f64()))?;
+        qd.set_item("age", q.age.as_secs_f64())?;
+        quotas.append(qd)?;
+    }
+    d.set_item("quotas", quotas)?;
+    d.set_item("warnings", v.warnings)?;
+    Ok(d.into_any().unbind())
 }

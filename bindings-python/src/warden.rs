@@ -243,6 +243,54 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, balances_to_py)
     }
 
+    /// `Warden::observe` (without `status`) or `Warden::report`: records what
+    /// one upstream response's headers said about `resource`'s upstream; a
+    /// dict of its state after (see `ratewarden.Warden.observe`).
+    #[pyo3(signature = (resource, headers, status=None, asynchronous=false))]
+    fn observe(
+        &self,
+        py: Python<'_>,
+        resource: String,
+        headers: Vec<(String, String)>,
+        status: Option<i64>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let status = match status {
+            None => Ok(None),
+            Some(s) => u16::try_from(s)
+                .map(Some)
+                .map_err(|_| ratewarden::Error::InvalidArgument {
+                    what: "status",
+                    message: format!("{s} is not an HTTP status (100-599)"),
+                }),
+        };
+        let op = status.or_raise().map(|status| {
+            move |w: Warden| async move {
+                let pairs: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                match status {
+                    None => w.observe(&resource, &pairs).await,
+                    Some(s) => w.report(&resource, s, &pairs).await,
+                }
+            }
+        });
+        self.answer(py, op, asynchronous, upstream_to_py)
+    }
+
+    /// `Warden::upstream`: `resource`'s upstream state, changing nothing.
+    #[pyo3(signature = (resource, asynchronous=false))]
+    fn upstream(
+        &self,
+        py: Python<'_>,
+        resource: String,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = PyResult::Ok(move |w: Warden| async move { w.upstream(&resource).await });
+        self.answer(py, op, asynchronous, upstream_to_py)
+    }
+
     /// `Warden::admit`, for the ASGI middleware: an acquire that holds a
     /// concurrency slot (the decision's reservation) until `finish`.
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]

@@ -133,7 +133,8 @@ if op == "observe" then
       local fr = fresh(prev)
       local reset_at = 0
       if rst >= 0 then reset_at = now + rst end
-      local same = fr and (reset_at == 0 or prev.z == 0 or reset_at <= prev.z + SLACK)
+      local same = fr and (lim < 0 or lim == prev.l)
+        and (reset_at == 0 or prev.z == 0 or reset_at <= prev.z + SLACK)
       local remaining = rem
       if same then remaining = math.min(rem, left(prev)) end
       local limit = lim

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Awaitable, Callable, Dict, Generator, List, Mapping, Optional, TypeVar, Union
+from typing import Any, Awaitable, Callable, Dict, Generator, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from ratewarden._errors import (
     BackendError,
@@ -254,6 +254,20 @@ def _bad_argument(e: BaseException) -> InvalidInput:
     return err
 
 
+def _header_pairs(headers: Any) -> List[Tuple[str, str]]:
+    """``(name, value)`` pairs of a mapping, an ``httpx.Headers`` (repeated fields
+    kept), or pairs."""
+    if headers is None:
+        return []
+    if hasattr(headers, "multi_items"):
+        pairs = list(headers.multi_items())
+    elif isinstance(headers, Mapping):
+        pairs = list(headers.items())
+    else:
+        pairs = list(headers)
+    return [(str(k), str(v)) for k, v in pairs]
+
+
 def parse_headers(headers: Any, now: Optional[float] = None) -> Dict[str, Any]:
     """What an upstream response's headers say about its rate limits: OpenAI, Azure
     OpenAI, Anthropic, GitHub, the IETF drafts, generic ``X-RateLimit-*`` and
@@ -265,13 +279,7 @@ def parse_headers(headers: Any, now: Optional[float] = None) -> Dict[str, Any]:
     (seconds) as far as the headers tell; malformed values are warnings, never
     numbers."""
     try:
-        if hasattr(headers, "multi_items"):
-            pairs = list(headers.multi_items())
-        elif isinstance(headers, Mapping):
-            pairs = list(headers.items())
-        else:
-            pairs = list(headers)
-        return _parse_headers([(str(k), str(v)) for k, v in pairs], now)
+        return _parse_headers(_header_pairs(headers), now)
     except WardenError:
         raise
     except _CONVERSION_ERRORS as e:
@@ -670,6 +678,80 @@ class Warden:
         """Async form of :meth:`balances`."""
         try:
             return self._native.balances(scope, resource, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    # -- the upstream's own state ------------------------------------------
+
+    def observe(self, resource: str, headers: Any) -> Dict[str, Any]:
+        """Records what one response of ``resource``'s upstream said in its
+        rate-limit headers (a mapping, an ``httpx.Headers`` or ``(name, value)``
+        pairs; every provider :func:`parse_headers` reads), where every process
+        sharing the backend sees it at once; call it once per response (or
+        :meth:`report`, with the status). Decisions on the resource then pass its
+        traffic light: green (more than 40% left) nothing, amber delays standard
+        and background callers (``caps["delay_ms"]``), red denies background until
+        the reset and paces standard to one per second across every process,
+        critical passes. The resource needs ``upstream: {}`` in the policy.
+
+        Returns the state after: ``resource``, ``zone`` (``unknown``, ``green``,
+        ``amber``, ``red``), ``previous`` (before this response), ``left`` (share
+        of the tightest dimension, 0-1), ``blocked`` (seconds everyone still
+        waits, or None), ``quotas`` (each fresh dimension's ``limit``,
+        ``remaining`` — observed less what was admitted since —, ``observed``,
+        ``reset``, ``age``) and ``warnings`` (header values that were ignored)."""
+        try:
+            return self._native.observe(resource, _header_pairs(headers))
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def observe_async(self, resource: str, headers: Any) -> Awaitable[Dict[str, Any]]:
+        """Async form of :meth:`observe`."""
+        try:
+            return self._native.observe(resource, _header_pairs(headers), None, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def report(self, resource: str, status: int, headers: Any = None) -> Dict[str, Any]:
+        """:meth:`observe` with the response's HTTP ``status``: a 429 also stops
+        every caller on the resource until its ``Retry-After`` (or, without one,
+        until an exhausted quota resets, or for the policy's ``block``, 1 s)."""
+        try:
+            return self._native.observe(resource, _header_pairs(headers), status)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def report_async(self, resource: str, status: int, headers: Any = None) -> Awaitable[Dict[str, Any]]:
+        """Async form of :meth:`report`."""
+        try:
+            return self._native.observe(resource, _header_pairs(headers), status, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def upstream(self, resource: str) -> Dict[str, Any]:
+        """``resource``'s upstream state as every process sees it now (the dict
+        :meth:`observe` returns); changes nothing."""
+        try:
+            return self._native.upstream(resource)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def upstream_async(self, resource: str) -> Awaitable[Dict[str, Any]]:
+        """Async form of :meth:`upstream`."""
+        try:
+            return self._native.upstream(resource, True)
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:

@@ -9,10 +9,10 @@
 //! (`spent`) — so N agents in flight between two responses do not all see
 //! the same remaining. A reading is **fresh** until its reset (or, for
 //! headers that give none, `ttl` after it was seen); a stale reading is
-//! ignored. A response within the same window (its reset no later than the
-//! stored one plus [`WINDOW_SLACK`]) can only lower the estimate — a reply to
-//! an older request arriving late never raises it; a later window replaces
-//! it.
+//! ignored. A response within the same window (the same limit, its reset no
+//! later than the stored one plus [`WINDOW_SLACK`]) can only lower the
+//! estimate — a reply to an older request arriving late never raises it; a
+//! later window, or another limit, replaces it.
 //!
 //! **Zones.** From the tightest fresh dimension's share left:
 //! green above `green` (default 40%), amber down to `red` (15%), red below.
@@ -462,6 +462,7 @@ impl UpstreamState {
             let fresh = prev.fresh(now, c.ttl);
             let reset_at = s.reset.map_or(0, |r| now.saturating_add(r));
             let same_window = fresh
+                && s.limit.is_none_or(|l| l == prev.limit)
                 && (reset_at == 0
                     || prev.reset_at == 0
                     || reset_at <= prev.reset_at.saturating_add(WINDOW_SLACK));
@@ -707,6 +708,9 @@ mod tests {
         // A later window replaces it.
         s.observe(&seen(100, 90, 120), 2_000_000, &C);
         assert_eq!(s.dims[0].remaining, 90);
+        // So does another limit (the upstream changed the quota).
+        s.observe(&seen(1000, 500, 120), 2_000_001, &C);
+        assert_eq!((s.dims[0].limit, s.dims[0].remaining), (1000, 500));
     }
 
     #[test]

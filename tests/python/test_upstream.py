@@ -1,0 +1,157 @@
+"""Coordination on the upstream's observed state from Python: observe/report
+with every header container, the traffic light in decisions, sync and async,
+and the state shared across processes on Redis and Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from typing import Any, Dict, List
+
+import httpx
+import pytest
+
+import ratewarden
+from ratewarden import Warden
+
+POLICY: Dict[str, Any] = {
+    "scopes": {"agent": {"limits": []}},
+    "resources": {
+        "openai": {"upstream": {}, "limits": [{"name": "calls", "kind": "quota", "limit": 1000, "per": "day"}]},
+        "plain": {"limits": []},
+    },
+}
+
+
+def openai(remaining: int, limit: int = 100, reset: str = "60s") -> Dict[str, str]:
+    return {
+        "x-ratelimit-limit-requests": str(limit),
+        "x-ratelimit-remaining-requests": str(remaining),
+        "x-ratelimit-reset-requests": reset,
+    }
+
+
+def test_the_light_follows_what_responses_say() -> None:
+    clock = ratewarden.ManualClock()
+    w = Warden(POLICY, clock=clock)
+    v = w.observe("openai", openai(90))
+    assert (v["zone"], v["previous"], v["left"]) == ("green", "unknown", 0.9)
+    assert v["quotas"][0]["remaining"] == 90 and v["quotas"][0]["reset"] == 60.0
+    d = w.acquire("agent:a", resource="openai", priority="background")
+    assert d.outcome == "allow" and d.light == {"zone": "green", "left": 0.9, "dimension": "requests"}
+
+    # Amber from an httpx.Headers: standard gets 500 ms * (40 - 27.5) / 25.
+    w.observe("openai", httpx.Headers(openai(275, limit=1000)))
+    d = w.acquire("agent:a", resource="openai")
+    assert d.outcome == "allow_with_caps" and d.caps == {"delay_ms": 250}
+    assert w.acquire("agent:a", resource="openai", priority="critical").outcome == "allow"
+
+    # Red, from (name, value) pairs of a later window.
+    w.observe("openai", list(openai(5, reset="90s").items()))
+    d = w.acquire("agent:a", resource="openai", priority="background")
+    assert not d.allowed and d.retry_after == 90.0 and "red" in (d.reason or "")
+    assert w.acquire("agent:a", resource="openai").allowed  # standard: the paced turn
+    d = w.acquire("agent:b", resource="openai")
+    assert not d.allowed and d.retry_after == 1.0
+    clock.advance(1.0)
+    assert w.acquire("agent:b", resource="openai").allowed
+    assert w.upstream("openai")["quotas"][0]["remaining"] == 5 - 2  # two admitted since
+
+
+def test_a_reported_429_stops_every_tier_until_retry_after() -> None:
+    clock = ratewarden.ManualClock()
+    w = Warden(POLICY, clock=clock)
+    v = w.report("openai", 429, {"Retry-After": "3"})
+    assert (v["zone"], v["blocked"]) == ("red", 3.0)
+    d = w.acquire("agent:a", resource="openai", priority="critical")
+    assert not d.allowed and d.retry_after == 3.0
+    with pytest.raises(ratewarden.RateLimited) as e:
+
+        @w.guard("agent:a", resource="openai")
+        def call() -> str:
+            return "sent"
+
+        call()
+    assert e.value.retry_after == 3.0
+    clock.advance(3.0)
+    assert w.acquire("agent:a", resource="openai", priority="critical").allowed
+
+
+def test_async_forms_answer_the_same() -> None:
+    w = Warden(POLICY)
+
+    async def main() -> List[Any]:
+        a = await w.observe_async("openai", openai(10))
+        b = await w.report_async("openai", 200, openai(9))
+        c = await w.upstream_async("openai")
+        d = await w.acquire_async("agent:a", resource="openai", priority="background")
+        return [a, b, c, d]
+
+    a, b, c, d = asyncio.run(main())
+    assert (a["zone"], b["zone"], c["quotas"][0]["observed"]) == ("red", "red", 9)
+    assert not d.allowed and d.light["zone"] == "red"
+
+
+def test_malformed_values_are_warnings_and_change_nothing() -> None:
+    w = Warden(POLICY)
+    v = w.observe("openai", {"x-ratelimit-remaining-requests": "-5", "retry-after": "soon"})
+    assert v["zone"] == "unknown" and v["quotas"] == [] and v["blocked"] is None
+    assert len(v["warnings"]) == 2 and all("ignored" in x for x in v["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("call", "kind", "needle"),
+    [
+        (lambda w: w.observe("opnai", {}), ratewarden.InvalidInput, "opnai"),
+        (lambda w: w.observe("plain", {}), ratewarden.InvalidInput, "upstream: {}"),
+        (lambda w: w.report("openai", 42), ratewarden.InvalidInput, "42 is not an HTTP status"),
+        (lambda w: w.report("openai", 70000), ratewarden.InvalidInput, "70000 is not an HTTP status"),
+        (lambda w: w.observe("openai", 5), ratewarden.InvalidInput, "int"),
+        (lambda w: w.upstream(None), ratewarden.InvalidInput, "resource"),
+    ],
+)
+def test_bad_calls_raise_and_change_nothing(call: Any, kind: type, needle: str) -> None:
+    w = Warden(POLICY)
+    with pytest.raises(kind) as e:
+        call(w)
+    assert needle in str(e.value)
+    assert w.upstream("openai")["zone"] == "unknown"
+
+
+def _observer(url: str, namespace: str, q: Any) -> None:
+    w = Warden(POLICY, backend=url, namespace=namespace)
+    q.put(w.observe("openai", openai(5, reset="1h"))["zone"])
+
+
+@pytest.mark.parametrize("target", ["url", "cluster_url"])
+def test_one_process_observes_and_every_process_obeys(redis_servers: Any, namespace: str, target: str) -> None:
+    url = redis_servers.info[target]
+    policy: Dict[str, Any] = {**POLICY, "resources": {**POLICY["resources"], "openai": {"upstream": {"pace": "1h"}}}}
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_observer, args=(url, namespace, q))
+    p.start()
+    assert q.get(timeout=60) == "red"
+    p.join(timeout=60)
+    w = Warden(POLICY, backend=url, namespace=namespace)
+    assert not w.acquire("agent:a", resource="openai", priority="background").allowed
+    # Red paces standard callers to one per `pace` across processes: of 6
+    # processes asking at once (pace 1 h in their policy), exactly one goes.
+    start = ctx.Event()
+    results: Any = ctx.Queue()
+    procs = [ctx.Process(target=_paced, args=(url, namespace, policy, start, results)) for _ in range(6)]
+    for pr in procs:
+        pr.start()
+    start.set()
+    admitted = [results.get(timeout=60) for _ in procs]
+    for pr in procs:
+        pr.join(timeout=60)
+        assert pr.exitcode == 0
+    assert sorted(admitted) == [False] * 5 + [True]
+
+
+def _paced(url: str, namespace: str, policy: Dict[str, Any], start: Any, q: Any) -> None:
+    w = Warden(policy, backend=url, namespace=namespace)
+    start.wait()
+    d = w.acquire("agent:x", resource="openai")
+    q.put(d.allowed)
