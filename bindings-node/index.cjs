@@ -489,6 +489,54 @@ class Warden {
     }
   }
 
+  /**
+   * Records what one response of `resource`'s upstream said in its rate-limit
+   * headers (a fetch `Headers`, a plain object or `[name, value]` pairs; every
+   * provider `parseHeaders` reads), where every process sharing the backend
+   * sees it at once; call it once per response (or `report`, with the status).
+   * Decisions on the resource then pass its traffic light: green (over 40%
+   * left) nothing; amber delays standard and background callers
+   * (`caps.delayMs`); red denies background until the reset and paces
+   * standard to one per second across every process; critical passes. The
+   * resource needs `upstream: {}` in the policy. Resolves to its state after
+   * (`zone`, `previous`, `left`, `blocked`, `quotas`, `warnings`).
+   */
+  observe(resource, headers) {
+    try {
+      requireString(resource, 'resource');
+      return this.#call('observe', [resource, headerPairs(headers), null]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
+  /**
+   * `observe` with the response's HTTP `status`: a 429 also stops every caller
+   * on the resource until its `Retry-After` (or, without one, until an exhausted
+   * quota resets, or for the policy's `block`, 1 s).
+   */
+  report(resource, status, headers) {
+    try {
+      requireString(resource, 'resource');
+      if (!Number.isInteger(status)) {
+        throw new InvalidInputError(`invalid status: expected an integer HTTP status, got ${describe(status)}`, { argument: 'status' });
+      }
+      return this.#call('observe', [resource, headerPairs(headers ?? []), status]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
+  /** `resource`'s upstream state as every process sees it now; changes nothing. */
+  upstream(resource) {
+    try {
+      requireString(resource, 'resource');
+      return this.#call('upstream', [resource]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
   /** Charges a reservation's actual usage (units left out: as reserved); idempotent. */
   commit(reservation, actual) {
     try {
@@ -846,17 +894,10 @@ function retryDelay(attempt, options = {}) {
 }
 
 /**
- * What an upstream response's headers say about its rate limits: OpenAI, Azure
- * OpenAI, Anthropic, GitHub, the IETF drafts, generic `X-RateLimit-*` and
- * `Retry-After`. `headers` is a fetch `Headers`, a plain object or `[name, value]`
- * pairs; `options.now` the response's time (seconds since the epoch; default: now).
- * Resolves nothing: returns `{ quotas, retryAfter, warnings }`, one quota per
- * dimension with `limit`, `remaining`, `reset` (seconds) as far as the headers
- * tell; malformed values are warnings, never numbers.
+ * `[name, value]` string pairs of a fetch `Headers`, a plain object (array
+ * values repeat the field) or pairs; entries without a value are skipped.
  */
-function parseHeaders(headers, options = {}) {
-  requireOptions(options, 'options');
-  optionalSeconds(options?.now, 'now');
+function headerPairs(headers) {
   let pairs;
   if (headers !== null && typeof headers === 'object' && typeof headers.entries === 'function' && !Array.isArray(headers)) {
     pairs = [...headers.entries()];
@@ -872,6 +913,22 @@ function parseHeaders(headers, options = {}) {
     if (!Array.isArray(p) || p.length !== 2 || p[1] === undefined || p[1] === null) continue;
     strings.push([String(p[0]), String(p[1])]);
   }
+  return strings;
+}
+
+/**
+ * What an upstream response's headers say about its rate limits: OpenAI, Azure
+ * OpenAI, Anthropic, GitHub, the IETF drafts, generic `X-RateLimit-*` and
+ * `Retry-After`. `headers` is a fetch `Headers`, a plain object or `[name, value]`
+ * pairs; `options.now` the response's time (seconds since the epoch; default: now).
+ * Resolves nothing: returns `{ quotas, retryAfter, warnings }`, one quota per
+ * dimension with `limit`, `remaining`, `reset` (seconds) as far as the headers
+ * tell; malformed values are warnings, never numbers.
+ */
+function parseHeaders(headers, options = {}) {
+  requireOptions(options, 'options');
+  optionalSeconds(options?.now, 'now');
+  const strings = headerPairs(headers);
   try {
     return native.parseHeaders(strings, options?.now ?? null);
   } catch (e) {

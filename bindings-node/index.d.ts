@@ -6,13 +6,30 @@ import type {
   Charge,
   Decision,
   DelegateOptions,
+  LightInfo,
   LimitInfo,
   Receipt,
   RequestOptions,
+  UpstreamInfo,
+  ObservedQuota,
   WardenOptions,
 } from './native';
 
-export type { BalanceInfo, Caps, Charge, Decision, DelegateOptions, LimitInfo, Receipt, RequestOptions };
+export type {
+  BalanceInfo,
+  Caps,
+  Charge,
+  Decision,
+  DelegateOptions,
+  LightInfo,
+  LimitInfo,
+  Receipt,
+  RequestOptions,
+  UpstreamInfo,
+  ObservedQuota,
+};
+/** Response headers as `observe`, `report` and `parseHeaders` take them. */
+export type HeadersLike = Headers | Record<string, string | string[] | undefined> | Array<[string, string]>;
 import { ManualClock } from './native';
 export { ManualClock };
 
@@ -41,7 +58,7 @@ export interface UpstreamHeaders {
  * Anthropic, GitHub, IETF drafts, generic `X-RateLimit-*`, `Retry-After`).
  */
 export declare function parseHeaders(
-  headers: Headers | Record<string, string | string[] | undefined> | Array<[string, string]>,
+  headers: HeadersLike,
   options?: { now?: number },
 ): UpstreamHeaders;
 
@@ -172,6 +189,18 @@ export declare class Warden {
    * `BackendError` when Redis cannot be asked (never a fallback's estimate).
    */
   balances(scope: string, options?: { resource?: string }): Promise<BalanceInfo[]>;
+  /**
+   * Records what one response of `resource`'s upstream said in its rate-limit
+   * headers, where every process sharing the backend sees it; decisions on the
+   * resource then pass its traffic light (green / amber: `caps.delayMs` for
+   * lower tiers / red: background denied, standard paced, critical passes).
+   * The resource needs `upstream: {}` in the policy.
+   */
+  observe(resource: string, headers: HeadersLike): Promise<UpstreamInfo>;
+  /** `observe` with the HTTP status: a 429 stops every caller until its `Retry-After`. */
+  report(resource: string, status: number, headers?: HeadersLike): Promise<UpstreamInfo>;
+  /** `resource`'s upstream state as every process sees it now; changes nothing. */
+  upstream(resource: string): Promise<UpstreamInfo>;
   /** Evaluates the request against every limit it touches, changing nothing. */
   check(scope: string, options?: RequestOptions): Promise<Decision>;
   /** Admits the request and consumes its cost from every limit, or denies it and changes nothing. */

@@ -97,6 +97,18 @@ export declare class NativeWarden {
   reserveAsync(scope: string, options?: RequestOptions | undefined | null): Promise<Decision>
   /** Runs on the runtime. */
   commitAsync(reservation: string, actual?: any | undefined | null): Promise<Receipt>
+  /**
+   * Records what one upstream response's headers (`[name, value]` pairs)
+   * said about `resource`'s upstream — `Warden::report` with `status`,
+   * `Warden::observe` without — and answers its state after.
+   */
+  observeSync(resource: string, headers: Array<Array<string>>, status?: number | undefined | null): UpstreamInfo
+  /** Runs on the runtime. */
+  observeAsync(resource: string, headers: Array<Array<string>>, status?: number | undefined | null): Promise<UpstreamInfo>
+  /** `resource`'s upstream state, changing nothing. */
+  upstreamSync(resource: string): UpstreamInfo
+  /** Runs on the runtime. */
+  upstreamAsync(resource: string): Promise<UpstreamInfo>
   /** What is left of every limit `scope` (on `resource`) touches, charging nothing. */
   balancesSync(scope: string, resource?: string | undefined | null): Array<BalanceInfo>
   /** Runs on the runtime. */
@@ -232,6 +244,11 @@ export interface Decision {
   deniedBy?: string
   /** That limit's kind. */
   deniedKind?: string
+  /**
+   * The traffic light of the request's resource when it coordinates on its
+   * upstream (`upstream:` in the policy).
+   */
+  light?: LightInfo
 }
 
 /** Where a delegation comes from, and its lease. */
@@ -263,6 +280,16 @@ export interface HttpDecision {
   headerValues: Array<string>
   /** The 429 body when denied. */
   body?: string
+}
+
+/** What the upstream's observed state meant for a decision. */
+export interface LightInfo {
+  /** `unknown`, `green`, `amber` or `red`. */
+  zone: string
+  /** Share left of the tightest fresh dimension (0-1); null when nothing fresh is known. */
+  left?: number
+  /** That dimension: `requests`, `tokens`, `input_tokens` or `output_tokens`. */
+  dimension?: string
 }
 
 /** One limit the request touched. */
@@ -299,6 +326,22 @@ export interface LimitMeta {
   unit: string
   /** Capacity, base units. */
   limit: number
+}
+
+/** One fresh dimension of an upstream's state. */
+export interface ObservedQuota {
+  /** `requests`, `tokens`, `input_tokens` or `output_tokens`. */
+  dimension: string
+  /** Its limit (the most seen remaining when the headers give none). */
+  limit: number
+  /** The estimate of what is left: observed less what was admitted since. */
+  remaining: number
+  /** What the upstream last said was left. */
+  observed: number
+  /** Seconds until it resets, when the upstream said. */
+  reset?: number
+  /** Seconds since it was observed. */
+  age: number
 }
 
 /** What one response's rate-limit headers say (`parseHeaders`). */
@@ -360,6 +403,24 @@ export declare function retryDelay(attempt: number, priority?: string | undefine
  * they are escaped, never interpreted.
  */
 export declare function scopeOf(segments: Array<Array<string>>): string
+
+/** A resource's upstream state as every process sees it. */
+export interface UpstreamInfo {
+  /** The resource. */
+  resource: string
+  /** Its traffic light: `unknown`, `green`, `amber` or `red`. */
+  zone: string
+  /** The zone before the response that produced this (the same for a read). */
+  previous: string
+  /** Share left of the tightest fresh dimension (0-1). */
+  left?: number
+  /** Seconds everyone must still wait (Retry-After, a reported 429). */
+  blocked?: number
+  /** The fresh dimensions. */
+  quotas: Array<ObservedQuota>
+  /** Header values that were ignored, one line each. */
+  warnings: Array<string>
+}
 
 /** One quota an upstream's headers describe (`parseHeaders`). */
 export interface UpstreamQuota {

@@ -5,7 +5,7 @@
 //! `Float64Array` the JS layer owns and returns a small status code; the JS
 //! layer builds the object literal, taking names from the limit table
 //! (`limitTable()`, fetched once). Everything else — a denial, caps, a
-//! reservation, a degraded decision, a unit with decimals, an amount beyond
+//! reservation, a degraded decision, an upstream's traffic light, a unit with decimals, an amount beyond
 //! 2^53 — comes back as the full `Decision` object, so nothing is approximated
 //! and nothing is formatted outside core. The encoding's layout (numbers per
 //! limit, the priority codes, the buffer's capacity) is `compactLayout()`: the
@@ -94,6 +94,7 @@ pub(crate) fn compact(d: &CoreDecision, out: &mut [f64]) -> Option<u32> {
         && d.reason.is_none()
         && d.reservation.is_none()
         && d.degraded.is_none()
+        && d.light.is_none()
         && d.caps.is_empty();
     if !plain || 1 + d.limits.len() * COMPACT_STRIDE > out.len() {
         return None;

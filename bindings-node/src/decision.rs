@@ -71,6 +71,92 @@ pub struct Decision {
     pub denied_by: Option<String>,
     /// That limit's kind.
     pub denied_kind: Option<String>,
+    /// The traffic light of the request's resource when it coordinates on its
+    /// upstream (`upstream:` in the policy).
+    pub light: Option<LightInfo>,
+}
+
+/// What the upstream's observed state meant for a decision.
+#[napi(object)]
+pub struct LightInfo {
+    /// `unknown`, `green`, `amber` or `red`.
+    pub zone: String,
+    /// Share left of the tightest fresh dimension (0-1); null when nothing fresh is known.
+    pub left: Option<f64>,
+    /// That dimension: `requests`, `tokens`, `input_tokens` or `output_tokens`.
+    pub dimension: Option<String>,
+}
+
+fn share(permille: Option<u16>) -> Option<f64> {
+    permille.map(|p| f64::from(p) / 1000.0)
+}
+
+fn light_of(l: &ratewarden::upstream::Light) -> LightInfo {
+    LightInfo {
+        zone: l.zone.as_str().to_owned(),
+        left: share(l.left),
+        dimension: l.dimension.map(|d| d.as_str().to_owned()),
+    }
+}
+
+/// One fresh dimension of an upstream's state.
+#[napi(object)]
+pub struct ObservedQuota {
+    /// `requests`, `tokens`, `input_tokens` or `output_tokens`.
+    pub dimension: String,
+    /// Its limit (the most seen remaining when the headers give none).
+    pub limit: f64,
+    /// The estimate of what is left: observed less what was admitted since.
+    pub remaining: f64,
+    /// What the upstream last said was left.
+    pub observed: f64,
+    /// Seconds until it resets, when the upstream said.
+    pub reset: Option<f64>,
+    /// Seconds since it was observed.
+    pub age: f64,
+}
+
+/// A resource's upstream state as every process sees it.
+#[napi(object)]
+pub struct UpstreamInfo {
+    /// The resource.
+    pub resource: String,
+    /// Its traffic light: `unknown`, `green`, `amber` or `red`.
+    pub zone: String,
+    /// The zone before the response that produced this (the same for a read).
+    pub previous: String,
+    /// Share left of the tightest fresh dimension (0-1).
+    pub left: Option<f64>,
+    /// Seconds everyone must still wait (Retry-After, a reported 429).
+    pub blocked: Option<f64>,
+    /// The fresh dimensions.
+    pub quotas: Vec<ObservedQuota>,
+    /// Header values that were ignored, one line each.
+    pub warnings: Vec<String>,
+}
+
+#[allow(clippy::cast_precision_loss)] // readings ≤ 2^40: exact in a double
+pub(crate) fn upstream_of(v: ratewarden::UpstreamView) -> UpstreamInfo {
+    UpstreamInfo {
+        zone: v.zone.as_str().to_owned(),
+        previous: v.previous.as_str().to_owned(),
+        left: share(v.left),
+        blocked: v.blocked.map(|b| b.as_secs_f64()),
+        quotas: v
+            .quotas
+            .iter()
+            .map(|q| ObservedQuota {
+                dimension: q.dimension.as_str().to_owned(),
+                limit: q.limit as f64,
+                remaining: q.remaining as f64,
+                observed: q.observed as f64,
+                reset: q.reset.map(|r| r.as_secs_f64()),
+                age: q.age.as_secs_f64(),
+            })
+            .collect(),
+        warnings: v.warnings,
+        resource: v.resource,
+    }
 }
 
 #[allow(clippy::cast_precision_loss)]
@@ -115,6 +201,7 @@ pub(crate) fn decision_of(d: &CoreDecision) -> Decision {
         unconfirmed: d.unconfirmed.map(|op| op.to_string()),
         denied_by: by.map(|l| l.name().to_owned()),
         denied_kind: by.map(|l| l.kind().to_owned()),
+        light: d.light.as_ref().map(light_of),
     }
 }
 

@@ -234,6 +234,59 @@ impl NativeWarden {
         })
     }
 
+    /// Records what one upstream response's headers (`[name, value]` pairs)
+    /// said about `resource`'s upstream — `Warden::report` with `status`,
+    /// `Warden::observe` without — and answers its state after.
+    #[napi]
+    pub fn observe_sync(
+        &self,
+        resource: String,
+        headers: Vec<Vec<String>>,
+        status: Option<i64>,
+    ) -> Result<UpstreamInfo> {
+        let status = status_of(status)?;
+        self.sync(observed(&self.warden, &resource, &headers, status))
+            .map(upstream_of)
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<UpstreamInfo>")]
+    pub fn observe_async<'env>(
+        &self,
+        env: &'env Env,
+        resource: String,
+        headers: Vec<Vec<String>>,
+        status: Option<i64>,
+    ) -> Result<PromiseRaw<'env, UpstreamInfo>> {
+        let status = status_of(status)?;
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            observed(&warden, &resource, &headers, status)
+                .await
+                .or_throw()
+                .map(upstream_of)
+        })
+    }
+
+    /// `resource`'s upstream state, changing nothing.
+    #[napi]
+    pub fn upstream_sync(&self, resource: String) -> Result<UpstreamInfo> {
+        self.sync(self.warden.upstream(&resource)).map(upstream_of)
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<UpstreamInfo>")]
+    pub fn upstream_async<'env>(
+        &self,
+        env: &'env Env,
+        resource: String,
+    ) -> Result<PromiseRaw<'env, UpstreamInfo>> {
+        let warden = self.warden.clone();
+        env.spawn_future(
+            async move { warden.upstream(&resource).await.or_throw().map(upstream_of) },
+        )
+    }
+
     /// What is left of every limit `scope` (on `resource`) touches, charging nothing.
     #[napi]
     pub fn balances_sync(
@@ -416,5 +469,36 @@ impl NativeWarden {
             let d = warden.admit(&req).await.or_throw()?;
             Ok(http_joined(&d, style))
         })
+    }
+}
+
+/// A status the core can be given: anything outside `u16` is named here
+/// (the core names 100-599 violations the same way).
+fn status_of(status: Option<i64>) -> Result<Option<u16>> {
+    status
+        .map(|s| {
+            u16::try_from(s)
+                .map_err(|_| invalid("status", format!("{s} is not an HTTP status (100-599)")))
+        })
+        .transpose()
+}
+
+/// `observe` (no status) or `report`.
+async fn observed(
+    warden: &Warden,
+    resource: &str,
+    headers: &[Vec<String>],
+    status: Option<u16>,
+) -> ratewarden::Result<ratewarden::UpstreamView> {
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .filter_map(|p| match p.as_slice() {
+            [k, v] => Some((k.as_str(), v.as_str())),
+            _ => None,
+        })
+        .collect();
+    match status {
+        None => warden.observe(resource, &pairs).await,
+        Some(s) => warden.report(resource, s, &pairs).await,
     }
 }

@@ -3,7 +3,7 @@
 import express from 'express';
 import {
   BudgetExceededError, ManualClock, RateLimitedError, Warden, WardenError, scope,
-  type Decision, type LimitInfo, type Receipt,
+  type Decision, type LimitInfo, type Receipt, type UpstreamInfo,
 } from 'ratewarden';
 
 const warden = new Warden(
@@ -25,6 +25,16 @@ async function decisions(): Promise<number> {
     return charged + expires + (released ? 1 : 0);
   }
   return (allowed ? 1 : 0) + remaining.length + (after ?? 0);
+}
+void upstream;
+
+async function upstream(response: Response): Promise<string> {
+  const seen: UpstreamInfo = await warden.observe('openai', response.headers);
+  const after429: UpstreamInfo = await warden.report('openai', 429, { 'retry-after': '2' });
+  const now: UpstreamInfo = await warden.upstream('openai');
+  const d: Decision = await warden.acquire('tenant:acme', { resource: 'openai' });
+  const left: number | undefined = d.light?.left ?? undefined;
+  return `${seen.zone} ${after429.blocked ?? 0} ${now.quotas.map((q) => q.remaining).join()} ${left}`;
 }
 
 const ask = warden.wrap(async (tenant: string, prompt: string) => ({ text: prompt, usd: '0.002' }), {
