@@ -19,7 +19,7 @@
 --          → { now, zone before, b, p, then per dimension l, r, s, z, t }
 -- gate:    ARGV[9] priority rank, ARGV[10] mutate (0|1), ARGV[11..14] amounts
 --          → { verdict (0 pass, 1 delay, 2 deny), delay or retry µs,
---              why (-1, 0 blocked, 1 exhausted, 2 red, 3 paced), its dimension
+--              why (-1, 0 blocked, 1 exhausted, 2 red, 3 paced, 4 deferred), its dimension
 --              (-1), zone, left ‰ (-1), tightest dimension (-1), counted (0|1),
 --              pace before (-1: no turn taken), pace after,
 --              4 amounts counted, 4 seen-at counted on }
@@ -45,10 +45,15 @@ local function load()
   local st = { b = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, d = {} }
   for i = 0, 3 do
     local o = 2 + i * 5
-    st.d[i] = {
+    local r = {
       l = tonumber(v[o + 1]) or 0, r = tonumber(v[o + 2]) or 0, s = tonumber(v[o + 3]) or 0,
       z = tonumber(v[o + 4]) or 0, t = tonumber(v[o + 5]) or 0,
     }
+    -- Past its reset a reading rolls over: the whole limit, next reset unknown.
+    if r.t > 0 and r.z > 0 and now >= r.z then
+      r = { l = r.l, r = r.l, s = 0, z = 0, t = r.z }
+    end
+    st.d[i] = r
   end
   return st
 end
@@ -58,6 +63,11 @@ local function expires(r)
   return r.t + ttl
 end
 local function fresh(r) return r.t > 0 and now < expires(r) end
+-- How long a caller it refuses waits: its reset when known, else at most pace.
+local function wait_for(r)
+  if r.z > 0 then return r.z - now end
+  return math.min(expires(r) - now, pace)
+end
 local function left(r)
   local x = r.r - r.s
   if x < 0 then return 0 end
@@ -163,7 +173,7 @@ if op == "gate" then
   for i = 0, 3 do
     local r = st.d[i]
     if amounts[i] > 0 and fresh(r) and left(r) < amounts[i] then
-      return deny(expires(r) - now, 1, i)
+      return deny(wait_for(r), 1, i)
     end
   end
   local verdict, value, pace_before, pace_after = 0, 0, -1, 0
@@ -177,10 +187,14 @@ if op == "gate" then
     if depth < 0 then depth = 0 end
     if depth > span then depth = span end
     verdict, value = 1, math.floor(top * depth / span)
+    local reset = 0
+    if ld >= 0 then reset = st.d[ld].z end
+    if value > 0 and reset == 0 then return deny(value, 4, -1) end
+    if value > 0 and now + value >= reset then return deny(reset - now, 4, -1) end
   elseif rank == 2 then
-    local until_ = now + pace
-    if ld >= 0 then until_ = expires(st.d[ld]) end
-    return deny(until_ - now, 2, -1)
+    local w = pace
+    if ld >= 0 then w = wait_for(st.d[ld]) end
+    return deny(w, 2, -1)
   else
     if st.p > now then return deny(st.p - now, 3, -1) end
     pace_before, pace_after = st.p, now + pace

@@ -95,6 +95,49 @@ fn green_amber_red_per_tier() {
 }
 
 #[test]
+fn an_amber_delay_past_the_reset_waits_for_the_reset_instead() {
+    let (w, clock) = warden(policy(json!([])));
+    // 275 of 1000 left: standard would wait 250 ms, but the window ends in 200 ms.
+    now(w.observe("openai", &pairs(&openai(1000, 275, "200ms")))).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(
+        (d.outcome, d.retry_after),
+        (Outcome::Deny, Some(Duration::from_millis(200)))
+    );
+    assert!(
+        d.reason.as_deref().unwrap().contains("past its reset"),
+        "{d:?}"
+    );
+    // In time it is a delay; after the reset the window is whole again.
+    now(w.observe("openai", &pairs(&openai(1000, 275, "300ms")))).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(d.caps.delay_ms, Some(250));
+    clock.advance(Duration::from_millis(300));
+    assert_eq!(
+        now(w.acquire(&ask("user:1", Priority::Standard)))
+            .unwrap()
+            .outcome,
+        Outcome::Allow
+    );
+    // The reset unknown (Azure sends none): ask again after the delay, counted then.
+    let azure = [
+        ("x-ratelimit-limit-requests", "1000"),
+        ("x-ratelimit-remaining-requests", "275"),
+    ];
+    now(w.observe("openai", &azure)).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(
+        (d.outcome, d.retry_after),
+        (Outcome::Deny, Some(Duration::from_millis(250)))
+    );
+    assert_eq!(
+        now(w.upstream("openai")).unwrap().quotas[0].remaining,
+        275,
+        "nothing counted"
+    );
+}
+
+#[test]
 fn admissions_lower_the_estimate_until_the_next_response() {
     let (w, _clock) = warden(policy(json!([])));
     now(w.observe("openai", &pairs(&openai(100, 100, "60s")))).unwrap();
@@ -139,16 +182,45 @@ fn admissions_lower_the_estimate_until_the_next_response() {
 }
 
 #[test]
-fn stale_state_is_ignored() {
+fn readings_roll_over_at_their_reset_and_go_stale_after_ttl() {
     let (w, clock) = warden(policy(json!([])));
     now(w.observe("openai", &pairs(&openai(100, 5, "10s")))).unwrap();
-    assert!(
-        !now(w.acquire(&ask("user:1", Priority::Background)))
-            .unwrap()
-            .allowed()
+    let d = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert_eq!(
+        (d.outcome, d.retry_after),
+        (Outcome::Deny, Some(Duration::from_secs(10)))
     );
+    // At the reset the quota is replenished: the whole limit, nothing known
+    // of the next reset — not "nothing known", which would let everyone rush.
     clock.advance(Duration::from_secs(10));
     let d = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert_eq!(
+        (d.outcome, d.light.unwrap().zone),
+        (Outcome::Allow, Zone::Green)
+    );
+    let v = now(w.upstream("openai")).unwrap();
+    assert_eq!((v.quotas[0].remaining, v.quotas[0].reset), (99, None));
+    for _ in 0..99 {
+        assert!(
+            now(w.acquire(&ask("user:1", Priority::Critical)))
+                .unwrap()
+                .allowed()
+        );
+    }
+    let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
+    assert_eq!(
+        d.outcome,
+        Outcome::Deny,
+        "the rolled-over window is spent too"
+    );
+    assert_eq!(
+        d.retry_after,
+        Some(Duration::from_secs(1)),
+        "look again within `pace`"
+    );
+    // `ttl` after the reset, unconfirmed by any response: stale, ignored.
+    clock.advance(Duration::from_secs(60));
+    let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
     assert_eq!(
         (d.outcome, d.light.unwrap().zone),
         (Outcome::Allow, Zone::Unknown)
@@ -162,8 +234,14 @@ fn stale_state_is_ignored() {
         Outcome::Deny,
         "nothing left: even critical waits"
     );
-    assert_eq!(d.retry_after, Some(Duration::from_secs(60)));
-    clock.advance(Duration::from_secs(60));
+    assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
+    clock.advance(Duration::from_secs(59));
+    assert!(
+        !now(w.acquire(&ask("user:1", Priority::Critical)))
+            .unwrap()
+            .allowed()
+    );
+    clock.advance(Duration::from_secs(1));
     assert!(
         now(w.acquire(&ask("user:1", Priority::Critical)))
             .unwrap()

@@ -7,9 +7,12 @@
 //! resource keeps the last [`Reading`]: the upstream's limit and remaining,
 //! when it resets, when it was seen, and how much this system admitted since
 //! (`spent`) — so N agents in flight between two responses do not all see
-//! the same remaining. A reading is **fresh** until its reset (or, for
-//! headers that give none, `ttl` after it was seen); a stale reading is
-//! ignored. A response within the same window (the same limit, its reset no
+//! the same remaining. At its reset a reading **rolls over**: the quota is
+//! replenished, so the estimate becomes its whole limit (less what is
+//! admitted after), its next reset unknown — rather than nothing known, which
+//! would let every waiting agent rush the new window at once. A reading
+//! without a reset (or rolled over) is trusted for `ttl` after it was seen
+//! (rolled: after its reset); past that it is stale and ignored. A response within the same window (the same limit, its reset no
 //! later than the stored one plus [`WINDOW_SLACK`]) can only lower the
 //! estimate — a reply to an older request arriving late never raises it; a
 //! later window, or another limit, replaces it.
@@ -21,7 +24,11 @@
 //!   exhausted — the upstream would refuse it anyway);
 //! - amber: standard and background callers get `caps.delay_ms`, growing
 //!   linearly from 0 at the top of amber to their tier's maximum at the
-//!   bottom (background's maximum is the larger: it yields first);
+//!   bottom (background's maximum is the larger: it yields first); a delay
+//!   that would reach past the window's reset waits for the reset instead
+//!   (the request would otherwise count in one window and spend in the
+//!   next), and one whose reset is unknown is a denial to ask again after
+//!   the delay (counted when it goes);
 //! - red: background is denied until the tightest dimension resets; standard
 //!   is paced to one request per `pace` across every process (the next one
 //!   is told when its turn comes);
@@ -183,6 +190,34 @@ impl Reading {
     #[must_use]
     pub const fn fresh(&self, now: Micros, ttl: Micros) -> bool {
         self.seen_at > 0 && now < self.expires(ttl)
+    }
+
+    /// The reading at `now`: past its reset, the replenished quota (the
+    /// whole limit, nothing spent, seen at the reset, next reset unknown).
+    #[must_use]
+    pub const fn rolled(self, now: Micros) -> Self {
+        if self.seen_at > 0 && self.reset_at > 0 && now >= self.reset_at {
+            Self {
+                limit: self.limit,
+                remaining: self.limit,
+                spent: 0,
+                reset_at: 0,
+                seen_at: self.reset_at,
+            }
+        } else {
+            self
+        }
+    }
+
+    /// Until when a caller it refuses should wait: its reset when known,
+    /// else at most `pace` (the next response may tell more).
+    #[must_use]
+    pub fn wait(&self, now: Micros, c: &Coordination) -> Micros {
+        if self.reset_at > 0 {
+            self.reset_at - now
+        } else {
+            (self.expires(c.ttl) - now).min(c.pace)
+        }
     }
 
     /// The estimate of what is left: observed remaining minus admitted since.
@@ -373,10 +408,14 @@ pub enum Why {
     Red,
     /// Red: standard callers go one per `pace`; this one's turn is later.
     Paced,
+    /// Amber, but its delay would reach past the window's reset (or the
+    /// reset is unknown): it asks again at the reset (or after the delay) and
+    /// counts then.
+    Deferred,
 }
 
 impl Why {
-    /// 0 blocked, 1 exhausted, 2 red, 3 paced (the scripts' encoding).
+    /// 0 blocked, 1 exhausted, 2 red, 3 paced, 4 deferred (the scripts' encoding).
     #[must_use]
     pub const fn code(self) -> i64 {
         match self {
@@ -384,6 +423,7 @@ impl Why {
             Self::Exhausted(_) => 1,
             Self::Red => 2,
             Self::Paced => 3,
+            Self::Deferred => 4,
         }
     }
 }
@@ -430,7 +470,7 @@ impl UpstreamState {
     pub fn light(&self, now: Micros, c: &Coordination) -> Light {
         let mut tightest: Option<(i64, Dimension)> = None;
         for d in Dimension::ALL {
-            let r = &self.dims[d.index()];
+            let r = &self.dims[d.index()].rolled(now);
             if r.fresh(now, c.ttl) {
                 let p = r.permille();
                 if tightest.is_none_or(|(q, _)| p < q) {
@@ -452,9 +492,17 @@ impl UpstreamState {
         }
     }
 
+    /// Rolls every reading past its reset over ([`Reading::rolled`]).
+    pub fn roll(&mut self, now: Micros) {
+        for r in &mut self.dims {
+            *r = r.rolled(now);
+        }
+    }
+
     /// Records what a response said (see the module docs); returns the zone
     /// before.
     pub fn observe(&mut self, sample: &Sample, now: Micros, c: &Coordination) -> Zone {
+        self.roll(now);
         let before = self.light(now, c).zone;
         for (i, seen) in sample.dims.iter().enumerate() {
             let Some(s) = seen else { continue };
@@ -497,6 +545,7 @@ impl UpstreamState {
     /// Passes a request through the light at `now` (see the module docs);
     /// an admitted, mutating pass counts its amounts and pacing turn.
     pub fn gate(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
+        self.roll(now);
         let light = self.light(now, c);
         let deny = |retry: Micros, why| Gate {
             light,
@@ -513,7 +562,7 @@ impl UpstreamState {
             let r = &self.dims[d.index()];
             let want = ask.amounts[d.index()];
             if want > 0 && r.fresh(now, c.ttl) && r.left() < want {
-                return deny(r.expires(c.ttl) - now, Why::Exhausted(d));
+                return deny(r.wait(now, c), Why::Exhausted(d));
             }
         }
         let mut pace = None;
@@ -527,13 +576,25 @@ impl UpstreamState {
                 };
                 let depth = i64::from(c.green) - i64::from(light.left.unwrap_or(0));
                 let span = (i64::from(c.green) - i64::from(c.red)).max(1);
-                Verdict::Delay(top * depth.clamp(0, span) / span)
+                let delay = top * depth.clamp(0, span) / span;
+                // A delay that could carry the request past the window's
+                // reset would spend the next window's quota on this one's
+                // count: it waits for the reset instead — or, the reset
+                // unknown, asks again after the delay (and counts then).
+                let reset = light.dimension.map_or(0, |d| self.dims[d.index()].reset_at);
+                if delay > 0 && reset == 0 {
+                    return deny(delay, Why::Deferred);
+                }
+                if delay > 0 && now + delay >= reset {
+                    return deny(reset - now, Why::Deferred);
+                }
+                Verdict::Delay(delay)
             }
             (Zone::Red, Priority::Background) => {
-                let until = light
+                let wait = light
                     .dimension
-                    .map_or(now + c.pace, |d| self.dims[d.index()].expires(c.ttl));
-                return deny(until - now, Why::Red);
+                    .map_or(c.pace, |d| self.dims[d.index()].wait(now, c));
+                return deny(wait, Why::Red);
             }
             (Zone::Red, Priority::Standard) => {
                 if self.pace_next > now {
@@ -600,7 +661,9 @@ impl UpstreamState {
     /// How it looks at `now`, for people and dashboards.
     #[must_use]
     pub fn view(&self, resource: &str, now: Micros, c: &Coordination) -> UpstreamView {
-        let light = self.light(now, c);
+        let mut rolled = *self;
+        rolled.roll(now);
+        let light = rolled.light(now, c);
         UpstreamView {
             resource: resource.to_owned(),
             zone: light.zone,
@@ -609,7 +672,7 @@ impl UpstreamState {
             quotas: Dimension::ALL
                 .iter()
                 .filter_map(|&d| {
-                    let r = &self.dims[d.index()];
+                    let r = &rolled.dims[d.index()];
                     r.fresh(now, c.ttl).then(|| QuotaView {
                         dimension: d,
                         limit: r.limit,

@@ -101,6 +101,8 @@ impl Warden {
         let observation = parse(headers.iter().copied(), self.inner.clock.now());
         let (sample, warnings) = Sample::of(&observation, status, c);
         let o = self.inner.backend.observe(resource, c, &sample).await?;
+        // Waiters in this process look again: the light may have changed.
+        self.inner.queue.poke();
         let mut view = o.state.view(resource, o.now, c);
         view.previous = o.before;
         view.warnings = observation.warnings;
@@ -208,6 +210,10 @@ fn denial(resource: &str, why: Why, light: &Light) -> String {
         ),
         Why::Red => format!(
             "the upstream of `{resource}` is red ({}): background callers wait for its reset",
+            share(light)
+        ),
+        Why::Deferred => format!(
+            "the upstream of `{resource}` is amber ({}): a delay could reach past its reset, so this asks again later",
             share(light)
         ),
         Why::Paced => format!(

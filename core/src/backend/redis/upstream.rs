@@ -152,7 +152,8 @@ pub(super) fn gate<'a>(
                     0 => Why::Blocked,
                     1 => Why::Exhausted(dim(v[3]).unwrap_or(Dimension::Requests)),
                     2 => Why::Red,
-                    _ => Why::Paced,
+                    3 => Why::Paced,
+                    _ => Why::Deferred,
                 },
             },
         };
