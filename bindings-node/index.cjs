@@ -126,6 +126,25 @@ function isThenable(v) {
   return v !== null && (typeof v === 'object' || typeof v === 'function') && typeof v.then === 'function';
 }
 
+/** Request headers overriding one governed request's priority / scope (removed before sending). */
+const PRIORITY_HEADER = 'ratewarden-priority';
+const SCOPE_HEADER = 'ratewarden-scope';
+
+/**
+ * A copy of an `openai` npm client (or any client with `withOptions({ fetch })`)
+ * whose every request goes through `warden.fetcher(resource, options)`.
+ */
+function governOpenAI(client, warden, resource, options) {
+  if (client === null || typeof client !== 'object' || typeof client.withOptions !== 'function') {
+    throw new InvalidInputError(`invalid client: expected an openai client (with withOptions), got ${describe(client)}`, { argument: 'client' });
+  }
+  if (!(warden instanceof Warden)) {
+    throw new InvalidInputError(`invalid warden: expected a Warden, got ${describe(warden)}`, { argument: 'warden' });
+  }
+  const inner = options?.fetch ?? (typeof client.fetch === 'function' ? client.fetch.bind(client) : undefined);
+  return client.withOptions({ fetch: warden.fetcher(resource, { ...options, ...(inner ? { fetch: inner } : {}) }) });
+}
+
 function denied(decision) {
   return decision.deniedKind === 'budget' ? new BudgetExceededError(decision) : new RateLimitedError(decision);
 }
@@ -537,6 +556,60 @@ class Warden {
     }
   }
 
+  /**
+   * A `fetch` governed on `resource`: every request first waits for the
+   * resource's traffic light and limits (`wait`, then any `caps.delayMs`),
+   * then goes out through `options.fetch` (default: the global `fetch`), and
+   * its response is reported (`report`: status and rate-limit headers), so
+   * every agent sharing the backend sees the upstream's real state. A request
+   * still denied after `maxWait` seconds (default 60) rejects with a
+   * `RateLimitedError` and never reaches the upstream. Per request, the
+   * headers `ratewarden-priority` and `ratewarden-scope` override
+   * `options.priority` / `options.scope`; they are removed before sending.
+   * The options are checked now: the resource must declare `upstream:`.
+   */
+  fetcher(resource, options) {
+    requireString(resource, 'resource');
+    requireOptions(options, 'options');
+    const { scope, priority = 'standard', cost, maxWait = 60, fetch: send = globalThis.fetch } = options ?? {};
+    requireString(scope, 'scope');
+    requireString(priority, 'priority');
+    if (typeof maxWait !== 'number' || !(maxWait >= 0) || maxWait === Infinity) {
+      throw new InvalidInputError(`invalid maxWait: expected seconds >= 0, got ${describe(maxWait)}`, { argument: 'maxWait' });
+    }
+    if (typeof send !== 'function') {
+      throw new InvalidInputError(`invalid fetch: expected a function, got ${describe(send)}`, { argument: 'fetch' });
+    }
+    const base = { resource, priority, ...(cost === undefined ? {} : { cost }) };
+    try {
+      this.#live().checkGoverned(scope, checkRequest(scope, base));
+    } catch (e) {
+      throw typed(e);
+    }
+    const warden = this;
+    return async function governedFetch(input, init) {
+      const headers = new Headers(init?.headers ?? (input instanceof Request ? input.headers : undefined));
+      const ask = {
+        ...base,
+        priority: headers.get(PRIORITY_HEADER) ?? priority,
+      };
+      const who = headers.get(SCOPE_HEADER) ?? scope;
+      headers.delete(PRIORITY_HEADER);
+      headers.delete(SCOPE_HEADER);
+      const d = await warden.wait(who, { ...ask, maxWait });
+      if (!d.allowed) throw denied(d);
+      const pause = d.caps?.delayMs ?? 0;
+      if (pause > 0) await new Promise((resolve) => setTimeout(resolve, pause));
+      const response = await send(input, { ...init, headers });
+      try {
+        await warden.report(resource, response.status, response.headers);
+      } catch (e) {
+        process.emitWarning(`could not report ${resource}'s response: ${e.message}`, { code: 'RATEWARDEN_REPORT' });
+      }
+      return response;
+    };
+  }
+
   /** Charges a reservation's actual usage (units left out: as reserved); idempotent. */
   commit(reservation, actual) {
     try {
@@ -944,6 +1017,7 @@ module.exports = {
   scope,
   retryDelay,
   parseHeaders,
+  governOpenAI,
   version: native.version,
   WardenError,
   PolicyError,

@@ -28,6 +28,28 @@ export type {
   UpstreamInfo,
   ObservedQuota,
 };
+/** Options of `Warden.fetcher` and `governOpenAI`. */
+export interface FetcherOptions {
+  /** The scope every request is counted under (e.g. `agent:7`). */
+  scope: string;
+  /** Default priority; `ratewarden-priority` overrides it per request. */
+  priority?: 'critical' | 'standard' | 'background';
+  /** The cost of one request (default one of `requests`). */
+  cost?: Record<string, number | string>;
+  /** Seconds a request may wait for admission (default 60). */
+  maxWait?: number;
+  /** The fetch that sends (default: the global one; the client's own for `governOpenAI`). */
+  fetch?: typeof fetch;
+}
+
+/** A copy of an `openai` npm client whose every request goes through `warden.fetcher(resource, options)`. */
+export declare function governOpenAI<C extends { withOptions(options: { fetch: typeof fetch }): C }>(
+  client: C,
+  warden: Warden,
+  resource: string,
+  options: FetcherOptions,
+): C;
+
 /** Response headers as `observe`, `report` and `parseHeaders` take them. */
 export type HeadersLike = Headers | Record<string, string | string[] | undefined> | Array<[string, string]>;
 import { ManualClock } from './native';
@@ -201,6 +223,13 @@ export declare class Warden {
   report(resource: string, status: number, headers?: HeadersLike): Promise<UpstreamInfo>;
   /** `resource`'s upstream state as every process sees it now; changes nothing. */
   upstream(resource: string): Promise<UpstreamInfo>;
+  /**
+   * A `fetch` governed on `resource`: waits for its traffic light and limits,
+   * sends, and reports the response; rejects with `RateLimitedError` when
+   * still denied after `maxWait` seconds. Headers `ratewarden-priority` /
+   * `ratewarden-scope` override per request (removed before sending).
+   */
+  fetcher(resource: string, options: FetcherOptions): typeof fetch;
   /** Evaluates the request against every limit it touches, changing nothing. */
   check(scope: string, options?: RequestOptions): Promise<Decision>;
   /** Admits the request and consumes its cost from every limit, or denies it and changes nothing. */

@@ -105,6 +105,12 @@ export declare class NativeWarden {
   observeSync(resource: string, headers: Array<Array<string>>, status?: number | undefined | null): UpstreamInfo
   /** Runs on the runtime. */
   observeAsync(resource: string, headers: Array<Array<string>>, status?: number | undefined | null): Promise<UpstreamInfo>
+  /**
+   * Throws unless the request is valid for the policy and its resource
+   * coordinates on its upstream (`upstream:` in the policy); asks no
+   * backend (a governed fetch checks its options when it is made).
+   */
+  checkGoverned(scope: string, options?: RequestOptions | undefined | null): void
   /** `resource`'s upstream state, changing nothing. */
   upstreamSync(resource: string): UpstreamInfo
   /** Runs on the runtime. */

@@ -268,6 +268,15 @@ impl NativeWarden {
         })
     }
 
+    /// Throws unless the request is valid for the policy and its resource
+    /// coordinates on its upstream (`upstream:` in the policy); asks no
+    /// backend (a governed fetch checks its options when it is made).
+    #[napi]
+    pub fn check_governed(&self, scope: String, options: Option<RequestOptions>) -> Result<()> {
+        let req = request_of(&scope, options.as_ref())?;
+        self.warden.check_governed(&req).or_throw()
+    }
+
     /// `resource`'s upstream state, changing nothing.
     #[napi]
     pub fn upstream_sync(&self, resource: String) -> Result<UpstreamInfo> {

@@ -279,6 +279,21 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, upstream_to_py)
     }
 
+    /// Raises unless the request is valid for the policy and its resource
+    /// coordinates on its upstream (`upstream:` in the policy); asks no
+    /// backend (a governed client checks its options when it is made).
+    #[pyo3(signature = (scope, resource, cost=None, priority=None))]
+    fn check_governed(
+        &self,
+        scope: &str,
+        resource: &str,
+        cost: Option<&Bound<'_, PyDict>>,
+        priority: Option<&str>,
+    ) -> PyResult<()> {
+        let req = request_of(scope, Some(resource), None, cost, priority)?;
+        self.warden.load().check_governed(&req).or_raise()
+    }
+
     /// `Warden::upstream`: `resource`'s upstream state, changing nothing.
     #[pyo3(signature = (resource, asynchronous=false))]
     fn upstream(

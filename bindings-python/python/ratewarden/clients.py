@@ -48,7 +48,6 @@ PRIORITY_HEADER = "ratewarden-priority"
 SCOPE_HEADER = "ratewarden-scope"
 
 _log = logging.getLogger("ratewarden")
-_TIERS = ("critical", "standard", "background", "p0", "p1", "p2", "P0", "P1", "P2")
 
 Cost = Dict[str, Union[int, float, str]]
 
@@ -74,19 +73,18 @@ class _Governor:
         for name, value in (("resource", resource), ("scope", scope), ("priority", priority)):
             if not isinstance(value, str):
                 raise _bad(name, f"invalid {name}: expected a string, got {type(value).__name__}")
-        if priority not in _TIERS:
-            raise _bad("priority", f"invalid priority: `{priority}` is not critical, standard or background")
         if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or not 0 <= max_wait < float("inf"):
             raise _bad("max_wait", f"invalid max_wait: expected seconds >= 0, got {max_wait!r}")
-        # The request fields are checked now (a typo fails here, not on the
-        # first call); the resource must coordinate on its upstream.
+        # Checked now by the core (a typo fails here, not on the first call);
+        # the resource must coordinate on its upstream.
+        from . import _cost
+
         try:
-            warden.check(scope, resource=resource, cost=cost, priority=priority)
-            warden.upstream(resource)
-        except InvalidInput:
+            warden._native.check_governed(scope, resource, _cost(cost), priority)
+        except WardenError:
             raise
-        except WardenError:  # the backend is down now; it is asked again per request
-            pass
+        except (TypeError, ValueError, OverflowError) as e:
+            raise _bad("cost", f"invalid cost: {e}") from None
         self.warden, self.resource, self.scope = warden, resource, scope
         self.priority, self.cost, self.max_wait = priority, cost, max_wait
 

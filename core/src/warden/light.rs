@@ -69,7 +69,32 @@ impl Warden {
         Ok(o.state.view(resource, o.now, c))
     }
 
-    fn coordination(&self, resource: &str) -> Result<&Coordination> {
+    /// Checks a request an integration sends on every call — its scope,
+    /// resource, cost and priority against the policy — and that its
+    /// resource coordinates on its upstream, without asking the backend: a
+    /// governed client checks its constant options when it is made.
+    ///
+    /// # Errors
+    /// As [`Plan::build`] and [`Warden::coordination`]; a request without a
+    /// resource is [`Error::InvalidArgument`].
+    pub fn check_governed(&self, request: &crate::Request) -> Result<()> {
+        Plan::build(&self.inner.policy, request)?;
+        let resource = request.resource.as_deref().ok_or_else(|| {
+            Error::invalid(
+                "resource",
+                "a governed client needs the upstream's resource",
+            )
+        })?;
+        self.coordination(resource).map(|_| ())
+    }
+
+    /// How `resource` coordinates on its upstream — checked without asking
+    /// the backend, as integrations do when they are made.
+    ///
+    /// # Errors
+    /// [`Error::Unknown`] for an undeclared resource,
+    /// [`Error::InvalidArgument`] for one without `upstream:` in the policy.
+    pub fn coordination(&self, resource: &str) -> Result<&Coordination> {
         let policy = &self.inner.policy;
         let target = policy.resource(resource).ok_or_else(|| {
             Error::unknown(

@@ -34,6 +34,8 @@ async function upstream(response: Response): Promise<string> {
   const now: UpstreamInfo = await warden.upstream('openai');
   const d: Decision = await warden.acquire('tenant:acme', { resource: 'openai' });
   const left: number | undefined = d.light?.left ?? undefined;
+  const governed: typeof fetch = warden.fetcher('openai', { scope: 'agent:1', priority: 'critical', maxWait: 5 });
+  await governed('http://127.0.0.1:1/v1/models', { headers: { 'ratewarden-priority': 'background' } });
   return `${seen.zone} ${after429.blocked ?? 0} ${now.quotas.map((q) => q.remaining).join()} ${left}`;
 }
 
