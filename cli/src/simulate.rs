@@ -4,9 +4,14 @@
 //! - **naive**: every agent calls the upstream directly and, on a 429, sleeps
 //!   the provider's `Retry-After` plus jitter — independent retry logic;
 //! - **governed**: every agent first `wait`s on a shared ratewarden ledger that
-//!   mirrors the upstream quota, with priority floors and promotion.
+//!   mirrors the upstream quota, with priority floors and promotion;
+//! - **coordinated**: no quota is configured — every agent reports each
+//!   response's rate-limit headers (`Warden::report`), waits on the
+//!   upstream's traffic light, and retries in its priority's band
+//!   (`RetryBands`): N agents as one client of the upstream's real state.
 //!
-//! The upstream is GitHub-like: a fixed per-minute quota, 429 with
+//! The upstream is GitHub-like: a fixed per-minute quota announced in
+//! `x-ratelimit-limit` / `-remaining` / `-used` / `-reset` headers, 429 with
 //! `Retry-After` when it is spent, and a 60 s lockout (secondary limit) after
 //! more than 10 over-quota calls in one window. Time is a `ManualClock`
 //! advanced from event to event, so a 30-minute run takes milliseconds and
@@ -146,6 +151,29 @@ impl Upstream {
         Answer::TooMany {
             retry_after: reset - now,
         }
+    }
+}
+
+impl Upstream {
+    /// The GitHub-style rate-limit headers of an answer given at `now`.
+    fn headers(&self, now: Micros, answer: &Answer) -> Vec<(String, String)> {
+        let reset_epoch = (self.window + 1) * MINUTE_US / SECOND_US;
+        let mut h = vec![
+            ("x-ratelimit-limit".to_owned(), self.quota.to_string()),
+            (
+                "x-ratelimit-remaining".to_owned(),
+                self.quota.saturating_sub(self.used).to_string(),
+            ),
+            ("x-ratelimit-used".to_owned(), self.used.to_string()),
+            ("x-ratelimit-reset".to_owned(), reset_epoch.to_string()),
+            ("x-ratelimit-resource".to_owned(), "core".to_owned()),
+        ];
+        if let Answer::TooMany { retry_after } = answer {
+            let secs = (retry_after + SECOND_US - 1) / SECOND_US;
+            h.push(("retry-after".to_owned(), secs.max(1).to_string()));
+        }
+        let _ = now;
+        h
     }
 }
 
@@ -322,6 +350,16 @@ impl World {
         self.upstream.lock().call(self.clock.now(), self.start)
     }
 
+    /// One upstream call now, with the response's rate-limit headers.
+    fn call_with_headers(&self) -> (Answer, Vec<(String, String)>) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        let now = self.clock.now();
+        let mut up = self.upstream.lock();
+        let answer = up.call(now, self.start);
+        let headers = up.headers(now, &answer);
+        (answer, headers)
+    }
+
     /// Records that agent `i` finished a task that arrived at `arrival`.
     fn finished(&self, i: usize, arrival: Micros) {
         self.done[i].lock().push((arrival, self.clock.now()));
@@ -426,6 +464,83 @@ fn run_governed(
     })
 }
 
+fn coordinated_policy() -> ratewarden::Result<Policy> {
+    Policy::from_value(&serde_json::json!({
+        "scopes": {"agent": {}},
+        "resources": {"upstream": {"upstream": {}}}
+    }))
+}
+
+fn run_coordinated(
+    args: &Args,
+    agents: &[Agent],
+    start: Micros,
+    end: Micros,
+) -> ratewarden::Result<Outcome> {
+    let world = World::new(args, agents.len(), start);
+    let warden = Warden::with_clock(coordinated_policy()?, Arc::new(world.clock.clone()));
+    let bands = ratewarden::retry::RetryBands::default();
+    world.run(agents, end, |i, agent, world| {
+        let tasks = agent.tasks.clone();
+        let warden = warden.clone();
+        let priority = agent.priority;
+        let mut rng = fastrand::Rng::with_seed(args.seed ^ ((i as u64 + 1) * 0x51ED));
+        let request = Scope::parse(&format!("agent:{i}"))
+            .map(|s| Request::new(s).resource("upstream").priority(priority));
+        async move {
+            let Ok(request) = request else { return };
+            for task in tasks {
+                world.clock.sleep_until(task.arrival).await;
+                let mut attempt = 0u32;
+                loop {
+                    world.progress.fetch_add(1, Ordering::Relaxed);
+                    let Ok(d) = warden
+                        .wait(&request, WaitFor::Acquire, Duration::from_secs(60))
+                        .await
+                    else {
+                        return;
+                    };
+                    if !d.allowed() {
+                        continue;
+                    }
+                    if let Some(ms) = d.caps.delay_ms {
+                        let pause = i64::try_from(ms).unwrap_or(i64::MAX / 1000) * 1000;
+                        world.clock.sleep_until(world.clock.now() + pause).await;
+                    }
+                    let (answer, headers) = world.call_with_headers();
+                    let pairs: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    let status = if matches!(answer, Answer::Ok) {
+                        200
+                    } else {
+                        429
+                    };
+                    let _ = warden.report("upstream", status, &pairs).await;
+                    match answer {
+                        Answer::Ok => break,
+                        Answer::TooMany { retry_after } => {
+                            attempt += 1;
+                            let wait = bands.delay_with(
+                                attempt,
+                                priority,
+                                Some(Duration::from_micros(
+                                    u64::try_from(retry_after).unwrap_or(0),
+                                )),
+                                rng.f64(),
+                            );
+                            let us = i64::try_from(wait.as_micros()).unwrap_or(i64::MAX / 2);
+                            world.clock.sleep_until(world.clock.now() + us).await;
+                        }
+                    }
+                }
+                world.finished(i, task.arrival);
+            }
+        }
+    })
+}
+
 fn percentile(sorted: &[Micros], p: f64) -> Option<Micros> {
     if sorted.is_empty() {
         return None;
@@ -473,6 +588,7 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
     let backoff = run_naive(args, &agents, start, Naive::Backoff, end)?;
     let retry_after = run_naive(args, &agents, start, Naive::RetryAfter, end)?;
     let governed = run_governed(args, &agents, start, end)?;
+    let coordinated = run_coordinated(args, &agents, start, end)?;
     let mix = |p: Priority| agents.iter().filter(|a| a.priority == p).count();
     println!(
         "ratewarden simulate: {} agents ({} critical, {} standard, {} background) share an upstream quota of {}/min",
@@ -491,6 +607,7 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
             ("naive: backoff", &backoff),
             ("naive: Retry-After", &retry_after),
             ("governed", &governed),
+            ("coordinated", &coordinated),
         ],
         args.quota,
         args.minutes,
@@ -508,8 +625,18 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
     println!(
         "                    (priority order, background keeps off the last 30%, promoted after 5 min)"
     );
+    println!(
+        "coordinated         no quota configured: each agent reports every response's headers and awaits"
+    );
+    println!("                    the upstream's traffic light; retries in its priority's band");
     if let Some(path) = &args.plot {
-        std::fs::write(path, svg(&backoff, &governed, args.quota)).map_err(|e| {
+        let variants = [
+            ("naive: backoff", &backoff, "#d62728"),
+            ("naive: Retry-After", &retry_after, "#ff7f0e"),
+            ("governed", &governed, "#1f77b4"),
+            ("coordinated", &coordinated, "#2ca02c"),
+        ];
+        std::fs::write(path, svg(&variants, args.quota)).map_err(|e| {
             ratewarden::Error::InvalidArgument {
                 what: "plot",
                 message: format!("cannot write {}: {e}", path.display()),
@@ -584,69 +711,80 @@ fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {
     out
 }
 
-fn svg(naive: &Outcome, governed: &Outcome, quota: u32) -> String {
-    let (w, h, pad) = (720.0, 320.0, 40.0);
-    let n = naive.upstream.ok_per_minute.len().max(2);
-    let series = [
-        (&naive.upstream.rejected_per_minute, "#d62728", "naive 429s"),
-        (&naive.upstream.ok_per_minute, "#ff7f0e", "naive successes"),
-        (
-            &governed.upstream.rejected_per_minute,
-            "#9467bd",
-            "governed 429s",
-        ),
-        (
-            &governed.upstream.ok_per_minute,
-            "#2ca02c",
-            "governed successes",
-        ),
-    ];
-    let max = series
-        .iter()
-        .flat_map(|s| s.0.iter())
-        .copied()
-        .max()
-        .unwrap_or(1)
-        .max(u64::from(quota)) as f64
-        * 1.1;
-    let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1) as f64;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / max;
+/// A plot panel: its title, the per-minute series it draws, its top (px).
+type Panel = (&'static str, fn(&Outcome) -> &Vec<u64>, f64);
+
+/// Two panels: successes and 429s per simulated minute, one line per variant.
+fn svg(variants: &[(&str, &Outcome, &str)], quota: u32) -> String {
+    let (w, panel, pad) = (760.0, 240.0, 44.0);
+    let h = 2.0 * panel + 60.0;
+    let n = variants
+        .first()
+        .map_or(2, |v| v.1.upstream.ok_per_minute.len())
+        .max(2);
+    let x = |i: usize| pad + (w - 2.0 * pad - 150.0) * i as f64 / (n - 1) as f64;
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>"#
     );
-    let _ = write!(
-        s,
-        r##"<text x="{pad}" y="20" font-size="13">Upstream calls per simulated minute (quota {quota}/min)</text>"##
-    );
-    let _ = write!(
-        s,
-        r##"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="#888" stroke-dasharray="4"/>"##,
-        y(f64::from(quota)),
-        w - pad
-    );
-    let _ = write!(
-        s,
-        r##"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="#000"/>"##,
-        h - pad,
-        w - pad
-    );
-    for (i, (data, color, label)) in series.iter().enumerate() {
-        let pts: Vec<String> = data
+    let panels: [Panel; 2] = [
+        (
+            "Successful upstream calls per simulated minute",
+            |o| &o.upstream.ok_per_minute,
+            30.0,
+        ),
+        (
+            "429 responses per simulated minute",
+            |o| &o.upstream.rejected_per_minute,
+            30.0 + panel,
+        ),
+    ];
+    for (title, series, top) in panels {
+        let max = variants
             .iter()
-            .enumerate()
-            .map(|(k, v)| format!("{:.1},{:.1}", x(k), y(*v as f64)))
-            .collect();
+            .flat_map(|v| series(v.1).iter())
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .max(u64::from(quota))
+            .max(1) as f64
+            * 1.1;
+        let bottom = top + panel - pad;
+        let y = |v: f64| bottom - (panel - pad - 20.0) * v / max;
         let _ = write!(
             s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            pts.join(" ")
+            r##"<text x="{pad}" y="{}" font-size="13">{title}</text>"##,
+            top + 4.0
         );
         let _ = write!(
             s,
-            r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
-            w - pad - 130.0,
-            pad + 14.0 * i as f64
+            r##"<line x1="{pad}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="#000"/>"##,
+            x(n - 1)
         );
+        let _ = write!(
+            s,
+            r##"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="#888" stroke-dasharray="4"/><text x="{2}" y="{0}" fill="#888">quota {quota}</text>"##,
+            y(f64::from(quota)),
+            x(n - 1),
+            x(n - 1) + 4.0
+        );
+        for (i, (label, outcome, color)) in variants.iter().enumerate() {
+            let pts: Vec<String> = series(outcome)
+                .iter()
+                .enumerate()
+                .map(|(k, v)| format!("{:.1},{:.1}", x(k), y(*v as f64)))
+                .collect();
+            let _ = write!(
+                s,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+                pts.join(" ")
+            );
+            let _ = write!(
+                s,
+                r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
+                x(n - 1) + 50.0,
+                top + 24.0 + 14.0 * i as f64
+            );
+        }
     }
     s.push_str("</svg>\n");
     s

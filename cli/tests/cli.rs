@@ -79,10 +79,14 @@ fn simulate_is_deterministic_and_governed_never_exceeds_the_quota() {
             .collect()
     };
     let rejected = row("429 responses");
-    assert_eq!(rejected.len(), 3, "{rejected:?}");
+    assert_eq!(rejected.len(), 4, "{rejected:?}");
     assert_eq!(
         rejected[2], "0",
         "governed agents never hit the upstream's 429"
+    );
+    assert_eq!(
+        rejected[3], "0",
+        "coordinated agents, told nothing but the headers, never do either"
     );
     assert!(
         rejected[0].parse::<u64>().unwrap() > 0,
@@ -93,6 +97,39 @@ fn simulate_is_deterministic_and_governed_never_exceeds_the_quota() {
         sent[2], "1200",
         "governed sends exactly the quota: 120/min × 10 min"
     );
+    assert_eq!(sent[3], "1200", "so does coordinated: the whole quota used");
+}
+
+#[test]
+fn simulate_plots_the_four_variants() {
+    let dir = std::env::temp_dir().join(format!("rw-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("out.svg");
+    let out = bin()
+        .args(["simulate", "--minutes", "3", "--plot"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&path).unwrap();
+    for label in [
+        "naive: backoff",
+        "naive: Retry-After",
+        "governed",
+        "coordinated",
+    ] {
+        assert!(svg.contains(&format!(">{label}</text>")), "{label} missing");
+    }
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        8,
+        "successes and 429s per variant"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -1,7 +1,9 @@
 // examples/node run as shown (importing `ratewarden` by name through
 // examples/node/node_modules), and the README's Node examples are those files.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { createInterface } from 'node:readline';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -30,8 +32,26 @@ test('examples/node/express.mjs: five 200s with draft-11 headers, then a 429 wit
   assert.equal(json.limit, 'per-ip');
 });
 
-test("the README's Node examples are examples/node/tool.mjs and express.mjs", () => {
+test("the README's Node examples are examples/node/tool.mjs, express.mjs and governed_fetch.mjs", () => {
   const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
   const blocks = [...readme.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1]);
-  assert.deepEqual(blocks, [readFileSync(example('tool.mjs'), 'utf8'), readFileSync(example('express.mjs'), 'utf8')]);
+  assert.deepEqual(blocks, ['tool.mjs', 'express.mjs', 'governed_fetch.mjs'].map((f) => readFileSync(example(f), 'utf8')));
+});
+
+test('examples/node/governed_fetch.mjs never hits the fake upstream\'s 429', async () => {
+  const proc = spawn('python3', [fileURLToPath(new URL('../fakes/upstream.py', import.meta.url)), '--limit', '6', '--window', '1.5'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  try {
+    const [line] = await once(createInterface({ input: proc.stdout }), 'line');
+    const { url } = JSON.parse(line);
+    const out = execFileSync(process.execPath, [example('governed_fetch.mjs')], {
+      encoding: 'utf8', timeout: 60_000, env: { ...process.env, UPSTREAM_URL: url },
+    });
+    assert.match(out, /^12 of 12 answered; the upstream is \w+/);
+    const stats = await (await fetch(`${url}/stats`)).json();
+    assert.deepEqual([stats.ok, stats.rejected], [13, 0]);
+  } finally {
+    proc.kill();
+  }
 });

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVERS = {"asgi_app"}  # served over HTTP by test_asgi_example_*, not run as scripts
+# Served over HTTP by test_asgi_example_*, or run against the fake upstream:
+# not run as plain scripts.
+SERVERS = {"asgi_app", "openai_agents"}
 EXAMPLES = sorted(p for p in (ROOT / "examples" / "python").glob("*.py") if p.stem not in SERVERS)
 
 
@@ -50,3 +52,26 @@ def test_asgi_example_serves_headers_and_429_over_http() -> None:
         assert codes[5].json()["limit"] == "per-ip" and 1 <= int(codes[5].headers["retry-after"]) <= 12
         keyed = http.get("/search", params={"q": "x"}, headers={"x-api-key": "k1"})
         assert keyed.status_code == 200 and keyed.headers["ratelimit"].startswith('"per-key";r=59;')
+
+
+def test_the_openai_agents_example_never_hits_a_429(tmp_path: Path) -> None:
+    import os
+
+    from test_clients import Upstream
+
+    up = Upstream(6, 1.5)
+    try:
+        env = {**os.environ, "OPENAI_BASE_URL": f"{up.url}/v1", "OPENAI_API_KEY": "k"}
+        path = ROOT / "examples" / "python" / "openai_agents.py"
+        out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("25 calls made; the upstream is "), out.stdout
+        stats = up.stats()
+        assert (stats["ok"], stats["rejected"]) == (25, 0), stats
+    finally:
+        up.stop()
+
+
+def test_the_readme_shows_the_openai_agents_example() -> None:
+    blocks = re.findall(r"```python agents\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks == [(ROOT / "examples" / "python" / "openai_agents.py").read_text()]
