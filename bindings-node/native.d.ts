@@ -296,6 +296,8 @@ export interface LightInfo {
   left?: number
   /** That dimension: `requests`, `tokens`, `input_tokens` or `output_tokens`. */
   dimension?: string
+  /** The circuit breaker: `closed`, `pre_emptive_open`, `open` or `half_open`. */
+  breaker: string
 }
 
 /** One limit the request touched. */
@@ -348,6 +350,8 @@ export interface ObservedQuota {
   reset?: number
   /** Seconds since it was observed. */
   age: number
+  /** How fast the upstream's remaining falls, per second (0: not known). */
+  burn: number
 }
 
 /** What one response's rate-limit headers say (`parseHeaders`). */
@@ -422,6 +426,8 @@ export interface UpstreamInfo {
   left?: number
   /** Seconds everyone must still wait (Retry-After, a reported 429). */
   blocked?: number
+  /** The circuit breaker: `closed`, `pre_emptive_open`, `open` or `half_open`. */
+  breaker: string
   /** The fresh dimensions. */
   quotas: Array<ObservedQuota>
   /** Header values that were ignored, one line each. */

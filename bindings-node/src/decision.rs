@@ -85,6 +85,8 @@ pub struct LightInfo {
     pub left: Option<f64>,
     /// That dimension: `requests`, `tokens`, `input_tokens` or `output_tokens`.
     pub dimension: Option<String>,
+    /// The circuit breaker: `closed`, `pre_emptive_open`, `open` or `half_open`.
+    pub breaker: String,
 }
 
 fn share(permille: Option<u16>) -> Option<f64> {
@@ -96,6 +98,7 @@ fn light_of(l: &ratewarden::upstream::Light) -> LightInfo {
         zone: l.zone.as_str().to_owned(),
         left: share(l.left),
         dimension: l.dimension.map(|d| d.as_str().to_owned()),
+        breaker: l.breaker.as_str().to_owned(),
     }
 }
 
@@ -114,6 +117,8 @@ pub struct ObservedQuota {
     pub reset: Option<f64>,
     /// Seconds since it was observed.
     pub age: f64,
+    /// How fast the upstream's remaining falls, per second (0: not known).
+    pub burn: f64,
 }
 
 /// A resource's upstream state as every process sees it.
@@ -129,6 +134,8 @@ pub struct UpstreamInfo {
     pub left: Option<f64>,
     /// Seconds everyone must still wait (Retry-After, a reported 429).
     pub blocked: Option<f64>,
+    /// The circuit breaker: `closed`, `pre_emptive_open`, `open` or `half_open`.
+    pub breaker: String,
     /// The fresh dimensions.
     pub quotas: Vec<ObservedQuota>,
     /// Header values that were ignored, one line each.
@@ -142,6 +149,7 @@ pub(crate) fn upstream_of(v: ratewarden::UpstreamView) -> UpstreamInfo {
         previous: v.previous.as_str().to_owned(),
         left: share(v.left),
         blocked: v.blocked.map(|b| b.as_secs_f64()),
+        breaker: v.breaker.as_str().to_owned(),
         quotas: v
             .quotas
             .iter()
@@ -152,6 +160,7 @@ pub(crate) fn upstream_of(v: ratewarden::UpstreamView) -> UpstreamInfo {
                 observed: q.observed as f64,
                 reset: q.reset.map(|r| r.as_secs_f64()),
                 age: q.age.as_secs_f64(),
+                burn: q.burn as f64,
             })
             .collect(),
         warnings: v.warnings,

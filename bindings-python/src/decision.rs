@@ -122,7 +122,8 @@ impl Decision {
     /// The traffic light of the request's resource when it coordinates on
     /// its upstream (`upstream:` in the policy): `{"zone": "unknown" |
     /// "green" | "amber" | "red", "left": share of the tightest dimension
-    /// (0-1) or None, "dimension": its name or None}`; else `None`.
+    /// (0-1) or None, "dimension": its name or None, "breaker": the circuit
+    /// breaker's state}`; else `None`.
     #[getter]
     fn light<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         self.inner
@@ -313,14 +314,16 @@ fn light_dict<'py>(
         "dimension",
         l.dimension.map(ratewarden::upstream::Dimension::as_str),
     )?;
+    d.set_item("breaker", l.breaker.as_str())?;
     Ok(d)
 }
 
 /// An upstream's state as a dict: `resource`, `zone`, `previous` (the zone
 /// before this response), `left` (0-1), `blocked` (seconds everyone still
-/// waits, or None), `quotas` (fresh dimensions: `dimension`, `limit`,
+/// waits, or None), `breaker` (`closed`, `pre_emptive_open`, `open`,
+/// `half_open`), `quotas` (fresh dimensions: `dimension`, `limit`,
 /// `remaining` — observed less admitted since —, `observed`, `reset` and
-/// `age` in seconds) and `warnings`.
+/// `age` in seconds, `burn` per second) and `warnings`.
 pub(crate) fn upstream_to_py(py: Python<'_>, v: ratewarden::UpstreamView) -> PyResult<Py<PyAny>> {
     let d = PyDict::new(py);
     d.set_item("resource", &v.resource)?;
@@ -328,6 +331,7 @@ pub(crate) fn upstream_to_py(py: Python<'_>, v: ratewarden::UpstreamView) -> PyR
     d.set_item("previous", v.previous.as_str())?;
     d.set_item("left", share(v.left))?;
     d.set_item("blocked", v.blocked.map(|b| b.as_secs_f64()))?;
+    d.set_item("breaker", v.breaker.as_str())?;
     let quotas = PyList::empty(py);
     for q in &v.quotas {
         let qd = PyDict::new(py);
@@ -337,6 +341,7 @@ pub(crate) fn upstream_to_py(py: Python<'_>, v: ratewarden::UpstreamView) -> PyR
         qd.set_item("observed", q.observed)?;
         qd.set_item("reset", q.reset.map(|r| r.as_secs_f64()))?;
         qd.set_item("age", q.age.as_secs_f64())?;
+        qd.set_item("burn", q.burn)?;
         quotas.append(qd)?;
     }
     d.set_item("quotas", quotas)?;

@@ -63,6 +63,19 @@ pub enum Event {
         /// When (µs since the epoch, the backend's clock).
         at: Micros,
     },
+    /// A coordinated resource's circuit breaker changed state (a reported
+    /// response opened or closed it, or a request went as the half-open
+    /// probe).
+    Breaker {
+        /// The resource.
+        resource: String,
+        /// The state before.
+        from: crate::upstream::BreakerState,
+        /// The state now.
+        to: crate::upstream::BreakerState,
+        /// When (µs since the epoch).
+        at: Micros,
+    },
     /// The shared backend answered again after degraded decisions.
     BackendRecovered {
         /// How long decisions were degraded.

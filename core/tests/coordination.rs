@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{now, warden};
-use ratewarden::upstream::Zone;
-use ratewarden::{ErrorKind, Event, Outcome, Priority, Request};
+use ratewarden::upstream::{BreakerState, Zone};
+use ratewarden::{Clock, ErrorKind, Event, Outcome, Priority, Request};
 use serde_json::{Value, json};
 
 fn policy(extra_limits: Value) -> Value {
@@ -250,29 +250,202 @@ fn readings_roll_over_at_their_reset_and_go_stale_after_ttl() {
 }
 
 #[test]
-fn a_429_stops_everyone_until_retry_after() {
+fn a_429_opens_the_breaker_then_exactly_one_probe_goes_and_its_success_closes_it() {
     let (w, clock) = warden(policy(json!([])));
+    let mut rx = w.subscribe();
     let v = now(w.report("openai", 429, &[("retry-after", "5")])).unwrap();
     assert_eq!(
-        (v.zone, v.blocked),
-        (Zone::Red, Some(Duration::from_secs(5)))
+        (v.zone, v.blocked, v.breaker),
+        (Zone::Red, Some(Duration::from_secs(5)), BreakerState::Open)
     );
     let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
-    assert_eq!(d.outcome, Outcome::Deny);
-    assert_eq!(d.retry_after, Some(Duration::from_secs(5)));
+    assert_eq!(
+        (d.outcome, d.retry_after),
+        (Outcome::Deny, Some(Duration::from_secs(5)))
+    );
     clock.advance(Duration::from_secs(5));
+    assert_eq!(
+        now(w.upstream("openai")).unwrap().breaker,
+        BreakerState::HalfOpen
+    );
+    // One probe, whoever asks first; everyone else looks again within `pace`.
+    let probe = now(w.acquire(&ask("user:1", Priority::Background))).unwrap();
+    assert!(probe.allowed(), "{probe:?}");
     assert!(
-        now(w.acquire(&ask("user:1", Priority::Critical)))
+        probe.reason.as_deref().unwrap().contains("probe"),
+        "{probe:?}"
+    );
+    for p in [Priority::Critical, Priority::Standard] {
+        let d = now(w.acquire(&ask("user:2", p))).unwrap();
+        assert_eq!(
+            (d.outcome, d.retry_after),
+            (Outcome::Deny, Some(Duration::from_secs(1)))
+        );
+    }
+    // Its success closes the breaker.
+    let v = now(w.report("openai", 200, &[])).unwrap();
+    assert_eq!(v.breaker, BreakerState::Closed);
+    assert!(
+        now(w.acquire(&ask("user:2", Priority::Standard)))
             .unwrap()
             .allowed()
     );
-    // A 429 that says nothing blocks for the policy's `block` (1 s).
-    let v = now(w.report("openai", 429, &[])).unwrap();
-    assert_eq!(v.blocked, Some(Duration::from_secs(1)));
-    // A 429 with an exhausted quota and no Retry-After: until it resets.
+    let mut seen = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        if let Event::Breaker { from, to, .. } = e {
+            seen.push((from, to));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (BreakerState::Closed, BreakerState::Open),
+            (BreakerState::Open, BreakerState::HalfOpen),
+            (BreakerState::HalfOpen, BreakerState::Closed)
+        ]
+    );
+}
+
+#[test]
+fn a_failed_probe_reopens_for_twice_as_long_and_an_unreported_probe_expires() {
+    let (w, clock) = warden(policy(json!([])));
+    // A 5xx without Retry-After: open for `open_for` (5 s).
+    assert_eq!(
+        now(w.report("openai", 503, &[])).unwrap().breaker,
+        BreakerState::Open
+    );
+    clock.advance(Duration::from_secs(5));
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+    // The probe failed: open again, twice as long.
+    now(w.report("openai", 500, &[])).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
+    assert_eq!(d.retry_after, Some(Duration::from_secs(10)));
+    clock.advance(Duration::from_secs(10));
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+    // That probe never reports: after its lease (30 s) another one goes.
+    clock.advance(Duration::from_secs(29));
+    assert!(
+        !now(w.acquire(&ask("user:2", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
     clock.advance(Duration::from_secs(1));
-    let v = now(w.report("openai", 429, &pairs(&openai(100, 0, "7s")))).unwrap();
-    assert_eq!(v.blocked, Some(Duration::from_secs(7)));
+    assert!(
+        now(w.acquire(&ask("user:2", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+    // A 404 says nothing about the upstream's health; a success closes it.
+    assert_eq!(
+        now(w.report("openai", 404, &[])).unwrap().breaker,
+        BreakerState::HalfOpen
+    );
+    assert_eq!(
+        now(w.report("openai", 204, &[])).unwrap().breaker,
+        BreakerState::Closed
+    );
+    // Closed again, the count of opens starts over: 5 s.
+    now(w.report("openai", 502, &[])).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
+    assert_eq!(d.retry_after, Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn a_probe_the_limits_deny_is_handed_back() {
+    let (w, clock) = warden(policy(json!([
+        {"name": "per_user", "kind": "quota", "limit": 1, "per": "day", "scope": "user"}
+    ])));
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+    now(w.report("openai", 429, &[("retry-after", "1")])).unwrap();
+    clock.advance(Duration::from_secs(1));
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert!(d.reason.as_deref().unwrap().contains("per_user"), "{d:?}");
+    assert!(
+        now(w.acquire(&ask("user:2", Priority::Standard)))
+            .unwrap()
+            .allowed(),
+        "the probe came back"
+    );
+    assert!(
+        !now(w.acquire(&ask("user:3", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+}
+
+#[test]
+fn a_short_runway_opens_pre_emptively_capping_then_walking_the_fallback_chain() {
+    let (w, clock) = warden(json!({
+        "scopes": {"user": {}},
+        "resources": {"openai": {"upstream": {"breaker": {
+            "horizon": "10s", "max_tokens": 256, "fallback": ["gpt-small", "gpt-tiny"], "step": "10s"
+        }}}}
+    }));
+    let end = clock.now() + 3_600_000_000;
+    let seen = |remaining: u64| {
+        let reset = format!("{}ms", (end - clock.now()) / 1000);
+        now(w.observe("openai", &pairs(&openai(1000, remaining, &reset)))).unwrap()
+    };
+    seen(1000);
+    clock.advance(Duration::from_secs(1));
+    // 100 a second gone, 900 left: nine seconds of runway, under the horizon.
+    let v = seen(900);
+    assert_eq!(
+        (v.breaker, v.quotas[0].burn),
+        (BreakerState::PreEmptiveOpen, 100)
+    );
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(d.outcome, Outcome::AllowWithCaps);
+    assert_eq!(
+        (d.caps.max_tokens, d.caps.model.as_deref()),
+        (Some(256), None)
+    );
+    clock.advance(Duration::from_secs(10));
+    let d = now(w.acquire(&ask("user:1", Priority::Critical))).unwrap();
+    assert_eq!(
+        (d.caps.max_tokens, d.caps.model.as_deref()),
+        (Some(256), Some("gpt-small"))
+    );
+    clock.advance(Duration::from_secs(20));
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(
+        d.caps.model.as_deref(),
+        Some("gpt-tiny"),
+        "the chain's end holds"
+    );
+    // The burn slows (nothing more is used): closed once the runway is twice the horizon.
+    let mut burns = Vec::new();
+    for _ in 0..3 {
+        clock.advance(Duration::from_millis(500));
+        let v = seen(898);
+        burns.push((v.quotas[0].burn, v.breaker));
+    }
+    assert_eq!(
+        burns,
+        [
+            (75, BreakerState::PreEmptiveOpen),
+            (56, BreakerState::PreEmptiveOpen),
+            (42, BreakerState::Closed)
+        ]
+    );
+    assert_eq!(
+        now(w.acquire(&ask("user:1", Priority::Standard)))
+            .unwrap()
+            .outcome,
+        Outcome::Allow
+    );
 }
 
 #[test]
@@ -321,7 +494,7 @@ fn a_denial_by_the_light_reports_the_limits_true_state() {
         d.reason
             .as_deref()
             .unwrap()
-            .contains("asked callers to wait"),
+            .contains("breaker of `openai` is open"),
         "{d:?}"
     );
     let scope = ratewarden::Scope::parse("user:1").unwrap();
@@ -435,6 +608,17 @@ fn the_policy_section_is_validated() {
     bad(json!({"ttl": "400d"}), "longer than a year");
     bad(json!({"green": 1.5}), "more than 100%");
     bad(json!({"gren": 0.5}), "unknown field `gren`");
+    bad(
+        json!({"breaker": {"horizon": "2h"}}),
+        "resources.r.upstream.breaker.horizon",
+    );
+    bad(json!({"breaker": {"max_tokens": 0}}), "breaker.max_tokens");
+    bad(
+        json!({"breaker": {"fallback": ["a", " "]}}),
+        "breaker.fallback[1]",
+    );
+    bad(json!({"breaker": {"open_for": "0s"}}), "breaker.open_for");
+    bad(json!({"block": "1s"}), "unknown field `block`");
     let e = ratewarden::Policy::from_value(&json!({"actions": {"a": {"upstream": {}}}}))
         .unwrap_err()
         .to_string();
@@ -449,8 +633,10 @@ enum Step {
         remaining: u64,
         reset_ms: Option<u64>,
         tokens: bool,
+        status: Option<u16>,
     },
-    Report429 {
+    Report {
+        status: u16,
         retry_after: Option<u64>,
     },
     Acquire {
@@ -469,14 +655,36 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         Just(Priority::Standard),
         Just(Priority::Background)
     ];
+    let status = prop_oneof![Just(200u16), Just(429), Just(500), Just(404)];
     prop_oneof![
-        3 => (proptest::option::of(count.clone()), count.clone(), proptest::option::of(1u64..120_000), any::<bool>())
-            .prop_map(|(limit, remaining, reset_ms, tokens)| Step::Observe { limit, remaining, reset_ms, tokens }),
-        1 => proptest::option::of(0u64..30).prop_map(|retry_after| Step::Report429 { retry_after }),
+        4 => (proptest::option::of(count.clone()), count.clone(), proptest::option::of(1u64..120_000), any::<bool>(), proptest::option::of(status.clone()))
+            .prop_map(|(limit, remaining, reset_ms, tokens, status)| Step::Observe { limit, remaining, reset_ms, tokens, status }),
+        1 => (status, proptest::option::of(0u64..30)).prop_map(|(status, retry_after)| Step::Report { status, retry_after }),
         6 => (priority, prop_oneof![Just(0u64), 0u64..300, 0u64..=(1 << 40)], any::<bool>())
             .prop_map(|(priority, tokens, check)| Step::Acquire { priority, tokens, check }),
         2 => prop_oneof![0u64..2_000, 0u64..200_000].prop_map(Step::Advance),
     ]
+}
+
+/// What the memory backend does with an observation (a read changes
+/// nothing); the expected view.
+fn model_observe(
+    model: &mut ratewarden::upstream::light::UpstreamState,
+    h: &[(&str, &str)],
+    status: Option<u16>,
+    now: i64,
+    c: &ratewarden::upstream::Coordination,
+) -> ratewarden::UpstreamView {
+    use ratewarden::upstream::light::Sample;
+    let (sample, _) = Sample::of(&ratewarden::upstream::parse(h.iter().copied(), now), status);
+    let mut next = *model;
+    let (before, _) = next.observe(&sample, now, c);
+    if !sample.is_empty() {
+        *model = next;
+    }
+    let mut view = next.view("openai", now, c);
+    view.previous = before;
+    view
 }
 
 proptest::proptest! {
@@ -486,19 +694,23 @@ proptest::proptest! {
         ..proptest::prelude::ProptestConfig::default()
     })]
 
-    /// Every backend decides exactly as the rules in `upstream::light` on a
-    /// model state, over the whole accepted range of readings and amounts.
+    /// Every backend decides exactly as the rules in `upstream::light` and
+    /// `upstream::breaker` on a model state, over the whole accepted range of
+    /// readings, amounts and statuses.
     #[test]
     fn every_backend_follows_the_rules(steps in proptest::collection::vec(step(), 1..40)) {
-        use ratewarden::upstream::light::{Sample, UpstreamState, Verdict};
-        use ratewarden::upstream::{Coordination, parse};
-        use ratewarden::Clock;
-        let (w, clock) = warden(policy(json!([])));
-        let c = Coordination::default();
+        use ratewarden::upstream::light::{UpstreamState, Verdict};
+        let (w, clock) = warden(json!({
+            "scopes": {"user": {}},
+            "resources": {"openai": {"upstream": {"breaker": {
+                "horizon": "20s", "max_tokens": 100, "fallback": ["a", "b"], "step": "2s", "open_for": "1s"
+            }}}}
+        }));
+        let c = w.coordination("openai").unwrap().clone();
         let mut model = UpstreamState::default();
         for s in steps {
             match s {
-                Step::Observe { limit, remaining, reset_ms, tokens } => {
+                Step::Observe { limit, remaining, reset_ms, tokens, status } => {
                     let dim = if tokens { "tokens" } else { "requests" };
                     let mut h = vec![(format!("x-ratelimit-remaining-{dim}"), remaining.to_string())];
                     if let Some(l) = limit {
@@ -508,21 +720,22 @@ proptest::proptest! {
                         h.push((format!("x-ratelimit-reset-{dim}"), format!("{r}ms")));
                     }
                     let h = pairs(&h);
-                    let (sample, _) = Sample::of(&parse(h.iter().copied(), clock.now()), None, &c);
-                    let before = model.observe(&sample, clock.now(), &c);
-                    let v = now(w.observe("openai", &h)).unwrap();
-                    let mut expected = model.view("openai", clock.now(), &c);
-                    expected.previous = before;
+                    let mut expected = model_observe(&mut model, &h, status, clock.now(), &c);
+                    let v = match status {
+                        None => now(w.observe("openai", &h)),
+                        Some(st) => now(w.report("openai", st, &h)),
+                    }
+                    .unwrap();
                     expected.warnings.clone_from(&v.warnings);
                     proptest::prop_assert_eq!(v, expected);
                 }
-                Step::Report429 { retry_after } => {
+                Step::Report { status, retry_after } => {
                     let r = retry_after.map(|s| s.to_string());
                     let h: Vec<(&str, &str)> = r.iter().map(|r| ("retry-after", r.as_str())).collect();
-                    let (sample, _) = Sample::of(&parse(h.iter().copied(), clock.now()), Some(429), &c);
-                    model.observe(&sample, clock.now(), &c);
-                    let v = now(w.report("openai", 429, &h)).unwrap();
-                    proptest::prop_assert_eq!(v.blocked, model.view("openai", clock.now(), &c).blocked);
+                    let mut expected = model_observe(&mut model, &h, Some(status), clock.now(), &c);
+                    let v = now(w.report("openai", status, &h)).unwrap();
+                    expected.warnings.clone_from(&v.warnings);
+                    proptest::prop_assert_eq!(v, expected);
                 }
                 Step::Acquire { priority, tokens, check } => {
                     let r = ask("user:1", priority).spend("tokens", tokens);
@@ -534,9 +747,14 @@ proptest::proptest! {
                     };
                     let g = model.gate(&plan_ask, clock.now(), &c);
                     proptest::prop_assert_eq!(d.light, Some(g.light));
+                    let capped = g.max_tokens.is_some() || g.model.is_some();
+                    proptest::prop_assert_eq!(d.caps.max_tokens, g.max_tokens.map(|t| u64::try_from(t).unwrap()).filter(|_| d.allowed()));
+                    proptest::prop_assert_eq!(d.caps.model.clone(), g.model.map(|i| c.breaker.fallback[i].clone()).filter(|_| d.allowed()));
                     match g.verdict {
-                        Verdict::Pass => proptest::prop_assert_eq!(d.outcome, Outcome::Allow),
-                        Verdict::Delay(0) => proptest::prop_assert_eq!(d.outcome, Outcome::Allow),
+                        Verdict::Pass | Verdict::Delay(0) => proptest::prop_assert_eq!(
+                            d.outcome,
+                            if capped { Outcome::AllowWithCaps } else { Outcome::Allow }
+                        ),
                         Verdict::Delay(us) => {
                             proptest::prop_assert_eq!(d.outcome, Outcome::AllowWithCaps);
                             proptest::prop_assert_eq!(d.caps.delay_ms, Some(u64::try_from(us).unwrap().div_ceil(1000)));

@@ -38,7 +38,12 @@ def test_the_light_follows_what_responses_say() -> None:
     assert (v["zone"], v["previous"], v["left"]) == ("green", "unknown", 0.9)
     assert v["quotas"][0]["remaining"] == 90 and v["quotas"][0]["reset"] == 60.0
     d = w.acquire("agent:a", resource="openai", priority="background")
-    assert d.outcome == "allow" and d.light == {"zone": "green", "left": 0.9, "dimension": "requests"}
+    assert d.outcome == "allow" and d.light == {
+        "zone": "green",
+        "left": 0.9,
+        "dimension": "requests",
+        "breaker": "closed",
+    }
 
     # Amber from an httpx.Headers: standard gets 500 ms * (40 - 27.5) / 25.
     w.observe("openai", httpx.Headers(openai(275, limit=1000)))
@@ -155,3 +160,31 @@ def _paced(url: str, namespace: str, policy: Dict[str, Any], start: Any, q: Any)
     start.wait()
     d = w.acquire("agent:x", resource="openai")
     q.put(d.allowed)
+
+
+def _probe(url: str, namespace: str, at: float, start: Any, q: Any) -> None:
+    w = Warden(POLICY, backend=url, namespace=namespace, clock=ratewarden.ManualClock(at))
+    start.wait()
+    d = w.acquire("agent:x", resource="openai", priority="critical")
+    q.put((d.allowed, d.light["breaker"] if d.light else None))
+
+
+@pytest.mark.parametrize("target", ["url", "cluster_url"])
+def test_exactly_one_half_open_probe_across_8_processes(redis_servers: Any, namespace: str, target: str) -> None:
+    url = redis_servers.info[target]
+    # Every process reads the same manual time, passed to the scripts: the
+    # breaker opened at T for 5 s, the 8 processes ask at T + 6 (half-open).
+    t = 1_800_000_000.0
+    w = Warden(POLICY, backend=url, namespace=namespace, clock=ratewarden.ManualClock(t))
+    assert w.report("openai", 503, {"retry-after": "5"})["breaker"] == "open"
+    ctx = multiprocessing.get_context("spawn")
+    start, q = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_probe, args=(url, namespace, t + 6, start, q)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(results) == [(False, "half_open")] * 7 + [(True, "half_open")]

@@ -1427,11 +1427,17 @@ impl Backend for MemoryBackend {
         sample: &'a Sample,
     ) -> Pending<'a, Observed> {
         Pending::Ready(Ok(self.with_upstream(resource, |state, now| {
-            let before = state.observe(sample, now, coordination);
+            // A read (an empty sample) changes nothing, as on Redis.
+            let mut next = *state;
+            let (before, breaker_before) = next.observe(sample, now, coordination);
+            if !sample.is_empty() {
+                *state = next;
+            }
             Observed {
-                state: *state,
+                state: next,
                 now,
                 before,
+                breaker_before,
             }
         })))
     }

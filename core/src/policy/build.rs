@@ -492,6 +492,32 @@ fn build_upstream(ctx: &Ctx<'_>, path: &str, raw: RawUpstream) -> Result<Coordin
     )?;
     c.pace = time(&raw.pace, "pace", c.pace, false)?;
     c.ttl = time(&raw.ttl, "ttl", c.ttl, false)?;
-    c.block = time(&raw.block, "block", c.block, false)?;
+    let rb = raw.breaker.unwrap_or_default();
+    let b = &mut c.breaker;
+    // The horizon may be 0s (no pre-emptive opening), at most an hour.
+    b.horizon = time(&rb.horizon, "breaker.horizon", b.horizon, true)?;
+    b.step = time(&rb.step, "breaker.step", b.step, false)?;
+    b.open_for = time(&rb.open_for, "breaker.open_for", b.open_for, false)?;
+    b.probe_lease = time(&rb.probe_lease, "breaker.probe_lease", b.probe_lease, false)?;
+    if let Some(t) = rb.max_tokens {
+        if t == 0 || t > crate::upstream::light::MAX_READING {
+            return Err(ctx.err(
+                format!("{path}.breaker.max_tokens"),
+                format!("{t} is not a token count from 1 to 2^40"),
+            ));
+        }
+        b.max_tokens = i64::try_from(t).unwrap_or(i64::MAX);
+    }
+    if let Some(models) = rb.fallback {
+        for (i, m) in models.iter().enumerate() {
+            if m.trim().is_empty() || m.len() > 200 {
+                return Err(ctx.err(
+                    format!("{path}.breaker.fallback[{i}]"),
+                    "a model name is 1-200 characters",
+                ));
+            }
+        }
+        b.fallback = models;
+    }
     Ok(c)
 }

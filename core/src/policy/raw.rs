@@ -64,7 +64,19 @@ pub(super) struct RawUpstream {
     pub(super) delay: Option<RawDelay>,
     pub(super) pace: Option<String>,
     pub(super) ttl: Option<String>,
-    pub(super) block: Option<String>,
+    pub(super) breaker: Option<RawBreaker>,
+}
+
+/// `breaker:` under a resource's `upstream:`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBreaker {
+    pub(super) horizon: Option<String>,
+    pub(super) max_tokens: Option<u64>,
+    pub(super) fallback: Option<Vec<String>>,
+    pub(super) step: Option<String>,
+    pub(super) open_for: Option<String>,
+    pub(super) probe_lease: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

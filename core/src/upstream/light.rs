@@ -37,6 +37,7 @@
 
 use std::time::Duration;
 
+use super::breaker::{Breaker, BreakerConfig, BreakerState, MAX_BURN, Outcome};
 use super::{Dimension, Observation};
 use crate::clock::Micros;
 use crate::priority::Priority;
@@ -71,7 +72,7 @@ impl Dimension {
 
 /// How a resource coordinates on its upstream (`upstream:` under a resource
 /// in the policy). Shares are in ‰ of the quota, times in µs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Coordination {
     /// Green while more than this is left (‰; default 400).
     pub green: u16,
@@ -86,9 +87,8 @@ pub struct Coordination {
     pub pace: Micros,
     /// How long a reading without a reset is trusted (default 60 s).
     pub ttl: Micros,
-    /// How long a reported 429 blocks when the response says neither
-    /// `Retry-After` nor when an exhausted quota resets (default 1 s).
-    pub block: Micros,
+    /// The predictive circuit breaker (`breaker:`).
+    pub breaker: BreakerConfig,
 }
 
 impl Default for Coordination {
@@ -100,7 +100,7 @@ impl Default for Coordination {
             delay_background: 2_000_000,
             pace: 1_000_000,
             ttl: 60_000_000,
-            block: 1_000_000,
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -173,6 +173,11 @@ pub struct Reading {
     pub reset_at: Micros,
     /// When it was observed, µs since the epoch (0: never).
     pub seen_at: Micros,
+    /// What the upstream itself last said was left (the burn rate's input).
+    pub observed: i64,
+    /// How fast the upstream's remaining falls, units per second (a
+    /// decaying average; 0: not known).
+    pub burn: i64,
 }
 
 impl Reading {
@@ -203,6 +208,8 @@ impl Reading {
                 spent: 0,
                 reset_at: 0,
                 seen_at: self.reset_at,
+                observed: self.limit,
+                burn: self.burn,
             }
         } else {
             self
@@ -246,6 +253,8 @@ pub struct UpstreamState {
     pub blocked_until: Micros,
     /// In red, the next standard request may go at (µs since the epoch).
     pub pace_next: Micros,
+    /// The predictive circuit breaker.
+    pub breaker: Breaker,
 }
 
 /// A backend's answer to [`crate::backend::Backend::observe`].
@@ -257,6 +266,8 @@ pub struct Observed {
     pub now: Micros,
     /// The zone before it.
     pub before: Zone,
+    /// The breaker's state before it.
+    pub breaker_before: BreakerState,
 }
 
 /// One dimension of a response, validated for storage.
@@ -278,6 +289,8 @@ pub struct Sample {
     pub dims: [Option<Seen>; DIMENSIONS],
     /// Everyone waits this long from now (µs).
     pub block: Option<Micros>,
+    /// What the response's status says to the breaker.
+    pub outcome: Outcome,
 }
 
 impl Sample {
@@ -287,15 +300,14 @@ impl Sample {
     /// without `remaining` says nothing; one past [`MAX_READING`] is no
     /// constraint (a warning says so). The upstream asks everyone to wait
     /// when it sends `Retry-After`/`retry-after-ms`, or — with a 429 and no
-    /// such header — until the earliest reset of an exhausted quota, or for
-    /// `coordination.block`.
+    /// such header — until the earliest reset of an exhausted quota (without
+    /// either, the breaker's `open_for` decides).
     #[must_use]
-    pub fn of(
-        observation: &Observation,
-        status: Option<u16>,
-        coordination: &Coordination,
-    ) -> (Self, Vec<String>) {
-        let mut sample = Self::default();
+    pub fn of(observation: &Observation, status: Option<u16>) -> (Self, Vec<String>) {
+        let mut sample = Self {
+            outcome: Outcome::of_status(status),
+            ..Self::default()
+        };
         let mut warnings = Vec::new();
         for q in &observation.quotas {
             let Some(remaining) = q.remaining else {
@@ -326,17 +338,14 @@ impl Sample {
         sample.block = match observation.retry_after {
             Some(d) if !d.is_zero() => Some(micros(d)),
             Some(_) => None,
-            None if status == Some(429) => Some(
-                sample
-                    .dims
-                    .iter()
-                    .flatten()
-                    .filter(|s| s.remaining == 0)
-                    .filter_map(|s| s.reset)
-                    .filter(|&r| r > 0)
-                    .min()
-                    .unwrap_or(coordination.block),
-            ),
+            None if status == Some(429) => sample
+                .dims
+                .iter()
+                .flatten()
+                .filter(|s| s.remaining == 0)
+                .filter_map(|s| s.reset)
+                .filter(|&r| r > 0)
+                .min(),
             None => None,
         };
         (sample, warnings)
@@ -345,7 +354,9 @@ impl Sample {
     /// Whether it tells nothing (a read).
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.block.is_none() && self.dims.iter().all(Option::is_none)
+        self.block.is_none()
+            && self.outcome == Outcome::Unknown
+            && self.dims.iter().all(Option::is_none)
     }
 }
 
@@ -408,6 +419,10 @@ pub enum Why {
     Red,
     /// Red: standard callers go one per `pace`; this one's turn is later.
     Paced,
+    /// The breaker is open (a 429 or 5xx was reported).
+    Open,
+    /// The breaker is half-open and its one probe is out.
+    Probing,
     /// Amber, but its delay would reach past the window's reset (or the
     /// reset is unknown): it asks again at the reset (or after the delay) and
     /// counts then.
@@ -415,7 +430,8 @@ pub enum Why {
 }
 
 impl Why {
-    /// 0 blocked, 1 exhausted, 2 red, 3 paced, 4 deferred (the scripts' encoding).
+    /// 0 blocked, 1 exhausted, 2 red, 3 paced, 4 deferred, 5 open, 6 probing
+    /// (the scripts' encoding).
     #[must_use]
     pub const fn code(self) -> i64 {
         match self {
@@ -424,6 +440,8 @@ impl Why {
             Self::Red => 2,
             Self::Paced => 3,
             Self::Deferred => 4,
+            Self::Open => 5,
+            Self::Probing => 6,
         }
     }
 }
@@ -437,6 +455,8 @@ pub struct Light {
     pub left: Option<u16>,
     /// That dimension.
     pub dimension: Option<Dimension>,
+    /// The breaker's state.
+    pub breaker: BreakerState,
 }
 
 /// What to undo if the limits deny a request the light let through: the
@@ -450,6 +470,8 @@ pub struct Ticket {
     pub seen: [Micros; DIMENSIONS],
     /// The pacing turn taken: `(before, after)` of `pace_next`.
     pub pace: Option<(Micros, Micros)>,
+    /// The half-open probe taken: its lease's end.
+    pub probe: Option<Micros>,
 }
 
 /// A request's pass through the light.
@@ -462,10 +484,18 @@ pub struct Gate {
     /// What was counted (an admitted, mutating pass), to give back if the
     /// limits then deny.
     pub ticket: Option<Ticket>,
+    /// While pre-emptively open: `caps.max_tokens`.
+    pub max_tokens: Option<i64>,
+    /// While pre-emptively open: the fallback model to use (its index in
+    /// the breaker's `fallback`).
+    pub model: Option<usize>,
+    /// Whether this request is the half-open breaker's one probe.
+    pub probe: bool,
 }
 
 impl UpstreamState {
-    /// The light at `now`: the tightest fresh dimension decides; blocked is red.
+    /// The light at `now`: the tightest fresh dimension decides; blocked (or
+    /// an open breaker) is red.
     #[must_use]
     pub fn light(&self, now: Micros, c: &Coordination) -> Light {
         let mut tightest: Option<(i64, Dimension)> = None;
@@ -478,8 +508,9 @@ impl UpstreamState {
                 }
             }
         }
+        let breaker = self.breaker.at(now);
         let zone = match tightest {
-            _ if self.blocked_until > now => Zone::Red,
+            _ if self.blocked_until > now || breaker == BreakerState::Open => Zone::Red,
             None => Zone::Unknown,
             Some((p, _)) if p > i64::from(c.green) => Zone::Green,
             Some((p, _)) if p >= i64::from(c.red) => Zone::Amber,
@@ -489,6 +520,7 @@ impl UpstreamState {
             zone,
             left: tightest.map(|(p, _)| u16::try_from(p).unwrap_or(1000)),
             dimension: tightest.map(|(_, d)| d),
+            breaker,
         }
     }
 
@@ -499,11 +531,16 @@ impl UpstreamState {
         }
     }
 
-    /// Records what a response said (see the module docs); returns the zone
-    /// before.
-    pub fn observe(&mut self, sample: &Sample, now: Micros, c: &Coordination) -> Zone {
+    /// Records what a response said (see the module docs and
+    /// [`super::breaker`]); returns the zone and breaker state before.
+    pub fn observe(
+        &mut self,
+        sample: &Sample,
+        now: Micros,
+        c: &Coordination,
+    ) -> (Zone, BreakerState) {
         self.roll(now);
-        let before = self.light(now, c).zone;
+        let before = (self.light(now, c).zone, self.breaker.at(now));
         for (i, seen) in sample.dims.iter().enumerate() {
             let Some(s) = seen else { continue };
             let prev = self.dims[i];
@@ -524,6 +561,19 @@ impl UpstreamState {
             } else {
                 s.remaining
             });
+            // The burn rate: how fast the upstream's own remaining fell since
+            // the last response of this window (a decaying average, ¼ new).
+            let dt_ms = (now - prev.seen_at) / 1000;
+            let burn = if same_window && dt_ms >= 1 {
+                let rate = ((prev.observed - s.remaining).max(0) * 1000 / dt_ms).min(MAX_BURN);
+                if prev.burn == 0 {
+                    rate
+                } else {
+                    (3 * prev.burn + rate) / 4
+                }
+            } else {
+                prev.burn
+            };
             self.dims[i] = Reading {
                 limit,
                 remaining,
@@ -534,18 +584,32 @@ impl UpstreamState {
                     reset_at
                 },
                 seen_at: now,
+                observed: s.remaining,
+                burn,
             };
         }
         if let Some(b) = sample.block {
             self.blocked_until = self.blocked_until.max(now.saturating_add(b));
         }
+        self.breaker_observe(sample, now, c);
         before
     }
 
-    /// Passes a request through the light at `now` (see the module docs);
-    /// an admitted, mutating pass counts its amounts and pacing turn.
+    /// Passes a request through the breaker and the light at `now` (see the
+    /// module docs); a mutating pass keeps what it changed (the amounts
+    /// counted, a pacing turn, the half-open probe), a check changes nothing.
     pub fn gate(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
+        let mut next = *self;
+        let gate = next.pass(ask, now, c);
+        if ask.mutate {
+            *self = next;
+        }
+        gate
+    }
+
+    fn pass(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
         self.roll(now);
+        self.pre_empt(now, c);
         let light = self.light(now, c);
         let deny = |retry: Micros, why| Gate {
             light,
@@ -554,7 +618,13 @@ impl UpstreamState {
                 why,
             },
             ticket: None,
+            max_tokens: None,
+            model: None,
+            probe: false,
         };
+        if light.breaker == BreakerState::Open {
+            return deny(self.breaker.until - now, Why::Open);
+        }
         if self.blocked_until > now {
             return deny(self.blocked_until - now, Why::Blocked);
         }
@@ -565,68 +635,76 @@ impl UpstreamState {
                 return deny(r.wait(now, c), Why::Exhausted(d));
             }
         }
-        let mut pace = None;
-        let verdict = match (light.zone, ask.priority) {
-            (Zone::Unknown | Zone::Green, _) | (_, Priority::Critical) => Verdict::Pass,
-            (Zone::Amber, tier) => {
-                let top = if tier == Priority::Background {
-                    c.delay_background
-                } else {
-                    c.delay_standard
-                };
-                let depth = i64::from(c.green) - i64::from(light.left.unwrap_or(0));
-                let span = (i64::from(c.green) - i64::from(c.red)).max(1);
-                let delay = top * depth.clamp(0, span) / span;
-                // A delay that could carry the request past the window's
-                // reset would spend the next window's quota on this one's
-                // count: it waits for the reset instead — or, the reset
-                // unknown, asks again after the delay (and counts then).
-                let reset = light.dimension.map_or(0, |d| self.dims[d.index()].reset_at);
-                if delay > 0 && reset == 0 {
-                    return deny(delay, Why::Deferred);
-                }
-                if delay > 0 && now + delay >= reset {
-                    return deny(reset - now, Why::Deferred);
-                }
-                Verdict::Delay(delay)
+        let mut ticket = Ticket::default();
+        let probe = light.breaker == BreakerState::HalfOpen;
+        let verdict = if probe {
+            // Exactly one request goes as the probe; the rest look again soon.
+            if self.breaker.probe > now {
+                return deny((self.breaker.probe - now).min(c.pace), Why::Probing);
             }
-            (Zone::Red, Priority::Background) => {
-                let wait = light
-                    .dimension
-                    .map_or(c.pace, |d| self.dims[d.index()].wait(now, c));
-                return deny(wait, Why::Red);
-            }
-            (Zone::Red, Priority::Standard) => {
-                if self.pace_next > now {
-                    return deny(self.pace_next - now, Why::Paced);
+            let lease = now + c.breaker.probe_lease;
+            self.breaker.state = BreakerState::HalfOpen;
+            self.breaker.probe = lease;
+            ticket.probe = Some(lease);
+            Verdict::Pass
+        } else {
+            match (light.zone, ask.priority) {
+                (Zone::Unknown | Zone::Green, _) | (_, Priority::Critical) => Verdict::Pass,
+                (Zone::Amber, tier) => {
+                    let top = if tier == Priority::Background {
+                        c.delay_background
+                    } else {
+                        c.delay_standard
+                    };
+                    let depth = i64::from(c.green) - i64::from(light.left.unwrap_or(0));
+                    let span = (i64::from(c.green) - i64::from(c.red)).max(1);
+                    let delay = top * depth.clamp(0, span) / span;
+                    // A delay that could carry the request past the window's
+                    // reset would spend the next window's quota on this one's
+                    // count: it waits for the reset instead — or, the reset
+                    // unknown, asks again after the delay (and counts then).
+                    let reset = light.dimension.map_or(0, |d| self.dims[d.index()].reset_at);
+                    if delay > 0 && reset == 0 {
+                        return deny(delay, Why::Deferred);
+                    }
+                    if delay > 0 && now + delay >= reset {
+                        return deny(reset - now, Why::Deferred);
+                    }
+                    Verdict::Delay(delay)
                 }
-                pace = Some((self.pace_next, now + c.pace));
-                Verdict::Pass
+                (Zone::Red, Priority::Background) => {
+                    let wait = light
+                        .dimension
+                        .map_or(c.pace, |d| self.dims[d.index()].wait(now, c));
+                    return deny(wait, Why::Red);
+                }
+                (Zone::Red, Priority::Standard) => {
+                    if self.pace_next > now {
+                        return deny(self.pace_next - now, Why::Paced);
+                    }
+                    ticket.pace = Some((self.pace_next, now + c.pace));
+                    self.pace_next = now + c.pace;
+                    Verdict::Pass
+                }
             }
         };
-        let ticket = ask.mutate.then(|| {
-            let mut t = Ticket {
-                pace,
-                ..Ticket::default()
-            };
-            if let Some((_, next)) = pace {
-                self.pace_next = next;
+        for d in Dimension::ALL {
+            let i = d.index();
+            let r = &mut self.dims[i];
+            if ask.amounts[i] > 0 && r.fresh(now, c.ttl) {
+                r.spent += ask.amounts[i];
+                ticket.amounts[i] = ask.amounts[i];
+                ticket.seen[i] = r.seen_at;
             }
-            for d in Dimension::ALL {
-                let i = d.index();
-                let r = &mut self.dims[i];
-                if ask.amounts[i] > 0 && r.fresh(now, c.ttl) {
-                    r.spent += ask.amounts[i];
-                    t.amounts[i] = ask.amounts[i];
-                    t.seen[i] = r.seen_at;
-                }
-            }
-            t
-        });
+        }
+        let (max_tokens, model) = self.pre_emptive_caps(now, &c.breaker);
         Gate {
             light,
             verdict,
-            ticket,
+            ticket: ask.mutate.then_some(ticket),
+            max_tokens,
+            model,
+            probe,
         }
     }
 
@@ -643,6 +721,11 @@ impl UpstreamState {
                 self.pace_next = before;
             }
         }
+        if let Some(lease) = ticket.probe {
+            if self.breaker.state == BreakerState::HalfOpen && self.breaker.probe == lease {
+                self.breaker.probe = 0;
+            }
+        }
     }
 
     /// Until when anything in it matters (µs since the epoch): a backend
@@ -653,7 +736,12 @@ impl UpstreamState {
             .iter()
             .filter(|r| r.seen_at > 0)
             .map(|r| r.expires(c.ttl))
-            .chain([self.blocked_until, self.pace_next])
+            .chain([
+                self.blocked_until,
+                self.pace_next,
+                self.breaker.until,
+                self.breaker.probe,
+            ])
             .max()
             .unwrap_or(0)
     }
@@ -669,6 +757,7 @@ impl UpstreamState {
             zone: light.zone,
             left: light.left,
             blocked: (self.blocked_until > now).then(|| until(self.blocked_until, now)),
+            breaker: light.breaker,
             quotas: Dimension::ALL
                 .iter()
                 .filter_map(|&d| {
@@ -680,6 +769,7 @@ impl UpstreamState {
                         observed: r.remaining,
                         reset: (r.reset_at > 0).then(|| until(r.reset_at, now)),
                         age: until(now, r.seen_at),
+                        burn: r.burn,
                     })
                 })
                 .collect(),
@@ -708,6 +798,8 @@ pub struct QuotaView {
     pub reset: Option<Duration>,
     /// How long ago it was observed.
     pub age: Duration,
+    /// How fast the upstream's remaining falls, units per second (0: not known).
+    pub burn: i64,
 }
 
 /// A resource's upstream state as every process sees it.
@@ -721,6 +813,8 @@ pub struct UpstreamView {
     pub left: Option<u16>,
     /// How long everyone must still wait, if the upstream said so.
     pub blocked: Option<Duration>,
+    /// The predictive circuit breaker's state.
+    pub breaker: BreakerState,
     /// The fresh dimensions.
     pub quotas: Vec<QuotaView>,
     /// The zone before the response that produced this view (the same as
@@ -734,15 +828,9 @@ pub struct UpstreamView {
 mod tests {
     use super::*;
 
-    const C: Coordination = Coordination {
-        green: 400,
-        red: 150,
-        delay_standard: 500_000,
-        delay_background: 2_000_000,
-        pace: 1_000_000,
-        ttl: 60_000_000,
-        block: 1_000_000,
-    };
+    fn c() -> Coordination {
+        Coordination::default()
+    }
 
     fn seen(limit: i64, remaining: i64, reset_s: i64) -> Sample {
         let mut s = Sample::default();
@@ -765,28 +853,28 @@ mod tests {
     #[test]
     fn a_late_reply_of_the_same_window_never_raises_the_estimate() {
         let mut s = UpstreamState::default();
-        s.observe(&seen(100, 50, 60), 1_000_000, &C);
-        s.observe(&seen(100, 80, 60), 1_500_000, &C);
+        s.observe(&seen(100, 50, 60), 1_000_000, &c());
+        s.observe(&seen(100, 80, 60), 1_500_000, &c());
         assert_eq!(s.dims[0].remaining, 50);
         // A later window replaces it.
-        s.observe(&seen(100, 90, 120), 2_000_000, &C);
+        s.observe(&seen(100, 90, 120), 2_000_000, &c());
         assert_eq!(s.dims[0].remaining, 90);
         // So does another limit (the upstream changed the quota).
-        s.observe(&seen(1000, 500, 120), 2_000_001, &C);
+        s.observe(&seen(1000, 500, 120), 2_000_001, &c());
         assert_eq!((s.dims[0].limit, s.dims[0].remaining), (1000, 500));
     }
 
     #[test]
     fn amber_delay_grows_linearly_and_background_yields_first() {
         let mut s = UpstreamState::default();
-        s.observe(&seen(1000, 275, 60), 1, &C);
-        let g = s.gate(&ask(Priority::Standard), 2, &C);
+        s.observe(&seen(1000, 275, 60), 1, &c());
+        let g = s.gate(&ask(Priority::Standard), 2, &c());
         assert_eq!(g.verdict, Verdict::Delay(250_000));
-        let g = s.gate(&ask(Priority::Background), 2, &C);
+        let g = s.gate(&ask(Priority::Background), 2, &c());
         // 274 left after the standard one: (400 - 274) / 250 of 2 s.
         assert_eq!(g.verdict, Verdict::Delay(2_000_000 * 126 / 250));
         assert_eq!(
-            s.gate(&ask(Priority::Critical), 2, &C).verdict,
+            s.gate(&ask(Priority::Critical), 2, &c()).verdict,
             Verdict::Pass
         );
     }
@@ -794,17 +882,17 @@ mod tests {
     #[test]
     fn ungate_gives_back_only_what_nothing_replaced() {
         let mut s = UpstreamState::default();
-        s.observe(&seen(100, 10, 60), 1, &C);
-        let g = s.gate(&ask(Priority::Standard), 2, &C);
+        s.observe(&seen(100, 10, 60), 1, &c());
+        let g = s.gate(&ask(Priority::Standard), 2, &c());
         assert_eq!(s.pace_next, 1_000_002);
         let t = g.ticket.expect("counted");
         s.ungate(&t);
         assert_eq!((s.dims[0].spent, s.pace_next), (0, 0));
         let t = s
-            .gate(&ask(Priority::Standard), 3, &C)
+            .gate(&ask(Priority::Standard), 3, &c())
             .ticket
             .expect("counted");
-        s.observe(&seen(100, 9, 60), 4, &C);
+        s.observe(&seen(100, 9, 60), 4, &c());
         s.ungate(&t);
         assert_eq!(s.dims[0].spent, 0, "the new reading stands");
     }

@@ -21,10 +21,13 @@
 //! clock), so one agent's response informs every process at once
 //! ([`crate::Warden::observe`], [`crate::Warden::report`]). Each decision on
 //! the resource then passes its **traffic light** ([`Zone`]) — see
-//! [`light`] for the rules, decided once here for every backend.
+//! [`light`] for the rules, and its predictive circuit breaker — see
+//! [`breaker`] — decided once here for every backend.
 
+pub mod breaker;
 mod headers;
 pub mod light;
 
+pub use breaker::{BreakerConfig, BreakerState};
 pub use headers::{Dimension, Observation, Quota, parse};
 pub use light::{Coordination, Light, QuotaView, UpstreamView, Zone};

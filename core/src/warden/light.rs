@@ -124,7 +124,7 @@ impl Warden {
     ) -> Result<UpstreamView> {
         let c = self.coordination(resource)?;
         let observation = parse(headers.iter().copied(), self.inner.clock.now());
-        let (sample, warnings) = Sample::of(&observation, status, c);
+        let (sample, warnings) = Sample::of(&observation, status);
         let o = self.inner.backend.observe(resource, c, &sample).await?;
         // Waiters in this process look again: the light may have changed.
         self.inner.queue.poke();
@@ -140,7 +140,25 @@ impl Warden {
                 at: o.now,
             });
         }
+        self.breaker_event(resource, o.breaker_before, view.breaker, o.now);
         Ok(view)
+    }
+
+    fn breaker_event(
+        &self,
+        resource: &str,
+        from: crate::upstream::BreakerState,
+        to: crate::upstream::BreakerState,
+        at: crate::clock::Micros,
+    ) {
+        if from != to {
+            let _ = self.inner.events.send(Event::Breaker {
+                resource: resource.to_owned(),
+                from,
+                to,
+                at,
+            });
+        }
     }
 
     /// A decision on a coordinated resource: its traffic light first, then
@@ -183,6 +201,37 @@ impl Warden {
                     self.give_back(resource, c, &gate).await;
                 }
                 let mut d = d?;
+                if d.allowed() && (gate.max_tokens.is_some() || gate.model.is_some()) {
+                    d.caps.merge(&Caps {
+                        max_tokens: gate.max_tokens.and_then(|t| u64::try_from(t).ok()),
+                        model: gate.model.and_then(|i| c.breaker.fallback.get(i).cloned()),
+                        ..Caps::default()
+                    });
+                    d.outcome = Outcome::AllowWithCaps;
+                    let why = format!(
+                        "the breaker of `{resource}` is pre-emptively open: its quota runs out within {}",
+                        crate::policy::fmt_duration(c.breaker.horizon)
+                    );
+                    d.reason = Some(match d.reason.take() {
+                        Some(r) => format!("{r}; {why}"),
+                        None => why,
+                    });
+                }
+                if gate.probe && d.allowed() {
+                    let why = format!(
+                        "the half-open breaker's probe of `{resource}`: report its outcome"
+                    );
+                    d.reason = Some(match d.reason.take() {
+                        Some(r) => format!("{r}; {why}"),
+                        None => why,
+                    });
+                    self.breaker_event(
+                        resource,
+                        crate::upstream::BreakerState::Open,
+                        crate::upstream::BreakerState::HalfOpen,
+                        self.inner.clock.now(),
+                    );
+                }
                 if let (Verdict::Delay(us), true) = (gate.verdict, d.allowed()) {
                     if us > 0 {
                         d.caps.merge(&Caps {
@@ -236,6 +285,12 @@ fn denial(resource: &str, why: Why, light: &Light) -> String {
         Why::Red => format!(
             "the upstream of `{resource}` is red ({}): background callers wait for its reset",
             share(light)
+        ),
+        Why::Open => format!(
+            "the breaker of `{resource}` is open: the upstream failed (429 or 5xx); it half-opens for one probe"
+        ),
+        Why::Probing => format!(
+            "the breaker of `{resource}` is half-open and its probe is out: waiting for its outcome"
         ),
         Why::Deferred => format!(
             "the upstream of `{resource}` is amber ({}): a delay could reach past its reset, so this asks again later",

@@ -4,10 +4,16 @@
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
+use crate::upstream::breaker::{Breaker, BreakerState};
 use crate::upstream::light::{
     Ask, DIMENSIONS, Gate, Light, Observed, Reading, Sample, Ticket, UpstreamState, Verdict, Why,
 };
 use crate::upstream::{Coordination, Dimension, Zone};
+
+/// Numbers per dimension in the script's state: l r s z t o u.
+const PER_DIM: usize = 7;
+/// Numbers of the state before the dimensions: b p bs bu bp bn bo.
+const HEAD: usize = 7;
 
 impl RedisBackend {
     /// The hash tag and key of `resource`'s upstream state.
@@ -32,6 +38,7 @@ impl RedisBackend {
         if let Some(e) = self.skipping(slot) {
             return Err(e);
         }
+        let b = &c.breaker;
         let mut args = vec![
             self.now_arg().to_string(),
             op.to_owned(),
@@ -41,6 +48,14 @@ impl RedisBackend {
             c.delay_standard.to_string(),
             c.delay_background.to_string(),
             c.pace.to_string(),
+            b.horizon.to_string(),
+            b.max_tokens.to_string(),
+            b.fallback.len().to_string(),
+            b.step.to_string(),
+            b.open_for.to_string(),
+            b.probe_lease.to_string(),
+            format!("{}:events", self.namespace),
+            resource.to_owned(),
         ];
         args.extend(extra);
         let keys = [key];
@@ -65,16 +80,25 @@ fn state_of(v: &[i64]) -> UpstreamState {
     let mut s = UpstreamState {
         blocked_until: v[0],
         pace_next: v[1],
+        breaker: Breaker {
+            state: BreakerState::of_code(v[2]),
+            until: v[3],
+            probe: v[4],
+            since: v[5],
+            opens: v[6],
+        },
         ..UpstreamState::default()
     };
     for (i, r) in s.dims.iter_mut().enumerate() {
-        let f = &v[2 + i * 5..7 + i * 5];
+        let f = &v[HEAD + i * PER_DIM..HEAD + (i + 1) * PER_DIM];
         *r = Reading {
             limit: f[0],
             remaining: f[1],
             spent: f[2],
             reset_at: f[3],
             seen_at: f[4],
+            observed: f[5],
+            burn: f[6],
         };
     }
     s
@@ -91,7 +115,7 @@ pub(super) fn observe<'a>(
     sample: &'a Sample,
 ) -> Pending<'a, Observed> {
     Pending::Future(Box::pin(async move {
-        let mut extra = vec![opt(sample.block)];
+        let mut extra = vec![opt(sample.block), sample.outcome.code().to_string()];
         for d in &sample.dims {
             match d {
                 None => extra.extend(["0".into(), "-1".into(), "0".into(), "-1".into()]),
@@ -104,13 +128,14 @@ pub(super) fn observe<'a>(
             }
         }
         let v = b.upstream_call(resource, c, "observe", extra, true).await?;
-        if v.len() != 4 + 5 * DIMENSIONS {
+        if v.len() != 3 + HEAD + PER_DIM * DIMENSIONS {
             return Err(reply_error("observe", v.len()));
         }
         Ok(Observed {
             now: v[0],
             before: Zone::of_code(v[1]),
-            state: state_of(&v[2..]),
+            breaker_before: BreakerState::of_code(v[2]),
+            state: state_of(&v[3..]),
         })
     }))
 }
@@ -130,7 +155,7 @@ pub(super) fn gate<'a>(
         let v = b
             .upstream_call(resource, c, "gate", extra, !ask.mutate)
             .await?;
-        if v.len() != 10 + 2 * DIMENSIONS {
+        if v.len() != 15 + 2 * DIMENSIONS {
             return Err(reply_error("gate", v.len()));
         }
         let dim = |code: i64| {
@@ -142,6 +167,7 @@ pub(super) fn gate<'a>(
             zone: Zone::of_code(v[4]),
             left: u16::try_from(v[5]).ok(),
             dimension: dim(v[6]),
+            breaker: BreakerState::of_code(v[7]),
         };
         let verdict = match v[0] {
             0 => Verdict::Pass,
@@ -153,24 +179,30 @@ pub(super) fn gate<'a>(
                     1 => Why::Exhausted(dim(v[3]).unwrap_or(Dimension::Requests)),
                     2 => Why::Red,
                     3 => Why::Paced,
-                    _ => Why::Deferred,
+                    4 => Why::Deferred,
+                    5 => Why::Open,
+                    _ => Why::Probing,
                 },
             },
         };
-        let ticket = (v[7] == 1).then(|| {
+        let ticket = (v[8] == 1).then(|| {
             let mut t = Ticket {
-                pace: (v[8] >= 0).then_some((v[8], v[9])),
+                pace: (v[9] >= 0).then_some((v[9], v[10])),
+                probe: (v[11] >= 0).then_some(v[11]),
                 ..Ticket::default()
             };
-            t.amounts.copy_from_slice(&v[10..10 + DIMENSIONS]);
+            t.amounts.copy_from_slice(&v[15..15 + DIMENSIONS]);
             t.seen
-                .copy_from_slice(&v[10 + DIMENSIONS..10 + 2 * DIMENSIONS]);
+                .copy_from_slice(&v[15 + DIMENSIONS..15 + 2 * DIMENSIONS]);
             t
         });
         Ok(Gate {
             light,
             verdict,
             ticket,
+            max_tokens: (v[13] >= 0).then_some(v[13]),
+            model: usize::try_from(v[14]).ok(),
+            probe: v[12] == 1,
         })
     }))
 }
@@ -185,7 +217,11 @@ pub(super) fn ungate<'a>(
         let mut extra: Vec<String> = t.amounts.iter().map(ToString::to_string).collect();
         extra.extend(t.seen.iter().map(ToString::to_string));
         let (before, after) = t.pace.unwrap_or((-1, 0));
-        extra.extend([before.to_string(), after.to_string()]);
+        extra.extend([
+            before.to_string(),
+            after.to_string(),
+            t.probe.unwrap_or(-1).to_string(),
+        ]);
         b.upstream_call(resource, c, "ungate", extra, false).await?;
         Ok(())
     }))
