@@ -27,7 +27,8 @@ use crate::policy::{LimitDef, LimitKind, Overage, Policy};
 use crate::priority::Priority;
 use crate::scope::Scope;
 use crate::upstream::Coordination;
-use crate::upstream::light::{Ask, Gate, Observed, Sample, Ticket, UpstreamState};
+use crate::upstream::gated;
+use crate::upstream::light::{Ask, Gate, Observed, Sample, Ticket, UpstreamState, Verdict};
 use std::collections::HashMap;
 
 const SHARDS: usize = 64;
@@ -322,11 +323,16 @@ impl MemoryBackend {
         f: impl FnOnce(&mut UpstreamState, Micros) -> T,
     ) -> T {
         let now = self.clock.now();
+        self.upstream_at(resource, |s| f(s, now))
+    }
+
+    /// Runs `f` on `resource`'s upstream state, under its lock.
+    fn upstream_at<T>(&self, resource: &str, f: impl FnOnce(&mut UpstreamState) -> T) -> T {
         let mut map = self.upstream.lock();
         if let Some(state) = map.get_mut(resource) {
-            return f(state, now);
+            return f(state);
         }
-        f(map.entry(resource.into()).or_default(), now)
+        f(map.entry(resource.into()).or_default())
     }
 
     /// The clock this engine reads.
@@ -723,7 +729,11 @@ impl MemoryBackend {
     /// id's shard stays locked while deciding, so two calls with one id
     /// decide once.
     pub(super) fn decide_sync(&self, plan: &Plan<'_>, mode: Mode<'_>) -> Result<Decision> {
-        let now = self.clock.now();
+        self.decide_at(plan, mode, self.clock.now())
+    }
+
+    /// [`MemoryBackend::decide_sync`] at `now` (read once by the caller).
+    fn decide_at(&self, plan: &Plan<'_>, mode: Mode<'_>, now: Micros) -> Result<Decision> {
         if now >= self.next_record_sweep.load(Ordering::Relaxed) {
             self.sweep_records(now);
         }
@@ -1440,6 +1450,34 @@ impl Backend for MemoryBackend {
                 breaker_before,
             }
         })))
+    }
+
+    fn decide_gated<'a>(
+        &'a self,
+        plan: &'a Plan<'a>,
+        mode: Mode<'a>,
+        resource: &'a str,
+        coordination: &'a Coordination,
+    ) -> Pending<'a, Decision> {
+        // The steps of `upstream::gated::decide`, synchronously, on one
+        // reading of the clock.
+        let now = self.clock.now();
+        let ask = plan.upstream_ask(mode.mutates());
+        let gate = self.upstream_at(resource, |s| s.gate(&ask, now, coordination));
+        let d = if let Verdict::Deny { retry, why } = gate.verdict {
+            self.decide_at(plan, Mode::Check, now)
+                .map(|d| gated::denied(d, retry, why, resource, &gate.light))
+        } else {
+            let d = self.decide_at(plan, mode, now);
+            if let (Some(t), false) = (gate.ticket, d.as_ref().is_ok_and(Decision::allowed)) {
+                self.upstream_at(resource, |s| s.ungate(&t));
+            }
+            d.map(|d| gated::passed(d, &gate, resource, coordination))
+        };
+        Pending::Ready(d.map(|mut d| {
+            d.light = Some(gate.light);
+            d
+        }))
     }
 
     fn gate<'a>(

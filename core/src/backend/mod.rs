@@ -189,6 +189,27 @@ pub trait Backend: Send + Sync + 'static {
     /// A short name for logs and `Decision` provenance (`memory`, `redis`).
     fn name(&self) -> &'static str;
 
+    /// A decision on a resource that coordinates on its upstream: its
+    /// breaker and traffic light, then its limits, with the light's caps —
+    /// the sequence of [`Backend::gate`], [`Backend::decide`] and
+    /// [`Backend::ungate`] decided in `upstream::gated` (a backend that
+    /// answers at once overrides it only to avoid the boxed future).
+    fn decide_gated<'a>(
+        &'a self,
+        plan: &'a Plan<'a>,
+        mode: Mode<'a>,
+        resource: &'a str,
+        coordination: &'a Coordination,
+    ) -> Pending<'a, Decision> {
+        Pending::Future(Box::pin(crate::upstream::gated::decide(
+            self,
+            plan,
+            mode,
+            resource,
+            coordination,
+        )))
+    }
+
     /// Records what an upstream response said about `resource`'s upstream
     /// (an empty `sample` only reads), atomically, on the backend's clock,
     /// following [`crate::upstream::light::UpstreamState::observe`]; answers

@@ -457,6 +457,9 @@ pub struct Light {
     pub dimension: Option<Dimension>,
     /// The breaker's state.
     pub breaker: BreakerState,
+    /// Whether this request went as the half-open breaker's one probe
+    /// (report its response: it closes or re-opens the breaker).
+    pub probe: bool,
 }
 
 /// What to undo if the limits deny a request the light let through: the
@@ -521,6 +524,7 @@ impl UpstreamState {
             left: tightest.map(|(p, _)| u16::try_from(p).unwrap_or(1000)),
             dimension: tightest.map(|(_, d)| d),
             breaker,
+            probe: false,
         }
     }
 
@@ -599,12 +603,11 @@ impl UpstreamState {
     /// module docs); a mutating pass keeps what it changed (the amounts
     /// counted, a pacing turn, the half-open probe), a check changes nothing.
     pub fn gate(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
-        let mut next = *self;
-        let gate = next.pass(ask, now, c);
         if ask.mutate {
-            *self = next;
+            return self.pass(ask, now, c);
         }
-        gate
+        let mut scratch = *self;
+        scratch.pass(ask, now, c)
     }
 
     fn pass(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
@@ -699,7 +702,7 @@ impl UpstreamState {
         }
         let (max_tokens, model) = self.pre_emptive_caps(now, &c.breaker);
         Gate {
-            light,
+            light: Light { probe, ..light },
             verdict,
             ticket: ask.mutate.then_some(ticket),
             max_tokens,

@@ -25,6 +25,7 @@
 //! [`breaker`] — decided once here for every backend.
 
 pub mod breaker;
+pub(crate) mod gated;
 mod headers;
 pub mod light;
 

@@ -2,16 +2,13 @@
 //! (`observe`, `report`, `upstream`) and passing each decision on a
 //! coordinated resource through its traffic light before its limits.
 
-use std::time::Duration;
-
 use super::Warden;
-use crate::backend::Mode;
-use crate::decision::{Caps, Decision, Outcome};
+use crate::decision::Decision;
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::plan::Plan;
-use crate::upstream::light::{Gate, Sample, Verdict, Why};
-use crate::upstream::{Coordination, Light, UpstreamView, parse};
+use crate::upstream::light::Sample;
+use crate::upstream::{Coordination, UpstreamView, parse};
 
 impl Warden {
     /// Records what one response of `resource`'s upstream said in its
@@ -161,144 +158,15 @@ impl Warden {
         }
     }
 
-    /// A decision on a coordinated resource: its traffic light first, then
-    /// its limits. What the light counted is given back when the limits
-    /// deny (or fail); a light that denies leaves the limits unchanged (they
-    /// are only checked, so the decision reports their true state).
-    pub(super) async fn through_light(
-        &self,
-        plan: &Plan<'_>,
-        mode: Mode<'_>,
-        resource: &str,
-        c: &Coordination,
-    ) -> Result<Decision> {
-        let backend = &self.inner.backend;
-        let gate = backend
-            .gate(resource, c, plan.upstream_ask(mode.mutates()))
-            .await?;
-        let mut d = match gate.verdict {
-            Verdict::Deny { retry, why } => {
-                let mut d = backend.decide(plan, Mode::Check).await?;
-                let retry = Duration::from_micros(u64::try_from(retry).unwrap_or(0));
-                d.retry_after = if d.allowed() {
-                    Some(retry)
-                } else {
-                    d.retry_after.map(|r| r.max(retry))
-                };
-                let why = denial(resource, why, &gate.light);
-                d.reason = Some(match d.reason.take().filter(|_| !d.allowed()) {
-                    Some(limits) => format!("{why}; {limits}"),
-                    None => why,
-                });
-                d.outcome = Outcome::Deny;
-                d.caps = Caps::default();
-                d.reservation = None;
-                d
-            }
-            Verdict::Pass | Verdict::Delay(_) => {
-                let d = backend.decide(plan, mode).await;
-                if !d.as_ref().is_ok_and(Decision::allowed) {
-                    self.give_back(resource, c, &gate).await;
-                }
-                let mut d = d?;
-                if d.allowed() && (gate.max_tokens.is_some() || gate.model.is_some()) {
-                    d.caps.merge(&Caps {
-                        max_tokens: gate.max_tokens.and_then(|t| u64::try_from(t).ok()),
-                        model: gate.model.and_then(|i| c.breaker.fallback.get(i).cloned()),
-                        ..Caps::default()
-                    });
-                    d.outcome = Outcome::AllowWithCaps;
-                    let why = format!(
-                        "the breaker of `{resource}` is pre-emptively open: its quota runs out within {}",
-                        crate::policy::fmt_duration(c.breaker.horizon)
-                    );
-                    d.reason = Some(match d.reason.take() {
-                        Some(r) => format!("{r}; {why}"),
-                        None => why,
-                    });
-                }
-                if gate.probe && d.allowed() {
-                    let why = format!(
-                        "the half-open breaker's probe of `{resource}`: report its outcome"
-                    );
-                    d.reason = Some(match d.reason.take() {
-                        Some(r) => format!("{r}; {why}"),
-                        None => why,
-                    });
-                    self.breaker_event(
-                        resource,
-                        crate::upstream::BreakerState::Open,
-                        crate::upstream::BreakerState::HalfOpen,
-                        self.inner.clock.now(),
-                    );
-                }
-                if let (Verdict::Delay(us), true) = (gate.verdict, d.allowed()) {
-                    if us > 0 {
-                        d.caps.merge(&Caps {
-                            delay_ms: Some(u64::try_from((us + 999) / 1000).unwrap_or(0)),
-                            ..Caps::default()
-                        });
-                        d.outcome = Outcome::AllowWithCaps;
-                        let why = format!(
-                            "the upstream of `{resource}` is amber ({}): {} callers wait first",
-                            share(&gate.light),
-                            d.priority
-                        );
-                        d.reason = Some(match d.reason.take() {
-                            Some(r) => format!("{r}; {why}"),
-                            None => why,
-                        });
-                    }
-                }
-                d
-            }
-        };
-        d.light = Some(gate.light);
-        Ok(d)
-    }
-
-    /// Hands back what a pass through the light counted. A failure only
-    /// leaves the estimate lower until the next response (never over-admits).
-    async fn give_back(&self, resource: &str, c: &Coordination, gate: &Gate) {
-        if let Some(t) = gate.ticket {
-            let _ = self.inner.backend.ungate(resource, c, t).await;
+    /// The half-open breaker let this decision through as its probe.
+    pub(super) fn probe_event(&self, resource: &str, d: &Decision) {
+        if d.allowed() && d.light.is_some_and(|l| l.probe) {
+            self.breaker_event(
+                resource,
+                crate::upstream::BreakerState::Open,
+                crate::upstream::BreakerState::HalfOpen,
+                self.inner.clock.now(),
+            );
         }
-    }
-}
-
-fn share(light: &Light) -> String {
-    match (light.left, light.dimension) {
-        (Some(l), Some(d)) => format!("{}.{}% of {} left", l / 10, l % 10, d.as_str()),
-        _ => "nothing fresh known".to_owned(),
-    }
-}
-
-fn denial(resource: &str, why: Why, light: &Light) -> String {
-    match why {
-        Why::Blocked => {
-            format!("the upstream of `{resource}` asked callers to wait (Retry-After or 429)")
-        }
-        Why::Exhausted(d) => format!(
-            "the upstream of `{resource}` has no {} left for this request until it resets",
-            d.as_str()
-        ),
-        Why::Red => format!(
-            "the upstream of `{resource}` is red ({}): background callers wait for its reset",
-            share(light)
-        ),
-        Why::Open => format!(
-            "the breaker of `{resource}` is open: the upstream failed (429 or 5xx); it half-opens for one probe"
-        ),
-        Why::Probing => format!(
-            "the breaker of `{resource}` is half-open and its probe is out: waiting for its outcome"
-        ),
-        Why::Deferred => format!(
-            "the upstream of `{resource}` is amber ({}): a delay could reach past its reset, so this asks again later",
-            share(light)
-        ),
-        Why::Paced => format!(
-            "the upstream of `{resource}` is red ({}): standard callers go one at a time, paced",
-            share(light)
-        ),
     }
 }

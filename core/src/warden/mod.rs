@@ -177,7 +177,13 @@ impl Warden {
         };
         let d = match plan.upstream() {
             Some((resource, c)) if !matches!(mode, Mode::Delegate { .. }) => {
-                self.through_light(plan, mode, resource, c).await?
+                let d = self
+                    .inner
+                    .backend
+                    .decide_gated(plan, mode, resource, c)
+                    .await?;
+                self.probe_event(resource, &d);
+                d
             }
             _ => self.inner.backend.decide(plan, mode).await?,
         };

@@ -168,6 +168,7 @@ pub(super) fn gate<'a>(
             left: u16::try_from(v[5]).ok(),
             dimension: dim(v[6]),
             breaker: BreakerState::of_code(v[7]),
+            probe: v[12] == 1,
         };
         let verdict = match v[0] {
             0 => Verdict::Pass,
