@@ -203,9 +203,7 @@ pub struct Plan<'p> {
     promote_after: Micros,
     operation: Option<OperationId>,
     /// The resource, when it coordinates on its upstream.
-    upstream: Option<(&'p str, &'p Coordination)>,
-    /// What the request takes of each upstream dimension.
-    upstream_amounts: [i64; DIMENSIONS],
+    upstream: Option<(&'p str, &'p Coordination, &'p Cost)>,
 }
 
 /// Base amounts per unit resolved from a [`Cost`], borrowing its unit names.
@@ -333,8 +331,7 @@ impl<'p> Plan<'p> {
             &request.resource,
             resource.and_then(|r| r.upstream.as_ref()),
         ) {
-            plan.upstream = Some((name.as_str(), c));
-            plan.upstream_amounts = upstream_amounts(policy, &amounts);
+            plan.upstream = Some((name.as_str(), c, &request.cost));
         }
         for target in resource.into_iter().chain(action) {
             for def in &target.limits {
@@ -370,7 +367,6 @@ impl<'p> Plan<'p> {
             promote_after: policy.defaults.promote_after,
             operation: None,
             upstream: None,
-            upstream_amounts: [0; DIMENSIONS],
         }
     }
 
@@ -427,7 +423,7 @@ impl<'p> Plan<'p> {
     /// (`upstream:` in the policy).
     #[must_use]
     pub fn upstream(&self) -> Option<(&'p str, &'p Coordination)> {
-        self.upstream
+        self.upstream.map(|(r, c, _)| (r, c))
     }
 
     /// What the request asks of its resource's upstream at the traffic light.
@@ -435,7 +431,11 @@ impl<'p> Plan<'p> {
     pub fn upstream_ask(&self, mutate: bool) -> Ask {
         Ask {
             priority: self.priority,
-            amounts: self.upstream_amounts,
+            amounts: self.upstream.map_or([0; DIMENSIONS], |(_, _, cost)| {
+                // Checked when the plan was built: it resolves.
+                resolve_cost(self.policy, cost)
+                    .map_or([0; DIMENSIONS], |a| upstream_amounts(self.policy, &a))
+            }),
             mutate,
         }
     }

@@ -29,7 +29,6 @@ use crate::scope::Scope;
 use crate::upstream::Coordination;
 use crate::upstream::gated;
 use crate::upstream::light::{Ask, Gate, Observed, Sample, Ticket, UpstreamState, Verdict};
-use std::collections::HashMap;
 
 const SHARDS: usize = 64;
 const RES_SHARDS: usize = 16;
@@ -168,8 +167,9 @@ pub struct MemoryBackend {
     /// When decisions next sweep the reservation and operation records (µs).
     next_record_sweep: AtomicI64,
     /// Each coordinating resource's observed upstream state (one entry per
-    /// resource a policy declares `upstream:` for).
-    upstream: Mutex<HashMap<Box<str>, UpstreamState, foldhash::fast::RandomState>>,
+    /// resource a policy declares `upstream:` for: a handful, searched in
+    /// order, cheaper than hashing the name).
+    upstream: Mutex<Vec<(Box<str>, UpstreamState)>>,
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -328,11 +328,13 @@ impl MemoryBackend {
 
     /// Runs `f` on `resource`'s upstream state, under its lock.
     fn upstream_at<T>(&self, resource: &str, f: impl FnOnce(&mut UpstreamState) -> T) -> T {
-        let mut map = self.upstream.lock();
-        if let Some(state) = map.get_mut(resource) {
-            return f(state);
+        let mut states = self.upstream.lock();
+        if let Some(i) = states.iter().position(|(name, _)| &**name == resource) {
+            return f(&mut states[i].1);
         }
-        f(map.entry(resource.into()).or_default())
+        states.push((resource.into(), UpstreamState::default()));
+        let last = states.len() - 1;
+        f(&mut states[last].1)
     }
 
     /// The clock this engine reads.
@@ -1464,20 +1466,28 @@ impl Backend for MemoryBackend {
         let now = self.clock.now();
         let ask = plan.upstream_ask(mode.mutates());
         let gate = self.upstream_at(resource, |s| s.gate(&ask, now, coordination));
-        let d = if let Verdict::Deny { retry, why } = gate.verdict {
-            self.decide_at(plan, Mode::Check, now)
-                .map(|d| gated::denied(d, retry, why, resource, &gate.light))
-        } else {
-            let d = self.decide_at(plan, mode, now);
-            if let (Some(t), false) = (gate.ticket, d.as_ref().is_ok_and(Decision::allowed)) {
-                self.upstream_at(resource, |s| s.ungate(&t));
+        let mut d = if let Verdict::Deny { retry, why } = gate.verdict {
+            let mut d = self.decide_at(plan, Mode::Check, now);
+            if let Ok(d) = &mut d {
+                gated::denied(d, retry, why, resource, &gate.light);
             }
-            d.map(|d| gated::passed(d, &gate, resource, coordination))
-        };
-        Pending::Ready(d.map(|mut d| {
-            d.light = Some(gate.light);
             d
-        }))
+        } else {
+            let mut d = self.decide_at(plan, mode, now);
+            match &mut d {
+                Ok(d) if d.allowed() => gated::passed(d, &gate, resource, coordination),
+                _ => {
+                    if let Some(t) = gate.ticket {
+                        self.upstream_at(resource, |s| s.ungate(&t));
+                    }
+                }
+            }
+            d
+        };
+        if let Ok(d) = &mut d {
+            d.light = Some(gate.light);
+        }
+        Pending::Ready(d)
     }
 
     fn gate<'a>(

@@ -27,8 +27,9 @@ pub(crate) async fn decide<B: Backend + ?Sized>(
         .await?;
     let mut d = match gate.verdict {
         Verdict::Deny { retry, why } => {
-            let d = backend.decide(plan, Mode::Check).await?;
-            denied(d, retry, why, resource, &gate.light)
+            let mut d = backend.decide(plan, Mode::Check).await?;
+            denied(&mut d, retry, why, resource, &gate.light);
+            d
         }
         Verdict::Pass | Verdict::Delay(_) => {
             let d = backend.decide(plan, mode).await;
@@ -39,7 +40,9 @@ pub(crate) async fn decide<B: Backend + ?Sized>(
                     let _ = backend.ungate(resource, c, t).await;
                 }
             }
-            passed(d?, &gate, resource, c)
+            let mut d = d?;
+            passed(&mut d, &gate, resource, c);
+            d
         }
     };
     d.light = Some(gate.light);
@@ -54,13 +57,7 @@ fn add_reason(d: &mut Decision, why: String) {
 }
 
 /// The limits' check turned into the light's denial.
-pub(crate) fn denied(
-    mut d: Decision,
-    retry: i64,
-    why: Why,
-    resource: &str,
-    light: &Light,
-) -> Decision {
+pub(crate) fn denied(d: &mut Decision, retry: i64, why: Why, resource: &str, light: &Light) {
     let retry = Duration::from_micros(u64::try_from(retry).unwrap_or(0));
     d.retry_after = if d.allowed() {
         Some(retry)
@@ -75,13 +72,12 @@ pub(crate) fn denied(
     d.outcome = Outcome::Deny;
     d.caps = Caps::default();
     d.reservation = None;
-    d
 }
 
 /// The limits' decision with the light's caps on an admission.
-pub(crate) fn passed(mut d: Decision, gate: &Gate, resource: &str, c: &Coordination) -> Decision {
+pub(crate) fn passed(d: &mut Decision, gate: &Gate, resource: &str, c: &Coordination) {
     if !d.allowed() {
-        return d;
+        return;
     }
     if gate.max_tokens.is_some() || gate.model.is_some() {
         d.caps.merge(&Caps {
@@ -91,7 +87,7 @@ pub(crate) fn passed(mut d: Decision, gate: &Gate, resource: &str, c: &Coordinat
         });
         d.outcome = Outcome::AllowWithCaps;
         add_reason(
-            &mut d,
+            d,
             format!(
                 "the breaker of `{resource}` is pre-emptively open: its quota runs out within {}",
                 crate::policy::fmt_duration(c.breaker.horizon)
@@ -100,7 +96,7 @@ pub(crate) fn passed(mut d: Decision, gate: &Gate, resource: &str, c: &Coordinat
     }
     if gate.probe {
         add_reason(
-            &mut d,
+            d,
             format!("the half-open breaker's probe of `{resource}`: report its outcome"),
         );
     }
@@ -116,10 +112,9 @@ pub(crate) fn passed(mut d: Decision, gate: &Gate, resource: &str, c: &Coordinat
                 share(&gate.light),
                 d.priority
             );
-            add_reason(&mut d, why);
+            add_reason(d, why);
         }
     }
-    d
 }
 
 fn share(light: &Light) -> String {

@@ -501,9 +501,22 @@ impl UpstreamState {
     /// an open breaker) is red.
     #[must_use]
     pub fn light(&self, now: Micros, c: &Coordination) -> Light {
+        self.light_of(now, c, true)
+    }
+
+    /// [`UpstreamState::light`]; `roll: false` when the readings were just
+    /// rolled over (a decision's hot path).
+    fn light_of(&self, now: Micros, c: &Coordination, roll: bool) -> Light {
         let mut tightest: Option<(i64, Dimension)> = None;
         for d in Dimension::ALL {
-            let r = &self.dims[d.index()].rolled(now);
+            let r = &self.dims[d.index()];
+            let rolled;
+            let r = if roll && r.reset_at > 0 && now >= r.reset_at {
+                rolled = r.rolled(now);
+                &rolled
+            } else {
+                r
+            };
             if r.fresh(now, c.ttl) {
                 let p = r.permille();
                 if tightest.is_none_or(|(q, _)| p < q) {
@@ -531,7 +544,9 @@ impl UpstreamState {
     /// Rolls every reading past its reset over ([`Reading::rolled`]).
     pub fn roll(&mut self, now: Micros) {
         for r in &mut self.dims {
-            *r = r.rolled(now);
+            if r.reset_at > 0 && now >= r.reset_at {
+                *r = r.rolled(now);
+            }
         }
     }
 
@@ -613,7 +628,7 @@ impl UpstreamState {
     fn pass(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
         self.roll(now);
         self.pre_empt(now, c);
-        let light = self.light(now, c);
+        let light = self.light_of(now, c, false);
         let deny = |retry: Micros, why| Gate {
             light,
             verdict: Verdict::Deny {

@@ -1,0 +1,46 @@
+//! A fixed number of embedded acquires on one resource, with or without
+//! `upstream:` — for counting instructions per decision, which this VM's
+//! wall clock cannot resolve (bench/README.md):
+//!
+//! ```bash
+//! cargo build --release -p ratewarden --example decision_cost
+//! perf stat -e instructions:u target/release/examples/decision_cost plain 2000000
+//! perf stat -e instructions:u target/release/examples/decision_cost coordinated 2000000
+//! ```
+//! (subtract a run with 0 decisions: the setup).
+
+use ratewarden::{Policy, Request, Warden};
+use serde_json::json;
+
+fn main() -> ratewarden::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let coordinated = args.get(1).map(String::as_str) == Some("coordinated");
+    let n: u64 = args
+        .get(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut resource = json!({"limits": [
+        {"name": "rps", "kind": "rate", "limit": 1_000_000_000u64, "per": "1s"}
+    ]});
+    if coordinated {
+        resource["upstream"] = json!({});
+    }
+    let w = Warden::new(Policy::from_value(
+        &json!({"scopes": {"user": {}}, "resources": {"llm": resource}}),
+    )?);
+    if coordinated {
+        let headers = [
+            ("x-ratelimit-limit-requests", "1000000000"),
+            ("x-ratelimit-remaining-requests", "999999999"),
+            ("x-ratelimit-reset-requests", "6m0s"),
+        ];
+        ratewarden::backend::at_once(w.observe("llm", &headers))?;
+    }
+    let req = Request::parse("user:42")?.resource("llm");
+    let mut allowed = 0u64;
+    for _ in 0..n {
+        allowed += u64::from(ratewarden::backend::at_once(w.acquire(&req))?.allowed());
+    }
+    println!("{allowed} of {n} allowed");
+    Ok(())
+}
