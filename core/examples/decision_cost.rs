@@ -7,14 +7,16 @@
 //! perf stat -e instructions:u target/release/examples/decision_cost plain 2000000
 //! perf stat -e instructions:u target/release/examples/decision_cost coordinated 2000000
 //! ```
-//! (subtract a run with 0 decisions: the setup).
+//! (or `valgrind --tool=callgrind`; subtract a run with 0 decisions: the
+//! setup). `observe N` counts N observations of a six-header OpenAI response.
 
 use ratewarden::{Policy, Request, Warden};
 use serde_json::json;
 
 fn main() -> ratewarden::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let coordinated = args.get(1).map(String::as_str) == Some("coordinated");
+    let mode = args.get(1).map_or("plain", String::as_str);
+    let coordinated = mode != "plain";
     let n: u64 = args
         .get(2)
         .and_then(|s| s.parse().ok())
@@ -35,6 +37,21 @@ fn main() -> ratewarden::Result<()> {
             ("x-ratelimit-reset-requests", "6m0s"),
         ];
         ratewarden::backend::at_once(w.observe("llm", &headers))?;
+    }
+    if mode == "observe" {
+        let headers = [
+            ("x-ratelimit-limit-requests", "1000000000"),
+            ("x-ratelimit-remaining-requests", "999999999"),
+            ("x-ratelimit-reset-requests", "6m0s"),
+            ("x-ratelimit-limit-tokens", "1000000000"),
+            ("x-ratelimit-remaining-tokens", "999999999"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ];
+        for _ in 0..n {
+            ratewarden::backend::at_once(w.observe("llm", &headers))?;
+        }
+        println!("{n} observed");
+        return Ok(());
     }
     let req = Request::parse("user:42")?.resource("llm");
     let mut allowed = 0u64;
