@@ -87,6 +87,8 @@ pub struct LightInfo {
     pub dimension: Option<String>,
     /// The circuit breaker: `closed`, `pre_emptive_open`, `open` or `half_open`.
     pub breaker: String,
+    /// Whether the resource is in sequential mode: calls go one at a time.
+    pub sequential: bool,
 }
 
 fn share(permille: Option<u16>) -> Option<f64> {
@@ -99,6 +101,7 @@ fn light_of(l: &ratewarden::upstream::Light) -> LightInfo {
         left: share(l.left),
         dimension: l.dimension.map(|d| d.as_str().to_owned()),
         breaker: l.breaker.as_str().to_owned(),
+        sequential: l.sequential,
     }
 }
 
@@ -136,6 +139,8 @@ pub struct UpstreamInfo {
     pub blocked: Option<f64>,
     /// The circuit breaker: `closed`, `pre_emptive_open`, `open` or `half_open`.
     pub breaker: String,
+    /// Seconds of sequential mode left (a burst of denials or failures), if on.
+    pub sequential: Option<f64>,
     /// The fresh dimensions.
     pub quotas: Vec<ObservedQuota>,
     /// Header values that were ignored, one line each.
@@ -150,6 +155,7 @@ pub(crate) fn upstream_of(v: ratewarden::UpstreamView) -> UpstreamInfo {
         left: share(v.left),
         blocked: v.blocked.map(|b| b.as_secs_f64()),
         breaker: v.breaker.as_str().to_owned(),
+        sequential: v.sequential.map(|t| t.as_secs_f64()),
         quotas: v
             .quotas
             .iter()

@@ -123,7 +123,8 @@ impl Decision {
     /// its upstream (`upstream:` in the policy): `{"zone": "unknown" |
     /// "green" | "amber" | "red", "left": share of the tightest dimension
     /// (0-1) or None, "dimension": its name or None, "breaker": the circuit
-    /// breaker's state}`; else `None`.
+    /// breaker's state, "sequential": whether calls go one at a time}`;
+    /// else `None`.
     #[getter]
     fn light<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         self.inner
@@ -315,13 +316,15 @@ fn light_dict<'py>(
         l.dimension.map(ratewarden::upstream::Dimension::as_str),
     )?;
     d.set_item("breaker", l.breaker.as_str())?;
+    d.set_item("sequential", l.sequential)?;
     Ok(d)
 }
 
 /// An upstream's state as a dict: `resource`, `zone`, `previous` (the zone
 /// before this response), `left` (0-1), `blocked` (seconds everyone still
 /// waits, or None), `breaker` (`closed`, `pre_emptive_open`, `open`,
-/// `half_open`), `quotas` (fresh dimensions: `dimension`, `limit`,
+/// `half_open`), `sequential` (seconds of sequential mode left, or None),
+/// `quotas` (fresh dimensions: `dimension`, `limit`,
 /// `remaining` — observed less admitted since —, `observed`, `reset` and
 /// `age` in seconds, `burn` per second) and `warnings`.
 pub(crate) fn upstream_to_py(py: Python<'_>, v: ratewarden::UpstreamView) -> PyResult<Py<PyAny>> {
@@ -332,6 +335,7 @@ pub(crate) fn upstream_to_py(py: Python<'_>, v: ratewarden::UpstreamView) -> PyR
     d.set_item("left", share(v.left))?;
     d.set_item("blocked", v.blocked.map(|b| b.as_secs_f64()))?;
     d.set_item("breaker", v.breaker.as_str())?;
+    d.set_item("sequential", v.sequential.map(|t| t.as_secs_f64()))?;
     let quotas = PyList::empty(py);
     for q in &v.quotas {
         let qd = PyDict::new(py);

@@ -13,6 +13,8 @@
 --            bs = breaker state (0 closed, 1 pre-emptive, 2 open, 3 half-open),
 --            bu = open until, bp = probe lease end, bn = pre-emptive since,
 --            bo = consecutive opens,
+--            cu = sequential mode until, co = sequential mode on (0|1),
+--            ce = the last denials' times (comma-separated, oldest first),
 --            per dimension i (0 requests, 1 tokens, 2 input, 3 output tokens):
 --            l<i> limit, r<i> remaining, s<i> spent since, z<i> reset at,
 --            t<i> seen at (0: never), o<i> observed remaining, u<i> burn rate
@@ -24,20 +26,24 @@
 --             models, step, open_for, probe_lease
 -- ARGV[15] the channel transitions are published on ("" : none), ARGV[16]
 --          the resource's name (in those messages)
--- observe: ARGV[17] block µs (-1: none), ARGV[18] outcome (0 unknown,
+-- ARGV[17..19] cascade: denials (0: off), within, cooldown
+-- observe: ARGV[20] block µs (-1: none), ARGV[21] outcome (0 unknown,
 --          1 success, 2 failure, 3 neither), then per dimension 4 values:
 --          present (0|1), limit (-1: not given), remaining, reset µs (-1)
---          → { now, zone before, breaker before, then the state (see dump) }
--- gate:    ARGV[17] priority rank, ARGV[18] mutate (0|1), ARGV[19..22] amounts
+--          → { now, zone before, breaker before, sequential before (0|1),
+--              then the state (see dump) }
+-- gate:    ARGV[20] priority rank, ARGV[21] mutate (0|1), ARGV[22..25] amounts
 --          → { verdict (0 pass, 1 delay, 2 deny), delay or retry µs,
 --              why (-1, 0 blocked, 1 exhausted, 2 red, 3 paced, 4 deferred,
 --              5 open, 6 probing), its dimension (-1), zone, left ‰ (-1),
 --              tightest dimension (-1), breaker state, counted (0|1),
 --              pace before (-1: no turn taken), pace after, probe lease (-1),
---              probe (0|1), max_tokens (-1), fallback index (-1),
+--              probe (0|1), max_tokens (-1), fallback index (-1), sequential
+--              (0|1), sequential mode switched (-1 no, 0 off, 1 on),
 --              4 amounts counted, 4 seen-at counted on }
--- ungate:  ARGV[17..20] amounts, ARGV[21..24] seen-at, ARGV[25] pace before
---          (-1: none), ARGV[26] pace after, ARGV[27] probe lease (-1) → { 1 }
+-- ungate:  ARGV[20..23] amounts, ARGV[24..27] seen-at, ARGV[28] pace before
+--          (-1: none), ARGV[29] pace after, ARGV[30] probe lease (-1),
+--          ARGV[31] 1 if the limits denied → { 1 if sequential mode went on }
 
 -- (helpers: common.lua, prepended at load time)
 
@@ -48,11 +54,12 @@ local delay_standard, delay_background, pace = tonumber(ARGV[6]), tonumber(ARGV[
 local horizon, max_tokens, fallbacks = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local step, open_for, probe_lease = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local channel, resource = ARGV[15], ARGV[16]
+local cascade_denials, cascade_within, cascade_cooldown = tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19])
 local SLACK = 1000000
 local MAX_BURN = 536870912 -- 2^29
 local key = KEYS[1]
 
-local FIELDS = { "b", "p", "bs", "bu", "bp", "bn", "bo" }
+local FIELDS = { "b", "p", "bs", "bu", "bp", "bn", "bo", "cu", "co", "ce" }
 local DIM = { "l", "r", "s", "z", "t", "o", "u" }
 for i = 0, 3 do
   for _, c in ipairs(DIM) do FIELDS[#FIELDS + 1] = c .. i end
@@ -63,10 +70,11 @@ local function load()
   local st = {
     b = tonumber(v[1]) or 0, p = tonumber(v[2]) or 0, bs = tonumber(v[3]) or 0,
     bu = tonumber(v[4]) or 0, bp = tonumber(v[5]) or 0, bn = tonumber(v[6]) or 0,
-    bo = tonumber(v[7]) or 0, d = {},
+    bo = tonumber(v[7]) or 0, cu = tonumber(v[8]) or 0, co = tonumber(v[9]) or 0, ce = {}, d = {},
   }
+  for t in string.gmatch(v[10] or "", "[^,]+") do st.ce[#st.ce + 1] = tonumber(t) end
   for i = 0, 3 do
-    local o = 7 + i * 7
+    local o = 10 + i * 7
     local r = {
       l = tonumber(v[o + 1]) or 0, r = tonumber(v[o + 2]) or 0, s = tonumber(v[o + 3]) or 0,
       z = tonumber(v[o + 4]) or 0, t = tonumber(v[o + 5]) or 0, o = tonumber(v[o + 6]) or 0,
@@ -128,6 +136,35 @@ local function light(st)
   return zone, tp or -1, td
 end
 
+-- Sequential mode (the cascade detector).
+local function sequential(st) return st.co == 1 and now < st.cu end
+
+-- Records a denial; true when it switched sequential mode on.
+local function note(st)
+  local n = cascade_denials
+  if n == 0 then return false end
+  local l = st.ce
+  l[#l + 1] = now
+  while #l > n do table.remove(l, 1) end
+  if #l == n and now - l[1] <= cascade_within then
+    st.cu = now + cascade_cooldown
+    if st.co ~= 1 then
+      st.co = 1
+      return true
+    end
+  end
+  return false
+end
+
+-- Turns sequential mode off once its cooldown is over; true when it did.
+local function settle(st)
+  if st.co == 1 and now >= st.cu then
+    st.co = 0
+    return true
+  end
+  return false
+end
+
 -- Opens pre-emptively when a runway is short; closes when every one is long.
 local function pre_empt(st)
   local horizon_ms = math.floor(horizon / 1000)
@@ -149,11 +186,14 @@ local function pre_empt(st)
 end
 
 local function save(st)
+  local ce = {}
+  for i, t in ipairs(st.ce) do ce[i] = num(t) end
   local args = {
     "b", num(st.b), "p", num(st.p), "bs", num(st.bs), "bu", num(st.bu), "bp", num(st.bp),
-    "bn", num(st.bn), "bo", num(st.bo),
+    "bn", num(st.bn), "bo", num(st.bo), "cu", num(st.cu), "co", num(st.co),
+    "ce", table.concat(ce, ","),
   }
-  local until_ = math.max(st.b, st.p, st.bu, st.bp)
+  local until_ = math.max(st.b, st.p, st.bu, st.bp, st.cu)
   for i = 0, 3 do
     local r = st.d[i]
     for _, c in ipairs(DIM) do
@@ -179,6 +219,10 @@ local function dump(st, out)
     local r = st.d[i]
     for _, c in ipairs(DIM) do out[#out + 1] = num(r[c]) end
   end
+  out[#out + 1] = num(st.cu)
+  out[#out + 1] = num(st.co)
+  out[#out + 1] = #st.ce
+  for _, t in ipairs(st.ce) do out[#out + 1] = num(t) end
   return out
 end
 
@@ -187,10 +231,13 @@ local st = load()
 if op == "observe" then
   local before = light(st)
   local breaker_before = breaker_at(st)
-  local block, outcome = tonumber(ARGV[17]), tonumber(ARGV[18])
+  local cascade_before = 0
+  if sequential(st) then cascade_before = 1 end
+  settle(st)
+  local block, outcome = tonumber(ARGV[20]), tonumber(ARGV[21])
   local changed = block >= 0 or outcome ~= 0
   for i = 0, 3 do
-    local o = 19 + i * 4
+    local o = 22 + i * 4
     if ARGV[o] == "1" then
       changed = true
       local lim, rem, rst = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])
@@ -219,6 +266,7 @@ if op == "observe" then
     end
   end
   if block >= 0 then st.b = math.max(st.b, now + block) end
+  if outcome == 2 then note(st) end
   -- The breaker.
   if outcome == 2 then
     local state = breaker_at(st)
@@ -235,21 +283,31 @@ if op == "observe" then
   end
   if changed then save(st) end
   publish(breaker_before, breaker_at(st))
-  return dump(st, { num(now), before, breaker_before })
+  return dump(st, { num(now), before, breaker_before, cascade_before })
 end
 
 if op == "gate" then
-  local rank, mutate = tonumber(ARGV[17]), ARGV[18] == "1"
-  local amounts = { [0] = tonumber(ARGV[19]), tonumber(ARGV[20]), tonumber(ARGV[21]), tonumber(ARGV[22]) }
+  local rank, mutate = tonumber(ARGV[20]), ARGV[21] == "1"
+  local amounts = { [0] = tonumber(ARGV[22]), tonumber(ARGV[23]), tonumber(ARGV[24]), tonumber(ARGV[25]) }
   local bs_before = st.bs
+  local switched = -1
+  if mutate and settle(st) then switched = 0 end
   pre_empt(st)
   local zone, lp, ld = light(st)
   local breaker = breaker_at(st)
   local function deny(retry, why, dim)
     if retry < 1 then retry = 1 end
-    if mutate then save(st) end
-    if mutate then publish(bs_before, st.bs) end
-    return { 2, num(retry), why, dim, zone, lp, ld, breaker, 0, -1, 0, -1, 0, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0 }
+    if mutate then
+      if note(st) then switched = 1 end
+      save(st)
+      publish(bs_before, st.bs)
+    end
+    local seq = 0
+    if sequential(st) then seq = 1 end
+    return {
+      2, num(retry), why, dim, zone, lp, ld, breaker, 0, -1, 0, -1, 0, -1, -1, seq, switched,
+      0, 0, 0, 0, 0, 0, 0, 0,
+    }
   end
   if breaker == 2 then return deny(st.bu - now, 5, -1) end
   if st.b > now then return deny(st.b - now, 0, -1) end
@@ -306,9 +364,11 @@ if op == "gate" then
     if max_tokens > 0 then walk = stage - 1 end
     if walk >= 0 and fallbacks > 0 then model = math.min(walk, fallbacks - 1) end
   end
+  local seq = 0
+  if sequential(st) then seq = 1 end
   local out = {
     verdict, num(value), -1, -1, zone, lp, ld, breaker, 0, num(pace_before), num(pace_after),
-    num(probe_lease_taken), probe, num(mt), model,
+    num(probe_lease_taken), probe, num(mt), model, seq, switched,
   }
   if mutate then
     out[9] = 1
@@ -325,14 +385,14 @@ end
 if op == "ungate" then
   local changed = false
   for i = 0, 3 do
-    local amount, seen = tonumber(ARGV[17 + i]), tonumber(ARGV[21 + i])
+    local amount, seen = tonumber(ARGV[20 + i]), tonumber(ARGV[24 + i])
     local r = st.d[i]
     if seen > 0 and r.t == seen then
       r.s = math.max(r.s - amount, 0)
       changed = true
     end
   end
-  local before, after, lease = tonumber(ARGV[25]), tonumber(ARGV[26]), tonumber(ARGV[27])
+  local before, after, lease = tonumber(ARGV[28]), tonumber(ARGV[29]), tonumber(ARGV[30])
   if before >= 0 and st.p == after then
     st.p = before
     changed = true
@@ -341,8 +401,13 @@ if op == "ungate" then
     st.bp = 0
     changed = true
   end
+  local on = 0
+  if ARGV[31] == "1" then
+    changed = true
+    if note(st) then on = 1 end
+  end
   if changed then save(st) end
-  return { 1 }
+  return { on }
 end
 
 return redis.error_reply("upstream.lua: unknown operation " .. tostring(op))

@@ -76,6 +76,16 @@ pub enum Event {
         /// When (µs since the epoch).
         at: Micros,
     },
+    /// A coordinated resource switched sequential mode on (a burst of
+    /// denials or reported failures) or off (its cooldown was over).
+    Cascade {
+        /// The resource.
+        resource: String,
+        /// On or off.
+        on: bool,
+        /// When (µs since the epoch).
+        at: Micros,
+    },
     /// The shared backend answered again after degraded decisions.
     BackendRecovered {
         /// How long decisions were degraded.

@@ -449,6 +449,116 @@ fn a_short_runway_opens_pre_emptively_capping_then_walking_the_fallback_chain() 
 }
 
 #[test]
+fn a_burst_of_denials_switches_to_sequential_mode_for_a_cooldown() {
+    let (w, clock) = warden(policy(json!([])));
+    let mut rx = w.subscribe();
+    // Nothing left for an hour: every call is denied.
+    now(w.observe("openai", &pairs(&openai(100, 0, "1h")))).unwrap();
+    for i in 0..3 {
+        let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+        assert_eq!(d.outcome, Outcome::Deny);
+        let light = d.light.unwrap();
+        assert_eq!(light.sequential, i == 2, "the third denial within 30 s");
+        assert_eq!(light.cascade, (i == 2).then_some(true));
+        clock.advance(Duration::from_secs(10));
+    }
+    // A later window has room: admitted, one call at a time.
+    now(w.observe("openai", &pairs(&openai(100, 90, "2h")))).unwrap();
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(
+        (d.outcome, d.caps.sequential),
+        (Outcome::AllowWithCaps, true)
+    );
+    assert!(
+        d.reason.as_deref().unwrap().contains("sequential mode"),
+        "{d:?}"
+    );
+    let v = now(w.upstream("openai")).unwrap();
+    assert_eq!(
+        v.sequential,
+        Some(Duration::from_secs(50)),
+        "60 s after the burst"
+    );
+    // A check sees it and changes nothing.
+    assert!(
+        now(w.check(&ask("user:1", Priority::Standard)))
+            .unwrap()
+            .caps
+            .sequential
+    );
+    clock.advance(Duration::from_secs(50));
+    let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+    assert_eq!(
+        (d.outcome, d.light.unwrap().cascade),
+        (Outcome::Allow, Some(false))
+    );
+    let mut seen = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        if let Event::Cascade { on, .. } = e {
+            seen.push(on);
+        }
+    }
+    assert_eq!(seen, [true, false]);
+}
+
+#[test]
+fn denials_spread_out_or_a_detector_turned_off_never_switch() {
+    let (w, clock) = warden(policy(json!([])));
+    now(w.observe("openai", &pairs(&openai(100, 0, "1h")))).unwrap();
+    for _ in 0..4 {
+        let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+        assert!(!d.allowed() && !d.light.unwrap().sequential);
+        clock.advance(Duration::from_secs(16));
+    }
+    let (w, _clock) = warden(json!({
+        "scopes": {"user": {}},
+        "resources": {"openai": {"upstream": {"cascade": {"denials": 0}}}}
+    }));
+    now(w.observe("openai", &pairs(&openai(100, 0, "1h")))).unwrap();
+    for _ in 0..5 {
+        assert!(
+            !now(w.acquire(&ask("user:1", Priority::Standard)))
+                .unwrap()
+                .light
+                .unwrap()
+                .sequential
+        );
+    }
+}
+
+#[test]
+fn reported_failures_and_the_limits_denials_count_too() {
+    let (w, _clock) = warden(policy(json!([])));
+    for _ in 0..2 {
+        now(w.report("openai", 429, &[("retry-after", "1")])).unwrap();
+    }
+    let v = now(w.report("openai", 503, &[])).unwrap();
+    assert_eq!(v.sequential, Some(Duration::from_secs(60)));
+    // The limits' denials (the light let them through).
+    let (w, _clock) = warden(policy(json!([
+        {"name": "per_user", "kind": "quota", "limit": 1, "per": "day", "scope": "user"}
+    ])));
+    assert!(
+        now(w.acquire(&ask("user:1", Priority::Standard)))
+            .unwrap()
+            .allowed()
+    );
+    let mut lights = Vec::new();
+    for _ in 0..3 {
+        let d = now(w.acquire(&ask("user:1", Priority::Standard))).unwrap();
+        assert!(d.reason.as_deref().unwrap().contains("per_user"), "{d:?}");
+        lights.push(d.light.unwrap().cascade);
+    }
+    assert_eq!(lights, [None, None, Some(true)]);
+    assert!(
+        now(w.check(&ask("user:2", Priority::Standard)))
+            .unwrap()
+            .caps
+            .sequential
+    );
+}
+
+#[test]
 fn what_the_light_counted_comes_back_when_the_limits_deny() {
     let (w, _clock) = warden(policy(json!([
         {"name": "per_user", "kind": "quota", "limit": 1, "per": "day", "scope": "user"}
@@ -619,6 +729,8 @@ fn the_policy_section_is_validated() {
     );
     bad(json!({"breaker": {"open_for": "0s"}}), "breaker.open_for");
     bad(json!({"block": "1s"}), "unknown field `block`");
+    bad(json!({"cascade": {"denials": 17}}), "cascade.denials");
+    bad(json!({"cascade": {"within": "0s"}}), "cascade.within");
     let e = ratewarden::Policy::from_value(&json!({"actions": {"a": {"upstream": {}}}}))
         .unwrap_err()
         .to_string();
@@ -678,7 +790,7 @@ fn model_observe(
     use ratewarden::upstream::light::Sample;
     let (sample, _) = Sample::of(&ratewarden::upstream::parse(h.iter().copied(), now), status);
     let mut next = *model;
-    let (before, _) = next.observe(&sample, now, c);
+    let (before, _, _) = next.observe(&sample, now, c);
     if !sample.is_empty() {
         *model = next;
     }
@@ -747,7 +859,8 @@ proptest::proptest! {
                     };
                     let g = model.gate(&plan_ask, clock.now(), &c);
                     proptest::prop_assert_eq!(d.light, Some(g.light));
-                    let capped = g.max_tokens.is_some() || g.model.is_some();
+                    let capped = g.max_tokens.is_some() || g.model.is_some() || g.light.sequential;
+                    proptest::prop_assert_eq!(d.caps.sequential, g.light.sequential && d.allowed());
                     proptest::prop_assert_eq!(d.caps.max_tokens, g.max_tokens.map(|t| u64::try_from(t).unwrap()).filter(|_| d.allowed()));
                     proptest::prop_assert_eq!(d.caps.model.clone(), g.model.map(|i| c.breaker.fallback[i].clone()).filter(|_| d.allowed()));
                     match g.verdict {

@@ -35,7 +35,7 @@ test('the light follows what responses say, per tier', async () => {
   assert.deepEqual([v.zone, v.previous, v.left, v.quotas[0].remaining], ['green', 'unknown', 0.9, 90]);
   let d = await w.acquire('agent:a', { resource: 'openai', priority: 'background' });
   assert.equal(d.outcome, 'allow');
-  assert.deepEqual(d.light, { zone: 'green', left: 0.9, dimension: 'requests', breaker: 'closed' });
+  assert.deepEqual(d.light, { zone: 'green', left: 0.9, dimension: 'requests', breaker: 'closed', sequential: false });
 
   await w.observe('openai', openai(275, 1000, '61s'));
   d = await w.acquire('agent:a', { resource: 'openai' });

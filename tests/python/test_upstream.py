@@ -43,6 +43,7 @@ def test_the_light_follows_what_responses_say() -> None:
         "left": 0.9,
         "dimension": "requests",
         "breaker": "closed",
+        "sequential": False,
     }
 
     # Amber from an httpx.Headers: standard gets 500 ms * (40 - 27.5) / 25.

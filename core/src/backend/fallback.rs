@@ -223,7 +223,7 @@ impl<B: Backend> Backend for Fallback<B> {
         resource: &'a str,
         coordination: &'a Coordination,
         ticket: Ticket,
-    ) -> Pending<'a, ()> {
+    ) -> Pending<'a, bool> {
         or_local(
             self.primary.ungate(resource, coordination, ticket),
             move || self.local.ungate(resource, coordination, ticket),

@@ -1441,7 +1441,7 @@ impl Backend for MemoryBackend {
         Pending::Ready(Ok(self.with_upstream(resource, |state, now| {
             // A read (an empty sample) changes nothing, as on Redis.
             let mut next = *state;
-            let (before, breaker_before) = next.observe(sample, now, coordination);
+            let (before, breaker_before, cascade_before) = next.observe(sample, now, coordination);
             if !sample.is_empty() {
                 *state = next;
             }
@@ -1450,6 +1450,7 @@ impl Backend for MemoryBackend {
                 now,
                 before,
                 breaker_before,
+                cascade_before,
             }
         })))
     }
@@ -1465,7 +1466,7 @@ impl Backend for MemoryBackend {
         // reading of the clock.
         let now = self.clock.now();
         let ask = plan.upstream_ask(mode.mutates());
-        let gate = self.upstream_at(resource, |s| s.gate(&ask, now, coordination));
+        let mut gate = self.upstream_at(resource, |s| s.gate(&ask, now, coordination));
         let mut d = if let Verdict::Deny { retry, why } = gate.verdict {
             let mut d = self.decide_at(plan, Mode::Check, now);
             if let Ok(d) = &mut d {
@@ -1477,8 +1478,13 @@ impl Backend for MemoryBackend {
             match &mut d {
                 Ok(d) if d.allowed() => gated::passed(d, &gate, resource, coordination),
                 _ => {
-                    if let Some(t) = gate.ticket {
-                        self.upstream_at(resource, |s| s.ungate(&t));
+                    if let Some(mut t) = gate.ticket {
+                        t.denied = d.is_ok();
+                        let switched =
+                            self.upstream_at(resource, |s| s.ungate(&t, now, coordination));
+                        if switched == Some(true) {
+                            gate.light.cascade = Some(true);
+                        }
                     }
                 }
             }
@@ -1504,11 +1510,12 @@ impl Backend for MemoryBackend {
     fn ungate<'a>(
         &'a self,
         resource: &'a str,
-        _coordination: &'a Coordination,
+        coordination: &'a Coordination,
         ticket: Ticket,
-    ) -> Pending<'a, ()> {
-        self.with_upstream(resource, |state, _| state.ungate(&ticket));
-        Pending::Ready(Ok(()))
+    ) -> Pending<'a, bool> {
+        Pending::Ready(Ok(self.with_upstream(resource, |state, now| {
+            state.ungate(&ticket, now, coordination) == Some(true)
+        })))
     }
 
     fn stats(&self) -> Option<MemoryStats> {

@@ -237,13 +237,14 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Gives back what a pass through the light counted
-    /// ([`crate::upstream::light::UpstreamState::ungate`]).
+    /// ([`crate::upstream::light::UpstreamState::ungate`]); `true` when the
+    /// denial it records switched sequential mode on.
     fn ungate<'a>(
         &'a self,
         resource: &'a str,
         coordination: &'a Coordination,
         ticket: Ticket,
-    ) -> Pending<'a, ()> {
+    ) -> Pending<'a, bool> {
         let _ = (resource, coordination, ticket);
         Pending::Ready(Err(no_upstream(self.name())))
     }

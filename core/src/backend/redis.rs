@@ -860,7 +860,7 @@ impl Backend for RedisBackend {
         resource: &'a str,
         coordination: &'a Coordination,
         ticket: Ticket,
-    ) -> Pending<'a, ()> {
+    ) -> Pending<'a, bool> {
         upstream::ungate(self, resource, coordination, ticket)
     }
 }

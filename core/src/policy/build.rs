@@ -519,5 +519,20 @@ fn build_upstream(ctx: &Ctx<'_>, path: &str, raw: RawUpstream) -> Result<Coordin
         }
         b.fallback = models;
     }
+    let rc = raw.cascade.unwrap_or_default();
+    if let Some(n) = rc.denials {
+        let max = crate::upstream::cascade::MAX_DENIALS;
+        c.cascade.denials = u8::try_from(n)
+            .ok()
+            .filter(|&n| usize::from(n) <= max)
+            .ok_or_else(|| {
+                ctx.err(
+                    format!("{path}.cascade.denials"),
+                    format!("{n}: at most {max} (0 turns the detector off)"),
+                )
+            })?;
+    }
+    c.cascade.within = time(&rc.within, "cascade.within", c.cascade.within, false)?;
+    c.cascade.cooldown = time(&rc.cooldown, "cascade.cooldown", c.cascade.cooldown, false)?;
     Ok(c)
 }

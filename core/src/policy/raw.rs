@@ -65,6 +65,16 @@ pub(super) struct RawUpstream {
     pub(super) pace: Option<String>,
     pub(super) ttl: Option<String>,
     pub(super) breaker: Option<RawBreaker>,
+    pub(super) cascade: Option<RawCascade>,
+}
+
+/// `cascade:` under a resource's `upstream:`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCascade {
+    pub(super) denials: Option<u64>,
+    pub(super) within: Option<String>,
+    pub(super) cooldown: Option<String>,
 }
 
 /// `breaker:` under a resource's `upstream:`.

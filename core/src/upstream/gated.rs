@@ -22,7 +22,7 @@ pub(crate) async fn decide<B: Backend + ?Sized>(
     resource: &str,
     c: &Coordination,
 ) -> Result<Decision> {
-    let gate = backend
+    let mut gate = backend
         .gate(resource, c, plan.upstream_ask(mode.mutates()))
         .await?;
     let mut d = match gate.verdict {
@@ -33,15 +33,20 @@ pub(crate) async fn decide<B: Backend + ?Sized>(
         }
         Verdict::Pass | Verdict::Delay(_) => {
             let d = backend.decide(plan, mode).await;
+            let mut switched = false;
             if !d.as_ref().is_ok_and(Decision::allowed) {
                 // A failure to give back only leaves the estimate lower
                 // until the next response (never over-admits).
-                if let Some(t) = gate.ticket {
-                    let _ = backend.ungate(resource, c, t).await;
+                if let Some(mut t) = gate.ticket {
+                    t.denied = d.is_ok();
+                    switched = backend.ungate(resource, c, t).await.unwrap_or(false);
                 }
             }
             let mut d = d?;
             passed(&mut d, &gate, resource, c);
+            if switched {
+                gate.light.cascade = Some(true);
+            }
             d
         }
     };
@@ -91,6 +96,16 @@ pub(crate) fn passed(d: &mut Decision, gate: &Gate, resource: &str, c: &Coordina
             format!(
                 "the breaker of `{resource}` is pre-emptively open: its quota runs out within {}",
                 crate::policy::fmt_duration(c.breaker.horizon)
+            ),
+        );
+    }
+    if gate.light.sequential {
+        d.caps.sequential = true;
+        d.outcome = Outcome::AllowWithCaps;
+        add_reason(
+            d,
+            format!(
+                "`{resource}` is in sequential mode (a burst of denials or failures): one call at a time"
             ),
         );
     }

@@ -38,6 +38,7 @@
 use std::time::Duration;
 
 use super::breaker::{Breaker, BreakerConfig, BreakerState, MAX_BURN, Outcome};
+use super::cascade::{Cascade, CascadeConfig};
 use super::{Dimension, Observation};
 use crate::clock::Micros;
 use crate::priority::Priority;
@@ -89,6 +90,8 @@ pub struct Coordination {
     pub ttl: Micros,
     /// The predictive circuit breaker (`breaker:`).
     pub breaker: BreakerConfig,
+    /// The cascade detector (`cascade:`).
+    pub cascade: CascadeConfig,
 }
 
 impl Default for Coordination {
@@ -101,6 +104,7 @@ impl Default for Coordination {
             pace: 1_000_000,
             ttl: 60_000_000,
             breaker: BreakerConfig::default(),
+            cascade: CascadeConfig::default(),
         }
     }
 }
@@ -255,6 +259,8 @@ pub struct UpstreamState {
     pub pace_next: Micros,
     /// The predictive circuit breaker.
     pub breaker: Breaker,
+    /// The cascade detector.
+    pub cascade: Cascade,
 }
 
 /// A backend's answer to [`crate::backend::Backend::observe`].
@@ -268,6 +274,8 @@ pub struct Observed {
     pub before: Zone,
     /// The breaker's state before it.
     pub breaker_before: BreakerState,
+    /// Whether sequential mode was on before it.
+    pub cascade_before: bool,
 }
 
 /// One dimension of a response, validated for storage.
@@ -460,6 +468,12 @@ pub struct Light {
     /// Whether this request went as the half-open breaker's one probe
     /// (report its response: it closes or re-opens the breaker).
     pub probe: bool,
+    /// Whether the resource is in sequential mode (the cascade detector saw a
+    /// burst of denials): go one at a time (`caps.sequential`).
+    pub sequential: bool,
+    /// `Some(true)` when this decision's denial switched sequential mode on,
+    /// `Some(false)` when it found it over and switched it off.
+    pub cascade: Option<bool>,
 }
 
 /// What to undo if the limits deny a request the light let through: the
@@ -475,6 +489,9 @@ pub struct Ticket {
     pub pace: Option<(Micros, Micros)>,
     /// The half-open probe taken: its lease's end.
     pub probe: Option<Micros>,
+    /// Set when the limits denied the request: the denial counts for the
+    /// cascade detector.
+    pub denied: bool,
 }
 
 /// A request's pass through the light.
@@ -538,6 +555,8 @@ impl UpstreamState {
             dimension: tightest.map(|(_, d)| d),
             breaker,
             probe: false,
+            sequential: self.cascade.sequential(now),
+            cascade: None,
         }
     }
 
@@ -551,15 +570,21 @@ impl UpstreamState {
     }
 
     /// Records what a response said (see the module docs and
-    /// [`super::breaker`]); returns the zone and breaker state before.
+    /// [`super::breaker`], [`super::cascade`]); returns the zone, breaker
+    /// state and sequential mode before.
     pub fn observe(
         &mut self,
         sample: &Sample,
         now: Micros,
         c: &Coordination,
-    ) -> (Zone, BreakerState) {
+    ) -> (Zone, BreakerState, bool) {
         self.roll(now);
-        let before = (self.light(now, c).zone, self.breaker.at(now));
+        let before = (
+            self.light(now, c).zone,
+            self.breaker.at(now),
+            self.cascade.sequential(now),
+        );
+        self.settle_cascade(now);
         for (i, seen) in sample.dims.iter().enumerate() {
             let Some(s) = seen else { continue };
             let prev = self.dims[i];
@@ -610,6 +635,9 @@ impl UpstreamState {
         if let Some(b) = sample.block {
             self.blocked_until = self.blocked_until.max(now.saturating_add(b));
         }
+        if sample.outcome == Outcome::Failure {
+            self.note_denial(now, c);
+        }
         self.breaker_observe(sample, now, c);
         before
     }
@@ -618,17 +646,26 @@ impl UpstreamState {
     /// module docs); a mutating pass keeps what it changed (the amounts
     /// counted, a pacing turn, the half-open probe), a check changes nothing.
     pub fn gate(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
-        if ask.mutate {
-            return self.pass(ask, now, c);
+        if !ask.mutate {
+            let mut scratch = *self;
+            return scratch.pass(ask, now, c);
         }
-        let mut scratch = *self;
-        scratch.pass(ask, now, c)
+        let settled = self.settle_cascade(now);
+        let mut gate = self.pass(ask, now, c);
+        let noted = match gate.verdict {
+            Verdict::Deny { .. } => self.note_denial(now, c),
+            _ => None,
+        };
+        gate.light.cascade = noted.or(settled);
+        gate.light.sequential = self.cascade.sequential(now);
+        gate
     }
 
     fn pass(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
         self.roll(now);
         self.pre_empt(now, c);
-        let light = self.light_of(now, c, false);
+        let mut light = self.light_of(now, c, false);
+        light.sequential = self.cascade.sequential(now);
         let deny = |retry: Micros, why| Gate {
             light,
             verdict: Verdict::Deny {
@@ -726,8 +763,10 @@ impl UpstreamState {
         }
     }
 
-    /// Gives back what `ticket` counted, where nothing newer replaced it.
-    pub fn ungate(&mut self, ticket: &Ticket) {
+    /// Gives back what `ticket` counted, where nothing newer replaced it;
+    /// a denial by the limits counts for the cascade detector (`Some(true)`
+    /// when it switched sequential mode on).
+    pub fn ungate(&mut self, ticket: &Ticket, now: Micros, c: &Coordination) -> Option<bool> {
         for i in 0..DIMENSIONS {
             let r = &mut self.dims[i];
             if ticket.seen[i] > 0 && r.seen_at == ticket.seen[i] {
@@ -744,6 +783,10 @@ impl UpstreamState {
                 self.breaker.probe = 0;
             }
         }
+        if ticket.denied {
+            return self.note_denial(now, c);
+        }
+        None
     }
 
     /// Until when anything in it matters (µs since the epoch): a backend
@@ -759,6 +802,7 @@ impl UpstreamState {
                 self.pace_next,
                 self.breaker.until,
                 self.breaker.probe,
+                self.cascade.until,
             ])
             .max()
             .unwrap_or(0)
@@ -776,6 +820,10 @@ impl UpstreamState {
             left: light.left,
             blocked: (self.blocked_until > now).then(|| until(self.blocked_until, now)),
             breaker: light.breaker,
+            sequential: self
+                .cascade
+                .sequential(now)
+                .then(|| until(self.cascade.until, now)),
             quotas: Dimension::ALL
                 .iter()
                 .filter_map(|&d| {
@@ -833,6 +881,9 @@ pub struct UpstreamView {
     pub blocked: Option<Duration>,
     /// The predictive circuit breaker's state.
     pub breaker: BreakerState,
+    /// How long sequential mode still lasts (the cascade detector saw a
+    /// burst of denials or failures), if it is on.
+    pub sequential: Option<Duration>,
     /// The fresh dimensions.
     pub quotas: Vec<QuotaView>,
     /// The zone before the response that produced this view (the same as
@@ -904,14 +955,14 @@ mod tests {
         let g = s.gate(&ask(Priority::Standard), 2, &c());
         assert_eq!(s.pace_next, 1_000_002);
         let t = g.ticket.expect("counted");
-        s.ungate(&t);
+        s.ungate(&t, 5, &c());
         assert_eq!((s.dims[0].spent, s.pace_next), (0, 0));
         let t = s
             .gate(&ask(Priority::Standard), 3, &c())
             .ticket
             .expect("counted");
         s.observe(&seen(100, 9, 60), 4, &c());
-        s.ungate(&t);
+        s.ungate(&t, 5, &c());
         assert_eq!(s.dims[0].spent, 0, "the new reading stands");
     }
 }

@@ -25,10 +25,12 @@
 //! [`breaker`] — decided once here for every backend.
 
 pub mod breaker;
+pub mod cascade;
 pub(crate) mod gated;
 mod headers;
 pub mod light;
 
 pub use breaker::{BreakerConfig, BreakerState};
+pub use cascade::CascadeConfig;
 pub use headers::{Dimension, Observation, Quota, parse};
 pub use light::{Coordination, Light, QuotaView, UpstreamView, Zone};

@@ -138,6 +138,10 @@ impl Warden {
             });
         }
         self.breaker_event(resource, o.breaker_before, view.breaker, o.now);
+        let on = view.sequential.is_some();
+        if o.cascade_before != on {
+            self.cascade_event(resource, on, o.now);
+        }
         Ok(view)
     }
 
@@ -158,9 +162,22 @@ impl Warden {
         }
     }
 
-    /// The half-open breaker let this decision through as its probe.
-    pub(super) fn probe_event(&self, resource: &str, d: &Decision) {
-        if d.allowed() && d.light.is_some_and(|l| l.probe) {
+    fn cascade_event(&self, resource: &str, on: bool, at: crate::clock::Micros) {
+        let _ = self.inner.events.send(Event::Cascade {
+            resource: resource.to_owned(),
+            on,
+            at,
+        });
+    }
+
+    /// The events a gated decision implies: the half-open breaker let it
+    /// through as its probe; it switched sequential mode on or off.
+    pub(super) fn light_events(&self, resource: &str, d: &Decision) {
+        let Some(light) = d.light else { return };
+        if let Some(on) = light.cascade {
+            self.cascade_event(resource, on, self.inner.clock.now());
+        }
+        if d.allowed() && light.probe {
             self.breaker_event(
                 resource,
                 crate::upstream::BreakerState::Open,

@@ -182,7 +182,7 @@ impl Warden {
                     .backend
                     .decide_gated(plan, mode, resource, c)
                     .await?;
-                self.probe_event(resource, &d);
+                self.light_events(resource, &d);
                 d
             }
             _ => self.inner.backend.decide(plan, mode).await?,

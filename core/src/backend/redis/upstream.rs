@@ -5,6 +5,7 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 use crate::upstream::breaker::{Breaker, BreakerState};
+use crate::upstream::cascade::{Cascade, MAX_DENIALS};
 use crate::upstream::light::{
     Ask, DIMENSIONS, Gate, Light, Observed, Reading, Sample, Ticket, UpstreamState, Verdict, Why,
 };
@@ -56,6 +57,9 @@ impl RedisBackend {
             b.probe_lease.to_string(),
             format!("{}:events", self.namespace),
             resource.to_owned(),
+            c.cascade.denials.to_string(),
+            c.cascade.within.to_string(),
+            c.cascade.cooldown.to_string(),
         ];
         args.extend(extra);
         let keys = [key];
@@ -76,6 +80,8 @@ fn reply_error(op: &str, len: usize) -> Error {
     }
 }
 
+/// The state as the script dumps it: the head, the dimensions, then the
+/// cascade (until, on, the number of recent denials and their times).
 fn state_of(v: &[i64]) -> UpstreamState {
     let mut s = UpstreamState {
         blocked_until: v[0],
@@ -101,7 +107,24 @@ fn state_of(v: &[i64]) -> UpstreamState {
             burn: f[6],
         };
     }
+    let at = HEAD + PER_DIM * DIMENSIONS;
+    let mut cascade = Cascade {
+        until: v[at],
+        on: v[at + 1] == 1,
+        ..Cascade::default()
+    };
+    let recent = &v[at + 3..];
+    let n = recent.len().min(MAX_DENIALS);
+    cascade.recent[MAX_DENIALS - n..].copy_from_slice(&recent[recent.len() - n..]);
+    s.cascade = cascade;
     s
+}
+
+/// How many numbers the state takes in a reply, `v` starting at it.
+fn state_len(v: &[i64]) -> Option<usize> {
+    let at = HEAD + PER_DIM * DIMENSIONS;
+    let n = usize::try_from(*v.get(at + 2)?).ok()?;
+    (v.len() == at + 3 + n).then_some(v.len())
 }
 
 fn opt(v: Option<i64>) -> String {
@@ -128,14 +151,15 @@ pub(super) fn observe<'a>(
             }
         }
         let v = b.upstream_call(resource, c, "observe", extra, true).await?;
-        if v.len() != 3 + HEAD + PER_DIM * DIMENSIONS {
+        if v.len() < 4 || state_len(&v[4..]).is_none() {
             return Err(reply_error("observe", v.len()));
         }
         Ok(Observed {
             now: v[0],
             before: Zone::of_code(v[1]),
             breaker_before: BreakerState::of_code(v[2]),
-            state: state_of(&v[3..]),
+            cascade_before: v[3] == 1,
+            state: state_of(&v[4..]),
         })
     }))
 }
@@ -155,7 +179,7 @@ pub(super) fn gate<'a>(
         let v = b
             .upstream_call(resource, c, "gate", extra, !ask.mutate)
             .await?;
-        if v.len() != 15 + 2 * DIMENSIONS {
+        if v.len() != 17 + 2 * DIMENSIONS {
             return Err(reply_error("gate", v.len()));
         }
         let dim = |code: i64| {
@@ -169,6 +193,8 @@ pub(super) fn gate<'a>(
             dimension: dim(v[6]),
             breaker: BreakerState::of_code(v[7]),
             probe: v[12] == 1,
+            sequential: v[15] == 1,
+            cascade: (v[16] >= 0).then_some(v[16] == 1),
         };
         let verdict = match v[0] {
             0 => Verdict::Pass,
@@ -192,9 +218,9 @@ pub(super) fn gate<'a>(
                 probe: (v[11] >= 0).then_some(v[11]),
                 ..Ticket::default()
             };
-            t.amounts.copy_from_slice(&v[15..15 + DIMENSIONS]);
+            t.amounts.copy_from_slice(&v[17..17 + DIMENSIONS]);
             t.seen
-                .copy_from_slice(&v[15 + DIMENSIONS..15 + 2 * DIMENSIONS]);
+                .copy_from_slice(&v[17 + DIMENSIONS..17 + 2 * DIMENSIONS]);
             t
         });
         Ok(Gate {
@@ -213,7 +239,7 @@ pub(super) fn ungate<'a>(
     resource: &'a str,
     c: &'a Coordination,
     t: Ticket,
-) -> Pending<'a, ()> {
+) -> Pending<'a, bool> {
     Pending::Future(Box::pin(async move {
         let mut extra: Vec<String> = t.amounts.iter().map(ToString::to_string).collect();
         extra.extend(t.seen.iter().map(ToString::to_string));
@@ -222,8 +248,9 @@ pub(super) fn ungate<'a>(
             before.to_string(),
             after.to_string(),
             t.probe.unwrap_or(-1).to_string(),
+            if t.denied { "1" } else { "0" }.to_owned(),
         ]);
-        b.upstream_call(resource, c, "ungate", extra, false).await?;
-        Ok(())
+        let v = b.upstream_call(resource, c, "ungate", extra, false).await?;
+        Ok(v.first() == Some(&1))
     }))
 }
