@@ -610,6 +610,38 @@ class Warden {
     };
   }
 
+  /**
+   * Runs `fn` holding `resource`'s ordered lock: what callers do when a
+   * decision carries `caps.sequential` (the resource is in sequential mode
+   * after a burst of denials). First come, first served across every process
+   * sharing the backend; held for at most `options.hold` seconds (default 30;
+   * a holder that never releases frees it then) and released when `fn`
+   * settles. Rejects with a `WardenError` (code `sequential_timeout`) when
+   * `options.maxWait` seconds (default 60) pass first. Resolves to `fn`'s result.
+   */
+  async sequential(resource, fn, options = {}) {
+    requireString(resource, 'resource');
+    if (typeof fn !== 'function') {
+      throw new InvalidInputError(`invalid fn: expected a function, got ${describe(fn)}`, { argument: 'fn' });
+    }
+    requireOptions(options, 'options');
+    const { hold = 30, maxWait = 60 } = options ?? {};
+    optionalSeconds(hold, 'hold');
+    optionalSeconds(maxWait, 'maxWait');
+    const n = this.#live();
+    const turn = await n.sequentialAsync(resource, hold, maxWait).catch(rethrow);
+    if (turn === null) {
+      const e = new WardenError(`${resource}'s ordered lock was not free within ${maxWait} s`);
+      e.code = 'sequential_timeout';
+      throw e;
+    }
+    try {
+      return await fn();
+    } finally {
+      await n.releaseTurnAsync(resource, turn).catch(() => {});
+    }
+  }
+
   /** Charges a reservation's actual usage (units left out: as reserved); idempotent. */
   commit(reservation, actual) {
     try {

@@ -230,6 +230,12 @@ export declare class Warden {
    * `ratewarden-scope` override per request (removed before sending).
    */
   fetcher(resource: string, options: FetcherOptions): typeof fetch;
+  /**
+   * Runs `fn` holding `resource`'s ordered lock (sequential mode: first come,
+   * first served across processes); rejects with a `WardenError` of code
+   * `sequential_timeout` when `maxWait` seconds pass first.
+   */
+  sequential<T>(resource: string, fn: () => T | Promise<T>, options?: { hold?: number; maxWait?: number }): Promise<T>;
   /** Evaluates the request against every limit it touches, changing nothing. */
   check(scope: string, options?: RequestOptions): Promise<Decision>;
   /** Admits the request and consumes its cost from every limit, or denies it and changes nothing. */

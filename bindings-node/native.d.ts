@@ -115,6 +115,14 @@ export declare class NativeWarden {
   upstreamSync(resource: string): UpstreamInfo
   /** Runs on the runtime. */
   upstreamAsync(resource: string): Promise<UpstreamInfo>
+  /**
+   * Takes `resource`'s ordered lock, waiting up to `max_wait` seconds;
+   * resolves to the turn's id (32 hex digits), or null when the time ran
+   * out. Held for at most `hold` seconds. Runs on the runtime (it may wait).
+   */
+  sequentialAsync(resource: string, hold: number, maxWait: number): Promise<string | null>
+  /** Releases a turn taken with `sequentialAsync`: whether it still held the lock. */
+  releaseTurnAsync(resource: string, turn: string): Promise<boolean>
   /** What is left of every limit `scope` (on `resource`) touches, charging nothing. */
   balancesSync(scope: string, resource?: string | undefined | null): Array<BalanceInfo>
   /** Runs on the runtime. */
@@ -298,6 +306,8 @@ export interface LightInfo {
   dimension?: string
   /** The circuit breaker: `closed`, `pre_emptive_open`, `open` or `half_open`. */
   breaker: string
+  /** Whether the resource is in sequential mode: calls go one at a time. */
+  sequential: boolean
 }
 
 /** One limit the request touched. */
@@ -428,6 +438,8 @@ export interface UpstreamInfo {
   blocked?: number
   /** The circuit breaker: `closed`, `pre_emptive_open`, `open` or `half_open`. */
   breaker: string
+  /** Seconds of sequential mode left (a burst of denials or failures), if on. */
+  sequential?: number
   /** The fresh dimensions. */
   quotas: Array<ObservedQuota>
   /** Header values that were ignored, one line each. */

@@ -296,6 +296,47 @@ impl NativeWarden {
         )
     }
 
+    /// Takes `resource`'s ordered lock, waiting up to `max_wait` seconds;
+    /// resolves to the turn's id (32 hex digits), or null when the time ran
+    /// out. Held for at most `hold` seconds. Runs on the runtime (it may wait).
+    #[napi(ts_return_type = "Promise<string | null>")]
+    pub fn sequential_async<'env>(
+        &self,
+        env: &'env Env,
+        resource: String,
+        hold: f64,
+        max_wait: f64,
+    ) -> Result<PromiseRaw<'env, Option<String>>> {
+        let hold = ratewarden::ops::seconds(hold, "hold").or_throw()?;
+        let max_wait = ratewarden::ops::seconds(max_wait, "maxWait").or_throw()?;
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let turn = warden
+                .sequential(&resource, hold, max_wait)
+                .await
+                .or_throw()?;
+            Ok(turn.map(|t| format!("{:032x}", t.id())))
+        })
+    }
+
+    /// Releases a turn taken with `sequentialAsync`: whether it still held the lock.
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn release_turn_async<'env>(
+        &self,
+        env: &'env Env,
+        resource: String,
+        turn: String,
+    ) -> Result<PromiseRaw<'env, bool>> {
+        let id = ratewarden::ReservationId::parse(&turn).or_throw()?;
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            warden
+                .release_turn(&ratewarden::Turn::from_parts(&resource, id.0))
+                .await
+                .or_throw()
+        })
+    }
+
     /// What is left of every limit `scope` (on `resource`) touches, charging nothing.
     #[napi]
     pub fn balances_sync(

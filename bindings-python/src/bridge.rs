@@ -97,6 +97,7 @@ impl Held for i64 {}
 impl Held for Settlement {}
 impl Held for Vec<Balance> {}
 impl Held for ratewarden::UpstreamView {}
+impl Held for Option<String> {}
 
 /// Releases a reservation whose answer was never received (its future was
 /// cancelled as it arrived, or its loop closed first): when called, or when

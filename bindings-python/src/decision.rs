@@ -352,3 +352,8 @@ pub(crate) fn upstream_to_py(py: Python<'_>, v: ratewarden::UpstreamView) -> PyR
     d.set_item("warnings", v.warnings)?;
     Ok(d.into_any().unbind())
 }
+
+/// An optional text as `str` or `None`.
+pub(crate) fn optional_text_to_py(py: Python<'_>, v: Option<String>) -> PyResult<Py<PyAny>> {
+    Ok(v.into_pyobject(py)?.into_any().unbind())
+}

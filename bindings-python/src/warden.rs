@@ -306,6 +306,47 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, upstream_to_py)
     }
 
+    /// `Warden::sequential`: takes `resource`'s ordered lock, waiting up to
+    /// `max_wait` seconds; the turn's id (32 hex digits), or None when the
+    /// time ran out. Held for at most `hold` seconds.
+    #[pyo3(signature = (resource, hold, max_wait, asynchronous=false))]
+    fn sequential(
+        &self,
+        py: Python<'_>,
+        resource: String,
+        hold: f64,
+        max_wait: f64,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = seconds(hold, "hold").and_then(|hold| {
+            let max_wait = seconds(max_wait, "max_wait")?;
+            Ok(move |w: Warden| async move {
+                let turn = w.sequential(&resource, hold, max_wait).await?;
+                Ok(turn.map(|t| format!("{:032x}", t.id())))
+            })
+        });
+        let cancel = Some(Arc::new(WaitCancel::default()));
+        self.answer_with(py, op, asynchronous, optional_text_to_py, cancel)
+    }
+
+    /// `Warden::release_turn`: whether the turn still held the lock.
+    #[pyo3(signature = (resource, turn, asynchronous=false))]
+    fn release_turn(
+        &self,
+        py: Python<'_>,
+        resource: String,
+        turn: &str,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = ratewarden::ReservationId::parse(turn).or_raise().map(|id| {
+            move |w: Warden| async move {
+                w.release_turn(&ratewarden::Turn::from_parts(&resource, id.0))
+                    .await
+            }
+        });
+        self.answer(py, op, asynchronous, released_to_py)
+    }
+
     /// `Warden::admit`, for the ASGI middleware: an acquire that holds a
     /// concurrency slot (the decision's reservation) until `finish`.
     #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]

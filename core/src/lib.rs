@@ -69,7 +69,9 @@ pub use priority::Priority;
 pub use scope::Scope;
 pub use settle::{CallOutcome, Settlement, Usage};
 pub use upstream::{UpstreamView, Zone};
-pub use warden::{DelegateFrom, MAX_LEASE, WaitCancel, WaitFor, Warden};
+/// How long a waiter for an ordered lock keeps its place without looking again (µs).
+pub use warden::LINE_WAIT_LEASE;
+pub use warden::{DelegateFrom, MAX_LEASE, Turn, WaitCancel, WaitFor, Warden};
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

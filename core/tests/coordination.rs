@@ -883,3 +883,34 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn the_ordered_lock_is_held_by_one_and_a_holder_that_never_releases_frees_it() {
+    let (w, clock) = warden(policy(json!([])));
+    let (hold, none) = (Duration::from_secs(5), Duration::ZERO);
+    let first = now(w.sequential("openai", hold, none))
+        .unwrap()
+        .expect("free: taken at once");
+    assert_eq!(first.resource(), "openai");
+    // Held: a caller that cannot wait is turned away (and leaves the line).
+    assert!(now(w.sequential("openai", hold, none)).unwrap().is_none());
+    assert!(now(w.release_turn(&first)).unwrap());
+    let second = now(w.sequential("openai", hold, none))
+        .unwrap()
+        .expect("released");
+    // Never released: free again when its hold runs out.
+    clock.advance(Duration::from_secs(5));
+    let third = now(w.sequential("openai", hold, none))
+        .unwrap()
+        .expect("the hold ran out");
+    assert!(
+        !now(w.release_turn(&second)).unwrap(),
+        "it no longer held it"
+    );
+    assert!(now(w.release_turn(&third)).unwrap());
+    // Bad calls.
+    let e = now(w.sequential("plain", hold, none)).unwrap_err();
+    assert!(e.to_string().contains("upstream: {}"), "{e}");
+    let e = now(w.sequential("openai", Duration::ZERO, none)).unwrap_err();
+    assert!(e.to_string().contains("longer than zero"), "{e}");
+}

@@ -119,3 +119,38 @@ for (const target of ['url', 'cluster_url']) {
   });
 }
 
+
+describe('the ordered lock', () => {
+  for (const target of ['memory', 'url']) {
+    test(`one holder at a time, first come first served (${target})`, async () => {
+      const w = target === 'memory'
+        ? new Warden(POLICY)
+        : await Warden.connect(POLICY, { backend: redis[target], namespace: `node-line-${process.pid}-${n++}` });
+      const log = [];
+      const work = (i) => w.sequential('openai', async () => {
+        log.push(`in ${i}`);
+        await new Promise((resolve) => setImmediate(resolve));
+        log.push(`out ${i}`);
+        return i;
+      });
+      assert.deepEqual(await Promise.all([work(1), work(2), work(3)]), [1, 2, 3]);
+      for (let k = 0; k < log.length; k += 2) {
+        assert.equal(log[k].replace('in', 'out'), log[k + 1], log.join(', '));
+      }
+      // Held by someone else and no time to wait: a typed rejection.
+      let release;
+      let entered;
+      const inside = new Promise((resolve) => { entered = resolve; });
+      const held = w.sequential('openai', () => {
+        entered();
+        return new Promise((resolve) => { release = resolve; });
+      });
+      await inside;
+      await assert.rejects(w.sequential('openai', () => 0, { maxWait: 0 }), (e) => e.code === 'sequential_timeout');
+      release();
+      await held;
+      await assert.rejects(w.sequential('plain', () => 0), /upstream: \{\}/);
+      await assert.rejects(w.sequential('openai', 5), /invalid fn/);
+    });
+  }
+});

@@ -189,3 +189,58 @@ def test_exactly_one_half_open_probe_across_8_processes(redis_servers: Any, name
         p.join(timeout=60)
         assert p.exitcode == 0
     assert sorted(results) == [(False, "half_open")] * 7 + [(True, "half_open")]
+
+
+def test_the_ordered_lock_sync_and_async() -> None:
+    clock = ratewarden.ManualClock()
+    w = Warden(POLICY, clock=clock)
+    with w.sequential("openai", hold=5, max_wait=0) as turn:
+        assert turn.turn is not None and len(turn.turn) == 32
+        with pytest.raises(TimeoutError, match="openai"), w.sequential("openai", max_wait=0):
+            pass
+    with w.sequential("openai", max_wait=0):  # released on exit
+        pass
+
+    async def main() -> str:
+        async with w.sequential("openai", max_wait=0) as t:
+            return t.turn or ""
+
+    assert len(asyncio.run(main())) == 32
+    with pytest.raises(ratewarden.InvalidInput, match="upstream"), w.sequential("plain"):
+        pass
+    with pytest.raises(ratewarden.InvalidInput, match="hold"), w.sequential("openai", hold=-1):
+        pass
+
+
+def _locker(url: str, namespace: str, start: Any, q: Any) -> None:
+    import os
+    import time
+
+    w = Warden(POLICY, backend=url, namespace=namespace)
+    start.wait()
+    spans = []
+    for _ in range(3):
+        with w.sequential("openai", hold=30, max_wait=60):
+            entered = time.monotonic()  # held: nobody else is in here
+            w.acquire("agent:x", resource="openai")  # some work under the lock
+            spans.append((os.getpid(), entered, time.monotonic()))
+    q.put(spans)
+
+
+@pytest.mark.parametrize("target", ["url", "cluster_url"])
+def test_the_ordered_lock_excludes_across_4_processes(redis_servers: Any, namespace: str, target: str) -> None:
+    url = redis_servers.info[target]
+    ctx = multiprocessing.get_context("spawn")
+    start, q = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_locker, args=(url, namespace, start, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    spans = sorted(s for _ in procs for s in q.get(timeout=120))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len(spans) == 12
+    by_time = sorted(spans, key=lambda s: s[1])
+    for a, b in zip(by_time, by_time[1:]):
+        assert a[2] <= b[1], f"two holders at once: {a} and {b}"

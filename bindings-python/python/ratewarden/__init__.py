@@ -59,6 +59,7 @@ __all__ = [
     "ReservationConflict",
     "ReservationExpired",
     "ReservationNotFound",
+    "Sequential",
     "Warden",
     "WardenError",
     "__version__",
@@ -316,6 +317,49 @@ def _cost(cost: Optional[Cost]) -> Optional[Dict[str, Amount]]:
     if isinstance(cost, Mapping):
         return dict(cost)
     raise InvalidInput(f"invalid cost: expected a mapping of unit to amount, got {type(cost).__name__}")
+
+
+class Sequential:
+    """A resource's ordered lock (:meth:`Warden.sequential`), as a context
+    manager for ``with`` and ``async with``; ``turn`` is the holder's id while held."""
+
+    def __init__(self, warden: Warden, resource: str, hold: float, max_wait: float) -> None:
+        self._warden, self.resource, self._hold, self._max_wait = warden, resource, hold, max_wait
+        self.turn: Optional[str] = None
+
+    def _took(self, turn: Optional[str]) -> Sequential:
+        if turn is None:
+            raise TimeoutError(f"{self.resource}'s ordered lock was not free within {self._max_wait} s")
+        self.turn = turn
+        return self
+
+    def __enter__(self) -> Sequential:
+        try:
+            turn = self._warden._native.sequential(self.resource, self._hold, self._max_wait)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+        return self._took(turn)
+
+    def __exit__(self, *_exc: object) -> None:
+        turn, self.turn = self.turn, None
+        if turn is not None:
+            self._warden._native.release_turn(self.resource, turn)
+
+    async def __aenter__(self) -> Sequential:
+        try:
+            pending = self._warden._native.sequential(self.resource, self._hold, self._max_wait, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+        return self._took(await pending)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        turn, self.turn = self.turn, None
+        if turn is not None:
+            await self._warden._native.release_turn(self.resource, turn, True)
 
 
 class Warden:
@@ -756,6 +800,16 @@ class Warden:
             raise
         except _CONVERSION_ERRORS as e:
             raise _bad_argument(e) from None
+
+    def sequential(self, resource: str, *, hold: float = 30.0, max_wait: float = 60.0) -> Sequential:
+        """``resource``'s ordered lock, for ``with`` or ``async with``: what callers
+        take when a decision carries ``caps["sequential"]`` (the resource is in
+        sequential mode after a burst of denials). First come, first served across
+        every process sharing the backend; held for at most ``hold`` seconds (a
+        holder that never releases frees it then); raises ``TimeoutError`` when
+        ``max_wait`` seconds pass first. The resource needs ``upstream:`` in the
+        policy."""
+        return Sequential(self, resource, hold, max_wait)
 
     # -- the decorator -----------------------------------------------------
 

@@ -218,6 +218,12 @@ impl<B: Backend> Backend for Fallback<B> {
         })
     }
 
+    fn line<'a>(&'a self, resource: &'a str, holder: u128, op: super::LineOp) -> Pending<'a, i64> {
+        or_local(self.primary.line(resource, holder, op), move || {
+            self.local.line(resource, holder, op)
+        })
+    }
+
     fn ungate<'a>(
         &'a self,
         resource: &'a str,

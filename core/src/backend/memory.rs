@@ -166,6 +166,8 @@ pub struct MemoryBackend {
     grants: AtomicUsize,
     /// When decisions next sweep the reservation and operation records (µs).
     next_record_sweep: AtomicI64,
+    /// Each coordinated resource's ordered lock (sequential mode).
+    lines: Mutex<Vec<(Box<str>, crate::upstream::sequence::Line)>>,
     /// Each coordinating resource's observed upstream state (one entry per
     /// resource a policy declares `upstream:` for: a handful, searched in
     /// order, cheaper than hashing the name).
@@ -312,6 +314,7 @@ impl MemoryBackend {
             grants: AtomicUsize::new(0),
             next_record_sweep: AtomicI64::new(0),
             upstream: Mutex::default(),
+            lines: Mutex::default(),
         }
     }
 
@@ -1505,6 +1508,28 @@ impl Backend for MemoryBackend {
         Pending::Ready(Ok(self.with_upstream(resource, |state, now| {
             state.gate(&ask, now, coordination)
         })))
+    }
+
+    fn line<'a>(&'a self, resource: &'a str, holder: u128, op: super::LineOp) -> Pending<'a, i64> {
+        let now = self.clock.now();
+        let mut lines = self.lines.lock();
+        let i = if let Some(i) = lines.iter().position(|(name, _)| &**name == resource) {
+            i
+        } else {
+            lines.push((resource.into(), crate::upstream::sequence::Line::default()));
+            lines.len() - 1
+        };
+        let line = &mut lines[i].1;
+        let answer = match op {
+            super::LineOp::Enter { hold, wait } => {
+                i64::try_from(line.enter(holder, now, hold, wait)).unwrap_or(i64::MAX)
+            }
+            super::LineOp::Leave => i64::from(line.leave(holder)),
+        };
+        if line.places.is_empty() {
+            lines.swap_remove(i);
+        }
+        Pending::Ready(Ok(answer))
     }
 
     fn ungate<'a>(

@@ -154,6 +154,20 @@ pub fn at_once<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
     })
 }
 
+/// What [`Backend::line`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineOp {
+    /// Join or renew a place: the holder's lease and a waiter's, µs.
+    Enter {
+        /// How long the lock is held once taken.
+        hold: Micros,
+        /// How long a waiter's place lasts without it looking again.
+        wait: Micros,
+    },
+    /// Leave the line (releasing the lock if held).
+    Leave,
+}
+
 fn no_upstream(name: &str) -> crate::Error {
     crate::Error::Backend {
         message: format!("the {name} backend keeps no upstream state"),
@@ -208,6 +222,15 @@ pub trait Backend: Send + Sync + 'static {
             resource,
             coordination,
         )))
+    }
+
+    /// `holder` enters `resource`'s ordered lock (or renews its place), or
+    /// leaves it ([`crate::upstream::sequence::Line`]): the position for
+    /// `Enter` (0: it holds the lock), 1 or 0 for `Leave` (whether it was in
+    /// the line).
+    fn line<'a>(&'a self, resource: &'a str, holder: u128, op: LineOp) -> Pending<'a, i64> {
+        let _ = (resource, holder, op);
+        Pending::Ready(Err(no_upstream(self.name())))
     }
 
     /// Records what an upstream response said about `resource`'s upstream

@@ -78,6 +78,7 @@ const DECIDE: &str = include_str!("../../lua/decide.lua");
 const SETTLE: &str = include_str!("../../lua/settle.lua");
 const RATE: &str = include_str!("../../lua/rate.lua");
 const UPSTREAM: &str = include_str!("../../lua/upstream.lua");
+const LINE: &str = include_str!("../../lua/line.lua");
 /// How long an ended reservation is remembered (idempotent commit / release).
 const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
 /// Default command timeout.
@@ -148,6 +149,8 @@ pub struct RedisBackend {
     settle: Arc<Script>,
     /// `upstream.lua`: coordinated resources' upstream state.
     upstream: Arc<Script>,
+    /// `line.lua`: coordinated resources' ordered locks.
+    line: Arc<Script>,
     clock: Option<Arc<dyn Clock>>,
     timeout: std::time::Duration,
     /// After a timeout, the node that timed out is skipped for a moment.
@@ -330,6 +333,7 @@ impl RedisBackend {
             use_rate_script: true,
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
             upstream: Arc::new(Script::new(&format!("{COMMON}\n{UPSTREAM}"))),
+            line: Arc::new(Script::new(&format!("{COMMON}\n{LINE}"))),
             clock: None,
             timeout: DEFAULT_TIMEOUT,
             health,
@@ -853,6 +857,10 @@ impl Backend for RedisBackend {
         ask: Ask,
     ) -> Pending<'a, Gate> {
         upstream::gate(self, resource, coordination, ask)
+    }
+
+    fn line<'a>(&'a self, resource: &'a str, holder: u128, op: super::LineOp) -> Pending<'a, i64> {
+        upstream::line(self, resource, holder, op)
     }
 
     fn ungate<'a>(

@@ -29,6 +29,7 @@ pub mod cascade;
 pub(crate) mod gated;
 mod headers;
 pub mod light;
+pub mod sequence;
 
 pub use breaker::{BreakerConfig, BreakerState};
 pub use cascade::CascadeConfig;

@@ -186,4 +186,112 @@ impl Warden {
             );
         }
     }
+
+    /// Takes `resource`'s **ordered lock** — what callers do when a decision
+    /// carries `caps.sequential` (sequential mode): first come, first served
+    /// across every process sharing the backend. Waits up to `max_wait`
+    /// (looking again every 50 ms, or at once when a holder in this process
+    /// releases); `None` if the time ran out (it left the line). The lock is
+    /// held for at most `hold` — end it with [`Warden::release_turn`]; a
+    /// holder that never does frees it when `hold` runs out, and a waiter
+    /// that stops looking (a dead process, a dropped future) loses its place
+    /// within [`LINE_WAIT_LEASE`].
+    ///
+    /// # Errors
+    /// As [`Warden::coordination`]; [`Error::InvalidArgument`] for a `hold`
+    /// of zero or over [`super::MAX_LEASE`]; a backend failure.
+    pub async fn sequential(
+        &self,
+        resource: &str,
+        hold: std::time::Duration,
+        max_wait: std::time::Duration,
+    ) -> Result<Option<Turn>> {
+        self.coordination(resource)?;
+        let hold = super::validate_lease(hold)?;
+        let clock = &self.inner.clock;
+        let deadline = clock.now().saturating_add(crate::clock::micros(max_wait));
+        let id = crate::decision::ReservationId::random_in_process().0;
+        let enter = crate::backend::LineOp::Enter {
+            hold,
+            wait: LINE_WAIT_LEASE,
+        };
+        loop {
+            let notified = self.inner.queue.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.backend.line(resource, id, enter).await? == 0 {
+                return Ok(Some(Turn {
+                    resource: resource.to_owned(),
+                    id,
+                }));
+            }
+            let now = clock.now();
+            if now >= deadline {
+                self.inner
+                    .backend
+                    .line(resource, id, crate::backend::LineOp::Leave)
+                    .await?;
+                return Ok(None);
+            }
+            tokio::select! {
+                () = clock.sleep_until((now + LINE_POLL).min(deadline)) => {}
+                () = &mut notified => {}
+            }
+        }
+    }
+
+    /// Releases an ordered lock taken with [`Warden::sequential`]: `true` if
+    /// it still held it (`false`: its `hold` had run out and the line moved
+    /// on).
+    ///
+    /// # Errors
+    /// A backend failure.
+    pub async fn release_turn(&self, turn: &Turn) -> Result<bool> {
+        let held = self
+            .inner
+            .backend
+            .line(&turn.resource, turn.id, crate::backend::LineOp::Leave)
+            .await?;
+        self.inner.queue.poke();
+        Ok(held == 1)
+    }
+}
+
+/// How often a waiter for an ordered lock looks again (µs).
+const LINE_POLL: crate::clock::Micros = 50_000;
+
+/// How long a waiter keeps its place in an ordered lock's line without
+/// looking again (µs): a waiter that died leaves the line within it.
+pub const LINE_WAIT_LEASE: crate::clock::Micros = 2_000_000;
+
+/// A held ordered lock ([`Warden::sequential`]); end it with
+/// [`Warden::release_turn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    resource: String,
+    id: u128,
+}
+
+impl Turn {
+    /// A turn as a binding carries it between calls (the resource and the
+    /// holder's id from [`Turn::id`]).
+    #[must_use]
+    pub fn from_parts(resource: &str, id: u128) -> Self {
+        Self {
+            resource: resource.to_owned(),
+            id,
+        }
+    }
+
+    /// The resource whose lock it is.
+    #[must_use]
+    pub fn resource(&self) -> &str {
+        &self.resource
+    }
+
+    /// The holder's id (32 hex digits when shown).
+    #[must_use]
+    pub const fn id(&self) -> u128 {
+        self.id
+    }
 }

@@ -22,6 +22,7 @@ use crate::scope::Scope;
 use crate::settle::{CallOutcome, Settlement};
 
 mod light;
+pub use light::{LINE_WAIT_LEASE, Turn};
 
 /// A failed commit or release: not confirmed (the backend failed: it may have
 /// landed) or refused (the backend answered no).
@@ -650,7 +651,7 @@ fn reservation_id(request: &Request) -> ReservationId {
         .map_or_else(ReservationId::random, |op| ReservationId(op.0))
 }
 
-fn validate_lease(d: Duration) -> Result<Micros> {
+pub(crate) fn validate_lease(d: Duration) -> Result<Micros> {
     if d.is_zero() {
         return Err(Error::invalid("lease", "must be longer than zero"));
     }

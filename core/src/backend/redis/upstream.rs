@@ -254,3 +254,37 @@ pub(super) fn ungate<'a>(
         Ok(v.first() == Some(&1))
     }))
 }
+
+pub(super) fn line<'a>(
+    b: &'a RedisBackend,
+    resource: &'a str,
+    holder: u128,
+    op: crate::backend::LineOp,
+) -> Pending<'a, i64> {
+    Pending::Future(Box::pin(async move {
+        let tag = format!("up:{resource}");
+        let slot = tag_slot(&tag);
+        if let Some(e) = b.skipping(slot) {
+            return Err(e);
+        }
+        let keys = [format!("{}:{{{tag}}}:line", b.namespace)];
+        let mut args = vec![b.now_arg().to_string()];
+        match op {
+            crate::backend::LineOp::Enter { hold, wait } => args.extend([
+                "enter".to_owned(),
+                format!("{holder:032x}"),
+                hold.to_string(),
+                wait.to_string(),
+            ]),
+            crate::backend::LineOp::Leave => {
+                args.extend(["leave".to_owned(), format!("{holder:032x}")]);
+            }
+        }
+        // Entering again renews the same place, leaving twice is harmless:
+        // both are safe to send again after a dropped connection.
+        let attempt = || b.invoke::<i64>(&b.line, &keys, &args);
+        b.resent(slot, attempt)
+            .await
+            .map_err(|e| e.into_error(None))
+    }))
+}
