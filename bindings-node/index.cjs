@@ -532,7 +532,8 @@ class Warden {
   /**
    * `observe` with the response's HTTP `status`: a 429 also stops every caller
    * on the resource until its `Retry-After` (or, without one, until an exhausted
-   * quota resets, or for the policy's `block`, 1 s).
+   * quota resets, or for the breaker's `open_for`, 5 s, doubling) and opens
+   * the circuit breaker: then exactly one request goes as its probe.
    */
   report(resource, status, headers) {
     try {

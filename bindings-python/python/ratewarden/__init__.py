@@ -765,7 +765,8 @@ class Warden:
     def report(self, resource: str, status: int, headers: Any = None) -> Dict[str, Any]:
         """:meth:`observe` with the response's HTTP ``status``: a 429 also stops
         every caller on the resource until its ``Retry-After`` (or, without one,
-        until an exhausted quota resets, or for the policy's ``block``, 1 s)."""
+        until an exhausted quota resets, or for the breaker's ``open_for``, 5 s, doubling)
+        and opens the circuit breaker: then exactly one request goes as its probe."""
         try:
             return self._native.observe(resource, _header_pairs(headers), status)
         except WardenError:

@@ -30,7 +30,8 @@ impl Warden {
 
     /// [`Warden::observe`] with the response's HTTP status: a 429 also stops
     /// every caller on the resource until its `Retry-After` (or, when it has
-    /// none, until an exhausted quota resets, or for the policy's `block`).
+    /// none, until an exhausted quota resets, or for the breaker's `open_for`)
+    /// and opens the circuit breaker (a 5xx too): then one probe goes.
     ///
     /// # Errors
     /// As [`Warden::observe`], and [`Error::InvalidArgument`] for a status
