@@ -61,9 +61,12 @@ pub struct Args {
     /// Random seed for arrivals and jitter.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// Also write an SVG plot of upstream calls per minute for both variants.
+    /// Also write an SVG plot of successes and 429s per minute of the four variants.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Print the results as one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
     /// Backend for the governed run (only the embedded `memory` engine in this version).
     #[arg(long, default_value = "memory")]
     pub backend: String,
@@ -590,6 +593,33 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
     let governed = run_governed(args, &agents, start, end)?;
     let coordinated = run_coordinated(args, &agents, start, end)?;
     let mix = |p: Priority| agents.iter().filter(|a| a.priority == p).count();
+    let variants = [
+        ("naive: backoff", &backoff, "#d62728"),
+        ("naive: Retry-After", &retry_after, "#ff7f0e"),
+        ("governed", &governed, "#1f77b4"),
+        ("coordinated", &coordinated, "#2ca02c"),
+    ];
+    if let Some(path) = &args.plot {
+        std::fs::write(path, svg(&variants, args.quota)).map_err(|e| {
+            ratewarden::Error::InvalidArgument {
+                what: "plot",
+                message: format!("cannot write {}: {e}", path.display()),
+            }
+        })?;
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "agents": {"critical": mix(Priority::Critical), "standard": mix(Priority::Standard), "background": mix(Priority::Background)},
+            "quota_per_minute": args.quota,
+            "minutes": args.minutes,
+            "demand": args.demand,
+            "seed": args.seed,
+            "tasks": tasks,
+            "variants": variants.iter().map(|(name, o, _)| json_of(name, o, args)).collect::<Vec<_>>(),
+        });
+        println!("{out:#}");
+        return Ok(());
+    }
     println!(
         "ratewarden simulate: {} agents ({} critical, {} standard, {} background) share an upstream quota of {}/min",
         args.agents,
@@ -630,21 +660,44 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
     );
     println!("                    the upstream's traffic light; retries in its priority's band");
     if let Some(path) = &args.plot {
-        let variants = [
-            ("naive: backoff", &backoff, "#d62728"),
-            ("naive: Retry-After", &retry_after, "#ff7f0e"),
-            ("governed", &governed, "#1f77b4"),
-            ("coordinated", &coordinated, "#2ca02c"),
-        ];
-        std::fs::write(path, svg(&variants, args.quota)).map_err(|e| {
-            ratewarden::Error::InvalidArgument {
-                what: "plot",
-                message: format!("cannot write {}: {e}", path.display()),
-            }
-        })?;
         println!("plot written to {}", path.display());
     }
     Ok(())
+}
+
+/// One variant's results as JSON (waits in seconds).
+fn json_of(name: &str, o: &Outcome, args: &Args) -> serde_json::Value {
+    let capacity = u64::from(args.quota) * u64::from(args.minutes);
+    let tiers: serde_json::Map<String, serde_json::Value> =
+        [(0, "critical"), (1, "standard"), (2, "background")]
+            .into_iter()
+            .map(|(t, tier)| {
+                let mut v = o.waits[t].clone();
+                v.sort_unstable();
+                let s = |p: f64| percentile(&v, p).map(|us| us as f64 / 1e6);
+                (
+                    tier.to_owned(),
+                    serde_json::json!({
+                        "wait_p50_s": s(0.5),
+                        "wait_p95_s": s(0.95),
+                        "unfinished": o.unfinished[t],
+                        "longest_blocked_s": o.blocked[t] as f64 / 1e6,
+                    }),
+                )
+            })
+            .collect();
+    serde_json::json!({
+        "name": name,
+        "sent": o.upstream.sent,
+        "succeeded": o.upstream.ok,
+        "share_of_capacity": o.upstream.ok as f64 / capacity as f64,
+        "rejected_429": o.upstream.rejected,
+        "over_quota": o.upstream.over_quota,
+        "lockout_rejects": o.upstream.lockout_rejects,
+        "tiers": tiers,
+        "ok_per_minute": o.upstream.ok_per_minute,
+        "rejected_per_minute": o.upstream.rejected_per_minute,
+    })
 }
 
 fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {

@@ -101,6 +101,42 @@ fn simulate_is_deterministic_and_governed_never_exceeds_the_quota() {
 }
 
 #[test]
+fn simulate_prints_json_with_the_same_numbers() {
+    let out = bin()
+        .args(["simulate", "--minutes", "10", "--seed", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let variants = v["variants"].as_array().unwrap();
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "naive: backoff",
+            "naive: Retry-After",
+            "governed",
+            "coordinated"
+        ]
+    );
+    for x in &variants[2..] {
+        assert_eq!(
+            (x["rejected_429"].as_u64(), x["sent"].as_u64()),
+            (Some(0), Some(1200))
+        );
+    }
+    assert!(variants[0]["rejected_429"].as_u64().unwrap() > 0);
+    assert_eq!(variants[3]["ok_per_minute"].as_array().unwrap().len(), 10);
+}
+
+#[test]
 fn simulate_plots_the_four_variants() {
     let dir = std::env::temp_dir().join(format!("rw-plot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
