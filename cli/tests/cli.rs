@@ -137,6 +137,30 @@ fn simulate_prints_json_with_the_same_numbers() {
 }
 
 #[test]
+fn the_readme_picture_is_what_simulate_draws() {
+    let dir = std::env::temp_dir().join(format!("rw-readme-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("simulate.svg");
+    let out = bin()
+        .args(["simulate", "--plot"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/simulate.svg");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        std::fs::read_to_string(committed).unwrap(),
+        "regenerate docs/simulate.svg with `ratewarden simulate --plot docs/simulate.svg`"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn simulate_plots_the_four_variants() {
     let dir = std::env::temp_dir().join(format!("rw-plot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
