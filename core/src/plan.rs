@@ -432,6 +432,10 @@ impl<'p> Plan<'p> {
         Ask {
             priority: self.priority,
             amounts: self.upstream.map_or([0; DIMENSIONS], |(_, _, cost)| {
+                if cost.is_empty() {
+                    // The default cost: one request.
+                    return [1, 0, 0, 0];
+                }
                 // Checked when the plan was built: it resolves.
                 resolve_cost(self.policy, cost)
                     .map_or([0; DIMENSIONS], |a| upstream_amounts(self.policy, &a))
