@@ -126,9 +126,8 @@ function isThenable(v) {
   return v !== null && (typeof v === 'object' || typeof v === 'function') && typeof v.then === 'function';
 }
 
-/** Request headers overriding one governed request's priority / scope (removed before sending). */
-const PRIORITY_HEADER = 'ratewarden-priority';
-const SCOPE_HEADER = 'ratewarden-scope';
+/** Request headers overriding one governed request's priority / scope (removed before sending), from the core. */
+const { priority: PRIORITY_HEADER, scope: SCOPE_HEADER } = native.governedHeaders();
 
 /**
  * A copy of an `openai` npm client (or any client with `withOptions({ fetch })`)

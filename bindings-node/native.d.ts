@@ -275,6 +275,20 @@ export interface DelegateOptions {
   lease?: number
 }
 
+/** The request headers of governed calls (the same in every binding). */
+export declare function governedHeaders(): GovernedHeaders
+
+/**
+ * The request headers a governed `fetch` reads one call's priority and
+ * scope from (and removes).
+ */
+export interface GovernedHeaders {
+  /** Names the call's priority. */
+  priority: string
+  /** Names the call's scope. */
+  scope: string
+}
+
 /**
  * The canonical name of a rate-limit header style (`draft-11`, `draft-7`,
  * `draft-6`, `off`); an InvalidInput error for anything else.

@@ -86,14 +86,7 @@ pub fn parse_headers(headers: Vec<Vec<String>>, now: Option<f64>) -> Result<Pars
         }
         None => ratewarden::SystemClock.now(),
     };
-    let pairs: Vec<(&str, &str)> = headers
-        .iter()
-        .filter_map(|p| match p.as_slice() {
-            [k, v] => Some((k.as_str(), v.as_str())),
-            _ => None,
-        })
-        .collect();
-    let o = ratewarden::upstream::parse(pairs, now);
+    let o = ratewarden::upstream::parse(header_pairs(&headers), now);
     Ok(ParsedHeaders {
         quotas: o
             .quotas
@@ -156,4 +149,35 @@ pub fn scope_of(segments: Vec<Vec<String>>) -> Result<String> {
     Scope::from_segments(pairs)
         .map(|s| s.as_str().to_owned())
         .or_throw()
+}
+
+/// `[name, value]` string arrays as pairs (anything else is skipped: the JS
+/// layer already dropped entries without a value).
+pub(crate) fn header_pairs(headers: &[Vec<String>]) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .filter_map(|p| match p.as_slice() {
+            [k, v] => Some((k.as_str(), v.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The request headers a governed `fetch` reads one call's priority and
+/// scope from (and removes).
+#[napi(object)]
+pub struct GovernedHeaders {
+    /// Names the call's priority.
+    pub priority: String,
+    /// Names the call's scope.
+    pub scope: String,
+}
+
+/// The request headers of governed calls (the same in every binding).
+#[napi]
+pub fn governed_headers() -> GovernedHeaders {
+    GovernedHeaders {
+        priority: ratewarden::upstream::PRIORITY_HEADER.to_owned(),
+        scope: ratewarden::upstream::SCOPE_HEADER.to_owned(),
+    }
 }

@@ -540,13 +540,7 @@ async fn observed(
     headers: &[Vec<String>],
     status: Option<u16>,
 ) -> ratewarden::Result<ratewarden::UpstreamView> {
-    let pairs: Vec<(&str, &str)> = headers
-        .iter()
-        .filter_map(|p| match p.as_slice() {
-            [k, v] => Some((k.as_str(), v.as_str())),
-            _ => None,
-        })
-        .collect();
+    let pairs = crate::header_pairs(headers);
     match status {
         None => warden.observe(resource, &pairs).await,
         Some(s) => warden.report(resource, s, &pairs).await,

@@ -79,16 +79,25 @@ pub(crate) fn ready(py: Python<'_>, value: PyResult<Py<PyAny>>) -> PyResult<Py<P
 /// Runs `f` on the runtime and returns an asyncio future of the running loop
 /// that completes with its converted result; cancelling the future aborts `f`.
 /// What an async answer holds that must be given back when nobody receives
-/// it (the awaiting task was cancelled as the answer arrived): a reservation.
+/// it (the awaiting task was cancelled as the answer arrived): a reservation,
+/// or a resource's ordered lock.
 pub(crate) trait Held {
-    fn held(&self) -> Option<ReservationId> {
+    fn held(&self) -> Option<Hold> {
         None
     }
 }
 
+/// Something an undelivered answer holds.
+pub(crate) enum Hold {
+    /// A reservation (or a held concurrency slot).
+    Reservation(ReservationId),
+    /// A turn at a resource's ordered lock.
+    Turn(ratewarden::Turn),
+}
+
 impl Held for CoreDecision {
-    fn held(&self) -> Option<ReservationId> {
-        self.reservation.as_ref().map(|r| r.id)
+    fn held(&self) -> Option<Hold> {
+        self.reservation.as_ref().map(|r| Hold::Reservation(r.id))
     }
 }
 impl Held for CommitReceipt {}
@@ -97,9 +106,13 @@ impl Held for i64 {}
 impl Held for Settlement {}
 impl Held for Vec<Balance> {}
 impl Held for ratewarden::UpstreamView {}
-impl Held for Option<String> {}
+impl Held for Option<ratewarden::Turn> {
+    fn held(&self) -> Option<Hold> {
+        self.clone().map(Hold::Turn)
+    }
+}
 
-/// Releases a reservation whose answer was never received (its future was
+/// Releases a reservation (or an ordered lock's turn) whose answer was never received (its future was
 /// cancelled as it arrived, or its loop closed first): when called, or when
 /// dropped without `keep()` — an answer that never reached anyone is given
 /// back whichever way it was lost. The release runs on the runtime, never
@@ -107,31 +120,42 @@ impl Held for Option<String> {}
 #[pyclass(frozen, module = "ratewarden._native")]
 pub(crate) struct Undo {
     pub(crate) warden: Warden,
-    pub(crate) id: ReservationId,
+    pub(crate) hold: Hold,
     pub(crate) pending: std::sync::atomic::AtomicBool,
 }
 
 impl Undo {
-    fn new(warden: Warden, id: ReservationId) -> Self {
+    fn new(warden: Warden, hold: Hold) -> Self {
         Self {
             warden,
-            id,
+            hold,
             pending: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
     fn release(&self) {
         if self.pending.swap(false, Ordering::AcqRel) {
-            let (w, id) = (self.warden.clone(), self.id);
-            if w.backend_name() == "memory" {
-                // Answers at once: given back before this returns.
-                let _ = at_once(w.release(id));
-                return;
+            let w = self.warden.clone();
+            match &self.hold {
+                Hold::Reservation(id) => {
+                    let id = *id;
+                    if w.backend_name() == "memory" {
+                        // Answers at once: given back before this returns.
+                        let _ = at_once(w.release(id));
+                        return;
+                    }
+                    runtime().spawn(async move {
+                        // Released, already ended or lapsed: either way nothing stays held.
+                        let _ = w.release(id).await;
+                    });
+                }
+                Hold::Turn(turn) => {
+                    let turn = turn.clone();
+                    runtime().spawn(async move {
+                        let _ = w.release_turn(&turn).await;
+                    });
+                }
             }
-            runtime().spawn(async move {
-                // Released, already ended or lapsed: either way nothing stays held.
-                let _ = w.release(id).await;
-            });
         }
     }
 }
@@ -191,7 +215,7 @@ where
         let job: Job = Box::new(move |py| {
             // What the answer holds, to give back if nobody receives it.
             let undo = match result.as_ref().ok().and_then(Held::held) {
-                Some(id) => Py::new(py, Undo::new(warden, id)).ok().map(Py::into_any),
+                Some(hold) => Py::new(py, Undo::new(warden, hold)).ok().map(Py::into_any),
                 None => None,
             };
             let give_back = |py: Python<'_>, undo: &Option<Py<PyAny>>| {

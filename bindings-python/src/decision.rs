@@ -353,7 +353,8 @@ pub(crate) fn upstream_to_py(py: Python<'_>, v: ratewarden::UpstreamView) -> PyR
     Ok(d.into_any().unbind())
 }
 
-/// An optional text as `str` or `None`.
-pub(crate) fn optional_text_to_py(py: Python<'_>, v: Option<String>) -> PyResult<Py<PyAny>> {
-    Ok(v.into_pyobject(py)?.into_any().unbind())
+/// A turn taken at an ordered lock as its id (32 hex digits), or `None`.
+pub(crate) fn turn_to_py(py: Python<'_>, v: Option<ratewarden::Turn>) -> PyResult<Py<PyAny>> {
+    let id = v.map(|t| format!("{:032x}", t.id()));
+    Ok(id.into_pyobject(py)?.into_any().unbind())
 }

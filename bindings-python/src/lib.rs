@@ -62,6 +62,16 @@ use runtime::*;
 use warden::*;
 
 /// Return the version of the ratewarden core library.
+/// The request headers a governed client reads one call's priority and
+/// scope from (and removes): `(priority, scope)`.
+#[pyfunction]
+fn governed_headers() -> (&'static str, &'static str) {
+    (
+        ratewarden::upstream::PRIORITY_HEADER,
+        ratewarden::upstream::SCOPE_HEADER,
+    )
+}
+
 #[pyfunction]
 fn version() -> &'static str {
     ratewarden::VERSION
@@ -143,6 +153,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     std::sync::LazyLock::force(&RT);
     std::sync::LazyLock::force(&TX);
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(governed_headers, m)?)?;
     m.add_function(wrap_pyfunction!(scope_of, m)?)?;
     m.add_function(wrap_pyfunction!(header_style, m)?)?;
     m.add_function(wrap_pyfunction!(retry_delay, m)?)?;

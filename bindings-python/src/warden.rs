@@ -320,13 +320,10 @@ impl NativeWarden {
     ) -> PyResult<Py<PyAny>> {
         let op = seconds(hold, "hold").and_then(|hold| {
             let max_wait = seconds(max_wait, "max_wait")?;
-            Ok(move |w: Warden| async move {
-                let turn = w.sequential(&resource, hold, max_wait).await?;
-                Ok(turn.map(|t| format!("{:032x}", t.id())))
-            })
+            Ok(move |w: Warden| async move { w.sequential(&resource, hold, max_wait).await })
         });
         let cancel = Some(Arc::new(WaitCancel::default()));
-        self.answer_with(py, op, asynchronous, optional_text_to_py, cancel)
+        self.answer_with(py, op, asynchronous, turn_to_py, cancel)
     }
 
     /// `Warden::release_turn`: whether the turn still held the lock.

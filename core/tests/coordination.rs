@@ -914,3 +914,49 @@ fn the_ordered_lock_is_held_by_one_and_a_holder_that_never_releases_frees_it() {
     let e = now(w.sequential("openai", Duration::ZERO, none)).unwrap_err();
     assert!(e.to_string().contains("longer than zero"), "{e}");
 }
+
+#[test]
+fn the_edges_of_what_is_accepted() {
+    let (w, _clock) = warden(policy(json!([])));
+    // Statuses: 100 and 599 are HTTP statuses, 99 and 600 are not.
+    for ok in [100, 599] {
+        assert!(now(w.report("openai", ok, &[])).is_ok(), "{ok}");
+    }
+    for bad in [0, 99, 600, u16::MAX] {
+        let e = now(w.report("openai", bad, &[])).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+    }
+    // Readings: 2^40 is kept; past it (up to 2^53 - 1) is no constraint, said so.
+    let at = |n: u64| now(w.observe("openai", &pairs(&openai(n, n, "60s")))).unwrap();
+    let v = at(1 << 40);
+    assert_eq!((v.quotas[0].limit, v.warnings.len()), (1 << 40, 0));
+    for past in [(1u64 << 40) + 1, (1 << 53) - 1] {
+        let v = at(past);
+        assert_eq!(v.warnings.len(), 1, "{past}: {:?}", v.warnings);
+        assert!(v.warnings[0].contains("no constraint"), "{:?}", v.warnings);
+        assert_eq!(
+            v.quotas[0].limit,
+            1 << 40,
+            "{past}: the reading before stands"
+        );
+    }
+    // The policy's bounds, on either side.
+    let upstream = |u: Value| {
+        ratewarden::Policy::from_value(&json!({"resources": {"r": {"upstream": u}}}))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    assert!(upstream(json!({"delay": {"background": "1h"}, "breaker": {"horizon": "1h"}})).is_ok());
+    assert!(upstream(json!({"breaker": {"horizon": "1h1s"}})).is_err());
+    assert!(upstream(json!({"breaker": {"max_tokens": 1u64 << 40}})).is_ok());
+    assert!(upstream(json!({"breaker": {"max_tokens": (1u64 << 40) + 1}})).is_err());
+    assert!(upstream(json!({"breaker": {"horizon": "0s"}, "cascade": {"denials": 16}})).is_ok());
+    assert!(upstream(json!({"cascade": {"denials": 0}, "ttl": "366d"})).is_ok());
+    assert!(upstream(json!({"ttl": "367d"})).is_err());
+    assert!(upstream(json!({"green": "100%", "red": "0%"})).is_ok());
+    assert!(upstream(json!({"green": "15%", "red": "15%"})).is_err());
+    assert!(
+        upstream(json!({"pace": 5})).is_err(),
+        "a number is not a duration"
+    );
+}

@@ -244,3 +244,44 @@ def test_the_ordered_lock_excludes_across_4_processes(redis_servers: Any, namesp
     by_time = sorted(spans, key=lambda s: s[1])
     for a, b in zip(by_time, by_time[1:]):
         assert a[2] <= b[1], f"two holders at once: {a} and {b}"
+
+
+def test_an_ordered_lock_taken_as_its_await_is_cancelled_is_released(redis_servers: Any, namespace: str) -> None:
+    # The turn's answer arrives after its task was cancelled: nobody will
+    # release it, so the binding does — not held until `hold` (the clock
+    # does not move).
+    w = Warden(POLICY, backend=redis_servers.url, namespace=namespace, clock=ratewarden.ManualClock())
+
+    async def take() -> None:
+        async with w.sequential("openai", hold=30, max_wait=0):
+            pass
+
+    async def main() -> int:
+        futs = [asyncio.ensure_future(take()) for _ in range(20)]
+        await asyncio.sleep(0)  # every request is in flight
+        for f in futs:
+            f.cancel()
+        done = await asyncio.gather(*futs, return_exceptions=True)
+        return sum(isinstance(r, asyncio.CancelledError) for r in done)
+
+    assert asyncio.run(main()) == 20
+
+    def free() -> bool:
+        try:
+            with w.sequential("openai", max_wait=0):
+                return True
+        except TimeoutError:
+            return False
+
+    assert eventually(free)
+
+
+def eventually(condition: Any, tries: int = 5000) -> bool:
+    """`condition()` becomes true within `tries` tries (each a Redis round trip)."""
+    import os
+
+    for _ in range(tries):
+        if condition():
+            return True
+        os.sched_yield()
+    return False

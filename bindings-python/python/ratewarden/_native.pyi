@@ -18,6 +18,7 @@ __all__ = [
     "Ready",
     "Undo",
     "__version__",
+    "governed_headers",
     "header_style",
     "parse_headers",
     "retry_delay",
@@ -41,6 +42,7 @@ def retry_delay(attempt: int, priority: str = "standard", retry_after: Optional[
 def scope_of(segments: List[Tuple[str, str]]) -> str:
     """A scope string from ``(kind, id)`` pairs, ids escaped."""
 
+def governed_headers() -> Tuple[str, str]: ...
 def version() -> str:
     """Return the version of the ratewarden core library."""
 

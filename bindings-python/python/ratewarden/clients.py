@@ -36,16 +36,16 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, TypeVar, Union
 import httpx
 
 from ._errors import InvalidInput, WardenError, denied
+from ._native import governed_headers
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import Warden
 
 __all__ = ["PRIORITY_HEADER", "SCOPE_HEADER", "AsyncGovernedTransport", "GovernedTransport", "govern"]
 
-#: Request header naming the priority of one request (removed before sending).
-PRIORITY_HEADER = "ratewarden-priority"
-#: Request header naming the scope of one request (removed before sending).
-SCOPE_HEADER = "ratewarden-scope"
+#: Request headers naming one request's priority and scope (removed before
+#: sending), the same in every binding (from the core).
+PRIORITY_HEADER, SCOPE_HEADER = governed_headers()
 
 _log = logging.getLogger("ratewarden")
 

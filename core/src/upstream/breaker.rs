@@ -83,18 +83,8 @@ impl BreakerState {
         }
     }
 
-    /// 0 closed, 1 pre-emptive, 2 open, 3 half-open (the scripts' encoding).
-    #[must_use]
-    pub const fn code(self) -> i64 {
-        match self {
-            Self::Closed => 0,
-            Self::PreEmptiveOpen => 1,
-            Self::Open => 2,
-            Self::HalfOpen => 3,
-        }
-    }
-
-    /// The state of a script's code (anything unknown is `Closed`).
+    /// The state of a script's code: 0 closed, 1 pre-emptive, 2 open,
+    /// 3 half-open (anything else is `Closed`).
     #[must_use]
     pub const fn of_code(code: i64) -> Self {
         match code {

@@ -135,18 +135,8 @@ impl Zone {
         }
     }
 
-    /// 0 unknown, 1 green, 2 amber, 3 red (the scripts' encoding).
-    #[must_use]
-    pub const fn code(self) -> i64 {
-        match self {
-            Self::Unknown => 0,
-            Self::Green => 1,
-            Self::Amber => 2,
-            Self::Red => 3,
-        }
-    }
-
-    /// The zone of a script's code (anything unknown is `Unknown`).
+    /// The zone of a script's code: 0 unknown, 1 green, 2 amber, 3 red
+    /// (anything else is `Unknown`).
     #[must_use]
     pub const fn of_code(code: i64) -> Self {
         match code {
@@ -438,19 +428,21 @@ pub enum Why {
 }
 
 impl Why {
-    /// 0 blocked, 1 exhausted, 2 red, 3 paced, 4 deferred, 5 open, 6 probing
-    /// (the scripts' encoding).
+    /// The reason of a script's code — 0 blocked, 1 exhausted (`dimension`
+    /// says which), 2 red, 3 paced, 4 deferred, 5 open, 6 probing — or
+    /// `None` for anything else.
     #[must_use]
-    pub const fn code(self) -> i64 {
-        match self {
-            Self::Blocked => 0,
-            Self::Exhausted(_) => 1,
-            Self::Red => 2,
-            Self::Paced => 3,
-            Self::Deferred => 4,
-            Self::Open => 5,
-            Self::Probing => 6,
-        }
+    pub fn of_code(code: i64, dimension: Option<Dimension>) -> Option<Self> {
+        Some(match code {
+            0 => Self::Blocked,
+            1 => Self::Exhausted(dimension?),
+            2 => Self::Red,
+            3 => Self::Paced,
+            4 => Self::Deferred,
+            5 => Self::Open,
+            6 => Self::Probing,
+            _ => return None,
+        })
     }
 }
 
@@ -787,25 +779,6 @@ impl UpstreamState {
             return self.note_denial(now, c);
         }
         None
-    }
-
-    /// Until when anything in it matters (µs since the epoch): a backend
-    /// may forget it after.
-    #[must_use]
-    pub fn expires(&self, c: &Coordination) -> Micros {
-        self.dims
-            .iter()
-            .filter(|r| r.seen_at > 0)
-            .map(|r| r.expires(c.ttl))
-            .chain([
-                self.blocked_until,
-                self.pace_next,
-                self.breaker.until,
-                self.breaker.probe,
-                self.cascade.until,
-            ])
-            .max()
-            .unwrap_or(0)
     }
 
     /// How it looks at `now`, for people and dashboards.

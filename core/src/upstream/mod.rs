@@ -34,4 +34,13 @@ pub mod sequence;
 pub use breaker::{BreakerConfig, BreakerState};
 pub use cascade::CascadeConfig;
 pub use headers::{Dimension, Observation, Quota, parse};
+
+/// The request header by which one call through a governed client (the
+/// bindings' `govern`/`GovernedTransport`, `fetcher`) names its own priority;
+/// the client removes it before the request is sent.
+pub const PRIORITY_HEADER: &str = "ratewarden-priority";
+
+/// The request header by which one call through a governed client names its
+/// own scope; removed before the request is sent.
+pub const SCOPE_HEADER: &str = "ratewarden-scope";
 pub use light::{Coordination, Light, QuotaView, UpstreamView, Zone};

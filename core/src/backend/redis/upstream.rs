@@ -201,15 +201,7 @@ pub(super) fn gate<'a>(
             1 => Verdict::Delay(v[1]),
             _ => Verdict::Deny {
                 retry: v[1],
-                why: match v[2] {
-                    0 => Why::Blocked,
-                    1 => Why::Exhausted(dim(v[3]).unwrap_or(Dimension::Requests)),
-                    2 => Why::Red,
-                    3 => Why::Paced,
-                    4 => Why::Deferred,
-                    5 => Why::Open,
-                    _ => Why::Probing,
-                },
+                why: Why::of_code(v[2], dim(v[3])).ok_or_else(|| reply_error("gate", v.len()))?,
             },
         };
         let ticket = (v[8] == 1).then(|| {
