@@ -250,7 +250,7 @@ export declare class Warden {
   extend(reservation: string, lease: number): Promise<number>;
   /** Carves a sub-budget for `child` out of `{ fromScope }` or `{ fromReservation }`; the child can never spend more than it was given. */
   delegate(child: string, amounts: Record<string, number | string>, options: DelegateOptions): Promise<Decision>;
-  /** Waits up to `maxWait` seconds until admitted, then acquires (or reserves); resolves to the last denial if time runs out. */
+  /** Waits up to `maxWait` seconds until admitted, then acquires (or reserves); resolves to the last denial if time runs out. Waiters are served in priority order, first come first served within a tier — on Redis across every process. */
   wait(scope: string, options?: WaitOptions): Promise<Decision>;
   /**
    * Wraps an async function: each call reserves `cost`, runs `fn`, commits

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use ratewarden::backend::{Backend, RedisBackend};
-use ratewarden::{Cost, Policy, Request, SystemClock, Warden};
+use ratewarden::{Clock, Cost, Policy, Priority, Request, SystemClock, WaitFor, Warden};
 
 /// Options of `ratewarden worker`.
 #[derive(clap::Args, Debug, Clone)]
@@ -31,9 +31,13 @@ pub struct Args {
     /// Requests per task.
     #[arg(long, default_value_t = 100)]
     pub ops: usize,
-    /// `acquire`, or `reserve` (then commit the estimate).
+    /// `acquire`, `reserve` (then commit the estimate), or `wait` (acquire,
+    /// waiting in line up to a minute).
     #[arg(long, default_value = "acquire")]
     pub mode: String,
+    /// Priority of every request: `critical`, `standard` or `background`.
+    #[arg(long, default_value = "standard")]
+    pub priority: String,
     /// Units of `tokens` each request spends (0: none).
     #[arg(long, default_value_t = 0)]
     pub tokens: i64,
@@ -41,6 +45,10 @@ pub struct Args {
     /// wait to be killed — a holder that dies with leases outstanding.
     #[arg(long)]
     pub hold: bool,
+    /// Start the requests at this time (µs since the epoch, system clock)
+    /// once connected, so several processes begin together.
+    #[arg(long)]
+    pub start_at: Option<i64>,
     /// Lease of each reservation, seconds (default: the policy's).
     #[arg(long)]
     pub lease_secs: Option<u64>,
@@ -66,9 +74,13 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
             Arc::new(backend) as Arc<dyn Backend>,
             Arc::new(SystemClock),
         );
+        let priority: Priority = args.priority.parse()?;
+        if let Some(at) = args.start_at {
+            SystemClock.sleep_until(at).await;
+        }
         let mut requests = Vec::new();
         for scope in args.scope.split(',') {
-            let mut request = Request::parse(scope)?;
+            let mut request = Request::parse(scope)?.priority(priority);
             if let Some(r) = &args.resource {
                 request = request.resource(r);
             }
@@ -78,6 +90,8 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
             requests.push(request);
         }
         let admitted = Arc::new(AtomicI64::new(0));
+        // When each admission was made (µs, system clock), in order.
+        let times = Arc::new(std::sync::Mutex::new(Vec::new()));
         let lease = args.lease_secs.map(std::time::Duration::from_secs);
         let mut handles = Vec::new();
         for task in 0..args.tasks {
@@ -89,6 +103,7 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
                 args.mode == "reserve",
                 args.hold,
             );
+            let (wait, times) = (args.mode == "wait", Arc::clone(&times));
             handles.push(tokio::spawn(async move {
                 for _ in 0..ops {
                     if reserve {
@@ -97,6 +112,13 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
                             if !hold {
                                 w.commit(r.id, &Cost::new()).await?;
                             }
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else if wait {
+                        let minute = std::time::Duration::from_secs(60);
+                        if w.wait(&req, WaitFor::Acquire, minute).await?.allowed() {
+                            let at = SystemClock.now();
+                            times.lock().unwrap_or_else(|e| e.into_inner()).push(at);
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }
                     } else if w.acquire(&req).await?.allowed() {
@@ -111,7 +133,11 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
                 message: format!("worker task failed: {e}"),
             })??;
         }
-        println!("{{\"admitted\": {}}}", admitted.load(Ordering::Relaxed));
+        let times = std::mem::take(&mut *times.lock().unwrap_or_else(|e| e.into_inner()));
+        println!(
+            "{}",
+            serde_json::json!({"admitted": admitted.load(Ordering::Relaxed), "at": times})
+        );
         if args.hold {
             use std::io::Write as _;
             let _ = std::io::stdout().flush();

@@ -366,6 +366,88 @@ fn four_processes_on_one_redis_admit_exactly_the_limit() {
 }
 
 #[test]
+fn four_processes_waiting_on_one_redis_are_served_critical_first() {
+    let redis = Redis::start();
+    let policy = PolicyFile::new(
+        "line",
+        "defaults:\n  floors: {standard: 0, background: 0}\nscopes:\n  team:\n    limits:\n      - {name: calls, kind: quota, limit: 4, per: 2s}\n",
+    );
+    // 2 processes × 4 critical waiters and 2 × 4 background waiters, all at
+    // once on a quota of 4 per 2 s: 16 admissions over about 4 windows. They
+    // start together, 0.2 s into a window at least 2 s away (time to connect).
+    let now = ratewarden::Clock::now(&ratewarden::SystemClock);
+    let start = (now / 2_000_000 + 2) * 2_000_000 + 200_000;
+    let start = start.to_string();
+    let children: Vec<_> = ["critical", "background", "critical", "background"]
+        .iter()
+        .map(|priority| {
+            let mut cmd = worker(
+                &redis,
+                &policy,
+                "team:a",
+                &[
+                    "--tasks",
+                    "4",
+                    "--ops",
+                    "1",
+                    "--mode",
+                    "wait",
+                    "--priority",
+                    priority,
+                    "--start-at",
+                    &start,
+                ],
+            );
+            let priority = (*priority).to_owned();
+            std::thread::spawn(move || {
+                let out = cmd.output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let windows: Vec<i64> = v["at"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_i64().unwrap() / 2_000_000)
+                    .collect();
+                (priority, windows)
+            })
+        })
+        .collect();
+    let mut critical = Vec::new();
+    let mut background = Vec::new();
+    for c in children {
+        let (p, w) = c.join().unwrap();
+        if p == "critical" {
+            critical.extend(w)
+        } else {
+            background.extend(w)
+        }
+    }
+    assert_eq!(critical.len() + background.len(), 16, "every waiter got in");
+    // The first window is a free-for-all (nobody was in line yet); after it,
+    // no background waiter may be served in a window before the last one a
+    // critical waiter needed.
+    let first = critical.iter().chain(&background).min().copied().unwrap();
+    let last_critical = critical.iter().max().copied().unwrap();
+    let early: Vec<_> = background
+        .iter()
+        .filter(|&&w| w > first && w < last_critical)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "background served ahead of waiting critical callers: critical windows {critical:?}, background {background:?}"
+    );
+    assert!(
+        last_critical > first,
+        "critical waiters had to wait (the test is not vacuous)"
+    );
+}
+
+#[test]
 fn four_processes_on_a_cluster_admit_exactly_the_limits_spread_over_its_shards() {
     let redis = Redis::start_cluster();
     // Tenant limits live on the tenants' slots, the provider's pools on others.

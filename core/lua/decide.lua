@@ -46,6 +46,16 @@
 --   "m" month, "y" year), window length (µs, fixed), window offset (µs),
 --   unit, overage ("charge" | "cap")
 --
+-- ARGV[18 + 13*n ...] the caller's place in line (plan.rs `Waiter`), 4 fields:
+--   id (hex; "" when the caller does not wait in line), how long until it
+--   gives up (µs), the grace a place is kept past its next retry (µs), and
+--   "1" to leave the line (sent with a check)
+--   A place is the field "q:<id>" = "rank|joined|expires|amount" of each
+--   limit's hash. A waiter's decision counts what the live places ahead of it
+--   (a better rank, or the same rank and joined earlier) still need as taken;
+--   a denied waiter keeps (or takes) its place until its retry plus the grace,
+--   an admitted one leaves it.
+--
 -- Returns { served rank, expires_at (reserve) or 0, 1 if a starvation tracker
 --           was left to the last step (ARGV[13]) else 0, then per limit:
 --           allowed (0|1), remaining, reset (µs), retry (µs, -1 = never),
@@ -104,6 +114,17 @@ if mode == "delegate" then
   end
 end
 
+-- The caller's place in line, if it waits in one.
+local wb = 18 + 13 * n
+local me = ARGV[wb] or ""
+local in_line = me ~= ""
+local w_left, w_grace = tonumber(ARGV[wb + 1] or "0"), tonumber(ARGV[wb + 2] or "0")
+local my_place = "q:" .. me
+if in_line and ARGV[wb + 3] == "1" then
+  for i = 1, n do redis.call("HDEL", KEYS[i], my_place) end
+  in_line = false
+end
+
 -- Starvation promotion (background only).
 local starve = KEYS[n + 1]
 if has_caller and rank == 2 then
@@ -113,6 +134,50 @@ if has_caller and rank == 2 then
     if now - last <= promote_after and now - since >= promote_after then rank = 1 end
   end
 end
+
+-- What the live places ahead of the caller in `key`'s line still need (at
+-- most MAX_AMOUNT), when the caller joined it (now, if it has no place yet)
+-- and the latest expiry of the others' places; lapsed places are removed.
+local function line_ahead(key)
+  local flat = redis.call("HGETALL", key)
+  local others, joined, dead, last = {}, now, {}, 0
+  for j = 1, #flat, 2 do
+    local f = flat[j]
+    if string.sub(f, 1, 2) == "q:" then
+      local r, t, e, a = string.match(flat[j + 1], "^(%d+)|(%d+)|(%d+)|(%d+)$")
+      e = tonumber(e)
+      if not e or e <= now then
+        dead[#dead + 1] = f
+      elseif f == my_place then
+        joined = tonumber(t)
+      else
+        others[#others + 1] = { tonumber(r), tonumber(t), string.sub(f, 3), tonumber(a) }
+        last = math.max(last, e)
+      end
+    end
+  end
+  if #dead > 0 then redis.call("HDEL", key, unpack(dead)) end
+  local ahead = 0
+  for _, q in ipairs(others) do
+    if q[1] < rank or (q[1] == rank and (q[2] < joined or (q[2] == joined and q[3] < me))) then
+      ahead = math.min(ahead + q[4], MAX_AMOUNT)
+    end
+  end
+  return ahead, joined, last
+end
+
+-- The amount a waiter is tested with: its own plus what is ahead of it; and
+-- whether both cannot fit at all (it is then refused until the waiters ahead
+-- are served, its retry reckoned for the whole of what is usable).
+local function with_ahead(amount, ahead, usable)
+  if amount == 0 or ahead == 0 or amount > usable then return amount, false end
+  if ahead > usable - amount then return usable, true end
+  return amount + ahead, false
+end
+
+-- How soon a waiter refused only for the waiters ahead of it looks again when
+-- nothing else says when (they are due now; a dead one's place lapses).
+local LINE_POLL = 20000
 
 local items, results, all = {}, {}, true
 for i = 1, n do
@@ -125,10 +190,25 @@ for i = 1, n do
   }
   local allowed, remaining, reset, retry
   local held_now = 0
+  local need, behind = it.amount, false
+  if in_line and it.amount > 0 and not shadow[it.key] then
+    local ahead
+    ahead, it.joined, it.qlast = line_ahead(it.key)
+    need, behind = with_ahead(it.amount, ahead, it.usable)
+  end
   if it.kind == "r" then
-    local after
+    local debt, after = rate_debt(it.key, now, it.l), nil
     allowed, remaining, reset, retry, after =
-      rate_step(rate_debt(it.key, now, it.l), it.amount, it.usable, it.cap, it.p, it.l)
+      rate_step(debt, it.amount, it.usable, it.cap, it.p, it.l)
+    if need ~= it.amount then
+      -- Tested with what the waiters ahead need too; charged its own amount.
+      local ok, _, _, wait_for = rate_step(debt, need, it.usable, it.cap, it.p, it.l)
+      if not ok or behind then
+        allowed, retry, after = false, wait_for, debt
+        remaining = math.floor(math.max(it.cap * it.p - debt, 0) / it.p)
+        reset = ceil_div(debt, it.l)
+      end
+    end
     it.debt_after = after
   else
     local wid, wend = window_at(it.wk, it.wlen, it.woff, now)
@@ -148,17 +228,17 @@ for i = 1, n do
       allowed = it.amount == 0 or it.amount <= avail
       remaining = avail - (allowed and it.amount or 0)
     else
-      allowed = it.amount == 0 or used + held + it.amount <= it.usable
+      allowed = it.amount == 0 or (used + held + need <= it.usable and not behind)
       remaining = math.max(it.cap - used - held - (allowed and it.amount or 0), 0)
     end
-    if not allowed and not it.via and it.amount <= it.usable then
+    if not allowed and not it.via and need <= it.usable then
       local by_holds, by_window = NEVER, NEVER
-      if used + it.amount <= it.usable then
+      if used + need <= it.usable then
         -- Grouped so every partial sum stays within 2^53 (held <= usable).
-        by_holds = time_to_free((used + it.amount - it.usable) + held, now, holds)
+        by_holds = time_to_free((used + need - it.usable) + held, now, holds)
       end
       if wend ~= NEVER then
-        local after = time_to_free((it.amount - it.usable) + held, now, holds)
+        local after = time_to_free((need - it.usable) + held, now, holds)
         if after ~= NEVER then by_window = math.max(after, wend - now) end
       end
       if by_holds == NEVER then retry = by_window
@@ -167,6 +247,7 @@ for i = 1, n do
     end
     it.wid, it.wend, it.used, it.holds = wid, wend, used, holds
   end
+  if behind and (retry == NEVER or retry < LINE_POLL) then retry = LINE_POLL end
   if not allowed then all = false end
   items[i] = it
   results[#results + 1] = allowed and 1 or 0
@@ -234,6 +315,33 @@ if all and mode ~= "check" then
       redis.call("HSET", rec, "grant", grant)
     end
     expire_in(rec, lease + tombstone)
+  end
+end
+
+-- The caller's place in line: left once admitted (or when it can never be),
+-- else kept until its retry time plus the grace (never past its giving up).
+if in_line and mode ~= "check" then
+  local worst = 0
+  for i = 1, n do
+    local r = results[5 * (i - 1) + 4]
+    if results[5 * (i - 1) + 1] == 0 then
+      if r == NEVER or worst == NEVER then worst = NEVER else worst = math.max(worst, r) end
+    end
+  end
+  for i = 1, n do
+    local it = items[i]
+    if it.joined then
+      if all or worst == NEVER then
+        redis.call("HDEL", it.key, my_place)
+      else
+        local fresh = redis.call("EXISTS", it.key) == 0
+        local until_ = now + math.min(worst, math.max(w_left, 0)) + w_grace
+        redis.call("HSET", it.key, my_place, num(rank) .. "|" .. num(it.joined) .. "|" .. num(until_) .. "|" .. num(it.amount))
+        if fresh then expire_at(it.key, until_, now) else keep_until(it.key, until_, now) end
+      end
+    end
+    -- Others' places outlive whatever lifetime the admission set above.
+    if all and it.qlast and it.qlast > 0 then keep_until(it.key, it.qlast, now) end
   end
 end
 

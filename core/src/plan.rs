@@ -204,6 +204,35 @@ pub struct Plan<'p> {
     operation: Option<OperationId>,
     /// The resource, when it coordinates on its upstream.
     upstream: Option<(&'p str, &'p Coordination, &'p Cost)>,
+    /// Set by [`crate::Warden::wait`]: the caller waits in line on a shared backend.
+    waiter: Option<Waiter>,
+}
+
+/// A `wait` caller's place in the line of a shared backend's limits.
+///
+/// On Redis and Redis Cluster every waiter is recorded in the limits it waits
+/// on (rank, arrival, amount, and a lease); a decision for a waiter counts
+/// what the live waiters ahead of it (a higher tier, or the same tier and
+/// earlier) still need as taken, so capacity goes to waiters in priority
+/// order, first come first served within a tier, across every process. The
+/// place lapses by itself shortly after the waiter's next retry time, so a
+/// dead waiter never blocks the line for long. The embedded engine orders
+/// waiters in its own process and ignores this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiter {
+    /// The waiter's identity in the line (random per `wait` call).
+    pub id: u64,
+    /// When the waiter gives up, on the warden's clock (µs): its place never
+    /// outlives this by more than the grace of [`Waiter::GRACE`].
+    pub until: Micros,
+    /// Leave the line (sent with a check when a wait ends unadmitted).
+    pub leave: bool,
+}
+
+impl Waiter {
+    /// How long past its next retry time a waiter's place is kept for it: a
+    /// waiter that died holds back what it waited for at most this long.
+    pub const GRACE: Micros = 1_000_000;
 }
 
 /// Base amounts per unit resolved from a [`Cost`], borrowing its unit names.
@@ -367,7 +396,21 @@ impl<'p> Plan<'p> {
             promote_after: policy.defaults.promote_after,
             operation: None,
             upstream: None,
+            waiter: None,
         }
+    }
+
+    /// This plan for a caller waiting in line (see [`Waiter`]).
+    #[must_use]
+    pub fn waiting(mut self, waiter: Waiter) -> Self {
+        self.waiter = Some(waiter);
+        self
+    }
+
+    /// The caller's place in line, when it waits (see [`Waiter`]).
+    #[must_use]
+    pub fn waiter(&self) -> Option<Waiter> {
+        self.waiter
     }
 
     /// A plan for carving a delegation out of `scope`'s own limits: only the

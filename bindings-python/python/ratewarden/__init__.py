@@ -673,8 +673,9 @@ class Warden:
         lease: Optional[float] = None,
     ) -> Decision:
         """Waits (up to ``max_wait`` seconds) until the request is admitted, then acquires
-        it (or reserves it with ``reserve=True``). Waiters in this process are served
-        in priority order. Returns the last denial if the time runs out."""
+        it (or reserves it with ``reserve=True``). Waiters are served in priority order,
+        first come first served within a tier — on Redis across every process. Returns
+        the last denial if the time runs out."""
         try:
             return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
         except WardenError:

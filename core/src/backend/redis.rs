@@ -66,7 +66,7 @@ use crate::decision::{
 };
 use crate::error::{Error, Result};
 use crate::eval::{ItemEval, assemble};
-use crate::plan::{KeyRef, Plan};
+use crate::plan::{KeyRef, Plan, Waiter};
 use crate::policy::{LimitKind, Overage, Policy};
 use crate::priority::Priority;
 use crate::scope::Scope;

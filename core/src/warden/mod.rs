@@ -16,7 +16,7 @@ use crate::clock::{Clock, Micros, SystemClock, micros};
 use crate::decision::{Balance, Caps, CommitReceipt, Decision, Outcome, ReservationId};
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::plan::{Plan, Request, resolve_cost};
+use crate::plan::{Plan, Request, Waiter, resolve_cost};
 use crate::policy::{LimitKind, Policy};
 use crate::scope::Scope;
 use crate::settle::{CallOutcome, Settlement};
@@ -510,9 +510,13 @@ impl Warden {
     }
 
     /// Waits until `request` is admitted (then acquires or reserves it), up to
-    /// `max_wait`. Waiters in this process whose limits overlap are served in
-    /// priority order, first come first served within a tier. Returns the last
-    /// denial if `max_wait` passes, or at once if the request can never succeed.
+    /// `max_wait`. Waiters whose limits overlap are served in priority order,
+    /// first come first served within a tier: in this process by its own
+    /// queue, and on a shared backend (Redis, Redis Cluster) across every
+    /// process, each waiter holding a leased place in the line of the limits
+    /// it waits on (see [`crate::plan::Waiter`]): a decision counts what the
+    /// waiters ahead still need as taken. Returns the last denial if
+    /// `max_wait` passes, or at once if the request can never succeed.
     /// Cancel-safe: dropping the future leaves the queue and holds nothing.
     ///
     /// # Errors
@@ -543,13 +547,18 @@ impl Warden {
         max_wait: Duration,
         cancel: &WaitCancel,
     ) -> Result<Decision> {
-        let plan = Plan::build(&self.inner.policy, request)?;
+        let clock = &self.inner.clock;
+        let deadline = clock.now().saturating_add(micros(max_wait));
+        // On a shared backend the caller also waits in line across processes.
+        let plan = Plan::build(&self.inner.policy, request)?.waiting(Waiter {
+            id: fastrand::u64(..),
+            until: deadline,
+            leave: false,
+        });
         let lease = match what {
             WaitFor::Acquire => None,
             WaitFor::Reserve(l) => Some(self.lease(&plan, l)?),
         };
-        let clock = &self.inner.clock;
-        let deadline = clock.now().saturating_add(micros(max_wait));
         // Waiters line up behind the limits they share, and behind the
         // traffic light of a coordinated upstream.
         let keys: Vec<Box<str>> = plan
@@ -582,9 +591,13 @@ impl Warden {
                 let mut d = self.decide(&plan, mode).await?;
                 let now = clock.now();
                 let Some(retry) = d.retry_after.filter(|_| !d.allowed() && now < deadline) else {
+                    if !d.allowed() && d.retry_after.is_some() {
+                        self.leave_line(&plan).await;
+                    }
                     return Ok(d);
                 };
                 if cancel.is_cancelled() {
+                    self.leave_line(&plan).await;
                     d.reason = Some("cancelled".into());
                     return Ok(d);
                 }
@@ -602,6 +615,7 @@ impl Warden {
                     () = clock.sleep_until(wake) => {}
                     () = &mut notified => {}
                     () = cancel.cancelled() => {
+                        self.leave_line(&plan).await;
                         d.reason = Some("cancelled".into());
                         return Ok(d);
                     }
@@ -613,7 +627,7 @@ impl Warden {
                 }
                 if clock.now() >= deadline {
                     // Out of time while others were ahead: report the state, never an admission.
-                    let mut d = self.decide(&plan, Mode::Check).await?;
+                    let mut d = self.decide(&leaving(&plan), Mode::Check).await?;
                     if d.allowed() {
                         d.outcome = Outcome::Deny;
                         d.caps = Caps::default();
@@ -631,7 +645,7 @@ impl Warden {
                     () = cancel.cancelled() => true,
                 };
                 if cancelled {
-                    let mut d = self.decide(&plan, Mode::Check).await?;
+                    let mut d = self.decide(&leaving(&plan), Mode::Check).await?;
                     d.outcome = Outcome::Deny;
                     d.caps = Caps::default();
                     d.reservation = None;
@@ -640,6 +654,25 @@ impl Warden {
                 }
             }
         }
+    }
+}
+
+impl Warden {
+    /// Gives up a waiter's place in the line of a shared backend (a check
+    /// that leaves; its answer and any failure are of no use — a place left
+    /// behind lapses by itself after [`Waiter::GRACE`]).
+    async fn leave_line(&self, plan: &Plan<'_>) {
+        if self.inner.backend.name() != "memory" {
+            let _ = self.inner.backend.decide(&leaving(plan), Mode::Check).await;
+        }
+    }
+}
+
+/// `plan` for a check that leaves the line it waits in.
+fn leaving<'p>(plan: &Plan<'p>) -> Plan<'p> {
+    match plan.waiter() {
+        Some(w) => plan.clone().waiting(Waiter { leave: true, ..w }),
+        None => plan.clone(),
     }
 }
 

@@ -173,6 +173,15 @@ impl RedisBackend {
                 .to_owned(),
             );
         }
+        match plan.waiter() {
+            None => args.extend([String::new(), "0".into(), "0".into(), "0".into()]),
+            Some(w) => args.extend([
+                format!("{:016x}", w.id),
+                w.until.saturating_sub(self.local_now()).max(0).to_string(),
+                Waiter::GRACE.to_string(),
+                u8::from(w.leave).to_string(),
+            ]),
+        }
         (keys, args)
     }
 
@@ -190,6 +199,7 @@ impl RedisBackend {
         // check / acquire hold nothing and make no record; a starvation tracker
         // lives on the primary part only.
         let lean = self.use_rate_script
+            && plan.waiter().is_none()
             && matches!(step.mode, StepMode::Check | StepMode::Acquire)
             && (plan.caller_key().is_none() || !part.primary)
             && rates_only(plan, part);
