@@ -196,6 +196,8 @@ export interface Caps {
   model?: string
   /** Take the ordered lock (cascade mode). */
   sequential?: boolean
+  /** Limited workflow stages before this one (`workflow/stage`). */
+  backpressure?: Array<string>
 }
 
 /** What one limit was charged by a commit. */

@@ -14,6 +14,8 @@ pub struct Caps {
     pub model: Option<String>,
     /// Take the ordered lock (cascade mode).
     pub sequential: Option<bool>,
+    /// Limited workflow stages before this one (`workflow/stage`).
+    pub backpressure: Option<Vec<String>>,
 }
 
 /// One limit the request touched.
@@ -189,8 +191,16 @@ pub(crate) fn decision_of(d: &CoreDecision) -> Decision {
                 .caps
                 .max_tokens
                 .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
-            model: d.caps.model.clone(),
+            model: d.caps.model.as_deref().map(str::to_owned),
             sequential: d.caps.sequential.then_some(true),
+            backpressure: (!d.caps.backpressure.is_empty()).then(|| {
+                d.caps
+                    .backpressure
+                    .stages()
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            }),
         },
         retry_after: d.retry_after.map(|r| r.as_secs_f64()),
         limits: d

@@ -25,7 +25,8 @@ impl Decision {
     }
 
     /// Caps to honour when allowed with caps: `delay_ms`, `max_tokens`, `model`,
-    /// `sequential` (only those set).
+    /// `sequential`, `backpressure` (the limited workflow stages before this
+    /// one, `workflow/stage`) — only those set.
     #[getter]
     fn caps<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -37,10 +38,14 @@ impl Decision {
             d.set_item("max_tokens", v)?;
         }
         if let Some(v) = &c.model {
-            d.set_item("model", v)?;
+            d.set_item("model", &**v)?;
         }
         if c.sequential {
             d.set_item("sequential", true)?;
+        }
+        if !c.backpressure.is_empty() {
+            let stages: Vec<&str> = c.backpressure.stages().iter().map(|s| &**s).collect();
+            d.set_item("backpressure", stages)?;
         }
         Ok(d)
     }

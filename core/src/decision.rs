@@ -44,9 +44,42 @@ pub struct Caps {
     /// Ask the model for at most this many tokens.
     pub max_tokens: Option<u64>,
     /// Use this (fallback) model instead.
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// Take the resource's ordered lock (cascade mode).
     pub sequential: bool,
+    /// Stages before this one in a workflow whose resources are limited
+    /// right now (`workflows:` in the policy): what this stage would work on
+    /// is held up there, so spending here can wait.
+    pub backpressure: Backpressure,
+}
+
+/// The workflow stages (`workflow/stage`) a decision's `caps.backpressure`
+/// names, in policy order; empty when none is limited. One pointer wide, so
+/// decisions that name none pay nothing for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(clippy::box_collection)] // the box keeps it one pointer wide (a Vec is three)
+pub struct Backpressure(Option<Box<Vec<Box<str>>>>);
+
+impl Backpressure {
+    /// The stages (`workflow/stage`), in policy order.
+    #[must_use]
+    pub fn stages(&self) -> &[Box<str>] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether no stage is named.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.stages().is_empty()
+    }
+
+    /// Names `stage` too (once).
+    pub fn add(&mut self, stage: &str) {
+        let v = self.0.get_or_insert_with(Box::default);
+        if !v.iter().any(|s| &**s == stage) {
+            v.push(stage.into());
+        }
+    }
 }
 
 impl Caps {
@@ -57,6 +90,7 @@ impl Caps {
             && self.max_tokens.is_none()
             && self.model.is_none()
             && !self.sequential
+            && self.backpressure.is_empty()
     }
 
     /// Combines two sets of caps, keeping the stricter value of each field
@@ -74,6 +108,9 @@ impl Caps {
             self.model.clone_from(&other.model);
         }
         self.sequential |= other.sequential;
+        for s in other.backpressure.stages() {
+            self.backpressure.add(s);
+        }
     }
 }
 

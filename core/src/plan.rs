@@ -14,7 +14,7 @@ use crate::amount::{Amount, Cost, MAX_AMOUNT};
 use crate::clock::Micros;
 use crate::decision::OperationId;
 use crate::error::{Error, Result};
-use crate::policy::{Attach, LimitDef, LimitKind, Policy};
+use crate::policy::{Attach, LimitDef, LimitKind, Policy, StageRef};
 use crate::priority::Priority;
 use crate::scope::Scope;
 use crate::upstream::Coordination;
@@ -206,6 +206,8 @@ pub struct Plan<'p> {
     upstream: Option<(&'p str, &'p Coordination, &'p Cost)>,
     /// Set by [`crate::Warden::wait`]: the caller waits in line on a shared backend.
     waiter: Option<Waiter>,
+    /// The workflow stages before the stages that call the resource.
+    stages_before: &'p [StageRef],
 }
 
 /// A `wait` caller's place in the line of a shared backend's limits.
@@ -356,11 +358,11 @@ impl<'p> Plan<'p> {
                 plan.push(i + 1, def, amount);
             }
         }
-        if let (Some(name), Some(c)) = (
-            &request.resource,
-            resource.and_then(|r| r.upstream.as_ref()),
-        ) {
-            plan.upstream = Some((name.as_str(), c, &request.cost));
+        if let Some(r) = resource {
+            if let (Some(name), Some(c)) = (&request.resource, r.upstream.as_ref()) {
+                plan.upstream = Some((name.as_str(), c, &request.cost));
+            }
+            plan.stages_before = &r.stages_before;
         }
         for target in resource.into_iter().chain(action) {
             for def in &target.limits {
@@ -397,6 +399,7 @@ impl<'p> Plan<'p> {
             operation: None,
             upstream: None,
             waiter: None,
+            stages_before: &[],
         }
     }
 
@@ -405,6 +408,13 @@ impl<'p> Plan<'p> {
     pub fn waiting(mut self, waiter: Waiter) -> Self {
         self.waiter = Some(waiter);
         self
+    }
+
+    /// The workflow stages before the stages that call the request's
+    /// resource (`workflows:` in the policy; empty for most requests).
+    #[must_use]
+    pub fn stages_before(&self) -> &'p [StageRef] {
+        self.stages_before
     }
 
     /// The caller's place in line, when it waits (see [`Waiter`]).

@@ -209,6 +209,19 @@ pub struct Target {
     pub upstream: Option<Coordination>,
     /// Free text.
     pub description: Option<String>,
+    /// The workflow stages before every stage that calls this resource
+    /// (`workflows:` in the policy): when one of their resources is limited,
+    /// decisions here carry `caps.backpressure` naming them.
+    pub stages_before: Vec<StageRef>,
+}
+
+/// A workflow stage as another stage's decisions name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageRef {
+    /// `workflow/stage`.
+    pub name: Box<str>,
+    /// The resource the stage calls.
+    pub resource: Box<str>,
 }
 
 /// Policy-wide defaults.

@@ -960,3 +960,183 @@ fn the_edges_of_what_is_accepted() {
         "a number is not a duration"
     );
 }
+
+/// fetch (GitHub) → summarize (OpenAI) → publish (a mailer with limits of its
+/// own but no upstream to observe), and a side branch triage (OpenAI) after fetch.
+fn workflow_policy() -> Value {
+    json!({
+        "scopes": {"user": {"limits": []}},
+        "resources": {
+            "github": {"upstream": {}},
+            "openai": {"upstream": {}},
+            "mailer": {"limits": [{"name": "mails", "kind": "rate", "limit": 100, "per": "1s"}]}
+        },
+        "workflows": {"research": {"stages": {
+            "fetch": {"resource": "github"},
+            "summarize": {"resource": "openai", "after": ["fetch"]},
+            "publish": {"resource": "mailer", "after": ["summarize"]}
+        }}}
+    })
+}
+
+fn github(limit: u64, remaining: u64) -> Vec<(String, String)> {
+    vec![
+        ("x-ratelimit-limit".into(), limit.to_string()),
+        ("x-ratelimit-remaining".into(), remaining.to_string()),
+        ("x-ratelimit-reset".into(), String::new()),
+    ]
+}
+
+fn stage_request(resource: &str) -> Request {
+    Request::parse("user:1").unwrap().resource(resource)
+}
+
+fn backpressure(d: &ratewarden::Decision) -> Vec<&str> {
+    d.caps.backpressure.stages().iter().map(|s| &**s).collect()
+}
+
+#[test]
+fn a_limited_stage_presses_back_on_every_stage_after_it() {
+    let (w, clock) = warden(workflow_policy());
+    // GitHub's window resets a minute from now (epoch seconds).
+    let start = clock.now() / 1_000_000;
+    let gh = |remaining: u64, reset: i64| {
+        let mut h = github(5000, remaining);
+        h[2].1 = (start + reset).to_string();
+        h
+    };
+    // Nothing known: no backpressure, no caps.
+    let d = now(w.acquire(&stage_request("mailer"))).unwrap();
+    assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
+    assert!(d.caps.backpressure.is_empty());
+
+    // GitHub green: still none.
+    now(w.observe("github", &pairs(&gh(4000, 60)))).unwrap();
+    let d = now(w.acquire(&stage_request("mailer"))).unwrap();
+    assert_eq!(d.outcome, Outcome::Allow);
+
+    // GitHub red: every stage after fetch says so, before spending.
+    now(w.observe("github", &pairs(&gh(100, 60)))).unwrap();
+    for resource in ["openai", "mailer"] {
+        let d = now(w.acquire(&stage_request(resource))).unwrap();
+        assert_eq!(d.outcome, Outcome::AllowWithCaps, "{resource}: {d:?}");
+        assert_eq!(backpressure(&d), ["research/fetch"], "{resource}");
+    }
+    // The limited stage itself and checks: its own light speaks for it; a
+    // check says so too.
+    let d = now(w.acquire(&stage_request("github").priority(Priority::Critical))).unwrap();
+    assert!(d.caps.backpressure.is_empty(), "{d:?}");
+    let d = now(w.check(&stage_request("mailer"))).unwrap();
+    assert_eq!(backpressure(&d), ["research/fetch"]);
+
+    // OpenAI's breaker opens too: publish names both, in policy order.
+    now(w.report("openai", 429, &[("retry-after", "30")])).unwrap();
+    let d = now(w.acquire(&stage_request("mailer"))).unwrap();
+    assert_eq!(backpressure(&d), ["research/fetch", "research/summarize"]);
+
+    // GitHub recovers (its next window); OpenAI's breaker stays open 30 s.
+    now(w.observe("github", &pairs(&gh(4900, 120)))).unwrap();
+    let d = now(w.acquire(&stage_request("mailer"))).unwrap();
+    assert_eq!(backpressure(&d), ["research/summarize"]);
+    clock.advance(Duration::from_secs(31));
+    // Half-open now: still limited until a probe succeeds.
+    let d = now(w.acquire(&stage_request("mailer"))).unwrap();
+    assert_eq!(backpressure(&d), ["research/summarize"]);
+    let probe = now(w.acquire(&stage_request("openai").priority(Priority::Critical))).unwrap();
+    assert!(probe.light.unwrap().probe, "{probe:?}");
+    now(w.report("openai", 200, &[])).unwrap();
+    let d = now(w.acquire(&stage_request("mailer"))).unwrap();
+    assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
+
+    // A denial carries no caps.
+    let mut last = d;
+    for _ in 0..200 {
+        last = now(w.acquire(&stage_request("mailer"))).unwrap();
+        if !last.allowed() {
+            break;
+        }
+    }
+    assert_eq!(last.outcome, Outcome::Deny);
+    assert!(last.caps.backpressure.is_empty());
+}
+
+#[test]
+fn workflows_are_validated() {
+    let bad = |workflows: Value, want: &str| {
+        let mut p = workflow_policy();
+        p["workflows"] = workflows;
+        let e = ratewarden::Policy::from_value(&p).unwrap_err().to_string();
+        assert!(e.contains(want), "{e} should say {want}");
+    };
+    bad(
+        json!({"w": {"stages": {"a": {"resource": "nope"}}}}),
+        "workflows.w.stages.a.resource",
+    );
+    bad(
+        json!({"w": {"stages": {"a": {"resource": "github", "after": ["b"]}}}}),
+        "workflows.w.stages.a.after[0]",
+    );
+    bad(
+        json!({"w": {"stages": {"a": {"resource": "github", "after": ["a"]}}}}),
+        "cannot come after itself",
+    );
+    bad(
+        json!({"w": {"stages": {
+            "a": {"resource": "github", "after": ["c"]},
+            "b": {"resource": "openai", "after": ["a"]},
+            "c": {"resource": "openai", "after": ["b"]}
+        }}}),
+        "a cycle",
+    );
+    bad(
+        json!({"w": {"stages": {
+            "a": {"resource": "mailer"},
+            "b": {"resource": "openai", "after": ["a"]}
+        }}}),
+        "its resource `mailer` must coordinate on its upstream",
+    );
+    bad(json!({"w": {"stages": {}}}), "1 to 64 stages");
+    let many: serde_json::Map<String, Value> = (0..65)
+        .map(|i| (format!("s{i}"), json!({"resource": "github"})))
+        .collect();
+    bad(json!({"w": {"stages": many}}), "not 65");
+    bad(
+        json!({"w/x": {"stages": {"a": {"resource": "github"}}}}),
+        "not a valid workflow name",
+    );
+    bad(
+        json!({"w": {"stages": {"a/b": {"resource": "github"}}}}),
+        "not a valid stage name",
+    );
+    bad(
+        json!({"w": {"stages": {"a": {"resource": "github", "before": []}}}}),
+        "unknown field `before`",
+    );
+    bad(json!({"w": {"steps": {}}}), "unknown field `steps`");
+    // A diamond, and a resource in two stages: each stage before is named once.
+    let mut p = workflow_policy();
+    p["workflows"]["side"] = json!({"stages": {
+        "a": {"resource": "github"},
+        "b": {"resource": "openai", "after": ["a"]},
+        "c": {"resource": "openai", "after": ["a"]},
+        "d": {"resource": "mailer", "after": ["b", "c"]}
+    }});
+    let policy = ratewarden::Policy::from_value(&p).unwrap();
+    let names: Vec<&str> = policy
+        .resource("mailer")
+        .unwrap()
+        .stages_before
+        .iter()
+        .map(|s| &*s.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "research/fetch",
+            "research/summarize",
+            "side/a",
+            "side/b",
+            "side/c"
+        ]
+    );
+}

@@ -28,6 +28,28 @@ let n = 0;
 before(() => { redis = startRedis(); });
 after(() => redis.stop());
 
+test('a limited stage names itself in the caps of the stages after it', async () => {
+  const w = new Warden({
+    scopes: { agent: { limits: [] } },
+    resources: { github: { upstream: {} }, openai: { upstream: {} }, mailer: {} },
+    workflows: {
+      research: {
+        stages: {
+          fetch: { resource: 'github' },
+          summarize: { resource: 'openai', after: ['fetch'] },
+          publish: { resource: 'mailer', after: ['summarize'] },
+        },
+      },
+    },
+  }, { clock: new ManualClock(1_700_000_000) });
+  assert.equal((await w.acquire('agent:a', { resource: 'mailer' })).outcome, 'allow');
+  await w.report('openai', 429, { 'retry-after': '30' });
+  const d = await w.acquire('agent:a', { resource: 'mailer' });
+  assert.equal(d.outcome, 'allow_with_caps');
+  assert.deepEqual(d.caps, { backpressure: ['research/summarize'] });
+  assert.deepEqual((await w.acquire('agent:a', { resource: 'github' })).caps, {});
+});
+
 test('the light follows what responses say, per tier', async () => {
   const clock = new ManualClock(1_700_000_000);
   const w = new Warden(POLICY, { clock });

@@ -31,6 +31,28 @@ def openai(remaining: int, limit: int = 100, reset: str = "60s") -> Dict[str, st
     }
 
 
+def test_a_limited_stage_names_itself_in_the_caps_of_the_stages_after_it() -> None:
+    policy: Dict[str, Any] = {
+        "scopes": {"agent": {"limits": []}},
+        "resources": {"github": {"upstream": {}}, "openai": {"upstream": {}}, "mailer": {}},
+        "workflows": {
+            "research": {
+                "stages": {
+                    "fetch": {"resource": "github"},
+                    "summarize": {"resource": "openai", "after": ["fetch"]},
+                    "publish": {"resource": "mailer", "after": ["summarize"]},
+                }
+            }
+        },
+    }
+    w = Warden(policy, clock=ratewarden.ManualClock())
+    assert w.acquire("agent:a", resource="mailer").outcome == "allow"
+    w.report("openai", 429, {"retry-after": "30"})
+    d = w.acquire("agent:a", resource="mailer")
+    assert d.outcome == "allow_with_caps" and d.caps == {"backpressure": ["research/summarize"]}
+    assert w.acquire("agent:a", resource="github").caps == {}
+
+
 def test_the_light_follows_what_responses_say() -> None:
     clock = ratewarden.ManualClock()
     w = Warden(POLICY, clock=clock)

@@ -222,13 +222,15 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
                     risk,
                     upstream,
                     description: rt.description,
+                    stages_before: Vec::new(),
                 },
             );
         }
         Ok(out)
     };
-    let resources = targets(raw.resources, "resources", &mut units, &mut by_name)?;
+    let mut resources = targets(raw.resources, "resources", &mut units, &mut by_name)?;
     let actions = targets(raw.actions, "actions", &mut units, &mut by_name)?;
+    build_workflows(ctx, raw.workflows, &mut resources)?;
     let mut all: Vec<Arc<LimitDef>> = by_name.values().cloned().collect();
     all.sort_by_key(|d| d.id);
     Ok(Policy {
@@ -241,6 +243,138 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
         by_name,
         all,
     })
+}
+
+/// Most stages a workflow may have.
+pub const MAX_STAGES: usize = 64;
+
+/// Validates `workflows:` and gives every resource the stages before the
+/// stages that call it ([`Target::stages_before`]).
+fn build_workflows(
+    ctx: &Ctx<'_>,
+    raw: IndexMap<String, RawWorkflow>,
+    resources: &mut Map<Target>,
+) -> Result<()> {
+    for (wname, wf) in raw {
+        let path = format!("workflows.{wname}");
+        if !valid_name(&wname, &[]) {
+            return Err(ctx.err(
+                &path,
+                format!("`{wname}` is not a valid workflow name (1-64 of a-z A-Z 0-9 `_ - .`)"),
+            ));
+        }
+        if wf.stages.is_empty() || wf.stages.len() > MAX_STAGES {
+            return Err(ctx.err(
+                format!("{path}.stages"),
+                format!(
+                    "a workflow has 1 to {MAX_STAGES} stages, not {}",
+                    wf.stages.len()
+                ),
+            ));
+        }
+        let names: Vec<&str> = wf.stages.keys().map(String::as_str).collect();
+        // Direct predecessors by index, every reference checked.
+        let mut before: Vec<Vec<usize>> = Vec::with_capacity(names.len());
+        for (sname, st) in &wf.stages {
+            let spath = format!("{path}.stages.{sname}");
+            if !valid_name(sname, &[]) {
+                return Err(ctx.err(
+                    &spath,
+                    format!("`{sname}` is not a valid stage name (1-64 of a-z A-Z 0-9 `_ - .`)"),
+                ));
+            }
+            if !resources.contains_key(&st.resource) {
+                return Err(ctx.err(
+                    format!("{spath}.resource"),
+                    format!(
+                        "resource `{}` is not declared under `resources` (declared: {})",
+                        st.resource,
+                        resources.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            let mut direct = Vec::new();
+            for (i, a) in st.after.iter().enumerate() {
+                let Some(j) = names.iter().position(|n| n == a) else {
+                    return Err(ctx.err(
+                        format!("{spath}.after[{i}]"),
+                        format!(
+                            "stage `{a}` is not a stage of workflow `{wname}` (stages: {})",
+                            names.join(", ")
+                        ),
+                    ));
+                };
+                if names[j] == sname {
+                    return Err(ctx.err(
+                        format!("{spath}.after[{i}]"),
+                        "a stage cannot come after itself",
+                    ));
+                }
+                direct.push(j);
+            }
+            before.push(direct);
+        }
+        // Every stage's ancestors (a cycle is an error naming one stage on it).
+        let n = names.len();
+        let mut ancestors: Vec<Option<Vec<bool>>> = vec![None; n];
+        for s in 0..n {
+            let mut seen = vec![false; n];
+            let mut stack: Vec<usize> = before[s].clone();
+            while let Some(a) = stack.pop() {
+                if a == s {
+                    return Err(ctx.err(
+                        format!("{path}.stages.{}.after", names[s]),
+                        format!(
+                            "stage `{}` comes after itself through its `after` chain (a cycle)",
+                            names[s]
+                        ),
+                    ));
+                }
+                if !seen[a] {
+                    seen[a] = true;
+                    stack.extend(&before[a]);
+                }
+            }
+            ancestors[s] = Some(seen);
+        }
+        let has_successor: Vec<bool> = (0..n)
+            .map(|s| before.iter().any(|b| b.contains(&s)))
+            .collect();
+        for (s, (sname, st)) in wf.stages.iter().enumerate() {
+            if has_successor[s] {
+                let coordinated = resources
+                    .get(&st.resource)
+                    .is_some_and(|t| t.upstream.is_some());
+                if !coordinated {
+                    return Err(ctx.err(
+                        format!("{path}.stages.{sname}.resource"),
+                        format!(
+                            "stage `{sname}` has stages after it, so its resource `{}` must coordinate on its upstream (`upstream:` under the resource): backpressure comes from that observed state",
+                            st.resource
+                        ),
+                    ));
+                }
+            }
+        }
+        for (s, st) in wf.stages.values().enumerate() {
+            let Some(seen) = &ancestors[s] else { continue };
+            let mut refs: Vec<StageRef> = seen
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| **a)
+                .map(|(a, _)| StageRef {
+                    name: format!("{wname}/{}", names[a]).into_boxed_str(),
+                    resource: wf.stages[a].resource.clone().into_boxed_str(),
+                })
+                .collect();
+            if let Some(t) = resources.get_mut(&st.resource) {
+                refs.retain(|r| !t.stages_before.contains(r));
+                t.stages_before.extend(refs);
+            }
+        }
+        // (`description` is for readers of the policy.)
+    }
+    Ok(())
 }
 
 pub(super) fn register(
@@ -409,8 +543,9 @@ pub(super) fn build_limit(
         let caps_v = crate::decision::Caps {
             delay_ms: c.delay_ms,
             max_tokens: c.max_tokens,
-            model: c.model,
+            model: c.model.map(std::sync::Arc::from),
             sequential: c.sequential.unwrap_or(false),
+            backpressure: crate::decision::Backpressure::default(),
         };
         if caps_v.is_empty() {
             return Err(ctx.err(
@@ -517,7 +652,7 @@ fn build_upstream(ctx: &Ctx<'_>, path: &str, raw: RawUpstream) -> Result<Coordin
                 ));
             }
         }
-        b.fallback = models;
+        b.fallback = models.into_iter().map(std::sync::Arc::from).collect();
     }
     let rc = raw.cascade.unwrap_or_default();
     if let Some(n) = rc.denials {

@@ -20,6 +20,27 @@ pub(super) struct RawPolicy {
     pub(super) resources: IndexMap<String, RawTarget>,
     #[serde(default)]
     pub(super) actions: IndexMap<String, RawTarget>,
+    #[serde(default)]
+    pub(super) workflows: IndexMap<String, RawWorkflow>,
+}
+
+/// `workflows.<name>`: stages and the resources they call.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkflow {
+    pub(super) stages: IndexMap<String, RawStage>,
+    /// For readers of the policy; accepted, not used.
+    #[allow(dead_code)]
+    pub(super) description: Option<String>,
+}
+
+/// `workflows.<name>.stages.<stage>`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStage {
+    pub(super) resource: String,
+    #[serde(default)]
+    pub(super) after: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]

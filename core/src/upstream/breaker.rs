@@ -30,7 +30,7 @@ pub struct BreakerConfig {
     /// `caps.max_tokens` while pre-emptively open (0: none).
     pub max_tokens: i64,
     /// Fallback models, walked one per `step` while pre-emptively open.
-    pub fallback: Vec<String>,
+    pub fallback: Vec<std::sync::Arc<str>>,
     /// How long each stage of the walk lasts (default 10 s).
     pub step: Micros,
     /// How long a reported 429 or 5xx without `Retry-After` opens it first

@@ -3,14 +3,63 @@
 //! coordinated resource through its traffic light before its limits.
 
 use super::Warden;
-use crate::decision::Decision;
+use crate::decision::{Decision, Outcome};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::plan::Plan;
+use crate::upstream::breaker::BreakerState;
 use crate::upstream::light::Sample;
-use crate::upstream::{Coordination, UpstreamView, parse};
+use crate::upstream::{Coordination, UpstreamView, Zone, parse};
 
 impl Warden {
+    /// Names in `d.caps.backpressure` the workflow stages before the
+    /// request's stages whose resources are limited now — red, told to wait,
+    /// a breaker not closed, or in sequential mode — reading each of those
+    /// resources' observed state once. A state that cannot be read names
+    /// nothing (the decision stands as the limits made it).
+    pub(super) async fn backpressure(&self, plan: &Plan<'_>, d: &mut Decision) {
+        let stages = plan.stages_before();
+        let mut read: Vec<(&str, bool)> = Vec::new();
+        for stage in stages {
+            let limited = match read.iter().find(|(r, _)| *r == &*stage.resource) {
+                Some(&(_, l)) => l,
+                None => {
+                    let l = self.limited(&stage.resource).await;
+                    read.push((&stage.resource, l));
+                    l
+                }
+            };
+            if limited {
+                d.caps.backpressure.add(&stage.name);
+            }
+        }
+        if !d.caps.backpressure.is_empty() && d.outcome == Outcome::Allow {
+            d.outcome = Outcome::AllowWithCaps;
+        }
+    }
+
+    /// Whether `resource`'s upstream is limited now (see [`Warden::backpressure`]).
+    async fn limited(&self, resource: &str) -> bool {
+        let Ok(c) = self.coordination(resource) else {
+            return false;
+        };
+        match self
+            .inner
+            .backend
+            .observe(resource, c, &Sample::default())
+            .await
+        {
+            Ok(o) => {
+                let v = o.state.view(resource, o.now, c);
+                v.zone == Zone::Red
+                    || v.blocked.is_some()
+                    || v.breaker != BreakerState::Closed
+                    || v.sequential.is_some()
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Records what one response of `resource`'s upstream said in its
     /// headers — `(name, value)` pairs, names in any case — where every
     /// process sharing the backend sees it at once, and answers the

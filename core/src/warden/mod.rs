@@ -188,6 +188,10 @@ impl Warden {
             }
             _ => self.inner.backend.decide(plan, mode).await?,
         };
+        let mut d = d;
+        if !plan.stages_before().is_empty() && d.allowed() {
+            self.backpressure(plan, &mut d).await;
+        }
         self.emit_for(&d, scope);
         Ok(d)
     }
