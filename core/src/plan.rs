@@ -205,9 +205,11 @@ pub struct Plan<'p> {
     /// The resource, when it coordinates on its upstream.
     upstream: Option<(&'p str, &'p Coordination, &'p Cost)>,
     /// Set by [`crate::Warden::wait`]: the caller waits in line on a shared backend.
-    waiter: Option<Waiter>,
+    /// (Boxed, like `stages_before` is a thin reference: the plan is moved
+    /// on every decision, and these are set on few.)
+    waiter: Option<Box<Waiter>>,
     /// The workflow stages before the stages that call the resource.
-    stages_before: &'p [StageRef],
+    stages_before: Option<&'p Vec<StageRef>>,
 }
 
 /// A `wait` caller's place in the line of a shared backend's limits.
@@ -362,7 +364,9 @@ impl<'p> Plan<'p> {
             if let (Some(name), Some(c)) = (&request.resource, r.upstream.as_ref()) {
                 plan.upstream = Some((name.as_str(), c, &request.cost));
             }
-            plan.stages_before = &r.stages_before;
+            if !r.stages_before.is_empty() {
+                plan.stages_before = Some(&r.stages_before);
+            }
         }
         for target in resource.into_iter().chain(action) {
             for def in &target.limits {
@@ -399,14 +403,14 @@ impl<'p> Plan<'p> {
             operation: None,
             upstream: None,
             waiter: None,
-            stages_before: &[],
+            stages_before: None,
         }
     }
 
     /// This plan for a caller waiting in line (see [`Waiter`]).
     #[must_use]
     pub fn waiting(mut self, waiter: Waiter) -> Self {
-        self.waiter = Some(waiter);
+        self.waiter = Some(Box::new(waiter));
         self
     }
 
@@ -414,13 +418,13 @@ impl<'p> Plan<'p> {
     /// resource (`workflows:` in the policy; empty for most requests).
     #[must_use]
     pub fn stages_before(&self) -> &'p [StageRef] {
-        self.stages_before
+        self.stages_before.map_or(&[], Vec::as_slice)
     }
 
     /// The caller's place in line, when it waits (see [`Waiter`]).
     #[must_use]
     pub fn waiter(&self) -> Option<Waiter> {
-        self.waiter
+        self.waiter.as_deref().copied()
     }
 
     /// A plan for carving a delegation out of `scope`'s own limits: only the

@@ -190,7 +190,8 @@ impl Warden {
         };
         let mut d = d;
         if !plan.stages_before().is_empty() && d.allowed() {
-            self.backpressure(plan, &mut d).await;
+            // Boxed: its state would otherwise grow every decision's future.
+            Box::pin(self.backpressure(plan, &mut d)).await;
         }
         self.emit_for(&d, scope);
         Ok(d)
