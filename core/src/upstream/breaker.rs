@@ -203,13 +203,24 @@ impl UpstreamState {
     /// Opens pre-emptively when a runway is short, closes again when every
     /// runway is long (only from closed or pre-emptive).
     pub(super) fn pre_empt(&mut self, now: Micros, c: &Coordination) {
+        let fresh = std::array::from_fn(|i| self.dims[i].fresh(now, c.ttl));
+        self.pre_empt_fresh(now, c, &fresh);
+    }
+
+    /// [`UpstreamState::pre_empt`] knowing which readings are fresh.
+    pub(super) fn pre_empt_fresh(
+        &mut self,
+        now: Micros,
+        c: &Coordination,
+        fresh: &[bool; super::light::DIMENSIONS],
+    ) {
         let horizon_ms = c.breaker.horizon / 1000;
         if horizon_ms <= 0 {
             return;
         }
         let (mut short, mut long) = (false, true);
-        for r in &self.dims {
-            if r.burn > 0 && r.fresh(now, c.ttl) {
+        for (r, fresh) in self.dims.iter().zip(fresh) {
+            if r.burn > 0 && *fresh {
                 let left = r.left() * 1000;
                 short |= left < r.burn * horizon_ms;
                 long &= left >= 2 * r.burn * horizon_ms;

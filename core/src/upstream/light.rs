@@ -533,6 +533,31 @@ impl UpstreamState {
                 }
             }
         }
+        self.light_at(now, c, tightest)
+    }
+
+    /// Which readings are fresh at `now` (one look per dimension, shared by
+    /// every step of a decision).
+    fn fresh(&self, now: Micros, ttl: Micros) -> [bool; DIMENSIONS] {
+        std::array::from_fn(|i| self.dims[i].fresh(now, ttl))
+    }
+
+    /// [`UpstreamState::light_of`] of a rolled state whose fresh readings are `fresh`.
+    fn light_from(&self, now: Micros, c: &Coordination, fresh: &[bool; DIMENSIONS]) -> Light {
+        let mut tightest: Option<(i64, Dimension)> = None;
+        for d in Dimension::ALL {
+            if fresh[d.index()] {
+                let p = self.dims[d.index()].permille();
+                if tightest.is_none_or(|(q, _)| p < q) {
+                    tightest = Some((p, d));
+                }
+            }
+        }
+        self.light_at(now, c, tightest)
+    }
+
+    /// The light given the tightest fresh reading (‰ left, dimension).
+    fn light_at(&self, now: Micros, c: &Coordination, tightest: Option<(i64, Dimension)>) -> Light {
         let breaker = self.breaker.at(now);
         let zone = match tightest {
             _ if self.blocked_until > now || breaker == BreakerState::Open => Zone::Red,
@@ -649,15 +674,17 @@ impl UpstreamState {
             _ => None,
         };
         gate.light.cascade = noted.or(settled);
-        gate.light.sequential = self.cascade.sequential(now);
+        if noted.is_some() {
+            gate.light.sequential = self.cascade.sequential(now);
+        }
         gate
     }
 
     fn pass(&mut self, ask: &Ask, now: Micros, c: &Coordination) -> Gate {
         self.roll(now);
-        self.pre_empt(now, c);
-        let mut light = self.light_of(now, c, false);
-        light.sequential = self.cascade.sequential(now);
+        let fresh = self.fresh(now, c.ttl);
+        self.pre_empt_fresh(now, c, &fresh);
+        let light = self.light_from(now, c, &fresh);
         let deny = |retry: Micros, why| Gate {
             light,
             verdict: Verdict::Deny {
@@ -678,7 +705,7 @@ impl UpstreamState {
         for d in Dimension::ALL {
             let r = &self.dims[d.index()];
             let want = ask.amounts[d.index()];
-            if want > 0 && r.fresh(now, c.ttl) && r.left() < want {
+            if want > 0 && fresh[d.index()] && r.left() < want {
                 return deny(r.wait(now, c), Why::Exhausted(d));
             }
         }
@@ -738,7 +765,7 @@ impl UpstreamState {
         for d in Dimension::ALL {
             let i = d.index();
             let r = &mut self.dims[i];
-            if ask.amounts[i] > 0 && r.fresh(now, c.ttl) {
+            if ask.amounts[i] > 0 && fresh[i] {
                 r.spent += ask.amounts[i];
                 ticket.amounts[i] = ask.amounts[i];
                 ticket.seen[i] = r.seen_at;

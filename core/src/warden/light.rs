@@ -222,8 +222,12 @@ impl Warden {
 
     /// The events a gated decision implies: the half-open breaker let it
     /// through as its probe; it switched sequential mode on or off.
+    #[inline]
     pub(super) fn light_events(&self, resource: &str, d: &Decision) {
         let Some(light) = d.light else { return };
+        if light.cascade.is_none() && !light.probe {
+            return;
+        }
         if let Some(on) = light.cascade {
             self.cascade_event(resource, on, self.inner.clock.now());
         }
