@@ -546,6 +546,49 @@ class Warden {
     }
   }
 
+  /**
+   * Sets aside `amounts` of every window of `resource`'s shared pools (its
+   * quotas and budgets without `scope:`) for the agent scope `agent` and the
+   * scopes under it, active for `lease` seconds and renewed by `heartbeat`.
+   * While active only its owner (and critical callers) draw on its unused
+   * part; idle for a lease, standard callers may too; idle for two, it is
+   * gone. Rejects when the other agents' allocations leave less than asked.
+   */
+  allocate(agent, resource, amounts, lease) {
+    try {
+      requireString(agent, 'agent');
+      requireString(resource, 'resource');
+      if (amounts === undefined || amounts === null) throw new InvalidInputError('invalid amounts: expected an object of unit to amount', { argument: 'amounts' });
+      const checked = checkCost(amounts, 'amounts');
+      optionalSeconds(lease, 'lease');
+      if (lease === undefined || lease === null) throw new InvalidInputError('invalid lease: expected seconds', { argument: 'lease' });
+      return this.#call('allocate', [agent, resource, checked, lease]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
+  /** Keeps every allocation of `agent` active for another lease; resolves to how many (0: none left). */
+  heartbeat(agent) {
+    try {
+      requireString(agent, 'agent');
+      return this.#call('heartbeat', [agent]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
+  /** Gives up `agent`'s allocation of `resource`'s pools; resolves `false` if it had none. */
+  deallocate(agent, resource) {
+    try {
+      requireString(agent, 'agent');
+      requireString(resource, 'resource');
+      return this.#call('deallocate', [agent, resource]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
   /** `resource`'s upstream state as every process sees it now; changes nothing. */
   upstream(resource) {
     try {

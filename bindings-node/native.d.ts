@@ -111,6 +111,18 @@ export declare class NativeWarden {
    * backend (a governed fetch checks its options when it is made).
    */
   checkGoverned(scope: string, options?: RequestOptions | undefined | null): void
+  /** Sets aside `amounts` of `resource`'s pools for `agent` (see `pool.rs`). */
+  allocateSync(agent: string, resource: string, amounts: any, lease: number): AllocationInfo
+  /** Runs on the runtime. */
+  allocateAsync(agent: string, resource: string, amounts: any, lease: number): Promise<AllocationInfo>
+  /** Renews every allocation of `agent`; how many. */
+  heartbeatSync(agent: string): number
+  /** Runs on the runtime. */
+  heartbeatAsync(agent: string): Promise<number>
+  /** Gives up `agent`'s allocation of `resource`. */
+  deallocateSync(agent: string, resource: string): boolean
+  /** Runs on the runtime. */
+  deallocateAsync(agent: string, resource: string): Promise<boolean>
   /** `resource`'s upstream state, changing nothing. */
   upstreamSync(resource: string): UpstreamInfo
   /** Runs on the runtime. */
@@ -155,6 +167,17 @@ export declare class NativeWarden {
   acquireHttpSync(scope: string, options: RequestOptions | undefined | null, style: string): string | HttpDecision
   /** Async form of `acquireHttpSync`. */
   acquireHttpAsync(scope: string, options: RequestOptions | undefined | null, style: string): Promise<string | HttpDecision>
+}
+
+/**
+ * An expiry (µs since the epoch) in seconds.
+ * An agent's allocation of a resource's pools.
+ */
+export interface AllocationInfo {
+  /** Per pool limit: the amount set aside per window (base units). */
+  pools: Record<string, number>
+  /** Active until (seconds since the epoch) without another heartbeat. */
+  activeUntil: number
 }
 
 /**

@@ -211,6 +211,17 @@ pub struct DelegateOptions {
     pub lease: Option<f64>,
 }
 
+/// `allocate`'s arguments, checked.
+pub(crate) fn allocate_args(
+    agent: &str,
+    amounts: &serde_json::Value,
+    lease: f64,
+) -> Result<(Scope, Cost, Duration)> {
+    let agent = Scope::parse(agent).or_throw()?;
+    let amounts = cost_of(Some(amounts), "amounts")?;
+    Ok((agent, amounts, seconds(lease, "lease")?))
+}
+
 pub(crate) fn delegate_args(
     child: &str,
     amounts: &serde_json::Value,

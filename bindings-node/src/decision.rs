@@ -276,6 +276,23 @@ pub(crate) fn receipt_of(r: &CommitReceipt) -> Receipt {
 
 /// An expiry (µs since the epoch) in seconds.
 #[allow(clippy::cast_precision_loss)]
+/// An agent's allocation of a resource's pools.
+#[napi(object)]
+pub struct AllocationInfo {
+    /// Per pool limit: the amount set aside per window (base units).
+    pub pools: std::collections::HashMap<String, f64>,
+    /// Active until (seconds since the epoch) without another heartbeat.
+    pub active_until: f64,
+}
+
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn allocation_of(a: ratewarden::Allocation) -> AllocationInfo {
+    AllocationInfo {
+        pools: a.pools.into_iter().map(|(n, v)| (n, v as f64)).collect(),
+        active_until: seconds_of(a.active_until),
+    }
+}
+
 pub(crate) fn seconds_of(at: i64) -> f64 {
     at as f64 / 1e6
 }

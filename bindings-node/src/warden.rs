@@ -277,6 +277,86 @@ impl NativeWarden {
         self.warden.check_governed(&req).or_throw()
     }
 
+    /// Sets aside `amounts` of `resource`'s pools for `agent` (see `pool.rs`).
+    #[napi]
+    pub fn allocate_sync(
+        &self,
+        agent: String,
+        resource: String,
+        amounts: serde_json::Value,
+        lease: f64,
+    ) -> Result<AllocationInfo> {
+        let (agent, amounts, lease) = allocate_args(&agent, &amounts, lease)?;
+        self.sync(self.warden.allocate(&agent, &resource, &amounts, lease))
+            .map(allocation_of)
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<AllocationInfo>")]
+    pub fn allocate_async<'env>(
+        &self,
+        env: &'env Env,
+        agent: String,
+        resource: String,
+        amounts: serde_json::Value,
+        lease: f64,
+    ) -> Result<PromiseRaw<'env, AllocationInfo>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let (agent, amounts, lease) = allocate_args(&agent, &amounts, lease)?;
+            warden
+                .allocate(&agent, &resource, &amounts, lease)
+                .await
+                .or_throw()
+                .map(allocation_of)
+        })
+    }
+
+    /// Renews every allocation of `agent`; how many.
+    #[napi]
+    pub fn heartbeat_sync(&self, agent: String) -> Result<u32> {
+        let agent = Scope::parse(&agent).or_throw()?;
+        self.sync(self.warden.heartbeat(&agent))
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn heartbeat_async<'env>(
+        &self,
+        env: &'env Env,
+        agent: String,
+    ) -> Result<PromiseRaw<'env, u32>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let agent = Scope::parse(&agent).or_throw()?;
+            let n = warden.heartbeat(&agent).await.or_throw()?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+    }
+
+    /// Gives up `agent`'s allocation of `resource`.
+    #[napi]
+    pub fn deallocate_sync(&self, agent: String, resource: String) -> Result<bool> {
+        let agent = Scope::parse(&agent).or_throw()?;
+        self.sync(self.warden.deallocate(&agent, &resource))
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn deallocate_async<'env>(
+        &self,
+        env: &'env Env,
+        agent: String,
+        resource: String,
+    ) -> Result<PromiseRaw<'env, bool>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let agent = Scope::parse(&agent).or_throw()?;
+            warden.deallocate(&agent, &resource).await.or_throw()
+        })
+    }
+
     /// `resource`'s upstream state, changing nothing.
     #[napi]
     pub fn upstream_sync(&self, resource: String) -> Result<UpstreamInfo> {

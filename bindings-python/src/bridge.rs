@@ -106,6 +106,10 @@ impl Held for i64 {}
 impl Held for Settlement {}
 impl Held for Vec<Balance> {}
 impl Held for ratewarden::UpstreamView {}
+impl Held for usize {}
+// An allocation nobody learnt of lapses by itself: idle after its lease, gone
+// one lease later.
+impl Held for ratewarden::Allocation {}
 impl Held for Option<ratewarden::Turn> {
     fn held(&self) -> Option<Hold> {
         self.clone().map(Hold::Turn)

@@ -259,6 +259,20 @@ pub(crate) fn receipt_to_py(py: Python<'_>, r: CommitReceipt) -> PyResult<Py<PyA
     receipt_dict(py, &r)
 }
 
+/// An allocation as a dict: `pools` (limit name → amount per window, in the
+/// unit's decimals) and `active_until` (seconds since the epoch).
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn allocation_to_py(py: Python<'_>, a: ratewarden::Allocation) -> PyResult<Py<PyAny>> {
+    let d = PyDict::new(py);
+    let pools = PyDict::new(py);
+    for (name, amount) in &a.pools {
+        pools.set_item(name, amount)?;
+    }
+    d.set_item("pools", pools)?;
+    d.set_item("active_until", a.active_until as f64 / 1e6)?;
+    Ok(d.into_any().unbind())
+}
+
 pub(crate) fn released_to_py(py: Python<'_>, b: bool) -> PyResult<Py<PyAny>> {
     Ok(pyo3::types::PyBool::new(py, b)
         .to_owned()

@@ -294,6 +294,52 @@ impl NativeWarden {
         self.warden.load().check_governed(&req).or_raise()
     }
 
+    /// `Warden::allocate`: a soft allocation of `resource`'s pools for the
+    /// agent scope `agent` ({"pools": {name: amount}, "active_until": s}).
+    #[pyo3(signature = (agent, resource, amounts, lease, asynchronous=false))]
+    fn allocate(
+        &self,
+        py: Python<'_>,
+        agent: &str,
+        resource: String,
+        amounts: &Bound<'_, PyDict>,
+        lease: f64,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = Scope::parse(agent).or_raise().and_then(|agent| {
+            let amounts = cost_of(Some(amounts), "amounts")?;
+            let lease = seconds(lease, "lease")?;
+            Ok(move |w: Warden| async move { w.allocate(&agent, &resource, &amounts, lease).await })
+        });
+        self.answer(py, op, asynchronous, allocation_to_py)
+    }
+
+    /// `Warden::heartbeat`: renews every allocation of `agent`; how many.
+    #[pyo3(signature = (agent, asynchronous=false))]
+    fn heartbeat(&self, py: Python<'_>, agent: &str, asynchronous: bool) -> PyResult<Py<PyAny>> {
+        let op = Scope::parse(agent)
+            .or_raise()
+            .map(|agent| move |w: Warden| async move { w.heartbeat(&agent).await });
+        self.answer(py, op, asynchronous, |py, n: usize| {
+            Ok(n.into_pyobject(py)?.into_any().unbind())
+        })
+    }
+
+    /// `Warden::deallocate`: gives up `agent`'s allocation of `resource`.
+    #[pyo3(signature = (agent, resource, asynchronous=false))]
+    fn deallocate(
+        &self,
+        py: Python<'_>,
+        agent: &str,
+        resource: String,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = Scope::parse(agent)
+            .or_raise()
+            .map(|agent| move |w: Warden| async move { w.deallocate(&agent, &resource).await });
+        self.answer(py, op, asynchronous, released_to_py)
+    }
+
     /// `Warden::upstream`: `resource`'s upstream state, changing nothing.
     #[pyo3(signature = (resource, asynchronous=false))]
     fn upstream(

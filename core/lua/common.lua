@@ -81,14 +81,59 @@ local function adjust_hold(key, id, delta, now)
   redis.call("HSET", key, "h:" .. id, hold_value(math.max(a + delta, 0), e, p))
 end
 
+-- Soft allocations of a pool (pool.rs): field "a:<owner>" of the limit's hash
+-- = "amount|drawn|window|active_until|lease" (window "n": none drawn yet).
+local function allot_parse(f, v)
+  local amount, drawn, win, active, lease = string.match(v, "^(%d+)|(%d+)|([n%d-]+)|(%d+)|(%d+)$")
+  return {
+    field = f, owner = string.sub(f, 3), amount = tonumber(amount) or 0,
+    drawn = tonumber(drawn) or 0, window = tonumber(win),
+    active_until = tonumber(active) or 0, lease = tonumber(lease) or 0,
+  }
+end
+
+local function allot_value(a)
+  local win = a.window and num(a.window) or "n"
+  return num(a.amount) .. "|" .. num(a.drawn) .. "|" .. win .. "|" .. num(a.active_until) .. "|" .. num(a.lease)
+end
+
+-- 0 active, 1 idle (its unused part donated), 2 dead (pool.rs Phase).
+local function allot_phase(a, now)
+  if now < a.active_until then return 0 end
+  if now < a.active_until + a.lease then return 1 end
+  return 2
+end
+
+local function allot_unused(a, wid)
+  if a.window == wid then return math.max(a.amount - a.drawn, 0) end
+  return a.amount
+end
+
+-- Whether scope `who` is `owner` or under it.
+local function owns(owner, who)
+  return who == owner or string.sub(who, 1, #owner + 1) == owner .. "/"
+end
+
+-- Whether a caller at `rank` may draw on another agent's allocation in `phase`.
+local function may_draw(rank, phase)
+  if phase == 0 then return rank == 0 end
+  if phase == 1 then return rank ~= 2 end
+  return true
+end
+
 -- Live holds of a counter / concurrency hash. Expired ones are deleted; what an
--- expired hold carved from a live parent hold returns to that parent.
+-- expired hold carved from a live parent hold returns to that parent. Also
+-- the hash's allocations (a pool's), parsed, the dead ones deleted.
 local function live_holds(key, now)
   local flat = redis.call("HGETALL", key)
-  local holds, held, dead, byid = {}, 0, {}, {}
+  local holds, held, dead, byid, allots = {}, 0, {}, {}, {}
   for j = 1, #flat, 2 do
     local f = flat[j]
-    if string.sub(f, 1, 2) == "h:" then
+    if string.sub(f, 1, 2) == "a:" then
+      local a = allot_parse(f, flat[j + 1])
+      a.phase = allot_phase(a, now)
+      if a.phase == 2 then redis.call("HDEL", key, f) else allots[#allots + 1] = a end
+    elseif string.sub(f, 1, 2) == "h:" then
       local a, e, p = split_hold(flat[j + 1])
       if e <= now then
         dead[#dead + 1] = { f, a, p }
@@ -107,7 +152,7 @@ local function live_holds(key, now)
       held = held + d[2]
     end
   end
-  return holds, held, byid
+  return holds, held, byid, allots
 end
 
 local function time_to_free(needed, now, holds)

@@ -80,6 +80,7 @@ local g = tonumber(ARGV[11])
 local parent_id = ARGV[12]
 local first_step = ARGV[13] == "1"
 local links = ARGV[14]
+local who = ARGV[10]
 local op_key = ARGV[15] ~= "" and KEYS[n + 5 + g] or nil
 if op_key then
   local prev = replayed(op_key, ARGV[17])
@@ -217,9 +218,21 @@ for i = 1, n do
       local st = redis.call("HMGET", it.key, "w", "u")
       if st[1] and tonumber(st[1]) == wid then used = tonumber(st[2]) end
     end
-    local holds, held, byid = live_holds(it.key, now)
+    local holds, held, byid, allots = live_holds(it.key, now)
     held_now = held
     it.via = shadow[it.key]
+    -- What the caller may not draw on of others' allocations counts as
+    -- held (pool.rs `barred`); the answer reports the true holds.
+    local barred = 0
+    if #allots > 0 and not it.via then
+      for _, a in ipairs(allots) do
+        if not owns(a.owner, who) and not may_draw(rank, a.phase) then
+          barred = barred + allot_unused(a, wid)
+        end
+      end
+      it.allots = allots
+    end
+    local held_t = held + barred
     reset = wend == NEVER and 0 or math.max(wend - now, 0)
     retry = NEVER
     if it.via then
@@ -228,24 +241,24 @@ for i = 1, n do
       allowed = it.amount == 0 or it.amount <= avail
       remaining = avail - (allowed and it.amount or 0)
     else
-      allowed = it.amount == 0 or (used + held + need <= it.usable and not behind)
-      remaining = math.max(it.cap - used - held - (allowed and it.amount or 0), 0)
+      allowed = it.amount == 0 or (used + held_t + need <= it.usable and not behind)
+      remaining = math.max(it.cap - used - held_t - (allowed and it.amount or 0), 0)
     end
     if not allowed and not it.via and need <= it.usable then
       local by_holds, by_window = NEVER, NEVER
       if used + need <= it.usable then
         -- Grouped so every partial sum stays within 2^53 (held <= usable).
-        by_holds = time_to_free((used + need - it.usable) + held, now, holds)
+        by_holds = time_to_free((used + need - it.usable) + held_t, now, holds)
       end
       if wend ~= NEVER then
-        local after = time_to_free((need - it.usable) + held, now, holds)
+        local after = time_to_free((need - it.usable) + held_t, now, holds)
         if after ~= NEVER then by_window = math.max(after, wend - now) end
       end
       if by_holds == NEVER then retry = by_window
       elseif by_window == NEVER then retry = by_holds
       else retry = math.min(by_holds, by_window) end
     end
-    it.wid, it.wend, it.used, it.holds = wid, wend, used, holds
+    it.wid, it.wend, it.used, it.holds, it.held = wid, wend, used, holds, held
   end
   if behind and (retry == NEVER or retry < LINE_POLL) then retry = LINE_POLL end
   if not allowed then all = false end
@@ -292,6 +305,32 @@ if all and mode ~= "check" then
       else
         expire_at(it.key, last, now)
       end
+    end
+    if it.allots and mode ~= "delegate" and it.amount > 0 then
+      -- Drawn from the allocations as pool.rs `draw` says, knowing the room before.
+      local aside, last_dead = 0, 0
+      for _, a in ipairs(it.allots) do
+        aside = aside + allot_unused(a, it.wid)
+        last_dead = math.max(last_dead, a.active_until + a.lease)
+      end
+      local left = it.amount
+      local function take(a)
+        if a.window ~= it.wid then a.window, a.drawn = it.wid, 0 end
+        local t = math.min(left, allot_unused(a, it.wid))
+        a.drawn = a.drawn + t
+        left = left - t
+        redis.call("HSET", it.key, a.field, allot_value(a))
+      end
+      for _, a in ipairs(it.allots) do
+        if owns(a.owner, who) then take(a) break end
+      end
+      left = left - math.min(left, math.max(it.usable - it.used - it.held - aside, 0))
+      for phase = 1, 0, -1 do
+        for _, a in ipairs(it.allots) do
+          if left > 0 and a.phase == phase and not owns(a.owner, who) and may_draw(rank, phase) then take(a) end
+        end
+      end
+      keep_until(it.key, last_dead, now)
     end
     if reserving then
       record[#record + 1] = "i" .. i

@@ -46,6 +46,7 @@ pub mod http;
 pub mod ops;
 pub mod plan;
 pub mod policy;
+pub mod pool;
 pub mod priority;
 pub mod retry;
 pub mod scope;
@@ -71,7 +72,7 @@ pub use settle::{CallOutcome, Settlement, Usage};
 pub use upstream::{UpstreamView, Zone};
 /// How long a waiter for an ordered lock keeps its place without looking again (µs).
 pub use warden::LINE_WAIT_LEASE;
-pub use warden::{DelegateFrom, MAX_LEASE, Turn, WaitCancel, WaitFor, Warden};
+pub use warden::{Allocation, DelegateFrom, MAX_LEASE, Turn, WaitCancel, WaitFor, Warden};
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

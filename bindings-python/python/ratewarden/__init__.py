@@ -784,6 +784,68 @@ class Warden:
         except _CONVERSION_ERRORS as e:
             raise _bad_argument(e) from None
 
+    def allocate(self, agent: str, resource: str, amounts: Cost, lease: float) -> Dict[str, Any]:
+        """Sets aside ``amounts`` of every window of ``resource``'s shared pools (its
+        quotas and budgets without ``scope:``) for the agent scope ``agent`` and the
+        scopes under it, active for ``lease`` seconds and renewed by :meth:`heartbeat`;
+        calling it again resizes it. While active only its owner (and critical callers)
+        draw on its unused part; idle for a lease, standard callers may too (it is
+        donated); idle for two, it is gone. Returns ``{"pools": {limit: amount},
+        "active_until": seconds}``; raises when the other agents' allocations leave
+        less than asked."""
+        try:
+            return self._native.allocate(agent, resource, _cost(amounts), lease)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def allocate_async(self, agent: str, resource: str, amounts: Cost, lease: float) -> Awaitable[Dict[str, Any]]:
+        """Async form of :meth:`allocate`."""
+        try:
+            return self._native.allocate(agent, resource, _cost(amounts), lease, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def heartbeat(self, agent: str) -> int:
+        """Keeps every allocation of ``agent`` active for another lease; returns how
+        many it renewed (0: none is left — allocate again)."""
+        try:
+            return self._native.heartbeat(agent)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def heartbeat_async(self, agent: str) -> Awaitable[int]:
+        """Async form of :meth:`heartbeat`."""
+        try:
+            return self._native.heartbeat(agent, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def deallocate(self, agent: str, resource: str) -> bool:
+        """Gives up ``agent``'s allocation of ``resource``'s pools; ``False`` if it had none."""
+        try:
+            return self._native.deallocate(agent, resource)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def deallocate_async(self, agent: str, resource: str) -> Awaitable[bool]:
+        """Async form of :meth:`deallocate`."""
+        try:
+            return self._native.deallocate(agent, resource, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
     def upstream(self, resource: str) -> Dict[str, Any]:
         """``resource``'s upstream state as every process sees it now (the dict
         :meth:`observe` returns); changes nothing."""

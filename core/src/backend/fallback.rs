@@ -218,6 +218,18 @@ impl<B: Backend> Backend for Fallback<B> {
         })
     }
 
+    fn allot<'a>(
+        &'a self,
+        limit: &'a crate::plan::PlannedLimit<'a>,
+        op: super::AllotOp<'a>,
+    ) -> Pending<'a, i64> {
+        // While the primary is down, decisions run on the local engine: the
+        // allocation is recorded there too, so local decisions honour it.
+        or_local(self.primary.allot(limit, op), move || {
+            self.local.allot(limit, op)
+        })
+    }
+
     fn line<'a>(&'a self, resource: &'a str, holder: u128, op: super::LineOp) -> Pending<'a, i64> {
         or_local(self.primary.line(resource, holder, op), move || {
             self.local.line(resource, holder, op)

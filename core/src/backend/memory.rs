@@ -7,6 +7,7 @@
 //! swept once per clock-second per shard, so memory stays bounded under key
 //! churn. No background thread.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -15,7 +16,7 @@ use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{Backend, Mode, Pending};
+use super::{AllotOp, Backend, Mode, Pending};
 use crate::clock::{Clock, Micros};
 use crate::decision::{Charge, CommitReceipt, Decision, ReservationId, ReservationInfo};
 use crate::error::{Error, Result};
@@ -24,6 +25,7 @@ use crate::eval::{
 };
 use crate::plan::{KeyRef, Plan, PlannedLimit};
 use crate::policy::{LimitDef, LimitKind, Overage, Policy};
+use crate::pool::{self, Allotment};
 use crate::priority::Priority;
 use crate::scope::Scope;
 use crate::upstream::Coordination;
@@ -172,6 +174,10 @@ pub struct MemoryBackend {
     /// resource a policy declares `upstream:` for: a handful, searched in
     /// order, cheaper than hashing the name).
     upstream: Mutex<Vec<(Box<str>, UpstreamState)>>,
+    /// Soft allocations of pool limits, by limit key ([`crate::pool`]), and
+    /// how many keys have any (0: decisions skip the lookup).
+    allots: Mutex<HashMap<Box<str>, Vec<Allotment>>>,
+    allotted: AtomicUsize,
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -285,6 +291,21 @@ fn window_of(def: &LimitDef, now: Micros) -> (i64, Micros) {
     })
 }
 
+/// A counter's `(used, held)` in window `wid` (0, 0 for any other state).
+fn counter_room(slot: &Slot, wid: i64) -> (i64, i64) {
+    match &slot.state {
+        State::Counter {
+            window,
+            used,
+            holds,
+        } => (
+            if *window == wid { *used } else { 0 },
+            holds.iter().map(|h| h.amount).sum(),
+        ),
+        _ => (0, 0),
+    }
+}
+
 fn idle_at(def: &LimitDef, state: &State, now: Micros, end: Micros) -> Micros {
     match (state, &def.kind) {
         (State::Rate { debt, at }, LimitKind::Rate(r)) => at + crate::eval::ceil_div(*debt, r.l),
@@ -315,6 +336,8 @@ impl MemoryBackend {
             next_record_sweep: AtomicI64::new(0),
             upstream: Mutex::default(),
             lines: Mutex::default(),
+            allots: Mutex::default(),
+            allotted: AtomicUsize::new(0),
         }
     }
 
@@ -588,6 +611,7 @@ impl MemoryBackend {
         now: Micros,
         via: Option<u128>,
         (wid, end): (i64, Micros),
+        barred: i64,
     ) -> ItemEval {
         let def = &**item.def;
         let usable = def.floors.usable(def.limit, served);
@@ -628,35 +652,58 @@ impl MemoryBackend {
                         held: holds.iter().map(|h| h.amount).sum(),
                     };
                 }
-                let held = holds.iter().map(|h| h.amount).sum();
-                let e = counter_eval(
+                let held: i64 = holds.iter().map(|h| h.amount).sum();
+                // What the caller may not draw on of others' allocations
+                // counts as held (pool.rs); the answer reports the true holds.
+                let mut e = counter_eval(
                     def.limit,
                     used,
-                    held,
+                    held + barred,
                     &mut [],
                     item.amount,
                     usable,
                     now,
                     end,
                 );
+                e.held = held;
                 if e.allowed || holds.is_empty() {
                     return e;
                 }
                 // Denied with holds outstanding: their expiries refine the retry estimate.
                 let mut hv: SmallVec<[(Micros, i64); 8]> =
                     holds.iter().map(|h| (h.expires, h.amount)).collect();
-                counter_eval(
+                let mut e = counter_eval(
                     def.limit,
                     used,
-                    held,
+                    held + barred,
                     &mut hv,
                     item.amount,
                     usable,
                     now,
                     end,
-                )
+                );
+                e.held = held;
+                e
             }
         }
+    }
+
+    /// Runs `f` on the allocations of `item`'s limit, if it is a pool quota
+    /// or budget with any (`None` otherwise — one relaxed load when no
+    /// allocation exists anywhere).
+    fn with_allots<T>(
+        &self,
+        item: &PlannedLimit<'_>,
+        f: impl FnOnce(&mut Vec<Allotment>) -> T,
+    ) -> Option<T> {
+        if self.allotted.load(Ordering::Relaxed) == 0
+            || !matches!(item.def.kind, LimitKind::Quota(_) | LimitKind::Budget(_))
+        {
+            return None;
+        }
+        let mut map = self.allots.lock();
+        let list = map.get_mut(&*item.key.to_string())?;
+        Some(f(list))
     }
 
     /// Applies an admitted item: consume (`hold = None`) or hold under a reservation.
@@ -790,10 +837,18 @@ impl MemoryBackend {
         let shadows = self.shadows_for(&mut locked, &t, now)?;
         let served = self.served(&mut locked, plan, t.caller, now);
         let mutating = mode.mutates();
-        self.evaluate(&mut locked, &mut t.works, &shadows, served, mutating, now);
+        let who = plan.scope().as_str();
+        self.evaluate(
+            &mut locked,
+            &mut t.works,
+            &shadows,
+            (served, who),
+            mutating,
+            now,
+        );
         let allowed = t.works.iter().all(|w| w.eval.allowed);
         let (reservation, record_items) = if allowed && mutating {
-            self.apply(&mut locked, plan, mode, &t, now)
+            self.apply(&mut locked, plan, mode, &t, (served, now))
         } else {
             (None, Vec::new())
         };
@@ -943,7 +998,7 @@ impl MemoryBackend {
         locked: &mut Locked<'_>,
         works: &mut [Work<'_>],
         shadows: &[(Box<str>, u128)],
-        served: Priority,
+        (served, who): (Priority, &str),
         mutating: bool,
         now: Micros,
     ) {
@@ -975,7 +1030,11 @@ impl MemoryBackend {
                     .find_bucket_index(w.loc.hash, |s| item.key.matches(&s.key))
             };
             let slot = bucket.and_then(|b| locked.shard(w.loc.shard).table.get_bucket_mut(b));
-            w.eval = Self::eval_item(slot, item, served, now, w.via, w.win);
+            let barred = match w.via {
+                None => self.with_allots(item, |a| pool::barred(a, who, served, now, w.win.0)),
+                Some(_) => None,
+            };
+            w.eval = Self::eval_item(slot, item, served, now, w.via, w.win, barred.unwrap_or(0));
             w.bucket = bucket.unwrap_or(usize::MAX);
         }
     }
@@ -989,7 +1048,7 @@ impl MemoryBackend {
         plan: &Plan<'_>,
         mode: Mode<'_>,
         t: &Touched<'_>,
-        now: Micros,
+        (served, now): (Priority, Micros),
     ) -> (Option<ReservationInfo>, Vec<ResItem>) {
         let hold = mode.hold().map(|(id, lease)| (id.0, now + lease));
         let mut record_items = Vec::new();
@@ -1005,6 +1064,16 @@ impl MemoryBackend {
                     now,
                 ),
             };
+            if w.via.is_none() && !matches!(mode, Mode::Delegate { .. }) && item.amount > 0 {
+                // Drawn from allocations as pool::draw says, knowing the room before.
+                let (used, held) = counter_room(slot, w.win.0);
+                let usable = item.def.floors.usable(item.def.limit, served);
+                let who = plan.scope().as_str();
+                self.with_allots(item, |a| {
+                    let free = pool::free(a, usable, used, held, now, w.win.0);
+                    pool::draw(a, who, served, item.amount, free, now, w.win.0);
+                });
+            }
             Self::apply_item(slot, item, now, w.via, hold, w.win);
             if hold.is_some() {
                 record_items.push(ResItem {
@@ -1497,6 +1566,29 @@ impl Backend for MemoryBackend {
             d.light = Some(gate.light);
         }
         Pending::Ready(d)
+    }
+
+    fn allot<'a>(&'a self, limit: &'a PlannedLimit<'a>, op: AllotOp<'a>) -> Pending<'a, i64> {
+        let now = self.clock.now();
+        let key: Box<str> = limit.key.to_string().into();
+        let mut map = self.allots.lock();
+        let had = map.len();
+        let list = map.entry(key.clone()).or_default();
+        let out = pool::apply(list, op, now, limit.def.limit);
+        if list.is_empty() {
+            map.remove(&key);
+        }
+        // Keys with allocations: decisions look only while there are some.
+        if map.len() != had {
+            self.allotted.store(map.len(), Ordering::Relaxed);
+        }
+        Pending::Ready(out.map_err(|unallocated| {
+            let amount = match op {
+                AllotOp::Set { amount, .. } => amount,
+                _ => 0,
+            };
+            pool::over_allocated(&limit.def.name, amount, unallocated, limit.def.limit)
+        }))
     }
 
     fn gate<'a>(

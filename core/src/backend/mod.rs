@@ -14,7 +14,7 @@ use std::pin::Pin;
 use crate::clock::Micros;
 use crate::decision::{CommitReceipt, Decision, ReservationId};
 use crate::error::Result;
-use crate::plan::Plan;
+use crate::plan::{Plan, PlannedLimit};
 use crate::policy::Policy;
 use crate::scope::Scope;
 use crate::upstream::Coordination;
@@ -168,6 +168,34 @@ pub enum LineOp {
     Leave,
 }
 
+/// What [`Backend::allot`] does to an agent's allocation of a pool limit
+/// ([`crate::pool`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllotOp<'a> {
+    /// Set (or resize) `owner`'s allocation to `amount` per window, active
+    /// for `lease` µs: answers when it stops being active, or an error when
+    /// the other live allocations leave less than `amount` of the limit.
+    Set {
+        /// The agent's scope.
+        owner: &'a str,
+        /// Per window, base units, 1..=the limit.
+        amount: i64,
+        /// µs.
+        lease: Micros,
+    },
+    /// Renew `owner`'s allocation (if it is not dead) for its lease: answers
+    /// when it stops being active, or 0 when there is none.
+    Beat {
+        /// The agent's scope.
+        owner: &'a str,
+    },
+    /// Remove `owner`'s allocation: 1 if there was one, else 0.
+    Drop {
+        /// The agent's scope.
+        owner: &'a str,
+    },
+}
+
 fn no_upstream(name: &str) -> crate::Error {
     crate::Error::Backend {
         message: format!("the {name} backend keeps no upstream state"),
@@ -270,6 +298,15 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Pending<'a, bool> {
         let _ = (resource, coordination, ticket);
         Pending::Ready(Err(no_upstream(self.name())))
+    }
+
+    /// Applies `op` to an allocation of the pool limit `limit` (a quota or
+    /// budget without `scope:`), atomically ([`crate::pool`]).
+    fn allot<'a>(&'a self, limit: &'a PlannedLimit<'a>, op: AllotOp<'a>) -> Pending<'a, i64> {
+        let _ = (limit, op);
+        Pending::Ready(Err(crate::Error::Backend {
+            message: format!("the {} backend keeps no allocations", self.name()),
+        }))
     }
 
     /// What an in-process engine holds (keys, records, table capacity);

@@ -79,6 +79,7 @@ const SETTLE: &str = include_str!("../../lua/settle.lua");
 const RATE: &str = include_str!("../../lua/rate.lua");
 const UPSTREAM: &str = include_str!("../../lua/upstream.lua");
 const LINE: &str = include_str!("../../lua/line.lua");
+const ALLOT: &str = include_str!("../../lua/allot.lua");
 /// How long an ended reservation is remembered (idempotent commit / release).
 const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
 /// Default command timeout.
@@ -151,6 +152,8 @@ pub struct RedisBackend {
     upstream: Arc<Script>,
     /// `line.lua`: coordinated resources' ordered locks.
     line: Arc<Script>,
+    /// `allot.lua`: soft allocations of pool limits.
+    allot: Arc<Script>,
     clock: Option<Arc<dyn Clock>>,
     timeout: std::time::Duration,
     /// After a timeout, the node that timed out is skipped for a moment.
@@ -334,6 +337,7 @@ impl RedisBackend {
             settle: Arc::new(Script::new(&format!("{COMMON}\n{SETTLE}"))),
             upstream: Arc::new(Script::new(&format!("{COMMON}\n{UPSTREAM}"))),
             line: Arc::new(Script::new(&format!("{COMMON}\n{LINE}"))),
+            allot: Arc::new(Script::new(&format!("{COMMON}\n{ALLOT}"))),
             clock: None,
             timeout: DEFAULT_TIMEOUT,
             health,
@@ -857,6 +861,67 @@ impl Backend for RedisBackend {
         ask: Ask,
     ) -> Pending<'a, Gate> {
         upstream::gate(self, resource, coordination, ask)
+    }
+
+    fn allot<'a>(
+        &'a self,
+        limit: &'a crate::plan::PlannedLimit<'a>,
+        op: super::AllotOp<'a>,
+    ) -> Pending<'a, i64> {
+        Pending::Future(Box::pin(async move {
+            let key = self.key(limit.key);
+            let slot = tag_slot(&Self::tag(&limit.key));
+            if let Some(e) = self.skipping(slot) {
+                return Err(e);
+            }
+            let mut args = vec![self.now_arg().to_string()];
+            let (owner, asked) = match op {
+                super::AllotOp::Set {
+                    owner,
+                    amount,
+                    lease,
+                } => {
+                    args.extend([
+                        "set".to_owned(),
+                        owner.to_owned(),
+                        amount.to_string(),
+                        lease.to_string(),
+                        limit.def.limit.to_string(),
+                    ]);
+                    (owner, amount)
+                }
+                super::AllotOp::Beat { owner } => {
+                    args.extend(["beat".to_owned(), owner.to_owned()]);
+                    (owner, 0)
+                }
+                super::AllotOp::Drop { owner } => {
+                    args.extend(["drop".to_owned(), owner.to_owned()]);
+                    (owner, 0)
+                }
+            };
+            let _ = owner;
+            let keys = [key];
+            // Setting, renewing and dropping are idempotent: safe to send again.
+            let attempt = || self.invoke::<Vec<i64>>(&self.allot, &keys, &args);
+            let out = self
+                .resent(slot, attempt)
+                .await
+                .map_err(|e| e.into_error(None))?;
+            match (op, out.as_slice()) {
+                (super::AllotOp::Set { .. }, [0, left]) => Err(crate::pool::over_allocated(
+                    &limit.def.name,
+                    asked,
+                    *left,
+                    limit.def.limit,
+                )),
+                (super::AllotOp::Drop { .. }, [n]) => Ok(*n),
+                (_, [1, until]) => Ok(*until),
+                (_, [0]) => Ok(0),
+                _ => Err(Error::Internal {
+                    message: format!("allot script answered {out:?}"),
+                }),
+            }
+        }))
     }
 
     fn line<'a>(&'a self, resource: &'a str, holder: u128, op: super::LineOp) -> Pending<'a, i64> {

@@ -21,7 +21,10 @@ use crate::policy::{LimitKind, Policy};
 use crate::scope::Scope;
 use crate::settle::{CallOutcome, Settlement};
 
+mod allot;
 mod light;
+
+pub use allot::Allocation;
 pub use light::{LINE_WAIT_LEASE, Turn};
 
 /// A failed commit or release: not confirmed (the backend failed: it may have
