@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+mod plot;
 
 /// Where the shared state lives (Redis), for the commands that use one.
 #[derive(clap::Args, Debug, Clone)]

@@ -18,6 +18,8 @@
 //! every run with the same seed prints the same numbers.
 
 use std::fmt::Write as _;
+
+use crate::plot;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +63,8 @@ pub struct Args {
     /// Random seed for arrivals and jitter.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// Also write an SVG plot of successes and 429s per minute of the four variants.
+    /// Also draw the four variants into FILE, PNG or SVG by its extension:
+    /// successes, 429s and quota remaining over time, and each tier's wait.
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Print the results as one JSON object instead of the table.
@@ -75,6 +78,9 @@ pub struct Args {
 /// The simulated upstream provider.
 struct Upstream {
     quota: u32,
+    /// Where the run started, and when the next sample of `remaining` is due.
+    start: Micros,
+    next_sample: Micros,
     window: i64,
     used: u32,
     over_in_window: u32,
@@ -91,7 +97,12 @@ struct UpstreamStats {
     lockout_rejects: u64,
     ok_per_minute: Vec<u64>,
     rejected_per_minute: Vec<u64>,
+    /// Requests left in the current window, every [`SAMPLE_US`] from the start.
+    remaining: Vec<u64>,
 }
+
+/// How often the upstream's remaining quota is sampled (for the plot).
+const SAMPLE_US: Micros = 2 * SECOND_US;
 
 enum Answer {
     Ok,
@@ -99,10 +110,12 @@ enum Answer {
 }
 
 impl Upstream {
-    fn new(quota: u32, minutes: u32) -> Self {
+    fn new(quota: u32, minutes: u32, start: Micros) -> Self {
         let n = usize::try_from(minutes).unwrap_or(0).max(1);
         Self {
             quota,
+            start,
+            next_sample: start,
             window: i64::MIN,
             used: 0,
             over_in_window: 0,
@@ -115,8 +128,22 @@ impl Upstream {
         }
     }
 
-    fn call(&mut self, now: Micros, start: Micros) -> Answer {
-        let minute = usize::try_from((now - start) / MINUTE_US).unwrap_or(0);
+    /// Records the samples due up to `now` (inclusive), before a call at `now`.
+    fn sample_until(&mut self, now: Micros) {
+        while self.next_sample <= now {
+            let left = if self.next_sample.div_euclid(MINUTE_US) == self.window {
+                self.quota.saturating_sub(self.used)
+            } else {
+                self.quota // a window nobody has called in yet
+            };
+            self.stats.remaining.push(u64::from(left));
+            self.next_sample += SAMPLE_US;
+        }
+    }
+
+    fn call(&mut self, now: Micros) -> Answer {
+        self.sample_until(now);
+        let minute = usize::try_from((now - self.start) / MINUTE_US).unwrap_or(0);
         let slot = minute.min(self.stats.ok_per_minute.len() - 1);
         self.stats.sent += 1;
         let window = now.div_euclid(MINUTE_US);
@@ -312,7 +339,9 @@ fn finish_outcome(
             out.blocked[t] = out.blocked[t].max(end - task.arrival.max(prev));
         }
     }
-    out.upstream = upstream.lock().stats.clone();
+    let mut up = upstream.lock();
+    up.sample_until(end - 1);
+    out.upstream = up.stats.clone();
     out
 }
 
@@ -333,24 +362,22 @@ struct World {
     upstream: Arc<Mutex<Upstream>>,
     done: Arc<Completions>,
     progress: Arc<AtomicU64>,
-    start: Micros,
 }
 
 impl World {
     fn new(args: &Args, agents: usize, start: Micros) -> Self {
         Self {
             clock: ManualClock::new(start),
-            upstream: Arc::new(Mutex::new(Upstream::new(args.quota, args.minutes))),
+            upstream: Arc::new(Mutex::new(Upstream::new(args.quota, args.minutes, start))),
             done: Arc::new((0..agents).map(|_| Mutex::new(Vec::new())).collect()),
             progress: Arc::new(AtomicU64::new(0)),
-            start,
         }
     }
 
     /// One upstream call now.
     fn call(&self) -> Answer {
         self.progress.fetch_add(1, Ordering::Relaxed);
-        self.upstream.lock().call(self.clock.now(), self.start)
+        self.upstream.lock().call(self.clock.now())
     }
 
     /// One upstream call now, with the response's rate-limit headers.
@@ -358,7 +385,7 @@ impl World {
         self.progress.fetch_add(1, Ordering::Relaxed);
         let now = self.clock.now();
         let mut up = self.upstream.lock();
-        let answer = up.call(now, self.start);
+        let answer = up.call(now);
         let headers = up.headers(now, &answer);
         (answer, headers)
     }
@@ -584,6 +611,13 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
                 .into(),
         });
     }
+    if let Some(path) = &args.plot {
+        // A bad extension is an error before minutes of simulation, not after.
+        plot::Format::of(path).map_err(|message| ratewarden::Error::InvalidArgument {
+            what: "plot",
+            message,
+        })?;
+    }
     let start = ratewarden::calendar::days_from_civil(2026, 1, 5) * ratewarden::calendar::DAY_US;
     let agents = workload(args, start);
     let tasks: usize = agents.iter().map(|a| a.tasks.len()).sum();
@@ -594,17 +628,41 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
     let coordinated = run_coordinated(args, &agents, start, end)?;
     let mix = |p: Priority| agents.iter().filter(|a| a.priority == p).count();
     let variants = [
-        ("naive: backoff", &backoff, "#d62728"),
-        ("naive: Retry-After", &retry_after, "#ff7f0e"),
-        ("governed", &governed, "#1f77b4"),
-        ("coordinated", &coordinated, "#2ca02c"),
+        ("naive: backoff", &backoff, (214, 39, 40)),
+        ("naive: Retry-After", &retry_after, (255, 127, 14)),
+        ("governed", &governed, (31, 119, 180)),
+        ("coordinated", &coordinated, (44, 160, 44)),
     ];
     if let Some(path) = &args.plot {
-        std::fs::write(path, svg(&variants, args.quota)).map_err(|e| {
-            ratewarden::Error::InvalidArgument {
-                what: "plot",
-                message: format!("cannot write {}: {e}", path.display()),
-            }
+        let figure = plot::Figure {
+            title: format!(
+                "ratewarden simulate: {} agents share {}/min, demand {:.1}x, seed {}",
+                args.agents, args.quota, args.demand, args.seed
+            ),
+            minutes: args.minutes,
+            quota_per_minute: f64::from(args.quota),
+            quota_per_window: u64::from(args.quota),
+            sample_secs: (SAMPLE_US / SECOND_US) as f64,
+            variants: variants
+                .iter()
+                .map(|(name, o, color)| plot::Series {
+                    name,
+                    color: *color,
+                    ok_per_minute: &o.upstream.ok_per_minute,
+                    rejected_per_minute: &o.upstream.rejected_per_minute,
+                    remaining: &o.upstream.remaining,
+                    waits: [0, 1, 2].map(|t| {
+                        let mut v = o.waits[t].clone();
+                        v.sort_unstable();
+                        let s = |p: f64| percentile(&v, p).map(|us| us as f64 / 1e6);
+                        (s(0.5), s(0.95))
+                    }),
+                })
+                .collect(),
+        };
+        plot::write(path, &figure).map_err(|message| ratewarden::Error::InvalidArgument {
+            what: "plot",
+            message,
         })?;
     }
     if args.json {
@@ -697,6 +755,7 @@ fn json_of(name: &str, o: &Outcome, args: &Args) -> serde_json::Value {
         "tiers": tiers,
         "ok_per_minute": o.upstream.ok_per_minute,
         "rejected_per_minute": o.upstream.rejected_per_minute,
+        "remaining_every_2s": o.upstream.remaining,
     })
 }
 
@@ -762,83 +821,4 @@ fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {
         out.push('\n');
     }
     out
-}
-
-/// A plot panel: its title, the per-minute series it draws, its top (px).
-type Panel = (&'static str, fn(&Outcome) -> &Vec<u64>, f64);
-
-/// Two panels: successes and 429s per simulated minute, one line per variant.
-fn svg(variants: &[(&str, &Outcome, &str)], quota: u32) -> String {
-    let (w, panel, pad) = (760.0, 240.0, 44.0);
-    let h = 2.0 * panel + 60.0;
-    let n = variants
-        .first()
-        .map_or(2, |v| v.1.upstream.ok_per_minute.len())
-        .max(2);
-    let x = |i: usize| pad + (w - 2.0 * pad - 150.0) * i as f64 / (n - 1) as f64;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>"#
-    );
-    let panels: [Panel; 2] = [
-        (
-            "Successful upstream calls per simulated minute",
-            |o| &o.upstream.ok_per_minute,
-            30.0,
-        ),
-        (
-            "429 responses per simulated minute",
-            |o| &o.upstream.rejected_per_minute,
-            30.0 + panel,
-        ),
-    ];
-    for (title, series, top) in panels {
-        let max = variants
-            .iter()
-            .flat_map(|v| series(v.1).iter())
-            .copied()
-            .max()
-            .unwrap_or(1)
-            .max(u64::from(quota))
-            .max(1) as f64
-            * 1.1;
-        let bottom = top + panel - pad;
-        let y = |v: f64| bottom - (panel - pad - 20.0) * v / max;
-        let _ = write!(
-            s,
-            r##"<text x="{pad}" y="{}" font-size="13">{title}</text>"##,
-            top + 4.0
-        );
-        let _ = write!(
-            s,
-            r##"<line x1="{pad}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="#000"/>"##,
-            x(n - 1)
-        );
-        let _ = write!(
-            s,
-            r##"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="#888" stroke-dasharray="4"/><text x="{2}" y="{0}" fill="#888">quota {quota}</text>"##,
-            y(f64::from(quota)),
-            x(n - 1),
-            x(n - 1) + 4.0
-        );
-        for (i, (label, outcome, color)) in variants.iter().enumerate() {
-            let pts: Vec<String> = series(outcome)
-                .iter()
-                .enumerate()
-                .map(|(k, v)| format!("{:.1},{:.1}", x(k), y(*v as f64)))
-                .collect();
-            let _ = write!(
-                s,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-                pts.join(" ")
-            );
-            let _ = write!(
-                s,
-                r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
-                x(n - 1) + 50.0,
-                top + 24.0 + 14.0 * i as f64
-            );
-        }
-    }
-    s.push_str("</svg>\n");
-    s
 }

@@ -136,13 +136,15 @@ fn simulate_prints_json_with_the_same_numbers() {
     assert_eq!(variants[3]["ok_per_minute"].as_array().unwrap().len(), 10);
 }
 
-#[test]
-fn the_readme_picture_is_what_simulate_draws() {
-    let dir = std::env::temp_dir().join(format!("rw-readme-plot-{}", std::process::id()));
+/// Runs `simulate ARGS… --plot DIR/NAME` and returns the file's bytes.
+fn plot(name: &str, args: &[&str]) -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("rw-plot-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("simulate.svg");
+    let path = dir.join(name);
     let out = bin()
-        .args(["simulate", "--plot"])
+        .arg("simulate")
+        .args(args)
+        .arg("--plot")
         .arg(&path)
         .output()
         .unwrap();
@@ -151,45 +153,109 @@ fn the_readme_picture_is_what_simulate_draws() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/simulate.svg");
-    assert_eq!(
-        std::fs::read_to_string(&path).unwrap(),
-        std::fs::read_to_string(committed).unwrap(),
-        "regenerate docs/simulate.svg with `ratewarden simulate --plot docs/simulate.svg`"
-    );
+    let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_dir_all(dir).unwrap();
+    bytes
 }
 
 #[test]
-fn simulate_plots_the_four_variants() {
-    let dir = std::env::temp_dir().join(format!("rw-plot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("out.svg");
-    let out = bin()
-        .args(["simulate", "--minutes", "3", "--plot"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let svg = std::fs::read_to_string(&path).unwrap();
-    for label in [
-        "naive: backoff",
-        "naive: Retry-After",
-        "governed",
-        "coordinated",
-    ] {
-        assert!(svg.contains(&format!(">{label}</text>")), "{label} missing");
+fn the_readme_pictures_are_what_simulate_draws() {
+    for name in ["simulate.svg", "simulate.png"] {
+        let committed = root().join("docs").join(name);
+        assert!(
+            plot(name, &[]) == std::fs::read(&committed).unwrap(),
+            "regenerate docs/{name} with `ratewarden simulate --plot docs/{name}`"
+        );
     }
+}
+
+/// The four variants' colours, as in the plot.
+const COLOURS: [(&str, [u8; 3]); 4] = [
+    ("naive: backoff", [214, 39, 40]),
+    ("naive: Retry-After", [255, 127, 14]),
+    ("governed", [31, 119, 180]),
+    ("coordinated", [44, 160, 44]),
+];
+
+#[test]
+fn simulate_plots_the_four_variants_as_svg() {
+    let a = plot("out.svg", &["--minutes", "3"]);
     assert_eq!(
-        svg.matches("<polyline").count(),
-        8,
-        "successes and 429s per variant"
+        a,
+        plot("out.svg", &["--minutes", "3"]),
+        "same run, same bytes"
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    let svg = String::from_utf8(a).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    for title in [
+        "(a) successful upstream calls per minute",
+        "(b) 429 responses per minute",
+        "(c) quota remaining",
+        "(d) wait per tier",
+        "critical (P0)",
+        "background (P2)",
+    ] {
+        assert!(svg.contains(title), "{title} missing");
+    }
+    for (label, [r, g, b]) in COLOURS {
+        assert!(
+            svg.contains(&format!("{label}\n</text>")),
+            "{label} missing"
+        );
+        // Three line panels and their three legends; then each tier's two bars.
+        let stroke = format!(r##"stroke="#{r:02X}{g:02X}{b:02X}" stroke-width="2" points="##);
+        assert_eq!(svg.matches(&stroke).count(), 6, "{label}'s lines");
+        let fill = format!(r##"fill="#{r:02X}{g:02X}{b:02X}""##);
+        assert!(svg.matches(&fill).count() >= 6, "{label}'s bars");
+    }
+}
+
+#[test]
+fn simulate_plots_the_four_variants_as_png() {
+    let bytes = plot("out.png", &["--minutes", "3"]);
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "the PNG signature");
+    let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((info.width, info.height), (1280, 960));
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let pixels: Vec<[u8; 3]> = pixels[..info.buffer_size()]
+        .chunks_exact(3)
+        .map(|p| [p[0], p[1], p[2]])
+        .collect();
+    for (label, colour) in COLOURS {
+        let n = pixels.iter().filter(|p| **p == colour).count();
+        assert!(n > 1000, "{label}: only {n} pixels of its colour");
+    }
+    let distinct: std::collections::HashSet<_> = pixels.iter().collect();
+    assert!(
+        distinct.len() > 50,
+        "text is antialiased: {} colours",
+        distinct.len()
+    );
+    let black = pixels.iter().filter(|p| **p == [0, 0, 0]).count();
+    assert!(black > 1000, "axes and text: {black} black pixels");
+}
+
+#[test]
+fn simulate_refuses_a_plot_it_cannot_write() {
+    for (path, needle) in [
+        ("out.pdf", "`.png` or `.svg`"),
+        ("out", "`.png` or `.svg`"),
+        (
+            "/nonexistent-dir/out.png",
+            "cannot write /nonexistent-dir/out.png",
+        ),
+    ] {
+        let out = bin()
+            .args(["simulate", "--minutes", "1", "--plot", path])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{path}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{path}: {err}");
+    }
 }
 
 #[test]
