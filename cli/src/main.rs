@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod inspect;
 mod plot;
+mod scenario;
 
 /// Where the shared state lives (Redis), for the commands that use one.
 #[derive(clap::Args, Debug, Clone)]
@@ -38,7 +39,7 @@ enum Command {
         /// The policy file.
         policy: PathBuf,
     },
-    /// N agents share one upstream quota: naive independent retries vs governed.
+    /// N agents share upstream quotas: naive retries vs governed vs coordinated (flags or a scenario file).
     Simulate(simulate::Args),
     /// Live state on a Redis backend: limits, leases, grants, reservations.
     Inspect(inspect::Args),

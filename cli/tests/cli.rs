@@ -240,9 +240,12 @@ fn simulate_plots_the_four_variants_as_png() {
 
 #[test]
 fn simulate_refuses_a_plot_it_cannot_write() {
+    let dir = std::env::temp_dir().join(format!("rw-bad-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (pdf, bare) = (dir.join("out.pdf"), dir.join("out"));
     for (path, needle) in [
-        ("out.pdf", "`.png` or `.svg`"),
-        ("out", "`.png` or `.svg`"),
+        (pdf.to_str().unwrap(), "`.png` or `.svg`"),
+        (bare.to_str().unwrap(), "`.png` or `.svg`"),
         (
             "/nonexistent-dir/out.png",
             "cannot write /nonexistent-dir/out.png",
@@ -256,6 +259,150 @@ fn simulate_refuses_a_plot_it_cannot_write() {
         let err = String::from_utf8(out.stderr).unwrap();
         assert!(err.contains(needle), "{path}: {err}");
     }
+    assert!(!pdf.exists() && !bare.exists(), "nothing written");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `simulate --scenario examples/scenarios/NAME.yaml --json`, parsed.
+fn scenario(name: &str) -> serde_json::Value {
+    let out = bin()
+        .arg("simulate")
+        .arg("--scenario")
+        .arg(root().join("examples/scenarios").join(name))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The variants of a `--json` result by name.
+fn variant<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .unwrap_or_else(|| panic!("no variant {name}"))
+}
+
+#[test]
+fn scenario_nine_agents_on_one_github_token() {
+    let v = scenario("github-nine-agents.yaml");
+    assert_eq!(
+        v,
+        scenario("github-nine-agents.yaml"),
+        "same seed, same numbers"
+    );
+    assert_eq!(v["scenario"], "github-nine-agents");
+    assert_eq!(
+        v["agents"],
+        serde_json::json!({"critical": 2, "standard": 4, "background": 3})
+    );
+    assert_eq!(v["upstreams"][0]["style"], "github");
+    let naive = variant(&v, "naive: backoff");
+    assert!(
+        naive["lockout_rejects"].as_u64().unwrap() > 100,
+        "hammering trips the secondary limit: {naive}"
+    );
+    for name in ["governed", "coordinated"] {
+        let x = variant(&v, name);
+        assert_eq!(x["rejected_429"], 0, "{name}");
+        // The whole quota of some window, never more.
+        assert_eq!(x["upstreams"][0]["most_in_a_window"], 100, "{name}");
+        assert_eq!(x["tiers"]["critical"]["unfinished"], 0, "{name}");
+    }
+}
+
+#[test]
+fn scenario_openai_org_runs_out_of_tokens_not_requests() {
+    let v = scenario("openai-org.yaml");
+    let naive = variant(&v, "naive: Retry-After");
+    assert!(naive["rejected_429"].as_u64().unwrap() > 0, "{naive}");
+    // Requests never bind (200 a window): every naive 429 was the tokens.
+    assert!(naive["upstreams"][0]["most_in_a_window"].as_u64().unwrap() < 200);
+    for name in ["governed", "coordinated"] {
+        let x = variant(&v, name);
+        // Governed mirrors the token quota in its policy; coordinated learns it
+        // from x-ratelimit-*-tokens alone.
+        assert_eq!(x["rejected_429"], 0, "{name}");
+        let tokens = x["upstreams"][0]["most_tokens_in_a_window"]
+            .as_u64()
+            .unwrap();
+        assert!((35_000..=40_000).contains(&tokens), "{name}: {tokens}");
+    }
+}
+
+#[test]
+fn scenario_a_background_poller_does_not_starve_the_lead_when_governed() {
+    let v = scenario("poller-starves-lead.yaml");
+    let lead_tasks = |x: &serde_json::Value| x["completed_per_agent"]["lead"].as_u64().unwrap();
+    let naive = variant(&v, "naive: backoff");
+    assert!(
+        naive["tiers"]["critical"]["unfinished"].as_u64().unwrap() > 10,
+        "{naive}"
+    );
+    assert!(naive["lockout_rejects"].as_u64().unwrap() > 0);
+    for name in ["governed", "coordinated"] {
+        let x = variant(&v, name);
+        assert_eq!(x["rejected_429"], 0, "{name}");
+        assert_eq!(x["tiers"]["critical"]["unfinished"], 0, "{name}");
+        assert!(
+            x["tiers"]["critical"]["wait_p95_s"].as_f64().unwrap() < 5.0,
+            "{name}"
+        );
+        // Each triage task called both stages' upstreams once.
+        assert_eq!(x["workflows"][0]["completed"].as_u64(), Some(lead_tasks(x)));
+        assert_eq!(x["upstreams"][1]["name"], "llm");
+        assert_eq!(x["upstreams"][1]["succeeded"].as_u64(), Some(lead_tasks(x)));
+    }
+    assert!(lead_tasks(variant(&v, "governed")) > lead_tasks(naive));
+}
+
+#[test]
+fn a_bad_scenario_is_refused_naming_the_field() {
+    let dir = PolicyFile::new("scenario", "");
+    let file = dir.0.join("s.yaml");
+    let good = std::fs::read_to_string(root().join("examples/scenarios/openai-org.yaml")).unwrap();
+    for (from, to, needle) in [
+        (
+            "rate: 4,",
+            "rate: 4, colour: red,",
+            "agents[0]: unknown field `colour`",
+        ),
+        ("window: 1m", "window: 1 minute", "at `upstreams[0].window`"),
+        ("style: openai", "style: github", "upstreams[0].tokens"),
+        (
+            "upstream: openai, rate: 4",
+            "upstream: gpt, rate: 4",
+            "no upstream named `gpt`",
+        ),
+    ] {
+        assert!(good.contains(from), "{from}");
+        std::fs::write(&file, good.replacen(from, to, 1)).unwrap();
+        let out = bin()
+            .arg("simulate")
+            .arg("--scenario")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{to}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains(needle) && err.contains("s.yaml"),
+            "{to}: {err}"
+        );
+    }
+    let out = bin()
+        .args(["simulate", "--agents", "3", "--scenario"])
+        .arg(root().join("examples/scenarios/openai-org.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "--agents and --scenario together");
 }
 
 #[test]
