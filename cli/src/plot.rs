@@ -305,13 +305,13 @@ fn latency_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, fig: &Figure
         .fold(10.0f64, f64::max);
     let mut chart = ChartBuilder::on(area)
         .caption(
-            "(d) wait per tier: p50 (solid), p95 (pale), seconds",
+            "(d) wait per tier: p50 (solid), p95 (pale, in figures), seconds",
             (FONT, 17),
         )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..3f64, (FLOOR..longest * 40.0).log_scale())?;
+        .build_cartesian_2d(0f64..3f64, (FLOOR / 5.0..longest * 40.0).log_scale())?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -319,19 +319,27 @@ fn latency_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, fig: &Figure
         .x_labels(4)
         .x_label_formatter(&|_| String::new())
         .x_desc("tier")
-        .y_label_formatter(&|v| format!("{v}"))
+        .y_labels(8)
+        .y_label_formatter(&|v| {
+            if *v < FLOOR {
+                String::new()
+            } else {
+                format!("{v}")
+            }
+        })
         .y_desc("wait, s (log)")
         .label_style((FONT, 12))
         .axis_desc_style((FONT, 13))
         .draw()?;
+    // Tier names in the strip under the bars (which start at FLOOR).
     for (t, tier) in ["critical (P0)", "standard (P1)", "background (P2)"]
         .into_iter()
         .enumerate()
     {
         chart.draw_series([Text::new(
             tier,
-            (t as f64 + 0.5, longest * 1.6),
-            TextStyle::from((FONT, 13)).pos(Pos::new(HPos::Center, VPos::Top)),
+            (t as f64 + 0.5, FLOOR / 2.0),
+            TextStyle::from((FONT, 13)).pos(Pos::new(HPos::Center, VPos::Center)),
         )])?;
     }
     let n = fig.variants.len().max(1) as f64;
@@ -351,6 +359,18 @@ fn latency_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, fig: &Figure
                 chart.draw_series([Rectangle::new(
                     [(x0, FLOOR), (x1, p50.max(FLOOR))],
                     color.filled(),
+                )])?;
+            }
+            // The p95 in figures above the bar: a wait near zero has no bar to see.
+            if let Some(p95) = p95 {
+                chart.draw_series([Text::new(
+                    if *p95 < 10.0 {
+                        format!("{p95:.1}")
+                    } else {
+                        format!("{p95:.0}")
+                    },
+                    ((x0 + x1) / 2.0, p95.max(FLOOR) * 1.08),
+                    TextStyle::from((FONT, 10)).pos(Pos::new(HPos::Center, VPos::Bottom)),
                 )])?;
             }
         }
