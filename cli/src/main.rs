@@ -46,6 +46,9 @@ enum Command {
     /// One of several processes hammering a shared backend (tests, load generation).
     #[command(hide = true)]
     Worker(worker::Args),
+    /// Some agents of `simulate --backend redis://…`, in their own process.
+    #[command(hide = true)]
+    SimulateAgents(simulate::procs::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Worker(args) => match worker::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::SimulateAgents(args) => match simulate::procs::run_agents(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

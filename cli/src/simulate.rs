@@ -19,6 +19,7 @@
 //! `ManualClock` advanced from event to event, so a 30-minute run takes
 //! milliseconds and every run with the same seed prints the same numbers.
 
+pub mod procs;
 mod upstream;
 
 use std::fmt::Write as _;
@@ -81,9 +82,18 @@ pub struct Args {
     /// Print the results as one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Backend for the governed run (only the embedded `memory` engine in this version).
+    /// `memory` (the embedded engine, simulated time), or `redis://host:port`:
+    /// the governed and coordinated variants with their agents in
+    /// `--processes` OS processes sharing that Redis, in real time.
     #[arg(long, default_value = "memory")]
     pub backend: String,
+    /// With `--backend redis://…`: how many OS processes run the agents.
+    #[arg(long, default_value_t = 2)]
+    pub processes: usize,
+    /// With `--backend redis://…`: simulated time runs this many times faster
+    /// than real time (20: a one-minute window lasts 3 s).
+    #[arg(long, default_value_t = 20.0)]
+    pub time_scale: f64,
 }
 
 #[derive(Clone, Copy)]
@@ -214,12 +224,14 @@ fn workload(sc: &Scenario, start: Micros) -> Vec<Agent> {
         .collect()
 }
 
-/// `per:` of a window: `minute` for a minute, else seconds.
+/// `per:` of a window: `minute` for a minute, else seconds or milliseconds.
 fn per(window: Micros) -> String {
     if window == MINUTE_US {
         "minute".into()
-    } else {
+    } else if window % SECOND_US == 0 {
         format!("{}s", window / SECOND_US)
+    } else {
+        format!("{}ms", window / 1000)
     }
 }
 
@@ -366,7 +378,7 @@ impl World {
             upstreams: Arc::new(
                 sc.upstreams
                     .iter()
-                    .map(|u| Mutex::new(Upstream::new(u.clone(), sc.minutes, start)))
+                    .map(|u| Mutex::new(Upstream::new(u.clone(), sc.minutes, start, MINUTE_US)))
                     .collect(),
             ),
             done: Arc::new((0..agents).map(|_| Mutex::new(Vec::new())).collect()),
@@ -640,11 +652,14 @@ type Variant<'a> = (&'static str, &'a Outcome, (u8, u8, u8));
 /// Invalid options or scenario, a plot that cannot be drawn, or a failure
 /// building a warden.
 pub fn run(args: &Args) -> ratewarden::Result<()> {
+    if args.backend.starts_with("redis://") || args.backend.starts_with("rediss://") {
+        return procs::run(args);
+    }
     if args.backend != "memory" {
         return Err(invalid(
             "backend",
             format!(
-                "`{}`: this version simulates on the embedded `memory` engine only",
+                "`{}`: not `memory` (the embedded engine) or a `redis://` URL",
                 args.backend
             ),
         ));

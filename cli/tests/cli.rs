@@ -778,3 +778,59 @@ fn inspect_shows_counters_leases_and_reservations_under_a_scope() {
         .unwrap();
     assert!(!out.status.success(), "a malformed scope is an error");
 }
+
+#[test]
+fn simulate_on_redis_runs_the_agents_as_processes_sharing_one_quota() {
+    let redis = Redis::start();
+    // 4 agents in 2 processes ask 3× a quota of 10 per (simulated) minute,
+    // a minute lasting 3 s: each process alone would stay near its own
+    // 10, so only a ledger shared through Redis keeps the two off the 429.
+    let out = bin()
+        .args(["simulate", "--backend", redis.url()])
+        .args([
+            "--agents",
+            "4",
+            "--quota",
+            "10",
+            "--demand",
+            "3",
+            "--minutes",
+            "3",
+        ])
+        .args(["--processes", "2", "--time-scale", "20"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("4 agents in 2 processes"), "{text}");
+    let row = |name: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name} in\n{text}"));
+        line[name.len()..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(row("429 responses"), ["0", "0"], "{text}");
+    // Three whole windows of 10, every one of them used to the last request.
+    assert_eq!(row("requests sent upstream"), ["30", "30"], "{text}");
+    for variant in ["governed", "coordinated"] {
+        assert!(
+            text.contains(&format!(
+                "{variant}: most successes in one upstream window 10"
+            )),
+            "{text}"
+        );
+    }
+    let out = bin()
+        .args(["simulate", "--backend", redis.url(), "--plot", "x.png"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no plot from the real-time run");
+}

@@ -77,6 +77,8 @@ impl UpstreamStats {
 pub struct Upstream {
     spec: UpstreamSpec,
     start: Micros,
+    /// How long a "minute" of the per-minute series lasts (shorter in real time, scaled).
+    minute: Micros,
     next_sample: Micros,
     window: i64,
     used: u32,
@@ -88,12 +90,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A fresh upstream for a run of `minutes` from `start`.
-    pub fn new(spec: UpstreamSpec, minutes: u32, start: Micros) -> Self {
+    /// A fresh upstream for a run of `minutes` from `start`, each lasting `minute` µs.
+    pub fn new(spec: UpstreamSpec, minutes: u32, start: Micros, minute: Micros) -> Self {
         let n = usize::try_from(minutes).unwrap_or(0).max(1);
         Self {
             spec,
             start,
+            minute: minute.max(1),
             next_sample: start,
             window: i64::MIN,
             used: 0,
@@ -124,7 +127,7 @@ impl Upstream {
     /// One call at `now` spending `tokens`.
     pub fn call(&mut self, now: Micros, tokens: u64) -> Answer {
         self.sample_until(now);
-        let minute = usize::try_from((now - self.start) / MINUTE_US).unwrap_or(0);
+        let minute = usize::try_from((now - self.start) / self.minute).unwrap_or(0);
         let slot = minute.min(self.stats.ok_per_minute.len() - 1);
         self.stats.sent += 1;
         let window = now.div_euclid(self.spec.window);
@@ -295,6 +298,7 @@ mod tests {
             },
             1,
             start,
+            MINUTE_US,
         )
     }
 
