@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+mod plot;
+mod scenario;
 
 /// Where the shared state lives (Redis), for the commands that use one.
 #[derive(clap::Args, Debug, Clone)]
@@ -37,13 +39,16 @@ enum Command {
         /// The policy file.
         policy: PathBuf,
     },
-    /// N agents share one upstream quota: naive independent retries vs governed.
+    /// N agents share upstream quotas: naive retries vs governed vs coordinated (flags or a scenario file).
     Simulate(simulate::Args),
     /// Live state on a Redis backend: limits, leases, grants, reservations.
     Inspect(inspect::Args),
     /// One of several processes hammering a shared backend (tests, load generation).
     #[command(hide = true)]
     Worker(worker::Args),
+    /// Some agents of `simulate --backend redis://…`, in their own process.
+    #[command(hide = true)]
+    SimulateAgents(simulate::procs::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +77,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Worker(args) => match worker::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::SimulateAgents(args) => match simulate::procs::run_agents(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -1,21 +1,26 @@
-//! `ratewarden simulate`: N agents with mixed priorities share one upstream
-//! quota, on a simulated clock. The same seeded workload runs twice:
+//! `ratewarden simulate`: N agents with mixed priorities share upstream
+//! quotas, on a simulated clock. The same seeded workload runs four times:
 //!
-//! - **naive**: every agent calls the upstream directly and, on a 429, sleeps
-//!   the provider's `Retry-After` plus jitter — independent retry logic;
+//! - **naive: backoff** and **naive: Retry-After**: every agent calls the
+//!   upstream directly and, on a 429, backs off exponentially or sleeps the
+//!   provider's `Retry-After` plus jitter — independent retry logic;
 //! - **governed**: every agent first `wait`s on a shared ratewarden ledger that
-//!   mirrors the upstream quota, with priority floors and promotion;
+//!   mirrors the upstream quotas, with priority floors and promotion;
 //! - **coordinated**: no quota is configured — every agent reports each
 //!   response's rate-limit headers (`Warden::report`), waits on the
 //!   upstream's traffic light, and retries in its priority's band
 //!   (`RetryBands`): N agents as one client of the upstream's real state.
 //!
-//! The upstream is GitHub-like: a fixed per-minute quota announced in
-//! `x-ratelimit-limit` / `-remaining` / `-used` / `-reset` headers, 429 with
-//! `Retry-After` when it is spent, and a 60 s lockout (secondary limit) after
-//! more than 10 over-quota calls in one window. Time is a `ManualClock`
-//! advanced from event to event, so a 30-minute run takes milliseconds and
-//! every run with the same seed prints the same numbers.
+//! Without `--scenario`, the upstream is GitHub-like: a fixed per-minute
+//! quota announced in `x-ratelimit-*` headers, 429 with `Retry-After` when it
+//! is spent, and a 60 s lockout (secondary limit) after more than 10
+//! over-quota calls in one window. A scenario file (see [`crate::scenario`])
+//! describes other upstreams, header styles, agents and workflows. Time is a
+//! `ManualClock` advanced from event to event, so a 30-minute run takes
+//! milliseconds and every run with the same seed prints the same numbers.
+
+pub mod procs;
+mod upstream;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -27,6 +32,10 @@ use parking_lot_shim::Mutex;
 use ratewarden::calendar::{MINUTE_US, SECOND_US};
 use ratewarden::clock::Micros;
 use ratewarden::{Clock, ManualClock, Policy, Priority, Request, Scope, WaitFor, Warden};
+
+use crate::plot;
+use crate::scenario::{AgentSpec, Scenario, Secondary, Style, UpstreamSpec};
+use upstream::{Answer, SAMPLE_US, Upstream, UpstreamStats};
 
 /// A std mutex that ignores poisoning (the simulation is single-threaded).
 mod parking_lot_shim {
@@ -46,6 +55,11 @@ mod parking_lot_shim {
 /// Options of `ratewarden simulate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
+    /// A scenario file (YAML): upstreams, agents, workflows, minutes, seed.
+    /// Without it, `--agents`, `--quota` and `--demand` describe one
+    /// GitHub-like upstream.
+    #[arg(long, conflicts_with_all = ["agents", "quota", "demand"])]
+    pub scenario: Option<PathBuf>,
     /// Number of agents (about 2/9 critical, 3/9 background, the rest standard).
     #[arg(long, default_value_t = 9)]
     pub agents: usize,
@@ -55,129 +69,31 @@ pub struct Args {
     /// Total demand as a multiple of the quota (above 1 the upstream is oversubscribed).
     #[arg(long, default_value_t = 1.2)]
     pub demand: f64,
-    /// Simulated minutes.
-    #[arg(long, default_value_t = 30)]
-    pub minutes: u32,
-    /// Random seed for arrivals and jitter.
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
-    /// Also write an SVG plot of successes and 429s per minute of the four variants.
+    /// Simulated minutes [default: 30, or the scenario's].
+    #[arg(long)]
+    pub minutes: Option<u32>,
+    /// Random seed for arrivals and jitter [default: 7, or the scenario's].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Also draw the four variants into FILE, PNG or SVG by its extension:
+    /// successes, 429s and quota remaining over time, and each tier's wait.
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Print the results as one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Backend for the governed run (only the embedded `memory` engine in this version).
+    /// `memory` (the embedded engine, simulated time), or `redis://host:port`:
+    /// the governed and coordinated variants with their agents in
+    /// `--processes` OS processes sharing that Redis, in real time.
     #[arg(long, default_value = "memory")]
     pub backend: String,
-}
-
-/// The simulated upstream provider.
-struct Upstream {
-    quota: u32,
-    window: i64,
-    used: u32,
-    over_in_window: u32,
-    locked_until: Micros,
-    stats: UpstreamStats,
-}
-
-#[derive(Default, Clone)]
-struct UpstreamStats {
-    sent: u64,
-    ok: u64,
-    rejected: u64,
-    over_quota: u64,
-    lockout_rejects: u64,
-    ok_per_minute: Vec<u64>,
-    rejected_per_minute: Vec<u64>,
-}
-
-enum Answer {
-    Ok,
-    TooMany { retry_after: Micros },
-}
-
-impl Upstream {
-    fn new(quota: u32, minutes: u32) -> Self {
-        let n = usize::try_from(minutes).unwrap_or(0).max(1);
-        Self {
-            quota,
-            window: i64::MIN,
-            used: 0,
-            over_in_window: 0,
-            locked_until: 0,
-            stats: UpstreamStats {
-                ok_per_minute: vec![0; n],
-                rejected_per_minute: vec![0; n],
-                ..UpstreamStats::default()
-            },
-        }
-    }
-
-    fn call(&mut self, now: Micros, start: Micros) -> Answer {
-        let minute = usize::try_from((now - start) / MINUTE_US).unwrap_or(0);
-        let slot = minute.min(self.stats.ok_per_minute.len() - 1);
-        self.stats.sent += 1;
-        let window = now.div_euclid(MINUTE_US);
-        if window != self.window {
-            self.window = window;
-            self.used = 0;
-            self.over_in_window = 0;
-        }
-        let reset = (window + 1) * MINUTE_US;
-        if now < self.locked_until {
-            self.stats.rejected += 1;
-            self.stats.lockout_rejects += 1;
-            self.stats.rejected_per_minute[slot] += 1;
-            return Answer::TooMany {
-                retry_after: self.locked_until - now,
-            };
-        }
-        if self.used < self.quota {
-            self.used += 1;
-            self.stats.ok += 1;
-            self.stats.ok_per_minute[slot] += 1;
-            return Answer::Ok;
-        }
-        self.stats.rejected += 1;
-        self.stats.over_quota += 1;
-        self.stats.rejected_per_minute[slot] += 1;
-        self.over_in_window += 1;
-        if self.over_in_window > 10 {
-            // Secondary limit: hammering a spent quota locks the caller out for a minute.
-            self.locked_until = now + MINUTE_US;
-            return Answer::TooMany {
-                retry_after: MINUTE_US,
-            };
-        }
-        Answer::TooMany {
-            retry_after: reset - now,
-        }
-    }
-}
-
-impl Upstream {
-    /// The GitHub-style rate-limit headers of an answer given at `now`.
-    fn headers(&self, now: Micros, answer: &Answer) -> Vec<(String, String)> {
-        let reset_epoch = (self.window + 1) * MINUTE_US / SECOND_US;
-        let mut h = vec![
-            ("x-ratelimit-limit".to_owned(), self.quota.to_string()),
-            (
-                "x-ratelimit-remaining".to_owned(),
-                self.quota.saturating_sub(self.used).to_string(),
-            ),
-            ("x-ratelimit-used".to_owned(), self.used.to_string()),
-            ("x-ratelimit-reset".to_owned(), reset_epoch.to_string()),
-            ("x-ratelimit-resource".to_owned(), "core".to_owned()),
-        ];
-        if let Answer::TooMany { retry_after } = answer {
-            let secs = (retry_after + SECOND_US - 1) / SECOND_US;
-            h.push(("retry-after".to_owned(), secs.max(1).to_string()));
-        }
-        let _ = now;
-        h
-    }
+    /// With `--backend redis://…`: how many OS processes run the agents.
+    #[arg(long, default_value_t = 2)]
+    pub processes: usize,
+    /// With `--backend redis://…`: simulated time runs this many times faster
+    /// than real time (20: a one-minute window lasts 3 s).
+    #[arg(long, default_value_t = 20.0)]
+    pub time_scale: f64,
 }
 
 #[derive(Clone, Copy)]
@@ -187,6 +103,9 @@ struct Task {
 
 struct Agent {
     priority: Priority,
+    /// Upstream indices each task calls, in order.
+    route: Vec<usize>,
+    tokens: u64,
     tasks: Vec<Task>,
 }
 
@@ -201,7 +120,12 @@ struct Outcome {
     unfinished: [usize; 3],
     /// Per tier: the longest an agent was blocked at the head of its queue (starvation).
     blocked: [Micros; 3],
+    /// Per agent: tasks completed.
+    completed: Vec<usize>,
+    /// Every upstream together.
     upstream: UpstreamStats,
+    /// Each upstream.
+    upstreams: Vec<UpstreamStats>,
 }
 
 fn tiers(n: usize) -> Vec<Priority> {
@@ -220,40 +144,146 @@ fn tiers(n: usize) -> Vec<Priority> {
         .collect()
 }
 
-fn workload(args: &Args, start: Micros) -> Vec<Agent> {
-    let mut rng = fastrand::Rng::with_seed(args.seed);
-    let total = f64::from(args.quota) * f64::from(args.minutes) * args.demand;
+/// The scenario of the flags: one GitHub-like upstream, `agents` agents in
+/// the default tier mix, `demand` × the quota spread evenly over them.
+fn default_scenario(args: &Args) -> Scenario {
+    let minutes = args.minutes.unwrap_or(30);
+    let total = f64::from(args.quota) * f64::from(minutes) * args.demand;
     let per_agent = total / args.agents as f64;
-    let span = i64::from(args.minutes) * MINUTE_US;
-    tiers(args.agents)
-        .into_iter()
-        .map(|priority| {
+    Scenario {
+        name: None,
+        minutes,
+        seed: args.seed.unwrap_or(7),
+        upstreams: vec![UpstreamSpec {
+            name: "upstream".into(),
+            style: Style::Github,
+            requests: args.quota,
+            tokens: None,
+            window: MINUTE_US,
+            secondary: Some(Secondary {
+                after: 10,
+                lockout: MINUTE_US,
+            }),
+        }],
+        agents: tiers(args.agents)
+            .into_iter()
+            .enumerate()
+            .map(|(i, priority)| AgentSpec {
+                name: format!("agent-{i}"),
+                priority,
+                route: vec![0],
+                workflow: None,
+                tasks: per_agent,
+                tokens_per_call: 0,
+                burst: None,
+            })
+            .collect(),
+        workflows: Vec::new(),
+    }
+}
+
+fn workload(sc: &Scenario, start: Micros) -> Vec<Agent> {
+    let mut rng = fastrand::Rng::with_seed(sc.seed);
+    let span = i64::from(sc.minutes) * MINUTE_US;
+    sc.agents
+        .iter()
+        .map(|a| {
             // Poisson arrivals at a constant rate over the run.
-            let mean_gap = span as f64 / per_agent.max(1.0);
+            let mean_gap = span as f64 / a.tasks.max(1.0);
             let mut t = 0.0;
             let mut tasks = Vec::new();
-            loop {
-                t += -mean_gap * (1.0 - rng.f64()).ln();
-                if t >= span as f64 {
-                    break;
+            if a.tasks > 0.0 {
+                loop {
+                    t += -mean_gap * (1.0 - rng.f64()).ln();
+                    if t >= span as f64 {
+                        break;
+                    }
+                    #[allow(clippy::cast_possible_truncation)]
+                    tasks.push(Task {
+                        arrival: start + t as i64,
+                    });
                 }
-                #[allow(clippy::cast_possible_truncation)]
-                tasks.push(Task {
-                    arrival: start + t as i64,
-                });
             }
-            Agent { priority, tasks }
+            if let Some(b) = a.burst {
+                let mut at = b.every;
+                while at < span {
+                    tasks.extend((0..b.tasks).map(|_| Task {
+                        arrival: start + at,
+                    }));
+                    at += b.every;
+                }
+                tasks.sort_by_key(|t| t.arrival);
+            }
+            Agent {
+                priority: a.priority,
+                route: a.route.clone(),
+                tokens: a.tokens_per_call,
+                tasks,
+            }
         })
         .collect()
 }
 
-fn policy(quota: u32) -> ratewarden::Result<Policy> {
-    Policy::from_value(&serde_json::json!({
-        "scopes": {"agent": {}},
-        "resources": {"upstream": {"limits": [
-            {"name": "upstream-quota", "kind": "quota", "limit": quota, "per": "minute"}
-        ]}}
-    }))
+/// `per:` of a window: `minute` for a minute, else seconds or milliseconds.
+fn per(window: Micros) -> String {
+    if window == MINUTE_US {
+        "minute".into()
+    } else if window % SECOND_US == 0 {
+        format!("{}s", window / SECOND_US)
+    } else {
+        format!("{}ms", window / 1000)
+    }
+}
+
+/// The governed variant's policy: each upstream a resource whose limits mirror its quotas.
+fn policy(sc: &Scenario) -> ratewarden::Result<Policy> {
+    let resources: serde_json::Map<String, serde_json::Value> = sc
+        .upstreams
+        .iter()
+        .map(|u| {
+            let mut limits = vec![serde_json::json!({
+                "name": if sc.name.is_none() { "upstream-quota".to_owned() } else { format!("{}-requests", u.name) },
+                "kind": "quota", "limit": u.requests, "per": per(u.window)
+            })];
+            if let Some(t) = u.tokens {
+                limits.push(serde_json::json!({
+                    "name": format!("{}-tokens", u.name),
+                    "kind": "quota", "unit": "tokens", "limit": t, "per": per(u.window)
+                }));
+            }
+            (u.name.clone(), serde_json::json!({"limits": limits}))
+        })
+        .collect();
+    Policy::from_value(&serde_json::json!({"scopes": {"agent": {}}, "resources": resources}))
+}
+
+/// The coordinated variant's policy: each upstream a resource with `upstream: {}`, no limits.
+fn coordinated_policy(sc: &Scenario) -> ratewarden::Result<Policy> {
+    let resources: serde_json::Map<String, serde_json::Value> = sc
+        .upstreams
+        .iter()
+        .map(|u| (u.name.clone(), serde_json::json!({"upstream": {}})))
+        .collect();
+    Policy::from_value(&serde_json::json!({"scopes": {"agent": {}}, "resources": resources}))
+}
+
+/// Agent `i`'s request for each upstream of its route.
+fn requests(sc: &Scenario, i: usize, agent: &Agent) -> ratewarden::Result<Vec<Request>> {
+    let scope = Scope::parse(&format!("agent:{i}"))?;
+    Ok(agent
+        .route
+        .iter()
+        .map(|&u| {
+            let r = Request::new(scope.clone())
+                .resource(sc.upstreams[u].name.as_str())
+                .priority(agent.priority);
+            if agent.tokens > 0 {
+                r.spend("tokens", i64::try_from(agent.tokens).unwrap_or(i64::MAX))
+            } else {
+                r
+            }
+        })
+        .collect())
 }
 
 /// Runs `agents` to completion on the manual clock, advancing it event to event.
@@ -292,13 +322,14 @@ async fn drive(
 fn finish_outcome(
     agents: &[Agent],
     done: &[Mutex<Vec<(Micros, Micros)>>],
-    upstream: &Mutex<Upstream>,
+    upstreams: &[Mutex<Upstream>],
     end: Micros,
 ) -> Outcome {
     let mut out = Outcome::default();
     for (a, d) in agents.iter().zip(done) {
         let completed = d.lock();
         let t = usize::from(a.priority.rank());
+        out.completed.push(completed.len());
         out.waits[t].extend(completed.iter().map(|(arrival, at)| at - arrival));
         out.unfinished[t] += a.tasks.len() - completed.len();
         // Blocked: how long a task sat at the head of its agent's queue, trying and
@@ -312,7 +343,12 @@ fn finish_outcome(
             out.blocked[t] = out.blocked[t].max(end - task.arrival.max(prev));
         }
     }
-    out.upstream = upstream.lock().stats.clone();
+    for u in upstreams {
+        let mut up = u.lock();
+        up.sample_until(end - 1);
+        out.upstream.add(&up.stats);
+        out.upstreams.push(up.stats.clone());
+    }
     out
 }
 
@@ -326,39 +362,42 @@ enum Naive {
     RetryAfter,
 }
 
-/// What every simulated agent shares: the clock, the upstream and the books.
+/// What every simulated agent shares: the clock, the upstreams and the books.
 #[derive(Clone)]
 struct World {
     clock: ManualClock,
-    upstream: Arc<Mutex<Upstream>>,
+    upstreams: Arc<Vec<Mutex<Upstream>>>,
     done: Arc<Completions>,
     progress: Arc<AtomicU64>,
-    start: Micros,
 }
 
 impl World {
-    fn new(args: &Args, agents: usize, start: Micros) -> Self {
+    fn new(sc: &Scenario, agents: usize, start: Micros) -> Self {
         Self {
             clock: ManualClock::new(start),
-            upstream: Arc::new(Mutex::new(Upstream::new(args.quota, args.minutes))),
+            upstreams: Arc::new(
+                sc.upstreams
+                    .iter()
+                    .map(|u| Mutex::new(Upstream::new(u.clone(), sc.minutes, start, MINUTE_US)))
+                    .collect(),
+            ),
             done: Arc::new((0..agents).map(|_| Mutex::new(Vec::new())).collect()),
             progress: Arc::new(AtomicU64::new(0)),
-            start,
         }
     }
 
-    /// One upstream call now.
-    fn call(&self) -> Answer {
+    /// One call to upstream `u` now, spending `tokens`.
+    fn call(&self, u: usize, tokens: u64) -> Answer {
         self.progress.fetch_add(1, Ordering::Relaxed);
-        self.upstream.lock().call(self.clock.now(), self.start)
+        self.upstreams[u].lock().call(self.clock.now(), tokens)
     }
 
-    /// One upstream call now, with the response's rate-limit headers.
-    fn call_with_headers(&self) -> (Answer, Vec<(String, String)>) {
+    /// One call to upstream `u` now, with the response's rate-limit headers.
+    fn call_with_headers(&self, u: usize, tokens: u64) -> (Answer, Vec<(String, String)>) {
         self.progress.fetch_add(1, Ordering::Relaxed);
         let now = self.clock.now();
-        let mut up = self.upstream.lock();
-        let answer = up.call(now, self.start);
+        let mut up = self.upstreams[u].lock();
+        let answer = up.call(now, tokens);
         let headers = up.headers(now, &answer);
         (answer, headers)
     }
@@ -387,32 +426,35 @@ impl World {
                 .collect();
             drive(&self.clock, end, handles, &self.progress).await;
         });
-        Ok(finish_outcome(agents, &self.done, &self.upstream, end))
+        Ok(finish_outcome(agents, &self.done, &self.upstreams, end))
     }
 }
 
 fn run_naive(
-    args: &Args,
+    sc: &Scenario,
     agents: &[Agent],
     start: Micros,
     strategy: Naive,
     end: Micros,
 ) -> ratewarden::Result<Outcome> {
-    let world = World::new(args, agents.len(), start);
+    let world = World::new(sc, agents.len(), start);
     world.run(agents, end, |i, agent, world| {
         let tasks = agent.tasks.clone();
-        let mut rng = fastrand::Rng::with_seed(args.seed ^ ((i as u64 + 1) * 0x9E37));
+        let (route, tokens) = (agent.route.clone(), agent.tokens);
+        let mut rng = fastrand::Rng::with_seed(sc.seed ^ ((i as u64 + 1) * 0x9E37));
         async move {
             for task in tasks {
                 world.clock.sleep_until(task.arrival).await;
-                let mut attempt = 0u32;
-                while let Answer::TooMany { retry_after } = world.call() {
-                    let pause = match strategy {
-                        Naive::Backoff => rng.i64(0..=(SECOND_US << attempt.min(5))),
-                        Naive::RetryAfter => retry_after + rng.i64(0..SECOND_US),
-                    };
-                    attempt += 1;
-                    world.clock.sleep_until(world.clock.now() + pause).await;
+                for &u in &route {
+                    let mut attempt = 0u32;
+                    while let Answer::TooMany { retry_after } = world.call(u, tokens) {
+                        let pause = match strategy {
+                            Naive::Backoff => rng.i64(0..=(SECOND_US << attempt.min(5))),
+                            Naive::RetryAfter => retry_after + rng.i64(0..SECOND_US),
+                        };
+                        attempt += 1;
+                        world.clock.sleep_until(world.clock.now() + pause).await;
+                    }
                 }
                 world.finished(i, task.arrival);
             }
@@ -421,43 +463,46 @@ fn run_naive(
 }
 
 fn run_governed(
-    args: &Args,
+    sc: &Scenario,
     agents: &[Agent],
     start: Micros,
     end: Micros,
 ) -> ratewarden::Result<Outcome> {
-    let world = World::new(args, agents.len(), start);
-    let warden = Warden::with_clock(policy(args.quota)?, Arc::new(world.clock.clone()));
+    let world = World::new(sc, agents.len(), start);
+    let warden = Warden::with_clock(policy(sc)?, Arc::new(world.clock.clone()));
+    let requests = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| requests(sc, i, a))
+        .collect::<ratewarden::Result<Vec<_>>>()?;
     world.run(agents, end, |i, agent, world| {
         let tasks = agent.tasks.clone();
+        let (route, tokens) = (agent.route.clone(), agent.tokens);
         let warden = warden.clone();
-        let request = Scope::parse(&format!("agent:{i}")).map(|s| {
-            Request::new(s)
-                .resource("upstream")
-                .priority(agent.priority)
-        });
+        let requests = requests[i].clone();
         async move {
-            let Ok(request) = request else { return };
             for task in tasks {
                 world.clock.sleep_until(task.arrival).await;
-                loop {
-                    world.progress.fetch_add(1, Ordering::Relaxed);
-                    let Ok(d) = warden
-                        .wait(&request, WaitFor::Acquire, Duration::from_secs(60))
-                        .await
-                    else {
-                        return;
-                    };
-                    if !d.allowed() {
-                        continue;
-                    }
-                    match world.call() {
-                        Answer::Ok => break,
-                        Answer::TooMany { retry_after } => {
-                            world
-                                .clock
-                                .sleep_until(world.clock.now() + retry_after)
-                                .await
+                for (&u, request) in route.iter().zip(&requests) {
+                    loop {
+                        world.progress.fetch_add(1, Ordering::Relaxed);
+                        let Ok(d) = warden
+                            .wait(request, WaitFor::Acquire, Duration::from_secs(60))
+                            .await
+                        else {
+                            return;
+                        };
+                        if !d.allowed() {
+                            continue;
+                        }
+                        match world.call(u, tokens) {
+                            Answer::Ok => break,
+                            Answer::TooMany { retry_after } => {
+                                world
+                                    .clock
+                                    .sleep_until(world.clock.now() + retry_after)
+                                    .await;
+                            }
                         }
                     }
                 }
@@ -467,74 +512,75 @@ fn run_governed(
     })
 }
 
-fn coordinated_policy() -> ratewarden::Result<Policy> {
-    Policy::from_value(&serde_json::json!({
-        "scopes": {"agent": {}},
-        "resources": {"upstream": {"upstream": {}}}
-    }))
-}
-
 fn run_coordinated(
-    args: &Args,
+    sc: &Scenario,
     agents: &[Agent],
     start: Micros,
     end: Micros,
 ) -> ratewarden::Result<Outcome> {
-    let world = World::new(args, agents.len(), start);
-    let warden = Warden::with_clock(coordinated_policy()?, Arc::new(world.clock.clone()));
+    let world = World::new(sc, agents.len(), start);
+    let warden = Warden::with_clock(coordinated_policy(sc)?, Arc::new(world.clock.clone()));
     let bands = ratewarden::retry::RetryBands::default();
+    let requests = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| requests(sc, i, a))
+        .collect::<ratewarden::Result<Vec<_>>>()?;
+    let names: Arc<Vec<String>> = Arc::new(sc.upstreams.iter().map(|u| u.name.clone()).collect());
     world.run(agents, end, |i, agent, world| {
         let tasks = agent.tasks.clone();
+        let (route, tokens) = (agent.route.clone(), agent.tokens);
         let warden = warden.clone();
         let priority = agent.priority;
-        let mut rng = fastrand::Rng::with_seed(args.seed ^ ((i as u64 + 1) * 0x51ED));
-        let request = Scope::parse(&format!("agent:{i}"))
-            .map(|s| Request::new(s).resource("upstream").priority(priority));
+        let requests = requests[i].clone();
+        let names = Arc::clone(&names);
+        let mut rng = fastrand::Rng::with_seed(sc.seed ^ ((i as u64 + 1) * 0x51ED));
         async move {
-            let Ok(request) = request else { return };
             for task in tasks {
                 world.clock.sleep_until(task.arrival).await;
-                let mut attempt = 0u32;
-                loop {
-                    world.progress.fetch_add(1, Ordering::Relaxed);
-                    let Ok(d) = warden
-                        .wait(&request, WaitFor::Acquire, Duration::from_secs(60))
-                        .await
-                    else {
-                        return;
-                    };
-                    if !d.allowed() {
-                        continue;
-                    }
-                    if let Some(ms) = d.caps.delay_ms {
-                        let pause = i64::try_from(ms).unwrap_or(i64::MAX / 1000) * 1000;
-                        world.clock.sleep_until(world.clock.now() + pause).await;
-                    }
-                    let (answer, headers) = world.call_with_headers();
-                    let pairs: Vec<(&str, &str)> = headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    let status = if matches!(answer, Answer::Ok) {
-                        200
-                    } else {
-                        429
-                    };
-                    let _ = warden.report("upstream", status, &pairs).await;
-                    match answer {
-                        Answer::Ok => break,
-                        Answer::TooMany { retry_after } => {
-                            attempt += 1;
-                            let wait = bands.delay_with(
-                                attempt,
-                                priority,
-                                Some(Duration::from_micros(
-                                    u64::try_from(retry_after).unwrap_or(0),
-                                )),
-                                rng.f64(),
-                            );
-                            let us = i64::try_from(wait.as_micros()).unwrap_or(i64::MAX / 2);
-                            world.clock.sleep_until(world.clock.now() + us).await;
+                for (&u, request) in route.iter().zip(&requests) {
+                    let mut attempt = 0u32;
+                    loop {
+                        world.progress.fetch_add(1, Ordering::Relaxed);
+                        let Ok(d) = warden
+                            .wait(request, WaitFor::Acquire, Duration::from_secs(60))
+                            .await
+                        else {
+                            return;
+                        };
+                        if !d.allowed() {
+                            continue;
+                        }
+                        if let Some(ms) = d.caps.delay_ms {
+                            let pause = i64::try_from(ms).unwrap_or(i64::MAX / 1000) * 1000;
+                            world.clock.sleep_until(world.clock.now() + pause).await;
+                        }
+                        let (answer, headers) = world.call_with_headers(u, tokens);
+                        let pairs: Vec<(&str, &str)> = headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        let status = if matches!(answer, Answer::Ok) {
+                            200
+                        } else {
+                            429
+                        };
+                        let _ = warden.report(&names[u], status, &pairs).await;
+                        match answer {
+                            Answer::Ok => break,
+                            Answer::TooMany { retry_after } => {
+                                attempt += 1;
+                                let wait = bands.delay_with(
+                                    attempt,
+                                    priority,
+                                    Some(Duration::from_micros(
+                                        u64::try_from(retry_after).unwrap_or(0),
+                                    )),
+                                    rng.f64(),
+                                );
+                                let us = i64::try_from(wait.as_micros()).unwrap_or(i64::MAX / 2);
+                                world.clock.sleep_until(world.clock.now() + us).await;
+                            }
                         }
                     }
                 }
@@ -557,92 +603,125 @@ fn secs(us: Option<Micros>) -> String {
     us.map_or_else(|| "-".to_owned(), |v| format!("{:.1} s", v as f64 / 1e6))
 }
 
-/// Runs both variants and prints the comparison.
+fn invalid(what: &'static str, message: String) -> ratewarden::Error {
+    ratewarden::Error::InvalidArgument { what, message }
+}
+
+/// The scenario `args` ask for: the file's, or the flags'.
+fn scenario(args: &Args) -> ratewarden::Result<Scenario> {
+    let Some(path) = &args.scenario else {
+        let minutes = args.minutes.unwrap_or(30);
+        if args.agents == 0
+            || args.agents > crate::scenario::MAX_AGENTS
+            || args.quota == 0
+            || minutes == 0
+            || minutes > 24 * 60
+            || !(args.demand > 0.0 && args.demand <= 100.0)
+        {
+            return Err(invalid(
+                "simulate options",
+                "need 1 ≤ agents ≤ 1000, quota ≥ 1, 1 ≤ minutes ≤ 1440, 0 < demand ≤ 100".into(),
+            ));
+        }
+        return Ok(default_scenario(args));
+    };
+    let mut sc = Scenario::from_file(path).map_err(|m| invalid("scenario", m))?;
+    if let Some(m) = args.minutes {
+        if !(1..=24 * 60).contains(&m) {
+            return Err(invalid("minutes", format!("{m} is not between 1 and 1440")));
+        }
+        // Rates are per minute: the expected task count scales with the run.
+        let scale = f64::from(m) / f64::from(sc.minutes);
+        for a in &mut sc.agents {
+            a.tasks *= scale;
+        }
+        sc.minutes = m;
+    }
+    if let Some(seed) = args.seed {
+        sc.seed = seed;
+    }
+    Ok(sc)
+}
+
+/// One variant: its name, results and colour.
+type Variant<'a> = (&'static str, &'a Outcome, (u8, u8, u8));
+
+/// Runs the four variants and prints the comparison.
 ///
 /// # Errors
-/// Invalid options or a failure building the governed warden.
+/// Invalid options or scenario, a plot that cannot be drawn, or a failure
+/// building a warden.
 pub fn run(args: &Args) -> ratewarden::Result<()> {
+    if args.backend.starts_with("redis://") || args.backend.starts_with("rediss://") {
+        return procs::run(args);
+    }
     if args.backend != "memory" {
-        return Err(ratewarden::Error::InvalidArgument {
-            what: "backend",
-            message: format!(
-                "`{}`: this version simulates on the embedded `memory` engine only",
+        return Err(invalid(
+            "backend",
+            format!(
+                "`{}`: not `memory` (the embedded engine) or a `redis://` URL",
                 args.backend
             ),
-        });
+        ));
     }
-    if args.agents == 0
-        || args.agents > 1000
-        || args.quota == 0
-        || args.minutes == 0
-        || args.minutes > 24 * 60
-        || !(args.demand > 0.0 && args.demand <= 100.0)
-    {
-        return Err(ratewarden::Error::InvalidArgument {
-            what: "simulate options",
-            message: "need 1 ≤ agents ≤ 1000, quota ≥ 1, 1 ≤ minutes ≤ 1440, 0 < demand ≤ 100"
-                .into(),
-        });
+    let sc = scenario(args)?;
+    if let Some(path) = &args.plot {
+        // A bad extension is an error before minutes of simulation, not after.
+        plot::Format::of(path).map_err(|m| invalid("plot", m))?;
     }
     let start = ratewarden::calendar::days_from_civil(2026, 1, 5) * ratewarden::calendar::DAY_US;
-    let agents = workload(args, start);
+    let agents = workload(&sc, start);
     let tasks: usize = agents.iter().map(|a| a.tasks.len()).sum();
-    let end = start + i64::from(args.minutes) * MINUTE_US;
-    let backoff = run_naive(args, &agents, start, Naive::Backoff, end)?;
-    let retry_after = run_naive(args, &agents, start, Naive::RetryAfter, end)?;
-    let governed = run_governed(args, &agents, start, end)?;
-    let coordinated = run_coordinated(args, &agents, start, end)?;
-    let mix = |p: Priority| agents.iter().filter(|a| a.priority == p).count();
-    let variants = [
-        ("naive: backoff", &backoff, "#d62728"),
-        ("naive: Retry-After", &retry_after, "#ff7f0e"),
-        ("governed", &governed, "#1f77b4"),
-        ("coordinated", &coordinated, "#2ca02c"),
+    let end = start + i64::from(sc.minutes) * MINUTE_US;
+    let backoff = run_naive(&sc, &agents, start, Naive::Backoff, end)?;
+    let retry_after = run_naive(&sc, &agents, start, Naive::RetryAfter, end)?;
+    let governed = run_governed(&sc, &agents, start, end)?;
+    let coordinated = run_coordinated(&sc, &agents, start, end)?;
+    let variants: [Variant<'_>; 4] = [
+        ("naive: backoff", &backoff, (214, 39, 40)),
+        ("naive: Retry-After", &retry_after, (255, 127, 14)),
+        ("governed", &governed, (31, 119, 180)),
+        ("coordinated", &coordinated, (44, 160, 44)),
     ];
     if let Some(path) = &args.plot {
-        std::fs::write(path, svg(&variants, args.quota)).map_err(|e| {
-            ratewarden::Error::InvalidArgument {
-                what: "plot",
-                message: format!("cannot write {}: {e}", path.display()),
-            }
-        })?;
+        plot::write(path, &figure(&sc, args, &variants)).map_err(|m| invalid("plot", m))?;
     }
+    let mix = |p: Priority| sc.agents.iter().filter(|a| a.priority == p).count();
     if args.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "agents": {"critical": mix(Priority::Critical), "standard": mix(Priority::Standard), "background": mix(Priority::Background)},
-            "quota_per_minute": args.quota,
-            "minutes": args.minutes,
-            "demand": args.demand,
-            "seed": args.seed,
-            "tasks": tasks,
-            "variants": variants.iter().map(|(name, o, _)| json_of(name, o, args)).collect::<Vec<_>>(),
         });
+        if let Some(name) = &sc.name {
+            out["scenario"] = name.as_str().into();
+        } else {
+            out["quota_per_minute"] = args.quota.into();
+        }
+        out["minutes"] = sc.minutes.into();
+        if sc.name.is_none() {
+            out["demand"] = args.demand.into();
+        }
+        out["seed"] = sc.seed.into();
+        out["tasks"] = tasks.into();
+        out["upstreams"] = sc
+            .upstreams
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "name": u.name, "style": u.style.as_str(), "quota": u.requests,
+                    "window_s": u.window as f64 / 1e6, "tokens": u.tokens,
+                    "secondary_limit": u.secondary.map(|s| serde_json::json!({"after": s.after, "lockout_s": s.lockout as f64 / 1e6})),
+                })
+            })
+            .collect();
+        out["variants"] = variants
+            .iter()
+            .map(|(name, o, _)| json_of(name, o, &sc))
+            .collect();
         println!("{out:#}");
         return Ok(());
     }
-    println!(
-        "ratewarden simulate: {} agents ({} critical, {} standard, {} background) share an upstream quota of {}/min",
-        args.agents,
-        mix(Priority::Critical),
-        mix(Priority::Standard),
-        mix(Priority::Background),
-        args.quota
-    );
-    println!(
-        "{} tasks over {} simulated minutes (demand {:.1}x the quota), seed {}; upstream locks a caller out for 60 s after 10 over-quota calls in a minute\n",
-        tasks, args.minutes, args.demand, args.seed
-    );
-    let rows = table(
-        &[
-            ("naive: backoff", &backoff),
-            ("naive: Retry-After", &retry_after),
-            ("governed", &governed),
-            ("coordinated", &coordinated),
-        ],
-        args.quota,
-        args.minutes,
-    );
-    print!("{rows}");
+    print!("{}", header(&sc, args, tasks));
+    print!("{}", table(&variants, &sc));
     println!(
         "\nnaive: backoff      each agent calls directly; on 429 it backs off exponentially (1 s .. 32 s, full jitter)"
     );
@@ -665,9 +744,114 @@ pub fn run(args: &Args) -> ratewarden::Result<()> {
     Ok(())
 }
 
+/// The lines above the table.
+fn header(sc: &Scenario, args: &Args, tasks: usize) -> String {
+    let mix = |p: Priority| sc.agents.iter().filter(|a| a.priority == p).count();
+    let agents = format!(
+        "{} agents ({} critical, {} standard, {} background)",
+        sc.agents.len(),
+        mix(Priority::Critical),
+        mix(Priority::Standard),
+        mix(Priority::Background)
+    );
+    let mut s = String::new();
+    let Some(name) = &sc.name else {
+        let _ = writeln!(
+            s,
+            "ratewarden simulate: {agents} share an upstream quota of {}/min",
+            args.quota
+        );
+        let _ = writeln!(
+            s,
+            "{} tasks over {} simulated minutes (demand {:.1}x the quota), seed {}; upstream locks a caller out for 60 s after 10 over-quota calls in a minute\n",
+            tasks, sc.minutes, args.demand, sc.seed
+        );
+        return s;
+    };
+    let _ = writeln!(s, "ratewarden simulate: scenario {name}: {agents}");
+    for u in &sc.upstreams {
+        let window = ratewarden::policy::fmt_duration(u.window);
+        let _ = write!(s, "  upstream {}: {} requests", u.name, u.requests);
+        if let Some(t) = u.tokens {
+            let _ = write!(s, " and {t} tokens");
+        }
+        let _ = write!(s, " per {window}, {}", u.style.describe());
+        match u.secondary {
+            Some(l) => {
+                let _ = writeln!(
+                    s,
+                    "; locks callers out for {} after {} over-quota calls in a window",
+                    ratewarden::policy::fmt_duration(l.lockout),
+                    l.after
+                );
+            }
+            None => {
+                let _ = writeln!(s, "; no secondary limit");
+            }
+        }
+    }
+    for w in &sc.workflows {
+        let stages: Vec<String> = w
+            .stages
+            .iter()
+            .map(|(stage, u)| format!("{stage} → {}", sc.upstreams[*u].name))
+            .collect();
+        let _ = writeln!(s, "  workflow {}: {}", w.name, stages.join(", "));
+    }
+    let _ = writeln!(
+        s,
+        "{tasks} tasks over {} simulated minutes, seed {}\n",
+        sc.minutes, sc.seed
+    );
+    s
+}
+
+/// Calls the upstreams could have answered 200 over the run (tokens aside).
+fn capacity(sc: &Scenario) -> u64 {
+    let span = i64::from(sc.minutes) * MINUTE_US;
+    sc.upstreams
+        .iter()
+        .map(|u| {
+            u64::from(u.requests) * u64::try_from((span + u.window - 1) / u.window).unwrap_or(0)
+        })
+        .sum()
+}
+
+fn figure<'a>(sc: &Scenario, args: &Args, variants: &[Variant<'a>]) -> plot::Figure<'a> {
+    let title = match &sc.name {
+        Some(name) => format!("ratewarden simulate: scenario {name}, seed {}", sc.seed),
+        None => format!(
+            "ratewarden simulate: {} agents share {}/min, demand {:.1}x, seed {}",
+            args.agents, args.quota, args.demand, sc.seed
+        ),
+    };
+    plot::Figure {
+        title,
+        minutes: sc.minutes,
+        quota_per_minute: sc.upstreams.iter().map(UpstreamSpec::per_minute).sum(),
+        quota_per_window: sc.upstreams.iter().map(|u| u64::from(u.requests)).sum(),
+        sample_secs: (SAMPLE_US / SECOND_US) as f64,
+        variants: variants
+            .iter()
+            .map(|(name, o, color)| plot::Series {
+                name,
+                color: *color,
+                ok_per_minute: &o.upstream.ok_per_minute,
+                rejected_per_minute: &o.upstream.rejected_per_minute,
+                remaining: &o.upstream.remaining,
+                waits: [0, 1, 2].map(|t| {
+                    let mut v = o.waits[t].clone();
+                    v.sort_unstable();
+                    let s = |p: f64| percentile(&v, p).map(|us| us as f64 / 1e6);
+                    (s(0.5), s(0.95))
+                }),
+            })
+            .collect(),
+    }
+}
+
 /// One variant's results as JSON (waits in seconds).
-fn json_of(name: &str, o: &Outcome, args: &Args) -> serde_json::Value {
-    let capacity = u64::from(args.quota) * u64::from(args.minutes);
+fn json_of(name: &str, o: &Outcome, sc: &Scenario) -> serde_json::Value {
     let tiers: serde_json::Map<String, serde_json::Value> =
         [(0, "critical"), (1, "standard"), (2, "background")]
             .into_iter()
@@ -686,28 +870,71 @@ fn json_of(name: &str, o: &Outcome, args: &Args) -> serde_json::Value {
                 )
             })
             .collect();
+    let per_upstream: Vec<serde_json::Value> = sc
+        .upstreams
+        .iter()
+        .zip(&o.upstreams)
+        .map(|(u, st)| {
+            serde_json::json!({
+                "name": u.name,
+                "sent": st.sent,
+                "succeeded": st.ok,
+                "rejected_429": st.rejected,
+                "over_quota": st.over_quota,
+                "lockout_rejects": st.lockout_rejects,
+                "most_in_a_window": st.most_in_a_window,
+                "most_tokens_in_a_window": st.most_tokens_in_a_window,
+            })
+        })
+        .collect();
+    let workflows: Vec<serde_json::Value> = sc
+        .workflows
+        .iter()
+        .enumerate()
+        .map(|(k, w)| {
+            let members = sc
+                .agents
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.workflow == Some(k));
+            let completed: usize = members.map(|(i, _)| o.completed[i]).sum();
+            serde_json::json!({"name": w.name, "completed": completed})
+        })
+        .collect();
     serde_json::json!({
         "name": name,
         "sent": o.upstream.sent,
         "succeeded": o.upstream.ok,
-        "share_of_capacity": o.upstream.ok as f64 / capacity as f64,
+        "share_of_capacity": o.upstream.ok as f64 / capacity(sc) as f64,
         "rejected_429": o.upstream.rejected,
         "over_quota": o.upstream.over_quota,
         "lockout_rejects": o.upstream.lockout_rejects,
         "tiers": tiers,
+        "upstreams": per_upstream,
+        "workflows": workflows,
+        "completed_per_agent": sc.agents.iter().zip(&o.completed).map(|(a, n)| (a.name.clone(), serde_json::Value::from(*n))).collect::<serde_json::Map<_, _>>(),
         "ok_per_minute": o.upstream.ok_per_minute,
         "rejected_per_minute": o.upstream.rejected_per_minute,
+        "remaining_every_2s": o.upstream.remaining,
     })
 }
 
-fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {
-    let capacity = u64::from(quota) * u64::from(minutes);
+fn table(columns: &[Variant<'_>], sc: &Scenario) -> String {
+    let capacity = capacity(sc);
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     let mut row = |name: &str, f: &dyn Fn(&Outcome) -> String| {
-        rows.push((name.to_owned(), columns.iter().map(|(_, o)| f(o)).collect()));
+        rows.push((
+            name.to_owned(),
+            columns.iter().map(|(_, o, _)| f(o)).collect(),
+        ));
     };
     row("requests sent upstream", &|o| o.upstream.sent.to_string());
-    row("succeeded (share of capacity)", &|o| {
+    let share = if sc.upstreams.iter().any(|u| u.tokens.is_some()) {
+        "succeeded (share of request capacity)"
+    } else {
+        "succeeded (share of capacity)"
+    };
+    row(share, &|o| {
         format!(
             "{} ({:.0}%)",
             o.upstream.ok,
@@ -721,6 +948,13 @@ fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {
     row("  secondary-limit lockout rejects", &|o| {
         o.upstream.lockout_rejects.to_string()
     });
+    if sc.upstreams.len() > 1 {
+        for (k, u) in sc.upstreams.iter().enumerate() {
+            row(&format!("  429 responses from {}", u.name), &|o| {
+                o.upstreams[k].rejected.to_string()
+            });
+        }
+    }
     for (tier, name) in [(0, "critical"), (1, "standard"), (2, "background")] {
         row(&format!("{name} wait p50 / p95"), &|o| {
             let mut v = o.waits[tier].clone();
@@ -738,6 +972,17 @@ fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {
     row("background longest time blocked (starvation)", &|o| {
         secs(Some(o.blocked[2]))
     });
+    for (k, w) in sc.workflows.iter().enumerate() {
+        row(&format!("workflow {} tasks completed", w.name), &|o| {
+            sc.agents
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.workflow == Some(k))
+                .map(|(i, _)| o.completed[i])
+                .sum::<usize>()
+                .to_string()
+        });
+    }
     let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns.len())
         .map(|c| {
@@ -750,7 +995,7 @@ fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {
         .collect();
     let mut out = String::new();
     let _ = write!(out, "{:<w0$}", "");
-    for ((name, _), w) in columns.iter().zip(&widths) {
+    for ((name, _, _), w) in columns.iter().zip(&widths) {
         let _ = write!(out, "  {name:>w$}");
     }
     out.push('\n');
@@ -762,83 +1007,4 @@ fn table(columns: &[(&str, &Outcome)], quota: u32, minutes: u32) -> String {
         out.push('\n');
     }
     out
-}
-
-/// A plot panel: its title, the per-minute series it draws, its top (px).
-type Panel = (&'static str, fn(&Outcome) -> &Vec<u64>, f64);
-
-/// Two panels: successes and 429s per simulated minute, one line per variant.
-fn svg(variants: &[(&str, &Outcome, &str)], quota: u32) -> String {
-    let (w, panel, pad) = (760.0, 240.0, 44.0);
-    let h = 2.0 * panel + 60.0;
-    let n = variants
-        .first()
-        .map_or(2, |v| v.1.upstream.ok_per_minute.len())
-        .max(2);
-    let x = |i: usize| pad + (w - 2.0 * pad - 150.0) * i as f64 / (n - 1) as f64;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>"#
-    );
-    let panels: [Panel; 2] = [
-        (
-            "Successful upstream calls per simulated minute",
-            |o| &o.upstream.ok_per_minute,
-            30.0,
-        ),
-        (
-            "429 responses per simulated minute",
-            |o| &o.upstream.rejected_per_minute,
-            30.0 + panel,
-        ),
-    ];
-    for (title, series, top) in panels {
-        let max = variants
-            .iter()
-            .flat_map(|v| series(v.1).iter())
-            .copied()
-            .max()
-            .unwrap_or(1)
-            .max(u64::from(quota))
-            .max(1) as f64
-            * 1.1;
-        let bottom = top + panel - pad;
-        let y = |v: f64| bottom - (panel - pad - 20.0) * v / max;
-        let _ = write!(
-            s,
-            r##"<text x="{pad}" y="{}" font-size="13">{title}</text>"##,
-            top + 4.0
-        );
-        let _ = write!(
-            s,
-            r##"<line x1="{pad}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="#000"/>"##,
-            x(n - 1)
-        );
-        let _ = write!(
-            s,
-            r##"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="#888" stroke-dasharray="4"/><text x="{2}" y="{0}" fill="#888">quota {quota}</text>"##,
-            y(f64::from(quota)),
-            x(n - 1),
-            x(n - 1) + 4.0
-        );
-        for (i, (label, outcome, color)) in variants.iter().enumerate() {
-            let pts: Vec<String> = series(outcome)
-                .iter()
-                .enumerate()
-                .map(|(k, v)| format!("{:.1},{:.1}", x(k), y(*v as f64)))
-                .collect();
-            let _ = write!(
-                s,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-                pts.join(" ")
-            );
-            let _ = write!(
-                s,
-                r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
-                x(n - 1) + 50.0,
-                top + 24.0 + 14.0 * i as f64
-            );
-        }
-    }
-    s.push_str("</svg>\n");
-    s
 }

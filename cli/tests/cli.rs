@@ -136,13 +136,15 @@ fn simulate_prints_json_with_the_same_numbers() {
     assert_eq!(variants[3]["ok_per_minute"].as_array().unwrap().len(), 10);
 }
 
-#[test]
-fn the_readme_picture_is_what_simulate_draws() {
-    let dir = std::env::temp_dir().join(format!("rw-readme-plot-{}", std::process::id()));
+/// Runs `simulate ARGS… --plot DIR/NAME` and returns the file's bytes.
+fn plot(name: &str, args: &[&str]) -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("rw-plot-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("simulate.svg");
+    let path = dir.join(name);
     let out = bin()
-        .args(["simulate", "--plot"])
+        .arg("simulate")
+        .args(args)
+        .arg("--plot")
         .arg(&path)
         .output()
         .unwrap();
@@ -151,45 +153,256 @@ fn the_readme_picture_is_what_simulate_draws() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/simulate.svg");
-    assert_eq!(
-        std::fs::read_to_string(&path).unwrap(),
-        std::fs::read_to_string(committed).unwrap(),
-        "regenerate docs/simulate.svg with `ratewarden simulate --plot docs/simulate.svg`"
-    );
+    let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_dir_all(dir).unwrap();
+    bytes
 }
 
 #[test]
-fn simulate_plots_the_four_variants() {
-    let dir = std::env::temp_dir().join(format!("rw-plot-{}", std::process::id()));
+fn the_readme_pictures_are_what_simulate_draws() {
+    for name in ["simulate.svg", "simulate.png"] {
+        let committed = root().join("docs").join(name);
+        assert!(
+            plot(name, &[]) == std::fs::read(&committed).unwrap(),
+            "regenerate docs/{name} with `ratewarden simulate --plot docs/{name}`"
+        );
+    }
+}
+
+/// The four variants' colours, as in the plot.
+const COLOURS: [(&str, [u8; 3]); 4] = [
+    ("naive: backoff", [214, 39, 40]),
+    ("naive: Retry-After", [255, 127, 14]),
+    ("governed", [31, 119, 180]),
+    ("coordinated", [44, 160, 44]),
+];
+
+#[test]
+fn simulate_plots_the_four_variants_as_svg() {
+    let a = plot("out.svg", &["--minutes", "3"]);
+    assert_eq!(
+        a,
+        plot("out.svg", &["--minutes", "3"]),
+        "same run, same bytes"
+    );
+    let svg = String::from_utf8(a).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    for title in [
+        "(a) successful upstream calls per minute",
+        "(b) 429 responses per minute",
+        "(c) quota remaining",
+        "(d) wait per tier",
+        "critical (P0)",
+        "background (P2)",
+    ] {
+        assert!(svg.contains(title), "{title} missing");
+    }
+    for (label, [r, g, b]) in COLOURS {
+        assert!(
+            svg.contains(&format!("{label}\n</text>")),
+            "{label} missing"
+        );
+        // Three line panels and their three legends; then each tier's two bars.
+        let stroke = format!(r##"stroke="#{r:02X}{g:02X}{b:02X}" stroke-width="2" points="##);
+        assert_eq!(svg.matches(&stroke).count(), 6, "{label}'s lines");
+        let fill = format!(r##"fill="#{r:02X}{g:02X}{b:02X}""##);
+        assert!(svg.matches(&fill).count() >= 6, "{label}'s bars");
+    }
+}
+
+#[test]
+fn simulate_plots_the_four_variants_as_png() {
+    let bytes = plot("out.png", &["--minutes", "3"]);
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "the PNG signature");
+    let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((info.width, info.height), (1280, 960));
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let pixels: Vec<[u8; 3]> = pixels[..info.buffer_size()]
+        .chunks_exact(3)
+        .map(|p| [p[0], p[1], p[2]])
+        .collect();
+    for (label, colour) in COLOURS {
+        let n = pixels.iter().filter(|p| **p == colour).count();
+        assert!(n > 1000, "{label}: only {n} pixels of its colour");
+    }
+    let distinct: std::collections::HashSet<_> = pixels.iter().collect();
+    assert!(
+        distinct.len() > 50,
+        "text is antialiased: {} colours",
+        distinct.len()
+    );
+    let black = pixels.iter().filter(|p| **p == [0, 0, 0]).count();
+    assert!(black > 1000, "axes and text: {black} black pixels");
+}
+
+#[test]
+fn simulate_refuses_a_plot_it_cannot_write() {
+    let dir = std::env::temp_dir().join(format!("rw-bad-plot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("out.svg");
+    let (pdf, bare) = (dir.join("out.pdf"), dir.join("out"));
+    for (path, needle) in [
+        (pdf.to_str().unwrap(), "`.png` or `.svg`"),
+        (bare.to_str().unwrap(), "`.png` or `.svg`"),
+        (
+            "/nonexistent-dir/out.png",
+            "cannot write /nonexistent-dir/out.png",
+        ),
+    ] {
+        let out = bin()
+            .args(["simulate", "--minutes", "1", "--plot", path])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{path}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{path}: {err}");
+    }
+    assert!(!pdf.exists() && !bare.exists(), "nothing written");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `simulate --scenario examples/scenarios/NAME.yaml --json`, parsed.
+fn scenario(name: &str) -> serde_json::Value {
     let out = bin()
-        .args(["simulate", "--minutes", "3", "--plot"])
-        .arg(&path)
+        .arg("simulate")
+        .arg("--scenario")
+        .arg(root().join("examples/scenarios").join(name))
+        .arg("--json")
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let svg = std::fs::read_to_string(&path).unwrap();
-    for label in [
-        "naive: backoff",
-        "naive: Retry-After",
-        "governed",
-        "coordinated",
-    ] {
-        assert!(svg.contains(&format!(">{label}</text>")), "{label} missing");
-    }
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The variants of a `--json` result by name.
+fn variant<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .unwrap_or_else(|| panic!("no variant {name}"))
+}
+
+#[test]
+fn scenario_nine_agents_on_one_github_token() {
+    let v = scenario("github-nine-agents.yaml");
     assert_eq!(
-        svg.matches("<polyline").count(),
-        8,
-        "successes and 429s per variant"
+        v,
+        scenario("github-nine-agents.yaml"),
+        "same seed, same numbers"
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    assert_eq!(v["scenario"], "github-nine-agents");
+    assert_eq!(
+        v["agents"],
+        serde_json::json!({"critical": 2, "standard": 4, "background": 3})
+    );
+    assert_eq!(v["upstreams"][0]["style"], "github");
+    let naive = variant(&v, "naive: backoff");
+    assert!(
+        naive["lockout_rejects"].as_u64().unwrap() > 100,
+        "hammering trips the secondary limit: {naive}"
+    );
+    for name in ["governed", "coordinated"] {
+        let x = variant(&v, name);
+        assert_eq!(x["rejected_429"], 0, "{name}");
+        // The whole quota of some window, never more.
+        assert_eq!(x["upstreams"][0]["most_in_a_window"], 100, "{name}");
+        assert_eq!(x["tiers"]["critical"]["unfinished"], 0, "{name}");
+    }
+}
+
+#[test]
+fn scenario_openai_org_runs_out_of_tokens_not_requests() {
+    let v = scenario("openai-org.yaml");
+    let naive = variant(&v, "naive: Retry-After");
+    assert!(naive["rejected_429"].as_u64().unwrap() > 0, "{naive}");
+    // Requests never bind (200 a window): every naive 429 was the tokens.
+    assert!(naive["upstreams"][0]["most_in_a_window"].as_u64().unwrap() < 200);
+    for name in ["governed", "coordinated"] {
+        let x = variant(&v, name);
+        // Governed mirrors the token quota in its policy; coordinated learns it
+        // from x-ratelimit-*-tokens alone.
+        assert_eq!(x["rejected_429"], 0, "{name}");
+        let tokens = x["upstreams"][0]["most_tokens_in_a_window"]
+            .as_u64()
+            .unwrap();
+        assert!((35_000..=40_000).contains(&tokens), "{name}: {tokens}");
+    }
+}
+
+#[test]
+fn scenario_a_background_poller_does_not_starve_the_lead_when_governed() {
+    let v = scenario("poller-starves-lead.yaml");
+    let lead_tasks = |x: &serde_json::Value| x["completed_per_agent"]["lead"].as_u64().unwrap();
+    let naive = variant(&v, "naive: backoff");
+    assert!(
+        naive["tiers"]["critical"]["unfinished"].as_u64().unwrap() > 10,
+        "{naive}"
+    );
+    assert!(naive["lockout_rejects"].as_u64().unwrap() > 0);
+    for name in ["governed", "coordinated"] {
+        let x = variant(&v, name);
+        assert_eq!(x["rejected_429"], 0, "{name}");
+        assert_eq!(x["tiers"]["critical"]["unfinished"], 0, "{name}");
+        assert!(
+            x["tiers"]["critical"]["wait_p95_s"].as_f64().unwrap() < 5.0,
+            "{name}"
+        );
+        // Each triage task called both stages' upstreams once.
+        assert_eq!(x["workflows"][0]["completed"].as_u64(), Some(lead_tasks(x)));
+        assert_eq!(x["upstreams"][1]["name"], "llm");
+        assert_eq!(x["upstreams"][1]["succeeded"].as_u64(), Some(lead_tasks(x)));
+    }
+    assert!(lead_tasks(variant(&v, "governed")) > lead_tasks(naive));
+}
+
+#[test]
+fn a_bad_scenario_is_refused_naming_the_field() {
+    let dir = PolicyFile::new("scenario", "");
+    let file = dir.0.join("s.yaml");
+    let good = std::fs::read_to_string(root().join("examples/scenarios/openai-org.yaml")).unwrap();
+    for (from, to, needle) in [
+        (
+            "rate: 4,",
+            "rate: 4, colour: red,",
+            "agents[0]: unknown field `colour`",
+        ),
+        ("window: 1m", "window: 1 minute", "at `upstreams[0].window`"),
+        ("style: openai", "style: github", "upstreams[0].tokens"),
+        (
+            "upstream: openai, rate: 4",
+            "upstream: gpt, rate: 4",
+            "no upstream named `gpt`",
+        ),
+    ] {
+        assert!(good.contains(from), "{from}");
+        std::fs::write(&file, good.replacen(from, to, 1)).unwrap();
+        let out = bin()
+            .arg("simulate")
+            .arg("--scenario")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{to}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains(needle) && err.contains("s.yaml"),
+            "{to}: {err}"
+        );
+    }
+    let out = bin()
+        .args(["simulate", "--agents", "3", "--scenario"])
+        .arg(root().join("examples/scenarios/openai-org.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "--agents and --scenario together");
 }
 
 #[test]
@@ -311,14 +524,38 @@ fn admitted(mut cmd: Command) -> u64 {
 }
 
 /// Starts a `--hold` worker and waits until it reports what it holds.
-fn holder(mut cmd: Command) -> (std::process::Child, String) {
+fn holder(mut cmd: Command) -> (Holder, String) {
     use std::io::{BufRead, BufReader};
-    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = Holder(cmd.stdout(std::process::Stdio::piped()).spawn().unwrap());
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     (child, line.trim().to_owned())
+}
+
+/// A `--hold` worker, killed when the test ends however it ends (a failed
+/// assertion must not leave it running, holding the test runner's output).
+struct Holder(std::process::Child);
+
+impl std::ops::Deref for Holder {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Holder {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
@@ -646,4 +883,60 @@ fn inspect_shows_counters_leases_and_reservations_under_a_scope() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "a malformed scope is an error");
+}
+
+#[test]
+fn simulate_on_redis_runs_the_agents_as_processes_sharing_one_quota() {
+    let redis = Redis::start();
+    // 4 agents in 2 processes ask 3× a quota of 10 per (simulated) minute,
+    // a minute lasting 3 s: each process alone would stay near its own
+    // 10, so only a ledger shared through Redis keeps the two off the 429.
+    let out = bin()
+        .args(["simulate", "--backend", redis.url()])
+        .args([
+            "--agents",
+            "4",
+            "--quota",
+            "10",
+            "--demand",
+            "3",
+            "--minutes",
+            "3",
+        ])
+        .args(["--processes", "2", "--time-scale", "20"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("4 agents in 2 processes"), "{text}");
+    let row = |name: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name} in\n{text}"));
+        line[name.len()..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(row("429 responses"), ["0", "0"], "{text}");
+    // Three whole windows of 10, every one of them used to the last request.
+    assert_eq!(row("requests sent upstream"), ["30", "30"], "{text}");
+    for variant in ["governed", "coordinated"] {
+        assert!(
+            text.contains(&format!(
+                "{variant}: most successes in one upstream window 10"
+            )),
+            "{text}"
+        );
+    }
+    let out = bin()
+        .args(["simulate", "--backend", redis.url(), "--plot", "x.png"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no plot from the real-time run");
 }

@@ -323,6 +323,9 @@ fn idle_at(def: &LimitDef, state: &State, now: Micros, end: Micros) -> Micros {
 }
 
 impl MemoryBackend {
+    /// [`Backend::name`] of the embedded engine.
+    pub const NAME: &'static str = "memory";
+
     /// An engine reading time from `clock`.
     #[must_use]
     pub fn new(clock: Arc<dyn Clock>) -> Self {
@@ -1501,7 +1504,7 @@ impl Backend for MemoryBackend {
     }
 
     fn name(&self) -> &'static str {
-        "memory"
+        Self::NAME
     }
 
     fn observe<'a>(

@@ -578,16 +578,22 @@ impl Warden {
             )
             .collect();
         let queue = &self.inner.queue;
+        let shared = self.inner.backend.name() != MemoryBackend::NAME;
         let mut ticket: Option<Ticket<'_>> = None;
         loop {
             let notified = queue.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let ahead = queue.ahead(
-                ticket.as_ref().map(|t| t.key),
-                request.priority.rank(),
-                &keys,
-            );
+            // On a shared backend the line is the backend's: every waiter
+            // asks it (a waiter held back here would have no place there, and
+            // another process's lower tier would pass it). The local queue
+            // then only wakes waiters early when capacity is handed back.
+            let ahead = !shared
+                && queue.ahead(
+                    ticket.as_ref().map(|t| t.key),
+                    request.priority.rank(),
+                    &keys,
+                );
             if !ahead {
                 let mode = match lease {
                     None => Mode::Acquire,
@@ -670,7 +676,7 @@ impl Warden {
     /// that leaves; its answer and any failure are of no use — a place left
     /// behind lapses by itself after [`Waiter::GRACE`]).
     async fn leave_line(&self, plan: &Plan<'_>) {
-        if self.inner.backend.name() != "memory" {
+        if self.inner.backend.name() != MemoryBackend::NAME {
             let _ = self.inner.backend.decide(&leaving(plan), Mode::Check).await;
         }
     }
