@@ -271,7 +271,7 @@ mod tests {
             [x.phase(99), x.phase(100), x.phase(109), x.phase(110)],
             [Phase::Active, Phase::Idle, Phase::Idle, Phase::Dead]
         );
-        let all = [a("agent:a", 5, 100), a("agent:b", 7, 50)];
+        let all = [a("agent:a", 5, 100), a("agent:b", 7, 55)];
         // At 60: a active, b idle (donated).
         assert_eq!(barred(&all, "agent:c", Priority::Standard, 60, 0), 5);
         assert_eq!(barred(&all, "agent:c", Priority::Background, 60, 0), 12);
@@ -284,7 +284,7 @@ mod tests {
     fn draws_own_then_free_then_donations_then_active_shares() {
         let mut all = vec![
             a("agent:a", 5, 100),
-            a("agent:b", 7, 50),
+            a("agent:b", 7, 55),
             a("agent:c", 4, 100),
         ];
         // a draws 8 with 2 free: 5 own, 2 free, 1 from b's donation.
