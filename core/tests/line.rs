@@ -36,12 +36,16 @@ fn policy() -> Policy {
 
 /// A "process": its own connection and its own clock, on namespace `ns`.
 async fn process(url: &str, ns: &str, clock: &ManualClock) -> Warden {
+    process_with(url, ns, clock, policy()).await
+}
+
+async fn process_with(url: &str, ns: &str, clock: &ManualClock, policy: Policy) -> Warden {
     let shared = Arc::new(clock.clone());
     let backend = RedisBackend::connect(url, ns)
         .await
         .unwrap()
         .with_clock(shared.clone());
-    Warden::with_backend(policy(), Arc::new(backend) as Arc<dyn Backend>, shared)
+    Warden::with_backend(policy, Arc::new(backend) as Arc<dyn Backend>, shared)
 }
 
 fn request(priority: Priority) -> Request {
@@ -228,6 +232,61 @@ async fn a_dead_waiters_place_lapses_and_a_waiter_that_gives_up_leaves_at_once()
 async fn sleepers_or_done<T>(clock: &ManualClock, task: &tokio::task::JoinHandle<T>) {
     until("the waiter sleeps or finishes", || {
         task.is_finished() || clock.sleepers() >= 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_closed_in_another_process_wakes_its_waiters_at_once() {
+    on_each_backend(|url, ns| async move {
+        let ns = format!("{ns}-pubsub");
+        // Waiters on a half-open breaker look again after `pace` (an hour
+        // here) unless the close published by another process wakes them.
+        let policy = || {
+            Policy::from_value(&serde_json::json!({
+                "scopes": {"agent": {}},
+                "resources": {"openai": {"upstream": {
+                    "pace": "1h",
+                    "breaker": {"open_for": "1s", "probe_lease": "1h"}
+                }}}
+            }))
+            .unwrap()
+        };
+        let clock = ManualClock::at_date(2026, 1, 15);
+        let a = process_with(&url, &ns, &clock, policy()).await;
+        let b = process_with(&url, &ns, &clock, policy()).await;
+        let ask = |p: Priority| {
+            Request::parse("agent:x")
+                .unwrap()
+                .resource("openai")
+                .priority(p)
+        };
+        a.report("openai", 429, &[("retry-after", "1")])
+            .await
+            .unwrap();
+        clock.advance(Duration::from_secs(2));
+        let probe = a.acquire(&ask(Priority::Critical)).await.unwrap();
+        assert!(probe.light.unwrap().probe, "{probe:?}");
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move {
+            b2.wait(
+                &ask(Priority::Standard),
+                WaitFor::Acquire,
+                Duration::from_secs(7200),
+            )
+            .await
+            .unwrap()
+        });
+        sleepers(&clock, 1).await;
+        // The probe succeeds in A: the breaker closes, the transition is
+        // published, B's waiter looks again with no clock moving.
+        a.report("openai", 200, &[]).await.unwrap();
+        until("the waiter is woken by the published close", || {
+            waiter.is_finished()
+        })
+        .await;
+        let got = waiter.await.unwrap();
+        assert!(got.allowed(), "{got:?}");
     })
     .await;
 }

@@ -218,6 +218,10 @@ impl<B: Backend> Backend for Fallback<B> {
         })
     }
 
+    fn changes(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.primary.changes()
+    }
+
     fn allot<'a>(
         &'a self,
         limit: &'a crate::plan::PlannedLimit<'a>,

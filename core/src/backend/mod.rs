@@ -300,6 +300,14 @@ pub trait Backend: Send + Sync + 'static {
         Pending::Ready(Err(no_upstream(self.name())))
     }
 
+    /// What wakes when another process publishes a change of an upstream's
+    /// state (a breaker transition), so waiters look again at once; `None`
+    /// when the backend has no such channel (the embedded engine: every
+    /// waiter is in this process and looks at its own pace).
+    fn changes(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
+
     /// Applies `op` to an allocation of the pool limit `limit` (a quota or
     /// budget without `scope:`), atomically ([`crate::pool`]).
     fn allot<'a>(&'a self, limit: &'a PlannedLimit<'a>, op: AllotOp<'a>) -> Pending<'a, i64> {

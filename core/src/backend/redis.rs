@@ -41,6 +41,7 @@ use redis::{Script, Value};
 use smallvec::SmallVec;
 
 mod args;
+mod changes;
 mod cluster;
 mod conn;
 mod health;
@@ -154,6 +155,8 @@ pub struct RedisBackend {
     line: Arc<Script>,
     /// `allot.lua`: soft allocations of pool limits.
     allot: Arc<Script>,
+    /// The subscription to published breaker transitions.
+    changes: Arc<changes::Changes>,
     clock: Option<Arc<dyn Clock>>,
     timeout: std::time::Duration,
     /// After a timeout, the node that timed out is skipped for a moment.
@@ -278,7 +281,12 @@ impl RedisBackend {
                 crate::error::truncate(url)
             ))
         };
-        let (conn, cluster) = match conn::target(url)? {
+        let target = conn::target(url)?;
+        let pubsub_url = match &target {
+            Target::Single(u) => Some(u.clone()),
+            Target::Cluster(nodes) => nodes.first().cloned(),
+        };
+        let (conn, cluster) = match target {
             Target::Single(u) => {
                 let client = redis::Client::open(u.as_str()).map_err(bad_url)?;
                 // Few retries with a bounded attempt, so a refused connection or a
@@ -338,6 +346,10 @@ impl RedisBackend {
             upstream: Arc::new(Script::new(&format!("{COMMON}\n{UPSTREAM}"))),
             line: Arc::new(Script::new(&format!("{COMMON}\n{LINE}"))),
             allot: Arc::new(Script::new(&format!("{COMMON}\n{ALLOT}"))),
+            changes: Arc::new(changes::Changes::new(
+                pubsub_url,
+                format!("{namespace}:events"),
+            )),
             clock: None,
             timeout: DEFAULT_TIMEOUT,
             health,
@@ -861,6 +873,10 @@ impl Backend for RedisBackend {
         ask: Ask,
     ) -> Pending<'a, Gate> {
         upstream::gate(self, resource, coordination, ask)
+    }
+
+    fn changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.changes.watch()
     }
 
     fn allot<'a>(

@@ -580,10 +580,18 @@ impl Warden {
         let queue = &self.inner.queue;
         let shared = self.inner.backend.name() != MemoryBackend::NAME;
         let mut ticket: Option<Ticket<'_>> = None;
+        // A coordinated resource's breaker may close in another process:
+        // its published transition wakes the waiters here at once.
+        let changes = plan.upstream().and_then(|_| self.inner.backend.changes());
         loop {
             let notified = queue.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let changed = changes.as_deref().map(Notify::notified);
+            tokio::pin!(changed);
+            if let Some(c) = changed.as_mut().as_pin_mut() {
+                c.enable();
+            }
             // On a shared backend the line is the backend's: every waiter
             // asks it (a waiter held back here would have no place there, and
             // another process's lower tier would pass it). The local queue
@@ -628,6 +636,12 @@ impl Warden {
                 tokio::select! {
                     () = clock.sleep_until(wake) => {}
                     () = &mut notified => {}
+                    () = async {
+                        match changed.as_mut().as_pin_mut() {
+                            Some(c) => c.await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                     () = cancel.cancelled() => {
                         self.leave_line(&plan).await;
                         d.reason = Some("cancelled".into());
