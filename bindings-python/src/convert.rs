@@ -118,3 +118,28 @@ pub(crate) fn python_fn<'a>(
 ) -> PyResult<&'a Py<PyAny>> {
     cell.get_or_try_init(py, || Ok(py.import(module)?.getattr(name)?.unbind()))
 }
+
+/// A usage mapping (`{"input_tokens": 1200, "max_output_tokens": 800}`) as
+/// core reads it: its field names and counts are judged there.
+pub(crate) fn pricing_usage_of(usage: &Bound<'_, PyDict>, what: &str) -> PyResult<PricedUsage> {
+    let mut fields = Vec::with_capacity(usage.len());
+    for (k, v) in usage.iter() {
+        let name: String = k
+            .extract()
+            .map_err(|_| invalid(what, "field names must be strings"))?;
+        let amount = amount_of(&v, &format!("{what}[{name:?}]"))?;
+        fields.push((name, amount));
+    }
+    PricedUsage::from_fields(fields.iter().map(|(n, a)| (n.as_str(), *a))).or_raise()
+}
+
+/// `request` with `usage`, if given.
+pub(crate) fn with_usage(
+    request: PyResult<Request>,
+    usage: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Request> {
+    match usage {
+        None => request,
+        Some(u) => Ok(request?.usage(pricing_usage_of(u, "usage")?)),
+    }
+}

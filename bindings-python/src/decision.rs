@@ -377,3 +377,26 @@ pub(crate) fn turn_to_py(py: Python<'_>, v: Option<ratewarden::Turn>) -> PyResul
     let id = v.map(|t| format!("{:032x}", t.id()));
     Ok(id.into_pyobject(py)?.into_any().unbind())
 }
+
+/// A priced usage as a dict: `unit`, `amount` (base units), `amount_text`
+/// (the decimal in the unit), `decimals`, `input_tokens`, `output_tokens`,
+/// and `cost` — the unit → amount mapping a decision charges (decimal text
+/// for the money unit, ints for token counts), usable as a `cost=` again.
+pub(crate) fn priced_to_py(py: Python<'_>, p: &Priced, cost: &Cost) -> PyResult<Py<PyAny>> {
+    let d = PyDict::new(py);
+    d.set_item("unit", &*p.unit)?;
+    d.set_item("amount", p.amount)?;
+    d.set_item("amount_text", p.money().to_string())?;
+    d.set_item("decimals", p.decimals)?;
+    d.set_item("input_tokens", p.input_tokens)?;
+    d.set_item("output_tokens", p.output_tokens)?;
+    let c = PyDict::new(py);
+    for (unit, amount) in cost.iter() {
+        match amount.parts() {
+            (v, 0) => c.set_item(unit, v)?,
+            _ => c.set_item(unit, amount.to_string())?,
+        }
+    }
+    d.set_item("cost", c)?;
+    Ok(d.into_any().unbind())
+}

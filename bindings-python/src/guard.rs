@@ -15,6 +15,15 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
+    /// The resource whose prices turn the call's reported usage into its
+    /// cost, when the guard reserves by usage (`usage=`).
+    pub(crate) fn priced(&self) -> Option<&str> {
+        self.request
+            .usage
+            .as_ref()
+            .and(self.request.resource.as_deref())
+    }
+
     /// Reserves it (waiting first when `max_wait` is set), as an owned future.
     pub(crate) fn hold(
         &self,
@@ -52,6 +61,7 @@ pub(crate) fn usage_of(
     py: Python<'_>,
     actual: Option<&Bound<'_, PyAny>>,
     result: &Bound<'_, PyAny>,
+    priced: Option<&str>,
 ) -> Usage {
     let Some(f) = actual.filter(|f| !f.is_none()) else {
         return Usage::Estimate;
@@ -73,9 +83,24 @@ pub(crate) fn usage_of(
             .name()
             .map_or_else(|_| "?".to_owned(), |n| n.to_string());
         return Usage::Unreadable(format!(
-            "actual() returned {t}, not a mapping of unit to amount"
+            "actual() returned {t}, not a mapping of {}",
+            if priced.is_some() {
+                "usage"
+            } else {
+                "unit to amount"
+            }
         ));
     };
+    // A guard that reserves by usage reads its actual as usage, priced by core.
+    if let Some(resource) = priced {
+        return match pricing_usage_of(&mapping, "actual") {
+            Ok(usage) => Usage::Priced {
+                resource: resource.to_owned(),
+                usage,
+            },
+            Err(e) => Usage::Unreadable(describe_error(py, &e)),
+        };
+    }
     match cost_of(Some(&mapping), "actual") {
         Ok(c) => Usage::Actual(c),
         Err(e) => Usage::Unreadable(describe_error(py, &e)),

@@ -36,6 +36,7 @@ use ratewarden::backend::{at_once, poll_ready};
 use ratewarden::decision::ReservationInfo;
 use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
 use ratewarden::ops::{self, Setup, Source};
+use ratewarden::pricing::{Priced, Usage as PricedUsage};
 use ratewarden::{
     Amount, Balance, CallOutcome, CommitReceipt, Cost, Decision as CoreDecision, Error, ErrorKind,
     Policy, Request, ReservationId, Scope, Settlement, Usage, WaitCancel, WaitFor, Warden,

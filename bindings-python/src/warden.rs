@@ -190,7 +190,7 @@ impl NativeWarden {
         if self.embedded() { "memory" } else { "redis" }
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false, usage=None))]
     #[allow(clippy::too_many_arguments)]
     fn check(
         &self,
@@ -201,13 +201,14 @@ impl NativeWarden {
         cost: Option<&Bound<'_, PyDict>>,
         priority: Option<&str>,
         asynchronous: bool,
+        usage: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let op = request_of(scope, resource, action, cost, priority)
+        let op = with_usage(request_of(scope, resource, action, cost, priority), usage)
             .map(|r| move |w: Warden| async move { w.check(&r).await });
         self.answer(py, op, asynchronous, decision_to_py)
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false, operation=None))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false, operation=None, usage=None))]
     #[allow(clippy::too_many_arguments)]
     fn acquire(
         &self,
@@ -219,8 +220,9 @@ impl NativeWarden {
         priority: Option<&str>,
         asynchronous: bool,
         operation: Option<&str>,
+        usage: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
+        let req = with_usage(request_of(scope, resource, action, cost, priority), usage);
         let op = operation_of(req, operation)
             .map(|r| move |w: Warden| async move { w.acquire(&r).await });
         self.answer(py, op, asynchronous, decision_to_py)
@@ -392,7 +394,7 @@ impl NativeWarden {
 
     /// `Warden::admit`, for the ASGI middleware: an acquire that holds a
     /// concurrency slot (the decision's reservation) until `finish`.
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, asynchronous=false, usage=None))]
     #[allow(clippy::too_many_arguments)]
     fn admit(
         &self,
@@ -403,13 +405,14 @@ impl NativeWarden {
         cost: Option<&Bound<'_, PyDict>>,
         priority: Option<&str>,
         asynchronous: bool,
+        usage: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let op = request_of(scope, resource, action, cost, priority)
+        let op = with_usage(request_of(scope, resource, action, cost, priority), usage)
             .map(|r| move |w: Warden| async move { w.admit(&r).await });
         self.answer(py, op, asynchronous, decision_to_py)
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, asynchronous=false, operation=None))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, asynchronous=false, operation=None, usage=None))]
     #[allow(clippy::too_many_arguments)]
     fn reserve(
         &self,
@@ -422,8 +425,9 @@ impl NativeWarden {
         lease: Option<f64>,
         asynchronous: bool,
         operation: Option<&str>,
+        usage: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let req = request_of(scope, resource, action, cost, priority);
+        let req = with_usage(request_of(scope, resource, action, cost, priority), usage);
         let op = operation_of(req, operation).and_then(|r| {
             let lease = optional_seconds(lease, "lease")?;
             Ok(move |w: Warden| async move { w.reserve(&r, lease).await })
@@ -431,19 +435,70 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, decision_to_py)
     }
 
-    #[pyo3(signature = (reservation, actual=None, asynchronous=false))]
+    /// Commits at `actual` (a cost), or at the price of `usage` on `resource`.
+    #[pyo3(signature = (reservation, actual=None, asynchronous=false, usage=None, resource=None))]
     fn commit(
         &self,
         py: Python<'_>,
         reservation: &str,
         actual: Option<&Bound<'_, PyDict>>,
         asynchronous: bool,
+        usage: Option<&Bound<'_, PyDict>>,
+        resource: Option<&str>,
     ) -> PyResult<Py<PyAny>> {
         let op = reservation_id(reservation).and_then(|id| {
             let actual = cost_of(actual, "actual")?;
-            Ok(move |w: Warden| async move { w.commit(id, &actual).await })
+            let priced = match (usage, resource) {
+                (None, _) => None,
+                (Some(u), Some(r)) => Some((r.to_owned(), pricing_usage_of(u, "usage")?)),
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "resource",
+                        "a commit by usage needs the resource whose prices turn it into a cost",
+                    ));
+                }
+            };
+            if priced.is_some() && !actual.is_empty() {
+                return Err(invalid("actual", "give a cost or a usage, not both"));
+            }
+            Ok(move |w: Warden| async move {
+                match &priced {
+                    Some((r, u)) => w.commit_usage(id, r, u).await,
+                    None => w.commit(id, &actual).await,
+                }
+            })
         });
         self.answer(py, op, asynchronous, receipt_to_py)
+    }
+
+    /// What `usage` costs on `resource` at its prices now (the actual bill:
+    /// `output_tokens` priced); a dict (see `priced_to_py`).
+    #[pyo3(signature = (resource, usage))]
+    fn cost(
+        &self,
+        py: Python<'_>,
+        resource: &str,
+        usage: &Bound<'_, PyDict>,
+    ) -> PyResult<Py<PyAny>> {
+        let usage = pricing_usage_of(usage, "usage")?;
+        let w = self.warden(py)?;
+        let priced = w.cost(resource, &usage).or_raise()?;
+        priced_to_py(py, &priced, &w.charge_of(&priced))
+    }
+
+    /// What a call with `usage` may cost on `resource` now (`max_output_tokens`
+    /// priced when given: what a reservation holds).
+    #[pyo3(signature = (resource, usage))]
+    fn estimate(
+        &self,
+        py: Python<'_>,
+        resource: &str,
+        usage: &Bound<'_, PyDict>,
+    ) -> PyResult<Py<PyAny>> {
+        let usage = pricing_usage_of(usage, "usage")?;
+        let w = self.warden(py)?;
+        let priced = w.estimate(resource, &usage).or_raise()?;
+        priced_to_py(py, &priced, &w.charge_of(&priced))
     }
 
     #[pyo3(signature = (reservation, asynchronous=false))]
@@ -496,7 +551,7 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, decision_to_py)
     }
 
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None, asynchronous=false))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, max_wait=30.0, reserve=false, lease=None, asynchronous=false, usage=None))]
     #[allow(clippy::too_many_arguments)]
     fn wait(
         &self,
@@ -510,10 +565,11 @@ impl NativeWarden {
         reserve: bool,
         lease: Option<f64>,
         asynchronous: bool,
+        usage: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         let cancel = Arc::new(WaitCancel::default());
         let stop = Arc::clone(&cancel);
-        let op = request_of(scope, resource, action, cost, priority).and_then(|r| {
+        let op = with_usage(request_of(scope, resource, action, cost, priority), usage).and_then(|r| {
             let what = if reserve {
                 WaitFor::Reserve(optional_seconds(lease, "lease")?)
             } else {
@@ -527,7 +583,7 @@ impl NativeWarden {
 
     /// Converts a guard's request once: reserve (`max_wait` unset) or wait up to
     /// `max_wait` seconds and reserve.
-    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, max_wait=None))]
+    #[pyo3(signature = (scope, resource=None, action=None, cost=None, priority=None, lease=None, max_wait=None, usage=None))]
     #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
@@ -538,9 +594,10 @@ impl NativeWarden {
         priority: Option<&str>,
         lease: Option<f64>,
         max_wait: Option<f64>,
+        usage: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Prepared> {
         Ok(Prepared {
-            request: request_of(scope, resource, action, cost, priority)?,
+            request: with_usage(request_of(scope, resource, action, cost, priority), usage)?,
             lease: optional_seconds(lease, "lease")?,
             max_wait: optional_seconds(max_wait, "max_wait")?,
         })
@@ -593,7 +650,7 @@ impl NativeWarden {
                 return Err(e);
             }
         };
-        let usage = usage_of(py, actual, &result);
+        let usage = usage_of(py, actual, &result, prepared.priced());
         let s = self.run_settle(py, id, CallOutcome::Ran(usage))?;
         log_problem(py, func, &s)?;
         Ok(result.unbind())
@@ -605,7 +662,8 @@ impl NativeWarden {
     /// `actual` is None, raises, or returns something that is not a valid
     /// cost. Returns the problem to log (a `str`), or None; never raises for
     /// the settlement itself.
-    #[pyo3(signature = (id, failed, actual=None, result=None, asynchronous=false))]
+    #[pyo3(signature = (id, failed, actual=None, result=None, asynchronous=false, prepared=None))]
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         py: Python<'_>,
@@ -614,13 +672,15 @@ impl NativeWarden {
         actual: Option<&Bound<'_, PyAny>>,
         result: Option<&Bound<'_, PyAny>>,
         asynchronous: bool,
+        prepared: Option<PyRef<'_, Prepared>>,
     ) -> PyResult<Py<PyAny>> {
         let id = ReservationId(id);
         let outcome = if failed {
             CallOutcome::Failed
         } else {
             let none = py.None().into_bound(py);
-            CallOutcome::Ran(usage_of(py, actual, result.unwrap_or(&none)))
+            let priced = prepared.as_ref().and_then(|p| p.priced());
+            CallOutcome::Ran(usage_of(py, actual, result.unwrap_or(&none), priced))
         };
         let op = Ok(move |w: Warden| async move {
             Ok::<_, ratewarden::Error>(w.finish(id, outcome).await)

@@ -36,6 +36,12 @@ impl Amount {
         Self { value, scale }
     }
 
+    /// The amount as written: `(value, scale)` for `value × 10^-scale`.
+    #[must_use]
+    pub const fn parts(self) -> (i64, u8) {
+        (self.value, self.scale)
+    }
+
     /// Parses a decimal string like `12`, `0.0125` or `1e-3`… (no exponent: plain decimals only).
     ///
     /// # Errors

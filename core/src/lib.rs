@@ -47,6 +47,7 @@ pub mod ops;
 pub mod plan;
 pub mod policy;
 pub mod pool;
+pub mod pricing;
 pub mod priority;
 pub mod retry;
 pub mod scope;

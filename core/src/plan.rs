@@ -31,6 +31,10 @@ pub struct Request {
     pub action: Option<String>,
     /// What it spends; one request by default.
     pub cost: Cost,
+    /// What it uses, priced by its resource's `pricing:` into the cost
+    /// ([`crate::pricing`]): the estimate (`max_output_tokens` when given)
+    /// is added to `cost` for every unit `cost` does not give itself.
+    pub usage: Option<Box<crate::pricing::Usage>>,
     /// Its priority; standard by default.
     pub priority: Priority,
     /// The id under which a state-changing decision is remembered, so asking
@@ -48,6 +52,7 @@ impl Request {
             resource: None,
             action: None,
             cost: Cost::new(),
+            usage: None,
             priority: Priority::Standard,
             operation: None,
         }
@@ -79,6 +84,14 @@ impl Request {
     #[must_use]
     pub fn cost(mut self, cost: Cost) -> Self {
         self.cost = cost;
+        self
+    }
+
+    /// Sets what the request uses: its resource's prices turn it into the
+    /// cost (the money unit, `tokens`…) when the decision is made.
+    #[must_use]
+    pub fn usage(mut self, usage: crate::pricing::Usage) -> Self {
+        self.usage = Some(Box::new(usage));
         self
     }
 

@@ -207,6 +207,9 @@ pub struct Target {
     /// How a resource coordinates on its upstream's observed state
     /// (`upstream:` in the policy); `None`: it does not.
     pub upstream: Option<Coordination>,
+    /// Its prices (`pricing:` in the policy), so callers may pass usage
+    /// instead of money; `None`: not priced.
+    pub pricing: Option<Arc<crate::pricing::Pricing>>,
     /// Free text.
     pub description: Option<String>,
     /// The workflow stages before every stage that calls this resource

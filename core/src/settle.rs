@@ -34,6 +34,15 @@ pub enum Usage {
     Estimate,
     /// The actual usage (units left out are charged as reserved).
     Actual(Cost),
+    /// The actual usage, priced by the resource's `pricing:`
+    /// ([`crate::pricing`]) into its cost; when it cannot be priced, the
+    /// estimate is charged and the reason reported.
+    Priced {
+        /// The priced resource.
+        resource: String,
+        /// What the call used.
+        usage: crate::pricing::Usage,
+    },
     /// The call ran but its usage could not be read (why: the caller's
     /// `actual` callback raised, returned something that is not a cost…). The
     /// estimate is charged and the reason reported.
@@ -137,6 +146,8 @@ pub(crate) fn charge_for<'c>(
     match usage {
         Usage::Estimate => (Amounts::new(), Charged::Estimate, None),
         Usage::Unreadable(why) => estimate(format!("the call's usage could not be read ({why})")),
+        // Priced by the warden before it settles (`Warden::priced_outcome`).
+        Usage::Priced { .. } => estimate("the call's usage was not priced".into()),
         Usage::Actual(cost) => {
             let mut out = Amounts::new();
             let mut rounded = false;

@@ -74,6 +74,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 Amount = Union[int, float, str, Any]
 #: A cost: amount per unit, e.g. ``{"tokens": 800, "usd": "0.0125"}``.
 Cost = Mapping[str, Amount]
+#: What an LLM (or any priced) call uses: ``input_tokens``, ``cached_input_tokens``
+#: (how many of the input tokens were cached), ``output_tokens``,
+#: ``max_output_tokens`` (what an estimate prices), ``images``, ``seconds``, ``calls``.
+Usage = Mapping[str, Amount]
 
 
 class Reservation:
@@ -87,11 +91,12 @@ class Reservation:
     keeps capacity held. ``async with warden.reserve_async(...) as r`` likewise.
     """
 
-    __slots__ = ("_ended", "_warden", "decision")
+    __slots__ = ("_ended", "_resource", "_warden", "decision")
 
-    def __init__(self, warden: Warden, decision: Decision) -> None:
+    def __init__(self, warden: Warden, decision: Decision, resource: Optional[str] = None) -> None:
         self._warden = warden
         self.decision = decision
+        self._resource = resource
         self._ended = decision.reservation is None
 
     # The decision's fields, typed (they were reached through __getattr__ as Any).
@@ -155,15 +160,17 @@ class Reservation:
         """The reservation id, or ``None`` if it was denied."""
         return self.decision.reservation
 
-    def commit(self, actual: Optional[Cost] = None) -> Dict[str, Any]:
-        """Charges the actual usage (units left out are charged as reserved) and ends it."""
-        receipt = self._warden.commit(self._require(), actual)
+    def commit(self, actual: Optional[Cost] = None, *, usage: Optional[Usage] = None) -> Dict[str, Any]:
+        """Charges the actual cost (units left out are charged as reserved) and ends
+        it; or, with ``usage``, the price of what the call used on the reserved
+        resource (``{"input_tokens": 1200, "output_tokens": 95}``)."""
+        receipt = self._warden.commit(self._require(), actual, usage=usage, resource=self._resource)
         self._ended = True
         return receipt
 
-    async def commit_async(self, actual: Optional[Cost] = None) -> Dict[str, Any]:
+    async def commit_async(self, actual: Optional[Cost] = None, *, usage: Optional[Usage] = None) -> Dict[str, Any]:
         """Async form of :meth:`commit`."""
-        receipt = await self._warden.commit_async(self._require(), actual)
+        receipt = await self._warden.commit_async(self._require(), actual, usage=usage, resource=self._resource)
         self._ended = True
         return receipt
 
@@ -210,16 +217,17 @@ class Reservation:
 class _ReserveCall:
     """``reserve_async(...)``: await it for a :class:`Reservation`, or ``async with`` it."""
 
-    __slots__ = ("_pending", "_reservation", "_warden")
+    __slots__ = ("_pending", "_reservation", "_resource", "_warden")
 
-    def __init__(self, warden: Warden, pending: Awaitable[Decision]) -> None:
+    def __init__(self, warden: Warden, pending: Awaitable[Decision], resource: Optional[str] = None) -> None:
         self._warden = warden
         self._pending = pending
+        self._resource = resource
         self._reservation: Optional[Reservation] = None
 
     def __await__(self) -> Generator[Any, None, Reservation]:
         decision = yield from self._pending.__await__()
-        self._reservation = Reservation(self._warden, decision)
+        self._reservation = Reservation(self._warden, decision, self._resource)
         return self._reservation
 
     async def __aenter__(self) -> Reservation:
@@ -307,6 +315,16 @@ def scope(*segments: tuple[str, str], **kinds: str) -> str:
     pairs first: ``scope(("ip", "::1"))``. Raises :class:`InvalidInput` for bad kinds,
     empty ids or more than 8 segments."""
     return scope_of([*segments, *kinds.items()])
+
+
+def _usage(usage: Optional[Usage]) -> Optional[Dict[str, Amount]]:
+    if usage is None:
+        return None
+    if isinstance(usage, dict):
+        return usage
+    if isinstance(usage, Mapping):
+        return dict(usage)
+    raise InvalidInput(f"invalid usage: expected a mapping of field to count, got {type(usage).__name__}")
 
 
 def _cost(cost: Optional[Cost]) -> Optional[Dict[str, Amount]]:
@@ -455,10 +473,11 @@ class Warden:
         action: Optional[str] = None,
         cost: Optional[Cost] = None,
         priority: Optional[str] = None,
+        usage: Optional[Usage] = None,
     ) -> Decision:
         """Evaluates the request against every limit it touches, changing nothing."""
         try:
-            return self._native.check(scope, resource, action, _cost(cost), priority)
+            return self._native.check(scope, resource, action, _cost(cost), priority, usage=_usage(usage))
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
@@ -472,10 +491,11 @@ class Warden:
         action: Optional[str] = None,
         cost: Optional[Cost] = None,
         priority: Optional[str] = None,
+        usage: Optional[Usage] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`check`."""
         try:
-            return self._native.check(scope, resource, action, _cost(cost), priority, True)
+            return self._native.check(scope, resource, action, _cost(cost), priority, True, usage=_usage(usage))
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
@@ -490,6 +510,7 @@ class Warden:
         cost: Optional[Cost] = None,
         priority: Optional[str] = None,
         operation: Optional[str] = None,
+        usage: Optional[Usage] = None,
     ) -> Decision:
         """Admits the request and consumes its cost from every limit, or denies it and
         changes nothing. A denial is a :class:`Decision` with ``allowed == False``.
@@ -498,7 +519,9 @@ class Warden:
         earlier admitted one — e.g. a decision's ``unconfirmed`` after a lost
         answer — it returns that decision and charges nothing more."""
         try:
-            return self._native.acquire(scope, resource, action, _cost(cost), priority, False, operation)
+            return self._native.acquire(
+                scope, resource, action, _cost(cost), priority, False, operation, usage=_usage(usage)
+            )
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
@@ -513,10 +536,13 @@ class Warden:
         cost: Optional[Cost] = None,
         priority: Optional[str] = None,
         operation: Optional[str] = None,
+        usage: Optional[Usage] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`acquire`."""
         try:
-            return self._native.acquire(scope, resource, action, _cost(cost), priority, True, operation)
+            return self._native.acquire(
+                scope, resource, action, _cost(cost), priority, True, operation, usage=_usage(usage)
+            )
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
@@ -532,6 +558,7 @@ class Warden:
         priority: Optional[str] = None,
         lease: Optional[float] = None,
         operation: Optional[str] = None,
+        usage: Optional[Usage] = None,
     ) -> Reservation:
         """Holds the request's (estimated) cost under a lease (seconds) until it is
         committed, released or expires. Returns a :class:`Reservation` (check
@@ -539,7 +566,11 @@ class Warden:
         :meth:`acquire`: a repeated reserve names the same reservation."""
         try:
             return Reservation(
-                self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, False, operation)
+                self,
+                self._native.reserve(
+                    scope, resource, action, _cost(cost), priority, lease, False, operation, usage=_usage(usage)
+                ),
+                resource,
             )
         except WardenError:
             raise
@@ -556,32 +587,79 @@ class Warden:
         priority: Optional[str] = None,
         lease: Optional[float] = None,
         operation: Optional[str] = None,
+        usage: Optional[Usage] = None,
     ) -> _ReserveCall:
         """Async form of :meth:`reserve`: ``await`` it, or ``async with`` it."""
         try:
             return _ReserveCall(
-                self, self._native.reserve(scope, resource, action, _cost(cost), priority, lease, True, operation)
+                self,
+                self._native.reserve(
+                    scope, resource, action, _cost(cost), priority, lease, True, operation, usage=_usage(usage)
+                ),
+                resource,
             )
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
             raise _bad_argument(e) from None
 
-    def commit(self, reservation: str, actual: Optional[Cost] = None) -> Dict[str, Any]:
-        """Charges a reservation's actual usage (units left out: as reserved) and ends it.
-        Idempotent: a repeated commit charges nothing and returns the first receipt
-        with ``duplicate=True``."""
+    def commit(
+        self,
+        reservation: str,
+        actual: Optional[Cost] = None,
+        *,
+        usage: Optional[Usage] = None,
+        resource: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Charges a reservation's actual cost (units left out: as reserved) and ends it
+        — or, with ``usage`` and ``resource``, the price of what the call used
+        (the money unit, ``tokens``…; see :meth:`cost`). Idempotent: a repeated
+        commit charges nothing and returns the first receipt with ``duplicate=True``."""
         try:
-            return self._native.commit(reservation, _cost(actual))
+            return self._native.commit(reservation, _cost(actual), False, _usage(usage), resource)
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
             raise _bad_argument(e) from None
 
-    def commit_async(self, reservation: str, actual: Optional[Cost] = None) -> Awaitable[Dict[str, Any]]:
+    def commit_async(
+        self,
+        reservation: str,
+        actual: Optional[Cost] = None,
+        *,
+        usage: Optional[Usage] = None,
+        resource: Optional[str] = None,
+    ) -> Awaitable[Dict[str, Any]]:
         """Async form of :meth:`commit`."""
         try:
-            return self._native.commit(reservation, _cost(actual), True)
+            return self._native.commit(reservation, _cost(actual), True, _usage(usage), resource)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    # -- pricing -------------------------------------------------------------
+
+    def cost(self, resource: str, usage: Usage) -> Dict[str, Any]:
+        """What ``usage`` costs on ``resource`` at its prices now (``pricing:`` in
+        the policy; ``output_tokens`` priced — the bill a commit charges). Exact:
+        every line summed as a fraction, rounded up once to the money unit's base
+        unit. A dict: ``unit``, ``amount`` (base units, e.g. micro-dollars),
+        ``amount_text`` (the decimal), ``decimals``, ``input_tokens``,
+        ``output_tokens`` and ``cost`` — what a decision charges for it
+        (``{"usd": "0.00395", "tokens": 1295}``), usable as a ``cost=``."""
+        try:
+            return self._native.cost(resource, _usage(usage))
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def estimate(self, resource: str, usage: Usage) -> Dict[str, Any]:
+        """What a call with ``usage`` may cost on ``resource`` now: as :meth:`cost`,
+        pricing ``max_output_tokens`` when given — what ``reserve(usage=...)`` holds."""
+        try:
+            return self._native.estimate(resource, _usage(usage))
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
@@ -671,13 +749,16 @@ class Warden:
         max_wait: float = 30.0,
         reserve: bool = False,
         lease: Optional[float] = None,
+        usage: Optional[Usage] = None,
     ) -> Decision:
         """Waits (up to ``max_wait`` seconds) until the request is admitted, then acquires
         it (or reserves it with ``reserve=True``). Waiters are served in priority order,
         first come first served within a tier — on Redis across every process. Returns
         the last denial if the time runs out."""
         try:
-            return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease)
+            return self._native.wait(
+                scope, resource, action, _cost(cost), priority, max_wait, reserve, lease, usage=_usage(usage)
+            )
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
@@ -694,10 +775,13 @@ class Warden:
         max_wait: float = 30.0,
         reserve: bool = False,
         lease: Optional[float] = None,
+        usage: Optional[Usage] = None,
     ) -> Awaitable[Decision]:
         """Async form of :meth:`wait`; cancelling it leaves nothing held."""
         try:
-            return self._native.wait(scope, resource, action, _cost(cost), priority, max_wait, reserve, lease, True)
+            return self._native.wait(
+                scope, resource, action, _cost(cost), priority, max_wait, reserve, lease, True, usage=_usage(usage)
+            )
         except WardenError:
             raise
         except _CONVERSION_ERRORS as e:
@@ -889,6 +973,7 @@ class Warden:
         on_limit: str = "raise",
         max_wait: float = 30.0,
         lease: Optional[float] = None,
+        usage: Union[Usage, Callable[..., Optional[Usage]], None] = None,
     ) -> Callable[[F], F]:
         """Governs every call of a function (sync or ``async``, plain or method).
 
@@ -909,21 +994,27 @@ class Warden:
         is not a mapping, or names an unknown unit or a bad amount (then logged as a
         warning on the ``ratewarden`` logger). A commit the backend cannot confirm
         is logged too, never raised: raising would invite a retry and a double spend.
+
+        Priced resources (``pricing:`` in the policy): give ``usage`` instead of a
+        cost (``{"input_tokens": n, "max_output_tokens": 800}``, or a callable) and
+        the estimate is its price; ``actual(result)`` then returns the usage the
+        response reports (``{"input_tokens": ..., "output_tokens": ...}``), priced
+        by the same table.
         """
         if on_limit not in ("raise", "wait"):
             raise InvalidInput(f"invalid on_limit: {on_limit!r} is not 'raise' or 'wait'")
         native = self._native
         wait_for = max_wait if on_limit == "wait" else None
-        fields = (scope, resource, action, cost, priority)
+        fields = (scope, resource, action, cost, priority, usage)
         if any(callable(f) for f in fields):
 
             def prepare(args: tuple, kwargs: dict) -> Prepared:
-                s, r, a, c, p = (f(*args, **kwargs) if callable(f) else f for f in fields)
-                return _prepared(native, s, r, a, c, p, lease, wait_for)
+                s, r, a, c, p, u = (f(*args, **kwargs) if callable(f) else f for f in fields)
+                return _prepared(native, s, r, a, c, p, lease, wait_for, u)
 
         else:
             # Constant request: converted (and validated) once, here.
-            const = _prepared(native, scope, resource, action, cost, priority, lease, wait_for)
+            const = _prepared(native, scope, resource, action, cost, priority, lease, wait_for, usage)
 
             def prepare(args: tuple, kwargs: dict) -> Prepared:
                 return const
@@ -942,7 +1033,8 @@ class Warden:
 
                 @functools.wraps(fn)
                 async def guarded_at_once(*args: Any, **kwargs: Any) -> Any:
-                    held = native.hold(prepare(args, kwargs))
+                    prepared = prepare(args, kwargs)
+                    held = native.hold(prepared)
                     if type(held) is not int:
                         raise denied(held)  # type: ignore[arg-type]
                     try:
@@ -950,7 +1042,7 @@ class Warden:
                     except BaseException:
                         _settlement_problem(fn, native.finish(held, True))
                         raise
-                    _settlement_problem(fn, native.finish(held, False, actual, result))
+                    _settlement_problem(fn, native.finish(held, False, actual, result, False, prepared))
                     return result
 
                 return guarded_at_once  # type: ignore[return-value]
@@ -959,7 +1051,8 @@ class Warden:
 
                 @functools.wraps(fn)
                 async def guarded_async(*args: Any, **kwargs: Any) -> Any:
-                    held = await native.hold(prepare(args, kwargs), True)
+                    prepared = prepare(args, kwargs)
+                    held = await native.hold(prepared, True)
                     if type(held) is not int:
                         raise denied(held)  # type: ignore[arg-type]
                     try:
@@ -967,7 +1060,7 @@ class Warden:
                     except BaseException:
                         _settlement_problem(fn, await native.finish(held, True, None, None, True))
                         raise
-                    _settlement_problem(fn, await native.finish(held, False, actual, result, True))
+                    _settlement_problem(fn, await native.finish(held, False, actual, result, True, prepared))
                     return result
 
                 return guarded_async  # type: ignore[return-value]
@@ -994,10 +1087,11 @@ def _prepared(
     priority: Any,
     lease: Any,
     max_wait: Optional[float],
+    usage: Any = None,
 ) -> Prepared:
     """A guard's request converted by the native module (wrong types: InvalidInput)."""
     try:
-        return native.prepare(scope, resource, action, _cost(cost), priority, lease, max_wait)
+        return native.prepare(scope, resource, action, _cost(cost), priority, lease, max_wait, _usage(usage))
     except WardenError:
         raise
     except _CONVERSION_ERRORS as e:

@@ -132,6 +132,7 @@ class NativeWarden:
         cost: _Cost = None,
         priority: Optional[str] = None,
         asynchronous: bool = False,
+        usage: _Cost = None,
     ) -> Any: ...
     def balances(self, scope: str, resource: Optional[str] = None, asynchronous: bool = False) -> Any: ...
     def observe(
@@ -158,6 +159,7 @@ class NativeWarden:
         cost: _Cost = None,
         priority: Optional[str] = None,
         asynchronous: bool = False,
+        usage: _Cost = None,
     ) -> Any: ...
     def acquire(
         self,
@@ -168,6 +170,7 @@ class NativeWarden:
         priority: Optional[str] = None,
         asynchronous: bool = False,
         operation: Optional[str] = None,
+        usage: _Cost = None,
     ) -> Any: ...
     def reserve(
         self,
@@ -179,8 +182,18 @@ class NativeWarden:
         lease: Optional[float] = None,
         asynchronous: bool = False,
         operation: Optional[str] = None,
+        usage: _Cost = None,
     ) -> Any: ...
-    def commit(self, reservation: str, actual: _Cost = None, asynchronous: bool = False) -> Any: ...
+    def commit(
+        self,
+        reservation: str,
+        actual: _Cost = None,
+        asynchronous: bool = False,
+        usage: _Cost = None,
+        resource: Optional[str] = None,
+    ) -> Any: ...
+    def cost(self, resource: str, usage: Mapping[str, Any]) -> Dict[str, Any]: ...
+    def estimate(self, resource: str, usage: Mapping[str, Any]) -> Dict[str, Any]: ...
     def release(self, reservation: str, asynchronous: bool = False) -> Any: ...
     def extend(self, reservation: str, lease: float, asynchronous: bool = False) -> Any: ...
     def delegate(
@@ -203,6 +216,7 @@ class NativeWarden:
         reserve: bool = False,
         lease: Optional[float] = None,
         asynchronous: bool = False,
+        usage: _Cost = None,
     ) -> Any: ...
     def prepare(
         self,
@@ -213,6 +227,7 @@ class NativeWarden:
         priority: Optional[str] = None,
         lease: Optional[float] = None,
         max_wait: Optional[float] = None,
+        usage: _Cost = None,
     ) -> Prepared: ...
     def hold(self, prepared: Prepared, asynchronous: bool = False) -> Any:
         """The reservation id (an int) when admitted, else the denying Decision."""
@@ -231,6 +246,7 @@ class NativeWarden:
         actual: Optional[Callable[[Any], Any]] = None,
         result: Any = None,
         asynchronous: bool = False,
+        prepared: Optional[Prepared] = None,
     ) -> Any: ...
 
 @final

@@ -192,6 +192,21 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
                 }
                 Some(u) => Some(build_upstream(ctx, &format!("{path}.upstream"), u)?),
             };
+            let pricing = match &rt.pricing {
+                None => None,
+                Some(_) if section != "resources" => {
+                    return Err(ctx.err(
+                        format!("{path}.pricing"),
+                        "pricing belongs to a resource, not an action",
+                    ));
+                }
+                Some(v) => Some(Arc::new(build_pricing(
+                    ctx,
+                    &format!("{path}.pricing"),
+                    v,
+                    units,
+                )?)),
+            };
             let mut limits = Vec::new();
             for (i, rl) in rt.limits.into_iter().enumerate() {
                 let lpath = format!("{path}.limits[{i}]");
@@ -221,6 +236,7 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
                     limits,
                     risk,
                     upstream,
+                    pricing,
                     description: rt.description,
                     stages_before: Vec::new(),
                 },
@@ -670,4 +686,129 @@ fn build_upstream(ctx: &Ctx<'_>, path: &str, raw: RawUpstream) -> Result<Coordin
     c.cascade.within = time(&rc.within, "cascade.within", c.cascade.within, false)?;
     c.cascade.cooldown = time(&rc.cooldown, "cascade.cooldown", c.cascade.cooldown, false)?;
     Ok(c)
+}
+
+/// Validates a resource's `pricing:`: one price list (a mapping) or dated
+/// ones (a sequence of mappings, each with `from`).
+fn build_pricing(
+    ctx: &Ctx<'_>,
+    path: &str,
+    v: &Value,
+    units: &Map<UnitDef>,
+) -> Result<crate::pricing::Pricing> {
+    use crate::pricing::{Prices, Pricing, read_price};
+    let lists: Vec<(String, &Value)> = match v {
+        Value::Object(_) => vec![(path.to_owned(), v)],
+        Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| (format!("{path}[{i}]"), item))
+            .collect(),
+        Value::Array(_) => return Err(ctx.err(path, "has no price list")),
+        other => {
+            return Err(ctx.err(
+                path,
+                format!(
+                    "expected a price list (a mapping) or dated price lists (a sequence), found {}",
+                    kind_of(other)
+                ),
+            ));
+        }
+    };
+    let dated = lists.len() > 1;
+    let mut versions = Vec::with_capacity(lists.len());
+    for (lpath, item) in &lists {
+        let Value::Object(map) = item else {
+            return Err(ctx.err(
+                lpath,
+                format!("expected a price list (a mapping), found {}", kind_of(item)),
+            ));
+        };
+        let unit = match map.get("unit") {
+            None => "usd".to_owned(),
+            Some(Value::String(u)) => u.clone(),
+            Some(other) => {
+                return Err(ctx.err(
+                    format!("{lpath}.unit"),
+                    format!("expected a unit name, found {}", kind_of(other)),
+                ));
+            }
+        };
+        let decimals = lookup(units, &unit)
+            .ok_or_else(|| {
+                ctx.err(
+                    format!("{lpath}.unit"),
+                    format!(
+                        "unit `{unit}` is not declared under `units` (declared: {})",
+                        units.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?
+            .decimals;
+        let mut prices = Prices {
+            from: None,
+            unit: unit.into(),
+            decimals,
+            input: Amount::units(0),
+            cached_input: None,
+            output: Amount::units(0),
+            image: Amount::units(0),
+            second: Amount::units(0),
+            call: Amount::units(0),
+        };
+        for (key, value) in map {
+            let fpath = format!("{lpath}.{key}");
+            let price = || read_price(value).map_err(|m| ctx.err(&fpath, m));
+            match key.as_str() {
+                "unit" => {}
+                "from" => prices.from = Some(read_from(value).map_err(|m| ctx.err(&fpath, m))?),
+                "input" => prices.input = price()?,
+                "cached_input" => prices.cached_input = Some(price()?),
+                "output" => prices.output = price()?,
+                "image" => prices.image = price()?,
+                "second" => prices.second = price()?,
+                "call" => prices.call = price()?,
+                other => {
+                    return Err(ctx.err(
+                        &fpath,
+                        format!("unknown field `{other}`, expected one of `from`, `unit`, `input`, `cached_input`, `output`, `image`, `second`, `call`"),
+                    ));
+                }
+            }
+        }
+        if dated && prices.from.is_none() && versions.iter().any(|p: &Prices| p.from.is_none()) {
+            return Err(ctx.err(
+                lpath,
+                "needs `from`: only one price list may apply from the start",
+            ));
+        }
+        versions.push(prices);
+    }
+    Pricing::new(versions).map_err(|e| match e {
+        Error::InvalidArgument { message, .. } => ctx.err(path, message),
+        other => other,
+    })
+}
+
+/// A price list's `from`: a date (`2024-08-06`, midnight UTC) or an RFC 3339
+/// time (`2024-08-06T12:00:00Z`).
+fn read_from(v: &Value) -> std::result::Result<Micros, String> {
+    let Value::String(s) = v else {
+        return Err(format!(
+            "expected a date like `2024-08-06` (quoted in TOML), found {}",
+            kind_of(v)
+        ));
+    };
+    let t = s.trim();
+    let parsed = if t.len() == 10 {
+        crate::upstream::headers::rfc3339(&format!("{t}T00:00:00Z"))
+    } else {
+        crate::upstream::headers::rfc3339(t)
+    };
+    parsed.ok_or_else(|| {
+        format!(
+            "`{}` is not a date like `2024-08-06` or a time like `2024-08-06T12:00:00Z`",
+            crate::error::truncate(t)
+        )
+    })
 }

@@ -73,6 +73,8 @@ pub(super) struct RawTarget {
     pub(super) limits: Vec<RawLimit>,
     pub(super) risk: Option<Value>,
     pub(super) upstream: Option<RawUpstream>,
+    /// `pricing:` under a resource: one price list or a list of dated ones.
+    pub(super) pricing: Option<Value>,
     pub(super) description: Option<String>,
 }
 

@@ -290,7 +290,7 @@ fn go_duration(s: &str) -> Option<Duration> {
 
 /// RFC 3339 (`2026-12-01T04:30:00Z`, fractional seconds and offsets allowed)
 /// as µs since the epoch.
-fn rfc3339(s: &str) -> Option<Micros> {
+pub(crate) fn rfc3339(s: &str) -> Option<Micros> {
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return None;

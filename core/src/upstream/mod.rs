@@ -27,7 +27,7 @@
 pub mod breaker;
 pub mod cascade;
 pub(crate) mod gated;
-mod headers;
+pub(crate) mod headers;
 pub mod light;
 pub mod sequence;
 

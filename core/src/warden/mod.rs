@@ -23,6 +23,7 @@ use crate::settle::{CallOutcome, Settlement};
 
 mod allot;
 mod light;
+mod priced;
 
 pub use allot::Allocation;
 pub use light::{LINE_WAIT_LEASE, Turn};
@@ -259,6 +260,8 @@ impl Warden {
     /// # Errors
     /// Invalid input ([`Error::Unknown`], [`Error::InvalidAmount`]…) or a backend failure.
     pub async fn check(&self, request: &Request) -> Result<Decision> {
+        let priced = self.priced(request)?;
+        let request = &*priced;
         let plan = Plan::build(&self.inner.policy, request)?;
         self.decide(&plan, Mode::Check).await
     }
@@ -272,6 +275,8 @@ impl Warden {
     /// # Errors
     /// Invalid input or a backend failure. A denial is `Ok` with `Outcome::Deny`.
     pub async fn acquire(&self, request: &Request) -> Result<Decision> {
+        let priced = self.priced(request)?;
+        let request = &*priced;
         let plan = Plan::build(&self.inner.policy, request)?;
         self.decide(&plan, Mode::Acquire).await
     }
@@ -315,6 +320,8 @@ impl Warden {
     /// # Errors
     /// As [`Warden::acquire`].
     pub async fn admit(&self, request: &Request) -> Result<Decision> {
+        let priced = self.priced(request)?;
+        let request = &*priced;
         let plan = Plan::build(&self.inner.policy, request)?;
         if !plan
             .limits()
@@ -334,6 +341,8 @@ impl Warden {
     /// # Errors
     /// Invalid input (including a lease of zero or over [`MAX_LEASE`]) or a backend failure.
     pub async fn reserve(&self, request: &Request, lease: Option<Duration>) -> Result<Decision> {
+        let priced = self.priced(request)?;
+        let request = &*priced;
         let plan = Plan::build(&self.inner.policy, request)?;
         let lease = self.lease(&plan, lease)?;
         let id = reservation_id(request);
@@ -383,6 +392,7 @@ impl Warden {
     /// (or re-raises its error) unchanged.
     pub async fn finish(&self, id: ReservationId, outcome: CallOutcome) -> Settlement {
         use crate::settle::{Charged, Settled, charge_for};
+        let outcome = self.priced_outcome(outcome);
         let (charged, settled, note) = match &outcome {
             CallOutcome::Failed => {
                 let settled = match self.inner.backend.release(id).await {
@@ -558,6 +568,8 @@ impl Warden {
         let clock = &self.inner.clock;
         let deadline = clock.now().saturating_add(micros(max_wait));
         // On a shared backend the caller also waits in line across processes.
+        let priced = self.priced(request)?;
+        let request = &*priced;
         let plan = Plan::build(&self.inner.policy, request)?.waiting(Waiter {
             id: fastrand::u64(..),
             until: deadline,

@@ -1,0 +1,167 @@
+"""Pricing from Python: cost / estimate from the policy's price tables, the
+shared bill vectors, reservations and guarded calls by usage (sync and async)
+charged in dollars and tokens at once, and bad usage refused by name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+import ratewarden
+from ratewarden import Warden
+
+VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "pricing" / "bills.json").read_text())
+
+POLICY: Dict[str, Any] = {
+    "scopes": {
+        "tenant": {
+            "limits": [
+                {"name": "usd", "kind": "budget", "unit": "usd", "limit": "1.00", "per": "month"},
+                {"name": "tpm", "kind": "quota", "unit": "tokens", "limit": 1000000, "per": "minute"},
+            ]
+        }
+    },
+    "resources": {
+        "openai:gpt-4o": {"pricing": {"input": 2.50, "cached_input": 1.25, "output": 10.00}},
+        "plain": {},
+    },
+}
+
+
+def _clock_at(day: str) -> ratewarden.ManualClock:
+    from datetime import datetime, timezone
+
+    start = datetime.fromisoformat(day).replace(tzinfo=timezone.utc).timestamp()
+    return ratewarden.ManualClock(start)
+
+
+def test_the_bill_vectors_price_exactly() -> None:
+    policy = {"resources": {name: {"pricing": p} for name, p in VECTORS["prices"].items()}}
+    for case in VECTORS["cases"]:
+        w = Warden(policy, clock=_clock_at(case["at"]))
+        usage = {k: v for k, v in case["usage"].items()}
+        price = w.estimate if case["estimate"] else w.cost
+        if "usd" in case:
+            got = price(case["resource"], usage)
+            assert got["amount_text"] == case["usd"], case
+            assert got["amount"] == int(Decimal(case["usd"]) * 1_000_000), case
+            assert got["unit"] == "usd" and got["decimals"] == 6
+        else:
+            with pytest.raises(ratewarden.InvalidInput):
+                price(case["resource"], usage)
+
+
+def test_cost_says_what_a_decision_charges() -> None:
+    w = Warden(POLICY)
+    got = w.cost("openai:gpt-4o", {"input_tokens": 1200, "output_tokens": 95, "max_output_tokens": 800})
+    assert got["amount"] == 3950 and got["amount_text"] == "0.00395"
+    assert got["cost"] == {"usd": "0.00395", "tokens": 1295}
+    est = w.estimate("openai:gpt-4o", {"input_tokens": 1200, "max_output_tokens": 800})
+    assert est["cost"] == {"usd": "0.011", "tokens": 2000}
+    # The cost dict is a cost: acquiring it charges the same as the usage.
+    d = w.acquire("tenant:a", resource="openai:gpt-4o", cost=est["cost"])
+    assert {l["name"]: l["remaining"] for l in d.limits} == {"usd": 989_000, "tpm": 998_000}
+
+
+def test_a_reservation_by_usage_commits_at_the_actual_usage() -> None:
+    w = Warden(POLICY)
+    with w.reserve("tenant:a", resource="openai:gpt-4o", usage={"input_tokens": 1200, "max_output_tokens": 800}) as r:
+        assert {l["name"]: l["remaining"] for l in r.limits} == {"usd": 989_000, "tpm": 998_000}
+        receipt = r.commit(usage={"input_tokens": 1200, "output_tokens": 95})
+    charged = {c["name"]: c["charged"] for c in receipt["charges"]}
+    assert charged == {"usd": 3950, "tpm": 1295}
+    left = {b["name"]: b["remaining"] for b in w.balances("tenant:a")}
+    assert left == {"usd": 1_000_000 - 3950, "tpm": 1_000_000 - 1295}
+
+
+def test_async_reserve_and_commit_by_usage() -> None:
+    async def main() -> Dict[str, int]:
+        w = Warden(POLICY)
+        async with w.reserve_async(
+            "tenant:a", resource="openai:gpt-4o", usage={"input_tokens": 1000, "max_output_tokens": 1000}
+        ) as r:
+            receipt = await r.commit_async(usage={"input_tokens": 1000, "output_tokens": 10})
+        return {c["name"]: c["charged"] for c in receipt["charges"]}
+
+    assert asyncio.run(main()) == {"usd": 2600, "tpm": 1010}
+
+
+def test_a_guard_by_usage_charges_the_priced_actual(caplog: pytest.LogCaptureFixture) -> None:
+    w = Warden(POLICY)
+
+    @w.guard(
+        "tenant:a",
+        resource="openai:gpt-4o",
+        usage=lambda prompt, max_tokens: {"input_tokens": len(prompt), "max_output_tokens": max_tokens},
+        actual=lambda reply: {"input_tokens": reply["in"], "output_tokens": reply["out"]},
+    )
+    def complete(prompt: str, max_tokens: int) -> Dict[str, int]:
+        return {"in": len(prompt), "out": 7}
+
+    @w.guard(
+        "tenant:a",
+        resource="openai:gpt-4o",
+        usage={"input_tokens": 100, "max_output_tokens": 100},
+        actual=lambda reply: {"input_tokens": 100, "output_tokens": reply},
+    )
+    async def complete_async(out: int) -> int:
+        return out
+
+    assert complete("x" * 1000, 500) == {"in": 1000, "out": 7}
+    left = {b["name"]: b["remaining"] for b in w.balances("tenant:a")}
+    assert left == {"usd": 1_000_000 - 2_570, "tpm": 1_000_000 - 1_007}
+    assert asyncio.run(complete_async(3)) == 3
+    left = {b["name"]: b["remaining"] for b in w.balances("tenant:a")}
+    assert left == {"usd": 1_000_000 - 2_570 - 280, "tpm": 1_000_000 - 1_007 - 103}
+    # A reported usage that cannot be priced: the estimate is charged, and logged.
+    with caplog.at_level(logging.WARNING, logger="ratewarden"):
+        assert asyncio.run(complete_async(-1)) == -1
+    assert "output_tokens" in caplog.text
+    left = {b["name"]: b["remaining"] for b in w.balances("tenant:a")}
+    assert left["usd"] == 1_000_000 - 2_570 - 280 - 1_250
+
+
+def test_bad_usage_is_refused_by_name_and_changes_nothing() -> None:
+    w = Warden(POLICY)
+    cases = [
+        ({"input_tokens": 1.5}, "input_tokens"),
+        ({"input_tokens": -1}, "input_tokens"),
+        ({"inptu_tokens": 1}, "unknown field `inptu_tokens`"),
+        ({"input_tokens": 2**70}, "input_tokens"),
+        ({"input_tokens": 5, "cached_input_tokens": 6}, "cached_input_tokens"),
+        ({"seconds": "0.0005"}, "seconds"),
+        ({"input_tokens": True}, "bool"),
+        ("lots", "invalid usage"),
+    ]
+    for usage, says in cases:
+        with pytest.raises(ratewarden.InvalidInput, match=says):
+            w.acquire("tenant:a", resource="openai:gpt-4o", usage=usage)  # type: ignore[arg-type]
+        with pytest.raises(ratewarden.InvalidInput, match=says):
+            w.cost("openai:gpt-4o", usage)  # type: ignore[arg-type]
+    with pytest.raises(ratewarden.InvalidInput, match="has no `pricing:`"):
+        w.reserve("tenant:a", resource="plain", usage={"input_tokens": 1})
+    with pytest.raises(ratewarden.InvalidInput, match="needs a resource"):
+        w.acquire("tenant:a", usage={"input_tokens": 1})
+    r = w.reserve("tenant:a", resource="openai:gpt-4o", cost={"usd": "0.01"})
+    with pytest.raises(ratewarden.InvalidInput, match="resource"):
+        w.commit(r.id, usage={"input_tokens": 1})  # type: ignore[arg-type]
+    with pytest.raises(ratewarden.InvalidInput, match="not both"):
+        w.commit(r.id, {"usd": "0.01"}, usage={"input_tokens": 1}, resource="openai:gpt-4o")
+    r.release()
+    left = {b["name"]: b["remaining"] for b in w.balances("tenant:a")}
+    assert left == {"usd": 1_000_000, "tpm": 1_000_000}
+
+
+@pytest.mark.parametrize("kind", ["url", "cluster_url"])
+def test_usage_is_priced_the_same_on_redis(redis_servers: Any, namespace: str, kind: str) -> None:
+    w = Warden(POLICY, backend=getattr(redis_servers, kind), namespace=namespace)
+    r = w.reserve("tenant:a", resource="openai:gpt-4o", usage={"input_tokens": 1200, "max_output_tokens": 800})
+    assert {l["name"]: l["remaining"] for l in r.limits} == {"usd": 989_000, "tpm": 998_000}
+    receipt = r.commit(usage={"input_tokens": 1200, "output_tokens": 95})
+    assert {c["name"]: c["charged"] for c in receipt["charges"]} == {"usd": 3950, "tpm": 1295}
