@@ -279,6 +279,34 @@ function checkCost(cost, what) {
   return out;
 }
 
+/** A usage object checked for types (field names and counts are judged by the core); BigInts as decimal strings. */
+function checkUsage(usage, what) {
+  if (usage === undefined || usage === null) return usage;
+  if (typeof usage !== 'object' || Array.isArray(usage)) {
+    throw new InvalidInputError(`invalid ${what}: expected an object of usage field to count, got ${describe(usage)}`, { argument: what });
+  }
+  let out = usage;
+  for (const field of Object.keys(usage)) {
+    const v = usage[field];
+    if (typeof v === 'string' || (typeof v === 'number' && Number.isFinite(v))) continue;
+    if (typeof v === 'bigint') {
+      if (out === usage) out = { ...usage };
+      out[field] = v.toString();
+      continue;
+    }
+    const got = typeof v === 'number' ? String(v) : describe(v);
+    throw new InvalidInputError(`invalid ${what}.${field}: expected a finite number, got ${got}`, { argument: what });
+  }
+  return out;
+}
+
+function requireUsage(usage) {
+  if (usage === undefined || usage === null) {
+    throw new InvalidInputError(`invalid usage: expected an object of usage field to count, got ${describe(usage)}`, { argument: 'usage' });
+  }
+  return checkUsage(usage, 'usage');
+}
+
 /** `null`, `an array`, or the typeof of a value, for messages. */
 function describe(v) {
   return v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
@@ -304,7 +332,8 @@ function checkRequest(scope, options) {
   for (const k of ['resource', 'action', 'priority', 'operation']) optionalString(options[k], k);
   optionalSeconds(options.lease, 'lease');
   const cost = checkCost(options.cost, 'cost');
-  return cost === options.cost ? options : { ...options, cost };
+  const usage = checkUsage(options.usage, 'usage');
+  return cost === options.cost && usage === options.usage ? options : { ...options, cost, usage };
 }
 
 function requireString(value, what) {
@@ -451,8 +480,8 @@ class Warden {
     let resource, action, cost, priority;
     if (options !== undefined && options !== null) {
       if (typeof options !== 'object' || Array.isArray(options)) return invalidOptions(options);
-      // An operation id (a repeated request) is read by the general path.
-      if (options.operation !== undefined) return this.#request(name, scope, options);
+      // An operation id (a repeated request) and a usage are read by the general path.
+      if (options.operation !== undefined || options.usage !== undefined) return this.#request(name, scope, options);
       ({ resource, action, priority } = options);
       if ((resource !== undefined && typeof resource !== 'string') || (action !== undefined && typeof action !== 'string')
         || (priority !== undefined && typeof priority !== 'string')) {
@@ -695,6 +724,48 @@ class Warden {
     }
   }
 
+  /**
+   * Commits a reservation at the price of what the call used on `resource`
+   * (`{ input_tokens: 1200, output_tokens: 95 }`; see `cost`): the money unit,
+   * `tokens`… in one commit; less than reserved is refunded.
+   */
+  commitUsage(reservation, resource, usage) {
+    try {
+      requireString(reservation, 'reservation');
+      requireString(resource, 'resource');
+      return this.#call('commitUsage', [reservation, resource, requireUsage(usage)]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
+  /**
+   * What `usage` costs on `resource` at its prices now (`pricing:` in the
+   * policy; `output_tokens` priced — the bill a commit charges). Exact: every
+   * line summed as a fraction, rounded up once to the money unit's base unit.
+   * Synchronous (nothing is asked of the backend): `{ unit, amount, amountText,
+   * decimals, inputTokens, outputTokens, cost }`, `cost` being what a decision
+   * charges for it (`{ usd: '0.00395', tokens: 1295 }`).
+   */
+  cost(resource, usage) {
+    try {
+      requireString(resource, 'resource');
+      return this.#live().cost(resource, requireUsage(usage));
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /** As `cost`, pricing `max_output_tokens` when given: what `reserve(scope, { usage })` holds. */
+  estimate(resource, usage) {
+    try {
+      requireString(resource, 'resource');
+      return this.#live().estimate(resource, requireUsage(usage));
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
   /** Ends a reservation or delegation without charging; resolves `false` if already released. */
   release(reservation) {
     try {
@@ -752,18 +823,18 @@ class Warden {
    * not go as reported becomes a process warning (`RATEWARDEN_SETTLEMENT`),
    * never an exception: the call already happened.
    */
-  async #finish(fn, reservation, failed, used, unreadable) {
+  async #finish(fn, reservation, failed, used, unreadable, priced) {
     let problem;
     try {
       const n = this.#live();
       const settle = (args) => (this.#embedded ? n.finishSync(...args) : n.finishAsync(...args));
       try {
-        problem = await settle([reservation, failed, used, unreadable ?? null]);
+        problem = await settle([reservation, failed, used, unreadable ?? null, priced ?? null]);
       } catch (e) {
         // A usage that cannot even cross (BigInt, cycles, NaN) is unreadable:
         // settled at the estimate all the same.
         if (failed || used === undefined || !(typed(e) instanceof InvalidInputError)) throw e;
-        problem = await settle([reservation, false, undefined, `actual() returned an object that is not a cost (${typed(e).message})`]);
+        problem = await settle([reservation, false, undefined, `actual() returned an object that is not a ${priced ? 'usage' : 'cost'} (${typed(e).message})`, null]);
       }
     } catch (e) {
       problem = `reservation ${reservation} could not be settled: ${typed(e).message}`;
@@ -796,7 +867,7 @@ class Warden {
   wrap(fn, options = {}) {
     if (typeof fn !== 'function') throw new InvalidInputError(`invalid fn: wrap() needs a function, got ${typeof fn}`);
     requireOptions(options, 'options');
-    const { scope: who, resource, action, cost, priority, actual, lease, onLimit = 'raise', maxWait = 30 } = options;
+    const { scope: who, resource, action, cost, priority, actual, lease, usage, onLimit = 'raise', maxWait = 30 } = options;
     if (who === undefined) throw new InvalidInputError('invalid scope: wrap() needs options.scope');
     if (onLimit !== 'raise' && onLimit !== 'wait') throw new InvalidInputError(`invalid onLimit: ${JSON.stringify(onLimit)} is not 'raise' or 'wait'`);
     if (actual !== undefined && typeof actual !== 'function') throw new InvalidInputError('invalid actual: expected a function of the result');
@@ -804,6 +875,10 @@ class Warden {
     const warden = this;
     const wrapped = async function (...args) {
       const request = { resource: pick(resource, args), action: pick(action, args), cost: pick(cost, args), priority: pick(priority, args), lease };
+      // Reserved by usage: the call's actual is a usage too, priced by the core.
+      const u = pick(usage, args);
+      if (u !== undefined && u !== null) request.usage = u;
+      const priced = request.usage === undefined ? undefined : request.resource;
       const s = pick(who, args);
       const d = onLimit === 'wait'
         ? await warden.wait(s, { ...request, maxWait, reserve: true })
@@ -829,17 +904,17 @@ class Warden {
         }
         if (unreadable === undefined && used !== undefined && used !== null
           && (typeof used !== 'object' || Array.isArray(used))) {
-          unreadable = `actual() returned ${describe(used)}, not an object of unit to amount`;
+          unreadable = `actual() returned ${describe(used)}, not an object of ${priced ? 'usage field to count' : 'unit to amount'}`;
         }
         if (unreadable === undefined) {
           try {
-            checkCost(used, 'actual');
+            used = priced ? checkUsage(used, 'actual') : checkCost(used, 'actual');
           } catch (e) {
             unreadable = e.message;
           }
         }
       }
-      await warden.#finish(fn, d.reservation, false, unreadable === undefined ? used : undefined, unreadable);
+      await warden.#finish(fn, d.reservation, false, unreadable === undefined ? used : undefined, unreadable, priced);
       return result;
     };
     Object.defineProperty(wrapped, 'name', { value: fn.name });

@@ -13,6 +13,8 @@ import type {
   RequestOptions,
   UpstreamInfo,
   ObservedQuota,
+  Priced,
+  Usage,
   WardenOptions,
 } from './native';
 
@@ -29,6 +31,8 @@ export type {
   RequestOptions,
   UpstreamInfo,
   ObservedQuota,
+  Priced,
+  Usage,
 };
 /** Options of `Warden.fetcher` and `governOpenAI`. */
 export interface FetcherOptions {
@@ -123,7 +127,14 @@ export interface WrapOptions<Args extends unknown[], R> {
    * something that is not a cost, the estimate is charged and a
    * `RATEWARDEN_SETTLEMENT` process warning says why.
    */
-  actual?: (result: R) => Record<string, number | string> | null | undefined | Promise<Record<string, number | string> | null | undefined>;
+  actual?: (result: R) => Record<string, number | string> | Usage | null | undefined | Promise<Record<string, number | string> | Usage | null | undefined>;
+  /**
+   * Reserve by what the call uses instead of a cost (a priced resource):
+   * `{ input_tokens, max_output_tokens }`, or a function of the arguments.
+   * `actual` then returns the usage the response reports
+   * (`{ input_tokens, output_tokens }`), priced by the same table.
+   */
+  usage?: Pick<Args, Usage | undefined>;
   /** Lease of the hold, seconds. */
   lease?: number;
   /** `'raise'` (default): reject denied calls; `'wait'`: wait up to `maxWait` first. */
@@ -252,6 +263,17 @@ export declare class Warden {
   reserve(scope: string, options?: RequestOptions): Promise<Decision>;
   /** Charges a reservation's actual usage (units left out: as reserved). Idempotent: a repeat charges nothing (`duplicate: true`). */
   commit(reservation: string, actual?: Record<string, number | string>): Promise<Receipt>;
+  /** Commits a reservation at the price of what the call used on `resource` (`{ input_tokens, output_tokens }`). */
+  commitUsage(reservation: string, resource: string, usage: Usage): Promise<Receipt>;
+  /**
+   * What `usage` costs on `resource` at its prices now (`pricing:` in the policy;
+   * `output_tokens` priced). Exact, rounded up once to the money unit's base unit.
+   * Synchronous: nothing is asked of the backend. Throws an `InvalidInputError`
+   * for an unpriced resource or bad usage.
+   */
+  cost(resource: string, usage: Usage): Priced;
+  /** As `cost`, pricing `max_output_tokens` when given: what `reserve(scope, { usage })` holds. */
+  estimate(resource: string, usage: Usage): Priced;
   /** Ends a reservation or delegation without charging; resolves `false` if it was already released. */
   release(reservation: string): Promise<boolean>;
   /** Renews a reservation's lease to `lease` seconds from now; resolves to the new expiry (seconds since the epoch). */

@@ -83,6 +83,20 @@ export declare class NativeWarden {
   reserveSync(scope: string, options?: RequestOptions | undefined | null): Decision
   /** Decides at once on the embedded engine. */
   commitSync(reservation: string, actual?: any | undefined | null): Receipt
+  /** Commits at the price of `usage` on `resource`; decides at once on the embedded engine. */
+  commitUsageSync(reservation: string, resource: string, usage: Usage): Receipt
+  /** Runs on the runtime. */
+  commitUsageAsync(reservation: string, resource: string, usage: Usage): Promise<Receipt>
+  /**
+   * What `usage` costs on `resource` at its prices now (`output_tokens`
+   * priced: the bill a commit charges).
+   */
+  cost(resource: string, usage: Usage): Priced
+  /**
+   * What a call with `usage` may cost on `resource` now
+   * (`max_output_tokens` priced when given: what a reservation holds).
+   */
+  estimate(resource: string, usage: Usage): Priced
   /** Decides at once on the embedded engine. */
   releaseSync(reservation: string): boolean
   /** Decides at once on the embedded engine. */
@@ -147,9 +161,9 @@ export declare class NativeWarden {
    * usage could not be read, or `actual` is not a valid cost. Resolves to
    * the problem to report, or null; never rejects for the settlement itself.
    */
-  finishSync(reservation: string, failed: boolean, actual?: any | undefined | null, unreadable?: string | undefined | null): string | null
+  finishSync(reservation: string, failed: boolean, actual?: any | undefined | null, unreadable?: string | undefined | null, priced?: string | undefined | null): string | null
   /** Runs on the runtime. */
-  finishAsync(reservation: string, failed: boolean, actual?: any | undefined | null, unreadable?: string | undefined | null): Promise<string | null>
+  finishAsync(reservation: string, failed: boolean, actual?: any | undefined | null, unreadable?: string | undefined | null, priced?: string | undefined | null): Promise<string | null>
   /** Runs on the runtime. */
   releaseAsync(reservation: string): Promise<boolean>
   /** Runs on the runtime. */
@@ -420,6 +434,27 @@ export interface ParsedHeaders {
  */
 export declare function parseHeaders(headers: Array<Array<string>>, now?: number | undefined | null): ParsedHeaders
 
+/** What a usage costs: `warden.cost` / `warden.estimate`. */
+export interface Priced {
+  /** The money unit (`usd`). */
+  unit: string
+  /** The bill in base units of `unit` (micro-dollars for `usd`), rounded up once. */
+  amount: number
+  /** The bill as a decimal of `unit` (`0.00395`). */
+  amountText: string
+  /** Decimals of `unit`. */
+  decimals: number
+  /** Input tokens. */
+  inputTokens: number
+  /** Output tokens priced. */
+  outputTokens: number
+  /**
+   * What a decision charges for it, unit → amount (decimal strings for the
+   * money unit, numbers for counts): usable as a `cost` again.
+   */
+  cost: Record<string, string | number>
+}
+
 /** The result of a commit. */
 export interface Receipt {
   /** The reservation id. */
@@ -448,6 +483,11 @@ export interface RequestOptions {
    * charged at most once.
    */
   operation?: string
+  /**
+   * What the call uses, priced by the resource's `pricing:` into the cost:
+   * `{ input_tokens: 1200, max_output_tokens: 800 }`.
+   */
+  usage?: Usage
 }
 
 /**
@@ -497,6 +537,28 @@ export interface UpstreamQuota {
   remaining?: number
   /** Seconds until replenished, when given. */
   reset?: number
+}
+
+/**
+ * What a priced call uses (field names as in the policy and the providers'
+ * usage objects: snake_case, as in the policy and the Python binding).
+ * Declared for its TypeScript type; values cross as JSON.
+ */
+export interface Usage {
+  /** Input (prompt) tokens, cached ones included. */
+  input_tokens?: number | bigint
+  /** How many of the input tokens were read from the provider's cache. */
+  cached_input_tokens?: number | bigint
+  /** Output tokens the call produced (what a commit prices). */
+  output_tokens?: number | bigint
+  /** The most output tokens it may produce (what an estimate prices). */
+  max_output_tokens?: number | bigint
+  /** Images generated or read. */
+  images?: number | bigint
+  /** Seconds of audio or video (up to three decimals). */
+  seconds?: number | string
+  /** Calls (one when unsaid). */
+  calls?: number | bigint
 }
 
 /** Return the version of the ratewarden core library. */

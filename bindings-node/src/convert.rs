@@ -24,6 +24,58 @@ pub struct RequestOptions {
     /// earlier one (e.g. a decision's `unconfirmed`) answers that decision,
     /// charged at most once.
     pub operation: Option<String>,
+    /// What the call uses, priced by the resource's `pricing:` into the cost:
+    /// `{ input_tokens: 1200, max_output_tokens: 800 }`.
+    #[napi(ts_type = "Usage")]
+    pub usage: Option<serde_json::Value>,
+}
+
+/// What a priced call uses (field names as in the policy and the providers'
+/// usage objects: snake_case, as in the policy and the Python binding).
+/// Declared for its TypeScript type; values cross as JSON.
+#[napi(object, js_name = "Usage")]
+#[allow(dead_code)]
+pub struct UsageFields {
+    /// Input (prompt) tokens, cached ones included.
+    #[napi(js_name = "input_tokens", ts_type = "number | bigint")]
+    pub input_tokens: Option<serde_json::Value>,
+    /// How many of the input tokens were read from the provider's cache.
+    #[napi(js_name = "cached_input_tokens", ts_type = "number | bigint")]
+    pub cached_input_tokens: Option<serde_json::Value>,
+    /// Output tokens the call produced (what a commit prices).
+    #[napi(js_name = "output_tokens", ts_type = "number | bigint")]
+    pub output_tokens: Option<serde_json::Value>,
+    /// The most output tokens it may produce (what an estimate prices).
+    #[napi(js_name = "max_output_tokens", ts_type = "number | bigint")]
+    pub max_output_tokens: Option<serde_json::Value>,
+    /// Images generated or read.
+    #[napi(js_name = "images", ts_type = "number | bigint")]
+    pub images: Option<serde_json::Value>,
+    /// Seconds of audio or video (up to three decimals).
+    #[napi(js_name = "seconds", ts_type = "number | string")]
+    pub seconds: Option<serde_json::Value>,
+    /// Calls (one when unsaid).
+    #[napi(js_name = "calls", ts_type = "number | bigint")]
+    pub calls: Option<serde_json::Value>,
+}
+
+/// A usage object (`{ input_tokens: 1200, max_output_tokens: 800 }`) as core
+/// reads it: field names and counts are judged there.
+pub(crate) fn usage_of(v: &serde_json::Value, what: &str) -> Result<PricedUsage> {
+    let serde_json::Value::Object(map) = v else {
+        return Err(invalid(
+            what,
+            format!(
+                "expected an object of usage field to count, got {}",
+                json_type(v)
+            ),
+        ));
+    };
+    let mut fields = Vec::with_capacity(map.len());
+    for (name, v) in map {
+        fields.push((name.as_str(), amount_of(v, &format!("{what}.{name}"))?));
+    }
+    PricedUsage::from_fields(fields).or_throw()
 }
 
 pub(crate) fn amount_of(v: &serde_json::Value, at: &str) -> Result<Amount> {
@@ -102,6 +154,10 @@ pub(crate) fn request_of(scope: &str, o: Option<&RequestOptions>) -> Result<Requ
         o.priority.as_deref(),
     )
     .or_throw()?;
+    let req = match &o.usage {
+        None | Some(serde_json::Value::Null) => req,
+        Some(u) => req.usage(usage_of(u, "usage")?),
+    };
     match &o.operation {
         None => Ok(req),
         Some(op) => Ok(req.operation(ratewarden::OperationId::parse(op).or_throw()?)),
@@ -171,11 +227,14 @@ pub(crate) fn reserve_args(
 }
 
 /// A settlement's reservation and outcome (see `finish_sync`).
+/// With `priced` (the resource of a call reserved by usage), `actual` is the
+/// usage the call reports, priced by core.
 pub(crate) fn finish_args(
     reservation: &str,
     failed: bool,
     actual: Option<serde_json::Value>,
     unreadable: Option<String>,
+    priced: Option<String>,
 ) -> Result<(ReservationId, CallOutcome)> {
     let id = reservation_id(reservation)?;
     if failed {
@@ -184,6 +243,13 @@ pub(crate) fn finish_args(
     let usage = match (unreadable, actual) {
         (Some(why), _) => Usage::Unreadable(why),
         (None, None | Some(serde_json::Value::Null)) => Usage::Estimate,
+        (None, Some(v)) if priced.is_some() => match usage_of(&v, "actual") {
+            Ok(usage) => Usage::Priced {
+                resource: priced.unwrap_or_default(),
+                usage,
+            },
+            Err(e) => Usage::Unreadable(message_of(&e)),
+        },
         (None, Some(v)) => match cost_of(Some(&v), "actual") {
             Ok(c) => Usage::Actual(c),
             // The message without the kind prefix the JS layer reads.

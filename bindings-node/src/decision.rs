@@ -342,3 +342,45 @@ pub(crate) fn balance_of(b: &ratewarden::Balance) -> BalanceInfo {
         reset: b.reset.map(|r| r.as_secs_f64()),
     }
 }
+
+/// What a usage costs: `warden.cost` / `warden.estimate`.
+#[napi(object)]
+pub struct Priced {
+    /// The money unit (`usd`).
+    pub unit: String,
+    /// The bill in base units of `unit` (micro-dollars for `usd`), rounded up once.
+    pub amount: i64,
+    /// The bill as a decimal of `unit` (`0.00395`).
+    pub amount_text: String,
+    /// Decimals of `unit`.
+    pub decimals: u32,
+    /// Input tokens.
+    pub input_tokens: i64,
+    /// Output tokens priced.
+    pub output_tokens: i64,
+    /// What a decision charges for it, unit → amount (decimal strings for the
+    /// money unit, numbers for counts): usable as a `cost` again.
+    #[napi(ts_type = "Record<string, string | number>")]
+    pub cost: serde_json::Value,
+}
+
+#[allow(clippy::cast_possible_wrap)] // token counts are at most 2^53 - 1
+pub(crate) fn priced_of(p: &CorePriced, cost: &ratewarden::Cost) -> Priced {
+    let mut map = serde_json::Map::new();
+    for (unit, amount) in cost.iter() {
+        let v = match amount.parts() {
+            (v, 0) => serde_json::Value::from(v),
+            _ => serde_json::Value::from(amount.to_string()),
+        };
+        map.insert(unit.to_owned(), v);
+    }
+    Priced {
+        unit: p.unit.to_string(),
+        amount: p.amount,
+        amount_text: p.money().to_string(),
+        decimals: u32::from(p.decimals),
+        input_tokens: p.input_tokens as i64,
+        output_tokens: p.output_tokens as i64,
+        cost: serde_json::Value::Object(map),
+    }
+}

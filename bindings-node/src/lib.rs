@@ -22,6 +22,7 @@ use napi_derive::napi;
 use ratewarden::decision::{CommitReceipt, Decision as CoreDecision};
 use ratewarden::http::{HeaderStyle, denial_body, rate_limit_headers};
 use ratewarden::ops::{self, Setup, Source};
+use ratewarden::pricing::{Priced as CorePriced, Usage as PricedUsage};
 use ratewarden::{
     Amount, CallOutcome, Cost, ErrorKind, Policy, Request, ReservationId, Scope, Usage, WaitFor,
     Warden,

@@ -133,6 +133,67 @@ impl NativeWarden {
             .map(|r| receipt_of(&r))
     }
 
+    /// Commits at the price of `usage` on `resource`; decides at once on the embedded engine.
+    #[napi]
+    pub fn commit_usage_sync(
+        &self,
+        reservation: String,
+        resource: String,
+        #[napi(ts_arg_type = "Usage")] usage: serde_json::Value,
+    ) -> Result<Receipt> {
+        let id = reservation_id(&reservation)?;
+        let usage = usage_of(&usage, "usage")?;
+        self.sync(self.warden.commit_usage(id, &resource, &usage))
+            .map(|r| receipt_of(&r))
+    }
+
+    /// Runs on the runtime.
+    #[napi(ts_return_type = "Promise<Receipt>")]
+    pub fn commit_usage_async<'env>(
+        &self,
+        env: &'env Env,
+        reservation: String,
+        resource: String,
+        #[napi(ts_arg_type = "Usage")] usage: serde_json::Value,
+    ) -> Result<PromiseRaw<'env, Receipt>> {
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            let id = reservation_id(&reservation)?;
+            let usage = usage_of(&usage, "usage")?;
+            warden
+                .commit_usage(id, &resource, &usage)
+                .await
+                .or_throw()
+                .map(|r| receipt_of(&r))
+        })
+    }
+
+    /// What `usage` costs on `resource` at its prices now (`output_tokens`
+    /// priced: the bill a commit charges).
+    #[napi]
+    pub fn cost(
+        &self,
+        resource: String,
+        #[napi(ts_arg_type = "Usage")] usage: serde_json::Value,
+    ) -> Result<Priced> {
+        let usage = usage_of(&usage, "usage")?;
+        let p = self.warden.cost(&resource, &usage).or_throw()?;
+        Ok(priced_of(&p, &self.warden.charge_of(&p)))
+    }
+
+    /// What a call with `usage` may cost on `resource` now
+    /// (`max_output_tokens` priced when given: what a reservation holds).
+    #[napi]
+    pub fn estimate(
+        &self,
+        resource: String,
+        #[napi(ts_arg_type = "Usage")] usage: serde_json::Value,
+    ) -> Result<Priced> {
+        let usage = usage_of(&usage, "usage")?;
+        let p = self.warden.estimate(&resource, &usage).or_throw()?;
+        Ok(priced_of(&p, &self.warden.charge_of(&p)))
+    }
+
     /// Decides at once on the embedded engine.
     #[napi]
     pub fn release_sync(&self, reservation: String) -> Result<bool> {
@@ -461,8 +522,9 @@ impl NativeWarden {
         failed: bool,
         actual: Option<serde_json::Value>,
         unreadable: Option<String>,
+        priced: Option<String>,
     ) -> Result<Option<String>> {
-        let (id, outcome) = finish_args(&reservation, failed, actual, unreadable)?;
+        let (id, outcome) = finish_args(&reservation, failed, actual, unreadable, priced)?;
         self.sync(async move { Ok(self.warden.finish(id, outcome).await) })
             .map(|s| s.problem())
     }
@@ -476,10 +538,11 @@ impl NativeWarden {
         failed: bool,
         actual: Option<serde_json::Value>,
         unreadable: Option<String>,
+        priced: Option<String>,
     ) -> Result<PromiseRaw<'env, Option<String>>> {
         let warden = self.warden.clone();
         env.spawn_future(async move {
-            let (id, outcome) = finish_args(&reservation, failed, actual, unreadable)?;
+            let (id, outcome) = finish_args(&reservation, failed, actual, unreadable, priced)?;
             Ok(warden.finish(id, outcome).await.problem())
         })
     }

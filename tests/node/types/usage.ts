@@ -3,7 +3,7 @@
 import express from 'express';
 import {
   BudgetExceededError, ManualClock, RateLimitedError, Warden, WardenError, scope,
-  type Decision, type LimitInfo, type Receipt, type UpstreamInfo,
+  type Decision, type LimitInfo, type Priced, type Receipt, type UpstreamInfo, type Usage,
 } from 'ratewarden';
 
 const warden = new Warden(
@@ -83,4 +83,20 @@ async function errors(): Promise<string | null> {
   return null;
 }
 
-export { answer, decisions, errors, handle };
+// Pricing: usage instead of money, priced by the policy's tables.
+async function priced(): Promise<number> {
+  const est: Priced = warden.estimate('openai', { input_tokens: 1200, max_output_tokens: 800 });
+  const d = await warden.reserve('tenant:acme', { resource: 'openai', usage: { input_tokens: 1200, max_output_tokens: 800n } });
+  const r = await warden.commitUsage(d.reservation!, 'openai', { input_tokens: 1200, output_tokens: 95 });
+  const llm = warden.wrap(async (prompt: string) => ({ usage: { input_tokens: prompt.length, output_tokens: 12 } }), {
+    scope: 'tenant:acme',
+    resource: 'openai',
+    usage: (prompt) => ({ input_tokens: prompt.length, max_output_tokens: 256 }),
+    actual: (reply) => reply.usage,
+  });
+  await llm('hello');
+  const cost: Usage = { input_tokens: 1, seconds: '1.5' };
+  return est.amount + r.charges.length + warden.cost('openai', cost).amount;
+}
+
+export { answer, decisions, errors, handle, priced };
