@@ -210,6 +210,9 @@ pub struct Target {
     /// Its prices (`pricing:` in the policy), so callers may pass usage
     /// instead of money; `None`: not priced.
     pub pricing: Option<Arc<crate::pricing::Pricing>>,
+    /// Shrink a priced request's output to what the budget covers instead
+    /// of denying it (`shrink:` in the policy).
+    pub shrink: Option<crate::pricing::Shrink>,
     /// Free text.
     pub description: Option<String>,
     /// The workflow stages before every stage that calls this resource

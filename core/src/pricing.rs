@@ -285,6 +285,17 @@ impl Prices {
     }
 }
 
+/// `shrink:` of a priced resource: a request by usage whose
+/// `max_output_tokens` the budget cannot cover is allowed with caps instead
+/// of denied — `caps.max_tokens` the most output tokens that fit what is left
+/// (its money, `tokens` and `output_tokens` limits, at this caller's
+/// priority), when that is at least `min_output_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shrink {
+    /// The smallest output worth a call; below it the request is denied.
+    pub min_output_tokens: u64,
+}
+
 /// A resource's prices: one list, or a history of lists by the date each
 /// took effect (sorted, earliest first).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -402,3 +402,162 @@ fn a_warden_prices_with_its_policy_not_a_copy() {
     assert_eq!(c.get("output_tokens"), Some(Amount::units(0)));
     let _ = Cost::new();
 }
+
+/// `llm_policy` with `shrink:` on the model (and its limits as given).
+fn shrink_policy(min: u64) -> Value {
+    let mut p = llm_policy();
+    p["resources"]["openai:gpt-4o"]["shrink"] = json!({ "min_output_tokens": min });
+    p["scopes"]["tenant"]["limits"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "calls", "kind": "quota", "limit": 3, "per": "day"}));
+    p
+}
+
+fn spend(w: &Warden, usd: &str) {
+    let d = now(w.acquire(
+        &Request::parse("tenant:a")
+            .unwrap()
+            .spend("usd", Amount::parse(usd).unwrap())
+            .spend("requests", 0),
+    ))
+    .unwrap();
+    assert!(d.allowed(), "{d:?}");
+}
+
+#[test]
+fn a_usage_the_budget_cannot_cover_is_shrunk_to_what_it_can() {
+    let (w, _) = warden(shrink_policy(100));
+    spend(&w, "0.995");
+    // $0.005 left: 1 000 input tokens take $0.0025, leaving 250 output tokens
+    // at $10/M of the 1 000 asked.
+    let ask = llm(Usage::tokens(1000, 0).max_output(1000));
+    for d in [
+        now(w.check(&ask)).unwrap(),
+        now(w.reserve(&ask, None)).unwrap(),
+    ] {
+        assert_eq!(d.outcome, Outcome::AllowWithCaps, "{d:?}");
+        assert_eq!(d.caps.max_tokens, Some(250), "{d:?}");
+        assert!(
+            d.reason.as_deref().unwrap().contains("250 of the 1000"),
+            "{d:?}"
+        );
+    }
+    let b = now(w.balances(&"tenant:a".parse().unwrap(), None)).unwrap();
+    let left = |n: &str| b.iter().find(|x| x.name == n).unwrap().remaining;
+    assert_eq!(left("usd"), 0);
+    assert_eq!(left("tpm"), 1_000_000 - 1_250);
+    // Nothing is left now: even the smallest reply does not fit.
+    let d = now(w.acquire(&llm(Usage::tokens(1, 0).max_output(10)))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+}
+
+#[test]
+fn a_shrink_below_the_smallest_useful_reply_is_a_denial() {
+    let (w, _) = warden(shrink_policy(251));
+    spend(&w, "0.995");
+    let d = now(w.acquire(&llm(Usage::tokens(1000, 0).max_output(1000)))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+    assert_eq!(d.caps.max_tokens, None);
+    assert_eq!(remaining(&d, "usd"), 5_000);
+    // Without `shrink:` the same request is denied as before.
+    let (w, _) = warden(llm_policy());
+    spend(&w, "0.995");
+    let d = now(w.acquire(&llm(Usage::tokens(1000, 0).max_output(1000)))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+}
+
+#[test]
+fn a_token_quota_shrinks_the_output_too_and_a_count_limit_does_not() {
+    let mut p = shrink_policy(1);
+    p["scopes"]["tenant"]["limits"][1]["limit"] = json!(1_100);
+    let (w, _) = warden(p);
+    let d = now(w.acquire(&llm(Usage::tokens(1000, 0).max_output(1000)))).unwrap();
+    assert_eq!(d.outcome, Outcome::AllowWithCaps, "{d:?}");
+    assert_eq!(d.caps.max_tokens, Some(100));
+    assert_eq!(remaining(&d, "tpm"), 0);
+    // The `calls` quota (requests) denies: shrinking the output cannot help.
+    let (w, _) = warden(shrink_policy(1));
+    for _ in 0..3 {
+        assert!(now(w.acquire(&llm(Usage::tokens(1, 1)))).unwrap().allowed());
+    }
+    let d = now(w.acquire(&llm(Usage::tokens(1, 0).max_output(1000)))).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+    assert_eq!(d.caps.max_tokens, None);
+}
+
+#[test]
+fn a_request_that_names_its_operation_is_decided_as_asked() {
+    // A repeat with the id must answer what the first attempt did; a shrunk
+    // attempt's size depends on the state it met, so it is never shrunk.
+    let (w, _) = warden(shrink_policy(1));
+    spend(&w, "0.995");
+    let op = ratewarden::OperationId::parse("0123456789abcdef0123456789abcdef").unwrap();
+    let ask = llm(Usage::tokens(1000, 0).max_output(1000)).operation(op);
+    let d = now(w.reserve(&ask, None)).unwrap();
+    assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+    let d = now(w.reserve(&llm(Usage::tokens(1000, 0).max_output(1000)), None)).unwrap();
+    assert_eq!(d.caps.max_tokens, Some(250), "{d:?}");
+    // The shrunk reservation commits at what the call used.
+    let id = d.reservation.unwrap().id;
+    let r = now(w.commit_usage(id, "openai:gpt-4o", &Usage::tokens(1000, 240))).unwrap();
+    assert_eq!(
+        r.charges
+            .iter()
+            .find(|c| c.def.name == "usd")
+            .unwrap()
+            .charged,
+        4_900
+    );
+}
+
+#[test]
+fn a_background_caller_is_shrunk_to_above_its_floor() {
+    let mut p = shrink_policy(1);
+    p["defaults"] = json!({"floors": {"standard": 0, "background": "50%"}});
+    let (w, _) = warden(p);
+    spend(&w, "0.49");
+    // $0.51 left, of which a background caller may take $0.01: 1 000 input
+    // ($0.0025) and 750 output tokens.
+    let d = now(w.acquire(
+        &llm(Usage::tokens(1000, 0).max_output(100_000)).priority(ratewarden::Priority::Background),
+    ))
+    .unwrap();
+    assert_eq!(d.outcome, Outcome::AllowWithCaps, "{d:?}");
+    assert_eq!(d.caps.max_tokens, Some(750));
+    assert_eq!(remaining(&d, "usd"), 500_000);
+}
+
+#[test]
+fn a_shrink_the_policy_cannot_hold_names_where() {
+    let bad = |shrink: Value, pricing: bool, says: &str| {
+        let mut r = json!({ "shrink": shrink });
+        if pricing {
+            r["pricing"] = json!({"input": 1});
+        }
+        let e = Policy::from_value(&json!({"resources": {"m": r}}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(says) && e.contains("resources.m"),
+            "{e} should say {says}"
+        );
+    };
+    bad(
+        json!({"min_output_tokens": 10}),
+        false,
+        "needs the resource's `pricing:`",
+    );
+    bad(json!({"min_output_tokens": 0}), true, "from 1 to 2^53-1");
+    bad(json!({"min_output_tokens": 1.5}), true, "from 1 to 2^53-1");
+    bad(
+        json!({"min_output_tokens": "10"}),
+        true,
+        "expected a number",
+    );
+    bad(
+        json!({"min_tokens": 10}),
+        true,
+        "unknown field `min_tokens`",
+    );
+}

@@ -135,3 +135,16 @@ for (const kind of ['url', 'cluster_url']) {
     }
   });
 }
+
+test('a reservation the budget cannot cover is shrunk: allowed with caps.maxTokens', async () => {
+  const policy = structuredClone(POLICY);
+  policy.resources['openai:gpt-4o'].shrink = { min_output_tokens: 100 };
+  const w = new Warden(policy);
+  assert.ok((await w.acquire('tenant:a', { cost: { usd: '0.995' } })).allowed);
+  const d = await w.reserve('tenant:a', { resource: 'openai:gpt-4o', usage: { input_tokens: 1000, max_output_tokens: 1000 } });
+  assert.equal(d.outcome, 'allow_with_caps');
+  assert.equal(d.caps.maxTokens, 250);
+  await w.commitUsage(d.reservation, 'openai:gpt-4o', { input_tokens: 1000, output_tokens: 250 });
+  const denied = await w.reserve('tenant:a', { resource: 'openai:gpt-4o', usage: { input_tokens: 1, max_output_tokens: 10 } });
+  assert.equal(denied.allowed, false);
+});

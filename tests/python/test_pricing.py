@@ -165,3 +165,21 @@ def test_usage_is_priced_the_same_on_redis(redis_servers: Any, namespace: str, k
     assert {l["name"]: l["remaining"] for l in r.limits} == {"usd": 989_000, "tpm": 998_000}
     receipt = r.commit(usage={"input_tokens": 1200, "output_tokens": 95})
     assert {c["name"]: c["charged"] for c in receipt["charges"]} == {"usd": 3950, "tpm": 1295}
+
+
+def test_a_reservation_the_budget_cannot_cover_is_shrunk_with_caps() -> None:
+    policy = json.loads(json.dumps(POLICY))
+    policy["resources"]["openai:gpt-4o"]["shrink"] = {"min_output_tokens": 100}
+    w = Warden(policy)
+    assert w.acquire("tenant:a", cost={"usd": "0.995"}).allowed
+    # $0.005 left: 1 000 input tokens ($0.0025) and 250 of the 1 000 output tokens.
+    with w.reserve("tenant:a", resource="openai:gpt-4o", usage={"input_tokens": 1000, "max_output_tokens": 1000}) as r:
+        assert r.outcome == "allow_with_caps"
+        assert r.caps["max_tokens"] == 250
+        r.commit(usage={"input_tokens": 1000, "output_tokens": 250})
+    left = {b["name"]: b["remaining"] for b in w.balances("tenant:a")}
+    assert left == {"usd": 0, "tpm": 1_000_000 - 1_250}
+    # Nothing is left to shrink to: denied, raising from the context manager.
+    with pytest.raises(ratewarden.BudgetExceeded):
+        with w.reserve("tenant:a", resource="openai:gpt-4o", usage={"input_tokens": 1, "max_output_tokens": 10}):
+            pass

@@ -207,6 +207,39 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
                     units,
                 )?)),
             };
+            let shrink = match &rt.shrink {
+                None => None,
+                Some(_) if pricing.is_none() => {
+                    return Err(ctx.err(
+                        format!("{path}.shrink"),
+                        "shrinking a request to its budget needs the resource's `pricing:`",
+                    ));
+                }
+                Some(raw) => {
+                    let spath = format!("{path}.shrink.min_output_tokens");
+                    let min = match &raw.min_output_tokens {
+                        None => 1,
+                        Some(Value::Number(n)) => n
+                            .as_u64()
+                            .filter(|m| (1..=MAX_AMOUNT.unsigned_abs()).contains(m))
+                            .ok_or_else(|| {
+                                ctx.err(
+                                    &spath,
+                                    format!("{n} is not a whole number of tokens from 1 to 2^53-1"),
+                                )
+                            })?,
+                        Some(other) => {
+                            return Err(ctx.err(
+                                &spath,
+                                format!("expected a number of tokens, found {}", kind_of(other)),
+                            ));
+                        }
+                    };
+                    Some(crate::pricing::Shrink {
+                        min_output_tokens: min,
+                    })
+                }
+            };
             let mut limits = Vec::new();
             for (i, rl) in rt.limits.into_iter().enumerate() {
                 let lpath = format!("{path}.limits[{i}]");
@@ -237,6 +270,7 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
                     risk,
                     upstream,
                     pricing,
+                    shrink,
                     description: rt.description,
                     stages_before: Vec::new(),
                 },

@@ -75,6 +75,8 @@ pub(super) struct RawTarget {
     pub(super) upstream: Option<RawUpstream>,
     /// `pricing:` under a resource: one price list or a list of dated ones.
     pub(super) pricing: Option<Value>,
+    /// `shrink:` under a priced resource.
+    pub(super) shrink: Option<RawShrink>,
     pub(super) description: Option<String>,
 }
 
@@ -162,4 +164,11 @@ pub(super) struct RawCapRule {
     pub(super) max_tokens: Option<u64>,
     pub(super) model: Option<String>,
     pub(super) sequential: Option<bool>,
+}
+
+/// `shrink:` under a priced resource.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShrink {
+    pub(super) min_output_tokens: Option<Value>,
 }

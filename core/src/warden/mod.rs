@@ -25,6 +25,8 @@ mod allot;
 mod light;
 mod priced;
 
+use priced::UsageMode;
+
 pub use allot::Allocation;
 pub use light::{LINE_WAIT_LEASE, Turn};
 
@@ -260,8 +262,9 @@ impl Warden {
     /// # Errors
     /// Invalid input ([`Error::Unknown`], [`Error::InvalidAmount`]…) or a backend failure.
     pub async fn check(&self, request: &Request) -> Result<Decision> {
-        let priced = self.priced(request)?;
-        let request = &*priced;
+        if request.usage.is_some() {
+            return self.decide_usage(request, UsageMode::Check).await;
+        }
         let plan = Plan::build(&self.inner.policy, request)?;
         self.decide(&plan, Mode::Check).await
     }
@@ -275,8 +278,9 @@ impl Warden {
     /// # Errors
     /// Invalid input or a backend failure. A denial is `Ok` with `Outcome::Deny`.
     pub async fn acquire(&self, request: &Request) -> Result<Decision> {
-        let priced = self.priced(request)?;
-        let request = &*priced;
+        if request.usage.is_some() {
+            return self.decide_usage(request, UsageMode::Acquire).await;
+        }
         let plan = Plan::build(&self.inner.policy, request)?;
         self.decide(&plan, Mode::Acquire).await
     }
@@ -341,8 +345,9 @@ impl Warden {
     /// # Errors
     /// Invalid input (including a lease of zero or over [`MAX_LEASE`]) or a backend failure.
     pub async fn reserve(&self, request: &Request, lease: Option<Duration>) -> Result<Decision> {
-        let priced = self.priced(request)?;
-        let request = &*priced;
+        if request.usage.is_some() {
+            return self.decide_usage(request, UsageMode::Reserve(lease)).await;
+        }
         let plan = Plan::build(&self.inner.policy, request)?;
         let lease = self.lease(&plan, lease)?;
         let id = reservation_id(request);
