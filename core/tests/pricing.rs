@@ -561,3 +561,26 @@ fn a_shrink_the_policy_cannot_hold_names_where() {
         "unknown field `min_tokens`",
     );
 }
+
+#[test]
+fn the_readme_pricing_policy_loads_and_prices_as_it_says() {
+    let readme = include_str!("../../README.md");
+    let start = readme.find("## Pricing").unwrap();
+    let block = readme[start..].split("```yaml\n").nth(1).unwrap();
+    let yaml = block.split("```").next().unwrap();
+    let policy = Policy::from_str_as(yaml, ratewarden::Format::Yaml, "README.md").unwrap();
+    let w = Warden::with_clock(
+        policy,
+        std::sync::Arc::new(ManualClock::at_date(2026, 12, 1)),
+    );
+    let whisper = Usage {
+        seconds: Some(Amount::parse("60").unwrap()),
+        ..Usage::default()
+    };
+    assert_eq!(w.cost("openai:whisper-1", &whisper).unwrap().amount, 6_000);
+    let u = Usage::tokens(1_000_000, 1_000_000);
+    assert_eq!(
+        w.cost("example:model", &u).unwrap().money().to_string(),
+        "6"
+    );
+}

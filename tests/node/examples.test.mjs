@@ -32,10 +32,20 @@ test('examples/node/express.mjs: five 200s with draft-11 headers, then a 429 wit
   assert.equal(json.limit, 'per-ip');
 });
 
-test("the README's Node examples are examples/node/tool.mjs, express.mjs and governed_fetch.mjs", () => {
+test("the README's Node examples are examples/node/tool.mjs, express.mjs, governed_fetch.mjs and pricing.mjs", () => {
   const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
   const blocks = [...readme.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1]);
-  assert.deepEqual(blocks, ['tool.mjs', 'express.mjs', 'governed_fetch.mjs'].map((f) => readFileSync(example(f), 'utf8')));
+  assert.deepEqual(blocks, ['tool.mjs', 'express.mjs', 'governed_fetch.mjs', 'pricing.mjs'].map((f) => readFileSync(example(f), 'utf8')));
+});
+
+test('examples/node/pricing.mjs shrinks the second call and denies the third', () => {
+  const out = execFileSync(process.execPath, [example('pricing.mjs')], { encoding: 'utf8', timeout: 60_000 });
+  assert.deepEqual(out.trim().split('\n'), [
+    'estimate: $0.011',
+    'call 1: allow, max_tokens=800, charged $0.011',
+    'call 2: allow_with_caps, max_tokens=600, charged $0.009',
+    'call 3: denied (tenant-usd is spent)',
+  ]);
 });
 
 test('examples/node/governed_fetch.mjs never hits the fake upstream\'s 429', async () => {

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Served over HTTP by test_asgi_example_*, or run against the fake upstream:
 # not run as plain scripts.
 SERVERS = {"asgi_app", "openai_agents"}
-EXAMPLES = sorted(p for p in (ROOT / "examples" / "python").glob("*.py") if p.stem not in SERVERS)
+# Print their own story (tested below).
+OWN_OUTPUT = {"pricing"}
+EXAMPLES = sorted(p for p in (ROOT / "examples" / "python").glob("*.py") if p.stem not in SERVERS | OWN_OUTPUT)
 
 
 def test_the_readme_python_example_runs_and_prints_what_it_says() -> None:
@@ -75,3 +77,16 @@ def test_the_openai_agents_example_never_hits_a_429(tmp_path: Path) -> None:
 def test_the_readme_shows_the_openai_agents_example() -> None:
     blocks = re.findall(r"```python agents\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks == [(ROOT / "examples" / "python" / "openai_agents.py").read_text()]
+
+
+def test_the_pricing_example_shrinks_the_second_call_and_denies_the_third() -> None:
+    path = ROOT / "examples" / "python" / "pricing.py"
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == [
+        "estimate: $0.011",
+        "call 1: allow, max_tokens=800, charged $0.011",
+        "call 2: allow_with_caps, max_tokens=600, charged $0.009",
+        "call 3: denied (tenant-usd is spent)",
+    ], out.stdout + out.stderr
+    blocks = re.findall(r"```python pricing\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks == [path.read_text()], "the README shows examples/python/pricing.py as it is"

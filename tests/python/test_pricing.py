@@ -180,6 +180,7 @@ def test_a_reservation_the_budget_cannot_cover_is_shrunk_with_caps() -> None:
     left = {b["name"]: b["remaining"] for b in w.balances("tenant:a")}
     assert left == {"usd": 0, "tpm": 1_000_000 - 1_250}
     # Nothing is left to shrink to: denied, raising from the context manager.
-    with pytest.raises(ratewarden.BudgetExceeded):
-        with w.reserve("tenant:a", resource="openai:gpt-4o", usage={"input_tokens": 1, "max_output_tokens": 10}):
-            pass
+    denied = w.reserve("tenant:a", resource="openai:gpt-4o", usage={"input_tokens": 1, "max_output_tokens": 10})
+    assert not denied.allowed
+    with pytest.raises(ratewarden.BudgetExceeded), denied:
+        pass
