@@ -28,6 +28,9 @@
 --   "released", 1|0            (release: 1 = this call released it)
 --   "extended", new expiry     (extend)
 --   "delegation"               commit of a delegation (release it instead)
+--   "rejected", unit, reserved, actual
+--                              commit over the reservation on a `reject`
+--                              limit: nothing changed
 
 -- (helpers: common.lua, prepended at load time)
 
@@ -87,6 +90,27 @@ local list = items()
 local grant = redis.call("HGET", rec, "grant")
 if grant and mode == "commit" then return { "delegation", links } end
 
+-- An item's overage rule as args.rs writes it: `charge`, `cap`, `reject`,
+-- `avail:<capacity>` or `od:<capacity>:<overdraft>`, then `|` and the
+-- reservation's reject list (`unit=reserved,…`, the same in every record).
+local function overage_of(s)
+  local rule, rejects = s, ""
+  local bar = string.find(s, "|", 1, true)
+  if bar then rule, rejects = string.sub(s, 1, bar - 1), string.sub(s, bar + 1) end
+  local name, cap, od = string.match(rule, "^(%a+):(%d+):?(%d*)$")
+  if not name then return rule, 0, 0, rejects end
+  return name, tonumber(cap), tonumber(od) or 0, rejects
+end
+
+-- `reject`: a commit over the reservation in a listed unit changes nothing.
+if mode == "commit" and n > 0 then
+  local _, _, _, rejects = overage_of(list[1].overage)
+  for unit, amt in string.gmatch(rejects, "([%w_]+)=(%d+)") do
+    local a = actual_of(unit, nil)
+    if a and a > tonumber(amt) then return { "rejected", links, unit, tonumber(amt), a } end
+  end
+end
+
 -- Drops this reservation's hold on `key`; what it held beyond `charged` returns
 -- to the hold it was carved from (a delegation), and a charge beyond it is
 -- taken from there as far as it goes.
@@ -126,7 +150,18 @@ for k, it in ipairs(list) do
   if mode == "commit" then
     actual = actual_of(it.unit, it.amount)
     charged = actual
-    if it.overage == "cap" and charged > it.amount then charged = it.amount end
+    local rule, cap, od = overage_of(it.overage)
+    if rule == "cap" and charged > it.amount then charged = it.amount end
+    if (rule == "avail" or rule == "od") and it.kind == "c" and actual > it.amount then
+      -- memory.rs room(): capacity − spent this window − the other live holds.
+      local wid = window_at(it.wk, it.wlen, it.woff, now)
+      local s = redis.call("HMGET", it.key, "w", "u")
+      local used = 0
+      if s[1] and tonumber(s[1]) == wid then used = tonumber(s[2]) end
+      local _, held, byid = live_holds(it.key, now)
+      local most = cap - used - (held - (byid[rid] or 0)) + od
+      charged = math.max(math.min(actual, most), it.amount)
+    end
   end
   if it.kind == "r" then
     -- eval.rs rate_settle: refunds never below zero, overage saturates.

@@ -115,6 +115,22 @@ pub enum Error {
         /// `committed` or `released`.
         state: &'static str,
     },
+    /// A commit's actual usage exceeds its reservation on a limit whose
+    /// overage rule is `reject`: nothing was charged and the reservation is
+    /// still live (commit within it, or release it).
+    #[error(
+        "reservation {id}: the actual {actual} {unit} exceeds the {reserved} reserved on a limit whose overage rule is `reject`; nothing was charged"
+    )]
+    OverageRejected {
+        /// The reservation id.
+        id: String,
+        /// The unit.
+        unit: String,
+        /// What was reserved, as a decimal of the unit.
+        reserved: String,
+        /// The actual usage given, as a decimal of the unit.
+        actual: String,
+    },
     /// The storage backend failed.
     #[error("backend error: {message}")]
     Backend {
@@ -152,7 +168,7 @@ impl Error {
             Self::ReservationNotFound { .. } | Self::ReservationExpired { .. } => {
                 ErrorKind::NotFound
             }
-            Self::ReservationClosed { .. } => ErrorKind::Conflict,
+            Self::ReservationClosed { .. } | Self::OverageRejected { .. } => ErrorKind::Conflict,
             Self::Backend { .. } | Self::Unconfirmed { .. } => ErrorKind::Backend,
             Self::Internal { .. } => ErrorKind::Internal,
         }
@@ -173,6 +189,7 @@ impl Error {
             Self::ReservationNotFound { .. } => "reservation_not_found",
             Self::ReservationExpired { .. } => "reservation_expired",
             Self::ReservationClosed { .. } => "reservation_closed",
+            Self::OverageRejected { .. } => "overage_rejected",
             Self::Backend { .. } => "backend",
             Self::Unconfirmed { .. } => "unconfirmed",
             Self::Internal { .. } => "internal",
@@ -204,6 +221,10 @@ impl Error {
             Self::ReservationNotFound { id }
             | Self::ReservationExpired { id }
             | Self::ReservationClosed { id, .. } => d.reservation = Some(id),
+            Self::OverageRejected { id, unit, .. } => {
+                d.reservation = Some(id);
+                d.unit = Some(unit);
+            }
             Self::Unconfirmed { operation, .. } => d.operation = Some(*operation),
             Self::Backend { .. } | Self::Internal { .. } => {}
         }

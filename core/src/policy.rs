@@ -109,8 +109,13 @@ pub struct RateSpec {
 }
 
 /// What to do when `commit` reports more than was reserved.
+///
+/// On a limit that counts spend (a quota or budget) the debt is what was
+/// charged beyond its capacity: `remaining = limit − spent − held − debt`
+/// with `spent` at most the limit, and while there is debt nothing more
+/// passes the limit until its window resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Overage {
     /// Charge the actual amount, even past the limit (the balance goes into debt
     /// and later requests are denied until it is paid back by a reset or refill).
@@ -118,6 +123,31 @@ pub enum Overage {
     Charge,
     /// Charge at most what was reserved; the excess is reported, not charged.
     Cap,
+    /// Refuse a commit whose actual exceeds the reservation
+    /// ([`crate::Error::OverageRejected`]): nothing is charged and the
+    /// reservation stays live, to be committed within it or released.
+    /// (A governed call's settlement then charges the estimate.)
+    Reject,
+    /// Charge the excess as far as the limit has room for it (never into
+    /// debt); the rest is reported, not charged. (Quotas and budgets.)
+    AllowIfAvailable,
+    /// Charge the excess, into debt up to the limit's `overdraft`; what would
+    /// go past it is reported, not charged. (Quotas and budgets.)
+    AllowWithOverdraft,
+}
+
+impl Overage {
+    /// The policy's name for it.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Charge => "charge",
+            Self::Cap => "cap",
+            Self::Reject => "reject",
+            Self::AllowIfAvailable => "allow_if_available",
+            Self::AllowWithOverdraft => "allow_with_overdraft",
+        }
+    }
 }
 
 /// A rule that turns an allow into `allow_with_caps` when a limit runs low.
@@ -159,6 +189,9 @@ pub struct LimitDef {
     pub floors: Floors,
     /// Overage rule on commit.
     pub overage: Overage,
+    /// With `allow_with_overdraft`: the most debt a commit may leave, base
+    /// units (0 otherwise).
+    pub overdraft: i64,
     /// Where it is counted.
     pub attach: Attach,
     /// Which resource or action declared it (`None` for scope limits).

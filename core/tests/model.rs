@@ -153,10 +153,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn budget_matches_the_reference_model(cap in 1i64..25, ops in budget_ops()) {
-        let (w, clock) = warden(json!({"scopes": {"tenant": {"limits": [
-            {"name": "b", "kind": "budget", "unit": "tokens", "limit": cap}
-        ]}}}));
+    fn budget_matches_the_reference_model(cap in 1i64..25, ops in budget_ops(), rule in 0usize..5, od in 0i64..10) {
+        let overage = ["charge", "cap", "reject", "allow_if_available", "allow_with_overdraft"][rule];
+        let mut limit = json!({"name": "b", "kind": "budget", "unit": "tokens", "limit": cap, "overage": overage});
+        if overage == "allow_with_overdraft" {
+            limit["overdraft"] = json!(od);
+        }
+        let (w, clock) = warden(json!({"scopes": {"tenant": {"limits": [limit]}}}));
         let mut m = Budget { cap, used: 0, live: BTreeMap::new(), ended: BTreeMap::new() };
         let mut ids: Vec<ReservationId> = Vec::new();
         let mut t = 0i64;
@@ -186,10 +189,36 @@ proptest! {
                 BudgetOp::Commit(i, actual) => {
                     let Some(id) = ids.get(i).copied() else { continue };
                     let got = now(w.commit(id, &Cost::new().with("tokens", actual)));
-                    if m.live.remove(&i).is_some() {
-                        prop_assert_eq!(got.unwrap().charges[0].charged, actual);
-                        m.used += actual;
+                    if let Some(&(amount, _)) = m.live.get(&i) {
+                        // What each overage rule charges of an actual over the reservation.
+                        let room = m.cap - m.used - (m.held() - amount);
+                        let charged = match overage {
+                            _ if actual <= amount => actual,
+                            "cap" => amount,
+                            "reject" => {
+                                let e = got.unwrap_err();
+                                prop_assert_eq!(e.code(), "overage_rejected");
+                                continue;
+                            }
+                            "allow_if_available" => actual.min(room).max(amount),
+                            "allow_with_overdraft" => actual.min(room + od).max(amount),
+                            _ => actual,
+                        };
+                        let r = got.unwrap();
+                        prop_assert_eq!((r.charges[0].charged, r.charges[0].uncharged), (charged, actual - charged));
+                        m.live.remove(&i);
+                        m.used += charged;
                         m.ended.insert(i, "committed");
+                        // remaining = limit − spent − held − debt, debt within the rule.
+                        let debt = (m.used - m.cap).max(0);
+                        match overage {
+                            "cap" | "reject" | "allow_if_available" => prop_assert!(m.used + m.held() <= m.cap),
+                            "allow_with_overdraft" => prop_assert!(m.used + m.held() <= m.cap + od),
+                            _ => {}
+                        }
+                        let spent = m.used.min(m.cap);
+                        let d = now(w.check(&req(0))).unwrap();
+                        prop_assert_eq!(remaining(&d, "b"), (m.cap - spent - m.held() - debt).max(0));
                     } else {
                         match (m.ended.get(&i).copied(), got) {
                             (Some("committed"), Ok(r)) => prop_assert!(r.duplicate),

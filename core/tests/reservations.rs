@@ -422,3 +422,176 @@ fn balances_read_every_limit_without_charging_anything() {
     assert!(now(w.balances(&tenant, Some("nope"))).is_err());
     assert!(now(w.balances(&Scope::parse("team:x").unwrap(), None)).is_err());
 }
+
+/// A $10 budget with `rule` (and `extra` fields), a $2 reservation held by
+/// someone else, $3 spent: $5 free. Reserves $1 and commits `actual`; answers
+/// the commit's charge or error and the budget's free amount after.
+fn overage_case(
+    rule: &str,
+    extra: serde_json::Value,
+    actual: &str,
+) -> (Result<(i64, i64), Error>, i64) {
+    let mut limit = json!({"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month", "overage": rule});
+    for (k, v) in extra.as_object().unwrap() {
+        limit[k] = v.clone();
+    }
+    let (w, _c) = warden(json!({"scopes": {"tenant": {"limits": [limit]}}}));
+    let ask = |amount: &str| {
+        Request::parse("tenant:a")
+            .unwrap()
+            .spend("usd", usd(amount))
+    };
+    assert!(now(w.acquire(&ask("3"))).unwrap().allowed());
+    let other = now(w.reserve(&ask("2"), None)).unwrap();
+    assert!(other.allowed());
+    let d = now(w.reserve(&ask("1"), None)).unwrap();
+    assert_eq!(remaining(&d, "usd"), 4_000_000);
+    let id = d.reservation.unwrap().id;
+    let got = now(w.commit(id, &Cost::new().with("usd", usd(actual))))
+        .map(|r| (r.charges[0].charged, r.charges[0].uncharged));
+    let after = remaining(&now(w.check(&ask("0"))).unwrap(), "usd");
+    (got, after)
+}
+
+#[test]
+fn the_overage_matrix() {
+    // Within the reservation every rule charges the actual and refunds the rest.
+    for rule in ["charge", "cap", "reject", "allow_if_available"] {
+        let (got, after) = overage_case(rule, json!({}), "0.5");
+        assert_eq!(got.unwrap(), (500_000, 0), "{rule}");
+        assert_eq!(after, 4_500_000, "{rule}");
+    }
+    let (got, _) = overage_case("allow_with_overdraft", json!({"overdraft": "1"}), "0.5");
+    assert_eq!(got.unwrap(), (500_000, 0));
+    // $1 reserved, $7 used; $5 was free besides the other holder's $2.
+    let (got, after) = overage_case("charge", json!({}), "7");
+    assert_eq!(got.unwrap(), (7_000_000, 0));
+    assert_eq!(after, 0, "charge: into debt");
+    let (got, after) = overage_case("cap", json!({}), "7");
+    assert_eq!(got.unwrap(), (1_000_000, 6_000_000));
+    assert_eq!(after, 4_000_000);
+    let (got, after) = overage_case("allow_if_available", json!({}), "7");
+    assert_eq!(
+        got.unwrap(),
+        (5_000_000, 2_000_000),
+        "as far as there is room, beside the other hold"
+    );
+    assert_eq!(after, 0);
+    let (got, after) = overage_case("allow_if_available", json!({}), "4.5");
+    assert_eq!(got.unwrap(), (4_500_000, 0));
+    assert_eq!(after, 500_000);
+    let (got, after) = overage_case("allow_with_overdraft", json!({"overdraft": "1.5"}), "7");
+    assert_eq!(
+        got.unwrap(),
+        (6_500_000, 500_000),
+        "into debt up to the overdraft"
+    );
+    assert_eq!(after, 0);
+    let (got, _) = overage_case("allow_with_overdraft", json!({"overdraft": "5"}), "7");
+    assert_eq!(got.unwrap(), (7_000_000, 0));
+    // reject: refused, nothing charged, the reservation still live.
+    let (got, after) = overage_case("reject", json!({}), "1.01");
+    let e = got.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.code()),
+        (ErrorKind::Conflict, "overage_rejected")
+    );
+    assert!(
+        e.to_string()
+            .contains("the actual 1.01 usd exceeds the 1 reserved"),
+        "{e}"
+    );
+    assert_eq!(after, 4_000_000, "still held");
+}
+
+#[test]
+fn a_rejected_commit_leaves_the_reservation_to_commit_within_it_or_release() {
+    let (w, _c) = warden(budget_policy("reject"));
+    let ask = Request::parse("tenant:a").unwrap().spend("usd", usd("1"));
+    let id = now(w.reserve(&ask, None)).unwrap().reservation.unwrap().id;
+    assert!(now(w.commit(id, &Cost::new().with("usd", usd("2")))).is_err());
+    let r = now(w.commit(id, &Cost::new().with("usd", usd("1")))).unwrap();
+    assert_eq!(r.charges[0].charged, 1_000_000);
+    // A governed call whose actual is refused is charged its estimate, and says so.
+    let id = now(w.reserve(&ask, None)).unwrap().reservation.unwrap().id;
+    let s = now(w.finish(
+        id,
+        ratewarden::CallOutcome::Ran(ratewarden::Usage::Actual(Cost::new().with("usd", usd("3")))),
+    ));
+    assert_eq!(s.charged, ratewarden::settle::Charged::Estimate);
+    assert!(
+        s.problem().unwrap().contains("overage rule is `reject`"),
+        "{s:?}"
+    );
+    let d = now(w.check(&Request::parse("tenant:a").unwrap())).unwrap();
+    assert_eq!(remaining(&d, "usd"), 8_000_000);
+}
+
+#[test]
+fn overage_rules_the_policy_cannot_hold_name_where() {
+    let bad = |limit: serde_json::Value, says: &str| {
+        let p = json!({"scopes": {"tenant": {"limits": [limit]}}});
+        let e = ratewarden::Policy::from_value(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(says) && e.contains("limits[0]"),
+            "{e} should say {says}"
+        );
+    };
+    bad(
+        json!({"name": "r", "kind": "rate", "limit": 1, "per": "1s", "overage": "allow_if_available"}),
+        "applies to quotas and budgets",
+    );
+    bad(
+        json!({"name": "b", "kind": "budget", "unit": "usd", "limit": 1, "overage": "allow_with_overdraft"}),
+        "needs `overdraft`",
+    );
+    bad(
+        json!({"name": "b", "kind": "budget", "unit": "usd", "limit": 1, "overdraft": 1}),
+        "goes with `overage: allow_with_overdraft`",
+    );
+    bad(
+        json!({"name": "b", "kind": "budget", "unit": "usd", "limit": 1, "overage": "allow_with_overdraft", "overdraft": "-1"}),
+        "negative",
+    );
+    let e =
+        ratewarden::Policy::from_value(&json!({"defaults": {"overage": "allow_with_overdraft"}}))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("defaults.overage"), "{e}");
+    // The default `allow_if_available` leaves rate limits as they were.
+    ratewarden::Policy::from_value(&json!({"defaults": {"overage": "allow_if_available"},
+        "scopes": {"t": {"limits": [{"name": "r", "kind": "rate", "limit": 1, "per": "1s"}]}}}))
+    .unwrap();
+}
+
+#[test]
+fn a_reject_anywhere_in_the_request_refuses_the_whole_commit() {
+    // The tenant's budget charges any overage; the shared model budget (its
+    // own slot on a cluster) rejects it: the commit changes neither.
+    let (w, _c) = warden(json!({
+        "scopes": {"tenant": {"limits": [
+            {"name": "tenant-usd", "kind": "budget", "unit": "usd", "limit": "10"}
+        ]}},
+        "resources": {"llm": {"limits": [
+            {"name": "llm-usd", "kind": "budget", "unit": "usd", "limit": "100", "overage": "reject"}
+        ]}}
+    }));
+    let ask = Request::parse("tenant:a")
+        .unwrap()
+        .resource("llm")
+        .spend("usd", usd("1"));
+    let id = now(w.reserve(&ask, None)).unwrap().reservation.unwrap().id;
+    let e = now(w.commit(id, &Cost::new().with("usd", usd("1.5")))).unwrap_err();
+    assert_eq!(e.code(), "overage_rejected", "{e}");
+    let d = now(w.check(&Request::parse("tenant:a").unwrap().resource("llm"))).unwrap();
+    assert_eq!(remaining(&d, "tenant-usd"), 9_000_000);
+    assert_eq!(remaining(&d, "llm-usd"), 99_000_000);
+    let r = now(w.commit(id, &Cost::new().with("usd", usd("0.5")))).unwrap();
+    assert_eq!(
+        r.charges.iter().map(|c| c.charged).collect::<Vec<_>>(),
+        [500_000, 500_000]
+    );
+    let d = now(w.check(&Request::parse("tenant:a").unwrap().resource("llm"))).unwrap();
+    assert_eq!(remaining(&d, "tenant-usd"), 9_500_000);
+    assert_eq!(remaining(&d, "llm-usd"), 99_500_000);
+}

@@ -254,6 +254,21 @@ fn shrink<T>(table: &mut HashTable<T>, hash: impl Fn(&T) -> u64) {
 }
 
 /// Removes expired holds, returning carved amounts to their parent hold if it is still live.
+/// A commit refused by a limit whose overage rule is `reject`.
+pub(crate) fn overage_rejected(
+    id: ReservationId,
+    def: &crate::policy::LimitDef,
+    reserved: i64,
+    actual: i64,
+) -> Error {
+    Error::OverageRejected {
+        id: id.to_string(),
+        unit: def.unit.clone(),
+        reserved: def.fmt_amount(reserved),
+        actual: def.fmt_amount(actual),
+    }
+}
+
 fn purge(holds: &mut Vec<Hold>, now: Micros) {
     if !holds.iter().any(|h| h.expires <= now) {
         return;
@@ -1207,24 +1222,57 @@ impl MemoryBackend {
                 format!("{id} is a delegation; release it to close the sub-budget"),
             ));
         }
-        let charges: Vec<Charge> = rec
+        let actuals: SmallVec<[i64; 8]> = rec
             .items
             .iter()
             .map(|it| {
-                let actual_amt = actual
+                actual
                     .iter()
                     .find(|(u, _)| **u == *it.def.unit)
-                    .map_or(it.amount, |(_, a)| *a);
+                    .map_or(it.amount, |(_, a)| *a)
+            })
+            .collect();
+        // `reject` needs no state: refused before anything changes.
+        for (it, &a) in rec.items.iter().zip(&actuals) {
+            if it.def.overage == Overage::Reject
+                && a > it.amount
+                && !matches!(it.def.kind, LimitKind::Concurrency)
+            {
+                return Err(overage_rejected(id, &it.def, it.amount, a));
+            }
+        }
+        // The limits are locked with the reservation's shard held: every
+        // path takes the reservation shard first (or alone).
+        let items = std::mem::take(&mut rec.items);
+        let mut locs: SmallVec<[Loc; 8]> = items
+            .iter()
+            .map(|i| self.loc(KeyRef::split(&i.key)))
+            .collect();
+        let grant = rec.grant_key.take();
+        let gl = grant.as_deref().map(|k| self.loc(KeyRef::split(k)));
+        locs.extend(gl);
+        let mut locked = self.lock(&locs);
+        let charges: Vec<Charge> = items
+            .iter()
+            .enumerate()
+            .map(|(n, it)| {
+                let a = actuals[n];
                 let charged = match it.def.overage {
-                    Overage::Charge => actual_amt,
-                    Overage::Cap => actual_amt.min(it.amount),
+                    Overage::Charge | Overage::Reject => a,
+                    Overage::Cap => a.min(it.amount),
+                    Overage::AllowIfAvailable | Overage::AllowWithOverdraft if a > it.amount => {
+                        let room = self.room(&mut locked, locs[n], it, id, now);
+                        let most = room.saturating_add(it.def.overdraft);
+                        a.min(most).max(it.amount)
+                    }
+                    Overage::AllowIfAvailable | Overage::AllowWithOverdraft => a,
                 };
                 Charge {
                     def: Arc::clone(&it.def),
                     key: Arc::clone(&it.key),
                     reserved: it.amount,
                     charged,
-                    uncharged: actual_amt - charged,
+                    uncharged: a - charged,
                 }
             })
             .collect();
@@ -1233,13 +1281,53 @@ impl MemoryBackend {
             charges,
             duplicate: false,
         };
+        self.settle_locked(
+            &mut locked,
+            &locs,
+            id,
+            &items,
+            Some(&receipt),
+            grant.as_deref(),
+            now,
+        );
+        drop(locked);
         rec.state = ResState::Committed(receipt.clone());
         rec.forget_at = now + TOMBSTONE;
-        let items = std::mem::take(&mut rec.items);
-        let grant = rec.grant_key.take();
-        drop(g);
-        self.finish(id, &items, Some(&receipt), grant.as_deref());
         Ok(receipt)
+    }
+
+    /// The most this reservation may charge to `it`'s counter without
+    /// passing its capacity: capacity − spent this window − every other
+    /// live hold.
+    fn room(
+        &self,
+        locked: &mut Locked<'_>,
+        loc: Loc,
+        it: &ResItem,
+        id: ReservationId,
+        now: Micros,
+    ) -> i64 {
+        let (wid, _) = window_of(&it.def, now);
+        let Some(slot) = self.find(locked, loc, KeyRef::split(&it.key)) else {
+            return it.def.capacity();
+        };
+        match &mut slot.state {
+            State::Counter {
+                window,
+                used,
+                holds,
+            } => {
+                purge(holds, now);
+                let used = if *window == wid { *used } else { 0 };
+                let others: i64 = holds
+                    .iter()
+                    .filter(|h| h.id != id.0 && h.expires > now)
+                    .map(|h| h.amount)
+                    .sum();
+                it.def.capacity() - used - others
+            }
+            _ => it.def.capacity(),
+        }
     }
 
     fn release_now(&self, id: ReservationId) -> Result<bool> {
@@ -1274,11 +1362,28 @@ impl MemoryBackend {
         let gl = grant_key.map(|k| self.loc(KeyRef::split(k)));
         locs.extend(gl);
         let mut locked = self.lock(&locs);
+        self.settle_locked(&mut locked, &locs, id, items, receipt, grant_key, now);
+    }
+
+    /// Applies a settlement to the locked limits: drops the holds, charges
+    /// what `receipt` says (nothing for a release), removes a delegation's grant.
+    #[allow(clippy::too_many_arguments)]
+    fn settle_locked(
+        &self,
+        locked: &mut Locked<'_>,
+        locs: &[Loc],
+        id: ReservationId,
+        items: &[ResItem],
+        receipt: Option<&CommitReceipt>,
+        grant_key: Option<&str>,
+        now: Micros,
+    ) {
+        let gl = grant_key.and(locs.get(items.len()).copied());
         for (n, item) in items.iter().enumerate() {
             let charged = receipt.map_or(0, |r| r.charges[n].charged);
             let (wid, end) = window_of(&item.def, now);
             let slot = self.find_or_insert(
-                &mut locked,
+                locked,
                 locs[n],
                 KeyRef::split(&item.key),
                 || fresh_state(&item.def, now, wid),

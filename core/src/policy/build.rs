@@ -87,7 +87,15 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
             5 * MINUTE_US,
         )?,
         lease: dur("defaults.lease", &raw.defaults.lease, 30 * SECOND_US)?,
-        overage: raw.defaults.overage.unwrap_or_default(),
+        overage: match raw.defaults.overage {
+            Some(Overage::AllowWithOverdraft) => {
+                return Err(ctx.err(
+                    "defaults.overage",
+                    "`allow_with_overdraft` is set per limit, with its `overdraft`",
+                ));
+            }
+            o => o.unwrap_or_default(),
+        },
     };
 
     let mut units: Map<UnitDef> = BUILTIN_UNITS
@@ -608,6 +616,48 @@ pub(super) fn build_limit(
             caps: caps_v,
         });
     }
+    let counts = matches!(kind, LimitKind::Quota(_) | LimitKind::Budget(_));
+    let overage = match rl.overage {
+        Some(o) => o,
+        // The default `allow_if_available` is for the limits it applies to.
+        None if !counts && defaults.overage == Overage::AllowIfAvailable => Overage::Charge,
+        None => defaults.overage,
+    };
+    if matches!(
+        overage,
+        Overage::AllowIfAvailable | Overage::AllowWithOverdraft
+    ) && !counts
+    {
+        return Err(ctx.err(
+            format!("{path}.overage"),
+            format!(
+                "`{}` applies to quotas and budgets (a {} limit has no spend to go into debt)",
+                overage.name(),
+                kind.name()
+            ),
+        ));
+    }
+    let overdraft = match (&rl.overdraft, overage) {
+        (None, Overage::AllowWithOverdraft) => {
+            return Err(ctx.err(
+                format!("{path}.overdraft"),
+                "`allow_with_overdraft` needs `overdraft`: the most debt a commit may leave",
+            ));
+        }
+        (None, _) => 0,
+        (Some(_), o) if o != Overage::AllowWithOverdraft => {
+            return Err(ctx.err(
+                format!("{path}.overdraft"),
+                format!(
+                    "`overdraft` goes with `overage: allow_with_overdraft` (this limit's is `{}`)",
+                    o.name()
+                ),
+            ));
+        }
+        (Some(v), _) => {
+            parse_amount(v, &unit, decimals).map_err(|m| ctx.err(format!("{path}.overdraft"), m))?
+        }
+    };
     Ok(LimitDef {
         id: 0, // assigned by register()
         name: rl.name,
@@ -616,7 +666,8 @@ pub(super) fn build_limit(
         decimals,
         limit,
         floors,
-        overage: rl.overage.unwrap_or(defaults.overage),
+        overage,
+        overdraft,
         attach,
         owner,
         caps,

@@ -144,6 +144,7 @@ pub(super) struct RawLimit {
     pub(super) scope: Option<String>,
     pub(super) floors: Option<RawFloors>,
     pub(super) overage: Option<Overage>,
+    pub(super) overdraft: Option<Value>,
     #[serde(default)]
     pub(super) caps: Vec<RawCapRule>,
     pub(super) description: Option<String>,

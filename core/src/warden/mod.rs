@@ -411,6 +411,23 @@ impl Warden {
                 let (amounts, charged, note) = charge_for(policy, usage);
                 match self.inner.backend.commit(policy, id, &amounts).await {
                     Ok(receipt) => (charged, Settled::Committed(receipt), note),
+                    // The call ran: a `reject` limit refusing its actual
+                    // leaves the estimate to charge.
+                    Err(Error::OverageRejected {
+                        unit,
+                        reserved,
+                        actual,
+                        ..
+                    }) => match self.inner.backend.commit(policy, id, &[]).await {
+                        Ok(receipt) => (
+                            Charged::Estimate,
+                            Settled::Committed(receipt),
+                            Some(format!(
+                                "the actual {actual} {unit} exceeds the {reserved} reserved on a limit whose overage rule is `reject`; charged the estimate"
+                            )),
+                        ),
+                        Err(e) => (Charged::Nothing, settle_error(e), note),
+                    },
                     Err(e) => {
                         let charged = if e.kind() == crate::ErrorKind::Backend {
                             charged

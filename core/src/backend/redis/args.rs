@@ -137,6 +137,7 @@ impl RedisBackend {
             step.links.to_owned(),
         ]);
         args.extend(op_args(plan, step));
+        let rejects = reject_list(plan);
         for &i in &part.items {
             let item = plan.get(i);
             let def = &**item.def;
@@ -165,13 +166,7 @@ impl RedisBackend {
                 woff.to_string(),
                 def.unit.clone(),
             ]);
-            args.push(
-                match def.overage {
-                    Overage::Charge => "charge",
-                    Overage::Cap => "cap",
-                }
-                .to_owned(),
-            );
+            args.push(overage_token(def, cap, &rejects));
         }
         match plan.waiter() {
             None => args.extend([String::new(), "0".into(), "0".into(), "0".into()]),
@@ -272,4 +267,47 @@ fn op_args(plan: &Plan<'_>, step: &Step<'_>) -> [String; 3] {
             format!("{:016x}", plan.fingerprint(step.mode.arg())),
         ],
     }
+}
+
+/// The units a commit is refused for when its actual exceeds the reserved
+/// amount (limits with `overage: reject`), as `unit=amount,…`: every record
+/// of a reservation carries the whole list, so on a cluster each slot's
+/// commit refuses (or not) alike, before any slot changes.
+fn reject_list(plan: &Plan<'_>) -> String {
+    let mut out = String::new();
+    let mut seen: SmallVec<[&str; 4]> = SmallVec::new();
+    for l in plan.limits() {
+        if l.def.overage == Overage::Reject
+            && !matches!(l.def.kind, LimitKind::Concurrency)
+            && !seen.contains(&l.def.unit.as_str())
+        {
+            seen.push(&l.def.unit);
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(&l.def.unit);
+            out.push('=');
+            out.push_str(&l.amount.to_string());
+        }
+    }
+    out
+}
+
+/// A limit's overage rule as `settle.lua` reads it from the record:
+/// `charge`, `cap`, `reject`, `avail:<capacity>` or
+/// `od:<capacity>:<overdraft>`, then `|` and the reservation's reject list
+/// when it has one.
+fn overage_token(def: &crate::policy::LimitDef, cap: i64, rejects: &str) -> String {
+    let mut t = match def.overage {
+        Overage::Charge => "charge".to_owned(),
+        Overage::Cap => "cap".to_owned(),
+        Overage::Reject => "reject".to_owned(),
+        Overage::AllowIfAvailable => format!("avail:{cap}"),
+        Overage::AllowWithOverdraft => format!("od:{cap}:{}", def.overdraft),
+    };
+    if !rejects.is_empty() {
+        t.push('|');
+        t.push_str(rejects);
+    }
+    t
 }

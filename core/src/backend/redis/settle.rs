@@ -48,6 +48,18 @@ pub(super) fn receipt_of(
     id: ReservationId,
     out: &SettleOut,
 ) -> Result<CommitReceipt, Sent> {
+    if out.status == "rejected" {
+        // unit, reserved, actual: a `reject` limit refused the commit.
+        let unit = out.rest.first().map(text).unwrap_or_default();
+        let decimals = policy.unit(&unit).map_or(0, |u| u.decimals);
+        let fmt = |i: usize| crate::amount::format_base(out.rest.get(i).map_or(0, int), decimals);
+        return Err(Sent::Never(Error::OverageRejected {
+            id: id.to_string(),
+            reserved: fmt(1),
+            actual: fmt(2),
+            unit,
+        }));
+    }
     if !matches!(out.status.as_str(), "ok" | "dup") {
         return Err(out.unexpected());
     }
