@@ -86,6 +86,14 @@ pub enum Event {
         /// When (µs since the epoch).
         at: Micros,
     },
+    /// A decision took a quota's or budget's spend (with what reservations
+    /// hold) across one of its `thresholds` (below 100 %). Exactly one
+    /// decision crosses each: the one whose atomic update did, in whichever
+    /// process it ran.
+    ThresholdCrossed(Box<Crossing>),
+    /// A decision took a quota's or budget's spend to its whole capacity
+    /// (the 100 % threshold).
+    LimitExhausted(Box<Crossing>),
     /// The shared backend answered again after degraded decisions.
     BackendRecovered {
         /// How long decisions were degraded.
@@ -93,4 +101,30 @@ pub enum Event {
         /// When (µs since the epoch, the warden's clock).
         at: Micros,
     },
+}
+
+/// A threshold crossing ([`Event::ThresholdCrossed`], [`Event::LimitExhausted`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    /// Unique id of the event (random 128 bits, as 32 hex digits).
+    pub id: String,
+    /// Whose counter: the scope prefix (`tenant:acme`), or `None` for a
+    /// pool shared by everyone.
+    pub owner: Option<String>,
+    /// The limit's name.
+    pub limit: String,
+    /// Its unit, and the amounts' decimals.
+    pub unit: String,
+    /// Decimals of `unit`: amounts are base units.
+    pub decimals: u8,
+    /// The threshold crossed, ‰ of the capacity.
+    pub threshold: u16,
+    /// The capacity, base units.
+    pub capacity: i64,
+    /// Spent and held before the decision, base units.
+    pub before: i64,
+    /// Spent and held after it.
+    pub after: i64,
+    /// When (µs since the epoch, the warden's clock).
+    pub at: Micros,
 }

@@ -192,6 +192,11 @@ pub struct LimitDef {
     /// With `allow_with_overdraft`: the most debt a commit may leave, base
     /// units (0 otherwise).
     pub overdraft: i64,
+    /// Shares of the limit (‰, ascending) whose crossing is an event
+    /// ([`crate::Event::ThresholdCrossed`], and at 1000
+    /// [`crate::Event::LimitExhausted`]): quotas and budgets, by default
+    /// 50 %, 80 % and 100 %.
+    pub thresholds: Vec<u16>,
     /// Where it is counted.
     pub attach: Attach,
     /// Which resource or action declared it (`None` for scope limits).

@@ -658,6 +658,33 @@ pub(super) fn build_limit(
             parse_amount(v, &unit, decimals).map_err(|m| ctx.err(format!("{path}.overdraft"), m))?
         }
     };
+    let thresholds = match &rl.thresholds {
+        None if counts => vec![500, 800, 1000],
+        None => Vec::new(),
+        Some(_) if !counts => {
+            return Err(ctx.err(
+                format!("{path}.thresholds"),
+                format!("thresholds apply to quotas and budgets (a {} limit has no spend to cross them)", kind.name()),
+            ));
+        }
+        Some(list) => {
+            let mut t = Vec::with_capacity(list.len());
+            for (i, v) in list.iter().enumerate() {
+                let p =
+                    parse_permille(v).map_err(|m| ctx.err(format!("{path}.thresholds[{i}]"), m))?;
+                if p == 0 {
+                    return Err(ctx.err(
+                        format!("{path}.thresholds[{i}]"),
+                        "a threshold of 0% is always crossed",
+                    ));
+                }
+                t.push(p);
+            }
+            t.sort_unstable();
+            t.dedup();
+            t
+        }
+    };
     Ok(LimitDef {
         id: 0, // assigned by register()
         name: rl.name,
@@ -668,6 +695,7 @@ pub(super) fn build_limit(
         floors,
         overage,
         overdraft,
+        thresholds,
         attach,
         owner,
         caps,

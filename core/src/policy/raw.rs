@@ -145,6 +145,7 @@ pub(super) struct RawLimit {
     pub(super) floors: Option<RawFloors>,
     pub(super) overage: Option<Overage>,
     pub(super) overdraft: Option<Value>,
+    pub(super) thresholds: Option<Vec<Value>>,
     #[serde(default)]
     pub(super) caps: Vec<RawCapRule>,
     pub(super) description: Option<String>,

@@ -200,7 +200,56 @@ impl Warden {
             Box::pin(self.backpressure(plan, &mut d)).await;
         }
         self.emit_for(&d, scope);
+        if mode.mutates()
+            && d.allowed()
+            && d.degraded.is_none()
+            && self.inner.events.receiver_count() > 0
+        {
+            self.crossings(&d, plan.scope());
+        }
         Ok(d)
+    }
+
+    /// Emits a [`Event::ThresholdCrossed`] / [`Event::LimitExhausted`] for
+    /// every threshold an admitted decision took a quota or budget across:
+    /// its spend and holds went from under `threshold × capacity` to at
+    /// least it, in this one atomic update.
+    fn crossings(&self, d: &Decision, scope: &Scope) {
+        for l in &d.limits {
+            if l.def.thresholds.is_empty() || l.amount <= 0 {
+                continue;
+            }
+            let cap = l.limit();
+            let after = cap - l.remaining;
+            let before = after - l.amount;
+            for &t in &l.def.thresholds {
+                // The first amount at or past the threshold (exact: cap ≤ 2^53,
+                // so cap × 1000 fits in i64).
+                let mark = (cap * i64::from(t) + 999) / 1000;
+                if before >= mark || after < mark {
+                    continue;
+                }
+                let crossing = Box::new(crate::events::Crossing {
+                    id: format!("{:032x}", fastrand::u128(..)),
+                    owner: l
+                        .scope_depth
+                        .map(|depth| scope.prefix(usize::from(depth)).to_owned()),
+                    limit: l.name().to_owned(),
+                    unit: l.unit().to_owned(),
+                    decimals: l.decimals(),
+                    threshold: t,
+                    capacity: cap,
+                    before,
+                    after,
+                    at: self.inner.clock.now(),
+                });
+                let _ = self.inner.events.send(if t >= 1000 {
+                    Event::LimitExhausted(crossing)
+                } else {
+                    Event::ThresholdCrossed(crossing)
+                });
+            }
+        }
     }
 
     /// Emits the events a decision implies: backend outages, degraded

@@ -1,0 +1,185 @@
+//! Threshold events (issue 15 §4): a decision that takes a quota's or
+//! budget's spend across one of its thresholds emits one event per threshold
+//! crossed, and across several processes sharing Redis (or a Cluster) each
+//! crossing is reported exactly once — by the decision whose atomic update
+//! crossed it.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::redis::RedisServers;
+use ratewarden::backend::{Backend, RedisBackend};
+use ratewarden::events::Crossing;
+use ratewarden::{Amount, Event, ManualClock, Policy, Request, Warden};
+use serde_json::json;
+
+fn policy(thresholds: Option<serde_json::Value>) -> Policy {
+    let mut limit =
+        json!({"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month"});
+    if let Some(t) = thresholds {
+        limit["thresholds"] = t;
+    }
+    Policy::from_value(&json!({"scopes": {"tenant": {"limits": [limit]}}})).unwrap()
+}
+
+fn tenant(usd: &str) -> Request {
+    Request::parse("tenant:a")
+        .unwrap()
+        .spend("usd", Amount::parse(usd).unwrap())
+}
+
+/// Every crossing received so far: (threshold ‰, exhausted?, crossing).
+fn drain(rx: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<(u16, bool, Crossing)> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            Event::ThresholdCrossed(c) => out.push((c.threshold, false, *c)),
+            Event::LimitExhausted(c) => out.push((c.threshold, true, *c)),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn each_threshold_is_reported_by_the_decision_that_crosses_it() {
+    let w = Warden::with_clock(policy(None), Arc::new(ManualClock::at_date(2026, 1, 15)));
+    let mut rx = w.subscribe();
+    assert!(w.acquire(&tenant("4.99")).await.unwrap().allowed());
+    assert!(drain(&mut rx).is_empty(), "49.9% crosses nothing");
+    assert!(w.acquire(&tenant("0.01")).await.unwrap().allowed());
+    let got = drain(&mut rx);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (t, exhausted, c) = &got[0];
+    assert_eq!((*t, *exhausted), (500, false));
+    assert_eq!(
+        (c.before, c.after, c.capacity),
+        (4_990_000, 5_000_000, 10_000_000)
+    );
+    assert_eq!(
+        (c.owner.as_deref(), c.limit.as_str(), c.unit.as_str()),
+        (Some("tenant:a"), "usd", "usd")
+    );
+    assert_eq!(c.id.len(), 32);
+    // A denial crosses nothing; a reservation counts (what it holds is taken).
+    assert!(!w.acquire(&tenant("6")).await.unwrap().allowed());
+    assert!(drain(&mut rx).is_empty());
+    let r = w.reserve(&tenant("5"), None).await.unwrap();
+    let got = drain(&mut rx);
+    assert_eq!(
+        got.iter().map(|(t, e, _)| (*t, *e)).collect::<Vec<_>>(),
+        [(800, false), (1000, true)],
+        "one decision from 50% to 100% crosses 80% and exhausts it"
+    );
+    assert_ne!(got[0].2.id, got[1].2.id);
+    // A refund and spending again is a new crossing.
+    w.commit(
+        r.reservation.unwrap().id,
+        &ratewarden::Cost::new().with("usd", 1),
+    )
+    .await
+    .unwrap();
+    assert!(
+        drain(&mut rx).is_empty(),
+        "a commit lowering the spend crosses nothing"
+    );
+    assert!(w.acquire(&tenant("3")).await.unwrap().allowed());
+    assert_eq!(
+        drain(&mut rx)
+            .iter()
+            .map(|(t, _, _)| *t)
+            .collect::<Vec<_>>(),
+        [800]
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn thresholds_are_per_limit_and_checked() {
+    let w = Warden::with_clock(
+        policy(Some(json!(["25%", 0.9]))),
+        Arc::new(ManualClock::at_date(2026, 1, 15)),
+    );
+    let mut rx = w.subscribe();
+    assert!(w.acquire(&tenant("10")).await.unwrap().allowed());
+    assert_eq!(
+        drain(&mut rx)
+            .iter()
+            .map(|(t, e, _)| (*t, *e))
+            .collect::<Vec<_>>(),
+        [(250, false), (900, false)]
+    );
+    let off = Warden::new(policy(Some(json!([]))));
+    let mut rx = off.subscribe();
+    assert!(off.acquire(&tenant("10")).await.unwrap().allowed());
+    assert!(drain(&mut rx).is_empty());
+    for (bad, says) in [
+        (json!(["0%"]), "always crossed"),
+        (json!(["120%"]), "more than 100%"),
+        (json!(["half"]), "expected a percentage"),
+    ] {
+        let e = Policy::from_value(&json!({"scopes": {"tenant": {"limits": [
+            {"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "thresholds": bad}
+        ]}}}))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(says) && e.contains("thresholds[0]"), "{e}");
+    }
+    let e = Policy::from_value(&json!({"scopes": {"tenant": {"limits": [
+        {"name": "r", "kind": "rate", "limit": 10, "per": "1s", "thresholds": ["50%"]}
+    ]}}}))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("apply to quotas and budgets"), "{e}");
+}
+
+/// Four "processes" (a connection each) race 1-cent acquires on one budget:
+/// each of the three crossings is reported once in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_four_processes_each_crossing_is_reported_once() {
+    let servers = RedisServers::start(true);
+    for (url, ns) in [
+        (servers.url().to_owned(), "events-s"),
+        (servers.cluster_url().to_owned(), "events-c"),
+    ] {
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let backend = RedisBackend::connect(&url, ns).await.unwrap();
+            let w = Warden::with_backend(
+                policy(None),
+                Arc::new(backend) as Arc<dyn Backend>,
+                Arc::new(ratewarden::SystemClock),
+            );
+            let mut rx = w.subscribe();
+            tasks.push(tokio::spawn(async move {
+                let mut admitted = 0;
+                // 10 USD in 0.25 steps: 40 admissions in all, then denials.
+                for _ in 0..20 {
+                    if w.acquire(&tenant("0.25")).await.unwrap().allowed() {
+                        admitted += 1;
+                    }
+                }
+                (admitted, drain(&mut rx))
+            }));
+        }
+        let mut admitted = 0;
+        let mut crossings = Vec::new();
+        for t in tasks {
+            let (a, c) = t.await.unwrap();
+            admitted += a;
+            crossings.extend(c);
+        }
+        assert_eq!(admitted, 40, "{url}");
+        let mut thresholds: Vec<u16> = crossings.iter().map(|(t, _, _)| *t).collect();
+        thresholds.sort_unstable();
+        assert_eq!(thresholds, [500, 800, 1000], "{url}: {crossings:?}");
+        for (t, _, c) in &crossings {
+            let mark = 10_000_000 * i64::from(*t) / 1000;
+            assert!(
+                c.before < mark && c.after >= mark && c.after - c.before == 250_000,
+                "{c:?}"
+            );
+        }
+    }
+}
