@@ -9,6 +9,10 @@
 //! ```
 //! (or `valgrind --tool=callgrind`; subtract a run with 0 decisions: the
 //! setup). `observe N` counts N observations of a six-header OpenAI response.
+//! `money N` acquires a cost in dollars and tokens from a budget and a token
+//! quota, `priced N` the same by usage (1 200 input, 800 output tokens priced
+//! by the policy), `priced-events N` with an event subscriber (threshold
+//! detection on).
 
 use ratewarden::{Policy, Request, Warden};
 use serde_json::json;
@@ -16,6 +20,9 @@ use serde_json::json;
 fn main() -> ratewarden::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map_or("plain", String::as_str);
+    if matches!(mode, "money" | "priced" | "priced-events") {
+        return money(mode, &args);
+    }
     let coordinated = mode != "plain";
     let n: u64 = args
         .get(2)
@@ -54,6 +61,36 @@ fn main() -> ratewarden::Result<()> {
         return Ok(());
     }
     let req = Request::parse("user:42")?.resource("llm");
+    let mut allowed = 0u64;
+    for _ in 0..n {
+        allowed += u64::from(ratewarden::backend::at_once(w.acquire(&req))?.allowed());
+    }
+    println!("{allowed} of {n} allowed");
+    Ok(())
+}
+
+/// Dollars and tokens: given as a cost (`money`), or priced from usage.
+fn money(mode: &str, args: &[String]) -> ratewarden::Result<()> {
+    use ratewarden::pricing::Usage;
+    let n: u64 = args
+        .get(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let w = Warden::new(Policy::from_value(&json!({
+        "scopes": {"tenant": {"limits": [
+            {"name": "usd", "kind": "budget", "unit": "usd", "limit": "1000000000", "per": "month"},
+            {"name": "tpm", "kind": "quota", "unit": "tokens", "limit": 1_000_000_000_000u64, "per": "month"}
+        ]}},
+        "resources": {"openai:gpt-4o": {"pricing": {"input": "2.50", "output": "10.00"}}}
+    }))?);
+    let _events = (mode == "priced-events").then(|| w.subscribe());
+    let base = Request::parse("tenant:acme")?.resource("openai:gpt-4o");
+    let req = if mode == "money" {
+        base.spend("usd", ratewarden::Amount::parse("0.011")?)
+            .spend("tokens", 2000)
+    } else {
+        base.usage(Usage::tokens(1200, 800))
+    };
     let mut allowed = 0u64;
     for _ in 0..n {
         allowed += u64::from(ratewarden::backend::at_once(w.acquire(&req))?.allowed());
