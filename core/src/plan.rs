@@ -223,6 +223,8 @@ pub struct Plan<'p> {
     waiter: Option<Box<Waiter>>,
     /// The workflow stages before the stages that call the resource.
     stages_before: Option<&'p Vec<StageRef>>,
+    /// What the upstream's light counts, when the cost was priced from usage.
+    dims: Option<Box<[i64; DIMENSIONS]>>,
 }
 
 /// A `wait` caller's place in the line of a shared backend's limits.
@@ -342,7 +344,22 @@ impl<'p> Plan<'p> {
     /// [`Error::Unknown`] for undeclared scope kinds, resources, actions or units;
     /// [`Error::InvalidAmount`] for bad amounts.
     pub fn build(policy: &'p Policy, request: &'p Request) -> Result<Self> {
-        let mut amounts = resolve_cost(policy, &request.cost)?;
+        let amounts = resolve_cost(policy, &request.cost)?;
+        Self::build_with(policy, request, amounts, false)
+    }
+
+    /// As [`Plan::build`], charging `amounts` (base units) instead of the
+    /// request's own cost — its usage priced ([`crate::pricing`]); with
+    /// `priced`, what the upstream's light counts comes from them too.
+    ///
+    /// # Errors
+    /// As [`Plan::build`].
+    pub fn build_with(
+        policy: &'p Policy,
+        request: &'p Request,
+        mut amounts: Amounts<'p>,
+        priced: bool,
+    ) -> Result<Self> {
         let action = match &request.action {
             None => None,
             Some(a) => Some(policy.action(a).ok_or_else(|| {
@@ -376,6 +393,9 @@ impl<'p> Plan<'p> {
         if let Some(r) = resource {
             if let (Some(name), Some(c)) = (&request.resource, r.upstream.as_ref()) {
                 plan.upstream = Some((name.as_str(), c, &request.cost));
+                if priced {
+                    plan.dims = Some(Box::new(upstream_amounts(policy, &amounts)));
+                }
             }
             if !r.stages_before.is_empty() {
                 plan.stages_before = Some(&r.stages_before);
@@ -417,6 +437,7 @@ impl<'p> Plan<'p> {
             upstream: None,
             waiter: None,
             stages_before: None,
+            dims: None,
         }
     }
 
@@ -502,6 +523,9 @@ impl<'p> Plan<'p> {
         Ask {
             priority: self.priority,
             amounts: self.upstream.map_or([0; DIMENSIONS], |(_, _, cost)| {
+                if let Some(d) = &self.dims {
+                    return **d;
+                }
                 if cost.is_empty() {
                     // The default cost: one request.
                     return [1, 0, 0, 0];

@@ -238,7 +238,7 @@ impl Prices {
             None => 0,
         };
         // (quantity, price, quantity units per priced unit)
-        let lines: [(u64, Amount, u128); 6] = [
+        let lines: [(u64, Amount, u64); 6] = [
             (fresh, self.input, 1_000_000),
             (cached, self.cached_input.unwrap_or(self.input), 1_000_000),
             (output, self.output, 1_000_000),
@@ -258,26 +258,38 @@ impl Prices {
         // whole part is added at once, its remainder kept as a fraction over
         // the common denominator 10^MAX_PRICE_DECIMALS × 10^6 and rounded up
         // with the others at the end.
-        let unit_scale = 10u128.pow(u32::from(self.decimals));
-        let common = 10u128.pow(u32::from(MAX_PRICE_DECIMALS)) * 1_000_000;
+        // Denominators are at most 10^12 × 10^6 and every remainder below
+        // its denominator, so the remainders' sum fits a u64; a numerator
+        // takes 128 bits only when it must.
+        let unit_scale = 10u64.pow(u32::from(self.decimals));
+        let common: u64 = 10u64.pow(u32::from(MAX_PRICE_DECIMALS)) * 1_000_000;
         let mut whole: u128 = 0;
-        let mut rest: u128 = 0;
+        let mut rest: u64 = 0;
         for (q, price, per) in lines {
             let (v, scale) = price.parts();
             if q == 0 || v == 0 {
                 continue;
             }
-            let denominator = 10u128.pow(u32::from(scale)) * per;
-            let numerator = u128::from(q)
-                .checked_mul(v.unsigned_abs().into())
+            let denominator = 10u64.pow(u32::from(scale)) * per;
+            let (quotient, remainder) = match q
+                .checked_mul(v.unsigned_abs())
                 .and_then(|n| n.checked_mul(unit_scale))
-                .ok_or_else(too_large)?;
-            whole = whole
-                .checked_add(numerator / denominator)
-                .ok_or_else(too_large)?;
-            rest += (numerator % denominator) * (common / denominator);
+            {
+                Some(n) => (u128::from(n / denominator), n % denominator),
+                None => {
+                    let n = u128::from(q)
+                        .checked_mul(v.unsigned_abs().into())
+                        .and_then(|n| n.checked_mul(unit_scale.into()))
+                        .ok_or_else(too_large)?;
+                    let d = u128::from(denominator);
+                    // The remainder is below the denominator: it fits.
+                    (n / d, u64::try_from(n % d).unwrap_or(0))
+                }
+            };
+            whole = whole.checked_add(quotient).ok_or_else(too_large)?;
+            rest += remainder * (common / denominator);
         }
-        let total = whole + rest.div_ceil(common);
+        let total = whole + u128::from(rest.div_ceil(common));
         i64::try_from(total)
             .ok()
             .filter(|t| *t <= MAX_AMOUNT)
@@ -435,6 +447,32 @@ impl Pricing {
             .find(|p| p.from.is_none_or(|f| f <= now))
     }
 
+    /// The bill alone, base units of [`Pricing::unit`] (as
+    /// [`Pricing::price`], without building its receipt).
+    ///
+    /// # Errors
+    /// As [`Pricing::price`].
+    pub fn amount(&self, usage: &Usage, now: Micros, estimate: bool) -> Result<i64> {
+        usage.validate()?;
+        let prices = self.at(now).ok_or_else(|| self.not_yet())?;
+        let output = if estimate {
+            usage.estimated_output()
+        } else {
+            usage.output_tokens
+        };
+        prices.bill(usage, output)
+    }
+
+    fn not_yet(&self) -> Error {
+        Error::InvalidArgument {
+            what: "usage",
+            message: format!(
+                "no price list is in effect yet (the first takes effect at {} µs since the epoch)",
+                self.versions[0].from.unwrap_or_default()
+            ),
+        }
+    }
+
     /// Prices `usage` at `now`: an estimate (`estimate = true`) prices
     /// `max_output_tokens` when given, the actual bill prices
     /// `output_tokens`.
@@ -444,13 +482,7 @@ impl Pricing {
     /// yet, or a bill over the largest amount.
     pub fn price(&self, usage: &Usage, now: Micros, estimate: bool) -> Result<Priced> {
         usage.validate()?;
-        let prices = self.at(now).ok_or_else(|| Error::InvalidArgument {
-            what: "usage",
-            message: format!(
-                "no price list is in effect yet (the first takes effect at {} µs since the epoch)",
-                self.versions[0].from.unwrap_or_default()
-            ),
-        })?;
+        let prices = self.at(now).ok_or_else(|| self.not_yet())?;
         let output = if estimate {
             usage.estimated_output()
         } else {

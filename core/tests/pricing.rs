@@ -584,3 +584,36 @@ fn the_readme_pricing_policy_loads_and_prices_as_it_says() {
         "6"
     );
 }
+
+#[test]
+fn a_priced_request_shows_its_tokens_to_the_upstreams_light() {
+    let (w, _) = warden(json!({
+        "scopes": {"tenant": {}},
+        "resources": {"openai:gpt-4o": {
+            "pricing": {"input": 2.50, "output": 10.00},
+            "upstream": {}
+        }}
+    }));
+    // The upstream has 1 500 tokens left this minute.
+    let headers = [
+        ("x-ratelimit-limit-tokens", "100000"),
+        ("x-ratelimit-remaining-tokens", "1500"),
+        ("x-ratelimit-reset-tokens", "1m"),
+    ];
+    now(w.observe("openai:gpt-4o", &headers)).unwrap();
+    let ask = |u: Usage| {
+        Request::parse("tenant:a")
+            .unwrap()
+            .resource("openai:gpt-4o")
+            .priority(ratewarden::Priority::Critical)
+            .usage(u)
+    };
+    let big = now(w.acquire(&ask(Usage::tokens(1200, 0).max_output(800)))).unwrap();
+    assert_eq!(
+        big.outcome,
+        Outcome::Deny,
+        "2 000 tokens do not fit 1 500: {big:?}"
+    );
+    let small = now(w.acquire(&ask(Usage::tokens(700, 0).max_output(700)))).unwrap();
+    assert!(small.allowed(), "{small:?}");
+}

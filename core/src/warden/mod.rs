@@ -373,9 +373,7 @@ impl Warden {
     /// # Errors
     /// As [`Warden::acquire`].
     pub async fn admit(&self, request: &Request) -> Result<Decision> {
-        let priced = self.priced(request)?;
-        let request = &*priced;
-        let plan = Plan::build(&self.inner.policy, request)?;
+        let plan = self.plan_of(request)?;
         if !plan
             .limits()
             .any(|l| matches!(l.def.kind, LimitKind::Concurrency))
@@ -639,9 +637,7 @@ impl Warden {
         let clock = &self.inner.clock;
         let deadline = clock.now().saturating_add(micros(max_wait));
         // On a shared backend the caller also waits in line across processes.
-        let priced = self.priced(request)?;
-        let request = &*priced;
-        let plan = Plan::build(&self.inner.policy, request)?.waiting(Waiter {
+        let plan = self.plan_of(request)?.waiting(Waiter {
             id: fastrand::u64(..),
             until: deadline,
             leave: false,

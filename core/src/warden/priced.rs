@@ -1,14 +1,13 @@
 //! Pricing from the warden: `cost`, `estimate`, `commit_usage`, and the
 //! pricing of a request's usage before its decision ([`crate::pricing`]).
 
-use std::borrow::Cow;
-
 use super::Warden;
+use crate::amount::Amount;
 use crate::backend::Mode;
 use crate::decision::{CommitReceipt, Decision, LimitState, Outcome, ReservationId};
 use crate::error::{Error, Result};
-use crate::plan::Plan;
 use crate::plan::Request;
+use crate::plan::{Plan, resolve_cost};
 use crate::pricing::{Priced, Pricing, Usage};
 use crate::settle::{CallOutcome, Usage as Settled};
 
@@ -94,27 +93,62 @@ impl Warden {
         Ok(self.charge_of(&priced))
     }
 
-    /// `request` with its usage priced into its cost (every unit its cost
-    /// does not give itself); itself when it has no usage.
-    pub(crate) fn priced<'r>(&self, request: &'r Request) -> Result<Cow<'r, Request>> {
-        let Some(usage) = &request.usage else {
-            return Ok(Cow::Borrowed(request));
-        };
-        let Some(resource) = &request.resource else {
+    /// The plan of `request` charging `usage` priced by its resource
+    /// (`max_output_tokens` when given): the money unit, `tokens`, and
+    /// `input_tokens` / `output_tokens` / `requests` where the policy counts
+    /// them, beside every unit the request's cost gives itself (which wins).
+    /// Borrows the policy's unit names: nothing is copied.
+    pub(crate) fn usage_plan<'p>(
+        &'p self,
+        request: &'p Request,
+        usage: &Usage,
+    ) -> Result<Plan<'p>> {
+        let policy = &*self.inner.policy;
+        let Some(resource) = request.resource.as_deref() else {
             return Err(Error::InvalidArgument {
                 what: "usage",
                 message: "a request with usage needs a resource whose prices turn it into a cost"
                     .into(),
             });
         };
-        let priced = self.priced_cost(resource, usage, true)?;
-        let mut out = request.clone();
-        for (unit, amount) in priced.iter() {
-            if request.cost.get(unit).is_none() {
-                out.cost.set(unit, amount);
-            }
+        let pricing = self.pricing(resource)?;
+        let bill = pricing.amount(usage, self.inner.clock.now(), true)?;
+        let (input, output) = (usage.input_tokens, usage.estimated_output());
+        let mut amounts = resolve_cost(policy, &request.cost)?;
+        let money = pricing.unit();
+        if !amounts.iter().any(|(u, _)| *u == money) {
+            amounts.push((money, bill));
         }
-        Ok(Cow::Owned(out))
+        let mut add = |unit: &'p str, count: u64| -> Result<()> {
+            if amounts.iter().any(|(u, _)| *u == unit) {
+                return Ok(());
+            }
+            let Some(def) = policy.unit(unit) else {
+                return Ok(());
+            };
+            // Counts are validated to 2^53 - 1: whole units need no conversion.
+            let base = match def.decimals {
+                0 => i64::try_from(count).unwrap_or(i64::MAX),
+                d => Amount::from(count).to_base(unit, d)?,
+            };
+            amounts.push((unit, base));
+            Ok(())
+        };
+        add("tokens", input + output)?;
+        add("input_tokens", input)?;
+        add("output_tokens", output)?;
+        if let Some(calls) = usage.calls {
+            add("requests", calls)?;
+        }
+        Plan::build_with(policy, request, amounts, true)
+    }
+
+    /// The plan of `request`: priced from its usage when it has one.
+    pub(crate) fn plan_of<'p>(&'p self, request: &'p Request) -> Result<Plan<'p>> {
+        match request.usage.as_deref() {
+            Some(usage) => self.usage_plan(request, usage),
+            None => Plan::build(&self.inner.policy, request),
+        }
     }
 
     /// A governed call's outcome with a priced usage turned into its cost
@@ -152,41 +186,44 @@ impl Warden {
     /// a shrunk one depends on the state it met.
     pub(crate) async fn decide_usage(&self, request: &Request, how: UsageMode) -> Result<Decision> {
         let policy = &*self.inner.policy;
-        let full = self.priced(request)?;
-        let plan = Plan::build(policy, &full)?;
-        let shrink = request
-            .resource
-            .as_deref()
-            .and_then(|r| policy.resource(r))
-            .and_then(|t| t.shrink.zip(t.pricing.as_deref()));
-        let (Some((shrink, pricing)), Some(usage), None) =
-            (shrink, request.usage.as_deref(), request.operation)
-        else {
+        let Some(usage) = request.usage.as_deref() else {
+            let plan = Plan::build(policy, request)?;
             let mode = self.usage_mode(&plan, request, how)?;
             return self.decide(&plan, mode).await;
         };
+        let plan = self.usage_plan(request, usage)?;
         let mode = self.usage_mode(&plan, request, how)?;
         let first = self.decide(&plan, mode).await?;
-        let now = self.inner.clock.now();
-        if first.outcome != Outcome::Deny || first.degraded.is_some() {
-            return Ok(capped(first, pricing, usage, now));
+        if first.outcome != Outcome::Deny || first.degraded.is_some() || request.operation.is_some()
+        {
+            return Ok(first);
         }
+        // Denied: shrink the output, when the resource says to.
+        let Some((shrink, pricing)) = request
+            .resource
+            .as_deref()
+            .and_then(|r| policy.resource(r))
+            .and_then(|t| t.shrink.zip(t.pricing.as_deref()))
+        else {
+            return Ok(first);
+        };
+        let now = self.inner.clock.now();
         let Some(fits) = fitting_output(&first, pricing, usage, now) else {
             return Ok(first);
         };
-        if fits < shrink.min_output_tokens || fits >= usage.estimated_output() {
+        let asked = usage.estimated_output();
+        if fits < shrink.min_output_tokens || fits >= asked {
             return Ok(first);
         }
-        let mut smaller = request.clone();
-        if let Some(u) = smaller.usage.as_deref_mut() {
-            u.max_output_tokens = Some(fits);
-        }
-        let priced = self.priced(&smaller)?;
-        let plan = Plan::build(policy, &priced)?;
+        let smaller = Usage {
+            max_output_tokens: Some(fits),
+            ..usage.clone()
+        };
+        let plan = self.usage_plan(request, &smaller)?;
         let mode = self.usage_mode(&plan, request, how)?;
         let second = self.decide(&plan, mode).await?;
         if second.allowed() {
-            Ok(capped(second, pricing, usage, now))
+            Ok(capped(second, fits, asked))
         } else {
             Ok(first)
         }
@@ -246,34 +283,16 @@ fn fitting_output(
     Some(fits)
 }
 
-/// An admitted decision by usage with `caps.max_tokens` when what it took
-/// covers fewer output tokens than asked (the shrunk attempt).
-fn capped(
-    mut d: Decision,
-    pricing: &Pricing,
-    usage: &Usage,
-    now: crate::clock::Micros,
-) -> Decision {
-    if !d.allowed() {
-        return d;
-    }
-    let asked = usage.estimated_output();
-    let took = d
-        .limits
-        .iter()
-        .filter_map(|l| output_within(l, l.amount, pricing, usage, now))
-        .min()
-        .unwrap_or(u64::MAX);
-    if took < asked {
-        d.caps.max_tokens = Some(d.caps.max_tokens.map_or(took, |m| m.min(took)));
-        d.outcome = Outcome::AllowWithCaps;
-        let why = format!(
-            "the budget covers {took} of the {asked} output tokens asked: allowed with caps.max_tokens"
-        );
-        d.reason = Some(match d.reason.take() {
-            Some(r) => format!("{r}; {why}"),
-            None => why,
-        });
-    }
+/// The shrunk attempt's decision: allowed with `caps.max_tokens = fits`.
+fn capped(mut d: Decision, fits: u64, asked: u64) -> Decision {
+    d.caps.max_tokens = Some(d.caps.max_tokens.map_or(fits, |m| m.min(fits)));
+    d.outcome = Outcome::AllowWithCaps;
+    let why = format!(
+        "the budget covers {fits} of the {asked} output tokens asked: allowed with caps.max_tokens"
+    );
+    d.reason = Some(match d.reason.take() {
+        Some(r) => format!("{r}; {why}"),
+        None => why,
+    });
     d
 }
