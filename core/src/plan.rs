@@ -343,6 +343,7 @@ impl<'p> Plan<'p> {
     /// # Errors
     /// [`Error::Unknown`] for undeclared scope kinds, resources, actions or units;
     /// [`Error::InvalidAmount`] for bad amounts.
+    #[inline]
     pub fn build(policy: &'p Policy, request: &'p Request) -> Result<Self> {
         let amounts = resolve_cost(policy, &request.cost)?;
         Self::build_with(policy, request, amounts, false)

@@ -200,11 +200,7 @@ impl Warden {
             Box::pin(self.backpressure(plan, &mut d)).await;
         }
         self.emit_for(&d, scope);
-        if mode.mutates()
-            && d.allowed()
-            && d.degraded.is_none()
-            && self.inner.events.receiver_count() > 0
-        {
+        if mode.mutates() && d.allowed() && d.degraded.is_none() {
             self.crossings(&d, plan.scope());
         }
         Ok(d)
@@ -226,7 +222,9 @@ impl Warden {
                 // The first amount at or past the threshold (exact: cap ≤ 2^53,
                 // so cap × 1000 fits in i64).
                 let mark = (cap * i64::from(t) + 999) / 1000;
-                if before >= mark || after < mark {
+                // Crossings are rare: the subscribers are counted (a lock)
+                // only then.
+                if before >= mark || after < mark || self.inner.events.receiver_count() == 0 {
                     continue;
                 }
                 let crossing = Box::new(crate::events::Crossing {
@@ -311,11 +309,12 @@ impl Warden {
     /// # Errors
     /// Invalid input ([`Error::Unknown`], [`Error::InvalidAmount`]…) or a backend failure.
     pub async fn check(&self, request: &Request) -> Result<Decision> {
-        if request.usage.is_some() {
-            return self.decide_usage(request, UsageMode::Check).await;
+        let plan = self.plan_of(request)?;
+        let d = self.decide(&plan, Mode::Check).await?;
+        if self.may_shrink(request, &d) {
+            return Box::pin(self.shrunk(request, UsageMode::Check, d)).await;
         }
-        let plan = Plan::build(&self.inner.policy, request)?;
-        self.decide(&plan, Mode::Check).await
+        Ok(d)
     }
 
     /// Admits `request` and consumes its cost from every limit, or denies it and
@@ -327,11 +326,12 @@ impl Warden {
     /// # Errors
     /// Invalid input or a backend failure. A denial is `Ok` with `Outcome::Deny`.
     pub async fn acquire(&self, request: &Request) -> Result<Decision> {
-        if request.usage.is_some() {
-            return self.decide_usage(request, UsageMode::Acquire).await;
+        let plan = self.plan_of(request)?;
+        let d = self.decide(&plan, Mode::Acquire).await?;
+        if self.may_shrink(request, &d) {
+            return Box::pin(self.shrunk(request, UsageMode::Acquire, d)).await;
         }
-        let plan = Plan::build(&self.inner.policy, request)?;
-        self.decide(&plan, Mode::Acquire).await
+        Ok(d)
     }
 
     /// What is left of every limit a request by `scope` (on `resource`, if
@@ -392,13 +392,22 @@ impl Warden {
     /// # Errors
     /// Invalid input (including a lease of zero or over [`MAX_LEASE`]) or a backend failure.
     pub async fn reserve(&self, request: &Request, lease: Option<Duration>) -> Result<Decision> {
-        if request.usage.is_some() {
-            return self.decide_usage(request, UsageMode::Reserve(lease)).await;
-        }
-        let plan = Plan::build(&self.inner.policy, request)?;
-        let lease = self.lease(&plan, lease)?;
+        let plan = self.plan_of(request)?;
+        let lease_us = self.lease(&plan, lease)?;
         let id = reservation_id(request);
-        self.decide(&plan, Mode::Reserve { id, lease }).await
+        let d = self
+            .decide(
+                &plan,
+                Mode::Reserve {
+                    id,
+                    lease: lease_us,
+                },
+            )
+            .await?;
+        if self.may_shrink(request, &d) {
+            return Box::pin(self.shrunk(request, UsageMode::Reserve(lease), d)).await;
+        }
+        Ok(d)
     }
 
     fn lease(&self, plan: &Plan<'_>, lease: Option<Duration>) -> Result<Micros> {

@@ -176,29 +176,34 @@ pub(crate) enum UsageMode {
 }
 
 impl Warden {
-    /// Decides a request by usage on a resource with `shrink:`: as asked,
-    /// else — when only limits its output counts in (the money unit,
-    /// `tokens`, `output_tokens`) denied it — again with `max_output_tokens`
+    /// Whether a decision on `request` may be shrunk ([`Warden::shrunk`]):
+    /// a request by usage, without an operation id, denied by the backend
+    /// itself (not a degraded fallback).
+    pub(crate) fn may_shrink(&self, request: &Request, d: &Decision) -> bool {
+        request.usage.is_some()
+            && d.outcome == Outcome::Deny
+            && d.degraded.is_none()
+            && request.operation.is_none()
+    }
+
+    /// A request by usage on a resource with `shrink:` that `first` denied:
+    /// when only limits its output counts in (the money unit, `tokens`,
+    /// `output_tokens`) denied it, decided again with `max_output_tokens`
     /// shrunk to what they leave this caller, allowed with
-    /// `caps.max_tokens`. A request that names its operation
-    /// ([`Request::operation`]) is decided as asked, never shrunk: a repeat
-    /// with that id must answer what the first attempt did, and the size of
-    /// a shrunk one depends on the state it met.
-    pub(crate) async fn decide_usage(&self, request: &Request, how: UsageMode) -> Result<Decision> {
+    /// `caps.max_tokens`; else `first`. A request that names its operation
+    /// ([`Request::operation`]) is never shrunk ([`Warden::may_shrink`]): a
+    /// repeat with that id must answer what the first attempt did, and the
+    /// size of a shrunk one depends on the state it met.
+    pub(crate) async fn shrunk(
+        &self,
+        request: &Request,
+        how: UsageMode,
+        first: Decision,
+    ) -> Result<Decision> {
         let policy = &*self.inner.policy;
         let Some(usage) = request.usage.as_deref() else {
-            let plan = Plan::build(policy, request)?;
-            let mode = self.usage_mode(&plan, request, how)?;
-            return self.decide(&plan, mode).await;
-        };
-        let plan = self.usage_plan(request, usage)?;
-        let mode = self.usage_mode(&plan, request, how)?;
-        let first = self.decide(&plan, mode).await?;
-        if first.outcome != Outcome::Deny || first.degraded.is_some() || request.operation.is_some()
-        {
             return Ok(first);
-        }
-        // Denied: shrink the output, when the resource says to.
+        };
         let Some((shrink, pricing)) = request
             .resource
             .as_deref()
