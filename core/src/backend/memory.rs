@@ -900,6 +900,7 @@ impl MemoryBackend {
     /// Phase 1, before any lock: every key the decision touches, where it
     /// lives and each limit's current window; a parent reservation being
     /// carved is looked up (and refused if not live).
+    #[inline(always)]
     fn touched<'p>(&self, plan: &'p Plan<'p>, mode: Mode<'_>, now: Micros) -> Result<Touched<'p>> {
         let tree = Self::shard_of(self.hasher.hash_one(plan.scope().prefix(1)));
         let mut works: SmallVec<[Work<'_>; 8]> = SmallVec::new();
