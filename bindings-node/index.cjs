@@ -1159,6 +1159,32 @@ function parseHeaders(headers, options = {}) {
   }
 }
 
+/**
+ * The headers of a webhook message signed per the Standard Webhooks
+ * specification: `webhook-id` (`msgId`), `webhook-timestamp` (seconds since the
+ * epoch) and `webhook-signature` (`v1,` and the base64 HMAC-SHA256 of
+ * `"<id>.<timestamp>.<body>"` under `secret`, written `whsec_<base64>`).
+ * Receivers verify it with the `standardwebhooks` package (or any Standard
+ * Webhooks library). Throws an `InvalidInputError` for a secret that is not
+ * one (its value is never repeated).
+ */
+function signWebhook(secret, msgId, timestamp, body) {
+  requireString(secret, 'secret');
+  requireString(msgId, 'msgId');
+  if (!Number.isSafeInteger(timestamp)) {
+    throw new InvalidInputError(`invalid timestamp: expected whole seconds since the epoch, got ${describe(timestamp)}`, { argument: 'timestamp' });
+  }
+  let bytes;
+  if (typeof body === 'string') bytes = Buffer.from(body, 'utf8');
+  else if (body instanceof Uint8Array) bytes = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+  else throw new InvalidInputError(`invalid body: expected a string or bytes, got ${describe(body)}`, { argument: 'body' });
+  try {
+    return { ...native.signWebhook(secret, msgId, timestamp, bytes) };
+  } catch (e) {
+    throw typed(e);
+  }
+}
+
 module.exports = {
   // The addon itself, for the package's own tests (not part of the API).
   [Symbol.for('ratewarden.native')]: native,
@@ -1167,6 +1193,7 @@ module.exports = {
   scope,
   retryDelay,
   parseHeaders,
+  signWebhook,
   governOpenAI,
   version: native.version,
   WardenError,

@@ -90,6 +90,18 @@ export declare function parseHeaders(
   options?: { now?: number },
 ): UpstreamHeaders;
 
+/**
+ * The headers of a webhook message signed per the Standard Webhooks
+ * specification (`webhook-id`, `webhook-timestamp`, `webhook-signature`);
+ * `secret` is `whsec_<base64>`, `timestamp` seconds since the epoch.
+ */
+export declare function signWebhook(
+  secret: string,
+  msgId: string,
+  timestamp: number,
+  body: string | Uint8Array,
+): { 'webhook-id': string; 'webhook-timestamp': string; 'webhook-signature': string };
+
 /** Return the version of the ratewarden core library. */
 export declare function version(): string;
 

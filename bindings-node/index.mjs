@@ -7,6 +7,7 @@ export const {
   scope,
   retryDelay,
   parseHeaders,
+  signWebhook,
   governOpenAI,
   version,
   WardenError,

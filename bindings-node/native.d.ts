@@ -503,6 +503,12 @@ export declare function retryDelay(attempt: number, priority?: string | undefine
  */
 export declare function scopeOf(segments: Array<Array<string>>): string
 
+/**
+ * The Standard Webhooks headers of a message (`ratewarden::webhook`):
+ * `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+ */
+export declare function signWebhook(secret: string, msgId: string, timestamp: number, body: Buffer): Record<string, string>
+
 /** A resource's upstream state as every process sees it. */
 export interface UpstreamInfo {
   /** The resource. */

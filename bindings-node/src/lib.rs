@@ -125,6 +125,24 @@ pub fn retry_delay(
         .as_secs_f64())
 }
 
+/// The Standard Webhooks headers of a message (`ratewarden::webhook`):
+/// `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+#[napi]
+pub fn sign_webhook(
+    secret: String,
+    msg_id: String,
+    timestamp: i64,
+    body: Buffer,
+) -> Result<std::collections::HashMap<String, String>> {
+    let secret = ratewarden::webhook::Secret::parse(&secret).or_throw()?;
+    Ok(
+        ratewarden::webhook::headers(&secret, &msg_id, timestamp, &body)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
+}
+
 /// Return the version of the ratewarden core library.
 #[napi]
 pub fn version() -> &'static str {

@@ -137,6 +137,24 @@ fn retry_delay(attempt: u32, priority: &str, retry_after: Option<f64>) -> PyResu
         .as_secs_f64())
 }
 
+/// The Standard Webhooks headers of a message (`ratewarden::webhook`):
+/// `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+#[pyfunction]
+fn sign_webhook(
+    py: Python<'_>,
+    secret: &str,
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> PyResult<Py<PyAny>> {
+    let secret = ratewarden::webhook::Secret::parse(secret).or_raise()?;
+    let d = PyDict::new(py);
+    for (name, value) in ratewarden::webhook::headers(&secret, msg_id, timestamp, body) {
+        d.set_item(name, value)?;
+    }
+    Ok(d.into_any().unbind())
+}
+
 /// A scope string from `(kind, id)` pairs; ids may hold any text (`/`, `:`,
 /// spaces…): they are escaped, never interpreted.
 #[pyfunction]
@@ -159,6 +177,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(header_style, m)?)?;
     m.add_function(wrap_pyfunction!(retry_delay, m)?)?;
     m.add_function(wrap_pyfunction!(parse_headers, m)?)?;
+    m.add_function(wrap_pyfunction!(sign_webhook, m)?)?;
     let after_fork = wrap_pyfunction!(_after_fork_in_child, m)?;
     let hooks = PyDict::new(m.py());
     hooks.set_item("after_in_child", &after_fork)?;

@@ -128,3 +128,88 @@ pub struct Crossing {
     /// When (µs since the epoch, the warden's clock).
     pub at: Micros,
 }
+
+impl Event {
+    /// The event's type as webhooks and streams carry it
+    /// (`limit.threshold_crossed`, `upstream.breaker_changed`…).
+    #[must_use]
+    pub const fn type_name(&self) -> &'static str {
+        match self {
+            Self::BackendUnavailable { .. } => "backend.unavailable",
+            Self::DegradedDecision { .. } => "decision.degraded",
+            Self::SettlementProblem { .. } => "settlement.problem",
+            Self::UpstreamZone { .. } => "upstream.zone_changed",
+            Self::Breaker { .. } => "upstream.breaker_changed",
+            Self::Cascade { .. } => "upstream.cascade_changed",
+            Self::ThresholdCrossed(_) => "limit.threshold_crossed",
+            Self::LimitExhausted(_) => "limit.exhausted",
+            Self::BackendRecovered { .. } => "backend.recovered",
+        }
+    }
+
+    /// When it happened, µs since the epoch.
+    #[must_use]
+    pub fn at(&self) -> Micros {
+        match self {
+            Self::BackendUnavailable { at, .. }
+            | Self::DegradedDecision { at, .. }
+            | Self::SettlementProblem { at, .. }
+            | Self::UpstreamZone { at, .. }
+            | Self::Breaker { at, .. }
+            | Self::Cascade { at, .. }
+            | Self::BackendRecovered { at, .. } => *at,
+            Self::ThresholdCrossed(c) | Self::LimitExhausted(c) => c.at,
+        }
+    }
+
+    /// Its fields as JSON (`data` of a webhook message): amounts in base
+    /// units beside their decimal text, times as µs since the epoch.
+    #[must_use]
+    pub fn data(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Self::BackendUnavailable { reason, .. } => json!({ "reason": reason }),
+            Self::DegradedDecision {
+                mode,
+                scope,
+                outcome,
+                reason,
+                ..
+            } => json!({
+                "mode": mode.as_str(), "scope": scope, "outcome": outcome.as_str(), "reason": reason
+            }),
+            Self::SettlementProblem {
+                reservation,
+                problem,
+                ..
+            } => json!({ "reservation": reservation.to_string(), "problem": problem }),
+            Self::UpstreamZone {
+                resource, from, to, ..
+            } => {
+                json!({ "resource": resource, "from": from.to_string(), "to": to.to_string() })
+            }
+            Self::Breaker {
+                resource, from, to, ..
+            } => {
+                json!({ "resource": resource, "from": from.to_string(), "to": to.to_string() })
+            }
+            Self::Cascade { resource, on, .. } => json!({ "resource": resource, "sequential": on }),
+            Self::ThresholdCrossed(c) | Self::LimitExhausted(c) => {
+                let text = |v: i64| crate::amount::format_base(v, c.decimals);
+                json!({
+                    "event_id": c.id,
+                    "owner": c.owner,
+                    "limit": c.limit,
+                    "unit": c.unit,
+                    "threshold": f64::from(c.threshold) / 1000.0,
+                    "capacity": c.capacity, "capacity_text": text(c.capacity),
+                    "before": c.before, "before_text": text(c.before),
+                    "after": c.after, "after_text": text(c.after),
+                })
+            }
+            Self::BackendRecovered { after, .. } => {
+                json!({ "degraded_for_ms": u64::try_from(after.as_millis()).unwrap_or(u64::MAX) })
+            }
+        }
+    }
+}

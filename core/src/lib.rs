@@ -54,6 +54,7 @@ pub mod scope;
 pub mod settle;
 pub mod upstream;
 mod warden;
+pub mod webhook;
 
 pub use amount::{Amount, Cost};
 pub use backend::{Backend, MemoryBackend};

@@ -46,6 +46,7 @@ from ratewarden._errors import (
 from ratewarden._native import Decision, ManualClock, NativeWarden, Prepared, __version__, scope_of, version
 from ratewarden._native import parse_headers as _parse_headers
 from ratewarden._native import retry_delay as _retry_delay
+from ratewarden._native import sign_webhook as _sign_webhook
 
 __all__ = [
     "BackendError",
@@ -66,6 +67,7 @@ __all__ = [
     "parse_headers",
     "retry_delay",
     "scope",
+    "sign_webhook",
     "version",
 ]
 
@@ -303,6 +305,23 @@ def retry_delay(attempt: int, priority: str = "standard", retry_after: Optional[
     The bands never overlap, so agents' retries never collide across tiers."""
     try:
         return _retry_delay(attempt, priority, retry_after)
+    except WardenError:
+        raise
+    except _CONVERSION_ERRORS as e:
+        raise _bad_argument(e) from None
+
+
+def sign_webhook(secret: str, msg_id: str, timestamp: int, body: Union[bytes, str]) -> Dict[str, str]:
+    """The headers of a webhook message signed per the Standard Webhooks
+    specification: ``webhook-id`` (``msg_id``), ``webhook-timestamp`` (seconds
+    since the epoch) and ``webhook-signature`` (``v1,`` and the base64
+    HMAC-SHA256 of ``"<id>.<timestamp>.<body>"`` under ``secret``, written
+    ``whsec_<base64>``). Receivers verify it with the ``standardwebhooks``
+    package (or any Standard Webhooks library). Raises :class:`InvalidInput`
+    for a secret that is not one (its value is never repeated)."""
+    try:
+        data = body.encode() if isinstance(body, str) else body
+        return _sign_webhook(secret, msg_id, timestamp, data)
     except WardenError:
         raise
     except _CONVERSION_ERRORS as e:

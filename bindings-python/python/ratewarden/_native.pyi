@@ -21,6 +21,7 @@ __all__ = [
     "governed_headers",
     "header_style",
     "parse_headers",
+    "sign_webhook",
     "retry_delay",
     "scope_of",
     "version",
@@ -38,6 +39,9 @@ def parse_headers(headers: List[Tuple[str, str]], now: Optional[float] = None) -
 
 def retry_delay(attempt: int, priority: str = "standard", retry_after: Optional[float] = None) -> float:
     """Seconds to wait before a retry, in the caller's tier's band."""
+
+def sign_webhook(secret: str, msg_id: str, timestamp: int, body: bytes) -> Dict[str, str]:
+    """The Standard Webhooks headers of a message."""
 
 def scope_of(segments: List[Tuple[str, str]]) -> str:
     """A scope string from ``(kind, id)`` pairs, ids escaped."""
