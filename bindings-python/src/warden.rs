@@ -471,6 +471,41 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, receipt_to_py)
     }
 
+    /// What the policy's `webhooks:` deliveries did: a dict of `deliveries`
+    /// (every attempt), `dead_letters` and `dropped`.
+    #[allow(clippy::cast_precision_loss)]
+    fn webhook_log(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let log = self.warden(py)?.webhook_log();
+        let out = PyDict::new(py);
+        let deliveries = PyList::empty(py);
+        for d in &log.deliveries {
+            let x = PyDict::new(py);
+            x.set_item("message_id", &d.message_id)?;
+            x.set_item("event_type", d.event_type)?;
+            x.set_item("url", &d.url)?;
+            x.set_item("attempt", d.attempt)?;
+            x.set_item("status", d.status)?;
+            x.set_item("error", d.error.as_deref())?;
+            x.set_item("at", d.at as f64 / 1e6)?;
+            deliveries.append(x)?;
+        }
+        let dead = PyList::empty(py);
+        for d in &log.dead_letters {
+            let x = PyDict::new(py);
+            x.set_item("message_id", &d.message.id)?;
+            x.set_item("event_type", d.event_type)?;
+            x.set_item("url", &d.url)?;
+            x.set_item("attempts", d.attempts)?;
+            x.set_item("last", &d.last)?;
+            x.set_item("body", &d.message.body)?;
+            dead.append(x)?;
+        }
+        out.set_item("deliveries", deliveries)?;
+        out.set_item("dead_letters", dead)?;
+        out.set_item("dropped", log.dropped)?;
+        Ok(out.into_any().unbind())
+    }
+
     /// What `usage` costs on `resource` at its prices now (the actual bill:
     /// `output_tokens` priced); a dict (see `priced_to_py`).
     #[pyo3(signature = (resource, usage))]

@@ -303,6 +303,8 @@ pub struct Policy {
     pub(crate) by_name: HashMap<String, Arc<LimitDef>>,
     /// Every limit by [`LimitDef::id`].
     pub(crate) all: Vec<Arc<LimitDef>>,
+    /// Where events are delivered (`webhooks:`).
+    pub(crate) webhooks: Vec<Arc<crate::webhook::Endpoint>>,
 }
 
 /// Name-keyed maps of a loaded policy: document order, fast hashing.

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # not run as plain scripts.
 SERVERS = {"asgi_app", "openai_agents"}
 # Print their own story (tested below).
-OWN_OUTPUT = {"pricing"}
+OWN_OUTPUT = {"pricing", "webhook_receiver"}
 EXAMPLES = sorted(p for p in (ROOT / "examples" / "python").glob("*.py") if p.stem not in SERVERS | OWN_OUTPUT)
 
 
@@ -90,3 +90,15 @@ def test_the_pricing_example_shrinks_the_second_call_and_denies_the_third() -> N
     ], out.stdout + out.stderr
     blocks = re.findall(r"```python pricing\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks == [path.read_text()], "the README shows examples/python/pricing.py as it is"
+
+
+def test_the_webhook_example_verifies_three_budget_events() -> None:
+    path = ROOT / "examples" / "python" / "webhook_receiver.py"
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == [
+        "verified limit.threshold_crossed: tenant:acme tenant-usd at 6 of 10",
+        "verified limit.threshold_crossed: tenant:acme tenant-usd at 8 of 10",
+        "verified limit.exhausted: tenant:acme tenant-usd at 10 of 10",
+    ], out.stdout + out.stderr
+    blocks = re.findall(r"```python webhook\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks == [path.read_text()], "the README shows examples/python/webhook_receiver.py as it is"

@@ -657,6 +657,17 @@ class Warden:
         except _CONVERSION_ERRORS as e:
             raise _bad_argument(e) from None
 
+    # -- events --------------------------------------------------------------
+
+    def webhook_log(self) -> Dict[str, Any]:
+        """What the policy's ``webhooks:`` deliveries did so far: ``deliveries``
+        (every attempt: ``message_id``, ``event_type``, ``url``, ``attempt``,
+        ``status`` or ``error``, ``at``), ``dead_letters`` (messages every attempt
+        failed: ``message_id``, ``event_type``, ``url``, ``attempts``, ``last``,
+        ``body``) and ``dropped`` (events an endpoint never saw: it fell behind).
+        Deliveries run on their own threads and never slow a decision."""
+        return self._native.webhook_log()
+
     # -- pricing -------------------------------------------------------------
 
     def cost(self, resource: str, usage: Usage) -> Dict[str, Any]:

@@ -21,9 +21,9 @@ __all__ = [
     "governed_headers",
     "header_style",
     "parse_headers",
-    "sign_webhook",
     "retry_delay",
     "scope_of",
+    "sign_webhook",
     "version",
 ]
 
@@ -196,6 +196,7 @@ class NativeWarden:
         usage: _Cost = None,
         resource: Optional[str] = None,
     ) -> Any: ...
+    def webhook_log(self) -> Dict[str, Any]: ...
     def cost(self, resource: str, usage: Mapping[str, Any]) -> Dict[str, Any]: ...
     def estimate(self, resource: str, usage: Mapping[str, Any]) -> Dict[str, Any]: ...
     def release(self, reservation: str, asynchronous: bool = False) -> Any: ...

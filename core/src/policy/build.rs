@@ -291,6 +291,7 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
     build_workflows(ctx, raw.workflows, &mut resources)?;
     let mut all: Vec<Arc<LimitDef>> = by_name.values().cloned().collect();
     all.sort_by_key(|d| d.id);
+    let webhooks = build_webhooks(ctx, raw.webhooks)?;
     Ok(Policy {
         source: ctx.source.to_owned(),
         defaults,
@@ -300,7 +301,95 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
         actions,
         by_name,
         all,
+        webhooks,
     })
+}
+
+/// Every known event type, for `webhooks[i].events`.
+const EVENT_TYPES: [&str; 9] = [
+    "backend.unavailable",
+    "backend.recovered",
+    "decision.degraded",
+    "settlement.problem",
+    "upstream.zone_changed",
+    "upstream.breaker_changed",
+    "upstream.cascade_changed",
+    "limit.threshold_crossed",
+    "limit.exhausted",
+];
+
+/// Validates `webhooks:`; a `secret_env` is read now, so a missing variable
+/// fails when the policy loads, not at the first event.
+fn build_webhooks(
+    ctx: &Ctx<'_>,
+    raw: Vec<RawWebhook>,
+) -> Result<Vec<Arc<crate::webhook::Endpoint>>> {
+    use crate::webhook::{Endpoint, Secret};
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, w) in raw.into_iter().enumerate() {
+        let path = format!("webhooks[{i}]");
+        let secret_text = match (&w.secret, &w.secret_env) {
+            (Some(s), None) => s.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                ctx.err(
+                    format!("{path}.secret_env"),
+                    format!("the environment variable `{var}` is not set"),
+                )
+            })?,
+            _ => {
+                return Err(ctx.err(
+                    &path,
+                    "give exactly one of `secret` (whsec_…) or `secret_env` (a variable holding it)",
+                ));
+            }
+        };
+        let secret = Secret::parse(&secret_text).map_err(|e| {
+            let field = if w.secret.is_some() {
+                "secret"
+            } else {
+                "secret_env"
+            };
+            ctx.err(format!("{path}.{field}"), e.to_string())
+        })?;
+        for (j, e) in w.events.iter().enumerate() {
+            let known = EVENT_TYPES
+                .iter()
+                .any(|t| t == e || (e.ends_with('.') && t.starts_with(e.as_str())));
+            if !known {
+                return Err(ctx.err(
+                    format!("{path}.events[{j}]"),
+                    format!(
+                        "`{e}` is no event type or prefix (known: {})",
+                        EVENT_TYPES.join(", ")
+                    ),
+                ));
+            }
+        }
+        let dur = |v: &Option<String>,
+                   field: &str,
+                   default: Micros|
+         -> Result<std::time::Duration> {
+            let us = match v {
+                None => default,
+                Some(s) => parse_duration(s).map_err(|m| ctx.err(format!("{path}.{field}"), m))?,
+            };
+            Ok(std::time::Duration::from_micros(us.unsigned_abs()))
+        };
+        let endpoint = Endpoint::new(
+            &w.url,
+            secret,
+            w.events,
+            w.max_attempts.unwrap_or(8),
+            dur(&w.backoff, "backoff", SECOND_US)?,
+            dur(&w.timeout, "timeout", 10 * SECOND_US)?,
+        )
+        .map_err(|e| match e {
+            Error::InvalidArgument { what, message } => ctx.err(format!("{path}.{what}"), message),
+            other => other,
+        })?;
+        out.push(Arc::new(endpoint));
+    }
+    Ok(out)
 }
 
 /// Most stages a workflow may have.

@@ -22,6 +22,22 @@ pub(super) struct RawPolicy {
     pub(super) actions: IndexMap<String, RawTarget>,
     #[serde(default)]
     pub(super) workflows: IndexMap<String, RawWorkflow>,
+    #[serde(default)]
+    pub(super) webhooks: Vec<RawWebhook>,
+}
+
+/// `webhooks[i]`: where events are delivered, signed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    pub(super) url: String,
+    pub(super) secret: Option<String>,
+    pub(super) secret_env: Option<String>,
+    #[serde(default)]
+    pub(super) events: Vec<String>,
+    pub(super) max_attempts: Option<u32>,
+    pub(super) backoff: Option<String>,
+    pub(super) timeout: Option<String>,
 }
 
 /// `workflows.<name>`: stages and the resources they call.

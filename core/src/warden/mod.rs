@@ -107,6 +107,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     queue: WaitQueue,
     events: tokio::sync::broadcast::Sender<Event>,
+    /// What webhook deliveries did.
+    webhook_log: Arc<Mutex<crate::webhook::Log>>,
     /// Since when decisions are degraded (µs), or `i64::MIN` while the backend answers.
     degraded_since: std::sync::atomic::AtomicI64,
 }
@@ -138,16 +140,30 @@ impl Warden {
     /// caller's side; decisions use the backend's own clock.
     #[must_use]
     pub fn with_backend(policy: Policy, backend: Arc<dyn Backend>, clock: Arc<dyn Clock>) -> Self {
+        let events = tokio::sync::broadcast::Sender::new(crate::events::CAPACITY);
+        let webhook_log = Arc::new(Mutex::new(crate::webhook::Log::default()));
+        // Deliveries run on threads of their own, never on a decision's path.
+        crate::webhook::start(&policy.webhooks, &events, &webhook_log);
         Self {
             inner: Arc::new(Inner {
                 policy: Arc::new(policy),
                 backend,
                 clock,
                 queue: WaitQueue::default(),
-                events: tokio::sync::broadcast::Sender::new(crate::events::CAPACITY),
+                events,
                 degraded_since: std::sync::atomic::AtomicI64::new(i64::MIN),
+                webhook_log,
             }),
         }
+    }
+
+    /// What the policy's `webhooks:` deliveries did so far: every attempt
+    /// (status or error), the dead letters (every attempt failed), and the
+    /// events an endpoint never saw because it fell too far behind. Latest
+    /// [`crate::webhook::LOG_CAPACITY`] of each.
+    #[must_use]
+    pub fn webhook_log(&self) -> crate::webhook::Log {
+        self.inner.webhook_log.lock().clone()
     }
 
     /// The policy in force.
