@@ -740,6 +740,19 @@ class Warden {
   }
 
   /**
+   * What the policy's `webhooks:` deliveries did so far: `deliveries` (every
+   * attempt), `deadLetters` (every attempt failed) and `dropped` (events an
+   * endpoint never saw: it fell behind). Synchronous.
+   */
+  webhookLog() {
+    try {
+      return this.#live().webhookLog();
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /**
    * What `usage` costs on `resource` at its prices now (`pricing:` in the
    * policy; `output_tokens` priced — the bill a commit charges). Exact: every
    * line summed as a fraction, rounded up once to the money unit's base unit.

@@ -16,6 +16,7 @@ import type {
   Priced,
   Usage,
   WardenOptions,
+  WebhookLog,
 } from './native';
 
 export type {
@@ -33,6 +34,7 @@ export type {
   ObservedQuota,
   Priced,
   Usage,
+  WebhookLog,
 };
 /** Options of `Warden.fetcher` and `governOpenAI`. */
 export interface FetcherOptions {
@@ -284,6 +286,8 @@ export declare class Warden {
    * for an unpriced resource or bad usage.
    */
   cost(resource: string, usage: Usage): Priced;
+  /** What the policy's `webhooks:` deliveries did: every attempt, the dead letters, the dropped count. */
+  webhookLog(): WebhookLog;
   /** As `cost`, pricing `max_output_tokens` when given: what `reserve(scope, { usage })` holds. */
   estimate(resource: string, usage: Usage): Priced;
   /** Ends a reservation or delegation without charging; resolves `false` if it was already released. */

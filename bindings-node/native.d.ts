@@ -87,6 +87,8 @@ export declare class NativeWarden {
   commitUsageSync(reservation: string, resource: string, usage: Usage): Receipt
   /** Runs on the runtime. */
   commitUsageAsync(reservation: string, resource: string, usage: Usage): Promise<Receipt>
+  /** What the policy's `webhooks:` deliveries did (see `Warden::webhook_log`). */
+  webhookLog(): WebhookLog
   /**
    * What `usage` costs on `resource` at its prices now (`output_tokens`
    * priced: the bill a commit charges).
@@ -582,4 +584,48 @@ export interface WardenOptions {
   localShare?: number
   /** Redis command timeout, seconds (default 0.25). */
   timeout?: number
+}
+
+/** A message every attempt failed to deliver. */
+export interface WebhookDeadLetter {
+  /** The message (`webhook-id`). */
+  messageId: string
+  /** Its event type. */
+  eventType: string
+  /** The endpoint. */
+  url: string
+  /** Attempts made. */
+  attempts: number
+  /** The last attempt's status or error. */
+  last: string
+  /** The message body, as signed. */
+  body: string
+}
+
+/** One webhook delivery attempt. */
+export interface WebhookDelivery {
+  /** The message (`webhook-id`). */
+  messageId: string
+  /** Its event type. */
+  eventType: string
+  /** The endpoint. */
+  url: string
+  /** 1 for the first attempt. */
+  attempt: number
+  /** The HTTP status answered, if any. */
+  status?: number
+  /** Why it failed, when no status came back. */
+  error?: string
+  /** When it ended, seconds since the epoch. */
+  at: number
+}
+
+/** What a warden's webhook deliveries did. */
+export interface WebhookLog {
+  /** Every attempt, oldest first. */
+  deliveries: Array<WebhookDelivery>
+  /** Dead letters, oldest first. */
+  deadLetters: Array<WebhookDeadLetter>
+  /** Events an endpoint never saw (it fell behind). */
+  dropped: number
 }

@@ -384,3 +384,82 @@ pub(crate) fn priced_of(p: &CorePriced, cost: &ratewarden::Cost) -> Priced {
         cost: serde_json::Value::Object(map),
     }
 }
+
+/// One webhook delivery attempt.
+#[napi(object)]
+pub struct WebhookDelivery {
+    /// The message (`webhook-id`).
+    pub message_id: String,
+    /// Its event type.
+    pub event_type: String,
+    /// The endpoint.
+    pub url: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// The HTTP status answered, if any.
+    pub status: Option<u32>,
+    /// Why it failed, when no status came back.
+    pub error: Option<String>,
+    /// When it ended, seconds since the epoch.
+    pub at: f64,
+}
+
+/// A message every attempt failed to deliver.
+#[napi(object)]
+pub struct WebhookDeadLetter {
+    /// The message (`webhook-id`).
+    pub message_id: String,
+    /// Its event type.
+    pub event_type: String,
+    /// The endpoint.
+    pub url: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last attempt's status or error.
+    pub last: String,
+    /// The message body, as signed.
+    pub body: String,
+}
+
+/// What a warden's webhook deliveries did.
+#[napi(object)]
+pub struct WebhookLog {
+    /// Every attempt, oldest first.
+    pub deliveries: Vec<WebhookDelivery>,
+    /// Dead letters, oldest first.
+    pub dead_letters: Vec<WebhookDeadLetter>,
+    /// Events an endpoint never saw (it fell behind).
+    pub dropped: f64,
+}
+
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn webhook_log_of(log: &ratewarden::webhook::Log) -> WebhookLog {
+    WebhookLog {
+        deliveries: log
+            .deliveries
+            .iter()
+            .map(|d| WebhookDelivery {
+                message_id: d.message_id.clone(),
+                event_type: d.event_type.to_owned(),
+                url: d.url.clone(),
+                attempt: d.attempt,
+                status: d.status.map(u32::from),
+                error: d.error.clone(),
+                at: d.at as f64 / 1e6,
+            })
+            .collect(),
+        dead_letters: log
+            .dead_letters
+            .iter()
+            .map(|d| WebhookDeadLetter {
+                message_id: d.message.id.clone(),
+                event_type: d.event_type.to_owned(),
+                url: d.url.clone(),
+                attempts: d.attempts,
+                last: d.last.clone(),
+                body: d.message.body.clone(),
+            })
+            .collect(),
+        dropped: log.dropped as f64,
+    }
+}

@@ -168,6 +168,12 @@ impl NativeWarden {
         })
     }
 
+    /// What the policy's `webhooks:` deliveries did (see `Warden::webhook_log`).
+    #[napi]
+    pub fn webhook_log(&self) -> WebhookLog {
+        webhook_log_of(&self.warden.webhook_log())
+    }
+
     /// What `usage` costs on `resource` at its prices now (`output_tokens`
     /// priced: the bill a commit charges).
     #[napi]

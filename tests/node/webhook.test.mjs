@@ -31,3 +31,43 @@ test('bad arguments are refused by name, the secret never repeated', () => {
   assert.throws(() => signWebhook(secret(), 'msg_1', 1.5, '{}'), (e) => e instanceof InvalidInputError && e.argument === 'timestamp');
   assert.throws(() => signWebhook(secret(), 'msg_1', 1, 42), (e) => e instanceof InvalidInputError && e.argument === 'body');
 });
+
+test('a policy with webhooks delivers signed events a receiver verifies, and logs them', async () => {
+  const { createServer } = await import('node:http');
+  const key = secret();
+  const got = [];
+  let answered;
+  const done = new Promise((resolve) => { answered = resolve; });
+  const server = createServer((req, res) => {
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => {
+      const body = Buffer.concat(chunks).toString('utf8');
+      got.push(new Webhook(key).verify(body, req.headers).type);
+      res.statusCode = got.length === 1 ? 500 : 204; // the first attempt fails: retried
+      res.end();
+      if (got.length === 2) answered();
+    });
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  try {
+    const { Warden } = await import('../../bindings-node/index.mjs');
+    const w = new Warden({
+      scopes: { tenant: { limits: [{ name: 'usd', kind: 'budget', unit: 'usd', limit: '10' }] } },
+      webhooks: [{ url: `http://127.0.0.1:${server.address().port}/`, secret: key, events: ['limit.exhausted'], backoff: '10ms' }],
+    });
+    assert.ok((await w.acquire('tenant:a', { cost: { usd: '10' } })).allowed);
+    await done;
+    assert.deepEqual(got, ['limit.exhausted', 'limit.exhausted']);
+    let log = w.webhookLog();
+    for (let i = 0; i < 1000 && log.deliveries.length < 2; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+      log = w.webhookLog();
+    }
+    assert.deepEqual(log.deliveries.map((d) => [d.attempt, d.status]), [[1, 500], [2, 204]]);
+    assert.equal(log.deadLetters.length, 0);
+    w.close();
+  } finally {
+    server.close();
+  }
+});
