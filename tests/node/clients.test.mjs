@@ -140,11 +140,14 @@ describe('a Python agent and a Node service sharing one Redis', () => {
         assert.deepEqual(JSON.parse(out), { ok: 9, errors: [] });
         const s = await up.stats();
         assert.deepEqual([s.ok, s.rejected], [19, 0], JSON.stringify(s.log));
-        // Critical ahead of background on the whole: each agent's three calls
-        // are sequential and a window's reset lets every tier in at once, so
-        // the two can tie (6 each); the exact order of the cross-process line
-        // is tested in core/tests/line.rs.
-        assert.ok(rank(s.log, 'critical') <= rank(s.log, 'background'), JSON.stringify(s.log));
+        // No order between tiers is asserted here: each agent's three calls
+        // are sequential, a reset lets every tier in at once, and the Python
+        // client waits for the reset its headers round up to whole seconds,
+        // so the mean rank came out tied or inverted in about 1 run of 8
+        // (with or without priorities). Critical-first is asserted where it
+        // is deterministic: the cross-process line in core/tests/line.rs, the
+        // light's tiers in tests/python/test_clients.py and the test above.
+        assert.equal(s.log.filter((r) => r[1] === 'critical').length, 6, JSON.stringify(s.log));
       } finally {
         up.stop();
         await w.close?.();
