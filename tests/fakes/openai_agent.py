@@ -3,11 +3,13 @@ through the real ``openai`` SDK, governed by ratewarden on a shared backend.
 
 ``python openai_agent.py UPSTREAM_URL BACKEND NAMESPACE PRIORITY:N ...``
 runs one thread per ``PRIORITY:N`` (N chat completions each) and prints
-``{"ok": n, "errors": [...]}``."""
+``{"ok": n, "errors": [...]}``. With ``RW_WAIT_GO=1`` it prints ``ready`` once
+connected and starts when a line arrives on stdin."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from typing import List
@@ -40,6 +42,9 @@ def main() -> None:
                 errors.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=run, args=(p.split(":")[0], int(p.split(":")[1]))) for p in plan]
+    if os.environ.get("RW_WAIT_GO") == "1":
+        print("ready", flush=True)
+        sys.stdin.readline()
     for t in threads:
         t.start()
     for t in threads:
