@@ -15,6 +15,25 @@ pub(crate) struct NativeWarden {
 }
 
 impl NativeWarden {
+    /// `cost` (`estimate = false`) or `estimate` of `usage` on `resource`.
+    fn priced(
+        &self,
+        py: Python<'_>,
+        resource: &str,
+        usage: &Bound<'_, PyDict>,
+        estimate: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let usage = pricing_usage_of(usage, "usage")?;
+        let w = self.warden(py)?;
+        let priced = if estimate {
+            w.estimate(resource, &usage)
+        } else {
+            w.cost(resource, &usage)
+        }
+        .or_raise()?;
+        priced_to_py(py, &priced, &w.charge_of(&priced))
+    }
+
     fn build(py: Python<'_>, policy: Policy, config: Setup) -> PyResult<Self> {
         let warden = if config.backend.is_none() {
             at_once(config.connect(policy))
@@ -515,10 +534,7 @@ impl NativeWarden {
         resource: &str,
         usage: &Bound<'_, PyDict>,
     ) -> PyResult<Py<PyAny>> {
-        let usage = pricing_usage_of(usage, "usage")?;
-        let w = self.warden(py)?;
-        let priced = w.cost(resource, &usage).or_raise()?;
-        priced_to_py(py, &priced, &w.charge_of(&priced))
+        self.priced(py, resource, usage, false)
     }
 
     /// What a call with `usage` may cost on `resource` now (`max_output_tokens`
@@ -530,10 +546,7 @@ impl NativeWarden {
         resource: &str,
         usage: &Bound<'_, PyDict>,
     ) -> PyResult<Py<PyAny>> {
-        let usage = pricing_usage_of(usage, "usage")?;
-        let w = self.warden(py)?;
-        let priced = w.estimate(resource, &usage).or_raise()?;
-        priced_to_py(py, &priced, &w.charge_of(&priced))
+        self.priced(py, resource, usage, true)
     }
 
     #[pyo3(signature = (reservation, asynchronous=false))]

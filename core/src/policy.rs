@@ -442,6 +442,13 @@ impl Policy {
         lookup(&self.resources, name)
     }
 
+    /// A resource by name, or [`Error::Unknown`] listing the declared ones.
+    pub(crate) fn declared_resource(&self, name: &str) -> Result<&Target> {
+        self.resource(name).ok_or_else(|| {
+            Error::unknown("resource", name, self.resources.keys().map(String::as_str))
+        })
+    }
+
     /// An action by name.
     #[must_use]
     pub fn action(&self, name: &str) -> Option<&Target> {

@@ -453,6 +453,12 @@ impl Pricing {
     /// # Errors
     /// As [`Pricing::price`].
     pub fn amount(&self, usage: &Usage, now: Micros, estimate: bool) -> Result<i64> {
+        self.bill_at(usage, now, estimate)
+            .map(|(_, _, amount)| amount)
+    }
+
+    /// The list in effect, the output tokens priced and the bill.
+    fn bill_at(&self, usage: &Usage, now: Micros, estimate: bool) -> Result<(&Prices, u64, i64)> {
         usage.validate()?;
         let prices = self.at(now).ok_or_else(|| self.not_yet())?;
         let output = if estimate {
@@ -460,7 +466,7 @@ impl Pricing {
         } else {
             usage.output_tokens
         };
-        prices.bill(usage, output)
+        Ok((prices, output, prices.bill(usage, output)?))
     }
 
     fn not_yet(&self) -> Error {
@@ -481,17 +487,11 @@ impl Pricing {
     /// [`Error::InvalidArgument`] for invalid usage, no price list in effect
     /// yet, or a bill over the largest amount.
     pub fn price(&self, usage: &Usage, now: Micros, estimate: bool) -> Result<Priced> {
-        usage.validate()?;
-        let prices = self.at(now).ok_or_else(|| self.not_yet())?;
-        let output = if estimate {
-            usage.estimated_output()
-        } else {
-            usage.output_tokens
-        };
+        let (prices, output, amount) = self.bill_at(usage, now, estimate)?;
         Ok(Priced {
             unit: prices.unit.clone(),
             decimals: prices.decimals,
-            amount: prices.bill(usage, output)?,
+            amount,
             input_tokens: usage.input_tokens,
             output_tokens: output,
             calls: usage.calls,

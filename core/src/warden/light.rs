@@ -142,14 +142,7 @@ impl Warden {
     /// [`Error::Unknown`] for an undeclared resource,
     /// [`Error::InvalidArgument`] for one without `upstream:` in the policy.
     pub fn coordination(&self, resource: &str) -> Result<&Coordination> {
-        let policy = &self.inner.policy;
-        let target = policy.resource(resource).ok_or_else(|| {
-            Error::unknown(
-                "resource",
-                resource,
-                policy.resources.keys().map(String::as_str),
-            )
-        })?;
+        let target = self.inner.policy.declared_resource(resource)?;
         target.upstream.as_ref().ok_or_else(|| {
             Error::invalid(
                 "resource",

@@ -61,14 +61,7 @@ impl Warden {
 
     /// A resource's prices.
     pub(crate) fn pricing(&self, resource: &str) -> Result<&Pricing> {
-        let policy = &self.inner.policy;
-        let target = policy.resource(resource).ok_or_else(|| {
-            Error::unknown(
-                "resource",
-                resource,
-                policy.resources.keys().map(String::as_str),
-            )
-        })?;
+        let target = self.inner.policy.declared_resource(resource)?;
         target
             .pricing
             .as_deref()
