@@ -6,10 +6,15 @@
 //! next `recv` reports how many, as `RecvError::Lagged`). With no subscriber,
 //! nothing is kept.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use crate::clock::Micros;
 use crate::decision::{Degraded, Outcome};
+use crate::error::{Error, Result};
 
 /// Events kept per subscriber before the oldest are dropped.
 pub const CAPACITY: usize = 1024;
@@ -129,7 +134,95 @@ pub struct Crossing {
     pub at: Micros,
 }
 
+/// Every event type, as [`Event::type_name`] spells it.
+pub const TYPES: [&str; 9] = [
+    "backend.unavailable",
+    "backend.recovered",
+    "decision.degraded",
+    "settlement.problem",
+    "upstream.zone_changed",
+    "upstream.breaker_changed",
+    "upstream.cascade_changed",
+    "limit.threshold_crossed",
+    "limit.exhausted",
+];
+
+/// Which events a sink or listener wants: event types (`limit.exhausted`)
+/// or prefixes ending in a dot (`limit.`); empty wants every event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter(Vec<String>);
+
+impl Filter {
+    /// A filter of `types`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`events[i]`) for an entry that is no event
+    /// type and no prefix of one, naming the known types.
+    pub fn new(types: Vec<String>) -> Result<Self> {
+        for (i, e) in types.iter().enumerate() {
+            let known = TYPES
+                .iter()
+                .any(|t| t == e || (e.ends_with('.') && t.starts_with(e.as_str())));
+            if !known {
+                return Err(Error::InvalidArgument {
+                    what: "events",
+                    message: format!(
+                        "events[{i}]: `{}` is no event type or prefix (known: {})",
+                        crate::error::truncate(e),
+                        TYPES.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(Self(types))
+    }
+
+    /// Whether it wants events of `type_name`.
+    #[must_use]
+    pub fn wants(&self, type_name: &str) -> bool {
+        self.0.is_empty()
+            || self
+                .0
+                .iter()
+                .any(|e| e == type_name || (e.ends_with('.') && type_name.starts_with(e.as_str())))
+    }
+
+    /// The types and prefixes as given.
+    #[must_use]
+    pub fn types(&self) -> &[String] {
+        &self.0
+    }
+}
+
 impl Event {
+    /// Its id where the event carries one that every sink shares (a
+    /// threshold crossing, made inside the atomic decision).
+    #[must_use]
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            Self::ThresholdCrossed(c) | Self::LimitExhausted(c) => Some(&c.id),
+            _ => None,
+        }
+    }
+
+    /// The event as one JSON object, the shape every sink delivers:
+    /// `{"id", "type", "timestamp" (RFC 3339 UTC), "at" (µs since the epoch),
+    /// "data"}`. `id` is `msg_` and 32 hex digits — the event's own id when
+    /// it has one, else `fallback` (so one delivery's retries repeat it).
+    #[must_use]
+    pub fn envelope(&self, fallback: &str) -> serde_json::Value {
+        let id = self
+            .id()
+            .map_or_else(|| fallback.to_owned(), |id| format!("msg_{id}"));
+        serde_json::json!({
+            "id": id,
+            "type": self.type_name(),
+            "timestamp": rfc3339(self.at()),
+            "at": self.at(),
+            "data": self.data(),
+        })
+    }
+
     /// The event's type as webhooks and streams carry it
     /// (`limit.threshold_crossed`, `upstream.breaker_changed`…).
     #[must_use]
@@ -212,4 +305,178 @@ impl Event {
             }
         }
     }
+}
+
+/// µs since the epoch as RFC 3339 UTC with milliseconds.
+#[must_use]
+pub fn rfc3339(us: Micros) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let ms = us.rem_euclid(1_000_000) / 1000;
+    let (y, mo, d) = crate::calendar::civil_from_days(secs.div_euclid(86_400));
+    let s = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        s / 3600,
+        s % 3600 / 60,
+        s % 60
+    )
+}
+
+/// A fresh message id: `msg_` and 32 random hex digits.
+#[must_use]
+pub fn new_id() -> String {
+    format!("msg_{:032x}", fastrand::u128(..))
+}
+
+/// What a [`Listener`] did so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// Events handed to the callback.
+    pub delivered: u64,
+    /// Events the callback never saw: it fell more than [`CAPACITY`] behind.
+    pub dropped: u64,
+    /// Calls that failed (the callback returned an error or panicked).
+    pub failed: u64,
+    /// The last failure, one line.
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Counts {
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+    failed: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A callback receiving a warden's events on a thread of its own
+/// ([`crate::Warden::listen`]): in order, never on a decision's path. A
+/// callback that fails or panics is counted ([`Listener::stats`]) and keeps
+/// receiving; one that falls more than [`CAPACITY`] events behind loses the
+/// oldest. Dropping the listener (or [`Listener::close`]) stops it.
+pub struct Listener {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    counts: Arc<Counts>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a listener's callback returns: `Err` with one line when it failed.
+pub type Handled = std::result::Result<(), String>;
+
+impl Listener {
+    /// Starts a thread calling `callback` with every event `filter` wants.
+    pub(crate) fn start<F>(
+        rx: tokio::sync::broadcast::Receiver<Event>,
+        filter: Filter,
+        mut callback: F,
+    ) -> Result<Self>
+    where
+        F: FnMut(&Event) -> Handled + Send + 'static,
+    {
+        use tokio::sync::broadcast::error::RecvError;
+        let counts = Arc::new(Counts::default());
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let shared = Arc::clone(&counts);
+        let mut rx = rx;
+        let thread = std::thread::Builder::new()
+            .name("ratewarden-listener".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+                    return;
+                };
+                rt.block_on(async move {
+                    loop {
+                        let event = tokio::select! {
+                            biased;
+                            _ = &mut stopped => return,
+                            e = rx.recv() => e,
+                        };
+                        match event {
+                            Ok(e) if filter.wants(e.type_name()) => {
+                                shared.delivered.fetch_add(1, Ordering::Relaxed);
+                                let called =
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        callback(&e)
+                                    }));
+                                let failure = match called {
+                                    Ok(Ok(())) => None,
+                                    Ok(Err(why)) => Some(why),
+                                    Err(panic) => Some(panic_text(panic.as_ref())),
+                                };
+                                if let Some(why) = failure {
+                                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                                    *shared.last_error.lock() = Some(why);
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(RecvError::Lagged(n)) => {
+                                shared.dropped.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(RecvError::Closed) => return,
+                        }
+                    }
+                });
+            })
+            .map_err(|e| Error::Backend {
+                message: format!("the listener thread could not start: {e}"),
+            })?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+            counts,
+        })
+    }
+
+    /// What it did so far.
+    #[must_use]
+    pub fn stats(&self) -> ListenerStats {
+        ListenerStats {
+            delivered: self.counts.delivered.load(Ordering::Relaxed),
+            dropped: self.counts.dropped.load(Ordering::Relaxed),
+            failed: self.counts.failed.load(Ordering::Relaxed),
+            last_error: self.counts.last_error.lock().clone(),
+        }
+    }
+
+    /// Stops it: no call starts after this returns, and a call under way
+    /// has ended — unless `close` runs inside the callback itself, which
+    /// only stops the next ones. Idempotent.
+    pub fn close(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether it is still listening (not closed, and the warden lives).
+    #[must_use]
+    pub fn is_open(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A panic's message, one line.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned());
+    format!("the callback panicked: {text}")
 }

@@ -177,16 +177,13 @@ impl Message {
     /// The message of `event`.
     #[must_use]
     pub fn of(event: &crate::Event) -> Self {
-        let id = match event {
-            crate::Event::ThresholdCrossed(c) | crate::Event::LimitExhausted(c) => {
-                format!("msg_{}", c.id)
-            }
-            _ => format!("msg_{:032x}", fastrand::u128(..)),
-        };
+        let id = event
+            .id()
+            .map_or_else(crate::events::new_id, |id| format!("msg_{id}"));
         let at = event.at();
         let body = serde_json::json!({
             "type": event.type_name(),
-            "timestamp": rfc3339(at),
+            "timestamp": crate::events::rfc3339(at),
             "data": event.data(),
         })
         .to_string();
@@ -202,20 +199,6 @@ impl Message {
     pub fn headers(&self, secret: &Secret) -> [(&'static str, String); 3] {
         headers(secret, &self.id, self.timestamp, self.body.as_bytes())
     }
-}
-
-/// µs since the epoch as RFC 3339 UTC with milliseconds.
-fn rfc3339(us: crate::clock::Micros) -> String {
-    let secs = us.div_euclid(1_000_000);
-    let ms = us.rem_euclid(1_000_000) / 1000;
-    let (y, mo, d) = crate::calendar::civil_from_days(secs.div_euclid(86_400));
-    let s = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        s / 3600,
-        s % 3600 / 60,
-        s % 60
-    )
 }
 
 #[cfg(test)]
@@ -285,7 +268,7 @@ pub struct Endpoint {
     pub secret: Secret,
     /// Event types (`limit.exhausted`) or prefixes (`limit.`) it wants;
     /// empty: every event.
-    pub events: Vec<String>,
+    pub events: crate::events::Filter,
     /// Attempts per message before it becomes a dead letter.
     pub max_attempts: u32,
     /// Wait before the second attempt; doubled for each after (at most an hour).
@@ -303,7 +286,7 @@ impl Endpoint {
     pub fn new(
         url: &str,
         secret: Secret,
-        events: Vec<String>,
+        events: crate::events::Filter,
         max_attempts: u32,
         backoff: Duration,
         timeout: Duration,
@@ -392,11 +375,7 @@ impl Endpoint {
     /// Whether it wants events of `type_name`.
     #[must_use]
     pub fn wants(&self, type_name: &str) -> bool {
-        self.events.is_empty()
-            || self
-                .events
-                .iter()
-                .any(|e| e == type_name || (e.ends_with('.') && type_name.starts_with(e.as_str())))
+        self.events.wants(type_name)
     }
 }
 
@@ -673,7 +652,7 @@ mod endpoint_tests {
         Endpoint::new(
             url,
             s,
-            vec![],
+            crate::events::Filter::default(),
             3,
             Duration::from_secs(1),
             Duration::from_secs(5),
@@ -709,7 +688,9 @@ mod endpoint_tests {
     fn an_endpoint_wants_its_types_and_prefixes() {
         let mut e = ep("http://x/").unwrap();
         assert!(e.wants("limit.exhausted"));
-        e.events = vec!["limit.".into(), "upstream.breaker_changed".into()];
+        e.events =
+            crate::events::Filter::new(vec!["limit.".into(), "upstream.breaker_changed".into()])
+                .unwrap();
         assert!(e.wants("limit.exhausted") && e.wants("limit.threshold_crossed"));
         assert!(e.wants("upstream.breaker_changed") && !e.wants("upstream.zone_changed"));
     }

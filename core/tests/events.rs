@@ -183,3 +183,62 @@ async fn across_four_processes_each_crossing_is_reported_once() {
         }
     }
 }
+
+/// A listener gets the events its filter wants, in order, on its own
+/// thread; a callback that panics or fails is counted and keeps receiving;
+/// closing it stops every later call.
+#[tokio::test(flavor = "current_thread")]
+async fn a_listener_survives_its_callback_and_stops_when_closed() {
+    use ratewarden::events::Filter;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let w = Warden::with_clock(policy(None), Arc::new(ManualClock::at_date(2026, 1, 15)));
+    let (tx, rx) = mpsc::channel::<(String, u16)>();
+    let mut calls = 0_u32;
+    let mut listener = w
+        .listen(
+            Filter::new(vec!["limit.threshold_crossed".into()]).unwrap(),
+            move |e| {
+                calls += 1;
+                let Event::ThresholdCrossed(c) = e else {
+                    panic!("the filter let {} through", e.type_name())
+                };
+                tx.send((e.type_name().to_owned(), c.threshold)).unwrap();
+                match calls {
+                    1 => panic!("first call panics"),
+                    2 => Err("second call fails".to_owned()),
+                    _ => Ok(()),
+                }
+            },
+        )
+        .unwrap();
+    // 50%, then 80% and exhausted (filtered out), then nothing (denied).
+    assert!(w.acquire(&tenant("5")).await.unwrap().allowed());
+    assert!(w.acquire(&tenant("5")).await.unwrap().allowed());
+    let wait = Duration::from_secs(10);
+    assert_eq!(rx.recv_timeout(wait).unwrap().1, 500);
+    assert_eq!(rx.recv_timeout(wait).unwrap().1, 800);
+    listener.close();
+    assert!(!listener.is_open());
+    let s = listener.stats();
+    assert_eq!((s.delivered, s.failed, s.dropped), (2, 2, 0), "{s:?}");
+    assert_eq!(s.last_error.as_deref(), Some("second call fails"));
+    // Closed: another tenant's crossing reaches nobody.
+    let b = Request::parse("tenant:b")
+        .unwrap()
+        .spend("usd", Amount::parse("5").unwrap());
+    assert!(w.acquire(&b).await.unwrap().allowed());
+    let mut seen = w.subscribe();
+    assert!(w.acquire(&b).await.unwrap().allowed());
+    assert_eq!(drain(&mut seen).len(), 2, "the crossings happen");
+    assert!(rx.try_recv().is_err());
+    assert_eq!(listener.stats().delivered, 2);
+    let e = Filter::new(vec!["limit.".into(), "limits.exhausted".into()]).unwrap_err();
+    assert!(e.to_string().contains("events[1]"), "{e}");
+    // A warden dropped ends its listeners.
+    let l = w.listen(Filter::default(), |_| Ok(())).unwrap();
+    drop(w);
+    let mut l = l;
+    l.close();
+    assert!(!l.is_open());
+}

@@ -305,18 +305,17 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
     })
 }
 
-/// Every known event type, for `webhooks[i].events`.
-const EVENT_TYPES: [&str; 9] = [
-    "backend.unavailable",
-    "backend.recovered",
-    "decision.degraded",
-    "settlement.problem",
-    "upstream.zone_changed",
-    "upstream.breaker_changed",
-    "upstream.cascade_changed",
-    "limit.threshold_crossed",
-    "limit.exhausted",
-];
+/// `<path>.events`: event types and prefixes, each known.
+fn event_filter(ctx: &Ctx<'_>, path: &str, types: Vec<String>) -> Result<crate::events::Filter> {
+    crate::events::Filter::new(types).map_err(|e| match e {
+        Error::InvalidArgument { message, .. } => {
+            // `events[i]: …` → the path's `events[i]`.
+            let (field, why) = message.split_once(": ").unwrap_or(("events", &message));
+            ctx.err(format!("{path}.{field}"), why.to_owned())
+        }
+        other => other,
+    })
+}
 
 /// Validates `webhooks:`; a `secret_env` is read now, so a missing variable
 /// fails when the policy loads, not at the first event.
@@ -351,20 +350,7 @@ fn build_webhooks(
             };
             ctx.err(format!("{path}.{field}"), e.to_string())
         })?;
-        for (j, e) in w.events.iter().enumerate() {
-            let known = EVENT_TYPES
-                .iter()
-                .any(|t| t == e || (e.ends_with('.') && t.starts_with(e.as_str())));
-            if !known {
-                return Err(ctx.err(
-                    format!("{path}.events[{j}]"),
-                    format!(
-                        "`{e}` is no event type or prefix (known: {})",
-                        EVENT_TYPES.join(", ")
-                    ),
-                ));
-            }
-        }
+        let events = event_filter(ctx, &path, w.events)?;
         let dur = |v: &Option<String>,
                    field: &str,
                    default: Micros|
@@ -378,7 +364,7 @@ fn build_webhooks(
         let endpoint = Endpoint::new(
             &w.url,
             secret,
-            w.events,
+            events,
             w.max_attempts.unwrap_or(8),
             dur(&w.backoff, "backoff", SECOND_US)?,
             dur(&w.timeout, "timeout", 10 * SECOND_US)?,

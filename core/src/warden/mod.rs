@@ -312,6 +312,25 @@ impl Warden {
         }
     }
 
+    /// Calls `callback` with every event `filter` wants, in order, on a
+    /// thread of its own ([`crate::events::Listener`]): never on a decision's
+    /// path, and a callback that returns an error or panics is counted, not
+    /// propagated. Stops when the listener is dropped or closed, or the
+    /// warden with it.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] when the thread cannot be started.
+    pub fn listen<F>(
+        &self,
+        filter: crate::events::Filter,
+        callback: F,
+    ) -> Result<crate::events::Listener>
+    where
+        F: FnMut(&Event) -> crate::events::Handled + Send + 'static,
+    {
+        crate::events::Listener::start(self.inner.events.subscribe(), filter, callback)
+    }
+
     /// Subscribes to this warden's [`Event`]s (every clone of the warden shares
     /// them). Never slows decisions: a subscriber that falls more than
     /// [`crate::events::CAPACITY`] events behind loses the oldest.
