@@ -19,7 +19,7 @@
 //! Modules, along the seams: `runtime` (Tokio runtime, completer thread, fork),
 //! `bridge` (native futures as awaitables, cancellation), `errors` (exception
 //! classes, `OrRaise`), `convert` (Python values into core inputs), `decision`
-//! (core outputs as Python values), `clock`, `warden` (`NativeWarden`), `guard`
+//! (core outputs as Python values), `clock`, `warden` (`NativeWarden`), `events` (`NativeListener`), `guard`
 //! (the decorator's native half) and `http` (what the ASGI middleware needs).
 
 use std::path::PathBuf;
@@ -47,6 +47,7 @@ mod clock;
 mod convert;
 mod decision;
 mod errors;
+mod events;
 mod guard;
 mod http;
 mod runtime;
@@ -57,6 +58,7 @@ use clock::*;
 use convert::*;
 use decision::*;
 use errors::*;
+use events::*;
 use guard::*;
 use http::*;
 use runtime::*;
@@ -193,5 +195,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Prepared>()?;
     m.add_class::<ClientIdentity>()?;
     m.add_class::<Undo>()?;
+    m.add_class::<NativeListener>()?;
     Ok(())
 }

@@ -490,6 +490,18 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, receipt_to_py)
     }
 
+    /// Calls `callback` with each event (its envelope as JSON text) that
+    /// `events` wants (types or prefixes; none: all), on a thread of its own.
+    #[pyo3(signature = (callback, events=None))]
+    fn listen(
+        &self,
+        py: Python<'_>,
+        callback: Py<PyAny>,
+        events: Option<Vec<String>>,
+    ) -> PyResult<NativeListener> {
+        NativeListener::start(&self.warden(py)?, callback, events)
+    }
+
     /// What the policy's `webhooks:` deliveries did: a dict of `deliveries`
     /// (every attempt), `dead_letters` and `dropped`.
     #[allow(clippy::cast_precision_loss)]

@@ -353,7 +353,8 @@ struct Counts {
 /// ([`crate::Warden::listen`]): in order, never on a decision's path. A
 /// callback that fails or panics is counted ([`Listener::stats`]) and keeps
 /// receiving; one that falls more than [`CAPACITY`] events behind loses the
-/// oldest. Dropping the listener (or [`Listener::close`]) stops it.
+/// oldest. [`Listener::close`] stops it and waits for a call under way;
+/// dropping it stops it without waiting.
 pub struct Listener {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -466,8 +467,10 @@ impl Listener {
 }
 
 impl Drop for Listener {
+    /// Tells the thread to stop without waiting for it (a call under way
+    /// finishes on its own; [`Listener::close`] waits for it).
     fn drop(&mut self) {
-        self.close();
+        drop(self.stop.take());
     }
 }
 

@@ -23,12 +23,14 @@ The compiled extension is ``ratewarden._native``.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import json
 import logging
 import os
 import re
+import weakref
 from typing import Any, Awaitable, Callable, Dict, Generator, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from ratewarden._errors import (
@@ -43,7 +45,16 @@ from ratewarden._errors import (
     WardenError,
     denied,
 )
-from ratewarden._native import Decision, ManualClock, NativeWarden, Prepared, __version__, scope_of, version
+from ratewarden._native import (
+    Decision,
+    ManualClock,
+    NativeListener,
+    NativeWarden,
+    Prepared,
+    __version__,
+    scope_of,
+    version,
+)
 from ratewarden._native import parse_headers as _parse_headers
 from ratewarden._native import retry_delay as _retry_delay
 from ratewarden._native import sign_webhook as _sign_webhook
@@ -53,6 +64,7 @@ __all__ = [
     "BudgetExceeded",
     "Decision",
     "InvalidInput",
+    "Listener",
     "ManualClock",
     "PolicyError",
     "RateLimited",
@@ -399,6 +411,64 @@ class Sequential:
             await self._warden._native.release_turn(self.resource, turn, True)
 
 
+class Listener:
+    """A callback receiving a warden's events: what :meth:`Warden.on_event` returns.
+
+    The callback runs on a thread of its own, in event order, never on a
+    decision's path. An exception it raises is reported to
+    ``sys.unraisablehook`` (printed by default) and counted in :meth:`stats`;
+    it keeps receiving. A callback more than 1024 events behind loses the
+    oldest (counted as ``dropped``). It lives as long as its warden unless
+    closed; use it as a context manager to close it on exit. A forked child
+    does not inherit it: call ``on_event`` again there.
+    """
+
+    __slots__ = ("__weakref__", "_native")
+
+    def __init__(self, native: NativeListener) -> None:
+        self._native = native
+
+    @property
+    def events(self) -> List[str]:
+        """The event types and prefixes it receives (empty: every event)."""
+        return self._native.events
+
+    @property
+    def is_open(self) -> bool:
+        """Whether it still receives events (not closed, and its warden lives)."""
+        return self._native.is_open
+
+    def stats(self) -> Dict[str, Any]:
+        """``delivered`` (calls made), ``failed`` (calls that raised),
+        ``dropped`` (events missed by falling behind) and ``last_error``."""
+        return self._native.stats()
+
+    def close(self) -> None:
+        """Stops it. When this returns no call is under way and none starts
+        (unless called from inside the callback: then the next ones stop).
+        Idempotent."""
+        self._native.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ratewarden.Listener events={self.events!r} open={self.is_open} {self.stats()!r}>"
+
+
+_LISTENERS: weakref.WeakSet[Listener] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_listeners() -> None:
+    # Before the interpreter finalizes, so no listener thread waits for it.
+    for listener in list(_LISTENERS):
+        listener.close()
+
+
 class Warden:
     """The governor: a policy plus a backend. Safe to share between threads and tasks.
 
@@ -452,6 +522,7 @@ class Warden:
             raise InvalidInput(f"invalid policy: expected a dict or a file path, got {type(policy).__name__}")
         if clock is not None and not isinstance(clock, ManualClock):
             raise InvalidInput(f"invalid clock: expected a ratewarden.ManualClock, got {type(clock).__name__}")
+        self._listeners: List[Listener] = []
         try:
             self._native = NativeWarden(**source, **options)
         except WardenError:
@@ -658,6 +729,43 @@ class Warden:
             raise _bad_argument(e) from None
 
     # -- events --------------------------------------------------------------
+
+    def on_event(
+        self,
+        callback: Callable[[Dict[str, Any]], Any],
+        events: Union[str, List[str], Tuple[str, ...], None] = None,
+    ) -> Listener:
+        """Calls ``callback(event)`` for each event of this warden that ``events``
+        wants — types (``"limit.exhausted"``) or prefixes ending in a dot
+        (``"limit."``); ``None``: every event. ``event`` is a dict: ``id``
+        (``msg_…``; a threshold crossing's id is the same in every process and
+        sink), ``type``, ``timestamp`` (RFC 3339), ``at`` (µs since the epoch)
+        and ``data`` (scope, limit, amounts before and after…) — the body a
+        webhook receives. Runs on a thread of its own (see :class:`Listener`);
+        the warden keeps the listener until it is closed.
+
+        Raises :class:`InvalidInput` for a callback that is not callable or an
+        unknown event type."""
+        if not callable(callback):
+            raise InvalidInput(f"invalid callback: expected a callable, got {type(callback).__name__}")
+        if isinstance(events, str):
+            events = [events]
+        if events is not None:
+            if not isinstance(events, (list, tuple)):
+                raise InvalidInput(f"invalid events: expected a list of event types, got {type(events).__name__}")
+            for i, e in enumerate(events):
+                if not isinstance(e, str):
+                    raise InvalidInput(f"invalid events[{i}]: expected an event type, got {type(e).__name__}")
+            events = list(events)
+
+        def deliver(text: str) -> None:
+            callback(json.loads(text))
+
+        deliver.__qualname__ = getattr(callback, "__qualname__", deliver.__qualname__)
+        listener = Listener(self._native.listen(deliver, events))
+        self._listeners = [x for x in self._listeners if x.is_open] + [listener]
+        _LISTENERS.add(listener)
+        return listener
 
     def webhook_log(self) -> Dict[str, Any]:
         """What the policy's ``webhooks:`` deliveries did so far: ``deliveries``

@@ -13,6 +13,7 @@ __all__ = [
     "ClientIdentity",
     "Decision",
     "ManualClock",
+    "NativeListener",
     "NativeWarden",
     "Prepared",
     "Ready",
@@ -196,6 +197,7 @@ class NativeWarden:
         usage: _Cost = None,
         resource: Optional[str] = None,
     ) -> Any: ...
+    def listen(self, callback: Callable[[str], Any], events: Optional[List[str]] = None) -> NativeListener: ...
     def webhook_log(self) -> Dict[str, Any]: ...
     def cost(self, resource: str, usage: Mapping[str, Any]) -> Dict[str, Any]: ...
     def estimate(self, resource: str, usage: Mapping[str, Any]) -> Dict[str, Any]: ...
@@ -253,6 +255,17 @@ class NativeWarden:
         asynchronous: bool = False,
         prepared: Optional[Prepared] = None,
     ) -> Any: ...
+
+@final
+class NativeListener:
+    """Native half of :class:`ratewarden.Listener`."""
+
+    def close(self) -> None: ...
+    @property
+    def is_open(self) -> bool: ...
+    @property
+    def events(self) -> List[str]: ...
+    def stats(self) -> Dict[str, Any]: ...
 
 @final
 class ManualClock:

@@ -1,0 +1,147 @@
+"""``Warden.on_event``: a Python callback receiving events on a thread of its
+own — the filter, the envelope, a raising callback that never reaches the
+warden, closing (also from inside the callback), and events from decisions on
+a real Redis."""
+
+from __future__ import annotations
+
+import queue
+import re
+import sys
+import threading
+from typing import Any, Dict, List
+
+import pytest
+
+import ratewarden
+
+POLICY = {
+    "scopes": {"tenant": {"limits": [{"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month"}]}}
+}
+WAIT = 10.0  # a failure guard, never a synchronisation
+
+
+def test_a_callback_gets_each_crossing_as_a_webhook_shaped_dict() -> None:
+    w = ratewarden.Warden(POLICY)
+    got: queue.Queue[Dict[str, Any]] = queue.Queue()
+    listener = w.on_event(got.put, events=["limit."])
+    assert listener.events == ["limit."] and listener.is_open
+    w.acquire("tenant:a", cost={"usd": "4.99"})
+    w.acquire("tenant:a", cost={"usd": "5.01"})  # 50%, 80% and exhausted
+    events = [got.get(timeout=WAIT) for _ in range(3)]
+    assert [(e["type"], e["data"]["threshold"]) for e in events] == [
+        ("limit.threshold_crossed", 0.5),
+        ("limit.threshold_crossed", 0.8),
+        ("limit.exhausted", 1.0),
+    ]
+    first = events[0]
+    assert set(first) == {"id", "type", "timestamp", "at", "data"}
+    assert re.fullmatch(r"msg_[0-9a-f]{32}", first["id"])
+    assert first["id"] == "msg_" + first["data"]["event_id"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["timestamp"])
+    d = first["data"]
+    assert (d["owner"], d["limit"], d["unit"], d["before_text"], d["after_text"]) == (
+        "tenant:a",
+        "usd",
+        "usd",
+        "4.99",
+        "10",
+    )
+    assert len({e["id"] for e in events}) == 3
+    listener.close()
+    assert listener.stats() == {"delivered": 3, "dropped": 0, "failed": 0, "last_error": None}
+
+
+def test_the_filter_keeps_other_types_out() -> None:
+    w = ratewarden.Warden(POLICY)
+    got: queue.Queue[Dict[str, Any]] = queue.Queue()
+    only_exhausted = w.on_event(got.put, events="limit.exhausted")
+    w.acquire("tenant:a", cost={"usd": "10"})
+    assert got.get(timeout=WAIT)["type"] == "limit.exhausted"
+    only_exhausted.close()
+    assert got.empty()
+    assert only_exhausted.stats()["delivered"] == 1
+
+
+def test_a_raising_callback_is_reported_counted_and_keeps_receiving(monkeypatch: pytest.MonkeyPatch) -> None:
+    reported: List[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_value))
+    w = ratewarden.Warden(POLICY)
+    seen: queue.Queue[float] = queue.Queue()
+
+    def flaky(event: Dict[str, Any]) -> None:
+        seen.put(event["data"]["threshold"])
+        if event["data"]["threshold"] < 1:
+            raise RuntimeError(f"cannot handle {event['data']['threshold']}")
+
+    listener = w.on_event(flaky)
+    for _ in range(10):
+        assert w.acquire("tenant:a", cost={"usd": "1"}).allowed  # the warden never sees the error
+    assert [seen.get(timeout=WAIT) for _ in range(3)] == [0.5, 0.8, 1.0]
+    listener.close()
+    stats = listener.stats()
+    assert (stats["delivered"], stats["failed"]) == (3, 2)
+    assert "cannot handle 0.8" in stats["last_error"]
+    assert [str(e) for e in reported] == ["cannot handle 0.5", "cannot handle 0.8"]
+
+
+def test_closed_listeners_get_nothing_and_close_works_from_inside() -> None:
+    w = ratewarden.Warden(POLICY)
+    got: queue.Queue[str] = queue.Queue()
+    holder: Dict[str, ratewarden.Listener] = {}
+
+    def once(event: Dict[str, Any]) -> None:
+        holder["l"].close()  # from its own thread: stops the next calls, no deadlock
+        got.put(event["type"])
+
+    holder["l"] = w.on_event(once)
+    w.acquire("tenant:a", cost={"usd": "10"})  # three events at once
+    assert got.get(timeout=WAIT) == "limit.threshold_crossed"
+    holder["l"].close()
+    assert not holder["l"].is_open
+    w.acquire("tenant:b", cost={"usd": "10"})
+    assert holder["l"].stats()["delivered"] == 1 and got.empty()
+    with w.on_event(lambda e: None) as scoped:
+        assert scoped.is_open
+    assert not scoped.is_open
+
+
+def test_close_while_the_callback_waits_for_the_gil_does_not_deadlock() -> None:
+    w = ratewarden.Warden(POLICY)
+    entered = threading.Event()
+    release = threading.Event()
+
+    def slow(_event: Dict[str, Any]) -> None:
+        entered.set()
+        release.wait(WAIT)
+
+    listener = w.on_event(slow)
+    w.acquire("tenant:a", cost={"usd": "10"})
+    assert entered.wait(WAIT)
+    closer = threading.Thread(target=listener.close)
+    closer.start()
+    release.set()
+    closer.join(WAIT)
+    assert not closer.is_alive() and not listener.is_open
+
+
+def test_bad_arguments_are_refused_by_name() -> None:
+    w = ratewarden.Warden(POLICY)
+    with pytest.raises(ratewarden.InvalidInput, match="callback: expected a callable, got int"):
+        w.on_event(3)  # type: ignore[arg-type]
+    with pytest.raises(ratewarden.InvalidInput, match=r"events\[1\]: `limits.exhausted` is no event type"):
+        w.on_event(print, events=["limit.", "limits.exhausted"])
+    with pytest.raises(ratewarden.InvalidInput, match=r"events\[0\]: expected an event type, got int"):
+        w.on_event(print, events=[1])  # type: ignore[list-item]
+    with pytest.raises(ratewarden.InvalidInput, match="events: expected a list"):
+        w.on_event(print, events={"limit."})  # type: ignore[arg-type]
+
+
+def test_events_of_decisions_on_redis(redis_servers: Any, namespace: str) -> None:
+    for url in (redis_servers.url, redis_servers.cluster_url):
+        w = ratewarden.Warden(POLICY, backend=url, namespace=namespace)
+        got: queue.Queue[Dict[str, Any]] = queue.Queue()
+        with w.on_event(got.put, events=["limit.exhausted"]):
+            w.acquire("tenant:a", cost={"usd": "10"})
+            e = got.get(timeout=WAIT)
+        assert (e["type"], e["data"]["owner"], e["data"]["after_text"]) == ("limit.exhausted", "tenant:a", "10")
