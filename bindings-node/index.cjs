@@ -376,6 +376,85 @@ function policyJson(policy) {
 
 // Passed to the constructor by fromFile / connect, which fill in the native warden.
 const UNBUILT = Symbol('unbuilt');
+const LISTENER = Symbol('listener');
+
+/**
+ * A callback receiving a warden's events: what `warden.onEvent` returns. The
+ * callback runs on the event loop, in event order, never on a decision's path.
+ * What it throws (or the promise it returns rejects with) is counted in
+ * `stats()` and reported with `process.emitWarning`; it never reaches the
+ * warden or crashes the process, and the callback keeps receiving. A callback
+ * more than 1024 events behind loses the oldest (`dropped`). It lives until
+ * closed or its warden is closed, and never keeps the process alive.
+ */
+class Listener {
+  #native = null;
+  #callback;
+  #events;
+  #closed = false;
+  #failed = 0;
+  #lastError = null;
+
+  constructor(token, callback, events) {
+    if (token !== LISTENER) throw new TypeError('a Listener comes from warden.onEvent(callback)');
+    this.#callback = callback;
+    this.#events = events;
+  }
+
+  static start(n, callback, events) {
+    const l = new Listener(LISTENER, callback, events);
+    l.#native = n.listen((text) => l.#deliver(text), events);
+    return l;
+  }
+
+  #deliver(text) {
+    if (this.#closed) return; // queued before close
+    let result;
+    try {
+      result = this.#callback(JSON.parse(text));
+    } catch (e) {
+      this.#fail(e);
+      return;
+    }
+    if (result !== null && typeof result === 'object' && typeof result.then === 'function') {
+      Promise.resolve(result).then(undefined, (e) => this.#fail(e));
+    }
+  }
+
+  #fail(e) {
+    this.#failed += 1;
+    let text;
+    try {
+      text = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+    } catch {
+      text = 'a value that cannot be printed';
+    }
+    this.#lastError = text;
+    process.emitWarning(`an event callback failed: ${text}`, { type: 'RatewardenWarning', code: 'RATEWARDEN_EVENT_CALLBACK' });
+  }
+
+  /** The event types and prefixes it receives (empty: every event). */
+  get events() {
+    return [...this.#events];
+  }
+
+  /** Whether it still receives events (not closed, and its warden lives). */
+  get isOpen() {
+    return !this.#closed && this.#native.isOpen;
+  }
+
+  /** `{ delivered, dropped, failed, lastError }` so far (kept after close). */
+  stats() {
+    const { delivered, dropped } = this.#native.stats();
+    return { delivered, dropped, failed: this.#failed, lastError: this.#lastError };
+  }
+
+  /** Stops it: the callback is not called again, even for events already queued. Idempotent. */
+  close() {
+    this.#closed = true;
+    this.#native.close();
+  }
+}
 
 /**
  * The governor: a policy plus a backend. Every method returns a Promise; on the
@@ -386,6 +465,7 @@ class Warden {
   #native;
   #compact;
   #embedded = false;
+  #listeners = new Set();
 
   /**
    * @param policy a policy object (as in the README) — or use `Warden.fromFile`.
@@ -441,8 +521,10 @@ class Warden {
     return this.#live().backend;
   }
 
-  /** Lets go of the backend; later calls throw. */
+  /** Lets go of the backend and closes its event listeners; later calls throw. */
   close() {
+    for (const l of this.#listeners) l.close();
+    this.#listeners.clear();
     this.#native = undefined;
     this.#compact = undefined;
   }
@@ -737,6 +819,44 @@ class Warden {
     } catch (e) {
       return Promise.reject(typed(e));
     }
+  }
+
+  /**
+   * Calls `callback(event)` on the event loop for each event of this warden
+   * that `options.events` wants — types (`'limit.exhausted'`) or prefixes
+   * ending in a dot (`'limit.'`); none: every event. `event` is what a webhook
+   * receives: `{ id, type, timestamp, at, data }` (`id` is `msg_…`; a
+   * threshold crossing's id is the same in every process and sink; `at` is µs
+   * since the epoch). Returns a `Listener` (see there: a throwing callback is
+   * counted and reported, never fatal). Throws an InvalidInputError for a
+   * callback that is not a function or an unknown event type.
+   */
+  onEvent(callback, options = {}) {
+    if (typeof callback !== 'function') {
+      throw new InvalidInputError(`invalid callback: expected a function, got ${describe(callback)}`, { argument: 'callback' });
+    }
+    requireOptions(options, 'options');
+    let events = options.events ?? null;
+    if (typeof events === 'string') events = [events];
+    if (events !== null) {
+      if (!Array.isArray(events)) {
+        throw new InvalidInputError(`invalid events: expected an array of event types, got ${describe(events)}`, { argument: 'events' });
+      }
+      events.forEach((e, i) => {
+        if (typeof e !== 'string') {
+          throw new InvalidInputError(`invalid events[${i}]: expected an event type, got ${describe(e)}`, { argument: 'events' });
+        }
+      });
+    }
+    let listener;
+    try {
+      listener = Listener.start(this.#live(), callback, events ?? []);
+    } catch (e) {
+      throw typed(e);
+    }
+    for (const l of this.#listeners) if (!l.isOpen) this.#listeners.delete(l);
+    this.#listeners.add(listener);
+    return listener;
   }
 
   /**
@@ -1202,6 +1322,7 @@ module.exports = {
   // The addon itself, for the package's own tests (not part of the API).
   [Symbol.for('ratewarden.native')]: native,
   Warden,
+  Listener,
   ManualClock,
   scope,
   retryDelay,

@@ -210,6 +210,59 @@ export interface ExpressOptions<Req extends HttpRequest = HttpRequest, Res exten
   onLimited?: (req: Req, res: Res, decision: Decision) => unknown;
 }
 
+/** Every event type a warden emits (`onEvent`, webhooks). */
+export type EventType =
+  | 'backend.unavailable'
+  | 'backend.recovered'
+  | 'decision.degraded'
+  | 'settlement.problem'
+  | 'upstream.zone_changed'
+  | 'upstream.breaker_changed'
+  | 'upstream.cascade_changed'
+  | 'limit.threshold_crossed'
+  | 'limit.exhausted';
+
+/** An event as `onEvent` callbacks and webhook receivers get it. */
+export interface WardenEvent {
+  /** `msg_` and 32 hex digits; a threshold crossing's is the same in every process and sink. */
+  id: string;
+  type: EventType;
+  /** RFC 3339 UTC with milliseconds. */
+  timestamp: string;
+  /** µs since the epoch. */
+  at: number;
+  /** What happened: for a crossing `owner`, `limit`, `unit`, `threshold`, `capacity`, `before`, `after` (and `*_text` decimals). */
+  data: Record<string, unknown>;
+}
+
+/** What a listener did so far. */
+export interface ListenerStats {
+  /** Events handed to the event loop for the callback. */
+  delivered: number;
+  /** Events it never saw: it fell more than 1024 behind. */
+  dropped: number;
+  /** Calls that threw or whose promise rejected. */
+  failed: number;
+  /** The last failure, one line. */
+  lastError: string | null;
+}
+
+/**
+ * A callback receiving a warden's events (`warden.onEvent`): on the event loop, in
+ * order, never on a decision's path; what it throws is counted and reported with
+ * `process.emitWarning`, never fatal. Never keeps the process alive.
+ */
+export declare class Listener {
+  private constructor();
+  /** The event types and prefixes it receives (empty: every event). */
+  readonly events: string[];
+  /** Whether it still receives events (not closed, and its warden lives). */
+  readonly isOpen: boolean;
+  stats(): ListenerStats;
+  /** Stops it: the callback is not called again, even for events already queued. Idempotent. */
+  close(): void;
+}
+
 /**
  * The governor: a policy plus a backend. Every decision is atomic across all the
  * limits a request touches (all admitted and charged, or nothing changes). Every
@@ -230,8 +283,14 @@ export declare class Warden {
   static connect(policy: object | string, options?: Options): Promise<Warden>;
   /** `'memory'` (embedded) or `'redis'`. */
   readonly backend: 'memory' | 'redis';
-  /** Lets go of the backend; later calls reject with a `WardenError`. */
+  /** Lets go of the backend and closes its event listeners; later calls reject with a `WardenError`. */
   close(): void;
+  /**
+   * Calls `callback(event)` on the event loop for each event `options.events` wants:
+   * types (`'limit.exhausted'`) or prefixes ending in a dot (`'limit.'`); none: all.
+   * Throws an `InvalidInputError` for an unknown type or a callback that is not a function.
+   */
+  onEvent(callback: (event: WardenEvent) => unknown, options?: { events?: string | string[] }): Listener;
   /**
    * What is left of every limit a request by `scope` (on `options.resource`) would
    * touch, read without a request: nothing is charged or counted. Rejects with a

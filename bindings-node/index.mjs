@@ -3,6 +3,7 @@ import api from './index.cjs';
 
 export const {
   Warden,
+  Listener,
   ManualClock,
   scope,
   retryDelay,

@@ -27,6 +27,19 @@ export declare class ManualClock {
   now(): number
 }
 
+/** A callback receiving a warden's events; `close()` stops it. */
+export declare class NativeListener {
+  /**
+   * Stops it without waiting (the event loop may be what its thread waits
+   * for); the JS layer ignores events still queued. Idempotent.
+   */
+  close(): void
+  /** Whether it still listens (not closed, and its warden lives). */
+  get isOpen(): boolean
+  /** Events queued for the callback and events dropped so far. */
+  stats(): NativeListenerStats
+}
+
 /** The native warden behind the JS `Warden`. */
 export declare class NativeWarden {
   /** The policy's limits, indexed by `id`, for reading compact decisions. */
@@ -87,6 +100,11 @@ export declare class NativeWarden {
   commitUsageSync(reservation: string, resource: string, usage: Usage): Receipt
   /** Runs on the runtime. */
   commitUsageAsync(reservation: string, resource: string, usage: Usage): Promise<Receipt>
+  /**
+   * Calls `callback` (on the event loop) with the JSON text of each event
+   * `events` wants (types or prefixes; none: all).
+   */
+  listen(callback: (event: string) => unknown, events?: string[] | undefined | null): NativeListener
   /** What the policy's `webhooks:` deliveries did (see `Warden::webhook_log`). */
   webhookLog(): WebhookLog
   /**
@@ -399,6 +417,14 @@ export interface LimitMeta {
   unit: string
   /** Capacity, base units. */
   limit: number
+}
+
+/** What a listener's native half did so far. */
+export interface NativeListenerStats {
+  /** Events queued for the callback. */
+  delivered: number
+  /** Events it never saw: it fell more than 1024 behind. */
+  dropped: number
 }
 
 /** One fresh dimension of an upstream's state. */

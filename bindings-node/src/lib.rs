@@ -33,6 +33,7 @@ mod compact;
 mod convert;
 mod decision;
 mod errors;
+mod events;
 mod http;
 mod warden;
 
@@ -41,6 +42,7 @@ pub use compact::*;
 pub use convert::*;
 pub use decision::*;
 use errors::*;
+pub use events::*;
 pub use http::*;
 pub use warden::*;
 

@@ -168,6 +168,19 @@ impl NativeWarden {
         })
     }
 
+    /// Calls `callback` (on the event loop) with the JSON text of each event
+    /// `events` wants (types or prefixes; none: all).
+    #[napi(
+        ts_args_type = "callback: (event: string) => unknown, events?: string[] | undefined | null"
+    )]
+    pub fn listen(
+        &self,
+        callback: EventCallback,
+        events: Option<Vec<String>>,
+    ) -> Result<NativeListener> {
+        NativeListener::start(&self.warden, callback, events)
+    }
+
     /// What the policy's `webhooks:` deliveries did (see `Warden::webhook_log`).
     #[napi]
     pub fn webhook_log(&self) -> WebhookLog {

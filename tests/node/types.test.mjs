@@ -38,7 +38,7 @@ test('the declarations reject misuse', () => {
   const r = run(['--strict', '--noEmit', '--target', 'ES2022', '--module', 'NodeNext', '--moduleResolution', 'NodeNext', '--types', 'node', 'bad.ts']);
   assert.notEqual(r.status, 0);
   const lines = r.stdout.trim().split('\n');
-  assert.equal(lines.length, 7, r.stdout);
+  assert.equal(lines.length, 8, r.stdout);
   assert.match(lines[0], /^bad\.ts\(6,\d+\): error TS2345/); // acquire(42)
   assert.match(lines[1], /^bad\.ts\(7,\d+\): error TS2820: Type '"draft-99"'/); // headers: 'draft-99'
   assert.match(lines[2], /^bad\.ts\(8,\d+\): error TS2322/); // a boolean is not a string
@@ -46,4 +46,5 @@ test('the declarations reject misuse', () => {
   assert.match(lines[4], /^bad\.ts\(10,\d+\): error TS2322/); // an object is not an amount
   assert.match(lines[5], /^bad\.ts\(11,\d+\): error TS2322/); // a usage count is not a string
   assert.match(lines[6], /^bad\.ts\(12,\d+\): error TS2322/); // a bill's amount is a number
+  assert.match(lines[7], /^bad\.ts\(13,\d+\): error TS2367/); // no such event type
 });

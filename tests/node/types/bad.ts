@@ -10,5 +10,6 @@ warden.acquire('ip:1', { priority: 'urgent' });
 warden.acquire('ip:1', { cost: { usd: {} } });
 warden.reserve('ip:1', { usage: { input_tokens: '12' } });
 const c: string = warden.cost('m', { output_tokens: 1 }).amount;
+warden.onEvent((e) => e.type === 'limit.exhausted_', { events: ['limit.'] });
 export { c };
 export { n };

@@ -3,7 +3,8 @@
 import express from 'express';
 import {
   BudgetExceededError, ManualClock, RateLimitedError, Warden, WardenError, scope,
-  type Decision, type LimitInfo, type Priced, type Receipt, type UpstreamInfo, type Usage,
+  type Decision, type LimitInfo, type Listener, type ListenerStats, type Priced, type Receipt, type UpstreamInfo, type Usage,
+  type WardenEvent,
 } from 'ratewarden';
 
 const warden = new Warden(
@@ -99,4 +100,16 @@ async function priced(): Promise<number> {
   return est.amount + r.charges.length + warden.cost('openai', cost).amount;
 }
 
-export { answer, decisions, errors, handle, priced };
+// Events: a callback on the event loop, closed when done.
+function events(): number {
+  const l: Listener = warden.onEvent((e: WardenEvent) => {
+    if (e.type === 'limit.exhausted') console.log(e.id, e.timestamp, e.at, e.data.owner);
+  }, { events: ['limit.'] });
+  const all = warden.onEvent(async () => {}, { events: 'backend.unavailable' });
+  const s: ListenerStats = l.stats();
+  l.close();
+  all.close();
+  return s.delivered + s.dropped + s.failed + (s.lastError ?? '').length + (l.isOpen ? 1 : 0) + l.events.length;
+}
+
+export { answer, decisions, errors, events, handle, priced };

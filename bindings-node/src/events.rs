@@ -1,0 +1,114 @@
+//! `NativeListener`: a JS function receiving a warden's events (core
+//! `events::Listener`). The core's listener thread queues each event's
+//! envelope (JSON text) for the event loop through a weak threadsafe function
+//! (it never keeps the process alive); the JS layer parses it and catches
+//! whatever the user's callback throws, so nothing reaches the host.
+
+#[allow(clippy::wildcard_imports)]
+use crate::*;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+
+/// Events queued for the event loop before the listener thread waits (and
+/// the core drops the oldest for a listener that falls further behind).
+const QUEUED: usize = 1024;
+
+/// The JS side of a listener: called with an event's JSON text.
+pub type EventCallback =
+    ThreadsafeFunction<String, Unknown<'static>, String, Status, false, true, QUEUED>;
+
+/// What a listener's native half did so far.
+#[napi(object)]
+pub struct NativeListenerStats {
+    /// Events queued for the callback.
+    pub delivered: f64,
+    /// Events it never saw: it fell more than 1024 behind.
+    pub dropped: f64,
+}
+
+/// A callback receiving a warden's events; `close()` stops it.
+#[napi]
+pub struct NativeListener {
+    inner: std::sync::Mutex<Option<ratewarden::events::Listener>>,
+    last: std::sync::Mutex<ratewarden::events::ListenerStats>,
+}
+
+impl NativeListener {
+    pub(crate) fn start(
+        warden: &Warden,
+        callback: EventCallback,
+        events: Option<Vec<String>>,
+    ) -> Result<Self> {
+        let filter = ratewarden::events::Filter::new(events.unwrap_or_default()).or_throw()?;
+        let listener = warden
+            .listen(filter, move |event| {
+                let text = event.envelope(&ratewarden::events::new_id()).to_string();
+                // Blocking: waits while the event loop is 1024 behind (never on
+                // a decision's path); fails only once the environment is gone.
+                match callback.call(text, ThreadsafeFunctionCallMode::Blocking) {
+                    Status::Ok => Ok(()),
+                    status => Err(format!("the event loop did not take the event: {status}")),
+                }
+            })
+            .or_throw()?;
+        Ok(Self {
+            inner: std::sync::Mutex::new(Some(listener)),
+            last: std::sync::Mutex::default(),
+        })
+    }
+
+    fn current(&self) -> ratewarden::events::ListenerStats {
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match inner.as_ref() {
+            Some(l) => l.stats(),
+            None => self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
+#[napi]
+impl NativeListener {
+    /// Stops it without waiting (the event loop may be what its thread waits
+    /// for); the JS layer ignores events still queued. Idempotent.
+    #[napi]
+    pub fn close(&self) {
+        let taken = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(l) = taken {
+            *self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = l.stats();
+        }
+    }
+
+    /// Whether it still listens (not closed, and its warden lives).
+    #[napi(getter)]
+    pub fn is_open(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(ratewarden::events::Listener::is_open)
+    }
+
+    /// Events queued for the callback and events dropped so far.
+    #[napi]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn stats(&self) -> NativeListenerStats {
+        let s = self.current();
+        NativeListenerStats {
+            delivered: s.delivered as f64,
+            dropped: s.dropped as f64,
+        }
+    }
+}
