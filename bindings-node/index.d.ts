@@ -220,7 +220,9 @@ export type EventType =
   | 'upstream.breaker_changed'
   | 'upstream.cascade_changed'
   | 'limit.threshold_crossed'
-  | 'limit.exhausted';
+  | 'limit.exhausted'
+  | 'reservation.overage'
+  | 'reservation.expired';
 
 /** An event as `onEvent` callbacks and webhook receivers get it. */
 export interface WardenEvent {

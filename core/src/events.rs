@@ -99,6 +99,20 @@ pub enum Event {
     /// A decision took a quota's or budget's spend to its whole capacity
     /// (the 100 % threshold).
     LimitExhausted(Box<Crossing>),
+    /// A commit charged more than its reservation held on some limit (its
+    /// overage rule let it): one event per commit, from the process that
+    /// committed (a repeated commit charges nothing and emits nothing).
+    Overage(Box<Overage>),
+    /// A commit, extend or settlement found its reservation expired: its
+    /// lease ran out, so what it held went back (nothing was charged).
+    ReservationExpired {
+        /// The reservation.
+        reservation: String,
+        /// What found it: `commit`, `extend` or `finish`.
+        operation: &'static str,
+        /// When (µs since the epoch, the warden's clock).
+        at: Micros,
+    },
     /// The shared backend answered again after degraded decisions.
     BackendRecovered {
         /// How long decisions were degraded.
@@ -134,8 +148,76 @@ pub struct Crossing {
     pub at: Micros,
 }
 
+/// A commit beyond its reservation ([`Event::Overage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overage {
+    /// The reservation.
+    pub reservation: crate::decision::ReservationId,
+    /// Each limit the actual usage went past what was reserved on.
+    pub lines: Vec<OverageLine>,
+    /// When (µs since the epoch, the warden's clock).
+    pub at: Micros,
+}
+
+/// One limit of an [`Overage`]; amounts in base units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverageLine {
+    /// Whose counter: the scope prefix (`tenant:acme`), or `None` for a pool.
+    pub owner: Option<String>,
+    /// The limit's name, its unit and the unit's decimals.
+    pub limit: String,
+    /// The unit.
+    pub unit: String,
+    /// Decimals of `unit`.
+    pub decimals: u8,
+    /// The limit's overage rule (`allow_if_available`, `allow_with_overdraft`, `cap`…).
+    pub rule: &'static str,
+    /// What the reservation held.
+    pub reserved: i64,
+    /// What was charged (more than `reserved`, unless the rule capped it).
+    pub charged: i64,
+    /// Actual usage beyond what was charged (rule `cap`).
+    pub uncharged: i64,
+}
+
+impl Overage {
+    /// The overage of a commit's receipt, if it charged (or was asked to
+    /// charge) more than reserved anywhere.
+    #[must_use]
+    pub fn of(receipt: &crate::decision::CommitReceipt, at: Micros) -> Option<Self> {
+        if receipt.duplicate {
+            return None;
+        }
+        let lines: Vec<OverageLine> = receipt
+            .charges
+            .iter()
+            .filter(|c| c.charged > c.reserved || c.uncharged > 0)
+            .map(|c| OverageLine {
+                owner: c
+                    .key
+                    .split_once('#')
+                    .map(|(o, _)| o)
+                    .filter(|o| *o != "@")
+                    .map(str::to_owned),
+                limit: c.name().to_owned(),
+                unit: c.unit().to_owned(),
+                decimals: c.def.decimals,
+                rule: c.def.overage.name(),
+                reserved: c.reserved,
+                charged: c.charged,
+                uncharged: c.uncharged,
+            })
+            .collect();
+        (!lines.is_empty()).then_some(Self {
+            reservation: receipt.id,
+            lines,
+            at,
+        })
+    }
+}
+
 /// Every event type, as [`Event::type_name`] spells it.
-pub const TYPES: [&str; 9] = [
+pub const TYPES: [&str; 11] = [
     "backend.unavailable",
     "backend.recovered",
     "decision.degraded",
@@ -145,6 +227,8 @@ pub const TYPES: [&str; 9] = [
     "upstream.cascade_changed",
     "limit.threshold_crossed",
     "limit.exhausted",
+    "reservation.overage",
+    "reservation.expired",
 ];
 
 /// Which events a sink or listener wants: event types (`limit.exhausted`)
@@ -237,6 +321,8 @@ impl Event {
             Self::ThresholdCrossed(_) => "limit.threshold_crossed",
             Self::LimitExhausted(_) => "limit.exhausted",
             Self::BackendRecovered { .. } => "backend.recovered",
+            Self::Overage(_) => "reservation.overage",
+            Self::ReservationExpired { .. } => "reservation.expired",
         }
     }
 
@@ -250,8 +336,10 @@ impl Event {
             | Self::UpstreamZone { at, .. }
             | Self::Breaker { at, .. }
             | Self::Cascade { at, .. }
-            | Self::BackendRecovered { at, .. } => *at,
+            | Self::BackendRecovered { at, .. }
+            | Self::ReservationExpired { at, .. } => *at,
             Self::ThresholdCrossed(c) | Self::LimitExhausted(c) => c.at,
+            Self::Overage(o) => o.at,
         }
     }
 
@@ -303,6 +391,23 @@ impl Event {
             Self::BackendRecovered { after, .. } => {
                 json!({ "degraded_for_ms": u64::try_from(after.as_millis()).unwrap_or(u64::MAX) })
             }
+            Self::Overage(o) => json!({
+                "reservation": o.reservation.to_string(),
+                "limits": o.lines.iter().map(|l| {
+                    let text = |v: i64| crate::amount::format_base(v, l.decimals);
+                    json!({
+                        "owner": l.owner, "limit": l.limit, "unit": l.unit, "rule": l.rule,
+                        "reserved": l.reserved, "reserved_text": text(l.reserved),
+                        "charged": l.charged, "charged_text": text(l.charged),
+                        "uncharged": l.uncharged, "uncharged_text": text(l.uncharged),
+                    })
+                }).collect::<Vec<_>>(),
+            }),
+            Self::ReservationExpired {
+                reservation,
+                operation,
+                ..
+            } => json!({ "reservation": reservation, "operation": operation }),
         }
     }
 }

@@ -242,3 +242,114 @@ async fn a_listener_survives_its_callback_and_stops_when_closed() {
     l.close();
     assert!(!l.is_open());
 }
+
+/// A commit past its reservation emits one `reservation.overage` naming
+/// each limit it went past (a repeated commit emits nothing); a commit or
+/// extend that finds the reservation expired emits `reservation.expired`.
+#[tokio::test(flavor = "current_thread")]
+async fn overage_and_expiry_are_reported_by_the_call_that_meets_them() {
+    let policy = Policy::from_value(&json!({"scopes": {"tenant": {"limits": [
+        {"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month",
+         "overage": "allow_with_overdraft", "overdraft": "1", "thresholds": []},
+        {"name": "tokens", "kind": "quota", "unit": "tokens", "limit": 1000, "per": "day",
+         "overage": "cap", "thresholds": []}
+    ]}}}))
+    .unwrap();
+    let clock = Arc::new(ManualClock::at_date(2026, 1, 15));
+    let w = Warden::with_clock(policy, clock.clone());
+    let mut rx = w.subscribe();
+    let req = Request::parse("tenant:a")
+        .unwrap()
+        .spend("usd", Amount::parse("2").unwrap())
+        .spend("tokens", Amount::from(100));
+    let id = w.reserve(&req, None).await.unwrap().reservation.unwrap().id;
+    let within = ratewarden::Cost::new().with("usd", 1).with("tokens", 100);
+    let past = ratewarden::Cost::new()
+        .with("usd", Amount::parse("11.5").unwrap())
+        .with("tokens", 150);
+    let other = w.reserve(&req, None).await.unwrap().reservation.unwrap().id;
+    w.commit(other, &within).await.unwrap();
+    assert!(rx.try_recv().is_err(), "within the reservation: no event");
+    w.commit(id, &past).await.unwrap();
+    let Ok(Event::Overage(o)) = rx.try_recv() else {
+        panic!("expected an overage event")
+    };
+    assert_eq!(o.reservation, id);
+    let lines: Vec<_> = o
+        .lines
+        .iter()
+        .map(|l| {
+            (
+                l.limit.as_str(),
+                l.rule,
+                l.reserved,
+                l.charged,
+                l.uncharged,
+                l.owner.as_deref(),
+            )
+        })
+        .collect();
+    // usd: 1 spent, 2 reserved, 11.5 asked: room 9 + overdraft 1 → 10 charged.
+    assert_eq!(
+        lines,
+        [
+            (
+                "usd",
+                "allow_with_overdraft",
+                2_000_000,
+                10_000_000,
+                1_500_000,
+                Some("tenant:a")
+            ),
+            ("tokens", "cap", 100, 100, 50, Some("tenant:a")),
+        ]
+    );
+    let data = Event::Overage(o).data();
+    assert_eq!(data["limits"][0]["charged_text"], "10");
+    assert_eq!(data["reservation"], id.to_string());
+    w.commit(id, &past).await.unwrap();
+    assert!(rx.try_recv().is_err(), "a repeated commit emits nothing");
+
+    // Expiry, found by extend and then by commit.
+    let lapsing = w
+        .reserve(
+            &Request::parse("tenant:b")
+                .unwrap()
+                .spend("usd", Amount::from(1)),
+            Some(std::time::Duration::from_secs(5)),
+        )
+        .await
+        .unwrap()
+        .reservation
+        .unwrap()
+        .id;
+    clock.advance(std::time::Duration::from_secs(6));
+    let e = w
+        .extend(lapsing, std::time::Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ratewarden::Error::ReservationExpired { .. }),
+        "{e}"
+    );
+    w.commit(lapsing, &ratewarden::Cost::new())
+        .await
+        .unwrap_err();
+    let found: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|e| match e {
+            Event::ReservationExpired {
+                reservation,
+                operation,
+                ..
+            } => (reservation, operation),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (lapsing.to_string(), "extend"),
+            (lapsing.to_string(), "commit")
+        ]
+    );
+}

@@ -472,9 +472,47 @@ impl Warden {
             .inner
             .backend
             .commit(&self.inner.policy, id, &actual)
-            .await?;
+            .await;
         self.inner.queue.poke();
-        Ok(receipt)
+        self.settled(id, "commit", receipt.as_ref());
+        receipt
+    }
+
+    /// Emits what a commit (or the error it met) implies:
+    /// [`Event::Overage`] for a commit past its reservation,
+    /// [`Event::ReservationExpired`] for a reservation found expired.
+    fn settled(
+        &self,
+        id: ReservationId,
+        operation: &'static str,
+        r: std::result::Result<&CommitReceipt, &Error>,
+    ) {
+        // Only when someone listens (a lock to count them, on a rare path).
+        let wanted = || self.inner.events.receiver_count() > 0;
+        match r {
+            Ok(receipt) => {
+                if receipt
+                    .charges
+                    .iter()
+                    .all(|c| c.charged <= c.reserved && c.uncharged == 0)
+                {
+                    return;
+                }
+                if wanted()
+                    && let Some(o) = crate::events::Overage::of(receipt, self.inner.clock.now())
+                {
+                    let _ = self.inner.events.send(Event::Overage(Box::new(o)));
+                }
+            }
+            Err(Error::ReservationExpired { .. }) if wanted() => {
+                let _ = self.inner.events.send(Event::ReservationExpired {
+                    reservation: id.to_string(),
+                    operation,
+                    at: self.inner.clock.now(),
+                });
+            }
+            Err(_) => {}
+        }
     }
 
     /// Settles a reservation held for a governed call once the call is over,
@@ -531,6 +569,11 @@ impl Warden {
             }
         };
         self.inner.queue.poke();
+        match &settled {
+            Settled::Committed(receipt) => self.settled(id, "finish", Ok(receipt)),
+            Settled::Refused(e) => self.settled(id, "finish", Err(e)),
+            Settled::Released(_) | Settled::Unconfirmed(_) => {}
+        }
         let settlement = Settlement {
             id,
             charged,
@@ -567,7 +610,11 @@ impl Warden {
     /// if ended, invalid lease, backend failures.
     pub async fn extend(&self, id: ReservationId, lease: Duration) -> Result<Micros> {
         let lease = validate_lease(lease)?;
-        self.inner.backend.extend(id, lease).await
+        let extended = self.inner.backend.extend(id, lease).await;
+        if let Err(e @ Error::ReservationExpired { .. }) = &extended {
+            self.settled(id, "extend", Err(e));
+        }
+        extended
     }
 
     /// Carves a sub-budget of `amounts` for the sub-agent scope `child`.
