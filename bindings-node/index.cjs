@@ -860,6 +860,33 @@ class Warden {
   }
 
   /**
+   * Resolves `true` once the Redis outlets have written (or counted as failed)
+   * every event emitted so far, `false` after `timeout` seconds (default 5).
+   * Await it before the process exits so the last events reach the stream.
+   */
+  flushOutlets(timeout = 5) {
+    try {
+      optionalSeconds(timeout, 'timeout');
+      return this.#live().flushOutlets(timeout ?? 5).catch(rethrow);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
+  /**
+   * What the policy's Redis outlets (`events: { stream, publish }`) did so far:
+   * `{ appended, published, dropped, failed, lastError }`. They write on a
+   * thread of their own and never slow a decision. Synchronous.
+   */
+  outletStats() {
+    try {
+      return this.#live().outletStats();
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /**
    * What the policy's `webhooks:` deliveries did so far: `deliveries` (every
    * attempt), `deadLetters` (every attempt failed) and `dropped` (events an
    * endpoint never saw: it fell behind). Synchronous.

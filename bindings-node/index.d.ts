@@ -17,6 +17,7 @@ import type {
   Usage,
   WardenOptions,
   WebhookLog,
+  OutletStats,
 } from './native';
 
 export type {
@@ -35,6 +36,7 @@ export type {
   Priced,
   Usage,
   WebhookLog,
+  OutletStats,
 };
 /** Options of `Warden.fetcher` and `governOpenAI`. */
 export interface FetcherOptions {
@@ -349,6 +351,10 @@ export declare class Warden {
   cost(resource: string, usage: Usage): Priced;
   /** What the policy's `webhooks:` deliveries did: every attempt, the dead letters, the dropped count. */
   webhookLog(): WebhookLog;
+  /** What the policy's Redis outlets (`events: { stream, publish }`) did: appended, published, dropped, failed. */
+  outletStats(): OutletStats;
+  /** Resolves `true` once the Redis outlets wrote every event emitted so far (`false` after `timeout` seconds, default 5). */
+  flushOutlets(timeout?: number): Promise<boolean>;
   /** As `cost`, pricing `max_output_tokens` when given: what `reserve(scope, { usage })` holds. */
   estimate(resource: string, usage: Usage): Priced;
   /** Ends a reservation or delegation without charging; resolves `false` if it was already released. */

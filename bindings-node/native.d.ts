@@ -105,6 +105,13 @@ export declare class NativeWarden {
    * `events` wants (types or prefixes; none: all).
    */
   listen(callback: (event: string) => unknown, events?: string[] | undefined | null): NativeListener
+  /**
+   * Resolves `true` once the Redis outlets handled every event emitted so
+   * far, `false` after `timeout` seconds.
+   */
+  flushOutlets(timeout: number): Promise<boolean>
+  /** What the policy's Redis outlets (`events:`) did (see `Warden::outlet_stats`). */
+  outletStats(): OutletStats
   /** What the policy's `webhooks:` deliveries did (see `Warden::webhook_log`). */
   webhookLog(): WebhookLog
   /**
@@ -443,6 +450,20 @@ export interface ObservedQuota {
   age: number
   /** How fast the upstream's remaining falls, per second (0: not known). */
   burn: number
+}
+
+/** What a warden's Redis outlets (`events:` in the policy) did so far. */
+export interface OutletStats {
+  /** Entries appended to the stream. */
+  appended: number
+  /** Messages published. */
+  published: number
+  /** Events lost because the outlets fell more than 1024 behind. */
+  dropped: number
+  /** Events not written after every attempt (Redis unreachable). */
+  failed: number
+  /** The last write error, one line. */
+  lastError?: string
 }
 
 /** What one response's rate-limit headers say (`parseHeaders`). */

@@ -25,6 +25,21 @@ pub struct NativeListenerStats {
     pub dropped: f64,
 }
 
+/// What a warden's Redis outlets (`events:` in the policy) did so far.
+#[napi(object)]
+pub struct OutletStats {
+    /// Entries appended to the stream.
+    pub appended: f64,
+    /// Messages published.
+    pub published: f64,
+    /// Events lost because the outlets fell more than 1024 behind.
+    pub dropped: f64,
+    /// Events not written after every attempt (Redis unreachable).
+    pub failed: f64,
+    /// The last write error, one line.
+    pub last_error: Option<String>,
+}
+
 /// A callback receiving a warden's events; `close()` stops it.
 #[napi]
 pub struct NativeListener {

@@ -181,6 +181,33 @@ impl NativeWarden {
         NativeListener::start(&self.warden, callback, events)
     }
 
+    /// Resolves `true` once the Redis outlets handled every event emitted so
+    /// far, `false` after `timeout` seconds.
+    #[napi]
+    pub fn flush_outlets<'env>(
+        &self,
+        env: &'env Env,
+        timeout: f64,
+    ) -> Result<PromiseRaw<'env, bool>> {
+        let warden = self.warden.clone();
+        let timeout = seconds(timeout, "timeout")?;
+        env.spawn_future(async move { Ok(warden.flush_outlets(timeout).await) })
+    }
+
+    /// What the policy's Redis outlets (`events:`) did (see `Warden::outlet_stats`).
+    #[napi]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn outlet_stats(&self) -> OutletStats {
+        let s = self.warden.outlet_stats();
+        OutletStats {
+            appended: s.appended as f64,
+            published: s.published as f64,
+            dropped: s.dropped as f64,
+            failed: s.failed as f64,
+            last_error: s.last_error,
+        }
+    }
+
     /// What the policy's `webhooks:` deliveries did (see `Warden::webhook_log`).
     #[napi]
     pub fn webhook_log(&self) -> WebhookLog {

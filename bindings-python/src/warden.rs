@@ -502,6 +502,33 @@ impl NativeWarden {
         NativeListener::start(&self.warden(py)?, callback, events)
     }
 
+    /// Waits up to `timeout` seconds until the Redis outlets handled every
+    /// event emitted so far; `True` if they did.
+    #[pyo3(signature = (timeout=5.0, asynchronous=false))]
+    fn flush_outlets(
+        &self,
+        py: Python<'_>,
+        timeout: f64,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = seconds(timeout, "timeout")
+            .map(|t| move |w: Warden| async move { Ok(w.flush_outlets(t).await) });
+        self.answer(py, op, asynchronous, released_to_py)
+    }
+
+    /// What the policy's Redis outlets (`events:`) did: a dict of
+    /// `appended`, `published`, `dropped`, `failed` and `last_error`.
+    fn outlet_stats(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let s = self.warden(py)?.outlet_stats();
+        let out = PyDict::new(py);
+        out.set_item("appended", s.appended)?;
+        out.set_item("published", s.published)?;
+        out.set_item("dropped", s.dropped)?;
+        out.set_item("failed", s.failed)?;
+        out.set_item("last_error", s.last_error)?;
+        Ok(out.into_any().unbind())
+    }
+
     /// What the policy's `webhooks:` deliveries did: a dict of `deliveries`
     /// (every attempt), `dead_letters` and `dropped`.
     #[allow(clippy::cast_precision_loss)]

@@ -487,6 +487,25 @@ impl Listener {
     where
         F: FnMut(&Event) -> Handled + Send + 'static,
     {
+        Self::spawn(
+            rx,
+            move |e: &Event| filter.wants(e.type_name()).then(|| callback(e)),
+            (),
+        )
+    }
+
+    /// Starts a thread calling `callback` with every item of `rx` (`None`:
+    /// the item was not for it); `guard` is dropped when the thread ends.
+    pub(crate) fn spawn<T, F, G>(
+        rx: tokio::sync::broadcast::Receiver<T>,
+        mut callback: F,
+        guard: G,
+    ) -> Result<Self>
+    where
+        T: Clone + Send + 'static,
+        F: FnMut(&T) -> Option<Handled> + Send + 'static,
+        G: Send + 'static,
+    {
         use tokio::sync::broadcast::error::RecvError;
         let counts = Arc::new(Counts::default());
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
@@ -495,34 +514,35 @@ impl Listener {
         let thread = std::thread::Builder::new()
             .name("ratewarden-listener".into())
             .spawn(move || {
+                let _guard = guard;
                 let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
                     return;
                 };
                 rt.block_on(async move {
                     loop {
-                        let event = tokio::select! {
+                        let item = tokio::select! {
                             biased;
                             _ = &mut stopped => return,
                             e = rx.recv() => e,
                         };
-                        match event {
-                            Ok(e) if filter.wants(e.type_name()) => {
-                                shared.delivered.fetch_add(1, Ordering::Relaxed);
+                        match item {
+                            Ok(item) => {
                                 let called =
                                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                        callback(&e)
+                                        callback(&item)
                                     }));
                                 let failure = match called {
-                                    Ok(Ok(())) => None,
-                                    Ok(Err(why)) => Some(why),
+                                    Ok(None) => continue,
+                                    Ok(Some(Ok(()))) => None,
+                                    Ok(Some(Err(why))) => Some(why),
                                     Err(panic) => Some(panic_text(panic.as_ref())),
                                 };
+                                shared.delivered.fetch_add(1, Ordering::Relaxed);
                                 if let Some(why) = failure {
                                     shared.failed.fetch_add(1, Ordering::Relaxed);
                                     *shared.last_error.lock() = Some(why);
                                 }
                             }
-                            Ok(_) => {}
                             Err(RecvError::Lagged(n)) => {
                                 shared.dropped.fetch_add(n, Ordering::Relaxed);
                             }

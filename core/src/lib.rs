@@ -35,6 +35,7 @@
 //! (degraded decisions and backend outages, via [`Warden::subscribe`]).
 
 pub mod amount;
+pub mod audit;
 pub mod backend;
 pub mod calendar;
 pub mod clock;
@@ -52,6 +53,7 @@ pub mod priority;
 pub mod retry;
 pub mod scope;
 pub mod settle;
+pub mod sink;
 pub mod upstream;
 mod warden;
 pub mod webhook;

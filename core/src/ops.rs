@@ -64,6 +64,12 @@ impl Setup {
             None => Arc::new(SystemClock),
         };
         let Some(url) = &self.backend else {
+            if policy.outlets.any() || policy.audit.stream.is_some() {
+                return Err(crate::Error::invalid(
+                    "backend",
+                    "the policy's `events.stream` / `events.publish` / `audit.stream` write to Redis: give a Redis backend, or remove them",
+                ));
+            }
             return Ok(Warden::with_clock(policy, clock));
         };
         let mut b = if self.lazy {

@@ -225,6 +225,8 @@ pub struct Plan<'p> {
     stages_before: Option<&'p Vec<StageRef>>,
     /// What the upstream's light counts, when the cost was priced from usage.
     dims: Option<Box<[i64; DIMENSIONS]>>,
+    /// The request it was built from (the audit log names its resource and action).
+    request: Option<&'p Request>,
 }
 
 /// A `wait` caller's place in the line of a shared backend's limits.
@@ -381,6 +383,7 @@ impl<'p> Plan<'p> {
         let scope = &request.scope;
         let mut plan = Self::empty(policy, scope, request.priority);
         plan.operation = request.operation;
+        plan.request = Some(request);
         for i in 0..scope.depth() {
             let kind = scope.kind(i);
             let limits = crate::policy::lookup(&policy.scopes, kind).ok_or_else(|| {
@@ -439,6 +442,7 @@ impl<'p> Plan<'p> {
             waiter: None,
             stages_before: None,
             dims: None,
+            request: None,
         }
     }
 
@@ -629,6 +633,12 @@ impl<'p> Plan<'p> {
     #[must_use]
     pub fn operation(&self) -> Option<OperationId> {
         self.operation
+    }
+
+    /// The request it was built from, when it was built from one.
+    #[must_use]
+    pub fn request(&self) -> Option<&'p Request> {
+        self.request
     }
 
     /// The key tracking continuous denials of a background caller (starvation promotion).

@@ -305,6 +305,10 @@ pub struct Policy {
     pub(crate) all: Vec<Arc<LimitDef>>,
     /// Where events are delivered (`webhooks:`).
     pub(crate) webhooks: Vec<Arc<crate::webhook::Endpoint>>,
+    /// Where events are appended or published on Redis (`events:`).
+    pub(crate) outlets: crate::sink::Outlets,
+    /// Where the audit log goes (`audit:`).
+    pub(crate) audit: crate::audit::Sinks,
 }
 
 /// Name-keyed maps of a loaded policy: document order, fast hashing.

@@ -107,14 +107,17 @@ test('a throwing or rejecting callback is counted and reported, never fatal, and
 test('a closed listener gets nothing, not even events already queued', async () => {
   const w = new Warden(policy);
   const calls = [];
+  const first = inbox();
   const l = w.onEvent((e) => {
     calls.push(e.type);
     l.close(); // from inside: the two other events of the same decision are dropped
+    first.put(e);
   });
   const seen = inbox();
   const other = w.onEvent(seen.put);
   await w.acquire('tenant:a', { cost: { usd: 10 } }); // three events at once
-  for (let i = 0; i < 3; i++) await seen.next(); // the other listener got all three: so were they queued for l
+  await first.next();
+  for (let i = 0; i < 3; i++) await seen.next(); // the other listener got all three
   assert.deepEqual(calls, ['limit.threshold_crossed']);
   assert.ok(!l.isOpen && other.isOpen);
   other.close();
@@ -154,3 +157,34 @@ for (const target of ['url', 'cluster_url']) {
     w.close();
   });
 }
+
+test('a stream outlet appends each event, and outletStats counts them', async () => {
+  const namespace = `ev-${Math.random().toString(36).slice(2)}`;
+  const w = await Warden.connect(
+    { ...policy, events: { stream: { key: 'feed', max_len: 100 }, publish: { events: ['limit.exhausted'] } } },
+    { backend: redis.url, namespace, timeout: 10 },
+  );
+  await w.acquire('tenant:a', { cost: { usd: 10 } }); // three crossings
+  const port = redis.url.split(':').pop();
+  const key = `${namespace}:feed`;
+  const entries = [];
+  let last = '0';
+  while (entries.length < 3) {
+    // A blocking read on the server (10 s at most), never a sleep.
+    const out = execFileSync('redis-cli', ['-p', port, '--json', 'XREAD', 'COUNT', '10', 'BLOCK', '10000', 'STREAMS', key, last], { encoding: 'utf8' });
+    const got = JSON.parse(out);
+    assert.ok(got, `only ${entries.length} entries`);
+    const batch = Array.isArray(got) ? got[0][1] : got[key];
+    entries.push(...batch);
+    last = batch.at(-1)[0];
+  }
+  const types = entries.map(([, fields]) => JSON.parse(fields[fields.indexOf('body') + 1]).type);
+  assert.deepEqual(types, ['limit.threshold_crossed', 'limit.threshold_crossed', 'limit.exhausted']);
+  assert.equal(await w.flushOutlets(10), true);
+  const s = w.outletStats();
+  assert.equal(s.appended, 3);
+  assert.equal(s.published, 1);
+  assert.equal(s.failed + s.dropped, 0);
+  assert.throws(() => new Warden({ ...policy, events: { stream: true } }), (e) => e instanceof InvalidInputError && /give a Redis backend/.test(e.message));
+  w.close();
+});

@@ -145,3 +145,35 @@ def test_events_of_decisions_on_redis(redis_servers: Any, namespace: str) -> Non
             w.acquire("tenant:a", cost={"usd": "10"})
             e = got.get(timeout=WAIT)
         assert (e["type"], e["data"]["owner"], e["data"]["after_text"]) == ("limit.exhausted", "tenant:a", "10")
+
+
+def test_a_stream_outlet_appends_each_event_for_a_consumer(redis_servers: Any, namespace: str) -> None:
+    import json
+    import subprocess
+
+    port = redis_servers.url.rsplit(":", 1)[1]
+    policy = {**POLICY, "events": {"stream": {"key": "audit-stream", "max_len": 100}}}
+    w = ratewarden.Warden(policy, backend=redis_servers.url, namespace=namespace)
+    w.acquire("tenant:a", cost={"usd": "10"})  # three crossings
+    key = f"{namespace}:audit-stream"
+    entries: List[List[Any]] = []
+    last = "0"
+    while len(entries) < 3:
+        # A blocking read on the server (10 s at most), never a sleep.
+        out = subprocess.run(
+            ["redis-cli", "-p", port, "--json", "XREAD", "COUNT", "10", "BLOCK", "10000", "STREAMS", key, last],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        got = json.loads(out)
+        assert got, f"only {len(entries)} entries"
+        batch = got[key] if isinstance(got, dict) else got[0][1]
+        entries.extend(batch)
+        last = batch[-1][0]
+    bodies = [json.loads(dict(zip(fields[::2], fields[1::2]))["body"]) for _, fields in entries]
+    assert [b["type"] for b in bodies] == ["limit.threshold_crossed", "limit.threshold_crossed", "limit.exhausted"]
+    assert w.flush_outlets(10) is True
+    assert w.outlet_stats() == {"appended": 3, "published": 0, "dropped": 0, "failed": 0, "last_error": None}
+    with pytest.raises(ratewarden.InvalidInput, match="give a Redis backend"):
+        ratewarden.Warden(policy)

@@ -767,6 +767,26 @@ class Warden:
         _LISTENERS.add(listener)
         return listener
 
+    def flush_outlets(self, timeout: float = 5.0) -> bool:
+        """Waits up to ``timeout`` seconds until the Redis outlets have written
+        (or counted as failed) every event emitted so far; ``True`` if they
+        did. Call it before the process exits so the last events reach the
+        stream. Immediate without outlets."""
+        try:
+            return bool(self._native.flush_outlets(timeout))
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def outlet_stats(self) -> Dict[str, Any]:
+        """What the policy's Redis outlets (``events: {stream, publish}``) did so
+        far: ``appended`` (stream entries), ``published`` (pub/sub messages),
+        ``dropped`` (events lost falling behind), ``failed`` (not written after
+        retries) and ``last_error``. They write on a thread of their own and
+        never slow a decision."""
+        return self._native.outlet_stats()
+
     def webhook_log(self) -> Dict[str, Any]:
         """What the policy's ``webhooks:`` deliveries did so far: ``deliveries``
         (every attempt: ``message_id``, ``event_type``, ``url``, ``attempt``,

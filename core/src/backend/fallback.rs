@@ -222,6 +222,23 @@ impl<B: Backend> Backend for Fallback<B> {
         self.primary.changes()
     }
 
+    fn append_events<'a>(
+        &'a self,
+        key: &'a str,
+        max_len: u64,
+        entries: &'a [crate::sink::Entry],
+    ) -> Pending<'a, ()> {
+        self.primary.append_events(key, max_len, entries)
+    }
+
+    fn publish_events<'a>(
+        &'a self,
+        channel: &'a str,
+        entries: &'a [crate::sink::Entry],
+    ) -> Pending<'a, ()> {
+        self.primary.publish_events(channel, entries)
+    }
+
     fn allot<'a>(
         &'a self,
         limit: &'a crate::plan::PlannedLimit<'a>,

@@ -196,6 +196,14 @@ pub enum AllotOp<'a> {
     },
 }
 
+fn no_outlets(name: &str) -> crate::Error {
+    crate::Error::Backend {
+        message: format!(
+            "the {name} backend has no Redis Streams or pub/sub: `events.stream` and `events.publish` need a Redis backend"
+        ),
+    }
+}
+
 fn no_upstream(name: &str) -> crate::Error {
     crate::Error::Backend {
         message: format!("the {name} backend keeps no upstream state"),
@@ -315,6 +323,29 @@ pub trait Backend: Send + Sync + 'static {
         Pending::Ready(Err(crate::Error::Backend {
             message: format!("the {} backend keeps no allocations", self.name()),
         }))
+    }
+
+    /// Appends `entries` to the stream `<namespace>:<key>`, trimmed to about
+    /// `max_len` entries (the `events.stream` outlet, [`crate::sink`]).
+    fn append_events<'a>(
+        &'a self,
+        key: &'a str,
+        max_len: u64,
+        entries: &'a [crate::sink::Entry],
+    ) -> Pending<'a, ()> {
+        let _ = (key, max_len, entries);
+        Pending::Ready(Err(no_outlets(self.name())))
+    }
+
+    /// Publishes `entries` on the channel `<namespace>:<channel>` (the
+    /// `events.publish` outlet).
+    fn publish_events<'a>(
+        &'a self,
+        channel: &'a str,
+        entries: &'a [crate::sink::Entry],
+    ) -> Pending<'a, ()> {
+        let _ = (channel, entries);
+        Pending::Ready(Err(no_outlets(self.name())))
     }
 
     /// What an in-process engine holds (keys, records, table capacity);

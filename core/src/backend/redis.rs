@@ -879,6 +879,57 @@ impl Backend for RedisBackend {
         self.changes.watch()
     }
 
+    fn append_events<'a>(
+        &'a self,
+        key: &'a str,
+        max_len: u64,
+        entries: &'a [crate::sink::Entry],
+    ) -> Pending<'a, ()> {
+        Pending::Future(Box::pin(async move {
+            let key = format!("{}:{key}", self.namespace);
+            let mut pipe = redis::pipe();
+            for e in entries {
+                pipe.cmd("XADD")
+                    .arg(&key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(max_len)
+                    .arg("*")
+                    .arg("id")
+                    .arg(&e.id)
+                    .arg("type")
+                    .arg(e.kind)
+                    .arg("body")
+                    .arg(&e.body)
+                    .ignore();
+            }
+            let mut conn = self.conn.clone();
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| backend_err(&e))
+        }))
+    }
+
+    fn publish_events<'a>(
+        &'a self,
+        channel: &'a str,
+        entries: &'a [crate::sink::Entry],
+    ) -> Pending<'a, ()> {
+        Pending::Future(Box::pin(async move {
+            let channel = format!("{}:{channel}", self.namespace);
+            let mut conn = self.conn.clone();
+            for e in entries {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(&e.body)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| backend_err(&e))?;
+            }
+            Ok(())
+        }))
+    }
+
     fn allot<'a>(
         &'a self,
         limit: &'a crate::plan::PlannedLimit<'a>,

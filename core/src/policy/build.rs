@@ -292,6 +292,8 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
     let mut all: Vec<Arc<LimitDef>> = by_name.values().cloned().collect();
     all.sort_by_key(|d| d.id);
     let webhooks = build_webhooks(ctx, raw.webhooks)?;
+    let outlets = build_outlets(ctx, raw.events)?;
+    let audit = build_audit(ctx, raw.audit)?;
     Ok(Policy {
         source: ctx.source.to_owned(),
         defaults,
@@ -302,6 +304,133 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
         by_name,
         all,
         webhooks,
+        outlets,
+        audit,
+    })
+}
+
+/// Validates `audit:` (a JSON-lines file and/or a Redis Stream).
+fn build_audit(ctx: &Ctx<'_>, raw: Option<RawAudit>) -> Result<crate::audit::Sinks> {
+    let Some(raw) = raw else {
+        return Ok(crate::audit::Sinks::default());
+    };
+    let file = match raw.file {
+        None => None,
+        Some(f) if f.is_empty() || f.contains('\0') => {
+            return Err(ctx.err("audit.file", "expected a file path"));
+        }
+        Some(f) => Some(std::path::PathBuf::from(f)),
+    };
+    let stream = match raw.stream {
+        None | Some(RawOutlet::On(false)) => None,
+        Some(RawOutlet::On(true)) => Some((
+            crate::audit::DEFAULT_STREAM.to_owned(),
+            crate::sink::DEFAULT_MAX_LEN,
+        )),
+        Some(RawOutlet::With(w)) => {
+            if w.channel.is_some() || !w.events.is_empty() {
+                let field = if w.channel.is_some() {
+                    "channel"
+                } else {
+                    "events"
+                };
+                return Err(ctx.err(
+                    format!("audit.stream.{field}"),
+                    "the audit stream has a `key` and a `max_len` only",
+                ));
+            }
+            let key = w
+                .key
+                .unwrap_or_else(|| crate::audit::DEFAULT_STREAM.to_owned());
+            if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+                return Err(ctx.err(
+                    "audit.stream.key",
+                    "expected a name of 1 to 200 printable characters",
+                ));
+            }
+            let max_len = w.max_len.unwrap_or(crate::sink::DEFAULT_MAX_LEN);
+            if !(1..=1_000_000_000).contains(&max_len) {
+                return Err(ctx.err(
+                    "audit.stream.max_len",
+                    format!("{max_len} is not from 1 to 1000000000 entries"),
+                ));
+            }
+            Some((key, max_len))
+        }
+    };
+    if file.is_none() && stream.is_none() {
+        return Err(ctx.err(
+            "audit",
+            "give a `file` (JSON lines) or a `stream` (Redis), or leave `audit:` out",
+        ));
+    }
+    Ok(crate::audit::Sinks { file, stream })
+}
+
+/// Validates `events:` (Redis Streams and pub/sub outlets).
+fn build_outlets(ctx: &Ctx<'_>, raw: Option<RawEvents>) -> Result<crate::sink::Outlets> {
+    use crate::sink::{Outlet, Outlets};
+    let Some(raw) = raw else {
+        return Ok(Outlets::default());
+    };
+    let one = |raw: Option<RawOutlet>, field: &str| -> Result<Option<Outlet>> {
+        let path = format!("events.{field}");
+        let with = match raw {
+            None | Some(RawOutlet::On(false)) => return Ok(None),
+            Some(RawOutlet::On(true)) => RawOutletWith::default(),
+            Some(RawOutlet::With(w)) => w,
+        };
+        let stream = field == "stream";
+        let (name, wrong) = if stream {
+            (with.key, with.channel.is_some().then_some("channel"))
+        } else {
+            (
+                with.channel,
+                with.key
+                    .is_some()
+                    .then_some("key")
+                    .or(with.max_len.is_some().then_some("max_len")),
+            )
+        };
+        if let Some(wrong) = wrong {
+            return Err(ctx.err(
+                format!("{path}.{wrong}"),
+                if stream {
+                    "a stream has a `key`, not a `channel`"
+                } else {
+                    "pub/sub has a `channel` (and no `key` or `max_len`)"
+                },
+            ));
+        }
+        let name = name.unwrap_or_else(|| {
+            if stream {
+                crate::sink::DEFAULT_STREAM.to_owned()
+            } else {
+                crate::sink::DEFAULT_CHANNEL.to_owned()
+            }
+        });
+        if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+            return Err(ctx.err(
+                format!("{path}.{}", if stream { "key" } else { "channel" }),
+                "expected a name of 1 to 200 printable characters",
+            ));
+        }
+        let max_len = with.max_len.unwrap_or(crate::sink::DEFAULT_MAX_LEN);
+        if stream && !(1..=1_000_000_000).contains(&max_len) {
+            return Err(ctx.err(
+                format!("{path}.max_len"),
+                format!("{max_len} is not from 1 to 1000000000 entries"),
+            ));
+        }
+        Ok(Some(Outlet {
+            name,
+            max_len,
+            events: event_filter(ctx, &path, with.events)?,
+        }))
+    };
+    Ok(Outlets {
+        stream: one(raw.stream, "stream")?,
+        publish: one(raw.publish, "publish")?,
     })
 }
 

@@ -24,6 +24,47 @@ pub(super) struct RawPolicy {
     pub(super) workflows: IndexMap<String, RawWorkflow>,
     #[serde(default)]
     pub(super) webhooks: Vec<RawWebhook>,
+    #[serde(default)]
+    pub(super) events: Option<RawEvents>,
+    #[serde(default)]
+    pub(super) audit: Option<RawAudit>,
+}
+
+/// `audit:`: where the audit log goes (off when absent).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    pub(super) file: Option<String>,
+    pub(super) stream: Option<RawOutlet>,
+}
+
+/// `events:`: where events go besides callbacks and webhooks.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEvents {
+    pub(super) stream: Option<RawOutlet>,
+    pub(super) publish: Option<RawOutlet>,
+}
+
+/// `events.stream` / `events.publish`: `true`, or its settings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawOutlet {
+    On(bool),
+    With(RawOutletWith),
+}
+
+/// `events.stream` / `events.publish` settings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOutletWith {
+    /// The stream's key (`stream`) or the channel (`publish`), under the namespace.
+    pub(super) key: Option<String>,
+    pub(super) channel: Option<String>,
+    /// `stream` only: entries kept, about (`XADD MAXLEN ~`).
+    pub(super) max_len: Option<u64>,
+    #[serde(default)]
+    pub(super) events: Vec<String>,
 }
 
 /// `webhooks[i]`: where events are delivered, signed.

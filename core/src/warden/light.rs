@@ -173,7 +173,7 @@ impl Warden {
         view.warnings = observation.warnings;
         view.warnings.extend(warnings);
         if view.previous != view.zone {
-            let _ = self.inner.events.send(Event::UpstreamZone {
+            self.inner.emit(Event::UpstreamZone {
                 resource: resource.to_owned(),
                 from: view.previous,
                 to: view.zone,
@@ -196,7 +196,7 @@ impl Warden {
         at: crate::clock::Micros,
     ) {
         if from != to {
-            let _ = self.inner.events.send(Event::Breaker {
+            self.inner.emit(Event::Breaker {
                 resource: resource.to_owned(),
                 from,
                 to,
@@ -206,7 +206,7 @@ impl Warden {
     }
 
     fn cascade_event(&self, resource: &str, on: bool, at: crate::clock::Micros) {
-        let _ = self.inner.events.send(Event::Cascade {
+        self.inner.emit(Event::Cascade {
             resource: resource.to_owned(),
             on,
             at,

@@ -109,8 +109,25 @@ struct Inner {
     events: tokio::sync::broadcast::Sender<Event>,
     /// What webhook deliveries did.
     webhook_log: Arc<Mutex<crate::webhook::Log>>,
+    /// What the Redis outlets (`events:`) did.
+    outlet_stats: Arc<Mutex<crate::sink::OutletStats>>,
+    /// The audit log's channel (`audit:`, [`Warden::on_audit`]).
+    audit: crate::audit::Audit,
+    /// Events emitted so far, and how many of them the outlets handled.
+    emitted: std::sync::atomic::AtomicU64,
+    outlets_done: tokio::sync::watch::Receiver<u64>,
     /// Since when decisions are degraded (µs), or `i64::MIN` while the backend answers.
     degraded_since: std::sync::atomic::AtomicI64,
+}
+
+impl Inner {
+    /// Sends `event` to every subscriber (listeners, webhooks, outlets),
+    /// counted for [`Warden::flush_outlets`].
+    fn emit(&self, event: Event) {
+        self.emitted
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.events.send(event);
+    }
 }
 
 impl std::fmt::Debug for Warden {
@@ -144,6 +161,11 @@ impl Warden {
         let webhook_log = Arc::new(Mutex::new(crate::webhook::Log::default()));
         // Deliveries run on threads of their own, never on a decision's path.
         crate::webhook::start(&policy.webhooks, &events, &webhook_log);
+        let outlet_stats = Arc::new(Mutex::new(crate::sink::OutletStats::default()));
+        let (done_tx, outlets_done) = tokio::sync::watch::channel(0_u64);
+        let audit = crate::audit::Audit::new();
+        audit.start(&policy.audit, &backend);
+        crate::sink::start(&policy.outlets, &events, &backend, &outlet_stats, done_tx);
         Self {
             inner: Arc::new(Inner {
                 policy: Arc::new(policy),
@@ -153,8 +175,35 @@ impl Warden {
                 events,
                 degraded_since: std::sync::atomic::AtomicI64::new(i64::MIN),
                 webhook_log,
+                outlet_stats,
+                emitted: std::sync::atomic::AtomicU64::new(0),
+                outlets_done,
+                audit,
             }),
         }
+    }
+
+    /// What the policy's Redis outlets (`events.stream`, `events.publish`)
+    /// did so far: entries appended, messages published, events dropped
+    /// (the outlet fell behind) or failed (Redis unreachable after retries).
+    #[must_use]
+    pub fn outlet_stats(&self) -> crate::sink::OutletStats {
+        self.inner.outlet_stats.lock().clone()
+    }
+
+    /// Waits until the Redis outlets have handled (written, or counted as
+    /// failed or dropped) every event emitted before this call, for at most
+    /// `timeout`; `true` if they did. Call it before a process exits so the
+    /// last events reach the stream. Immediate when the policy has no outlets.
+    pub async fn flush_outlets(&self, timeout: Duration) -> bool {
+        if !self.inner.policy.outlets.any() {
+            return true;
+        }
+        let target = self.inner.emitted.load(std::sync::atomic::Ordering::SeqCst);
+        let mut done = self.inner.outlets_done.clone();
+        tokio::time::timeout(timeout, done.wait_for(|n| *n >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// What the policy's `webhooks:` deliveries did so far: every attempt
@@ -219,7 +268,128 @@ impl Warden {
         if mode.mutates() && d.allowed() && d.degraded.is_none() {
             self.crossings(&d, plan.scope());
         }
+        if self.inner.audit.on() {
+            self.audit_decision(plan, mode, &d);
+        }
         Ok(d)
+    }
+
+    /// The audit record of a decision.
+    #[cold]
+    fn audit_decision(&self, plan: &Plan<'_>, mode: Mode<'_>, d: &Decision) {
+        let (action, scope) = match mode {
+            Mode::Check => ("check", plan.scope()),
+            Mode::Acquire => ("acquire", plan.scope()),
+            Mode::Reserve { .. } => ("reserve", plan.scope()),
+            Mode::Delegate { child, .. } => ("delegate", child),
+        };
+        let request_id = d.reservation.as_ref().map_or_else(
+            || {
+                plan.operation()
+                    .map_or_else(|| format!("{:032x}", fastrand::u128(..)), |o| o.to_string())
+            },
+            |r| r.id.to_string(),
+        );
+        let mut amounts: Vec<(String, i64, u8)> = Vec::new();
+        for l in &d.limits {
+            if !amounts.iter().any(|(u, _, _)| u == l.unit()) {
+                amounts.push((l.unit().to_owned(), l.amount, l.decimals()));
+            }
+        }
+        let request = plan.request();
+        self.inner.audit.send(crate::audit::Record {
+            at: self.inner.clock.now(),
+            action,
+            request_id,
+            scope: Some(scope.as_str().to_owned()),
+            resource: request.and_then(|r| r.resource.clone()),
+            policy_action: request.and_then(|r| r.action.clone()),
+            amounts,
+            outcome: d.outcome.as_str(),
+            reason: d.reason.clone(),
+            priority: Some(d.priority.as_str()),
+            backend: self.inner.backend.name(),
+            degraded: d.degraded.map(crate::Degraded::as_str),
+        });
+    }
+
+    /// The audit record of a commit, release, extend or expiry.
+    #[cold]
+    fn audit_settled(
+        &self,
+        action: &'static str,
+        id: ReservationId,
+        result: std::result::Result<Option<&CommitReceipt>, &Error>,
+    ) {
+        let mut amounts: Vec<(String, i64, u8)> = Vec::new();
+        if let Ok(Some(receipt)) = result {
+            for c in &receipt.charges {
+                if !amounts.iter().any(|(u, _, _)| u == c.unit()) {
+                    amounts.push((c.unit().to_owned(), c.charged, c.def.decimals));
+                }
+            }
+        }
+        let expired = matches!(result, Err(Error::ReservationExpired { .. }));
+        self.inner.audit.send(crate::audit::Record {
+            at: self.inner.clock.now(),
+            action: if expired { "expire" } else { action },
+            request_id: id.to_string(),
+            scope: None,
+            resource: None,
+            policy_action: None,
+            amounts,
+            outcome: match result {
+                Ok(_) => "ok",
+                Err(_) if expired => "expired",
+                Err(_) => "error",
+            },
+            reason: match result {
+                Err(e) => Some(e.to_string()),
+                Ok(Some(r)) if r.duplicate => {
+                    Some("already committed: nothing charged again".into())
+                }
+                Ok(_) => None,
+            },
+            priority: None,
+            backend: self.inner.backend.name(),
+            degraded: None,
+        });
+    }
+
+    /// Calls `callback` with every audit record (every decision, commit,
+    /// release, extend and expiry of this warden), in order, on a thread of
+    /// its own — as [`Warden::listen`]: never on a decision's path, failures
+    /// and panics counted, the oldest records lost past
+    /// [`crate::audit::CAPACITY`] behind. Turns the audit log on while it lives.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] when the thread cannot be started.
+    pub fn on_audit<F>(&self, mut callback: F) -> Result<crate::events::Listener>
+    where
+        F: FnMut(&crate::audit::Record) -> crate::events::Handled + Send + 'static,
+    {
+        let (rx, guard) = self.inner.audit.consumer();
+        crate::events::Listener::spawn(
+            rx,
+            move |r: &Arc<crate::audit::Record>| Some(callback(r)),
+            guard,
+        )
+    }
+
+    /// Waits until the policy's audit sinks (`audit:`) have written (or
+    /// counted as failed) every record made before this call, for at most
+    /// `timeout`; `true` if they did. Immediate without sinks.
+    pub async fn flush_audit(&self, timeout: Duration) -> bool {
+        self.inner
+            .audit
+            .flush(&self.inner.policy.audit, timeout)
+            .await
+    }
+
+    /// What the policy's audit sinks (`audit:`) did so far.
+    #[must_use]
+    pub fn audit_stats(&self) -> crate::audit::Stats {
+        self.inner.audit.stats.lock().clone()
     }
 
     /// Emits a [`Event::ThresholdCrossed`] / [`Event::LimitExhausted`] for
@@ -257,7 +427,7 @@ impl Warden {
                     after,
                     at: self.inner.clock.now(),
                 });
-                let _ = self.inner.events.send(if t >= 1000 {
+                self.inner.emit(if t >= 1000 {
                     Event::LimitExhausted(crossing)
                 } else {
                     Event::ThresholdCrossed(crossing)
@@ -281,7 +451,7 @@ impl Warden {
                     .is_ok()
                 {
                     let at = inner.clock.now();
-                    let _ = inner.events.send(Event::BackendRecovered {
+                    inner.emit(Event::BackendRecovered {
                         after: Duration::from_micros(u64::try_from(at - since).unwrap_or(0)),
                         at,
                     });
@@ -296,12 +466,12 @@ impl Warden {
                         .compare_exchange(i64::MIN, at, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
                 {
-                    let _ = inner.events.send(Event::BackendUnavailable {
+                    inner.emit(Event::BackendUnavailable {
                         reason: reason.clone(),
                         at,
                     });
                 }
-                let _ = inner.events.send(Event::DegradedDecision {
+                inner.emit(Event::DegradedDecision {
                     mode,
                     scope: scope.as_str().to_owned(),
                     outcome: d.outcome,
@@ -487,6 +657,14 @@ impl Warden {
         operation: &'static str,
         r: std::result::Result<&CommitReceipt, &Error>,
     ) {
+        if self.inner.audit.on() {
+            let action = if operation == "extend" {
+                "extend"
+            } else {
+                "commit"
+            };
+            self.audit_settled(action, id, r.map(Some));
+        }
         // Only when someone listens (a lock to count them, on a rare path).
         let wanted = || self.inner.events.receiver_count() > 0;
         match r {
@@ -501,11 +679,11 @@ impl Warden {
                 if wanted()
                     && let Some(o) = crate::events::Overage::of(receipt, self.inner.clock.now())
                 {
-                    let _ = self.inner.events.send(Event::Overage(Box::new(o)));
+                    self.inner.emit(Event::Overage(Box::new(o)));
                 }
             }
             Err(Error::ReservationExpired { .. }) if wanted() => {
-                let _ = self.inner.events.send(Event::ReservationExpired {
+                self.inner.emit(Event::ReservationExpired {
                     reservation: id.to_string(),
                     operation,
                     at: self.inner.clock.now(),
@@ -571,8 +749,17 @@ impl Warden {
         self.inner.queue.poke();
         match &settled {
             Settled::Committed(receipt) => self.settled(id, "finish", Ok(receipt)),
-            Settled::Refused(e) => self.settled(id, "finish", Err(e)),
-            Settled::Released(_) | Settled::Unconfirmed(_) => {}
+            Settled::Refused(e) if !matches!(outcome, CallOutcome::Failed) => {
+                self.settled(id, "finish", Err(e));
+            }
+            Settled::Released(_) | Settled::Refused(_) if self.inner.audit.on() => {
+                let r = match &settled {
+                    Settled::Refused(e) => Err(e),
+                    _ => Ok(None),
+                };
+                self.audit_settled("release", id, r);
+            }
+            _ => {}
         }
         let settlement = Settlement {
             id,
@@ -581,7 +768,7 @@ impl Warden {
             note,
         };
         if let Some(problem) = settlement.problem() {
-            let _ = self.inner.events.send(Event::SettlementProblem {
+            self.inner.emit(Event::SettlementProblem {
                 reservation: id,
                 problem,
                 at: self.inner.clock.now(),
@@ -597,9 +784,12 @@ impl Warden {
     /// # Errors
     /// [`Error::ReservationNotFound`], [`Error::ReservationClosed`] (committed), backend failures.
     pub async fn release(&self, id: ReservationId) -> Result<bool> {
-        let released = self.inner.backend.release(id).await?;
+        let released = self.inner.backend.release(id).await;
         self.inner.queue.poke();
-        Ok(released)
+        if self.inner.audit.on() {
+            self.audit_settled("release", id, released.as_ref().map(|_| None));
+        }
+        released
     }
 
     /// Renews a live reservation's lease to `lease` from now; returns the new
@@ -611,8 +801,12 @@ impl Warden {
     pub async fn extend(&self, id: ReservationId, lease: Duration) -> Result<Micros> {
         let lease = validate_lease(lease)?;
         let extended = self.inner.backend.extend(id, lease).await;
-        if let Err(e @ Error::ReservationExpired { .. }) = &extended {
-            self.settled(id, "extend", Err(e));
+        match &extended {
+            Err(e @ Error::ReservationExpired { .. }) => self.settled(id, "extend", Err(e)),
+            other if self.inner.audit.on() => {
+                self.audit_settled("extend", id, other.as_ref().map(|_| None));
+            }
+            _ => {}
         }
         extended
     }

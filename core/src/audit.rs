@@ -1,0 +1,320 @@
+//! The audit log: every decision (check, acquire, reserve, delegate — an
+//! allow or a deny), commit, release, extend and expiry as one [`Record`],
+//! to a callback ([`crate::Warden::on_audit`]), a JSON-lines file or a Redis
+//! Stream (`audit:` in the policy).
+//!
+//! Off by default, and then it costs one relaxed load per operation. When
+//! on, the record is built on the caller's thread and handed over without
+//! waiting (a bounded channel: a consumer more than [`CAPACITY`] records
+//! behind loses the oldest, counted); files and streams are written on a
+//! thread of their own, in batches.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::backend::Backend;
+use crate::clock::Micros;
+
+/// Records kept per consumer before the oldest are dropped.
+pub const CAPACITY: usize = 4096;
+/// The stream's key under the namespace when `audit.stream` names none.
+pub const DEFAULT_STREAM: &str = "audit";
+
+/// One audited operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// When (µs since the epoch, the warden's clock).
+    pub at: Micros,
+    /// `check`, `acquire`, `reserve`, `delegate`, `commit`, `release`,
+    /// `extend` or `expire`.
+    pub action: &'static str,
+    /// The reservation's id (reserve, delegate, commit, release, extend,
+    /// expire), else the caller's operation id, else a fresh id.
+    pub request_id: String,
+    /// The request's scope (decisions).
+    pub scope: Option<String>,
+    /// The resource (decisions).
+    pub resource: Option<String>,
+    /// The policy action (`send_email`), for a decision that named one.
+    pub policy_action: Option<String>,
+    /// Amounts per unit, base units and decimals: what a decision asked for,
+    /// or what a commit charged.
+    pub amounts: Vec<(String, i64, u8)>,
+    /// `allow`, `allow_with_caps`, `deny` (decisions), `ok` (a commit,
+    /// release or extend that went through), `error` (one that did not),
+    /// `expired`.
+    pub outcome: &'static str,
+    /// Why (a denial's reason, an error).
+    pub reason: Option<String>,
+    /// The decision's priority tier.
+    pub priority: Option<&'static str>,
+    /// The backend's name (`memory`, `redis`).
+    pub backend: &'static str,
+    /// The fallback that decided without the shared backend, if one did.
+    pub degraded: Option<&'static str>,
+}
+
+impl Record {
+    /// As one JSON object (a line of the file, a stream entry's `body`):
+    /// `at` (µs), `timestamp` (RFC 3339), `request_id`, `action`, `scope`,
+    /// `resource`, `policy_action`, `amounts` (unit → decimal text),
+    /// `amounts_base` (unit → base units), `outcome`, `reason`, `priority`,
+    /// `backend`, `degraded`.
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut text = serde_json::Map::new();
+        let mut base = serde_json::Map::new();
+        for (unit, v, decimals) in &self.amounts {
+            text.insert(
+                unit.clone(),
+                crate::amount::format_base(*v, *decimals).into(),
+            );
+            base.insert(unit.clone(), (*v).into());
+        }
+        serde_json::json!({
+            "at": self.at,
+            "timestamp": crate::events::rfc3339(self.at),
+            "request_id": self.request_id,
+            "action": self.action,
+            "scope": self.scope,
+            "resource": self.resource,
+            "policy_action": self.policy_action,
+            "amounts": text,
+            "amounts_base": base,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "priority": self.priority,
+            "backend": self.backend,
+            "degraded": self.degraded,
+        })
+    }
+}
+
+/// `audit:` in the policy: a JSON-lines file and/or a Redis Stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sinks {
+    /// A file the records are appended to, one JSON object per line.
+    pub file: Option<std::path::PathBuf>,
+    /// A stream (`<namespace>:<key>`) and the entries it keeps, about.
+    pub stream: Option<(String, u64)>,
+}
+
+impl Sinks {
+    /// Whether any sink is on.
+    #[must_use]
+    pub fn any(&self) -> bool {
+        self.file.is_some() || self.stream.is_some()
+    }
+}
+
+/// What the audit sinks did so far ([`crate::Warden::audit_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records written to the file.
+    pub written: u64,
+    /// Records appended to the stream.
+    pub appended: u64,
+    /// Records lost because a sink fell more than [`CAPACITY`] behind.
+    pub dropped: u64,
+    /// Records not written (the file or Redis failed).
+    pub failed: u64,
+    /// The last failure, one line.
+    pub last_error: Option<String>,
+}
+
+/// The audit channel of a warden: who consumes, and the sender.
+pub(crate) struct Audit {
+    tx: tokio::sync::broadcast::Sender<Arc<Record>>,
+    /// Consumers alive (sinks and callbacks); 0 = off.
+    consumers: Arc<AtomicUsize>,
+    pub(crate) stats: Arc<Mutex<Stats>>,
+    /// Records sent, and how many of them the sinks handled (`flush`).
+    sent: std::sync::atomic::AtomicU64,
+    done: tokio::sync::watch::Receiver<u64>,
+    done_tx: Mutex<Option<tokio::sync::watch::Sender<u64>>>,
+}
+
+/// Decrements the consumer count when its consumer ends.
+pub(crate) struct Consumer(Arc<AtomicUsize>);
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Audit {
+    pub(crate) fn new() -> Self {
+        let (done_tx, done) = tokio::sync::watch::channel(0);
+        Self {
+            tx: tokio::sync::broadcast::Sender::new(CAPACITY),
+            consumers: Arc::new(AtomicUsize::new(0)),
+            stats: Arc::new(Mutex::new(Stats::default())),
+            sent: std::sync::atomic::AtomicU64::new(0),
+            done,
+            done_tx: Mutex::new(Some(done_tx)),
+        }
+    }
+
+    /// Waits until the sinks handled every record sent before this call,
+    /// for at most `timeout`; `true` if they did (or there are no sinks).
+    pub(crate) async fn flush(&self, sinks: &Sinks, timeout: std::time::Duration) -> bool {
+        if !sinks.any() {
+            return true;
+        }
+        let target = self.sent.load(Ordering::SeqCst);
+        let mut done = self.done.clone();
+        tokio::time::timeout(timeout, done.wait_for(|n| *n >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether anyone consumes records (one relaxed load).
+    #[inline]
+    pub(crate) fn on(&self) -> bool {
+        self.consumers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Hands `record` to every consumer, never waiting.
+    pub(crate) fn send(&self, record: Record) {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        let _ = self.tx.send(Arc::new(record));
+    }
+
+    /// A new consumer's receiver and the guard that counts it.
+    pub(crate) fn consumer(&self) -> (tokio::sync::broadcast::Receiver<Arc<Record>>, Consumer) {
+        self.consumers.fetch_add(1, Ordering::Relaxed);
+        (self.tx.subscribe(), Consumer(Arc::clone(&self.consumers)))
+    }
+
+    /// Starts the policy's sinks.
+    pub(crate) fn start(&self, sinks: &Sinks, backend: &Arc<dyn Backend>) {
+        if !sinks.any() {
+            return;
+        }
+        let Some(done) = self.done_tx.lock().take() else {
+            return;
+        };
+        let (rx, guard) = self.consumer();
+        let (sinks, backend, stats) = (sinks.clone(), Arc::clone(backend), Arc::clone(&self.stats));
+        let spawned = std::thread::Builder::new()
+            .name("ratewarden-audit".into())
+            .spawn(move || {
+                let _guard = guard;
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(run(&sinks, rx, &*backend, &stats, &done));
+            });
+        if let Err(e) = spawned {
+            self.stats.lock().last_error = Some(format!("the audit thread could not start: {e}"));
+        }
+    }
+}
+
+async fn run(
+    sinks: &Sinks,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<Record>>,
+    backend: &dyn Backend,
+    stats: &Mutex<Stats>,
+    done: &tokio::sync::watch::Sender<u64>,
+) {
+    use std::future::IntoFuture;
+    let mut handled = 0_u64;
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let open = |path: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(std::io::BufWriter::new)
+            .map_err(|e| {
+                std::io::Error::other(format!(
+                    "the audit file {} cannot be opened: {e}",
+                    path.display()
+                ))
+            })
+    };
+    let mut file: Option<std::io::BufWriter<std::fs::File>> = None;
+    let mut batch: Vec<Arc<Record>> = Vec::with_capacity(crate::sink::BATCH);
+    loop {
+        let mut lost = 0;
+        let mut closed = false;
+        match rx.recv().await {
+            Ok(r) => batch.push(r),
+            Err(RecvError::Lagged(n)) => lost += n,
+            Err(RecvError::Closed) => closed = true,
+        }
+        while !closed && batch.len() < crate::sink::BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(TryRecvError::Lagged(n)) => lost += n,
+                Err(TryRecvError::Closed) => closed = true,
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if lost > 0 {
+            stats.lock().dropped += lost;
+        }
+        let lines: Vec<(String, &'static str, String)> = batch
+            .iter()
+            .map(|r| (r.request_id.clone(), r.action, r.to_json().to_string()))
+            .collect();
+        let n = lines.len() as u64;
+        if n > 0 {
+            if let Some(path) = &sinks.file {
+                // Opened at the first record (again after a failure).
+                let wrote = match &mut file {
+                    Some(f) => Ok(f),
+                    empty => open(path).map(|f| empty.insert(f)),
+                }
+                .and_then(|f| {
+                    for (_, _, line) in &lines {
+                        f.write_all(line.as_bytes())?;
+                        f.write_all(b"\n")?;
+                    }
+                    f.flush()
+                });
+                let mut s = stats.lock();
+                match wrote {
+                    Ok(()) => s.written += n,
+                    Err(e) => {
+                        file = None;
+                        s.failed += n;
+                        s.last_error = Some(e.to_string());
+                    }
+                }
+            }
+            if let Some((key, max_len)) = &sinks.stream {
+                let entries: Vec<crate::sink::Entry> = lines
+                    .into_iter()
+                    .map(|(id, kind, body)| crate::sink::Entry { id, kind, body })
+                    .collect();
+                let wrote = backend
+                    .append_events(key, *max_len, &entries)
+                    .into_future()
+                    .await;
+                let mut s = stats.lock();
+                match wrote {
+                    Ok(()) => s.appended += n,
+                    Err(e) => {
+                        s.failed += n;
+                        s.last_error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        handled += n + lost;
+        done.send_replace(handled);
+        batch.clear();
+        if closed {
+            return;
+        }
+    }
+}
