@@ -401,9 +401,10 @@ class Listener {
     this.#events = events;
   }
 
-  static start(n, callback, events) {
+  static start(n, callback, events, how = 'listen') {
     const l = new Listener(LISTENER, callback, events);
-    l.#native = n.listen((text) => l.#deliver(text), events);
+    const deliver = (text) => l.#deliver(text);
+    l.#native = how === 'onAudit' ? n.onAudit(deliver) : n.listen(deliver, events);
     return l;
   }
 
@@ -857,6 +858,49 @@ class Warden {
     for (const l of this.#listeners) if (!l.isOpen) this.#listeners.delete(l);
     this.#listeners.add(listener);
     return listener;
+  }
+
+  /**
+   * Calls `callback(record)` on the event loop for every decision (check,
+   * acquire, reserve, delegate — allowed or denied), commit, release, extend
+   * and expiry of this warden, in order. `record`: `{ at, timestamp,
+   * request_id, action, scope, resource, policy_action, amounts, amounts_base,
+   * outcome, reason, priority, backend, degraded }`. Returns a `Listener` (a
+   * throwing callback is counted and reported, never fatal). The audit log
+   * costs nothing until a callback or an `audit:` sink turns it on.
+   */
+  onAudit(callback) {
+    if (typeof callback !== 'function') {
+      throw new InvalidInputError(`invalid callback: expected a function, got ${describe(callback)}`, { argument: 'callback' });
+    }
+    let listener;
+    try {
+      listener = Listener.start(this.#live(), callback, [], 'onAudit');
+    } catch (e) {
+      throw typed(e);
+    }
+    for (const l of this.#listeners) if (!l.isOpen) this.#listeners.delete(l);
+    this.#listeners.add(listener);
+    return listener;
+  }
+
+  /** What the policy's `audit:` sinks did so far: `{ written, appended, dropped, failed, lastError }`. Synchronous. */
+  auditStats() {
+    try {
+      return this.#live().auditStats();
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /** Resolves `true` once the `audit:` sinks wrote (or counted as failed) every record so far, `false` after `timeout` seconds (default 5). */
+  flushAudit(timeout = 5) {
+    try {
+      optionalSeconds(timeout, 'timeout');
+      return this.#live().flushAudit(timeout ?? 5).catch(rethrow);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
   }
 
   /**

@@ -18,6 +18,7 @@ import type {
   WardenOptions,
   WebhookLog,
   OutletStats,
+  AuditStats,
 } from './native';
 
 export type {
@@ -37,6 +38,7 @@ export type {
   Usage,
   WebhookLog,
   OutletStats,
+  AuditStats,
 };
 /** Options of `Warden.fetcher` and `governOpenAI`. */
 export interface FetcherOptions {
@@ -239,6 +241,29 @@ export interface WardenEvent {
   data: Record<string, unknown>;
 }
 
+/** One audited operation (`onAudit`, `audit:` files and streams). */
+export interface AuditRecord {
+  /** µs since the epoch. */
+  at: number;
+  /** RFC 3339 UTC. */
+  timestamp: string;
+  /** The reservation's id, else the operation's, else a fresh one. */
+  request_id: string;
+  action: 'check' | 'acquire' | 'reserve' | 'delegate' | 'commit' | 'release' | 'extend' | 'expire';
+  scope: string | null;
+  resource: string | null;
+  policy_action: string | null;
+  /** Unit → decimal text: what a decision asked for, what a commit charged. */
+  amounts: Record<string, string>;
+  /** Unit → base units. */
+  amounts_base: Record<string, number>;
+  outcome: 'allow' | 'allow_with_caps' | 'deny' | 'ok' | 'error' | 'expired';
+  reason: string | null;
+  priority: 'critical' | 'standard' | 'background' | null;
+  backend: string;
+  degraded: string | null;
+}
+
 /** What a listener did so far. */
 export interface ListenerStats {
   /** Events handed to the event loop for the callback. */
@@ -355,6 +380,15 @@ export declare class Warden {
   outletStats(): OutletStats;
   /** Resolves `true` once the Redis outlets wrote every event emitted so far (`false` after `timeout` seconds, default 5). */
   flushOutlets(timeout?: number): Promise<boolean>;
+  /**
+   * Calls `callback(record)` on the event loop for every decision, commit, release,
+   * extend and expiry of this warden. The audit log costs nothing until turned on.
+   */
+  onAudit(callback: (record: AuditRecord) => unknown): Listener;
+  /** What the policy's `audit:` sinks did: written, appended, dropped, failed. */
+  auditStats(): AuditStats;
+  /** Resolves `true` once the `audit:` sinks wrote every record so far (`false` after `timeout` seconds, default 5). */
+  flushAudit(timeout?: number): Promise<boolean>;
   /** As `cost`, pricing `max_output_tokens` when given: what `reserve(scope, { usage })` holds. */
   estimate(resource: string, usage: Usage): Priced;
   /** Ends a reservation or delegation without charging; resolves `false` if it was already released. */

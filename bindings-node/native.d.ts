@@ -110,6 +110,15 @@ export declare class NativeWarden {
    * far, `false` after `timeout` seconds.
    */
   flushOutlets(timeout: number): Promise<boolean>
+  /** Calls `callback` (on the event loop) with the JSON text of each audit record. */
+  onAudit(callback: (record: string) => unknown): NativeListener
+  /** What the policy's audit sinks (`audit:`) did. */
+  auditStats(): AuditStats
+  /**
+   * Resolves `true` once the audit sinks wrote every record made so far,
+   * `false` after `timeout` seconds.
+   */
+  flushAudit(timeout: number): Promise<boolean>
   /** What the policy's Redis outlets (`events:`) did (see `Warden::outlet_stats`). */
   outletStats(): OutletStats
   /** What the policy's `webhooks:` deliveries did (see `Warden::webhook_log`). */
@@ -219,6 +228,20 @@ export interface AllocationInfo {
   pools: Record<string, number>
   /** Active until (seconds since the epoch) without another heartbeat. */
   activeUntil: number
+}
+
+/** What a warden's audit sinks (`audit:` in the policy) did so far. */
+export interface AuditStats {
+  /** Records written to the file. */
+  written: number
+  /** Records appended to the stream. */
+  appended: number
+  /** Records lost because a sink fell behind. */
+  dropped: number
+  /** Records not written (the file or Redis failed). */
+  failed: number
+  /** The last failure, one line. */
+  lastError?: string
 }
 
 /**

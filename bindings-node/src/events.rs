@@ -40,11 +40,25 @@ pub struct OutletStats {
     pub last_error: Option<String>,
 }
 
+/// What a warden's audit sinks (`audit:` in the policy) did so far.
+#[napi(object)]
+pub struct AuditStats {
+    /// Records written to the file.
+    pub written: f64,
+    /// Records appended to the stream.
+    pub appended: f64,
+    /// Records lost because a sink fell behind.
+    pub dropped: f64,
+    /// Records not written (the file or Redis failed).
+    pub failed: f64,
+    /// The last failure, one line.
+    pub last_error: Option<String>,
+}
+
 /// A callback receiving a warden's events; `close()` stops it.
 #[napi]
 pub struct NativeListener {
     inner: std::sync::Mutex<Option<ratewarden::events::Listener>>,
-    last: std::sync::Mutex<ratewarden::events::ListenerStats>,
 }
 
 impl NativeListener {
@@ -56,34 +70,44 @@ impl NativeListener {
         let filter = ratewarden::events::Filter::new(events.unwrap_or_default()).or_throw()?;
         let listener = warden
             .listen(filter, move |event| {
-                let text = event.envelope(&ratewarden::events::new_id()).to_string();
-                // Blocking: waits while the event loop is 1024 behind (never on
-                // a decision's path); fails only once the environment is gone.
-                match callback.call(text, ThreadsafeFunctionCallMode::Blocking) {
-                    Status::Ok => Ok(()),
-                    status => Err(format!("the event loop did not take the event: {status}")),
-                }
+                queue(
+                    &callback,
+                    event.envelope(&ratewarden::events::new_id()).to_string(),
+                )
             })
             .or_throw()?;
         Ok(Self {
             inner: std::sync::Mutex::new(Some(listener)),
-            last: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Queues each audit record's JSON text for `callback`.
+    pub(crate) fn audit(warden: &Warden, callback: EventCallback) -> Result<Self> {
+        let listener = warden
+            .on_audit(move |record| queue(&callback, record.to_json().to_string()))
+            .or_throw()?;
+        Ok(Self {
+            inner: std::sync::Mutex::new(Some(listener)),
         })
     }
 
     fn current(&self) -> ratewarden::events::ListenerStats {
-        let inner = self
-            .inner
+        self.inner
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match inner.as_ref() {
-            Some(l) => l.stats(),
-            None => self
-                .last
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone(),
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(ratewarden::events::Listener::stats)
+            .unwrap_or_default()
+    }
+}
+
+/// Queues `text` for the JS callback. Blocking: waits while the event loop is
+/// 1024 behind (never on a decision's path); fails only once the environment
+/// is gone.
+fn queue(callback: &EventCallback, text: String) -> ratewarden::events::Handled {
+    match callback.call(text, ThreadsafeFunctionCallMode::Blocking) {
+        Status::Ok => Ok(()),
+        status => Err(format!("the event loop did not take it: {status}")),
     }
 }
 
@@ -93,16 +117,13 @@ impl NativeListener {
     /// for); the JS layer ignores events still queued. Idempotent.
     #[napi]
     pub fn close(&self) {
-        let taken = self
+        if let Some(l) = self
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(l) = taken {
-            *self
-                .last
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = l.stats();
+            .as_mut()
+        {
+            l.stop();
         }
     }
 

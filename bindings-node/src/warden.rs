@@ -194,6 +194,39 @@ impl NativeWarden {
         env.spawn_future(async move { Ok(warden.flush_outlets(timeout).await) })
     }
 
+    /// Calls `callback` (on the event loop) with the JSON text of each audit record.
+    #[napi(ts_args_type = "callback: (record: string) => unknown")]
+    pub fn on_audit(&self, callback: EventCallback) -> Result<NativeListener> {
+        NativeListener::audit(&self.warden, callback)
+    }
+
+    /// What the policy's audit sinks (`audit:`) did.
+    #[napi]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn audit_stats(&self) -> AuditStats {
+        let s = self.warden.audit_stats();
+        AuditStats {
+            written: s.written as f64,
+            appended: s.appended as f64,
+            dropped: s.dropped as f64,
+            failed: s.failed as f64,
+            last_error: s.last_error,
+        }
+    }
+
+    /// Resolves `true` once the audit sinks wrote every record made so far,
+    /// `false` after `timeout` seconds.
+    #[napi]
+    pub fn flush_audit<'env>(
+        &self,
+        env: &'env Env,
+        timeout: f64,
+    ) -> Result<PromiseRaw<'env, bool>> {
+        let warden = self.warden.clone();
+        let timeout = seconds(timeout, "timeout")?;
+        env.spawn_future(async move { Ok(warden.flush_audit(timeout).await) })
+    }
+
     /// What the policy's Redis outlets (`events:`) did (see `Warden::outlet_stats`).
     #[napi]
     #[allow(clippy::cast_precision_loss)]

@@ -27,15 +27,10 @@ impl NativeListener {
         let filter = ratewarden::events::Filter::new(events.clone()).or_raise()?;
         let listener = warden
             .listen(filter, move |event| {
-                let text = event.envelope(&ratewarden::events::new_id()).to_string();
-                Python::attach(|py| match callback.call1(py, (text,)) {
-                    Ok(_) => Ok(()),
-                    Err(e) => {
-                        let line = e.to_string();
-                        e.write_unraisable(py, Some(callback.bind(py)));
-                        Err(line)
-                    }
-                })
+                call(
+                    &callback,
+                    event.envelope(&ratewarden::events::new_id()).to_string(),
+                )
             })
             .or_raise()?;
         Ok(Self {
@@ -44,6 +39,33 @@ impl NativeListener {
             events,
         })
     }
+}
+
+impl NativeListener {
+    /// Calls `callback` with each audit record as JSON text.
+    pub(crate) fn audit(warden: &Warden, callback: Py<PyAny>) -> PyResult<Self> {
+        let listener = warden
+            .on_audit(move |record| call(&callback, record.to_json().to_string()))
+            .or_raise()?;
+        Ok(Self {
+            inner: Mutex::new(Some(listener)),
+            last: Mutex::new(None),
+            events: Vec::new(),
+        })
+    }
+}
+
+/// Calls `callback(text)` with the GIL; what it raises goes to
+/// `sys.unraisablehook` and comes back as the failure's line.
+fn call(callback: &Py<PyAny>, text: String) -> ratewarden::events::Handled {
+    Python::attach(|py| match callback.call1(py, (text,)) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let line = e.to_string();
+            e.write_unraisable(py, Some(callback.bind(py)));
+            Err(line)
+        }
+    })
 }
 
 #[pymethods]
@@ -59,7 +81,8 @@ impl NativeListener {
                 l.close();
                 l
             });
-            *self.last.lock() = Some(l.stats());
+            // Kept (closed) so its stats stay exact.
+            *self.inner.lock() = Some(l);
         }
     }
 

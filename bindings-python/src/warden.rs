@@ -504,16 +504,12 @@ impl NativeWarden {
 
     /// Waits up to `timeout` seconds until the Redis outlets handled every
     /// event emitted so far; `True` if they did.
-    #[pyo3(signature = (timeout=5.0, asynchronous=false))]
-    fn flush_outlets(
-        &self,
-        py: Python<'_>,
-        timeout: f64,
-        asynchronous: bool,
-    ) -> PyResult<Py<PyAny>> {
-        let op = seconds(timeout, "timeout")
-            .map(|t| move |w: Warden| async move { Ok(w.flush_outlets(t).await) });
-        self.answer(py, op, asynchronous, released_to_py)
+    #[pyo3(signature = (timeout=5.0))]
+    fn flush_outlets(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let t = seconds(timeout, "timeout")?;
+        let w = self.warden(py)?;
+        // On the runtime (its timer), with the GIL released.
+        Ok(block(py, async move { w.flush_outlets(t).await }))
     }
 
     /// What the policy's Redis outlets (`events:`) did: a dict of
@@ -527,6 +523,33 @@ impl NativeWarden {
         out.set_item("failed", s.failed)?;
         out.set_item("last_error", s.last_error)?;
         Ok(out.into_any().unbind())
+    }
+
+    /// Calls `callback` with each audit record (JSON text) on a thread of its own.
+    fn on_audit(&self, py: Python<'_>, callback: Py<PyAny>) -> PyResult<NativeListener> {
+        NativeListener::audit(&self.warden(py)?, callback)
+    }
+
+    /// What the policy's audit sinks (`audit:`) did: a dict of `written`,
+    /// `appended`, `dropped`, `failed` and `last_error`.
+    fn audit_stats(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let s = self.warden(py)?.audit_stats();
+        let out = PyDict::new(py);
+        out.set_item("written", s.written)?;
+        out.set_item("appended", s.appended)?;
+        out.set_item("dropped", s.dropped)?;
+        out.set_item("failed", s.failed)?;
+        out.set_item("last_error", s.last_error)?;
+        Ok(out.into_any().unbind())
+    }
+
+    /// Waits up to `timeout` seconds until the audit sinks wrote every record so far.
+    #[pyo3(signature = (timeout=5.0))]
+    fn flush_audit(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let t = seconds(timeout, "timeout")?;
+        let w = self.warden(py)?;
+        // On the runtime (its timer), with the GIL released.
+        Ok(block(py, async move { w.flush_audit(t).await }))
     }
 
     /// What the policy's `webhooks:` deliveries did: a dict of `deliveries`

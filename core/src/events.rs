@@ -489,21 +489,24 @@ impl Listener {
     {
         Self::spawn(
             rx,
-            move |e: &Event| filter.wants(e.type_name()).then(|| callback(e)),
+            move |e: &Event| filter.wants(e.type_name()),
+            move |e: &Event| callback(e),
             (),
         )
     }
 
-    /// Starts a thread calling `callback` with every item of `rx` (`None`:
-    /// the item was not for it); `guard` is dropped when the thread ends.
-    pub(crate) fn spawn<T, F, G>(
+    /// Starts a thread calling `callback` with every item of `rx` that it
+    /// `wants`; `guard` is dropped when the thread ends.
+    pub(crate) fn spawn<T, W, F, G>(
         rx: tokio::sync::broadcast::Receiver<T>,
+        wants: W,
         mut callback: F,
         guard: G,
     ) -> Result<Self>
     where
         T: Clone + Send + 'static,
-        F: FnMut(&T) -> Option<Handled> + Send + 'static,
+        W: Fn(&T) -> bool + Send + 'static,
+        F: FnMut(&T) -> Handled + Send + 'static,
         G: Send + 'static,
     {
         use tokio::sync::broadcast::error::RecvError;
@@ -526,23 +529,23 @@ impl Listener {
                             e = rx.recv() => e,
                         };
                         match item {
-                            Ok(item) => {
+                            Ok(item) if wants(&item) => {
+                                shared.delivered.fetch_add(1, Ordering::Relaxed);
                                 let called =
                                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                                         callback(&item)
                                     }));
                                 let failure = match called {
-                                    Ok(None) => continue,
-                                    Ok(Some(Ok(()))) => None,
-                                    Ok(Some(Err(why))) => Some(why),
+                                    Ok(Ok(())) => None,
+                                    Ok(Err(why)) => Some(why),
                                     Err(panic) => Some(panic_text(panic.as_ref())),
                                 };
-                                shared.delivered.fetch_add(1, Ordering::Relaxed);
                                 if let Some(why) = failure {
                                     shared.failed.fetch_add(1, Ordering::Relaxed);
                                     *shared.last_error.lock() = Some(why);
                                 }
                             }
+                            Ok(_) => {}
                             Err(RecvError::Lagged(n)) => {
                                 shared.dropped.fetch_add(n, Ordering::Relaxed);
                             }
@@ -584,6 +587,12 @@ impl Listener {
         }
     }
 
+    /// Tells it to stop without waiting: no call starts after the one under
+    /// way (if any). Idempotent; [`Listener::close`] also waits.
+    pub fn stop(&mut self) {
+        drop(self.stop.take());
+    }
+
     /// Whether it is still listening (not closed, and the warden lives).
     #[must_use]
     pub fn is_open(&self) -> bool {
@@ -595,7 +604,7 @@ impl Drop for Listener {
     /// Tells the thread to stop without waiting for it (a call under way
     /// finishes on its own; [`Listener::close`] waits for it).
     fn drop(&mut self) {
-        drop(self.stop.take());
+        self.stop();
     }
 }
 

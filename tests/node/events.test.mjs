@@ -188,3 +188,27 @@ test('a stream outlet appends each event, and outletStats counts them', async ()
   assert.throws(() => new Warden({ ...policy, events: { stream: true } }), (e) => e instanceof InvalidInputError && /give a Redis backend/.test(e.message));
   w.close();
 });
+
+test('onAudit records every operation, and a throwing audit callback is not fatal', async () => {
+  const clock = new (await import('../../bindings-node/index.mjs')).ManualClock();
+  const w = new Warden(policy, { clock });
+  const box = inbox();
+  const l = w.onAudit((r) => {
+    box.put(r);
+    if (r.outcome === 'deny') throw new Error('audit consumer failed');
+  });
+  const warned = new Promise((resolve) => process.once('warning', resolve));
+  assert.ok((await w.acquire('tenant:a', { cost: { usd: 4 } })).allowed);
+  assert.ok(!(await w.acquire('tenant:a', { cost: { usd: 7 } })).allowed);
+  const r = await w.reserve('tenant:a', { cost: { usd: 1 } });
+  await w.commit(r.reservation, { usd: '1.5' });
+  const records = [];
+  for (let i = 0; i < 4; i++) records.push(await box.next());
+  assert.deepEqual(records.map((x) => [x.action, x.outcome]), [['acquire', 'allow'], ['acquire', 'deny'], ['reserve', 'allow'], ['commit', 'ok']]);
+  assert.deepEqual(records[3].amounts, { usd: '1.5' });
+  assert.equal(records[3].request_id, r.reservation);
+  assert.match((await warned).message, /audit consumer failed/);
+  l.close();
+  assert.deepEqual(l.stats(), { delivered: 4, dropped: 0, failed: 1, lastError: 'Error: audit consumer failed' });
+  assert.equal(await w.flushAudit(), true); // no sinks: at once
+});

@@ -5,6 +5,7 @@ a real Redis."""
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import sys
@@ -177,3 +178,36 @@ def test_a_stream_outlet_appends_each_event_for_a_consumer(redis_servers: Any, n
     assert w.outlet_stats() == {"appended": 3, "published": 0, "dropped": 0, "failed": 0, "last_error": None}
     with pytest.raises(ratewarden.InvalidInput, match="give a Redis backend"):
         ratewarden.Warden(policy)
+
+
+def test_the_audit_log_records_every_operation_to_a_callback_and_a_file(tmp_path: Any) -> None:
+    path = tmp_path / "audit.jsonl"
+    clock = ratewarden.ManualClock()
+    w = ratewarden.Warden({**POLICY, "audit": {"file": str(path)}}, clock=clock)
+    got: queue.Queue[Dict[str, Any]] = queue.Queue()
+    listener = w.on_audit(got.put)
+    assert w.acquire("tenant:a", cost={"usd": "4"}).allowed
+    assert not w.acquire("tenant:a", cost={"usd": "7"}).allowed
+    with w.reserve("tenant:a", cost={"usd": "1"}) as r:
+        r.commit({"usd": "1.5"})
+    lapsing = w.reserve("tenant:a", cost={"usd": "1"}, lease=5)
+    clock.advance(6)
+    with pytest.raises(ratewarden.ReservationExpired):
+        lapsing.commit()
+    records = [got.get(timeout=WAIT) for _ in range(6)]
+    assert [(x["action"], x["outcome"]) for x in records] == [
+        ("acquire", "allow"),
+        ("acquire", "deny"),
+        ("reserve", "allow"),
+        ("commit", "ok"),
+        ("reserve", "allow"),
+        ("expire", "expired"),
+    ]
+    assert records[0]["amounts"] == {"usd": "4"} and records[0]["scope"] == "tenant:a"
+    assert records[3]["amounts"] == {"usd": "1.5"} and records[3]["request_id"] == records[2]["request_id"]
+    assert w.flush_audit(10) is True
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [x["action"] for x in lines] == [x["action"] for x in records]
+    assert w.audit_stats()["written"] == 6
+    listener.close()
+    assert listener.stats()["delivered"] == 6

@@ -767,6 +767,46 @@ class Warden:
         _LISTENERS.add(listener)
         return listener
 
+    def on_audit(self, callback: Callable[[Dict[str, Any]], Any]) -> Listener:
+        """Calls ``callback(record)`` for every decision (check, acquire,
+        reserve, delegate — allowed or denied), commit, release, extend and
+        expiry of this warden, in order, on a thread of its own (as
+        :meth:`on_event`: exceptions are reported and counted, never raised
+        into the warden). ``record`` is a dict: ``at`` (µs), ``timestamp``,
+        ``request_id`` (the reservation's id, or the operation's), ``action``,
+        ``scope``, ``resource``, ``policy_action``, ``amounts`` (unit → decimal
+        text), ``amounts_base``, ``outcome`` (``allow``, ``allow_with_caps``,
+        ``deny``, ``ok``, ``error``, ``expired``), ``reason``, ``priority``,
+        ``backend`` and ``degraded``. The audit log costs nothing until a
+        callback or an ``audit:`` sink turns it on."""
+        if not callable(callback):
+            raise InvalidInput(f"invalid callback: expected a callable, got {type(callback).__name__}")
+
+        def deliver(text: str) -> None:
+            callback(json.loads(text))
+
+        deliver.__qualname__ = getattr(callback, "__qualname__", deliver.__qualname__)
+        listener = Listener(self._native.on_audit(deliver))
+        self._listeners = [x for x in self._listeners if x.is_open] + [listener]
+        _LISTENERS.add(listener)
+        return listener
+
+    def audit_stats(self) -> Dict[str, Any]:
+        """What the policy's ``audit:`` sinks did so far: ``written`` (file
+        lines), ``appended`` (stream entries), ``dropped``, ``failed`` and
+        ``last_error``."""
+        return self._native.audit_stats()
+
+    def flush_audit(self, timeout: float = 5.0) -> bool:
+        """Waits up to ``timeout`` seconds until the ``audit:`` sinks wrote (or
+        counted as failed) every record so far; ``True`` if they did."""
+        try:
+            return bool(self._native.flush_audit(timeout))
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
     def flush_outlets(self, timeout: float = 5.0) -> bool:
         """Waits up to ``timeout`` seconds until the Redis outlets have written
         (or counted as failed) every event emitted so far; ``True`` if they

@@ -371,7 +371,8 @@ impl Warden {
         let (rx, guard) = self.inner.audit.consumer();
         crate::events::Listener::spawn(
             rx,
-            move |r: &Arc<crate::audit::Record>| Some(callback(r)),
+            |_: &Arc<crate::audit::Record>| true,
+            move |r: &Arc<crate::audit::Record>| callback(r),
             guard,
         )
     }

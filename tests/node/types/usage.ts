@@ -4,7 +4,7 @@ import express from 'express';
 import {
   BudgetExceededError, ManualClock, RateLimitedError, Warden, WardenError, scope,
   type Decision, type LimitInfo, type Listener, type ListenerStats, type Priced, type Receipt, type UpstreamInfo, type Usage,
-  type WardenEvent,
+  type WardenEvent, type AuditRecord, type AuditStats, type OutletStats,
 } from 'ratewarden';
 
 const warden = new Warden(
@@ -107,6 +107,14 @@ function events(): number {
   }, { events: ['limit.'] });
   const all = warden.onEvent(async () => {}, { events: 'backend.unavailable' });
   const s: ListenerStats = l.stats();
+  const audit = warden.onAudit((r: AuditRecord) => {
+    if (r.outcome === 'deny') console.log(r.request_id, r.scope, r.amounts.usd, r.reason);
+  });
+  audit.close();
+  const a: AuditStats = warden.auditStats();
+  const o: OutletStats = warden.outletStats();
+  void warden.flushAudit(1).then((done: boolean) => done && a.written + o.appended > 0);
+  void warden.flushOutlets();
   l.close();
   all.close();
   return s.delivered + s.dropped + s.failed + (s.lastError ?? '').length + (l.isOpen ? 1 : 0) + l.events.length;
