@@ -226,7 +226,8 @@ export type EventType =
   | 'limit.threshold_crossed'
   | 'limit.exhausted'
   | 'reservation.overage'
-  | 'reservation.expired';
+  | 'reservation.expired'
+  | 'limit.debt_incurred';
 
 /** An event as `onEvent` callbacks and webhook receivers get it. */
 export interface WardenEvent {

@@ -243,6 +243,9 @@ pub struct Charge {
     pub charged: i64,
     /// Used beyond what was charged (overage `cap`), base units.
     pub uncharged: i64,
+    /// How far past its capacity the commit took the limit (its debt), base
+    /// units; measured for `allow_if_available` and `allow_with_overdraft`.
+    pub debt: i64,
 }
 
 /// The result of a commit.
@@ -269,6 +272,7 @@ pub(crate) fn receipt_of(r: &CommitReceipt) -> Receipt {
                 reserved: c.reserved,
                 charged: c.charged,
                 uncharged: c.uncharged,
+                debt: c.debt,
             })
             .collect(),
     }

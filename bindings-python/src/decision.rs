@@ -233,6 +233,7 @@ pub(crate) fn receipt_dict(py: Python<'_>, r: &CommitReceipt) -> PyResult<Py<PyA
         cd.set_item("reserved", c.reserved)?;
         cd.set_item("charged", c.charged)?;
         cd.set_item("uncharged", c.uncharged)?;
+        cd.set_item("debt", c.debt)?;
         charges.append(cd)?;
     }
     d.set_item("charges", charges)?;

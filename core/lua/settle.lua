@@ -23,8 +23,8 @@
 --   "nf"                       no such reservation (never existed or forgotten)
 --   "expired"                  its lease ran out before this call
 --   "closed", "committed"|"released"
---   "ok", n, then per limit: key, reserved, charged, actual   (commit)
---   "dup", n, then per limit: key, reserved, charged, actual  (repeated commit)
+--   "ok", n, then per limit: key, reserved, charged, actual, debt   (commit)
+--   "dup", n, then per limit: key, reserved, charged, actual, 0  (repeated commit)
 --   "released", 1|0            (release: 1 = this call released it)
 --   "extended", new expiry     (extend)
 --   "delegation"               commit of a delegation (release it instead)
@@ -72,6 +72,7 @@ if mode == "commit" and state == "c" then
     local charged = tonumber(redis.call("HGET", rec, "c" .. k))
     local actual = tonumber(redis.call("HGET", rec, "x" .. k))
     out[#out + 1] = it.key; out[#out + 1] = it.amount; out[#out + 1] = charged; out[#out + 1] = actual
+    out[#out + 1] = 0
   end
   return out
 end
@@ -146,7 +147,7 @@ end
 local out = { "ok", links, n }
 local fields = { "st", mode == "commit" and "c" or "r" }
 for k, it in ipairs(list) do
-  local actual, charged = 0, 0
+  local actual, charged, debt = 0, 0, 0
   if mode == "commit" then
     actual = actual_of(it.unit, it.amount)
     charged = actual
@@ -159,8 +160,10 @@ for k, it in ipairs(list) do
       local used = 0
       if s[1] and tonumber(s[1]) == wid then used = tonumber(s[2]) end
       local _, held, byid = live_holds(it.key, now)
-      local most = cap - used - (held - (byid[rid] or 0)) + od
+      local room = cap - used - (held - (byid[rid] or 0))
+      local most = room + od
       charged = math.max(math.min(actual, most), it.amount)
+      debt = math.max(charged - math.max(room, 0), 0)
     end
   end
   if it.kind == "r" then
@@ -183,6 +186,7 @@ for k, it in ipairs(list) do
   fields[#fields + 1] = "c" .. k; fields[#fields + 1] = charged
   fields[#fields + 1] = "x" .. k; fields[#fields + 1] = actual
   out[#out + 1] = it.key; out[#out + 1] = it.amount; out[#out + 1] = charged; out[#out + 1] = actual
+  out[#out + 1] = debt
 end
 if grant and redis.call("HGET", grant, "d") == rid then redis.call("DEL", grant) end
 redis.call("HSET", rec, unpack(fields))

@@ -424,6 +424,11 @@ pub struct Charge {
     pub charged: i64,
     /// Actual usage beyond what was charged (overage rule `cap`), base units.
     pub uncharged: i64,
+    /// How far past its capacity this commit took the limit — the debt it
+    /// left, base units (0 within the capacity). Measured for the rules that
+    /// look at the room left (`allow_if_available`, which never goes past it,
+    /// and `allow_with_overdraft`); 0 for the others.
+    pub debt: i64,
 }
 
 impl Charge {

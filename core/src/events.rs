@@ -103,6 +103,11 @@ pub enum Event {
     /// overage rule let it): one event per commit, from the process that
     /// committed (a repeated commit charges nothing and emits nothing).
     Overage(Box<Overage>),
+    /// A commit took a limit past its capacity, into debt (overage rule
+    /// `allow_with_overdraft`): the limit denies new requests until a reset
+    /// or refill pays it back. One event per commit, naming each such limit
+    /// and its debt ([`OverageLine::debt`]).
+    DebtIncurred(Box<Overage>),
     /// A commit, extend or settlement found its reservation expired: its
     /// lease ran out, so what it held went back (nothing was charged).
     ReservationExpired {
@@ -178,6 +183,8 @@ pub struct OverageLine {
     pub charged: i64,
     /// Actual usage beyond what was charged (rule `cap`).
     pub uncharged: i64,
+    /// The debt the commit left on the limit (past its capacity).
+    pub debt: i64,
 }
 
 impl Overage {
@@ -206,6 +213,7 @@ impl Overage {
                 reserved: c.reserved,
                 charged: c.charged,
                 uncharged: c.uncharged,
+                debt: c.debt,
             })
             .collect();
         (!lines.is_empty()).then_some(Self {
@@ -217,7 +225,7 @@ impl Overage {
 }
 
 /// Every event type, as [`Event::type_name`] spells it.
-pub const TYPES: [&str; 11] = [
+pub const TYPES: [&str; 12] = [
     "backend.unavailable",
     "backend.recovered",
     "decision.degraded",
@@ -229,6 +237,7 @@ pub const TYPES: [&str; 11] = [
     "limit.exhausted",
     "reservation.overage",
     "reservation.expired",
+    "limit.debt_incurred",
 ];
 
 /// Which events a sink or listener wants: event types (`limit.exhausted`)
@@ -322,6 +331,7 @@ impl Event {
             Self::LimitExhausted(_) => "limit.exhausted",
             Self::BackendRecovered { .. } => "backend.recovered",
             Self::Overage(_) => "reservation.overage",
+            Self::DebtIncurred(_) => "limit.debt_incurred",
             Self::ReservationExpired { .. } => "reservation.expired",
         }
     }
@@ -339,7 +349,7 @@ impl Event {
             | Self::BackendRecovered { at, .. }
             | Self::ReservationExpired { at, .. } => *at,
             Self::ThresholdCrossed(c) | Self::LimitExhausted(c) => c.at,
-            Self::Overage(o) => o.at,
+            Self::Overage(o) | Self::DebtIncurred(o) => o.at,
         }
     }
 
@@ -391,7 +401,7 @@ impl Event {
             Self::BackendRecovered { after, .. } => {
                 json!({ "degraded_for_ms": u64::try_from(after.as_millis()).unwrap_or(u64::MAX) })
             }
-            Self::Overage(o) => json!({
+            Self::Overage(o) | Self::DebtIncurred(o) => json!({
                 "reservation": o.reservation.to_string(),
                 "limits": o.lines.iter().map(|l| {
                     let text = |v: i64| crate::amount::format_base(v, l.decimals);
@@ -400,6 +410,7 @@ impl Event {
                         "reserved": l.reserved, "reserved_text": text(l.reserved),
                         "charged": l.charged, "charged_text": text(l.charged),
                         "uncharged": l.uncharged, "uncharged_text": text(l.uncharged),
+                        "debt": l.debt, "debt_text": text(l.debt),
                     })
                 }).collect::<Vec<_>>(),
             }),

@@ -304,8 +304,20 @@ async fn overage_and_expiry_are_reported_by_the_call_that_meets_them() {
             ("tokens", "cap", 100, 100, 50, Some("tenant:a")),
         ]
     );
+    let Ok(Event::DebtIncurred(debt)) = rx.try_recv() else {
+        panic!("expected a debt event")
+    };
+    assert_eq!(
+        debt.lines
+            .iter()
+            .map(|l| (l.limit.as_str(), l.debt))
+            .collect::<Vec<_>>(),
+        [("usd", 1_000_000)],
+        "room 9, charged 10: 1 into the overdraft"
+    );
     let data = Event::Overage(o).data();
     assert_eq!(data["limits"][0]["charged_text"], "10");
+    assert_eq!(data["limits"][0]["debt_text"], "1");
     assert_eq!(data["reservation"], id.to_string());
     w.commit(id, &past).await.unwrap();
     assert!(rx.try_recv().is_err(), "a repeated commit emits nothing");

@@ -206,6 +206,13 @@ proptest! {
                         };
                         let r = got.unwrap();
                         prop_assert_eq!((r.charges[0].charged, r.charges[0].uncharged), (charged, actual - charged));
+                        // The debt it reports: how far past the room it charged
+                        // (measured by the rules that look at the room).
+                        let into_debt = match overage {
+                            "allow_if_available" | "allow_with_overdraft" if actual > amount => (charged - room.max(0)).max(0),
+                            _ => 0,
+                        };
+                        prop_assert_eq!(r.charges[0].debt, into_debt);
                         m.live.remove(&i);
                         m.used += charged;
                         m.ended.insert(i, "committed");

@@ -1258,15 +1258,16 @@ impl MemoryBackend {
             .enumerate()
             .map(|(n, it)| {
                 let a = actuals[n];
-                let charged = match it.def.overage {
-                    Overage::Charge | Overage::Reject => a,
-                    Overage::Cap => a.min(it.amount),
+                let (charged, debt) = match it.def.overage {
+                    Overage::Charge | Overage::Reject => (a, 0),
+                    Overage::Cap => (a.min(it.amount), 0),
                     Overage::AllowIfAvailable | Overage::AllowWithOverdraft if a > it.amount => {
                         let room = self.room(&mut locked, locs[n], it, id, now);
                         let most = room.saturating_add(it.def.overdraft);
-                        a.min(most).max(it.amount)
+                        let charged = a.min(most).max(it.amount);
+                        (charged, charged.saturating_sub(room.max(0)).max(0))
                     }
-                    Overage::AllowIfAvailable | Overage::AllowWithOverdraft => a,
+                    Overage::AllowIfAvailable | Overage::AllowWithOverdraft => (a, 0),
                 };
                 Charge {
                     def: Arc::clone(&it.def),
@@ -1274,6 +1275,7 @@ impl MemoryBackend {
                     reserved: it.amount,
                     charged,
                     uncharged: a - charged,
+                    debt,
                 }
             })
             .collect();

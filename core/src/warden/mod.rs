@@ -680,7 +680,14 @@ impl Warden {
                 if wanted()
                     && let Some(o) = crate::events::Overage::of(receipt, self.inner.clock.now())
                 {
-                    self.inner.emit(Event::Overage(Box::new(o)));
+                    if o.lines.iter().any(|l| l.debt > 0) {
+                        let mut debt = o.clone();
+                        debt.lines.retain(|l| l.debt > 0);
+                        self.inner.emit(Event::Overage(Box::new(o)));
+                        self.inner.emit(Event::DebtIncurred(Box::new(debt)));
+                    } else {
+                        self.inner.emit(Event::Overage(Box::new(o)));
+                    }
                 }
             }
             Err(Error::ReservationExpired { .. }) if wanted() => {

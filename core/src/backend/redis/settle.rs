@@ -42,7 +42,7 @@ impl SettleOut {
 }
 
 /// The receipt in a commit's answer: `ok` / `dup`, n, then per limit key,
-/// reserved, charged, actual.
+/// reserved, charged, actual, debt.
 pub(super) fn receipt_of(
     policy: &Policy,
     id: ReservationId,
@@ -64,7 +64,7 @@ pub(super) fn receipt_of(
         return Err(out.unexpected());
     }
     let mut charges = Vec::new();
-    for c in out.rest.get(1..).unwrap_or_default().chunks_exact(4) {
+    for c in out.rest.get(1..).unwrap_or_default().chunks_exact(5) {
         let key = text(&c[0]);
         let local = key.split_once("}:").map_or(key.as_str(), |(_, k)| k);
         let name = KeyRef::split(local).name;
@@ -81,6 +81,7 @@ pub(super) fn receipt_of(
             reserved,
             charged,
             uncharged: actual - charged,
+            debt: int(&c[4]),
         });
     }
     Ok(CommitReceipt {
