@@ -299,6 +299,11 @@ export interface Charge {
   charged: number
   /** Used beyond what was charged (overage `cap`), base units. */
   uncharged: number
+  /**
+   * How far past its capacity the commit took the limit (its debt), base
+   * units; measured for `allow_if_available` and `allow_with_overdraft`.
+   */
+  debt: number
 }
 
 /** The layout of compact decisions (see the module's documentation). */

@@ -19,7 +19,10 @@ use crate::backend::Backend;
 use crate::clock::Micros;
 
 /// Records kept per consumer before the oldest are dropped.
-pub const CAPACITY: usize = 4096;
+pub const CAPACITY: usize = 16_384;
+/// How long the sinks' writer pauses between batches while records flow.
+const PAUSE: std::time::Duration = crate::events::PAUSE;
+
 /// The stream's key under the namespace when `audit.stream` names none.
 pub const DEFAULT_STREAM: &str = "audit";
 
@@ -32,17 +35,17 @@ pub struct Record {
     /// `extend` or `expire`.
     pub action: &'static str,
     /// The reservation's id (reserve, delegate, commit, release, extend,
-    /// expire), else the caller's operation id, else a fresh id.
-    pub request_id: String,
+    /// expire), else the caller's operation id, else a fresh id — 128 bits,
+    /// written as 32 hex digits.
+    pub request_id: u128,
     /// The request's scope (decisions).
     pub scope: Option<String>,
     /// The resource (decisions).
     pub resource: Option<String>,
     /// The policy action (`send_email`), for a decision that named one.
     pub policy_action: Option<String>,
-    /// Amounts per unit, base units and decimals: what a decision asked for,
-    /// or what a commit charged.
-    pub amounts: Vec<(String, i64, u8)>,
+    /// Amounts per unit: what a decision asked for, or what a commit charged.
+    pub amounts: smallvec::SmallVec<[UnitAmount; 2]>,
     /// `allow`, `allow_with_caps`, `deny` (decisions), `ok` (a commit,
     /// release or extend that went through), `error` (one that did not),
     /// `expired`.
@@ -57,7 +60,107 @@ pub struct Record {
     pub degraded: Option<&'static str>,
 }
 
+/// An amount of a unit, in base units; the unit and its decimals are read
+/// off the limit that counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitAmount {
+    /// A limit counting the unit.
+    pub def: Arc<crate::policy::LimitDef>,
+    /// Base units.
+    pub amount: i64,
+}
+
+impl UnitAmount {
+    /// The unit.
+    #[must_use]
+    pub fn unit(&self) -> &str {
+        &self.def.unit
+    }
+
+    /// As decimal text (`1.5`).
+    #[must_use]
+    pub fn text(&self) -> String {
+        crate::amount::format_base(self.amount, self.def.decimals)
+    }
+}
+
+/// A record as its JSON object borrows it (serialized without building a
+/// `serde_json::Value`).
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    at: Micros,
+    timestamp: String,
+    request_id: String,
+    action: &'static str,
+    scope: Option<&'a str>,
+    resource: Option<&'a str>,
+    policy_action: Option<&'a str>,
+    amounts: Amounts<'a>,
+    amounts_base: AmountsBase<'a>,
+    outcome: &'static str,
+    reason: Option<&'a str>,
+    priority: Option<&'static str>,
+    backend: &'static str,
+    degraded: Option<&'static str>,
+}
+
+struct Amounts<'a>(&'a [UnitAmount]);
+struct AmountsBase<'a>(&'a [UnitAmount]);
+
+impl serde::Serialize for Amounts<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for a in self.0 {
+            m.serialize_entry(a.unit(), &a.text())?;
+        }
+        m.end()
+    }
+}
+
+impl serde::Serialize for AmountsBase<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for a in self.0 {
+            m.serialize_entry(a.unit(), &a.amount)?;
+        }
+        m.end()
+    }
+}
+
 impl Record {
+    /// Its request id as 32 hex digits.
+    #[must_use]
+    pub fn request_id_hex(&self) -> String {
+        format!("{:032x}", self.request_id)
+    }
+
+    fn line(&self) -> Line<'_> {
+        Line {
+            at: self.at,
+            timestamp: crate::events::rfc3339(self.at),
+            request_id: self.request_id_hex(),
+            action: self.action,
+            scope: self.scope.as_deref(),
+            resource: self.resource.as_deref(),
+            policy_action: self.policy_action.as_deref(),
+            amounts: Amounts(&self.amounts),
+            amounts_base: AmountsBase(&self.amounts),
+            outcome: self.outcome,
+            reason: self.reason.as_deref(),
+            priority: self.priority,
+            backend: self.backend,
+            degraded: self.degraded,
+        }
+    }
+
+    /// Appends its JSON object (as [`Record::to_json`]) to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        // Serializing plain fields to a Vec cannot fail.
+        let _ = serde_json::to_writer(out, &self.line());
+    }
+
     /// As one JSON object (a line of the file, a stream entry's `body`):
     /// `at` (µs), `timestamp` (RFC 3339), `request_id`, `action`, `scope`,
     /// `resource`, `policy_action`, `amounts` (unit → decimal text),
@@ -65,31 +168,7 @@ impl Record {
     /// `backend`, `degraded`.
     #[must_use]
     pub fn to_json(&self) -> serde_json::Value {
-        let mut text = serde_json::Map::new();
-        let mut base = serde_json::Map::new();
-        for (unit, v, decimals) in &self.amounts {
-            text.insert(
-                unit.clone(),
-                crate::amount::format_base(*v, *decimals).into(),
-            );
-            base.insert(unit.clone(), (*v).into());
-        }
-        serde_json::json!({
-            "at": self.at,
-            "timestamp": crate::events::rfc3339(self.at),
-            "request_id": self.request_id,
-            "action": self.action,
-            "scope": self.scope,
-            "resource": self.resource,
-            "policy_action": self.policy_action,
-            "amounts": text,
-            "amounts_base": base,
-            "outcome": self.outcome,
-            "reason": self.reason,
-            "priority": self.priority,
-            "backend": self.backend,
-            "degraded": self.degraded,
-        })
+        serde_json::to_value(self.line()).unwrap_or_default()
     }
 }
 
@@ -243,13 +322,25 @@ async fn run(
     };
     let mut file: Option<std::io::BufWriter<std::fs::File>> = None;
     let mut batch: Vec<Arc<Record>> = Vec::with_capacity(crate::sink::BATCH);
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let (mut busy, mut full) = (false, false);
     loop {
         let mut lost = 0;
         let mut closed = false;
-        match rx.recv().await {
-            Ok(r) => batch.push(r),
-            Err(RecvError::Lagged(n)) => lost += n,
-            Err(RecvError::Closed) => closed = true,
+        if full {
+            // More are waiting.
+        } else if busy {
+            // Records are flowing: look again after a pause rather than be
+            // woken by each one (a wake-up per record would cost the
+            // deciding threads a system call each).
+            tokio::time::sleep(PAUSE).await;
+        } else {
+            // Idle: wait for the next record.
+            match rx.recv().await {
+                Ok(r) => batch.push(r),
+                Err(RecvError::Lagged(n)) => lost += n,
+                Err(RecvError::Closed) => closed = true,
+            }
         }
         while !closed && batch.len() < crate::sink::BATCH {
             match rx.try_recv() {
@@ -259,26 +350,27 @@ async fn run(
                 Err(TryRecvError::Empty) => break,
             }
         }
+        // Full: more are waiting, so no pause; a few: pause before looking again.
+        busy = batch.len() + usize::try_from(lost).unwrap_or(usize::MAX) > 1;
+        full = batch.len() >= crate::sink::BATCH;
         if lost > 0 {
             stats.lock().dropped += lost;
         }
-        let lines: Vec<(String, &'static str, String)> = batch
-            .iter()
-            .map(|r| (r.request_id.clone(), r.action, r.to_json().to_string()))
-            .collect();
-        let n = lines.len() as u64;
+        let n = batch.len() as u64;
         if n > 0 {
             if let Some(path) = &sinks.file {
+                buf.clear();
+                for r in &batch {
+                    r.write_json(&mut buf);
+                    buf.push(b'\n');
+                }
                 // Opened at the first record (again after a failure).
                 let wrote = match &mut file {
                     Some(f) => Ok(f),
                     empty => open(path).map(|f| empty.insert(f)),
                 }
                 .and_then(|f| {
-                    for (_, _, line) in &lines {
-                        f.write_all(line.as_bytes())?;
-                        f.write_all(b"\n")?;
-                    }
+                    f.write_all(&buf)?;
                     f.flush()
                 });
                 let mut s = stats.lock();
@@ -292,9 +384,17 @@ async fn run(
                 }
             }
             if let Some((key, max_len)) = &sinks.stream {
-                let entries: Vec<crate::sink::Entry> = lines
-                    .into_iter()
-                    .map(|(id, kind, body)| crate::sink::Entry { id, kind, body })
+                let entries: Vec<crate::sink::Entry> = batch
+                    .iter()
+                    .map(|r| {
+                        let mut body = Vec::with_capacity(256);
+                        r.write_json(&mut body);
+                        crate::sink::Entry {
+                            id: r.request_id_hex(),
+                            kind: r.action,
+                            body: String::from_utf8(body).unwrap_or_default(),
+                        }
+                    })
                     .collect();
                 let wrote = backend
                     .append_events(key, *max_len, &entries)

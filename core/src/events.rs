@@ -16,6 +16,9 @@ use crate::clock::Micros;
 use crate::decision::{Degraded, Outcome};
 use crate::error::{Error, Result};
 
+/// How long a listener pauses, while items flow, before looking again.
+pub(crate) const PAUSE: Duration = Duration::from_millis(1);
+
 /// Events kept per subscriber before the oldest are dropped.
 pub const CAPACITY: usize = 1024;
 
@@ -529,16 +532,45 @@ impl Listener {
             .name("ratewarden-listener".into())
             .spawn(move || {
                 let _guard = guard;
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                else {
                     return;
                 };
                 rt.block_on(async move {
+                    use tokio::sync::broadcast::error::TryRecvError;
+                    // While items flow, look again after a pause rather than
+                    // be woken by each one (a wake-up costs the sending
+                    // thread a system call); idle, wait for the next.
+                    let mut busy = false;
                     loop {
-                        let item = tokio::select! {
-                            biased;
-                            _ = &mut stopped => return,
-                            e = rx.recv() => e,
+                        if !matches!(
+                            stopped.try_recv(),
+                            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                        ) {
+                            return;
+                        }
+                        let item = match rx.try_recv() {
+                            Ok(x) => Ok(x),
+                            Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                            Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                            Err(TryRecvError::Empty) if busy => {
+                                tokio::select! {
+                                    biased;
+                                    _ = &mut stopped => return,
+                                    () = tokio::time::sleep(PAUSE) => {}
+                                }
+                                busy = false;
+                                continue;
+                            }
+                            Err(TryRecvError::Empty) => tokio::select! {
+                                biased;
+                                _ = &mut stopped => return,
+                                e = rx.recv() => e,
+                            },
                         };
+                        busy = true;
                         match item {
                             Ok(item) if wants(&item) => {
                                 shared.delivered.fetch_add(1, Ordering::Relaxed);

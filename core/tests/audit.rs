@@ -109,27 +109,30 @@ async fn a_callback_gets_one_record_per_operation() {
     assert_eq!(allow.resource.as_deref(), Some("openai"));
     assert_eq!(allow.priority, Some("standard"));
     assert_eq!((allow.backend, allow.degraded), ("memory", None));
-    assert!(allow.amounts.contains(&("usd".to_owned(), 4_000_000, 6)));
-    assert_eq!(allow.request_id.len(), 32);
+    let amounts = |r: &Record| -> Vec<(String, i64)> {
+        r.amounts
+            .iter()
+            .map(|a| (a.unit().to_owned(), a.amount))
+            .collect()
+    };
+    assert!(amounts(allow).contains(&("usd".to_owned(), 4_000_000)));
+    assert_eq!(allow.request_id_hex().len(), 32);
     let deny = &got[1];
     assert!(
         deny.reason.as_deref().unwrap_or("").contains("usd"),
         "{deny:?}"
     );
-    assert_eq!(got[2].request_id, ids[0]);
-    assert_eq!(got[3].request_id, ids[0]);
+    assert_eq!(got[2].request_id_hex(), ids[0]);
+    assert_eq!(got[3].request_id_hex(), ids[0]);
     assert_eq!(
-        got[3].amounts,
-        [
-            ("usd".to_owned(), 1_500_000, 6),
-            ("requests".to_owned(), 1, 0)
-        ]
+        amounts(&got[3]),
+        [("usd".to_owned(), 1_500_000), ("requests".to_owned(), 1)]
     );
     assert_eq!(
-        (got[5].request_id.as_str(), got[5].action),
-        (ids[1].as_str(), "release")
+        (got[5].request_id_hex(), got[5].action),
+        (ids[1].clone(), "release")
     );
-    assert_eq!(got[8].request_id, ids[2]);
+    assert_eq!(got[8].request_id_hex(), ids[2]);
     let line = got[3].to_json();
     assert_eq!(line["amounts"]["usd"], "1.5");
     assert_eq!(line["amounts_base"]["usd"], 1_500_000);

@@ -284,16 +284,19 @@ impl Warden {
             Mode::Delegate { child, .. } => ("delegate", child),
         };
         let request_id = d.reservation.as_ref().map_or_else(
-            || {
-                plan.operation()
-                    .map_or_else(|| format!("{:032x}", fastrand::u128(..)), |o| o.to_string())
-            },
-            |r| r.id.to_string(),
+            || plan.operation().map_or_else(|| fastrand::u128(..), |o| o.0),
+            |r| r.id.0,
         );
-        let mut amounts: Vec<(String, i64, u8)> = Vec::new();
+        let mut amounts = smallvec::SmallVec::new();
         for l in &d.limits {
-            if !amounts.iter().any(|(u, _, _)| u == l.unit()) {
-                amounts.push((l.unit().to_owned(), l.amount, l.decimals()));
+            if !amounts
+                .iter()
+                .any(|a: &crate::audit::UnitAmount| a.unit() == l.unit())
+            {
+                amounts.push(crate::audit::UnitAmount {
+                    def: Arc::clone(&l.def),
+                    amount: l.amount,
+                });
             }
         }
         let request = plan.request();
@@ -321,11 +324,17 @@ impl Warden {
         id: ReservationId,
         result: std::result::Result<Option<&CommitReceipt>, &Error>,
     ) {
-        let mut amounts: Vec<(String, i64, u8)> = Vec::new();
+        let mut amounts = smallvec::SmallVec::new();
         if let Ok(Some(receipt)) = result {
             for c in &receipt.charges {
-                if !amounts.iter().any(|(u, _, _)| u == c.unit()) {
-                    amounts.push((c.unit().to_owned(), c.charged, c.def.decimals));
+                if !amounts
+                    .iter()
+                    .any(|a: &crate::audit::UnitAmount| a.unit() == c.unit())
+                {
+                    amounts.push(crate::audit::UnitAmount {
+                        def: Arc::clone(&c.def),
+                        amount: c.charged,
+                    });
                 }
             }
         }
@@ -333,7 +342,7 @@ impl Warden {
         self.inner.audit.send(crate::audit::Record {
             at: self.inner.clock.now(),
             action: if expired { "expire" } else { action },
-            request_id: id.to_string(),
+            request_id: id.0,
             scope: None,
             resource: None,
             policy_action: None,
