@@ -15,6 +15,8 @@
 //! second of each; with the slow receiver they must go on at the same pace
 //! while deliveries fall behind.
 
+#![allow(clippy::disallowed_methods)] // a benchmark times itself with Instant
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
