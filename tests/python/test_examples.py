@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # not run as plain scripts.
 SERVERS = {"asgi_app", "openai_agents"}
 # Print their own story (tested below).
-OWN_OUTPUT = {"pricing", "webhook_receiver"}
+OWN_OUTPUT = {"pricing", "webhook_receiver", "audit_and_events"}
 EXAMPLES = sorted(p for p in (ROOT / "examples" / "python").glob("*.py") if p.stem not in SERVERS | OWN_OUTPUT)
 
 
@@ -102,3 +102,18 @@ def test_the_webhook_example_verifies_three_budget_events() -> None:
     ], out.stdout + out.stderr
     blocks = re.findall(r"```python webhook\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks == [path.read_text()], "the README shows examples/python/webhook_receiver.py as it is"
+
+
+def test_the_events_and_audit_example_prints_its_story() -> None:
+    path = ROOT / "examples" / "python" / "audit_and_events.py"
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == [
+        "reservation.overage: tenant:acme tenant-usd reserved 4, charged 5",
+        "limit.threshold_crossed: tenant:acme tenant-usd at 8 of 10",
+        "audit: reserve allow {'usd': '4'}",
+        "audit: commit ok {'usd': '5'}",
+        "audit: acquire allow {'usd': '3'}",
+        "audit: acquire deny {'usd': '3'}",
+    ], out.stdout + out.stderr
+    blocks = re.findall(r"```python audit\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks == [path.read_text()], "the README shows examples/python/audit_and_events.py as it is"
