@@ -23,8 +23,8 @@
 --   "nf"                       no such reservation (never existed or forgotten)
 --   "expired"                  its lease ran out before this call
 --   "closed", "committed"|"released"
---   "ok", n, then per limit: key, reserved, charged, actual, debt   (commit)
---   "dup", n, then per limit: key, reserved, charged, actual, 0  (repeated commit)
+--   "ok", n, then per limit: key, reserved, charged, actual, debt, before   (commit)
+--   "dup", n, then per limit: key, reserved, charged, actual, 0, -1  (repeated commit)
 --   "released", 1|0            (release: 1 = this call released it)
 --   "extended", new expiry     (extend)
 --   "delegation"               commit of a delegation (release it instead)
@@ -72,7 +72,7 @@ if mode == "commit" and state == "c" then
     local charged = tonumber(redis.call("HGET", rec, "c" .. k))
     local actual = tonumber(redis.call("HGET", rec, "x" .. k))
     out[#out + 1] = it.key; out[#out + 1] = it.amount; out[#out + 1] = charged; out[#out + 1] = actual
-    out[#out + 1] = 0
+    out[#out + 1] = 0; out[#out + 1] = -1
   end
   return out
 end
@@ -147,13 +147,16 @@ end
 local out = { "ok", links, n }
 local fields = { "st", mode == "commit" and "c" or "r" }
 for k, it in ipairs(list) do
-  local actual, charged, debt = 0, 0, 0
+  -- before: spent and held on the limit with this hold at its reserved
+  -- amount, when a commit past the reservation measured it (else -1).
+  local actual, charged, debt, before = 0, 0, 0, -1
   if mode == "commit" then
     actual = actual_of(it.unit, it.amount)
     charged = actual
     local rule, cap, od = overage_of(it.overage)
     if rule == "cap" and charged > it.amount then charged = it.amount end
-    if (rule == "avail" or rule == "od") and it.kind == "c" and actual > it.amount then
+    if (rule == "avail" or rule == "od" or (rule == "charge" and cap > 0)) and it.kind == "c"
+        and actual > it.amount then
       -- memory.rs room(): capacity − spent this window − the other live holds.
       local wid = window_at(it.wk, it.wlen, it.woff, now)
       local s = redis.call("HMGET", it.key, "w", "u")
@@ -161,9 +164,9 @@ for k, it in ipairs(list) do
       if s[1] and tonumber(s[1]) == wid then used = tonumber(s[2]) end
       local _, held, byid = live_holds(it.key, now)
       local room = cap - used - (held - (byid[rid] or 0))
-      local most = room + od
-      charged = math.max(math.min(actual, most), it.amount)
+      if rule ~= "charge" then charged = math.max(math.min(actual, room + od), it.amount) end
       debt = math.max(charged - math.max(room, 0), 0)
+      before = cap - room + it.amount
     end
   end
   if it.kind == "r" then
@@ -186,7 +189,7 @@ for k, it in ipairs(list) do
   fields[#fields + 1] = "c" .. k; fields[#fields + 1] = charged
   fields[#fields + 1] = "x" .. k; fields[#fields + 1] = actual
   out[#out + 1] = it.key; out[#out + 1] = it.amount; out[#out + 1] = charged; out[#out + 1] = actual
-  out[#out + 1] = debt
+  out[#out + 1] = debt; out[#out + 1] = before
 end
 if grant and redis.call("HGET", grant, "d") == rid then redis.call("DEL", grant) end
 redis.call("HSET", rec, unpack(fields))

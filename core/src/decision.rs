@@ -425,10 +425,15 @@ pub struct Charge {
     /// Actual usage beyond what was charged (overage rule `cap`), base units.
     pub uncharged: i64,
     /// How far past its capacity this commit took the limit — the debt it
-    /// left, base units (0 within the capacity). Measured for the rules that
-    /// look at the room left (`allow_if_available`, which never goes past it,
-    /// and `allow_with_overdraft`); 0 for the others.
+    /// left, base units (0 within the capacity). Measured on quotas and
+    /// budgets when the commit went past its reservation under the rules
+    /// that let it (`charge`, `allow_if_available`, `allow_with_overdraft`).
     pub debt: i64,
+    /// Spent and held on the limit just before this commit, with its own
+    /// hold at what it reserved — measured when [`Charge::debt`] is; the
+    /// commit took it to `before + charged − reserved` (thresholds crossed
+    /// on the way are reported as events).
+    pub before: Option<i64>,
 }
 
 impl Charge {

@@ -106,9 +106,9 @@ pub enum Event {
     /// overage rule let it): one event per commit, from the process that
     /// committed (a repeated commit charges nothing and emits nothing).
     Overage(Box<Overage>),
-    /// A commit took a limit past its capacity, into debt (overage rule
-    /// `allow_with_overdraft`): the limit denies new requests until a reset
-    /// or refill pays it back. One event per commit, naming each such limit
+    /// A commit took a quota or budget past its capacity, into debt (overage
+    /// rules `charge` and `allow_with_overdraft`): the limit denies new
+    /// requests until a reset or refill pays it back. One event per commit, naming each such limit
     /// and its debt ([`OverageLine::debt`]).
     DebtIncurred(Box<Overage>),
     /// A commit, extend or settlement found its reservation expired: its

@@ -18,6 +18,7 @@
 //! units) is an error, never a wrapped or saturated number.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -301,11 +302,17 @@ impl Prices {
 /// `max_output_tokens` the budget cannot cover is allowed with caps instead
 /// of denied — `caps.max_tokens` the most output tokens that fit what is left
 /// (its money, `tokens` and `output_tokens` limits, at this caller's
-/// priority), when that is at least `min_output_tokens`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// priority), when that is at least `min_output_tokens`. When even that
+/// does not fit, the `fallback` models are tried in order (the same usage,
+/// priced and shrunk on each): the first that fits is allowed with
+/// `caps.model` naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shrink {
     /// The smallest output worth a call; below it the request is denied.
     pub min_output_tokens: u64,
+    /// Cheaper resources (models) to fall back to, in order; each is a
+    /// priced resource of the policy.
+    pub fallback: Arc<[Arc<str>]>,
 }
 
 /// A resource's prices: one list, or a history of lists by the date each

@@ -365,3 +365,88 @@ async fn overage_and_expiry_are_reported_by_the_call_that_meets_them() {
         ]
     );
 }
+
+/// A commit past its reservation reports the thresholds its excess crossed,
+/// from where the spend stood to where the commit took it — once (a repeated
+/// commit charges and reports nothing).
+#[tokio::test(flavor = "current_thread")]
+async fn a_commit_past_its_reservation_reports_the_thresholds_it_crossed() {
+    let w = Warden::with_clock(policy(None), Arc::new(ManualClock::at_date(2026, 1, 15)));
+    let mut rx = w.subscribe();
+    let id = w
+        .reserve(&tenant("4"), None)
+        .await
+        .unwrap()
+        .reservation
+        .unwrap()
+        .id;
+    assert!(drain(&mut rx).is_empty(), "40% crosses nothing");
+    let actual = ratewarden::Cost::new().with("usd", Amount::parse("8.5").unwrap());
+    let r = w.commit(id, &actual).await.unwrap();
+    assert_eq!(r.charges[0].before, Some(4_000_000));
+    let got = drain(&mut rx);
+    assert_eq!(
+        got.iter()
+            .map(|(t, _, c)| (*t, c.before, c.after))
+            .collect::<Vec<_>>(),
+        [(500, 4_000_000, 8_500_000), (800, 4_000_000, 8_500_000)]
+    );
+    w.commit(id, &actual).await.unwrap();
+    assert!(
+        drain(&mut rx).is_empty(),
+        "a repeated commit reports nothing"
+    );
+    // Within its reservation a commit crosses nothing (its hold was counted).
+    let id = w
+        .reserve(&tenant("1"), None)
+        .await
+        .unwrap()
+        .reservation
+        .unwrap()
+        .id;
+    let got = drain(&mut rx);
+    assert_eq!(got.len(), 0, "{got:?}");
+    w.commit(id, &ratewarden::Cost::new().with("usd", 1))
+        .await
+        .unwrap();
+    assert!(drain(&mut rx).is_empty());
+}
+
+/// The same on Redis and a Cluster: settle.lua measures where the spend
+/// stood, and the commit reports the crossings of its excess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_commit_past_its_reservation_reports_its_crossings() {
+    let servers = RedisServers::start(true);
+    for (url, ns) in [
+        (servers.url().to_owned(), "commit-x-s"),
+        (servers.cluster_url().to_owned(), "commit-x-c"),
+    ] {
+        let backend = RedisBackend::connect(&url, ns).await.unwrap();
+        let w = Warden::with_backend(
+            policy(None),
+            Arc::new(backend) as Arc<dyn Backend>,
+            Arc::new(ratewarden::SystemClock),
+        );
+        let mut rx = w.subscribe();
+        let id = w
+            .reserve(&tenant("4"), None)
+            .await
+            .unwrap()
+            .reservation
+            .unwrap()
+            .id;
+        let actual = ratewarden::Cost::new().with("usd", Amount::parse("10.5").unwrap());
+        let r = w.commit(id, &actual).await.unwrap();
+        assert_eq!(
+            (r.charges[0].before, r.charges[0].debt),
+            (Some(4_000_000), 500_000),
+            "{url}: the default rule charges it all, 0.5 past the capacity"
+        );
+        let got = drain(&mut rx);
+        assert_eq!(
+            got.iter().map(|(t, e, _)| (*t, *e)).collect::<Vec<_>>(),
+            [(500, false), (800, false), (1000, true)],
+            "{url}"
+        );
+    }
+}

@@ -209,7 +209,7 @@ proptest! {
                         // The debt it reports: how far past the room it charged
                         // (measured by the rules that look at the room).
                         let into_debt = match overage {
-                            "allow_if_available" | "allow_with_overdraft" if actual > amount => (charged - room.max(0)).max(0),
+                            "charge" | "allow_if_available" | "allow_with_overdraft" if actual > amount => (charged - room.max(0)).max(0),
                             _ => 0,
                         };
                         prop_assert_eq!(r.charges[0].debt, into_debt);

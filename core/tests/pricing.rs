@@ -617,3 +617,75 @@ fn a_priced_request_shows_its_tokens_to_the_upstreams_light() {
     let small = now(w.acquire(&ask(Usage::tokens(700, 0).max_output(700)))).unwrap();
     assert!(small.allowed(), "{small:?}");
 }
+
+/// `shrink_policy` with a fallback chain: gpt-4o, then gpt-4o-mini
+/// ($0.15 / $0.60 per million), then gpt-4.1-nano ($0.10 / $0.40).
+fn fallback_policy(min: u64) -> Value {
+    let mut p = shrink_policy(min);
+    p["resources"]["openai:gpt-4o"]["shrink"]["fallback"] =
+        json!(["openai:gpt-4o-mini", "openai:gpt-4.1-nano"]);
+    p["resources"]["openai:gpt-4o-mini"] = json!({"pricing": {"input": "0.15", "output": "0.60"},
+        "limits": [{"name": "mini-rpd", "kind": "quota", "limit": 1, "per": "day"}]});
+    p["resources"]["openai:gpt-4.1-nano"] = json!({"pricing": {"input": "0.10", "output": "0.40"}});
+    p
+}
+
+#[test]
+fn a_call_no_shrink_can_fit_falls_back_along_the_cheaper_models() {
+    let (w, _) = warden(fallback_policy(500));
+    spend(&w, "0.995");
+    // $0.005 left: on gpt-4o 1 000 input tokens leave 250 output tokens, under
+    // the 500 worth a call; on gpt-4o-mini the whole call costs $0.00075.
+    let ask = llm(Usage::tokens(1000, 0).max_output(1000));
+    let d = now(w.reserve(&ask, None)).unwrap();
+    assert_eq!(d.outcome, Outcome::AllowWithCaps, "{d:?}");
+    assert_eq!(d.caps.model.as_deref(), Some("openai:gpt-4o-mini"));
+    assert_eq!(
+        d.caps.max_tokens, None,
+        "the whole call fits on the fallback"
+    );
+    assert!(d.reason.as_deref().unwrap().contains("fallback"), "{d:?}");
+    // Held at the fallback's prices (and on its own limits).
+    assert_eq!(remaining(&d, "usd"), 5_000 - 750);
+    assert_eq!(remaining(&d, "mini-rpd"), 0);
+    // Committed on the model it ran on.
+    let id = d.reservation.unwrap().id;
+    let r = now(w.commit_usage(id, "openai:gpt-4o-mini", &Usage::tokens(1000, 400))).unwrap();
+    assert_eq!(
+        r.charges
+            .iter()
+            .find(|c| c.name() == "usd")
+            .unwrap()
+            .charged,
+        390
+    );
+    // gpt-4o-mini's daily call is spent: the next falls to gpt-4.1-nano.
+    let d = now(w.acquire(&ask)).unwrap();
+    assert_eq!(
+        d.caps.model.as_deref(),
+        Some("openai:gpt-4.1-nano"),
+        "{d:?}"
+    );
+    // A call that fits as asked never falls back.
+    let small = llm(Usage::tokens(10, 0).max_output(10));
+    let d = now(w.acquire(&small)).unwrap();
+    assert_eq!((d.outcome, d.caps.model.as_deref()), (Outcome::Allow, None));
+}
+
+#[test]
+fn a_fallback_chain_names_priced_resources_only() {
+    for (fallback, says) in [
+        (json!(["openai:gpt-5"]), "is no resource"),
+        (json!(["plain"]), "has no `pricing:`"),
+        (json!(["openai:gpt-4o"]), "is the resource itself"),
+        (
+            json!(["openai:gpt-4o-mini", "openai:gpt-4o-mini"]),
+            "is named twice",
+        ),
+    ] {
+        let mut p = fallback_policy(1);
+        p["resources"]["openai:gpt-4o"]["shrink"]["fallback"] = fallback;
+        let e = Policy::from_value(&p).unwrap_err().to_string();
+        assert!(e.contains("shrink.fallback[") && e.contains(says), "{e}");
+    }
+}

@@ -23,10 +23,10 @@ warden = ratewarden.Warden(
 events: "queue.Queue[dict]" = queue.Queue()
 with warden.on_event(events.put, events=["limit.", "reservation."]):  # on a thread of its own
     with warden.reserve("tenant:acme", cost={"usd": "4"}) as r:
-        r.commit({"usd": "5"})  # more than reserved: the default overage rule charges it
+        r.commit({"usd": "5"})  # more than reserved (charged: the default rule), 50 % crossed
     warden.acquire("tenant:acme", cost={"usd": "3"})  # 8 of 10: past 80 %
     warden.acquire("tenant:acme", cost={"usd": "3"})  # denied: 2 left
-    for _ in range(2):
+    for _ in range(3):
         e = events.get(timeout=10)
         if e["type"] == "reservation.overage":
             x = e["data"]["limits"][0]

@@ -108,6 +108,7 @@ def test_the_events_and_audit_example_prints_its_story() -> None:
     path = ROOT / "examples" / "python" / "audit_and_events.py"
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.splitlines() == [
+        "limit.threshold_crossed: tenant:acme tenant-usd at 5 of 10",
         "reservation.overage: tenant:acme tenant-usd reserved 4, charged 5",
         "limit.threshold_crossed: tenant:acme tenant-usd at 8 of 10",
         "audit: reserve allow {'usd': '4'}",

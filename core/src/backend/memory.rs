@@ -1258,16 +1258,23 @@ impl MemoryBackend {
             .enumerate()
             .map(|(n, it)| {
                 let a = actuals[n];
-                let (charged, debt) = match it.def.overage {
-                    Overage::Charge | Overage::Reject => (a, 0),
-                    Overage::Cap => (a.min(it.amount), 0),
-                    Overage::AllowIfAvailable | Overage::AllowWithOverdraft if a > it.amount => {
+                let counted = matches!(it.def.kind, LimitKind::Quota(_) | LimitKind::Budget(_));
+                let (charged, debt, before) = match it.def.overage {
+                    Overage::Charge | Overage::AllowIfAvailable | Overage::AllowWithOverdraft
+                        if counted && a > it.amount =>
+                    {
                         let room = self.room(&mut locked, locs[n], it, id, now);
-                        let most = room.saturating_add(it.def.overdraft);
-                        let charged = a.min(most).max(it.amount);
-                        (charged, charged.saturating_sub(room.max(0)).max(0))
+                        let charged = if it.def.overage == Overage::Charge {
+                            a
+                        } else {
+                            a.min(room.saturating_add(it.def.overdraft)).max(it.amount)
+                        };
+                        let debt = charged.saturating_sub(room.max(0)).max(0);
+                        let before = it.def.capacity() - room + it.amount;
+                        (charged, debt, Some(before))
                     }
-                    Overage::AllowIfAvailable | Overage::AllowWithOverdraft => (a, 0),
+                    Overage::Cap => (a.min(it.amount), 0, None),
+                    _ => (a, 0, None),
                 };
                 Charge {
                     def: Arc::clone(&it.def),
@@ -1276,6 +1283,7 @@ impl MemoryBackend {
                     charged,
                     uncharged: a - charged,
                     debt,
+                    before,
                 }
             })
             .collect();

@@ -245,6 +245,7 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
                     };
                     Some(crate::pricing::Shrink {
                         min_output_tokens: min,
+                        fallback: raw.fallback.iter().map(|f| Arc::from(f.as_str())).collect(),
                     })
                 }
             };
@@ -287,6 +288,7 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
         Ok(out)
     };
     let mut resources = targets(raw.resources, "resources", &mut units, &mut by_name)?;
+    check_fallbacks(ctx, &resources)?;
     let actions = targets(raw.actions, "actions", &mut units, &mut by_name)?;
     build_workflows(ctx, raw.workflows, &mut resources)?;
     let mut all: Vec<Arc<LimitDef>> = by_name.values().cloned().collect();
@@ -432,6 +434,41 @@ fn build_outlets(ctx: &Ctx<'_>, raw: Option<RawEvents>) -> Result<crate::sink::O
         stream: one(raw.stream, "stream")?,
         publish: one(raw.publish, "publish")?,
     })
+}
+
+/// `resources.<r>.shrink.fallback`: each a priced resource, other than `r`,
+/// named once.
+fn check_fallbacks(ctx: &Ctx<'_>, resources: &super::Map<Target>) -> Result<()> {
+    for (name, t) in resources {
+        let Some(shrink) = &t.shrink else { continue };
+        for (i, f) in shrink.fallback.iter().enumerate() {
+            let path = format!("resources.{name}.shrink.fallback[{i}]");
+            let why = if **f == **name {
+                Some("is the resource itself".to_owned())
+            } else if shrink.fallback[..i].contains(f) {
+                Some("is named twice".to_owned())
+            } else {
+                match super::lookup(resources, f) {
+                    None => Some(format!(
+                        "is no resource of the policy (known: {})",
+                        resources
+                            .keys()
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                    Some(r) if r.pricing.is_none() => {
+                        Some("has no `pricing:` to price the usage with".to_owned())
+                    }
+                    Some(_) => None,
+                }
+            };
+            if let Some(why) = why {
+                return Err(ctx.err(path, format!("`{}` {why}", crate::error::truncate(f))));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `<path>.events`: event types and prefixes, each known.

@@ -230,4 +230,6 @@ pub(super) struct RawCapRule {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawShrink {
     pub(super) min_output_tokens: Option<Value>,
+    #[serde(default)]
+    pub(super) fallback: Vec<String>,
 }

@@ -413,36 +413,76 @@ impl Warden {
             }
             let cap = l.limit();
             let after = cap - l.remaining;
-            let before = after - l.amount;
-            for &t in &l.def.thresholds {
-                // The first amount at or past the threshold (exact: cap ≤ 2^53,
-                // so cap × 1000 fits in i64).
-                let mark = (cap * i64::from(t) + 999) / 1000;
-                // Crossings are rare: the subscribers are counted (a lock)
-                // only then.
-                if before >= mark || after < mark || self.inner.events.receiver_count() == 0 {
-                    continue;
-                }
-                let crossing = Box::new(crate::events::Crossing {
-                    id: format!("{:032x}", fastrand::u128(..)),
-                    owner: l
-                        .scope_depth
-                        .map(|depth| scope.prefix(usize::from(depth)).to_owned()),
-                    limit: l.name().to_owned(),
-                    unit: l.unit().to_owned(),
-                    decimals: l.decimals(),
-                    threshold: t,
-                    capacity: cap,
-                    before,
-                    after,
-                    at: self.inner.clock.now(),
-                });
-                self.inner.emit(if t >= 1000 {
-                    Event::LimitExhausted(crossing)
-                } else {
-                    Event::ThresholdCrossed(crossing)
-                });
+            let owner = || {
+                l.scope_depth
+                    .map(|depth| scope.prefix(usize::from(depth)).to_owned())
+            };
+            self.cross(&l.def, owner, cap, after - l.amount, after);
+        }
+    }
+
+    /// Emits an event for each of `def`'s thresholds that the spend (and
+    /// holds) crossed going from `before` to `after`, out of `cap`.
+    fn cross(
+        &self,
+        def: &crate::policy::LimitDef,
+        owner: impl Fn() -> Option<String>,
+        cap: i64,
+        before: i64,
+        after: i64,
+    ) {
+        for &t in &def.thresholds {
+            // The first amount at or past the threshold (exact: cap ≤ 2^53,
+            // so cap × 1000 fits in i64).
+            let mark = (cap * i64::from(t) + 999) / 1000;
+            // Crossings are rare: the subscribers are counted (a lock)
+            // only then.
+            if before >= mark || after < mark || self.inner.events.receiver_count() == 0 {
+                continue;
             }
+            let crossing = Box::new(crate::events::Crossing {
+                id: format!("{:032x}", fastrand::u128(..)),
+                owner: owner(),
+                limit: def.name.clone(),
+                unit: def.unit.clone(),
+                decimals: def.decimals,
+                threshold: t,
+                capacity: cap,
+                before,
+                after,
+                at: self.inner.clock.now(),
+            });
+            self.inner.emit(if t >= 1000 {
+                Event::LimitExhausted(crossing)
+            } else {
+                Event::ThresholdCrossed(crossing)
+            });
+        }
+    }
+
+    /// Emits the threshold crossings of a commit past its reservation: its
+    /// excess moved the spend from `before` to `before + charged − reserved`
+    /// in the one atomic update that charged it.
+    fn commit_crossings(&self, receipt: &CommitReceipt) {
+        for c in &receipt.charges {
+            let Some(before) = c.before else { continue };
+            if c.def.thresholds.is_empty() || c.charged <= c.reserved {
+                continue;
+            }
+            let owner = || {
+                c.key
+                    .split_once('#')
+                    .map(|(o, _)| o)
+                    .filter(|o| *o != "@")
+                    .map(str::to_owned)
+            };
+            self.cross(
+                &c.def,
+                owner,
+                c.def.capacity(),
+                before,
+                before + c.charged - c.reserved,
+            );
         }
     }
 
@@ -685,6 +725,9 @@ impl Warden {
                     .all(|c| c.charged <= c.reserved && c.uncharged == 0)
                 {
                     return;
+                }
+                if !receipt.duplicate {
+                    self.commit_crossings(receipt);
                 }
                 if wanted()
                     && let Some(o) = crate::events::Overage::of(receipt, self.inner.clock.now())

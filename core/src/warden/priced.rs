@@ -1,6 +1,8 @@
 //! Pricing from the warden: `cost`, `estimate`, `commit_usage`, and the
 //! pricing of a request's usage before its decision ([`crate::pricing`]).
 
+use std::sync::Arc;
+
 use super::Warden;
 use crate::amount::Amount;
 use crate::backend::Mode;
@@ -197,21 +199,66 @@ impl Warden {
         let Some(usage) = request.usage.as_deref() else {
             return Ok(first);
         };
-        let Some((shrink, pricing)) = request
+        let Some(shrink) = request
             .resource
             .as_deref()
             .and_then(|r| policy.resource(r))
-            .and_then(|t| t.shrink.zip(t.pricing.as_deref()))
+            .and_then(|t| t.shrink.as_ref())
         else {
             return Ok(first);
         };
+        let min = shrink.min_output_tokens;
+        if let Some(d) = self.shrink_on(request, usage, how, &first, min).await? {
+            return Ok(d);
+        }
+        // Cheaper models, in order: the same usage, priced (and shrunk) there.
+        for name in shrink.fallback.iter() {
+            let mut other = request.clone();
+            other.resource = Some(name.to_string());
+            let plan = self.usage_plan(&other, usage)?;
+            let mode = self.usage_mode(&plan, &other, how)?;
+            let d = self.decide(&plan, mode).await?;
+            let d = if d.allowed() {
+                Some(d)
+            } else if d.degraded.is_none() {
+                self.shrink_on(&other, usage, how, &d, min).await?
+            } else {
+                None
+            };
+            if let Some(d) = d {
+                let from = request.resource.as_deref().unwrap_or_default();
+                return Ok(on_fallback(d, from, name));
+            }
+        }
+        Ok(first)
+    }
+
+    /// `request` (by `usage` on its priced resource) decided again with
+    /// `max_output_tokens` shrunk to what `denied` says is left, if that is
+    /// at least `min`: the allowed decision with `caps.max_tokens`, or `None`.
+    async fn shrink_on(
+        &self,
+        request: &Request,
+        usage: &Usage,
+        how: UsageMode,
+        denied: &Decision,
+        min: u64,
+    ) -> Result<Option<Decision>> {
+        let Some(pricing) = request
+            .resource
+            .as_deref()
+            .and_then(|r| self.inner.policy.resource(r))
+            .and_then(|t| t.pricing.as_deref())
+        else {
+            return Ok(None);
+        };
         let now = self.inner.clock.now();
-        let Some(fits) = fitting_output(&first, pricing, usage, now) else {
-            return Ok(first);
+        let Some(fits) = fitting_output(denied, pricing, usage, now) else {
+            return Ok(None);
         };
         let asked = usage.estimated_output();
-        if fits < shrink.min_output_tokens || fits >= asked {
-            return Ok(first);
+        if fits < min || fits >= asked {
+            return Ok(None);
         }
         let smaller = Usage {
             max_output_tokens: Some(fits),
@@ -220,11 +267,7 @@ impl Warden {
         let plan = self.usage_plan(request, &smaller)?;
         let mode = self.usage_mode(&plan, request, how)?;
         let second = self.decide(&plan, mode).await?;
-        if second.allowed() {
-            Ok(capped(second, fits, asked))
-        } else {
-            Ok(first)
-        }
+        Ok(second.allowed().then(|| capped(second, fits, asked)))
     }
 
     fn usage_mode(
@@ -282,6 +325,20 @@ fn fitting_output(
 }
 
 /// The shrunk attempt's decision: allowed with `caps.max_tokens = fits`.
+/// A decision made on the fallback model `name` instead of `from`.
+fn on_fallback(mut d: Decision, from: &str, name: &str) -> Decision {
+    d.caps.model = Some(Arc::from(name));
+    d.outcome = Outcome::AllowWithCaps;
+    let why = format!(
+        "the budget does not cover the call on `{from}`: allowed on the fallback `{name}` with caps.model (commit its usage on `{name}`)"
+    );
+    d.reason = Some(match d.reason.take() {
+        Some(r) => format!("{r}; {why}"),
+        None => why,
+    });
+    d
+}
+
 fn capped(mut d: Decision, fits: u64, asked: u64) -> Decision {
     d.caps.max_tokens = Some(d.caps.max_tokens.map_or(fits, |m| m.min(fits)));
     d.outcome = Outcome::AllowWithCaps;

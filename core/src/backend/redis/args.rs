@@ -294,11 +294,15 @@ fn reject_list(plan: &Plan<'_>) -> String {
 }
 
 /// A limit's overage rule as `settle.lua` reads it from the record:
-/// `charge`, `cap`, `reject`, `avail:<capacity>` or
+/// `charge` (`charge:<capacity>` on quotas and budgets), `cap`, `reject`, `avail:<capacity>` or
 /// `od:<capacity>:<overdraft>`, then `|` and the reservation's reject list
 /// when it has one.
 fn overage_token(def: &crate::policy::LimitDef, cap: i64, rejects: &str) -> String {
+    let counted = matches!(def.kind, LimitKind::Quota(_) | LimitKind::Budget(_));
     let mut t = match def.overage {
+        // With its capacity on quotas and budgets: a commit past the
+        // reservation reports where it took the spend (debt, thresholds).
+        Overage::Charge if counted => format!("charge:{cap}"),
         Overage::Charge => "charge".to_owned(),
         Overage::Cap => "cap".to_owned(),
         Overage::Reject => "reject".to_owned(),

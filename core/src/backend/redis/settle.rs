@@ -42,7 +42,7 @@ impl SettleOut {
 }
 
 /// The receipt in a commit's answer: `ok` / `dup`, n, then per limit key,
-/// reserved, charged, actual, debt.
+/// reserved, charged, actual, debt, before (-1: not measured).
 pub(super) fn receipt_of(
     policy: &Policy,
     id: ReservationId,
@@ -64,7 +64,7 @@ pub(super) fn receipt_of(
         return Err(out.unexpected());
     }
     let mut charges = Vec::new();
-    for c in out.rest.get(1..).unwrap_or_default().chunks_exact(5) {
+    for c in out.rest.get(1..).unwrap_or_default().chunks_exact(6) {
         let key = text(&c[0]);
         let local = key.split_once("}:").map_or(key.as_str(), |(_, k)| k);
         let name = KeyRef::split(local).name;
@@ -82,6 +82,7 @@ pub(super) fn receipt_of(
             charged,
             uncharged: actual - charged,
             debt: int(&c[4]),
+            before: Some(int(&c[5])).filter(|b| *b >= 0),
         });
     }
     Ok(CommitReceipt {
