@@ -397,6 +397,23 @@ impl Degraded {
 }
 
 impl Decision {
+    /// A denial by policy alone (no limit was asked): `reason` says which
+    /// rule; no `retry_after`, as waiting does not change it.
+    pub(crate) fn refused(reason: String, priority: Priority) -> Self {
+        Self {
+            outcome: Outcome::Deny,
+            caps: Caps::default(),
+            retry_after: None,
+            limits: Vec::new(),
+            reason: Some(reason),
+            reservation: None,
+            priority,
+            degraded: None,
+            unconfirmed: None,
+            light: None,
+        }
+    }
+
     /// Whether the caller may go ahead (`Allow` or `AllowWithCaps`).
     #[must_use]
     pub fn allowed(&self) -> bool {

@@ -309,6 +309,37 @@ pub struct Policy {
     pub(crate) outlets: crate::sink::Outlets,
     /// Where the audit log goes (`audit:`).
     pub(crate) audit: crate::audit::Sinks,
+    /// Which actions each scope kind may name (`scopes.<kind>.tools`).
+    pub(crate) tools: Map<Tools>,
+}
+
+/// `scopes.<kind>.tools`: which actions (tools) requests by a scope of that
+/// kind may name. A request naming a denied one, or one the allow list
+/// leaves out, is denied by policy — no limit is touched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tools {
+    /// When given, only these.
+    pub allow: Option<Vec<String>>,
+    /// Never these.
+    pub deny: Vec<String>,
+}
+
+impl Tools {
+    /// Why `action` is refused, if it is.
+    #[must_use]
+    pub fn refuses(&self, action: &str) -> Option<&'static str> {
+        if self.deny.iter().any(|d| d == action) {
+            Some("deny")
+        } else if self
+            .allow
+            .as_ref()
+            .is_some_and(|a| !a.iter().any(|x| x == action))
+        {
+            Some("allow")
+        } else {
+            None
+        }
+    }
 }
 
 /// Name-keyed maps of a loaded policy: document order, fast hashing.
@@ -457,6 +488,24 @@ impl Policy {
     #[must_use]
     pub fn action(&self, name: &str) -> Option<&Target> {
         lookup(&self.actions, name)
+    }
+
+    /// Why scope `scope` may not name `action` (`scopes.<kind>.tools`): the
+    /// first scope kind whose rules refuse it, and which list did.
+    #[must_use]
+    pub fn tool_refusal(&self, scope: &crate::scope::Scope, action: &str) -> Option<String> {
+        if self.tools.is_empty() {
+            return None;
+        }
+        (0..scope.depth()).find_map(|i| {
+            let kind = scope.kind(i);
+            let list = lookup(&self.tools, kind)?.refuses(action)?;
+            Some(if list == "deny" {
+                format!("the action `{action}` is denied to `{kind}` scopes (scopes.{kind}.tools.deny)")
+            } else {
+                format!("the action `{action}` is not among those allowed to `{kind}` scopes (scopes.{kind}.tools.allow)")
+            })
+        })
     }
 
     /// The decimals of a unit known to this policy (built in, declared, or used by a limit).

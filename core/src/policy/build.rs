@@ -131,15 +131,37 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
 
     let mut by_name: HashMap<String, Arc<LimitDef>> = HashMap::new();
     let mut scopes = Map::default();
+    let mut tool_lists: Vec<(String, RawTools)> = Vec::new();
     for (kind, sk) in raw.scopes {
         let path = format!("scopes.{kind}");
         if crate::scope::Scope::from_segments([(kind.as_str(), "x")]).is_err() {
             return Err(ctx.err(&path, format!("`{kind}` is not a valid scope kind (a-z, 0-9, `_`, `-`, starting with a letter)")));
         }
         let _ = sk.description;
+        if let Some(t) = sk.tools {
+            tool_lists.push((kind.clone(), t));
+        }
+        let mut raw_limits = sk.limits;
+        let own = raw_limits.len();
+        if let Some(steps) = sk.max_steps {
+            // Sugar for a lifetime quota of admitted requests.
+            let name = format!("{kind}-steps");
+            let v = serde_json::json!({"name": name, "kind": "budget", "unit": "requests", "limit": steps, "per": "lifetime"});
+            let rl: RawLimit = serde_json::from_value(v).map_err(|e| {
+                ctx.err(
+                    format!("{path}.max_steps"),
+                    format!("expected a number of steps: {e}"),
+                )
+            })?;
+            raw_limits.push(rl);
+        }
         let mut limits = Vec::new();
-        for (i, rl) in sk.limits.into_iter().enumerate() {
-            let lpath = format!("{path}.limits[{i}]");
+        for (i, rl) in raw_limits.into_iter().enumerate() {
+            let lpath = if i < own {
+                format!("{path}.limits[{i}]")
+            } else {
+                format!("{path}.max_steps")
+            };
             if rl.scope.is_some() {
                 return Err(ctx.err(format!("{lpath}.scope"), "`scope` is only for resource and action limits; scope limits count per their own scope kind"));
             }
@@ -296,6 +318,7 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
     let webhooks = build_webhooks(ctx, raw.webhooks)?;
     let outlets = build_outlets(ctx, raw.events)?;
     let audit = build_audit(ctx, raw.audit)?;
+    let tools = build_tools(ctx, tool_lists, &actions)?;
     Ok(Policy {
         source: ctx.source.to_owned(),
         defaults,
@@ -308,7 +331,48 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
         webhooks,
         outlets,
         audit,
+        tools,
     })
+}
+
+/// `scopes.<kind>.tools`: each name a declared action.
+fn build_tools(
+    ctx: &Ctx<'_>,
+    lists: Vec<(String, RawTools)>,
+    actions: &super::Map<Target>,
+) -> Result<super::Map<super::Tools>> {
+    let mut out = super::Map::default();
+    for (kind, raw) in lists {
+        for (list, names) in [
+            ("allow", raw.allow.as_deref().unwrap_or_default()),
+            ("deny", &raw.deny[..]),
+        ] {
+            for (i, n) in names.iter().enumerate() {
+                if super::lookup(actions, n).is_none() {
+                    return Err(ctx.err(
+                        format!("scopes.{kind}.tools.{list}[{i}]"),
+                        format!(
+                            "`{}` is no action of the policy (declared: {})",
+                            crate::error::truncate(n),
+                            actions
+                                .keys()
+                                .map(String::as_str)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        out.insert(
+            kind,
+            super::Tools {
+                allow: raw.allow,
+                deny: raw.deny,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// Validates `audit:` (a JSON-lines file and/or a Redis Stream).

@@ -121,6 +121,20 @@ pub(super) struct RawScopeKind {
     #[serde(default)]
     pub(super) limits: Vec<RawLimit>,
     pub(super) description: Option<String>,
+    /// Which actions (tools) requests by this scope kind may name.
+    pub(super) tools: Option<RawTools>,
+    /// At most this many admitted requests per scope, ever (a lifetime budget
+    /// of requests named `<kind>-steps`): the steps of one agent run.
+    pub(super) max_steps: Option<Value>,
+}
+
+/// `scopes.<kind>.tools`: an allow list and/or a deny list of actions.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTools {
+    pub(super) allow: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) deny: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]

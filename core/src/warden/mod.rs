@@ -247,6 +247,15 @@ impl Warden {
             Mode::Delegate { child, .. } => child,
             _ => plan.scope(),
         };
+        if let Some(action) = plan.request().and_then(|r| r.action.as_deref())
+            && let Some(why) = self.inner.policy.tool_refusal(scope, action)
+        {
+            let d = Decision::refused(why, plan.priority());
+            if self.inner.audit.on() {
+                self.audit_decision(plan, mode, &d);
+            }
+            return Ok(d);
+        }
         let d = match plan.upstream() {
             Some((resource, c)) if !matches!(mode, Mode::Delegate { .. }) => {
                 let d = self
