@@ -212,3 +212,38 @@ test('onAudit records every operation, and a throwing audit callback is not fata
   assert.deepEqual(l.stats(), { delivered: 4, dropped: 0, failed: 1, lastError: 'Error: audit consumer failed' });
   assert.equal(await w.flushAudit(), true); // no sinks: at once
 });
+
+test('a worker thread torn down while its listeners are busy never crashes the process', async () => {
+  const { Worker } = await import('node:worker_threads');
+  const index = new URL('../../bindings-node/index.cjs', import.meta.url).pathname;
+  const code = `
+    const { parentPort } = require('node:worker_threads');
+    const { Warden } = require(${JSON.stringify(index)});
+    const w = new Warden(${JSON.stringify(policy)});
+    w.onEvent(() => { const until = Date.now() + 2; while (Date.now() < until); });
+    w.onEvent(() => { throw new Error('thrown in a worker'); });
+    w.onAudit(async () => { throw new Error('rejected in a worker'); });
+    (async () => {
+      for (let i = 0; i < 300; i++) await w.acquire('tenant:' + i, { cost: { usd: 10 } });
+      parentPort.postMessage('decided');
+    })();
+  `;
+  for (const how of ['terminate', 'exit']) {
+    const worker = new Worker(how === 'exit' ? `${code}; setImmediate(() => process.exit(0));` : code, { eval: true, stderr: true });
+    worker.stderr.resume();
+    const decided = new Promise((resolve, reject) => {
+      worker.once('message', resolve);
+      worker.once('error', reject);
+    });
+    if (how === 'terminate') {
+      assert.equal(await decided, 'decided');
+      await worker.terminate(); // with events still queued for the listeners
+    } else {
+      const code = await new Promise((resolve) => worker.once('exit', resolve));
+      assert.equal(code, 0);
+    }
+  }
+  // The process is alive and a warden here still works.
+  const w = new Warden(policy);
+  assert.ok((await w.acquire('tenant:a', { cost: { usd: 1 } })).allowed);
+});

@@ -211,3 +211,31 @@ def test_the_audit_log_records_every_operation_to_a_callback_and_a_file(tmp_path
     assert w.audit_stats()["written"] == 6
     listener.close()
     assert listener.stats()["delivered"] == 6
+
+
+def test_exiting_with_busy_listeners_never_crashes_the_interpreter() -> None:
+    import subprocess
+    import sys
+
+    script = """
+import sys, time, ratewarden
+policy = {"scopes": {"tenant": {"limits": [
+    {"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month"}]}}}
+w = ratewarden.Warden(policy)
+seen = []
+def slow(event):
+    seen.append(event["type"])
+    time.sleep(0.005)
+def raising(event):
+    raise SystemExit("a callback asking to exit is only reported")
+w.on_event(slow)
+w.on_event(raising)
+w.on_audit(slow)
+sys.unraisablehook = lambda u: None
+for i in range(300):
+    w.acquire(f"tenant:{i}", cost={"usd": "10"})
+print("decided", flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "decided"
