@@ -608,6 +608,30 @@ class Warden {
    * units, with `*Text` decimals) and `reset` (seconds; absent when it never
    * resets). Rejects with a BackendError when Redis cannot be asked.
    */
+  /**
+   * Tops up the quota or budget `limit` of `scope` (`options.resource` for a
+   * resource's limit): gives back up to `amount` (a number or a decimal string
+   * in the limit's unit) of what it spent in its current window — its debt
+   * first — never below zero, so a limit in debt admits again. Resolves to
+   * `{ limit, unit, credited, creditedText, spent, spentText }`. Sent once: if
+   * Redis's answer is lost it rejects with a BackendError and the top-up may
+   * have landed.
+   */
+  topUp(scope, limit, amount, options) {
+    try {
+      requireString(scope, 'scope');
+      requireString(limit, 'limit');
+      if (typeof amount !== 'number' && typeof amount !== 'string') {
+        throw new InvalidInputError(`invalid amount: expected a number or a decimal string, got ${describe(amount)}`, { argument: 'amount' });
+      }
+      requireOptions(options, 'options');
+      optionalString(options?.resource, 'resource');
+      return this.#call('topUp', [scope, limit, amount, options?.resource ?? null]);
+    } catch (e) {
+      return Promise.reject(typed(e));
+    }
+  }
+
   balances(scope, options) {
     try {
       requireString(scope, 'scope');

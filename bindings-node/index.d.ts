@@ -19,6 +19,7 @@ import type {
   WebhookLog,
   OutletStats,
   AuditStats,
+  TopUpInfo,
 } from './native';
 
 export type {
@@ -39,6 +40,7 @@ export type {
   WebhookLog,
   OutletStats,
   AuditStats,
+  TopUpInfo,
 };
 /** Options of `Warden.fetcher` and `governOpenAI`. */
 export interface FetcherOptions {
@@ -327,6 +329,8 @@ export declare class Warden {
    * `BackendError` when Redis cannot be asked (never a fallback's estimate).
    */
   balances(scope: string, options?: { resource?: string }): Promise<BalanceInfo[]>;
+  /** Gives back up to `amount` of what the quota or budget `limit` of `scope` spent this window (its debt first, never below zero). */
+  topUp(scope: string, limit: string, amount: number | string, options?: { resource?: string }): Promise<TopUpInfo>;
   /**
    * Records what one response of `resource`'s upstream said in its rate-limit
    * headers, where every process sharing the backend sees it; decisions on the

@@ -185,6 +185,13 @@ export declare class NativeWarden {
   sequentialAsync(resource: string, hold: number, maxWait: number): Promise<string | null>
   /** Releases a turn taken with `sequentialAsync`: whether it still held the lock. */
   releaseTurnAsync(resource: string, turn: string): Promise<boolean>
+  /**
+   * Tops up `limit` of `scope` (on `resource`) by `amount` (a number or a
+   * decimal string in the limit's unit), at once on the embedded engine.
+   */
+  topUpSync(scope: string, limit: string, amount: number | string, resource?: string | undefined | null): TopUpInfo
+  /** Runs on the runtime. */
+  topUpAsync(scope: string, limit: string, amount: number | string, resource?: string | undefined | null): Promise<TopUpInfo>
   /** What is left of every limit `scope` (on `resource`) touches, charging nothing. */
   balancesSync(scope: string, resource?: string | undefined | null): Array<BalanceInfo>
   /** Runs on the runtime. */
@@ -585,6 +592,22 @@ export declare function scopeOf(segments: Array<Array<string>>): string
  * `webhook-id`, `webhook-timestamp`, `webhook-signature`.
  */
 export declare function signWebhook(secret: string, msgId: string, timestamp: number, body: Buffer): Record<string, string>
+
+/** What a top-up did (`topUp`): base units, and their decimal text. */
+export interface TopUpInfo {
+  /** The limit topped up. */
+  limit: string
+  /** Its unit. */
+  unit: string
+  /** Given back, base units (at most what was spent this window). */
+  credited: number
+  /** `credited` as a decimal in the unit. */
+  creditedText: string
+  /** Spent this window now, base units (past the capacity: in debt). */
+  spent: number
+  /** `spent` as a decimal in the unit. */
+  spentText: string
+}
 
 /** A resource's upstream state as every process sees it. */
 export interface UpstreamInfo {

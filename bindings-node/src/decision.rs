@@ -467,3 +467,31 @@ pub(crate) fn webhook_log_of(log: &ratewarden::webhook::Log) -> WebhookLog {
         dropped: log.dropped as f64,
     }
 }
+
+/// What a top-up did (`topUp`): base units, and their decimal text.
+#[napi(object)]
+pub struct TopUpInfo {
+    /// The limit topped up.
+    pub limit: String,
+    /// Its unit.
+    pub unit: String,
+    /// Given back, base units (at most what was spent this window).
+    pub credited: i64,
+    /// `credited` as a decimal in the unit.
+    pub credited_text: String,
+    /// Spent this window now, base units (past the capacity: in debt).
+    pub spent: i64,
+    /// `spent` as a decimal in the unit.
+    pub spent_text: String,
+}
+
+pub(crate) fn top_up_of(t: &ratewarden::decision::TopUp) -> TopUpInfo {
+    TopUpInfo {
+        limit: t.limit.clone(),
+        unit: t.unit.clone(),
+        credited: t.credited,
+        credited_text: ratewarden::amount::format_base(t.credited, t.decimals),
+        spent: t.spent,
+        spent_text: ratewarden::amount::format_base(t.spent, t.decimals),
+    }
+}

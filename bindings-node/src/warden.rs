@@ -557,6 +557,52 @@ impl NativeWarden {
         })
     }
 
+    /// Tops up `limit` of `scope` (on `resource`) by `amount` (a number or a
+    /// decimal string in the limit's unit), at once on the embedded engine.
+    #[napi(
+        ts_args_type = "scope: string, limit: string, amount: number | string, resource?: string | undefined | null"
+    )]
+    pub fn top_up_sync(
+        &self,
+        scope: String,
+        limit: String,
+        amount: serde_json::Value,
+        resource: Option<String>,
+    ) -> Result<TopUpInfo> {
+        let scope = Scope::parse(&scope).or_throw()?;
+        let amount = amount_of(&amount, "amount")?;
+        self.sync(
+            self.warden
+                .top_up(&scope, resource.as_deref(), &limit, amount),
+        )
+        .map(|t| top_up_of(&t))
+    }
+
+    /// Runs on the runtime.
+    #[napi(
+        ts_args_type = "scope: string, limit: string, amount: number | string, resource?: string | undefined | null",
+        ts_return_type = "Promise<TopUpInfo>"
+    )]
+    pub fn top_up_async<'env>(
+        &self,
+        env: &'env Env,
+        scope: String,
+        limit: String,
+        amount: serde_json::Value,
+        resource: Option<String>,
+    ) -> Result<PromiseRaw<'env, TopUpInfo>> {
+        let scope = Scope::parse(&scope).or_throw()?;
+        let amount = amount_of(&amount, "amount")?;
+        let warden = self.warden.clone();
+        env.spawn_future(async move {
+            warden
+                .top_up(&scope, resource.as_deref(), &limit, amount)
+                .await
+                .or_throw()
+                .map(|t| top_up_of(&t))
+        })
+    }
+
     /// What is left of every limit `scope` (on `resource`) touches, charging nothing.
     #[napi]
     pub fn balances_sync(

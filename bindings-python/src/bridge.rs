@@ -105,6 +105,7 @@ impl Held for bool {}
 impl Held for i64 {}
 impl Held for Settlement {}
 impl Held for Vec<Balance> {}
+impl Held for ratewarden::decision::TopUp {}
 impl Held for ratewarden::UpstreamView {}
 impl Held for usize {}
 // An allocation nobody learnt of lapses by itself: idle after its lease, gone

@@ -289,6 +289,25 @@ pub(crate) fn expiry_to_py(py: Python<'_>, at: i64) -> PyResult<Py<PyAny>> {
 }
 
 /// `None`: the guard does not look at the answer.
+/// A top-up as a dict: `limit`, `unit`, `credited` and `spent` in base units
+/// with their `*_text` decimals.
+pub(crate) fn top_up_to_py(py: Python<'_>, t: ratewarden::decision::TopUp) -> PyResult<Py<PyAny>> {
+    let d = PyDict::new(py);
+    d.set_item("limit", &t.limit)?;
+    d.set_item("unit", &t.unit)?;
+    d.set_item("credited", t.credited)?;
+    d.set_item(
+        "credited_text",
+        ratewarden::amount::format_base(t.credited, t.decimals),
+    )?;
+    d.set_item("spent", t.spent)?;
+    d.set_item(
+        "spent_text",
+        ratewarden::amount::format_base(t.spent, t.decimals),
+    )?;
+    Ok(d.into_any().unbind())
+}
+
 /// Balances as a list of dicts: amounts in integer base units, their decimal
 /// text in the unit beside them, `reset` in seconds (None: never resets).
 pub(crate) fn balances_to_py(py: Python<'_>, balances: Vec<Balance>) -> PyResult<Py<PyAny>> {

@@ -264,6 +264,28 @@ impl NativeWarden {
         self.answer(py, op, asynchronous, balances_to_py)
     }
 
+    /// Tops up `limit` of `scope` (on `resource`) by `amount`: a dict (see
+    /// `ratewarden.Warden.top_up`).
+    #[pyo3(signature = (scope, limit, amount, resource=None, asynchronous=false))]
+    fn top_up(
+        &self,
+        py: Python<'_>,
+        scope: &str,
+        limit: String,
+        amount: &Bound<'_, PyAny>,
+        resource: Option<String>,
+        asynchronous: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op =
+            Scope::parse(scope).or_raise().and_then(|s| {
+                let amount = amount_of(amount, "amount")?;
+                Ok(move |w: Warden| async move {
+                    w.top_up(&s, resource.as_deref(), &limit, amount).await
+                })
+            });
+        self.answer(py, op, asynchronous, top_up_to_py)
+    }
+
     /// `Warden::observe` (without `status`) or `Warden::report`: records what
     /// one upstream response's headers said about `resource`'s upstream; a
     /// dict of its state after (see `ratewarden.Warden.observe`).

@@ -32,7 +32,7 @@ pub struct Record {
     /// When (µs since the epoch, the warden's clock).
     pub at: Micros,
     /// `check`, `acquire`, `reserve`, `delegate`, `commit`, `release`,
-    /// `extend` or `expire`.
+    /// `extend`, `expire` or `top_up`.
     pub action: &'static str,
     /// The reservation's id (reserve, delegate, commit, release, extend,
     /// expire), else the caller's operation id, else a fresh id — 128 bits,

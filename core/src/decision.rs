@@ -467,6 +467,21 @@ impl Charge {
     }
 }
 
+/// The result of [`crate::Warden::top_up`]; amounts in base units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopUp {
+    /// The limit topped up, its unit and the unit's decimals.
+    pub limit: String,
+    /// The unit.
+    pub unit: String,
+    /// Decimals of `unit`.
+    pub decimals: u8,
+    /// What was given back (at most what was spent this window).
+    pub credited: i64,
+    /// What it has spent this window now (past its capacity: in debt).
+    pub spent: i64,
+}
+
 /// The result of `commit`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitReceipt {

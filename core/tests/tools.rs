@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{now, warden};
+use common::{now, remaining, warden};
 use ratewarden::{Outcome, Policy, Request, WaitFor};
 use serde_json::json;
 
@@ -143,4 +143,59 @@ fn the_readme_policy_loads_with_its_tools_and_steps() {
     .unwrap();
     assert!(d.allowed(), "{d:?}");
     assert!(w.policy().limit("run-steps").is_some());
+}
+
+/// A prepaid (lifetime) budget charged past its capacity stays in debt —
+/// every request denied — until topped up; a top-up gives back at most what
+/// was spent, debt first.
+#[test]
+fn a_limit_in_debt_admits_again_once_topped_up() {
+    let (w, _) = warden(json!({
+        "scopes": {"tenant": {"limits": [
+            {"name": "credits", "kind": "budget", "unit": "usd", "limit": "10"},
+            {"name": "rps", "kind": "rate", "limit": 100, "per": "1s"}
+        ]}}
+    }));
+    let scope = "tenant:a".parse().unwrap();
+    let usd = |v: &str| ratewarden::Amount::parse(v).unwrap();
+    let spend = |v: &str| Request::parse("tenant:a").unwrap().spend("usd", usd(v));
+    let id = now(w.reserve(&spend("5"), None))
+        .unwrap()
+        .reservation
+        .unwrap()
+        .id;
+    let r = now(w.commit(id, &ratewarden::Cost::new().with("usd", usd("12")))).unwrap();
+    assert_eq!(r.charges[0].debt, 2_000_000);
+    assert!(!now(w.acquire(&spend("1"))).unwrap().allowed(), "in debt");
+    let t = now(w.top_up(&scope, None, "credits", usd("1"))).unwrap();
+    assert_eq!(
+        (t.credited, t.spent, t.unit.as_str()),
+        (1_000_000, 11_000_000, "usd")
+    );
+    assert!(
+        !now(w.acquire(&spend("0.01"))).unwrap().allowed(),
+        "still 1 in debt"
+    );
+    let t = now(w.top_up(&scope, None, "credits", usd("5"))).unwrap();
+    assert_eq!(t.spent, 6_000_000);
+    let d = now(w.acquire(&spend("1"))).unwrap();
+    assert!(d.allowed());
+    assert_eq!(remaining(&d, "credits"), 3_000_000);
+    let t = now(w.top_up(&scope, None, "credits", usd("100"))).unwrap();
+    assert_eq!((t.credited, t.spent), (7_000_000, 0), "never below zero");
+    for (limit, amount, says) in [
+        (
+            "nope",
+            "1",
+            "is not a limit that requests by tenant:a touch",
+        ),
+        ("rps", "1", "only quotas and budgets"),
+        ("credits", "0", "a positive amount"),
+        ("credits", "0.0000001", "usd"),
+    ] {
+        let e = now(w.top_up(&scope, None, limit, usd(amount)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{limit} {amount}: {e}");
+    }
 }

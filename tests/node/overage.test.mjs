@@ -51,3 +51,16 @@ test('a wrapped call refused by reject is charged its estimate, with a warning',
 test('an overdraft without its amount is a policy error naming where', () => {
   assert.throws(() => warden('allow_with_overdraft'), (e) => e instanceof PolicyError && /limits\[0\]\.overdraft/.test(e.message));
 });
+
+test('a limit in debt admits again once topped up', async () => {
+  const w = new Warden({ scopes: { tenant: { limits: [{ name: 'credits', kind: 'budget', unit: 'usd', limit: '10' }] } } });
+  const d = await w.reserve('tenant:a', { cost: { usd: 5 } });
+  const receipt = await w.commit(d.reservation, { usd: 12 });
+  assert.equal(receipt.charges[0].debt, 2000000);
+  assert.ok(!(await w.acquire('tenant:a', { cost: { usd: '0.01' } })).allowed);
+  const t = await w.topUp('tenant:a', 'credits', '3');
+  assert.deepEqual([t.creditedText, t.spentText, t.unit], ['3', '9', 'usd']);
+  assert.ok((await w.acquire('tenant:a', { cost: { usd: 1 } })).allowed);
+  await assert.rejects(w.topUp('tenant:a', 'nope', 1), /is not a limit that requests by tenant:a touch/);
+  await assert.rejects(w.topUp('tenant:a', 'credits', {}), /invalid amount/);
+});

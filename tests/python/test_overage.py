@@ -65,3 +65,25 @@ def test_bad_overage_rules_name_where() -> None:
         _warden("allow_with_overdraft")
     with pytest.raises(ratewarden.PolicyError, match="overage"):
         _warden("sometimes")
+
+
+@pytest.mark.parametrize("where", ["memory", "redis", "cluster"])
+def test_a_limit_in_debt_admits_again_once_topped_up(where: str, request: pytest.FixtureRequest) -> None:
+    options: Dict[str, Any] = {}
+    if where != "memory":
+        servers = request.getfixturevalue("redis_servers")
+        url = servers.url if where == "redis" else servers.cluster_url
+        options = {"backend": url, "namespace": f"py-topup-{where}"}
+    policy = {"scopes": {"tenant": {"limits": [{"name": "credits", "kind": "budget", "unit": "usd", "limit": "10"}]}}}
+    w = Warden(policy, **options)
+    with w.reserve("tenant:a", cost={"usd": "5"}) as r:
+        receipt = r.commit({"usd": "12"})
+    assert receipt["charges"][0]["debt"] == 2_000_000
+    assert not w.acquire("tenant:a", cost={"usd": "0.01"}).allowed
+    t = w.top_up("tenant:a", "credits", "3")
+    assert (t["credited_text"], t["spent_text"], t["unit"]) == ("3", "9", "usd")
+    assert w.acquire("tenant:a", cost={"usd": "1"}).allowed
+    with pytest.raises(ratewarden.InvalidInput, match="is not a limit that requests by tenant:a touch"):
+        w.top_up("tenant:a", "nope", 1)
+    with pytest.raises(ratewarden.InvalidInput, match="amount"):
+        w.top_up("tenant:a", "credits", [1])  # type: ignore[arg-type]

@@ -1010,6 +1010,31 @@ class Warden:
         except _CONVERSION_ERRORS as e:
             raise _bad_argument(e) from None
 
+    def top_up(self, scope: str, limit: str, amount: Amount, *, resource: Optional[str] = None) -> Dict[str, Any]:
+        """Tops up the quota or budget ``limit`` of ``scope`` (on ``resource``, for a
+        resource's limit): gives back up to ``amount`` (in the limit's unit) of what
+        it spent in its current window — its debt first — never below zero, so a
+        limit in debt admits again. A dict: ``limit``, ``unit``, ``credited`` and
+        ``spent`` (base units) with ``*_text`` decimals. Sent once: if Redis's answer
+        is lost it raises :class:`BackendError` and the top-up may have landed."""
+        try:
+            return self._native.top_up(scope, limit, amount, resource)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
+    def top_up_async(
+        self, scope: str, limit: str, amount: Amount, *, resource: Optional[str] = None
+    ) -> Awaitable[Dict[str, Any]]:
+        """Async form of :meth:`top_up`."""
+        try:
+            return self._native.top_up(scope, limit, amount, resource, True)
+        except WardenError:
+            raise
+        except _CONVERSION_ERRORS as e:
+            raise _bad_argument(e) from None
+
     # -- the upstream's own state ------------------------------------------
 
     def observe(self, resource: str, headers: Any) -> Dict[str, Any]:

@@ -140,6 +140,9 @@ class NativeWarden:
         usage: _Cost = None,
     ) -> Any: ...
     def balances(self, scope: str, resource: Optional[str] = None, asynchronous: bool = False) -> Any: ...
+    def top_up(
+        self, scope: str, limit: str, amount: Any, resource: Optional[str] = None, asynchronous: bool = False
+    ) -> Any: ...
     def observe(
         self,
         resource: str,

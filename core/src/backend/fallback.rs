@@ -222,6 +222,15 @@ impl<B: Backend> Backend for Fallback<B> {
         self.primary.changes()
     }
 
+    fn credit<'a>(
+        &'a self,
+        limit: &'a crate::plan::PlannedLimit<'a>,
+        amount: i64,
+    ) -> Pending<'a, (i64, i64)> {
+        // The shared books only: a top-up while Redis is down is an error.
+        self.primary.credit(limit, amount)
+    }
+
     fn append_events<'a>(
         &'a self,
         key: &'a str,

@@ -1710,6 +1710,26 @@ impl Backend for MemoryBackend {
         }))
     }
 
+    fn credit<'a>(&'a self, limit: &'a PlannedLimit<'a>, amount: i64) -> Pending<'a, (i64, i64)> {
+        let now = self.clock.now();
+        let loc = self.loc(limit.key);
+        let mut locked = self.lock(&[loc]);
+        let (wid, _) = window_of(limit.def, now);
+        let out = match self.find(&mut locked, loc, limit.key).map(|s| &mut s.state) {
+            Some(State::Counter { window, used, .. }) => {
+                let spent = if *window == wid { *used } else { 0 };
+                let credited = amount.min(spent.max(0));
+                if credited > 0 {
+                    *window = wid;
+                    *used = spent - credited;
+                }
+                (credited, spent - credited)
+            }
+            _ => (0, 0),
+        };
+        Pending::Ready(Ok(out))
+    }
+
     fn gate<'a>(
         &'a self,
         resource: &'a str,

@@ -325,6 +325,16 @@ pub trait Backend: Send + Sync + 'static {
         }))
     }
 
+    /// Gives back up to `amount` (base units, > 0) of what the quota or
+    /// budget `limit` spent in its current window — its debt first — never
+    /// below zero: `(credited, spent after)` ([`crate::Warden::top_up`]).
+    fn credit<'a>(&'a self, limit: &'a PlannedLimit<'a>, amount: i64) -> Pending<'a, (i64, i64)> {
+        let _ = (limit, amount);
+        Pending::Ready(Err(crate::Error::Backend {
+            message: format!("the {} backend keeps no counters to top up", self.name()),
+        }))
+    }
+
     /// Appends `entries` to the stream `<namespace>:<key>`, trimmed to about
     /// `max_len` entries (the `events.stream` outlet, [`crate::sink`]).
     fn append_events<'a>(

@@ -81,6 +81,7 @@ const RATE: &str = include_str!("../../lua/rate.lua");
 const UPSTREAM: &str = include_str!("../../lua/upstream.lua");
 const LINE: &str = include_str!("../../lua/line.lua");
 const ALLOT: &str = include_str!("../../lua/allot.lua");
+const CREDIT: &str = include_str!("../../lua/credit.lua");
 /// How long an ended reservation is remembered (idempotent commit / release).
 const TOMBSTONE_US: i64 = 10 * 60 * 1_000_000;
 /// Default command timeout.
@@ -155,6 +156,8 @@ pub struct RedisBackend {
     line: Arc<Script>,
     /// `allot.lua`: soft allocations of pool limits.
     allot: Arc<Script>,
+    /// `credit.lua`: top-ups of quota and budget counters.
+    credit: Arc<Script>,
     /// The subscription to published breaker transitions.
     changes: Arc<changes::Changes>,
     clock: Option<Arc<dyn Clock>>,
@@ -346,6 +349,7 @@ impl RedisBackend {
             upstream: Arc::new(Script::new(&format!("{COMMON}\n{UPSTREAM}"))),
             line: Arc::new(Script::new(&format!("{COMMON}\n{LINE}"))),
             allot: Arc::new(Script::new(&format!("{COMMON}\n{ALLOT}"))),
+            credit: Arc::new(Script::new(&format!("{COMMON}\n{CREDIT}"))),
             changes: Arc::new(changes::Changes::new(
                 pubsub_url,
                 format!("{namespace}:events"),
@@ -986,6 +990,40 @@ impl Backend for RedisBackend {
                 (_, [0]) => Ok(0),
                 _ => Err(Error::Internal {
                     message: format!("allot script answered {out:?}"),
+                }),
+            }
+        }))
+    }
+
+    fn credit<'a>(
+        &'a self,
+        limit: &'a crate::plan::PlannedLimit<'a>,
+        amount: i64,
+    ) -> Pending<'a, (i64, i64)> {
+        Pending::Future(Box::pin(async move {
+            let key = self.key(limit.key);
+            let slot = tag_slot(&Self::tag(&limit.key));
+            if let Some(e) = self.skipping(slot) {
+                return Err(e);
+            }
+            let (wk, wlen, woff) = args::window_args(&limit.def.kind);
+            let args = vec![
+                self.now_arg().to_string(),
+                amount.to_string(),
+                wk.to_owned(),
+                wlen.to_string(),
+                woff.to_string(),
+            ];
+            let keys = [key];
+            // Not idempotent: sent once (a lost answer is an error, not a retry).
+            let out = self
+                .bounded(slot, self.invoke::<Vec<i64>>(&self.credit, &keys, &args))
+                .await
+                .map_err(|e| e.into_error(None))?;
+            match out.as_slice() {
+                [credited, spent] => Ok((*credited, *spent)),
+                _ => Err(Error::Internal {
+                    message: format!("credit script answered {out:?}"),
                 }),
             }
         }))

@@ -625,6 +625,87 @@ impl Warden {
         Ok(d.limits.iter().map(|l| Balance::of(l, scope)).collect())
     }
 
+    /// Tops up the quota or budget `limit` of `scope` (on `resource`, for a
+    /// resource's limit): gives back up to `amount` (in the limit's unit) of
+    /// what it spent in its current window — its debt first — never below
+    /// zero, so a limit in debt admits again once topped up. Atomic on every
+    /// backend; sent once (not idempotent: a lost answer is an error, and the
+    /// top-up may or may not have landed).
+    ///
+    /// # Errors
+    /// Unknown scope kinds or resources, a `limit` the scope's requests do
+    /// not touch or that is no quota or budget, an amount that is not
+    /// positive or is finer than the unit; [`Error::Backend`] when the
+    /// backend cannot be asked.
+    pub async fn top_up(
+        &self,
+        scope: &Scope,
+        resource: Option<&str>,
+        limit: &str,
+        amount: crate::Amount,
+    ) -> Result<crate::decision::TopUp> {
+        let mut request = Request::new(scope.clone()).cost(Cost::new().with("requests", 0));
+        if let Some(r) = resource {
+            request = request.resource(r);
+        }
+        let plan = Plan::build(&self.inner.policy, &request)?;
+        let Some(target) = plan.limits().find(|l| l.def.name == limit) else {
+            let touched: Vec<&str> = plan.limits().map(|l| l.def.name.as_str()).collect();
+            return Err(Error::invalid(
+                "limit",
+                format!(
+                    "`{}` is not a limit that requests by {scope} touch (they touch: {})",
+                    crate::error::truncate(limit),
+                    touched.join(", ")
+                ),
+            ));
+        };
+        if !matches!(target.def.kind, LimitKind::Quota(_) | LimitKind::Budget(_)) {
+            return Err(Error::invalid(
+                "limit",
+                format!(
+                    "`{limit}` is a {} limit; only quotas and budgets are topped up",
+                    target.def.kind.name()
+                ),
+            ));
+        }
+        let base = amount.to_base(&target.def.unit, target.def.decimals)?;
+        if base <= 0 {
+            return Err(Error::invalid(
+                "amount",
+                format!("a top-up is a positive amount of {}", target.def.unit),
+            ));
+        }
+        let (credited, spent) = self.inner.backend.credit(&target, base).await?;
+        self.inner.queue.poke();
+        if self.inner.audit.on() {
+            self.inner.audit.send(crate::audit::Record {
+                at: self.inner.clock.now(),
+                action: "top_up",
+                request_id: fastrand::u128(..),
+                scope: Some(scope.as_str().to_owned()),
+                resource: resource.map(str::to_owned),
+                policy_action: None,
+                amounts: smallvec::smallvec![crate::audit::UnitAmount {
+                    def: Arc::clone(target.def),
+                    amount: credited,
+                }],
+                outcome: "ok",
+                reason: None,
+                priority: None,
+                backend: self.inner.backend.name(),
+                degraded: None,
+            });
+        }
+        Ok(crate::decision::TopUp {
+            limit: target.def.name.clone(),
+            unit: target.def.unit.clone(),
+            decimals: target.def.decimals,
+            credited,
+            spent,
+        })
+    }
+
     /// Admits a request that is served over a stretch of time — an HTTP
     /// request, a job — as the middlewares of every binding do: like
     /// [`Warden::acquire`], except that when it touches a concurrency limit

@@ -146,14 +146,7 @@ impl RedisBackend {
                 LimitKind::Concurrency => ("s", def.limit, 1, 1),
                 _ => ("c", def.limit, 1, 1),
             };
-            let (wk, wlen, woff) = match def.kind.window() {
-                None => ("n", 0, 0),
-                Some(Window::Lifetime) => ("l", 0, 0),
-                Some(Window::Fixed { len, offset }) => ("f", len, offset),
-                Some(Window::Week { offset }) => ("w", 0, offset),
-                Some(Window::Month { offset }) => ("m", 0, offset),
-                Some(Window::Year { offset }) => ("y", 0, offset),
-            };
+            let (wk, wlen, woff) = window_args(&def.kind);
             args.extend([kind.to_owned(), item.amount.to_string(), cap.to_string()]);
             for p in Priority::ALL {
                 args.push(def.floors.usable(cap, p).to_string());
@@ -314,4 +307,17 @@ fn overage_token(def: &crate::policy::LimitDef, cap: i64, rejects: &str) -> Stri
         t.push_str(rejects);
     }
     t
+}
+
+/// A limit's window as the scripts read it: kind (`n` none, `l` lifetime,
+/// `f` fixed, `w` week, `m` month, `y` year), length and offset (µs).
+pub(super) fn window_args(kind: &LimitKind) -> (&'static str, i64, i64) {
+    match kind.window() {
+        None => ("n", 0, 0),
+        Some(Window::Lifetime) => ("l", 0, 0),
+        Some(Window::Fixed { len, offset }) => ("f", len, offset),
+        Some(Window::Week { offset }) => ("w", 0, offset),
+        Some(Window::Month { offset }) => ("m", 0, offset),
+        Some(Window::Year { offset }) => ("y", 0, offset),
+    }
 }
