@@ -239,3 +239,37 @@ print("decided", flush=True)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "decided"
+
+
+@pytest.mark.parametrize("target", ["url", "cluster_url"])
+def test_four_processes_append_each_crossing_once_to_the_stream(
+    target: str, redis_servers: Any, namespace: str
+) -> None:
+    import subprocess
+    import sys
+
+    url = getattr(redis_servers, target)
+    policy = {**POLICY, "events": {"stream": {"key": "crossings", "events": ["limit."]}}}
+    script = f"""
+import json, ratewarden
+w = ratewarden.Warden({json.dumps(policy)}, backend={url!r}, namespace={namespace!r})
+admitted = sum(w.acquire("tenant:a", cost={{"usd": "0.25"}}).allowed for _ in range(20))
+assert w.flush_outlets(10)
+print(admitted)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    admitted = [int(p.communicate(timeout=60)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum(admitted) == 40  # 10 USD in quarters
+    host_port = url.split("://", 1)[1].split(",")[0]
+    port = host_port.rsplit(":", 1)[1]
+    out = subprocess.run(
+        ["redis-cli", "-c", "-p", port, "--json", "XRANGE", f"{namespace}:crossings", "-", "+"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    entries = json.loads(out)
+    bodies = [json.loads(dict(zip(fields[::2], fields[1::2]))["body"]) for _, fields in entries]
+    assert sorted(b["data"]["threshold"] for b in bodies) == [0.5, 0.8, 1.0], bodies
+    assert len({b["id"] for b in bodies}) == 3
