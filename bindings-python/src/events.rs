@@ -12,6 +12,19 @@ pub(crate) struct NativeListener {
     last: Mutex<Option<ratewarden::events::ListenerStats>>,
     /// Its filter's types, as given.
     events: Vec<String>,
+    /// The process (fork generation) its thread runs in: a forked child has
+    /// no such thread, so it never waits for it (or locks what a thread of
+    /// the parent may have held at `fork()`).
+    generation: u32,
+}
+
+impl Drop for NativeListener {
+    fn drop(&mut self) {
+        if process_generation() != self.generation {
+            // The thread belongs to the parent: nothing to stop or detach here.
+            std::mem::forget(self.inner.get_mut().take());
+        }
+    }
 }
 
 impl NativeListener {
@@ -37,6 +50,7 @@ impl NativeListener {
             inner: Mutex::new(Some(listener)),
             last: Mutex::new(None),
             events,
+            generation: process_generation(),
         })
     }
 }
@@ -51,6 +65,7 @@ impl NativeListener {
             inner: Mutex::new(Some(listener)),
             last: Mutex::new(None),
             events: Vec::new(),
+            generation: process_generation(),
         })
     }
 }
@@ -73,6 +88,9 @@ impl NativeListener {
     /// Stops it: no call starts after this returns (a call under way has
     /// ended, unless this runs inside the callback). Idempotent.
     fn close(&self, py: Python<'_>) {
+        if process_generation() != self.generation {
+            return; // a forked child: the thread was the parent's
+        }
         let taken = self.inner.lock().take();
         if let Some(mut l) = taken {
             *self.last.lock() = Some(l.stats());
@@ -89,6 +107,9 @@ impl NativeListener {
     /// Whether it still listens (not closed, and its warden lives).
     #[getter]
     fn is_open(&self) -> bool {
+        if process_generation() != self.generation {
+            return false;
+        }
         self.inner
             .lock()
             .as_ref()
@@ -103,12 +124,17 @@ impl NativeListener {
 
     /// `delivered`, `dropped`, `failed` and `last_error` so far (kept after close).
     fn stats(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let s = self
-            .inner
-            .lock()
-            .as_ref()
-            .map(ratewarden::events::Listener::stats);
-        let s = s.unwrap_or_else(|| self.last.lock().clone().unwrap_or_default());
+        let s = if process_generation() == self.generation {
+            let live = self
+                .inner
+                .lock()
+                .as_ref()
+                .map(ratewarden::events::Listener::stats);
+            live.unwrap_or_else(|| self.last.lock().clone().unwrap_or_default())
+        } else {
+            // A forked child: the parent's listener did nothing here.
+            ratewarden::events::ListenerStats::default()
+        };
         let out = PyDict::new(py);
         out.set_item("delivered", s.delivered)?;
         out.set_item("dropped", s.dropped)?;

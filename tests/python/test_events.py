@@ -273,3 +273,34 @@ print(admitted)
     bodies = [json.loads(dict(zip(fields[::2], fields[1::2]))["body"]) for _, fields in entries]
     assert sorted(b["data"]["threshold"] for b in bodies) == [0.5, 0.8, 1.0], bodies
     assert len({b["id"] for b in bodies}) == 3
+
+
+def test_a_forked_child_exits_cleanly_with_its_parents_listeners() -> None:
+    import subprocess
+    import sys
+
+    script = """
+import os, sys, queue, ratewarden
+policy = {"scopes": {"tenant": {"limits": [
+    {"name": "usd", "kind": "budget", "unit": "usd", "limit": "10", "per": "month"}]}}}
+w = ratewarden.Warden(policy)
+got = queue.Queue()
+listener = w.on_event(got.put)
+w.acquire("tenant:a", cost={"usd": "10"})
+got.get(timeout=10)
+pid = os.fork()
+if pid == 0:
+    # The listener's thread is the parent's: the child neither waits for it
+    # nor counts it, and exits through atexit normally.
+    assert not listener.is_open and listener.stats()["delivered"] == 0
+    listener.close()
+    w.acquire("tenant:b", cost={"usd": "10"})
+    sys.exit(0)
+_, status = os.waitpid(pid, 0)
+assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+assert listener.is_open
+print("parent and child done")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "parent and child done"
