@@ -70,6 +70,23 @@ pub struct UnitAmount {
     pub amount: i64,
 }
 
+/// One amount per unit, the first of each unit (the limits of a unit all
+/// count the same amount of it).
+pub(crate) fn per_unit<'a>(
+    items: impl IntoIterator<Item = (&'a Arc<crate::policy::LimitDef>, i64)>,
+) -> smallvec::SmallVec<[UnitAmount; 2]> {
+    let mut out: smallvec::SmallVec<[UnitAmount; 2]> = smallvec::SmallVec::new();
+    for (def, amount) in items {
+        if !out.iter().any(|a| a.def.unit == def.unit) {
+            out.push(UnitAmount {
+                def: Arc::clone(def),
+                amount,
+            });
+        }
+    }
+    out
+}
+
 impl UnitAmount {
     /// The unit.
     #[must_use]
@@ -279,18 +296,10 @@ impl Audit {
         };
         let (rx, guard) = self.consumer();
         let (sinks, backend, stats) = (sinks.clone(), Arc::clone(backend), Arc::clone(&self.stats));
-        let spawned = std::thread::Builder::new()
-            .name("ratewarden-audit".into())
-            .spawn(move || {
-                let _guard = guard;
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(run(&sinks, rx, &*backend, &stats, &done));
-            });
+        let spawned = crate::events::worker("ratewarden-audit", async move {
+            let _guard = guard;
+            run(&sinks, rx, &*backend, &stats, &done).await;
+        });
         if let Err(e) = spawned {
             self.stats.lock().last_error = Some(format!("the audit thread could not start: {e}"));
         }

@@ -465,6 +465,16 @@ impl Charge {
     pub fn unit(&self) -> &str {
         &self.def.unit
     }
+
+    /// Whose counter it charged: the scope prefix of its key
+    /// (`tenant:acme`), or `None` for a pool shared by everyone.
+    #[must_use]
+    pub fn owner(&self) -> Option<&str> {
+        self.key
+            .split_once('#')
+            .map(|(o, _)| o)
+            .filter(|o| *o != "@")
+    }
 }
 
 /// The result of [`crate::Warden::top_up`]; amounts in base units.

@@ -203,12 +203,7 @@ impl Overage {
             .iter()
             .filter(|c| c.charged > c.reserved || c.uncharged > 0)
             .map(|c| OverageLine {
-                owner: c
-                    .key
-                    .split_once('#')
-                    .map(|(o, _)| o)
-                    .filter(|o| *o != "@")
-                    .map(str::to_owned),
+                owner: c.owner().map(str::to_owned),
                 limit: c.name().to_owned(),
                 unit: c.unit().to_owned(),
                 decimals: c.def.decimals,
@@ -426,6 +421,25 @@ impl Event {
     }
 }
 
+/// Runs `work` on a thread of its own named `name`, on a current-thread
+/// runtime with timers: the shape of every sink, listener and delivery
+/// thread (never on a decision's path).
+pub(crate) fn worker(
+    name: &str,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(work);
+            }
+        })
+}
+
 /// µs since the epoch as RFC 3339 UTC with milliseconds.
 #[must_use]
 pub fn rfc3339(us: Micros) -> String {
@@ -528,78 +542,70 @@ impl Listener {
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = Arc::clone(&counts);
         let mut rx = rx;
-        let thread = std::thread::Builder::new()
-            .name("ratewarden-listener".into())
-            .spawn(move || {
-                let _guard = guard;
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(async move {
-                    use tokio::sync::broadcast::error::TryRecvError;
-                    // While items flow, look again after a pause rather than
-                    // be woken by each one (a wake-up costs the sending
-                    // thread a system call); idle, wait for the next.
-                    let mut busy = false;
-                    loop {
-                        if !matches!(
-                            stopped.try_recv(),
-                            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-                        ) {
-                            return;
-                        }
-                        let item = match rx.try_recv() {
-                            Ok(x) => Ok(x),
-                            Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-                            Err(TryRecvError::Closed) => Err(RecvError::Closed),
-                            Err(TryRecvError::Empty) if busy => {
-                                tokio::select! {
-                                    biased;
-                                    _ = &mut stopped => return,
-                                    () = tokio::time::sleep(PAUSE) => {}
-                                }
-                                busy = false;
-                                continue;
-                            }
-                            Err(TryRecvError::Empty) => tokio::select! {
+        let thread = worker("ratewarden-listener", async move {
+            let _guard = guard;
+            {
+                use tokio::sync::broadcast::error::TryRecvError;
+                // While items flow, look again after a pause rather than
+                // be woken by each one (a wake-up costs the sending
+                // thread a system call); idle, wait for the next.
+                let mut busy = false;
+                loop {
+                    if !matches!(
+                        stopped.try_recv(),
+                        Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                    ) {
+                        return;
+                    }
+                    let item = match rx.try_recv() {
+                        Ok(x) => Ok(x),
+                        Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                        Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                        Err(TryRecvError::Empty) if busy => {
+                            tokio::select! {
                                 biased;
                                 _ = &mut stopped => return,
-                                e = rx.recv() => e,
-                            },
-                        };
-                        busy = true;
-                        match item {
-                            Ok(item) if wants(&item) => {
-                                shared.delivered.fetch_add(1, Ordering::Relaxed);
-                                let called =
-                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                        callback(&item)
-                                    }));
-                                let failure = match called {
-                                    Ok(Ok(())) => None,
-                                    Ok(Err(why)) => Some(why),
-                                    Err(panic) => Some(panic_text(panic.as_ref())),
-                                };
-                                if let Some(why) = failure {
-                                    shared.failed.fetch_add(1, Ordering::Relaxed);
-                                    *shared.last_error.lock() = Some(why);
-                                }
+                                () = tokio::time::sleep(PAUSE) => {}
                             }
-                            Ok(_) => {}
-                            Err(RecvError::Lagged(n)) => {
-                                shared.dropped.fetch_add(n, Ordering::Relaxed);
-                            }
-                            Err(RecvError::Closed) => return,
+                            busy = false;
+                            continue;
                         }
+                        Err(TryRecvError::Empty) => tokio::select! {
+                            biased;
+                            _ = &mut stopped => return,
+                            e = rx.recv() => e,
+                        },
+                    };
+                    busy = true;
+                    match item {
+                        Ok(item) if wants(&item) => {
+                            shared.delivered.fetch_add(1, Ordering::Relaxed);
+                            let called =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    callback(&item)
+                                }));
+                            let failure = match called {
+                                Ok(Ok(())) => None,
+                                Ok(Err(why)) => Some(why),
+                                Err(panic) => Some(panic_text(panic.as_ref())),
+                            };
+                            if let Some(why) = failure {
+                                shared.failed.fetch_add(1, Ordering::Relaxed);
+                                *shared.last_error.lock() = Some(why);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(n)) => {
+                            shared.dropped.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(RecvError::Closed) => return,
                     }
-                });
-            })
-            .map_err(|e| Error::Backend {
-                message: format!("the listener thread could not start: {e}"),
-            })?;
+                }
+            }
+        })
+        .map_err(|e| Error::Backend {
+            message: format!("the listener thread could not start: {e}"),
+        })?;
         Ok(Self {
             stop: Some(stop),
             thread: Some(thread),

@@ -114,17 +114,9 @@ pub(crate) fn start(
         Arc::clone(backend),
         Arc::clone(stats),
     );
-    let spawned = std::thread::Builder::new()
-        .name("ratewarden-outlets".into())
-        .spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(run(&outlets, rx, &*backend, &shared, &done));
-        });
+    let spawned = crate::events::worker("ratewarden-outlets", async move {
+        run(&outlets, rx, &*backend, &shared, &done).await;
+    });
     if let Err(e) = spawned {
         stats.lock().last_error = Some(format!("the outlet thread could not start: {e}"));
     }

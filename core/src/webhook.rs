@@ -445,17 +445,9 @@ pub(crate) fn start(
 ) {
     for ep in endpoints {
         let (endpoint, rx, sink) = (Arc::clone(ep), events.subscribe(), Arc::clone(log));
-        let spawned = std::thread::Builder::new()
-            .name("ratewarden-webhooks".into())
-            .spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(run(&endpoint, rx, &sink));
-            });
+        let spawned = crate::events::worker("ratewarden-webhooks", async move {
+            run(&endpoint, rx, &sink).await;
+        });
         if let Err(e) = spawned {
             push(
                 &mut log.lock().dead_letters,

@@ -296,18 +296,7 @@ impl Warden {
             || plan.operation().map_or_else(|| fastrand::u128(..), |o| o.0),
             |r| r.id.0,
         );
-        let mut amounts = smallvec::SmallVec::new();
-        for l in &d.limits {
-            if !amounts
-                .iter()
-                .any(|a: &crate::audit::UnitAmount| a.unit() == l.unit())
-            {
-                amounts.push(crate::audit::UnitAmount {
-                    def: Arc::clone(&l.def),
-                    amount: l.amount,
-                });
-            }
-        }
+        let amounts = crate::audit::per_unit(d.limits.iter().map(|l| (&l.def, l.amount)));
         let request = plan.request();
         self.inner.audit.send(crate::audit::Record {
             at: self.inner.clock.now(),
@@ -333,20 +322,11 @@ impl Warden {
         id: ReservationId,
         result: std::result::Result<Option<&CommitReceipt>, &Error>,
     ) {
-        let mut amounts = smallvec::SmallVec::new();
-        if let Ok(Some(receipt)) = result {
-            for c in &receipt.charges {
-                if !amounts
-                    .iter()
-                    .any(|a: &crate::audit::UnitAmount| a.unit() == c.unit())
-                {
-                    amounts.push(crate::audit::UnitAmount {
-                        def: Arc::clone(&c.def),
-                        amount: c.charged,
-                    });
-                }
-            }
-        }
+        let charges = match result {
+            Ok(Some(receipt)) => &receipt.charges[..],
+            _ => &[],
+        };
+        let amounts = crate::audit::per_unit(charges.iter().map(|c| (&c.def, c.charged)));
         let expired = matches!(result, Err(Error::ReservationExpired { .. }));
         self.inner.audit.send(crate::audit::Record {
             at: self.inner.clock.now(),
@@ -478,13 +458,7 @@ impl Warden {
             if c.def.thresholds.is_empty() || c.charged <= c.reserved {
                 continue;
             }
-            let owner = || {
-                c.key
-                    .split_once('#')
-                    .map(|(o, _)| o)
-                    .filter(|o| *o != "@")
-                    .map(str::to_owned)
-            };
+            let owner = || c.owner().map(str::to_owned);
             self.cross(
                 &c.def,
                 owner,

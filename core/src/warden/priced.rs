@@ -324,27 +324,31 @@ fn fitting_output(
     Some(fits)
 }
 
-/// The shrunk attempt's decision: allowed with `caps.max_tokens = fits`.
 /// A decision made on the fallback model `name` instead of `from`.
 fn on_fallback(mut d: Decision, from: &str, name: &str) -> Decision {
     d.caps.model = Some(Arc::from(name));
-    d.outcome = Outcome::AllowWithCaps;
-    let why = format!(
-        "the budget does not cover the call on `{from}`: allowed on the fallback `{name}` with caps.model (commit its usage on `{name}`)"
-    );
-    d.reason = Some(match d.reason.take() {
-        Some(r) => format!("{r}; {why}"),
-        None => why,
-    });
-    d
+    with_caps(
+        d,
+        format!(
+            "the budget does not cover the call on `{from}`: allowed on the fallback `{name}` with caps.model (commit its usage on `{name}`)"
+        ),
+    )
 }
 
+/// The shrunk attempt's decision: allowed with `caps.max_tokens = fits`.
 fn capped(mut d: Decision, fits: u64, asked: u64) -> Decision {
     d.caps.max_tokens = Some(d.caps.max_tokens.map_or(fits, |m| m.min(fits)));
+    with_caps(
+        d,
+        format!(
+            "the budget covers {fits} of the {asked} output tokens asked: allowed with caps.max_tokens"
+        ),
+    )
+}
+
+/// `d` as an allow with caps, `why` added to its reason.
+fn with_caps(mut d: Decision, why: String) -> Decision {
     d.outcome = Outcome::AllowWithCaps;
-    let why = format!(
-        "the budget covers {fits} of the {asked} output tokens asked: allowed with caps.max_tokens"
-    );
     d.reason = Some(match d.reason.take() {
         Some(r) => format!("{r}; {why}"),
         None => why,
