@@ -236,6 +236,11 @@ async fn outlets_are_checked_and_need_redis() {
             "not from 1",
         ),
         (
+            json!({"stream": {"max_len": 1_000_000_001u64}}),
+            "events.stream.max_len",
+            "not from 1",
+        ),
+        (
             json!({"stream": {"channel": "x"}}),
             "events.stream.channel",
             "has a `key`",
@@ -262,6 +267,9 @@ async fn outlets_are_checked_and_need_redis() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(path) && e.contains(says), "{e}");
+    }
+    for edge in [1u64, 1_000_000_000] {
+        Policy::from_value(&json!({"events": {"stream": {"max_len": edge}}})).unwrap();
     }
     let on = Policy::from_value(&json!({"events": {"stream": true, "publish": false}})).unwrap();
     let e = ratewarden::ops::Setup::default()

@@ -113,6 +113,11 @@ fn tool_lists_name_declared_actions_and_steps_are_counts() {
         ),
         (json!({"run": {"max_steps": 0}}), "scopes.run.max_steps"),
         (
+            json!({"run": {"max_steps": 9_007_199_254_740_992u64}}),
+            "scopes.run.max_steps",
+        ),
+        (json!({"run": {"max_steps": 1.5}}), "scopes.run.max_steps"),
+        (
             json!({"run": {"max_steps": "many"}}),
             "scopes.run.max_steps",
         ),
@@ -183,6 +188,9 @@ fn a_limit_in_debt_admits_again_once_topped_up() {
     assert_eq!(remaining(&d, "credits"), 3_000_000);
     let t = now(w.top_up(&scope, None, "credits", usd("100"))).unwrap();
     assert_eq!((t.credited, t.spent), (7_000_000, 0), "never below zero");
+    // The largest amount the books hold is accepted (there is nothing to give back).
+    let t = now(w.top_up(&scope, None, "credits", usd("9007199254.740991"))).unwrap();
+    assert_eq!((t.credited, t.spent), (0, 0));
     for (limit, amount, says) in [
         (
             "nope",
@@ -192,10 +200,22 @@ fn a_limit_in_debt_admits_again_once_topped_up() {
         ("rps", "1", "only quotas and budgets"),
         ("credits", "0", "a positive amount"),
         ("credits", "0.0000001", "usd"),
+        ("credits", "9007199254.740992", "usd"),
     ] {
         let e = now(w.top_up(&scope, None, limit, usd(amount)))
             .unwrap_err()
             .to_string();
         assert!(e.contains(says), "{limit} {amount}: {e}");
+    }
+}
+
+#[test]
+fn max_steps_takes_the_whole_range() {
+    for steps in [1u64, 9_007_199_254_740_991] {
+        let p = Policy::from_value(&json!({"scopes": {"run": {"max_steps": steps}}})).unwrap();
+        assert_eq!(
+            p.limit("run-steps").unwrap().limit,
+            i64::try_from(steps).unwrap()
+        );
     }
 }
