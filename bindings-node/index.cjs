@@ -232,8 +232,17 @@ function encodeCost(cost) {
 class Compact {
   constructor(n) {
     this.table = [];
-    for (const l of n.limitTable()) this.table[l.id] = l;
+    this.learn(n);
     this.buf = new Float64Array(1 + STRIDE * MAX_COMPACT_LIMITS);
+  }
+
+  /**
+   * Adds the policy in force's limits to the table. Serials are never reused by
+   * a reloaded policy, so entries of an earlier one stay valid for decisions
+   * made under it.
+   */
+  learn(n) {
+    for (const l of n.limitTable()) this.table[l.id] = l;
   }
 
   /** The decision encoded in `buf` from `base` (the embedded engine's shared buffer, or an async answer). */
@@ -515,6 +524,25 @@ class Warden {
     const path = typeof policy === 'string' ? policy : null;
     w.#attach(await native.NativeWarden.connect(json, path, rest, clock ?? null).catch(rethrow));
     return w;
+  }
+
+  /**
+   * Puts a new policy (an object, or a file path) in force; returns what changed
+   * (`{ added, removed, changed, repriced }`). Throws a PolicyError and keeps the
+   * policy in force when the new one is invalid or cannot replace it.
+   */
+  reload(policy) {
+    const n = this.#live();
+    const json = typeof policy === 'string' ? null : policyJson(policy);
+    const path = typeof policy === 'string' ? policy : null;
+    let changes;
+    try {
+      changes = n.reload(json, path);
+    } catch (e) {
+      throw typed(e);
+    }
+    this.#compact.learn(n);
+    return changes;
   }
 
   /** `'memory'` or `'redis'`. */

@@ -229,7 +229,20 @@ export type EventType =
   | 'limit.exhausted'
   | 'reservation.overage'
   | 'reservation.expired'
-  | 'limit.debt_incurred';
+  | 'limit.debt_incurred'
+  | 'policy.reloaded';
+
+/** What `Warden.reload` changed, by name. */
+export interface PolicyChanges {
+  /** Limits the new policy declares and the old one did not. */
+  added: string[];
+  /** Limits the old policy declared and the new one does not. */
+  removed: string[];
+  /** Limits in both whose definition differs (capacity, window, rules…). */
+  changed: string[];
+  /** Resources whose `pricing:` or `shrink:` differ. */
+  repriced: string[];
+}
 
 /** An event as `onEvent` callbacks and webhook receivers get it. */
 export interface WardenEvent {
@@ -315,6 +328,17 @@ export declare class Warden {
   static connect(policy: object | string, options?: Options): Promise<Warden>;
   /** `'memory'` (embedded) or `'redis'`. */
   readonly backend: 'memory' | 'redis';
+  /**
+   * Puts a new policy (an object, or a file path) in force without a restart:
+   * every later decision uses its prices, limits, caps and rules; what was
+   * counted carries over (a budget half spent stays half spent of its new
+   * size); reservations made before settle under the limits they hold. Emits
+   * a `policy.reloaded` event. Throws a `PolicyError` (and keeps the policy in
+   * force) for an invalid policy or one a running warden cannot take: a
+   * unit's decimals, a limit's unit or kind, or `webhooks:` / `events:` /
+   * `audit:` changed. Synchronous.
+   */
+  reload(policy: object | string): PolicyChanges;
   /** Lets go of the backend and closes its event listeners; later calls reject with a `WardenError`. */
   close(): void;
   /**

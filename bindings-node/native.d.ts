@@ -84,6 +84,8 @@ export declare class NativeWarden {
   constructor(json?: string | undefined | null, path?: string | undefined | null, options?: WardenOptions | undefined | null, clock?: ManualClock | undefined | null)
   /** Connects first (rejects with a BackendError if Redis cannot be reached). */
   static connect(json?: string | undefined | null, path?: string | undefined | null, options?: WardenOptions | undefined | null, clock?: ManualClock | undefined | null): Promise<NativeWarden>
+  /** Puts a new policy (JSON text or a file path) in force; what changed. */
+  reload(json?: string | undefined | null, path?: string | undefined | null): PolicyChanges
   /** Whether decisions are made in this process (every call answers at once). */
   get embedded(): boolean
   /** `memory` or `redis`. */
@@ -449,7 +451,10 @@ export interface LimitInfo {
 
 /** One limit of the policy, as compact decisions refer to it (by `id`). */
 export interface LimitMeta {
-  /** Position in the policy: the index compact decisions use. */
+  /**
+   * The limit's serial ([`ratewarden::Policy::serial_of`]): the index
+   * compact decisions use, never reused by a reloaded policy.
+   */
   id: number
   /** Its name in the policy. */
   name: string
@@ -517,6 +522,18 @@ export interface ParsedHeaders {
  * epoch; default: this machine's clock).
  */
 export declare function parseHeaders(headers: Array<Array<string>>, now?: number | undefined | null): ParsedHeaders
+
+/** What a reload changed, by name. */
+export interface PolicyChanges {
+  /** Limits the new policy declares and the old one did not. */
+  added: Array<string>
+  /** Limits the old policy declared and the new one does not. */
+  removed: Array<string>
+  /** Limits in both whose definition differs. */
+  changed: Array<string>
+  /** Resources whose prices (or `shrink:`) differ. */
+  repriced: Array<string>
+}
 
 /** What a usage costs: `warden.cost` / `warden.estimate`. */
 export interface Priced {

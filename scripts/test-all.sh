@@ -47,7 +47,7 @@ cargo test --workspace --quiet
 # 3-master Redis Cluster (throwaway servers on free ports, stopped on exit).
 engine_suites=(--test rate --test quota --test reservations --test delegation
   --test priority --test flows --test bad_input --test range --test settle
-  --test coordination --test pool --test pricing --test model --test tools)
+  --test coordination --test pool --test pricing --test model --test tools --test reload)
 servers=$(python3 scripts/redis_harness.py start --cluster)
 servers_dir=$(printf '%s' "$servers" | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
 trap 'python3 scripts/redis_harness.py stop "$servers_dir"' EXIT

@@ -52,8 +52,9 @@ pub fn compact_layout() -> CompactLayout {
 /// One limit of the policy, as compact decisions refer to it (by `id`).
 #[napi(object)]
 pub struct LimitMeta {
-    /// Position in the policy: the index compact decisions use.
-    pub id: u32,
+    /// The limit's serial ([`ratewarden::Policy::serial_of`]): the index
+    /// compact decisions use, never reused by a reloaded policy.
+    pub id: i64,
     /// Its name in the policy.
     pub name: String,
     /// `rate`, `quota`, `concurrency` or `budget`.
@@ -88,7 +89,7 @@ pub(crate) fn cost_of_text(text: &str) -> Result<Cost> {
 /// Writes an allowed, plain decision into `out`; `None` if it does not fit the
 /// compact form (the caller then returns the full object).
 #[allow(clippy::cast_precision_loss)]
-pub(crate) fn compact(d: &CoreDecision, out: &mut [f64]) -> Option<u32> {
+pub(crate) fn compact(d: &CoreDecision, out: &mut [f64], policy: &Policy) -> Option<u32> {
     const EXACT: i64 = 1 << 53;
     let plain = matches!(d.outcome, ratewarden::decision::Outcome::Allow)
         && d.reason.is_none()
@@ -106,8 +107,11 @@ pub(crate) fn compact(d: &CoreDecision, out: &mut [f64]) -> Option<u32> {
         if l.denied || l.def.decimals != 0 || l.remaining.abs() > EXACT || l.amount.abs() > EXACT {
             return None;
         }
+        // A decision made under a policy since reloaded: its limits are not
+        // in the table the JS layer holds for this one.
+        let serial = policy.serial_of(&l.def).filter(|s| *s < EXACT as u64)?;
         let at = 1 + i * COMPACT_STRIDE;
-        out[at] = f64::from(l.def.id);
+        out[at] = serial as f64;
         out[at + 1] = l.remaining as f64;
         out[at + 2] = l.amount as f64;
         out[at + 3] = l.reset.as_secs_f64();
@@ -129,11 +133,14 @@ impl NativeWarden {
     /// The policy's limits, indexed by `id`, for reading compact decisions.
     #[napi]
     pub fn limit_table(&self) -> Vec<LimitMeta> {
-        self.warden
-            .policy()
+        let policy = self.warden.policy();
+        policy
             .limits()
             .map(|l| LimitMeta {
-                id: l.id,
+                id: policy
+                    .serial_of(l)
+                    .and_then(|s| i64::try_from(s).ok())
+                    .unwrap_or(-1),
                 name: l.name.clone(),
                 kind: l.kind.name().to_owned(),
                 unit: l.unit.clone(),
@@ -167,7 +174,10 @@ impl NativeWarden {
         } else {
             self.sync(self.warden.check(&req))?
         };
-        Ok(match compact(&d, writable(&mut out)) {
+        let code = self
+            .warden
+            .with_policy(|p| compact(&d, writable(&mut out), p));
+        Ok(match code {
             Some(code) => Either::A(code),
             None => Either::B(decision_of(&d)),
         })
@@ -201,13 +211,15 @@ impl NativeWarden {
             })
             .or_throw()?;
             let mut out = vec![0.0; 2 + d.limits.len() * COMPACT_STRIDE];
-            Ok(match compact(&d, &mut out[1..]) {
-                Some(code) => {
-                    out[0] = f64::from(code);
-                    Either::A(out)
-                }
-                None => Either::B(decision_of(&d)),
-            })
+            Ok(
+                match warden.with_policy(|p| compact(&d, &mut out[1..], p)) {
+                    Some(code) => {
+                        out[0] = f64::from(code);
+                        Either::A(out)
+                    }
+                    None => Either::B(decision_of(&d)),
+                },
+            )
         })
     }
 }

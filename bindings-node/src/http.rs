@@ -55,7 +55,7 @@ impl NativeWarden {
         )
         .or_throw()?;
         // Resource, action and cost against the policy: a typo fails here, once.
-        ratewarden::plan::check_parts(self.warden.policy(), &request).or_throw()?;
+        ratewarden::plan::check_parts(&self.warden.policy(), &request).or_throw()?;
         let template = Template {
             request,
             style: style_of(&style)?,

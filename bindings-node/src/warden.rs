@@ -72,6 +72,18 @@ impl NativeWarden {
         })
     }
 
+    /// Puts a new policy (JSON text or a file path) in force; what changed.
+    #[napi]
+    pub fn reload(&self, json: Option<String>, path: Option<String>) -> Result<PolicyChanges> {
+        let changes = self.warden.reload(policy_of(json, path)?).or_throw()?;
+        Ok(PolicyChanges {
+            added: changes.added,
+            removed: changes.removed,
+            changed: changes.changed,
+            repriced: changes.repriced,
+        })
+    }
+
     /// Whether decisions are made in this process (every call answers at once).
     #[napi(getter)]
     pub fn embedded(&self) -> bool {
@@ -813,4 +825,17 @@ async fn observed(
         None => warden.observe(resource, &pairs).await,
         Some(s) => warden.report(resource, s, &pairs).await,
     }
+}
+
+/// What a reload changed, by name.
+#[napi(object)]
+pub struct PolicyChanges {
+    /// Limits the new policy declares and the old one did not.
+    pub added: Vec<String>,
+    /// Limits the old policy declared and the new one does not.
+    pub removed: Vec<String>,
+    /// Limits in both whose definition differs.
+    pub changed: Vec<String>,
+    /// Resources whose prices (or `shrink:`) differ.
+    pub repriced: Vec<String>,
 }

@@ -62,7 +62,7 @@ impl NativeWarden {
         if self.generation.load(Ordering::Acquire) == generation {
             return Ok(current);
         }
-        let fresh = block(py, self.config.connect(current.policy().clone())).or_raise()?;
+        let fresh = block(py, self.config.connect((*current.policy()).clone())).or_raise()?;
         self.warden.store(std::sync::Arc::new(fresh.clone()));
         self.generation.store(generation, Ordering::Release);
         Ok(fresh)
@@ -185,13 +185,7 @@ impl NativeWarden {
         clock: Option<PyRef<'_, ManualClock>>,
         lazy: bool,
     ) -> PyResult<Self> {
-        let policy = match (json, path) {
-            (Some(text), None) => {
-                Policy::from_str_as(text, ratewarden::Format::Json, "<dict>").or_raise()?
-            }
-            (None, Some(p)) => Policy::from_file(&p).or_raise()?,
-            _ => return Err(invalid("policy", "give exactly one of json= or path=")),
-        };
+        let policy = policy_of(json, path)?;
         let config = Setup {
             on_error: ratewarden::ops::on_backend_error(on_backend_error, local_share)
                 .or_raise()?,
@@ -565,6 +559,25 @@ impl NativeWarden {
         Ok(out.into_any().unbind())
     }
 
+    /// Puts a new policy (`json=` text or a `path=`) in force; a dict of the
+    /// limits `added`, `removed`, `changed` and the resources `repriced`.
+    #[pyo3(signature = (json=None, path=None))]
+    fn reload(
+        &self,
+        py: Python<'_>,
+        json: Option<&str>,
+        path: Option<PathBuf>,
+    ) -> PyResult<Py<PyAny>> {
+        let policy = policy_of(json, path)?;
+        let changes = self.warden(py)?.reload(policy).or_raise()?;
+        let out = PyDict::new(py);
+        out.set_item("added", changes.added)?;
+        out.set_item("removed", changes.removed)?;
+        out.set_item("changed", changes.changed)?;
+        out.set_item("repriced", changes.repriced)?;
+        Ok(out.into_any().unbind())
+    }
+
     /// Waits up to `timeout` seconds until the audit sinks wrote every record so far.
     #[pyo3(signature = (timeout=5.0))]
     fn flush_audit(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
@@ -818,5 +831,16 @@ impl NativeWarden {
             Ok::<_, ratewarden::Error>(w.finish(id, outcome).await)
         });
         self.answer(py, op, asynchronous, problem_to_py)
+    }
+}
+
+/// A policy from JSON text (a dict, dumped by the Python layer) or a file.
+fn policy_of(json: Option<&str>, path: Option<PathBuf>) -> PyResult<Policy> {
+    match (json, path) {
+        (Some(text), None) => {
+            Policy::from_str_as(text, ratewarden::Format::Json, "<dict>").or_raise()
+        }
+        (None, Some(p)) => Policy::from_file(&p).or_raise(),
+        _ => Err(invalid("policy", "give exactly one of json= or path=")),
     }
 }

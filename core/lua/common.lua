@@ -190,11 +190,22 @@ end
 -- stored number stays exact in a double (eval.rs MAX_AMOUNT, RATE_DEBT_MAX).
 local MAX_AMOUNT = 9007199254740991
 
--- The debt of the rate limit hash `key` at `now`.
-local function rate_debt(key, now, l)
-  local st = redis.call("HMGET", key, "d", "t")
+-- The debt of the rate limit hash `key` at `now`, in the terms of the rate
+-- whose p and l are given (eval.rs rate_debt_restated): a debt written under
+-- another rate (a reloaded policy; its p and l are stored beside it) drains at
+-- its own pace until now, then the units it holds carry over, rounded up.
+local function rate_debt(key, now, p, l)
+  local st = redis.call("HMGET", key, "d", "t", "p", "l")
   if not st[1] then return 0 end
-  return rate_debt_now(tonumber(st[1]), tonumber(st[2]), now, l)
+  local d, t = tonumber(st[1]), tonumber(st[2])
+  local kp, kl = tonumber(st[3]), tonumber(st[4])
+  if not kp or not kl or (kp == p and kl == l) or kp <= 0 or kl <= 0 then
+    return rate_debt_now(d, t, now, l)
+  end
+  local a = rate_debt_now(d, t, now, kl) * p
+  local q = math.floor(a / kp)
+  if q * kp < a then q = q + 1 end
+  return math.min(q, MAX_AMOUNT)
 end
 
 -- One rate limit's decision (eval.rs rate_eval): allowed, remaining, reset,

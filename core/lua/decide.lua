@@ -198,7 +198,7 @@ for i = 1, n do
     need, behind = with_ahead(it.amount, ahead, it.usable)
   end
   if it.kind == "r" then
-    local debt, after = rate_debt(it.key, now, it.l), nil
+    local debt, after = rate_debt(it.key, now, it.p, it.l), nil
     allowed, remaining, reset, retry, after =
       rate_step(debt, it.amount, it.usable, it.cap, it.p, it.l)
     if need ~= it.amount then
@@ -279,7 +279,7 @@ if all and mode ~= "check" then
   for i = 1, n do
     local it = items[i]
     if it.kind == "r" then
-      redis.call("HSET", it.key, "d", it.debt_after, "t", now)
+      redis.call("HSET", it.key, "d", it.debt_after, "t", now, "p", it.p, "l", it.l)
       expire_at(it.key, now + ceil_div(it.debt_after, it.l), now)
     else
       local last = it.wend

@@ -4,7 +4,8 @@
 -- windows: decide.lua's rate branch formula for formula (core/src/eval.rs), the
 -- same answer shape, a third of the arguments.
 --
--- KEYS[1..n]  one hash per rate limit instance (d = debt, t = time of d)
+-- KEYS[1..n]  one hash per rate limit instance (d = debt, t = time of d,
+--             p and l = the rate d is in)
 -- KEYS[n+1]   with an operation id: where the answer is remembered
 --
 -- ARGV[1]  now in µs, or "-1" to read the server clock (TIME) — production always does
@@ -37,7 +38,7 @@ for i = 1, n do
   local amount, cap, usable = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local p, l = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   local allowed, remaining, reset, retry, after =
-    rate_step(rate_debt(KEYS[i], now, l), amount, usable, cap, p, l)
+    rate_step(rate_debt(KEYS[i], now, p, l), amount, usable, cap, p, l)
   if not allowed then all = false end
   debts[i] = after
   results[#results + 1] = allowed and 1 or 0
@@ -49,8 +50,8 @@ end
 
 if all and ARGV[2] == "acquire" then
   for i = 1, n do
-    local l = tonumber(ARGV[7 + 5 * (i - 1) + 4])
-    redis.call("HSET", KEYS[i], "d", debts[i], "t", now)
+    local p, l = ARGV[7 + 5 * (i - 1) + 3], tonumber(ARGV[7 + 5 * (i - 1) + 4])
+    redis.call("HSET", KEYS[i], "d", debts[i], "t", now, "p", p, "l", l)
     expire_at(KEYS[i], now + ceil_div(debts[i], l), now)
   end
 end

@@ -171,9 +171,9 @@ for k, it in ipairs(list) do
   end
   if it.kind == "r" then
     -- eval.rs rate_settle: refunds never below zero, overage saturates.
-    local d = rate_debt(it.key, now, it.l) + (charged - it.amount) * it.p
+    local d = rate_debt(it.key, now, it.p, it.l) + (charged - it.amount) * it.p
     d = math.min(math.max(d, 0), MAX_AMOUNT)
-    redis.call("HSET", it.key, "d", d, "t", now)
+    redis.call("HSET", it.key, "d", d, "t", now, "p", it.p, "l", it.l)
     expire_in(it.key, ceil_div(d, it.l))
   else
     drop_hold(it.key, it.kind == "c" and charged or 0)

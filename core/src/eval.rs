@@ -53,6 +53,34 @@ pub fn rate_debt_now(spec: &RateSpec, debt: i64, at: Micros, now: Micros) -> i64
     }
 }
 
+/// The debt at `now` of a rate state written under a spec whose `p` and
+/// `l` were `kept`, in `spec`'s terms: it drains at the pace it was written
+/// under until `now`, then the units it still holds carry over (rounded up)
+/// — a reloaded policy's new rate starts from what was taken, in units,
+/// never from a debt measured in another rate's time. `kept` equal to
+/// `spec`'s (every state but the first after a reload): [`rate_debt_now`].
+#[must_use]
+pub fn rate_debt_restated(
+    spec: &RateSpec,
+    debt: i64,
+    at: Micros,
+    kept: (i64, i64),
+    now: Micros,
+) -> i64 {
+    if kept == (spec.p, spec.l) || kept.0 <= 0 || kept.1 <= 0 {
+        return rate_debt_now(spec, debt, at, now);
+    }
+    let old = RateSpec {
+        p: kept.0,
+        l: kept.1,
+        ..*spec
+    };
+    let d = i128::from(rate_debt_now(&old, debt, at, now));
+    let (p_old, p_new) = (i128::from(kept.0), i128::from(spec.p));
+    let restated = (d * p_new + p_old - 1) / p_old;
+    i64::try_from(restated.min(i128::from(crate::amount::MAX_AMOUNT))).unwrap_or(i64::MAX)
+}
+
 /// Evaluates a rate limit; returns the evaluation and the debt after admitting.
 ///
 /// Exact over the whole accepted range: an amount above `usable` is refused

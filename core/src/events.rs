@@ -121,6 +121,16 @@ pub enum Event {
         /// When (µs since the epoch, the warden's clock).
         at: Micros,
     },
+    /// [`crate::Warden::reload`] put a new policy in force: what it
+    /// changed, by name. Emitted by the process that reloaded.
+    PolicyReloaded {
+        /// Where the new policy came from (file path or `<inline>`).
+        source: String,
+        /// Limits added, removed and changed; resources repriced.
+        changes: Box<crate::policy::Changes>,
+        /// When (µs since the epoch, the warden's clock).
+        at: Micros,
+    },
     /// The shared backend answered again after degraded decisions.
     BackendRecovered {
         /// How long decisions were degraded.
@@ -223,7 +233,7 @@ impl Overage {
 }
 
 /// Every event type, as [`Event::type_name`] spells it.
-pub const TYPES: [&str; 12] = [
+pub const TYPES: [&str; 13] = [
     "backend.unavailable",
     "backend.recovered",
     "decision.degraded",
@@ -236,6 +246,7 @@ pub const TYPES: [&str; 12] = [
     "reservation.overage",
     "reservation.expired",
     "limit.debt_incurred",
+    "policy.reloaded",
 ];
 
 /// Which events a sink or listener wants: event types (`limit.exhausted`)
@@ -331,6 +342,7 @@ impl Event {
             Self::Overage(_) => "reservation.overage",
             Self::DebtIncurred(_) => "limit.debt_incurred",
             Self::ReservationExpired { .. } => "reservation.expired",
+            Self::PolicyReloaded { .. } => "policy.reloaded",
         }
     }
 
@@ -345,7 +357,8 @@ impl Event {
             | Self::Breaker { at, .. }
             | Self::Cascade { at, .. }
             | Self::BackendRecovered { at, .. }
-            | Self::ReservationExpired { at, .. } => *at,
+            | Self::ReservationExpired { at, .. }
+            | Self::PolicyReloaded { at, .. } => *at,
             Self::ThresholdCrossed(c) | Self::LimitExhausted(c) => c.at,
             Self::Overage(o) | Self::DebtIncurred(o) => o.at,
         }
@@ -417,6 +430,15 @@ impl Event {
                 operation,
                 ..
             } => json!({ "reservation": reservation, "operation": operation }),
+            Self::PolicyReloaded {
+                source, changes, ..
+            } => json!({
+                "source": source,
+                "added": changes.added,
+                "removed": changes.removed,
+                "changed": changes.changed,
+                "repriced": changes.repriced,
+            }),
         }
     }
 }

@@ -589,7 +589,14 @@ impl<'p> Plan<'p> {
         (0..self.items.len()).map(|i| self.get(i))
     }
 
-    /// The scope of the request.
+    /// The policy it was resolved against (a warden's snapshot: every step
+    /// of one operation reads the same one).
+    #[must_use]
+    pub fn policy(&self) -> &'p Policy {
+        self.policy
+    }
+
+    /// The scope that spends.
     #[must_use]
     pub fn scope(&self) -> &'p Scope {
         self.scope

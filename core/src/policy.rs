@@ -25,9 +25,11 @@ mod build;
 mod describe;
 mod parse;
 mod raw;
+mod reload;
 
 pub use describe::fmt_duration;
 pub use parse::parse_duration;
+pub use reload::Changes;
 // The loader's parts see one another through this module.
 #[allow(clippy::wildcard_imports)]
 use {build::*, describe::*, parse::*, raw::*};
@@ -303,6 +305,12 @@ pub struct Policy {
     pub(crate) by_name: HashMap<String, Arc<LimitDef>>,
     /// Every limit by [`LimitDef::id`].
     pub(crate) all: Vec<Arc<LimitDef>>,
+    /// Limits earlier policies of the same warden had and this one does not
+    /// (for receipts of reservations made before a reload).
+    pub(crate) retired: HashMap<String, Arc<LimitDef>>,
+    /// The serial of its first limit ([`Policy::serial_of`]): 0, or after a
+    /// reload, past every serial of the policies before it.
+    pub(crate) serial_base: u64,
     /// Where events are delivered (`webhooks:`).
     pub(crate) webhooks: Vec<Arc<crate::webhook::Endpoint>>,
     /// Where events are appended or published on Redis (`events:`).

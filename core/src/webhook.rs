@@ -18,7 +18,18 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct Secret {
     key: hmac::Key,
+    /// The key's HMAC of a fixed label: equal secrets have equal ones, and
+    /// it does not give the key away.
+    fingerprint: [u8; 32],
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+}
+
+impl Eq for Secret {}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,9 +60,10 @@ impl Secret {
                 ),
             });
         }
-        Ok(Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
-        })
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &bytes);
+        let mut fingerprint = [0; 32];
+        fingerprint.copy_from_slice(hmac::sign(&key, b"ratewarden secret fingerprint").as_ref());
+        Ok(Self { key, fingerprint })
     }
 
     /// The `webhook-signature` header value of a message: `v1,<base64>`.
@@ -256,7 +268,7 @@ pub const LOG_CAPACITY: usize = 1000;
 /// Where events are delivered (`webhooks:` in the policy): an HTTP(S)
 /// endpoint, its signing secret, the event types it wants, and how hard to
 /// try.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     /// The URL, as given.
     pub url: String,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # not run as plain scripts.
 SERVERS = {"asgi_app", "openai_agents"}
 # Print their own story (tested below).
-OWN_OUTPUT = {"pricing", "webhook_receiver", "audit_and_events"}
+OWN_OUTPUT = {"pricing", "webhook_receiver", "audit_and_events", "reload"}
 EXAMPLES = sorted(p for p in (ROOT / "examples" / "python").glob("*.py") if p.stem not in SERVERS | OWN_OUTPUT)
 
 
@@ -118,3 +118,14 @@ def test_the_events_and_audit_example_prints_its_story() -> None:
     ], out.stdout + out.stderr
     blocks = re.findall(r"```python audit\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks == [path.read_text()], "the README shows examples/python/audit_and_events.py as it is"
+
+
+def test_the_reload_example_changes_prices_and_keeps_the_spend() -> None:
+    path = ROOT / "examples" / "python" / "reload.py"
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, check=True)
+    readme = (ROOT / "README.md").read_text()
+    shown = re.findall(r"```python reload\n.*?```\n\n```text\n(.*?)```", readme, re.S)
+    assert shown and out.stdout.splitlines() == shown[0].splitlines(), out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == "left: $14 of $20 (the $6 spent stays spent)"
+    blocks = re.findall(r"```python reload\n(.*?)```", readme, re.S)
+    assert blocks == [path.read_text()], "the README shows examples/python/reload.py as it is"

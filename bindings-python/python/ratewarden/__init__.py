@@ -94,6 +94,18 @@ Cost = Mapping[str, Amount]
 Usage = Mapping[str, Amount]
 
 
+def _policy_source(policy: Any) -> Dict[str, Any]:
+    """The native arguments for a policy given as a dict (``json=``) or a path (``path=``)."""
+    if isinstance(policy, Mapping):
+        try:
+            return {"json": json.dumps(policy)}
+        except (TypeError, ValueError) as e:
+            raise PolicyError(f"policy: not a JSON-like document: {e}") from None
+    if isinstance(policy, (str, os.PathLike)):
+        return {"path": os.fspath(policy)}
+    raise InvalidInput(f"invalid policy: expected a dict or a file path, got {type(policy).__name__}")
+
+
 class Reservation:
     """A held reservation: what :meth:`Warden.reserve` returns.
 
@@ -510,16 +522,7 @@ class Warden:
             timeout=timeout,
             clock=clock,
         )
-        if isinstance(policy, Mapping):
-            try:
-                text = json.dumps(policy)
-            except (TypeError, ValueError) as e:
-                raise PolicyError(f"policy: not a JSON-like document: {e}") from None
-            source: Dict[str, Any] = {"json": text}
-        elif isinstance(policy, (str, os.PathLike)):
-            source = {"path": os.fspath(policy)}
-        else:
-            raise InvalidInput(f"invalid policy: expected a dict or a file path, got {type(policy).__name__}")
+        source = _policy_source(policy)
         if clock is not None and not isinstance(clock, ManualClock):
             raise InvalidInput(f"invalid clock: expected a ratewarden.ManualClock, got {type(clock).__name__}")
         self._listeners: List[Listener] = []
@@ -534,6 +537,23 @@ class Warden:
     def from_file(cls, path: Union[str, os.PathLike[str]], backend: Optional[str] = None, **options: Any) -> Warden:
         """A warden for the policy file at ``path`` (YAML, JSON or TOML by extension)."""
         return cls(os.fspath(path), backend=backend, **options)
+
+    def reload(self, policy: Union[Mapping[str, Any], str, os.PathLike[str]]) -> Dict[str, List[str]]:
+        """Puts a new policy (a dict, or a file path) in force without a restart.
+
+        Every decision that starts afterwards uses its prices, limits, caps and
+        rules; one under way finishes under the old policy. What was counted
+        carries over (a budget half spent stays half spent of its new size), and
+        reservations made before settle under the limits they hold. Emits a
+        ``policy.reloaded`` event. Returns what changed: a dict of the limits
+        ``added``, ``removed`` and ``changed`` and the resources ``repriced``.
+
+        Raises :class:`PolicyError` — and keeps the policy in force — for an
+        invalid policy or one a running warden cannot take: a unit's decimals,
+        a limit's unit or kind, or the ``webhooks:`` / ``events:`` / ``audit:``
+        sinks changed.
+        """
+        return self._native.reload(**_policy_source(policy))
 
     @property
     def backend(self) -> str:

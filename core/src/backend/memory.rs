@@ -21,7 +21,7 @@ use crate::clock::{Clock, Micros};
 use crate::decision::{Charge, CommitReceipt, Decision, ReservationId, ReservationInfo};
 use crate::error::{Error, Result};
 use crate::eval::{
-    ItemEval, assemble_with, counter_add, counter_eval, rate_debt_now, rate_eval, rate_settle,
+    ItemEval, assemble_with, counter_add, counter_eval, rate_debt_restated, rate_eval, rate_settle,
 };
 use crate::plan::{KeyRef, Plan, PlannedLimit};
 use crate::policy::{LimitDef, LimitKind, Overage, Policy};
@@ -58,6 +58,9 @@ enum State {
     Rate {
         debt: i64,
         at: Micros,
+        /// The `p` and `l` of the spec `debt` is in (a reloaded policy's
+        /// may differ: see [`crate::eval::rate_debt_restated`]).
+        kept: (i64, i64),
     },
     Counter {
         window: i64,
@@ -224,7 +227,11 @@ impl Locked<'_> {
 
 fn fresh_state(def: &LimitDef, now: Micros, window: i64) -> State {
     match &def.kind {
-        LimitKind::Rate(_) => State::Rate { debt: 0, at: now },
+        LimitKind::Rate(r) => State::Rate {
+            debt: 0,
+            at: now,
+            kept: (r.p, r.l),
+        },
         LimitKind::Quota(_) | LimitKind::Budget(_) => State::Counter {
             window,
             used: 0,
@@ -323,7 +330,11 @@ fn counter_room(slot: &Slot, wid: i64) -> (i64, i64) {
 
 fn idle_at(def: &LimitDef, state: &State, now: Micros, end: Micros) -> Micros {
     match (state, &def.kind) {
-        (State::Rate { debt, at }, LimitKind::Rate(r)) => at + crate::eval::ceil_div(*debt, r.l),
+        // It drains at the pace it was written under (a reload restates it
+        // only when it is next touched).
+        (State::Rate { debt, at, kept }, LimitKind::Rate(_)) => {
+            at + crate::eval::ceil_div(*debt, kept.1)
+        }
         (State::Counter { used, holds, .. }, _) => {
             let base = if end == i64::MAX {
                 if *used == 0 { now } else { i64::MAX }
@@ -637,7 +648,9 @@ impl MemoryBackend {
             LimitKind::Rate(spec) => {
                 let usable = def.floors.usable(spec.burst, served);
                 let debt = match slot.map(|s| &s.state) {
-                    Some(State::Rate { debt, at }) => rate_debt_now(spec, *debt, *at, now),
+                    Some(State::Rate { debt, at, kept }) => {
+                        rate_debt_restated(spec, *debt, *at, *kept, now)
+                    }
                     _ => 0,
                 };
                 rate_eval(spec, debt, item.amount, usable).0
@@ -735,10 +748,11 @@ impl MemoryBackend {
     ) {
         let def = &**item.def;
         match (&mut slot.state, &def.kind) {
-            (State::Rate { debt, at }, LimitKind::Rate(spec)) => {
+            (State::Rate { debt, at, kept }, LimitKind::Rate(spec)) => {
                 // Admitted: amount ≤ usable and the debt fits the room it leaves (eval.rs).
-                *debt = rate_debt_now(spec, *debt, *at, now) + item.amount * spec.p;
+                *debt = rate_debt_restated(spec, *debt, *at, *kept, now) + item.amount * spec.p;
                 *at = now;
+                *kept = (spec.p, spec.l);
             }
             (
                 State::Counter {
@@ -1401,14 +1415,15 @@ impl MemoryBackend {
                 now,
             );
             match (&mut slot.state, &item.def.kind) {
-                (State::Rate { debt, at }, LimitKind::Rate(spec)) => {
+                (State::Rate { debt, at, kept }, LimitKind::Rate(spec)) => {
                     *debt = rate_settle(
                         spec,
-                        rate_debt_now(spec, *debt, *at, now),
+                        rate_debt_restated(spec, *debt, *at, *kept, now),
                         item.amount,
                         charged,
                     );
                     *at = now;
+                    *kept = (spec.p, spec.l);
                 }
                 (
                     State::Counter {

@@ -328,6 +328,8 @@ pub(super) fn build(ctx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy> {
         actions,
         by_name,
         all,
+        retired: HashMap::new(),
+        serial_base: 0,
         webhooks,
         outlets,
         audit,

@@ -56,7 +56,8 @@ impl Warden {
                 "an allocation's lease is longer than zero and at most a day",
             ));
         }
-        let policy = &*self.inner.policy;
+        let snapshot = self.inner.policy.load();
+        let policy = &*snapshot;
         let resolved = resolve_cost(policy, amounts)?;
         if resolved.is_empty() || resolved.iter().any(|(_, a)| *a <= 0) {
             return Err(Error::invalid(
@@ -145,7 +146,8 @@ impl Warden {
         resource: Option<&str>,
         op: impl for<'o> Fn(&'o str) -> AllotOp<'o>,
     ) -> Result<usize> {
-        let policy = &*self.inner.policy;
+        let snapshot = self.inner.policy.load();
+        let policy = &*snapshot;
         let names: Vec<&str> = match resource {
             Some(r) => vec![r],
             None => policy.resources.keys().map(String::as_str).collect(),

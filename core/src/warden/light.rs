@@ -40,7 +40,7 @@ impl Warden {
 
     /// Whether `resource`'s upstream is limited now (see [`Warden::backpressure`]).
     async fn limited(&self, resource: &str) -> bool {
-        let Ok(c) = self.coordination(resource) else {
+        let Ok(c) = &self.coordination(resource) else {
             return false;
         };
         match self
@@ -107,7 +107,7 @@ impl Warden {
     /// # Errors
     /// As [`Warden::observe`].
     pub async fn upstream(&self, resource: &str) -> Result<UpstreamView> {
-        let c = self.coordination(resource)?;
+        let c = &self.coordination(resource)?;
         let o = self
             .inner
             .backend
@@ -125,7 +125,7 @@ impl Warden {
     /// As [`Plan::build`] and [`Warden::coordination`]; a request without a
     /// resource is [`Error::InvalidArgument`].
     pub fn check_governed(&self, request: &crate::Request) -> Result<()> {
-        Plan::build(&self.inner.policy, request)?;
+        Plan::build(&self.inner.policy.load(), request)?;
         let resource = request.resource.as_deref().ok_or_else(|| {
             Error::invalid(
                 "resource",
@@ -141,9 +141,10 @@ impl Warden {
     /// # Errors
     /// [`Error::Unknown`] for an undeclared resource,
     /// [`Error::InvalidArgument`] for one without `upstream:` in the policy.
-    pub fn coordination(&self, resource: &str) -> Result<&Coordination> {
-        let target = self.inner.policy.declared_resource(resource)?;
-        target.upstream.as_ref().ok_or_else(|| {
+    pub fn coordination(&self, resource: &str) -> Result<Coordination> {
+        let policy = self.inner.policy.load();
+        let target = policy.declared_resource(resource)?;
+        target.upstream.clone().ok_or_else(|| {
             Error::invalid(
                 "resource",
                 format!(
@@ -162,7 +163,7 @@ impl Warden {
         status: Option<u16>,
         headers: &[(&str, &str)],
     ) -> Result<UpstreamView> {
-        let c = self.coordination(resource)?;
+        let c = &self.coordination(resource)?;
         let observation = parse(headers.iter().copied(), self.inner.clock.now());
         let (sample, warnings) = Sample::of(&observation, status);
         let o = self.inner.backend.observe(resource, c, &sample).await?;

@@ -102,7 +102,11 @@ pub struct Warden {
 }
 
 struct Inner {
-    policy: Arc<Policy>,
+    /// The policy in force: every operation reads one snapshot of it
+    /// ([`Warden::reload`] swaps it).
+    policy: arc_swap::ArcSwap<Policy>,
+    /// One reload at a time (each is checked against the policy it replaces).
+    reloading: Mutex<()>,
     backend: Arc<dyn Backend>,
     clock: Arc<dyn Clock>,
     queue: WaitQueue,
@@ -133,7 +137,7 @@ impl Inner {
 impl std::fmt::Debug for Warden {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Warden")
-            .field("policy", &self.inner.policy.source())
+            .field("policy", &self.inner.policy.load().source())
             .field("backend", &self.inner.backend.name())
             .finish_non_exhaustive()
     }
@@ -168,7 +172,8 @@ impl Warden {
         crate::sink::start(&policy.outlets, &events, &backend, &outlet_stats, done_tx);
         Self {
             inner: Arc::new(Inner {
-                policy: Arc::new(policy),
+                policy: arc_swap::ArcSwap::from_pointee(policy),
+                reloading: Mutex::new(()),
                 backend,
                 clock,
                 queue: WaitQueue::default(),
@@ -196,7 +201,7 @@ impl Warden {
     /// `timeout`; `true` if they did. Call it before a process exits so the
     /// last events reach the stream. Immediate when the policy has no outlets.
     pub async fn flush_outlets(&self, timeout: Duration) -> bool {
-        if !self.inner.policy.outlets.any() {
+        if !self.inner.policy.load().outlets.any() {
             return true;
         }
         let target = self.inner.emitted.load(std::sync::atomic::Ordering::SeqCst);
@@ -215,10 +220,53 @@ impl Warden {
         self.inner.webhook_log.lock().clone()
     }
 
-    /// The policy in force.
+    /// The policy in force now (a snapshot: a later [`Warden::reload`]
+    /// does not change it).
     #[must_use]
-    pub fn policy(&self) -> &Policy {
-        &self.inner.policy
+    pub fn policy(&self) -> Arc<Policy> {
+        self.inner.policy.load_full()
+    }
+
+    /// Calls `f` with the policy in force now, without taking a reference
+    /// to it (cheaper than [`Warden::policy`] on a hot path).
+    pub fn with_policy<R>(&self, f: impl FnOnce(&Policy) -> R) -> R {
+        f(&self.inner.policy.load())
+    }
+
+    /// Puts `policy` in force in this warden (and every clone of it) without
+    /// a restart: new prices, capacities, windows, caps, tools, overage rules
+    /// and limits apply to every operation that starts after this returns;
+    /// one already under way finishes under the policy it started with.
+    ///
+    /// What was counted carries over: counters are kept by scope and limit
+    /// name, so a budget half spent stays half spent of its new size, and a
+    /// quota or budget whose window is redefined starts its new window. A
+    /// reservation made before the reload settles under the limits it holds,
+    /// even ones the new policy removed (they are refunded or charged as it
+    /// commits). Waiters look again at once (a raised limit may admit them).
+    /// Emits [`Event::PolicyReloaded`] naming what changed. Each process
+    /// reloads its own wardens: a policy shared through Redis is reloaded in
+    /// every process that uses it.
+    ///
+    /// # Errors
+    /// [`Error::Policy`] when `policy` cannot replace the one in force (a
+    /// unit's decimals, a limit's unit or kind, or the event sinks differ:
+    /// see [`Policy::changes_to`]); the policy in force stays.
+    pub fn reload(&self, policy: Policy) -> Result<crate::policy::Changes> {
+        let _one = self.inner.reloading.lock();
+        let current = self.inner.policy.load_full();
+        let changes = current.changes_to(&policy)?;
+        let mut policy = policy;
+        policy.retire(&current);
+        let source = policy.source().to_owned();
+        self.inner.policy.store(Arc::new(policy));
+        self.inner.queue.poke();
+        self.inner.emit(Event::PolicyReloaded {
+            source,
+            changes: Box::new(changes.clone()),
+            at: self.inner.clock.now(),
+        });
+        Ok(changes)
     }
 
     /// The backend's name (`memory`, `redis`).
@@ -248,7 +296,7 @@ impl Warden {
             _ => plan.scope(),
         };
         if let Some(action) = plan.request().and_then(|r| r.action.as_deref())
-            && let Some(why) = self.inner.policy.tool_refusal(scope, action)
+            && let Some(why) = plan.policy().tool_refusal(scope, action)
         {
             let d = Decision::refused(why, plan.priority());
             if self.inner.audit.on() {
@@ -381,7 +429,7 @@ impl Warden {
     pub async fn flush_audit(&self, timeout: Duration) -> bool {
         self.inner
             .audit
-            .flush(&self.inner.policy.audit, timeout)
+            .flush(&self.inner.policy.load_full().audit, timeout)
             .await
     }
 
@@ -547,7 +595,8 @@ impl Warden {
     /// # Errors
     /// Invalid input ([`Error::Unknown`], [`Error::InvalidAmount`]…) or a backend failure.
     pub async fn check(&self, request: &Request) -> Result<Decision> {
-        let plan = self.plan_of(request)?;
+        let policy = self.inner.policy.load();
+        let plan = self.plan_of(&policy, request)?;
         let d = self.decide(&plan, Mode::Check).await?;
         if self.may_shrink(request, &d) {
             return Box::pin(self.shrunk(request, UsageMode::Check, d)).await;
@@ -564,7 +613,8 @@ impl Warden {
     /// # Errors
     /// Invalid input or a backend failure. A denial is `Ok` with `Outcome::Deny`.
     pub async fn acquire(&self, request: &Request) -> Result<Decision> {
-        let plan = self.plan_of(request)?;
+        let policy = self.inner.policy.load();
+        let plan = self.plan_of(&policy, request)?;
         let d = self.decide(&plan, Mode::Acquire).await?;
         if self.may_shrink(request, &d) {
             return Box::pin(self.shrunk(request, UsageMode::Acquire, d)).await;
@@ -586,7 +636,8 @@ impl Warden {
         if let Some(r) = resource {
             request = request.resource(r);
         }
-        let plan = Plan::build(&self.inner.policy, &request)?;
+        let policy = self.inner.policy.load();
+        let plan = Plan::build(&policy, &request)?;
         let d = self.inner.backend.decide(&plan, Mode::Check).await?;
         if d.degraded.is_some() {
             return Err(Error::Backend {
@@ -622,7 +673,8 @@ impl Warden {
         if let Some(r) = resource {
             request = request.resource(r);
         }
-        let plan = Plan::build(&self.inner.policy, &request)?;
+        let policy = self.inner.policy.load();
+        let plan = Plan::build(&policy, &request)?;
         let Some(target) = plan.limits().find(|l| l.def.name == limit) else {
             let touched: Vec<&str> = plan.limits().map(|l| l.def.name.as_str()).collect();
             return Err(Error::invalid(
@@ -692,7 +744,8 @@ impl Warden {
     /// # Errors
     /// As [`Warden::acquire`].
     pub async fn admit(&self, request: &Request) -> Result<Decision> {
-        let plan = self.plan_of(request)?;
+        let policy = self.inner.policy.load();
+        let plan = self.plan_of(&policy, request)?;
         if !plan
             .limits()
             .any(|l| matches!(l.def.kind, LimitKind::Concurrency))
@@ -711,7 +764,8 @@ impl Warden {
     /// # Errors
     /// Invalid input (including a lease of zero or over [`MAX_LEASE`]) or a backend failure.
     pub async fn reserve(&self, request: &Request, lease: Option<Duration>) -> Result<Decision> {
-        let plan = self.plan_of(request)?;
+        let policy = self.inner.policy.load();
+        let plan = self.plan_of(&policy, request)?;
         let lease_us = self.lease(&plan, lease)?;
         let id = reservation_id(request);
         let d = self
@@ -737,7 +791,7 @@ impl Warden {
                 .filter(|l| matches!(l.def.kind, LimitKind::Concurrency))
                 .map(|l| l.def.lease)
                 .min()
-                .unwrap_or(self.inner.policy.defaults().lease)),
+                .unwrap_or(plan.policy().defaults().lease)),
         }
     }
 
@@ -751,12 +805,9 @@ impl Warden {
     /// [`Error::ReservationNotFound`], [`Error::ReservationExpired`],
     /// [`Error::ReservationClosed`] (released), invalid amounts, backend failures.
     pub async fn commit(&self, id: ReservationId, actual: &Cost) -> Result<CommitReceipt> {
-        let actual = resolve_cost(&self.inner.policy, actual)?;
-        let receipt = self
-            .inner
-            .backend
-            .commit(&self.inner.policy, id, &actual)
-            .await;
+        let policy = self.inner.policy.load();
+        let actual = resolve_cost(&policy, actual)?;
+        let receipt = self.inner.backend.commit(&policy, id, &actual).await;
         self.inner.queue.poke();
         self.settled(id, "commit", receipt.as_ref());
         receipt
@@ -838,7 +889,8 @@ impl Warden {
                 (Charged::Nothing, settled, None)
             }
             CallOutcome::Ran(usage) => {
-                let policy = &*self.inner.policy;
+                let snapshot = self.inner.policy.load();
+                let policy = &*snapshot;
                 let (amounts, charged, note) = charge_for(policy, usage);
                 match self.inner.backend.commit(policy, id, &amounts).await {
                     Ok(receipt) => (charged, Settled::Committed(receipt), note),
@@ -953,7 +1005,8 @@ impl Warden {
         amounts: &Cost,
         lease: Option<Duration>,
     ) -> Result<Decision> {
-        let policy = &*self.inner.policy;
+        let snapshot = self.inner.policy.load();
+        let policy = &*snapshot;
         let resolved = resolve_cost(policy, amounts)?;
         if resolved.iter().all(|(_, a)| *a == 0) {
             return Err(Error::invalid(
@@ -1046,7 +1099,8 @@ impl Warden {
         let clock = &self.inner.clock;
         let deadline = clock.now().saturating_add(micros(max_wait));
         // On a shared backend the caller also waits in line across processes.
-        let plan = self.plan_of(request)?.waiting(Waiter {
+        let policy = self.inner.policy.load();
+        let plan = self.plan_of(&policy, request)?.waiting(Waiter {
             id: fastrand::u64(..),
             until: deadline,
             leave: false,

@@ -10,6 +10,7 @@ use crate::decision::{CommitReceipt, Decision, LimitState, Outcome, ReservationI
 use crate::error::{Error, Result};
 use crate::plan::Request;
 use crate::plan::{Plan, resolve_cost};
+use crate::policy::Policy;
 use crate::pricing::{Priced, Pricing, Usage};
 use crate::settle::{CallOutcome, Usage as Settled};
 
@@ -22,8 +23,7 @@ impl Warden {
     /// for a resource without `pricing:`, invalid usage, or a bill over the
     /// largest amount.
     pub fn cost(&self, resource: &str, usage: &Usage) -> Result<Priced> {
-        self.pricing(resource)?
-            .price(usage, self.inner.clock.now(), false)
+        pricing_in(&self.inner.policy.load(), resource)?.price(usage, self.inner.clock.now(), false)
     }
 
     /// What a call with `usage` may cost on `resource` at its prices now:
@@ -32,8 +32,7 @@ impl Warden {
     /// # Errors
     /// As [`Warden::cost`].
     pub fn estimate(&self, resource: &str, usage: &Usage) -> Result<Priced> {
-        self.pricing(resource)?
-            .price(usage, self.inner.clock.now(), true)
+        pricing_in(&self.inner.policy.load(), resource)?.price(usage, self.inner.clock.now(), true)
     }
 
     /// The cost this warden's decisions charge for `priced`: its money
@@ -41,7 +40,7 @@ impl Warden {
     /// where the policy counts them ([`Priced::cost`]).
     #[must_use]
     pub fn charge_of(&self, priced: &Priced) -> crate::amount::Cost {
-        let policy = &self.inner.policy;
+        let policy = self.inner.policy.load();
         priced.cost(|u| policy.unit(u).is_some())
     }
 
@@ -61,31 +60,16 @@ impl Warden {
         self.commit(id, &cost).await
     }
 
-    /// A resource's prices.
-    pub(crate) fn pricing(&self, resource: &str) -> Result<&Pricing> {
-        let target = self.inner.policy.declared_resource(resource)?;
-        target
-            .pricing
-            .as_deref()
-            .ok_or_else(|| Error::InvalidArgument {
-                what: "usage",
-                message: format!(
-                    "resource `{}` has no `pricing:` in the policy, so usage cannot be priced (pass a cost instead)",
-                    crate::error::truncate(resource)
-                ),
-            })
-    }
-
     fn priced_cost(
         &self,
         resource: &str,
         usage: &Usage,
         estimate: bool,
     ) -> Result<crate::amount::Cost> {
-        let priced = self
-            .pricing(resource)?
-            .price(usage, self.inner.clock.now(), estimate)?;
-        Ok(self.charge_of(&priced))
+        let policy = self.inner.policy.load();
+        let priced =
+            pricing_in(&policy, resource)?.price(usage, self.inner.clock.now(), estimate)?;
+        Ok(priced.cost(|u| policy.unit(u).is_some()))
     }
 
     /// The plan of `request` charging `usage` priced by its resource
@@ -94,11 +78,11 @@ impl Warden {
     /// them, beside every unit the request's cost gives itself (which wins).
     /// Borrows the policy's unit names: nothing is copied.
     pub(crate) fn usage_plan<'p>(
-        &'p self,
+        &self,
+        policy: &'p Policy,
         request: &'p Request,
         usage: &Usage,
     ) -> Result<Plan<'p>> {
-        let policy = &*self.inner.policy;
         let Some(resource) = request.resource.as_deref() else {
             return Err(Error::InvalidArgument {
                 what: "usage",
@@ -106,7 +90,7 @@ impl Warden {
                     .into(),
             });
         };
-        let pricing = self.pricing(resource)?;
+        let pricing = pricing_in(policy, resource)?;
         let bill = pricing.amount(usage, self.inner.clock.now(), true)?;
         let (input, output) = (usage.input_tokens, usage.estimated_output());
         let mut amounts = resolve_cost(policy, &request.cost)?;
@@ -139,10 +123,10 @@ impl Warden {
     }
 
     /// The plan of `request`: priced from its usage when it has one.
-    pub(crate) fn plan_of<'p>(&'p self, request: &'p Request) -> Result<Plan<'p>> {
+    pub(crate) fn plan_of<'p>(&self, policy: &'p Policy, request: &'p Request) -> Result<Plan<'p>> {
         match request.usage.as_deref() {
-            Some(usage) => self.usage_plan(request, usage),
-            None => Plan::build(&self.inner.policy, request),
+            Some(usage) => self.usage_plan(policy, request, usage),
+            None => Plan::build(policy, request),
         }
     }
 
@@ -195,7 +179,8 @@ impl Warden {
         how: UsageMode,
         first: Decision,
     ) -> Result<Decision> {
-        let policy = &*self.inner.policy;
+        let snapshot = self.inner.policy.load();
+        let policy = &*snapshot;
         let Some(usage) = request.usage.as_deref() else {
             return Ok(first);
         };
@@ -215,7 +200,7 @@ impl Warden {
         for name in shrink.fallback.iter() {
             let mut other = request.clone();
             other.resource = Some(name.to_string());
-            let plan = self.usage_plan(&other, usage)?;
+            let plan = self.usage_plan(policy, &other, usage)?;
             let mode = self.usage_mode(&plan, &other, how)?;
             let d = self.decide(&plan, mode).await?;
             let d = if d.allowed() {
@@ -244,10 +229,11 @@ impl Warden {
         denied: &Decision,
         min: u64,
     ) -> Result<Option<Decision>> {
+        let snapshot = self.inner.policy.load();
         let Some(pricing) = request
             .resource
             .as_deref()
-            .and_then(|r| self.inner.policy.resource(r))
+            .and_then(|r| snapshot.resource(r))
             .and_then(|t| t.pricing.as_deref())
         else {
             return Ok(None);
@@ -264,7 +250,7 @@ impl Warden {
             max_output_tokens: Some(fits),
             ..usage.clone()
         };
-        let plan = self.usage_plan(request, &smaller)?;
+        let plan = self.usage_plan(&snapshot, request, &smaller)?;
         let mode = self.usage_mode(&plan, request, how)?;
         let second = self.decide(&plan, mode).await?;
         Ok(second.allowed().then(|| capped(second, fits, asked)))
@@ -354,4 +340,19 @@ fn with_caps(mut d: Decision, why: String) -> Decision {
         None => why,
     });
     d
+}
+
+/// `resource`'s prices in `policy`.
+fn pricing_in<'p>(policy: &'p Policy, resource: &str) -> Result<&'p Pricing> {
+    policy
+        .declared_resource(resource)?
+        .pricing
+        .as_deref()
+        .ok_or_else(|| Error::InvalidArgument {
+            what: "usage",
+            message: format!(
+                "resource `{}` has no `pricing:` in the policy, so usage cannot be priced (pass a cost instead)",
+                crate::error::truncate(resource)
+            ),
+        })
 }

@@ -4,7 +4,7 @@ import express from 'express';
 import {
   BudgetExceededError, ManualClock, RateLimitedError, Warden, WardenError, scope,
   type Decision, type LimitInfo, type Listener, type ListenerStats, type Priced, type Receipt, type UpstreamInfo, type Usage,
-  type WardenEvent, type AuditRecord, type AuditStats, type OutletStats,
+  type WardenEvent, type AuditRecord, type AuditStats, type OutletStats, type PolicyChanges,
 } from 'ratewarden';
 
 const warden = new Warden(
@@ -121,3 +121,10 @@ function events(): number {
 }
 
 export { answer, decisions, errors, events, handle, priced };
+
+function reloaded(): string[] {
+  const changes: PolicyChanges = warden.reload('policy.yaml');
+  const again: PolicyChanges = warden.reload({ scopes: { tenant: {} } });
+  return [...changes.added, ...changes.removed, ...changes.changed, ...again.repriced];
+}
+void reloaded;

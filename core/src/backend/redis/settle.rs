@@ -68,7 +68,7 @@ pub(super) fn receipt_of(
         let key = text(&c[0]);
         let local = key.split_once("}:").map_or(key.as_str(), |(_, k)| k);
         let name = KeyRef::split(local).name;
-        let def = policy.limit(name).ok_or_else(|| {
+        let def = policy.limit_or_retired(name).ok_or_else(|| {
             Sent::Never(Error::invalid(
                 "commit",
                 format!("limit `{name}` of reservation {id} is not in the policy in force"),
