@@ -193,7 +193,8 @@ local MAX_AMOUNT = 9007199254740991
 -- The debt of the rate limit hash `key` at `now`, in the terms of the rate
 -- whose p and l are given (eval.rs rate_debt_restated): a debt written under
 -- another rate (a reloaded policy; its p and l are stored beside it) drains at
--- its own pace until now, then the units it holds carry over, rounded up.
+-- its own pace until now, then the units it holds carry over (a part of a
+-- unit as a whole one), times p, saturated at MAX_AMOUNT: exact, as in Rust.
 local function rate_debt(key, now, p, l)
   local st = redis.call("HMGET", key, "d", "t", "p", "l")
   if not st[1] then return 0 end
@@ -202,10 +203,8 @@ local function rate_debt(key, now, p, l)
   if not kp or not kl or (kp == p and kl == l) or kp <= 0 or kl <= 0 then
     return rate_debt_now(d, t, now, l)
   end
-  local a = rate_debt_now(d, t, now, kl) * p
-  local q = math.floor(a / kp)
-  if q * kp < a then q = q + 1 end
-  return math.min(q, MAX_AMOUNT)
+  local units = ceil_div(rate_debt_now(d, t, now, kl), kp)
+  return math.min(units * p, MAX_AMOUNT)
 end
 
 -- One rate limit's decision (eval.rs rate_eval): allowed, remaining, reset,

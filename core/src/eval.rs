@@ -55,10 +55,12 @@ pub fn rate_debt_now(spec: &RateSpec, debt: i64, at: Micros, now: Micros) -> i64
 
 /// The debt at `now` of a rate state written under a spec whose `p` and
 /// `l` were `kept`, in `spec`'s terms: it drains at the pace it was written
-/// under until `now`, then the units it still holds carry over (rounded up)
-/// — a reloaded policy's new rate starts from what was taken, in units,
-/// never from a debt measured in another rate's time. `kept` equal to
-/// `spec`'s (every state but the first after a reload): [`rate_debt_now`].
+/// under until `now`, then the units it still holds carry over, a part of
+/// a unit counting as a whole one — a reloaded policy's new rate starts
+/// from what was taken, in units, never from a debt measured in another
+/// rate's time. Exact in the Lua scripts too: whole units times `p`,
+/// saturated at [`crate::amount::MAX_AMOUNT`]. `kept` equal to `spec`'s
+/// (every state but the first after a reload): [`rate_debt_now`].
 #[must_use]
 pub fn rate_debt_restated(
     spec: &RateSpec,
@@ -75,10 +77,12 @@ pub fn rate_debt_restated(
         l: kept.1,
         ..*spec
     };
-    let d = i128::from(rate_debt_now(&old, debt, at, now));
-    let (p_old, p_new) = (i128::from(kept.0), i128::from(spec.p));
-    let restated = (d * p_new + p_old - 1) / p_old;
-    i64::try_from(restated.min(i128::from(crate::amount::MAX_AMOUNT))).unwrap_or(i64::MAX)
+    let units = ceil_div(rate_debt_now(&old, debt, at, now), kept.0);
+    units
+        .checked_mul(spec.p)
+        .map_or(crate::amount::MAX_AMOUNT, |d| {
+            d.min(crate::amount::MAX_AMOUNT)
+        })
 }
 
 /// Evaluates a rate limit; returns the evaluation and the debt after admitting.

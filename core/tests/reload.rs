@@ -11,6 +11,7 @@
 mod common;
 
 use common::{now, remaining, warden};
+use proptest::prelude::*;
 use ratewarden::pricing::Usage;
 use ratewarden::{Cost, ErrorKind, Event, Outcome, Policy, Request};
 use serde_json::{Value, json};
@@ -312,4 +313,80 @@ fn decisions_racing_reloads_count_exactly() {
     let d = now(w.check(&Request::parse("tenant:a").unwrap())).unwrap();
     assert_eq!(d.outcome, Outcome::Deny);
     assert_eq!(remaining(&d, "other"), 1_000_199 - 400);
+}
+
+/// A rate limit from the accepted range: `(limit, per, burst)`.
+fn rate_strategy() -> impl Strategy<Value = Value> {
+    let per = prop_oneof![
+        Just("1ms"),
+        Just("1s"),
+        Just("7s"),
+        Just("1m"),
+        Just("1h"),
+        Just("1d"),
+        Just("365d")
+    ];
+    let limit = prop_oneof![1_i64..=10, 1_i64..=1_000_000, Just(1_000_000_000_i64)];
+    (limit, per, proptest::option::of(1_i64..=2_000)).prop_filter_map(
+        "rates the loader refuses",
+        |(limit, per, burst)| {
+            let mut l = json!({"name": "r", "kind": "rate", "limit": limit, "per": per});
+            if let Some(b) = burst {
+                l["burst"] = json!(b);
+            }
+            let v = json!({"scopes": {"tenant": {"limits": [l]}}});
+            Policy::from_value(&v).is_ok().then_some(v)
+        },
+    )
+}
+
+fn spec_of(v: &Value) -> ratewarden::policy::RateSpec {
+    match &Policy::from_value(v).unwrap().limit("r").unwrap().kind {
+        ratewarden::policy::LimitKind::Rate(r) => *r,
+        other => panic!("{other:?}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: if common::test_backend().is_some() { 48 } else { 256 },
+        ..ProptestConfig::default()
+    })]
+
+    /// Over the accepted range of rates, what a rate took carries into the
+    /// reloaded rate as whole units — remaining and reset exactly as the
+    /// integer model says, on the embedded engine and in the Lua scripts.
+    #[test]
+    fn a_rate_reloaded_carries_what_it_took_in_whole_units(
+        a in rate_strategy(),
+        b in rate_strategy(),
+        share in 0.0_f64..=1.0,
+        elapsed in 0_u64..=4_000_000,
+    ) {
+        let (sa, sb) = (spec_of(&a), spec_of(&b));
+        let (w, clock) = warden(a);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+        let taken = ((sa.burst as f64) * share).floor() as i64;
+        let ask = |n: i64| Request::parse("tenant:x").unwrap().cost(Cost::new().with("requests", n.unsigned_abs()));
+        if taken > 0 {
+            let d = now(w.acquire(&ask(taken))).unwrap();
+            prop_assert!(d.allowed(), "{d:?}");
+        }
+        clock.advance(std::time::Duration::from_micros(elapsed));
+        w.reload(policy(&b)).unwrap();
+        let d = now(w.check(&ask(0))).unwrap();
+        // The model, in exact integers.
+        let micros = i128::from(i64::try_from(elapsed).unwrap());
+        let left_a = (i128::from(taken) * i128::from(sa.p) - micros * i128::from(sa.l)).max(0);
+        let debt = if (sa.p, sa.l) == (sb.p, sb.l) {
+            left_a // the same rate: nothing to restate
+        } else {
+            let units = (left_a + i128::from(sa.p) - 1) / i128::from(sa.p);
+            (units * i128::from(sb.p)).min(i128::from(ratewarden::amount::MAX_AMOUNT))
+        };
+        let remaining = ((i128::from(sb.burst) * i128::from(sb.p) - debt).max(0)) / i128::from(sb.p);
+        let reset = (debt + i128::from(sb.l) - 1) / i128::from(sb.l);
+        prop_assert_eq!(i128::from(d.limits[0].remaining), remaining, "{:?} {:?}", sa, sb);
+        prop_assert_eq!(i128::try_from(d.limits[0].reset.as_micros()).unwrap(), reset, "{:?} {:?}", sa, sb);
+    }
 }
