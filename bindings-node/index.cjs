@@ -4,6 +4,7 @@
 // `ratewarden.<platform>-<arch>[-<abi>].node`. Every decision is made by the Rust
 // core; this file converts, maps errors to classes and adds the Express
 // middleware and `wrap()`.
+const { AsyncLocalStorage } = require('node:async_hooks');
 const { existsSync } = require('node:fs');
 const { join } = require('node:path');
 
@@ -1142,7 +1143,12 @@ class Warden {
       if (!d.allowed) throw denied(d);
       let result;
       try {
-        result = await fn.apply(this, args);
+        // The call reads its caps with currentCaps(); one allowed as asked
+        // hides an enclosing call's.
+        const capped = d.caps !== undefined && Object.keys(d.caps).length > 0;
+        result = capped || CAPS.getStore() !== undefined
+          ? await CAPS.run(capped ? Object.freeze({ ...d.caps }) : NO_CAPS, () => fn.apply(this, args))
+          : await fn.apply(this, args);
       } catch (e) {
         // Failed: released; the caller's error propagates unchanged.
         await warden.#finish(fn, d.reservation, true);
@@ -1441,7 +1447,23 @@ function signWebhook(secret, msgId, timestamp, body) {
   }
 }
 
+/** The caps of the `wrap()`ped call running now (see `currentCaps`). */
+const CAPS = new AsyncLocalStorage();
+const NO_CAPS = Object.freeze({});
+
+/**
+ * The caps of the `warden.wrap()`ped call running now, as `Decision.caps`
+ * (`maxTokens`, `model`, `delayMs`…): empty outside a wrapped call and for one
+ * allowed as asked. A shrunk call (`shrink:` in the policy) must honour them —
+ * at most `maxTokens` output tokens, on `model` when given — or its usage
+ * exceeds what was reserved.
+ */
+function currentCaps() {
+  return { ...(CAPS.getStore() ?? NO_CAPS) };
+}
+
 module.exports = {
+  currentCaps,
   // The addon itself, for the package's own tests (not part of the API).
   [Symbol.for('ratewarden.native')]: native,
   Warden,

@@ -113,6 +113,13 @@ export declare function signWebhook(
 /** Return the version of the ratewarden core library. */
 export declare function version(): string;
 
+/**
+ * The caps of the `warden.wrap()`ped call running now (`maxTokens`, `model`,
+ * `delayMs`…): empty outside a wrapped call and for one allowed as asked. A
+ * shrunk call must honour them, or its usage exceeds what was reserved.
+ */
+export declare function currentCaps(): Caps;
+
 /** A scope string from raw ids, escaped: `scope({ tenant: 'acme', user: 'a/b' })` → `'tenant:acme/user:a%2Fb'`. */
 export declare function scope(...parts: Array<Record<string, string | number> | [string, string]>): string;
 

@@ -6,6 +6,7 @@ export const {
   Listener,
   ManualClock,
   scope,
+  currentCaps,
   retryDelay,
   parseHeaders,
   signWebhook,

@@ -29,25 +29,7 @@ impl Decision {
     /// one, `workflow/stage`) — only those set.
     #[getter]
     fn caps<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        let c = &self.inner.caps;
-        if let Some(v) = c.delay_ms {
-            d.set_item("delay_ms", v)?;
-        }
-        if let Some(v) = c.max_tokens {
-            d.set_item("max_tokens", v)?;
-        }
-        if let Some(v) = &c.model {
-            d.set_item("model", &**v)?;
-        }
-        if c.sequential {
-            d.set_item("sequential", true)?;
-        }
-        if !c.backpressure.is_empty() {
-            let stages: Vec<&str> = c.backpressure.stages().iter().map(|s| &**s).collect();
-            d.set_item("backpressure", stages)?;
-        }
-        Ok(d)
+        caps_dict(py, &self.inner.caps)
     }
 
     /// Seconds until a retry can succeed when denied; `None` when allowed or
@@ -251,9 +233,46 @@ pub(crate) fn decision_to_py(py: Python<'_>, d: CoreDecision) -> PyResult<Py<PyA
 /// (denying) decision.
 pub(crate) fn held_to_py(py: Python<'_>, d: CoreDecision) -> PyResult<Py<PyAny>> {
     match &d.reservation {
-        Some(r) => Ok(r.id.0.into_pyobject(py)?.into_any().unbind()),
+        Some(r) if d.caps.is_empty() => Ok(r.id.0.into_pyobject(py)?.into_any().unbind()),
+        // Allowed with caps: the guarded call is told them (`current_caps()`).
+        Some(r) => Ok({
+            CAPS_SEEN.store(true, Ordering::Relaxed);
+            (r.id.0, caps_dict(py, &d.caps)?)
+        }
+        .into_pyobject(py)?
+        .into_any()
+        .unbind()),
         None => decision_to_py(py, d),
     }
+}
+
+/// Whether a guarded call in this process was ever allowed with caps: until
+/// then a guarded call need not look for an enclosing one's caps to hide.
+pub(crate) static CAPS_SEEN: AtomicBool = AtomicBool::new(false);
+
+/// A decision's caps as a dict: only those set.
+pub(crate) fn caps_dict<'py>(
+    py: Python<'py>,
+    c: &ratewarden::decision::Caps,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    if let Some(v) = c.delay_ms {
+        d.set_item("delay_ms", v)?;
+    }
+    if let Some(v) = c.max_tokens {
+        d.set_item("max_tokens", v)?;
+    }
+    if let Some(v) = &c.model {
+        d.set_item("model", &**v)?;
+    }
+    if c.sequential {
+        d.set_item("sequential", true)?;
+    }
+    if !c.backpressure.is_empty() {
+        let stages: Vec<&str> = c.backpressure.stages().iter().map(|s| &**s).collect();
+        d.set_item("backpressure", stages)?;
+    }
+    Ok(d)
 }
 
 pub(crate) fn receipt_to_py(py: Python<'_>, r: CommitReceipt) -> PyResult<Py<PyAny>> {

@@ -24,7 +24,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -173,6 +173,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // initialising them would leave the child waiting for that thread.
     std::sync::LazyLock::force(&RT);
     std::sync::LazyLock::force(&TX);
+    ratewarden::backend::prepare_for_fork();
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(governed_headers, m)?)?;
     m.add_function(wrap_pyfunction!(scope_of, m)?)?;

@@ -785,7 +785,26 @@ impl NativeWarden {
                 .call1(py, (Decision { inner: d },))?;
             return Err(PyErr::from_value(exc.into_bound(py)));
         };
-        let result = match func.call(args, kwargs) {
+        // The call sees its caps through `ratewarden.current_caps()`.
+        let token = if d.caps.is_empty() && !CAPS_SEEN.load(Ordering::Relaxed) {
+            None
+        } else {
+            let caps = if d.caps.is_empty() {
+                None
+            } else {
+                CAPS_SEEN.store(true, Ordering::Relaxed);
+                Some(caps_dict(py, &d.caps)?)
+            };
+            static ENTER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+            Some(python_fn(py, &ENTER, "ratewarden", "_caps_enter")?.call1(py, (caps,))?)
+                .filter(|token| !token.is_none(py))
+        };
+        let called = func.call(args, kwargs);
+        if let Some(token) = token {
+            static EXIT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+            python_fn(py, &EXIT, "ratewarden", "_caps_exit")?.call1(py, (token,))?;
+        }
+        let result = match called {
             Ok(r) => r,
             Err(e) => {
                 // The call failed: released. The user's error propagates

@@ -673,6 +673,45 @@ fn a_call_no_shrink_can_fit_falls_back_along_the_cheaper_models() {
 }
 
 #[test]
+fn a_governed_call_on_a_fallback_settles_at_the_fallbacks_prices() {
+    let (w, _) = warden(fallback_policy(500));
+    spend(&w, "0.995");
+    let d = now(w.reserve(&llm(Usage::tokens(1000, 0).max_output(1000)), None)).unwrap();
+    assert_eq!(d.caps.model.as_deref(), Some("openai:gpt-4o-mini"), "{d:?}");
+    // The guard (any binding's) names the resource it asked for; the call
+    // ran on gpt-4o-mini: 1 000 in + 400 out there is $0.00039, not the
+    // $0.0065 gpt-4o would bill.
+    let s = now(w.finish(
+        d.reservation.unwrap().id,
+        CallOutcome::Ran(ratewarden::Usage::Priced {
+            resource: "openai:gpt-4o".into(),
+            usage: Usage::tokens(1000, 400),
+        }),
+    ));
+    assert!(s.problem().is_none(), "{s:?}");
+    let ratewarden::settle::Settled::Committed(receipt) = &s.settled else {
+        panic!("{s:?}");
+    };
+    let usd = receipt.charges.iter().find(|c| c.name() == "usd").unwrap();
+    assert_eq!((usd.reserved, usd.charged), (750, 390));
+    // A reservation on the asked-for model still settles at its prices.
+    let d = now(w.reserve(&llm(Usage::tokens(100, 0).max_output(100)), None)).unwrap();
+    assert_eq!((d.outcome, d.caps.model.as_deref()), (Outcome::Allow, None));
+    let s = now(w.finish(
+        d.reservation.unwrap().id,
+        CallOutcome::Ran(ratewarden::Usage::Priced {
+            resource: "openai:gpt-4o".into(),
+            usage: Usage::tokens(100, 100),
+        }),
+    ));
+    let ratewarden::settle::Settled::Committed(receipt) = &s.settled else {
+        panic!("{s:?}");
+    };
+    let usd = receipt.charges.iter().find(|c| c.name() == "usd").unwrap();
+    assert_eq!(usd.charged, 1_250, "$0.00025 in + $0.001 out on gpt-4o");
+}
+
+#[test]
 fn a_fallback_chain_names_priced_resources_only() {
     for (fallback, says) in [
         (json!(["openai:gpt-5"]), "is no resource"),

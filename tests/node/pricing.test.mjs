@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { after, before, test } from 'node:test';
 
-import { InvalidInputError, ManualClock, Warden } from '../../bindings-node/index.mjs';
+import { InvalidInputError, ManualClock, Warden, currentCaps } from '../../bindings-node/index.mjs';
 import { startRedis } from './helpers.mjs';
 
 const VECTORS = JSON.parse(readFileSync(new URL('../vectors/pricing/bills.json', import.meta.url), 'utf8'));
@@ -147,4 +147,38 @@ test('a reservation the budget cannot cover is shrunk: allowed with caps.maxToke
   await w.commitUsage(d.reservation, 'openai:gpt-4o', { input_tokens: 1000, output_tokens: 250 });
   const denied = await w.reserve('tenant:a', { resource: 'openai:gpt-4o', usage: { input_tokens: 1, max_output_tokens: 10 } });
   assert.equal(denied.allowed, false);
+});
+
+test('a shrunk wrapped call reads its caps; one on a fallback model is priced there', async () => {
+  const policy = structuredClone(POLICY);
+  policy.resources['openai:gpt-4o'].shrink = { min_output_tokens: 100, fallback: ['openai:gpt-4o-mini'] };
+  policy.resources['openai:gpt-4o-mini'] = { pricing: { input: '0.15', output: '0.60' } };
+  const w = new Warden(policy);
+  assert.ok((await w.acquire('tenant:a', { cost: { usd: '0.995' } })).allowed);
+  const seen = [];
+  const inner = w.wrap(async () => { seen.push(['inner', currentCaps()]); }, {
+    scope: 'tenant:b', resource: 'openai:gpt-4o', usage: { input_tokens: 10, max_output_tokens: 10 },
+  });
+  const complete = w.wrap(async (out) => {
+    seen.push(['outer', currentCaps()]);
+    await inner(); // allowed as asked: sees no caps
+    await new Promise((resolve) => setImmediate(resolve));
+    seen.push(['outer after', currentCaps()]);
+    return out;
+  }, {
+    scope: 'tenant:a', resource: 'openai:gpt-4o', usage: { input_tokens: 1000, max_output_tokens: 1000 },
+    actual: (out) => ({ input_tokens: 1000, output_tokens: out }),
+  });
+  // $0.005 left: 250 of the 1 000 output tokens fit.
+  assert.equal(await complete(250), 250);
+  assert.deepEqual(seen, [['outer', { maxTokens: 250 }], ['inner', {}], ['outer after', { maxTokens: 250 }]]);
+  assert.deepEqual(currentCaps(), {});
+  // Nothing left on gpt-4o: the call falls back to gpt-4o-mini and is charged
+  // there — 1 000 in + 400 out is $0.00039, not gpt-4o's $0.0065.
+  await w.topUp('tenant:a', 'usd', '0.001');
+  seen.length = 0;
+  assert.equal(await complete(400), 400);
+  assert.deepEqual(seen[0], ['outer', { model: 'openai:gpt-4o-mini' }]);
+  const left = Object.fromEntries((await w.balances('tenant:a')).map((b) => [b.name, b.remaining]));
+  assert.equal(left.usd, 1000 - 390);
 });

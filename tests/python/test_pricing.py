@@ -184,3 +184,66 @@ def test_a_reservation_the_budget_cannot_cover_is_shrunk_with_caps() -> None:
     assert not denied.allowed
     with pytest.raises(ratewarden.BudgetExceeded), denied:
         pass
+
+
+def test_a_shrunk_guarded_call_reads_its_caps_and_a_fallback_is_priced_on_its_model() -> None:
+    policy = json.loads(json.dumps(POLICY))
+    policy["resources"]["openai:gpt-4o"]["shrink"] = {"min_output_tokens": 100, "fallback": ["openai:gpt-4o-mini"]}
+    policy["resources"]["openai:gpt-4o-mini"] = {"pricing": {"input": "0.15", "output": "0.60"}}
+    w = Warden(policy)
+    assert w.acquire("tenant:a", cost={"usd": "0.995"}).allowed
+    seen = []
+
+    @w.guard("tenant:b", resource="openai:gpt-4o", usage={"input_tokens": 10, "max_output_tokens": 10})
+    def inner() -> None:
+        seen.append(("inner", ratewarden.current_caps()))
+
+    @w.guard(
+        "tenant:a",
+        resource="openai:gpt-4o",
+        usage={"input_tokens": 1000, "max_output_tokens": 1000},
+        actual=lambda out: {"input_tokens": 1000, "output_tokens": out},
+    )
+    def complete(out: int) -> int:
+        seen.append(("outer", ratewarden.current_caps()))
+        inner()  # a guarded call allowed as asked sees no caps
+        return out
+
+    # $0.005 left: 250 of the 1 000 output tokens fit.
+    assert complete(250) == 250
+    assert seen == [("outer", {"max_tokens": 250}), ("inner", {})]
+    assert ratewarden.current_caps() == {}
+    # Nothing left on gpt-4o: the call falls back to gpt-4o-mini and is
+    # charged there — 1 000 in + 400 out is $0.00039, not gpt-4o's $0.0065.
+    assert w.top_up("tenant:a", "usd", "0.001")["credited_text"] == "0.001"
+    seen.clear()
+
+    @w.guard(
+        "tenant:a",
+        resource="openai:gpt-4o",
+        usage={"input_tokens": 1000, "max_output_tokens": 1000},
+        actual=lambda out: {"input_tokens": 1000, "output_tokens": out},
+    )
+    async def complete_async(out: int) -> int:
+        seen.append(("async", ratewarden.current_caps()))
+        await asyncio.sleep(0)
+        seen.append(("async after await", ratewarden.current_caps()))
+        return out
+
+    assert asyncio.run(complete_async(400)) == 400
+    assert seen == [("async", {"model": "openai:gpt-4o-mini"}), ("async after await", {"model": "openai:gpt-4o-mini"})]
+    left = {b["name"]: b["remaining"] for b in w.balances("tenant:a")}
+    assert left["usd"] == 1_000 - 390
+
+    # Once caps were seen in the process, a sync guarded call without caps
+    # (returning or raising) still runs as before, and leaves none behind.
+    @w.guard("tenant:c", cost={"requests": 1})
+    def plain(fail: bool) -> Dict[str, Any]:
+        if fail:
+            raise KeyError("no")
+        return ratewarden.current_caps()
+
+    assert plain(False) == {}
+    with pytest.raises(KeyError):
+        plain(True)
+    assert ratewarden.current_caps() == {}

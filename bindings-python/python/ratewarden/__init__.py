@@ -24,12 +24,14 @@ The compiled extension is ``ratewarden._native``.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import functools
 import inspect
 import json
 import logging
 import os
 import re
+import types
 import weakref
 from typing import Any, Awaitable, Callable, Dict, Generator, List, Mapping, Optional, Tuple, TypeVar, Union
 
@@ -76,6 +78,7 @@ __all__ = [
     "Warden",
     "WardenError",
     "__version__",
+    "current_caps",
     "parse_headers",
     "retry_delay",
     "scope",
@@ -92,6 +95,34 @@ Cost = Mapping[str, Amount]
 #: (how many of the input tokens were cached), ``output_tokens``,
 #: ``max_output_tokens`` (what an estimate prices), ``images``, ``seconds``, ``calls``.
 Usage = Mapping[str, Amount]
+
+
+_NO_CAPS: Mapping[str, Any] = types.MappingProxyType({})
+_CAPS: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("ratewarden_caps", default=_NO_CAPS)
+
+
+def current_caps() -> Dict[str, Any]:
+    """The caps of the ``@warden.guard`` call running now, as
+    :attr:`Decision.caps` (``max_tokens``, ``model``, ``delay_ms``…): empty
+    outside a guarded call and for one allowed as asked. A guarded call that
+    was shrunk (``shrink:`` in the policy) must honour them — call with
+    ``max_tokens`` at most ``caps["max_tokens"]``, on ``caps["model"]`` when
+    given — or its usage exceeds what was reserved."""
+    return dict(_CAPS.get())
+
+
+def _caps_enter(caps: Optional[Dict[str, Any]]) -> Optional[contextvars.Token[Mapping[str, Any]]]:
+    """Makes ``caps`` the current ones for a guarded call (none: hides an
+    enclosing call's); the token to restore them, or None when nothing changed."""
+    if caps:
+        return _CAPS.set(types.MappingProxyType(caps))
+    if _CAPS.get():
+        return _CAPS.set(_NO_CAPS)
+    return None
+
+
+def _caps_exit(token: contextvars.Token[Mapping[str, Any]]) -> None:
+    _CAPS.reset(token)
 
 
 def _policy_source(policy: Any) -> Dict[str, Any]:
@@ -1242,7 +1273,10 @@ class Warden:
         cost (``{"input_tokens": n, "max_output_tokens": 800}``, or a callable) and
         the estimate is its price; ``actual(result)`` then returns the usage the
         response reports (``{"input_tokens": ..., "output_tokens": ...}``), priced
-        by the same table.
+        by the same table. A call allowed with caps (``shrink:`` — fewer output
+        tokens, or a cheaper fallback model) reads them with
+        :func:`current_caps` and must honour them; a call on a fallback model
+        is priced on it.
         """
         if on_limit not in ("raise", "wait"):
             raise InvalidInput(f"invalid on_limit: {on_limit!r} is not 'raise' or 'wait'")
@@ -1278,13 +1312,20 @@ class Warden:
                 async def guarded_at_once(*args: Any, **kwargs: Any) -> Any:
                     prepared = prepare(args, kwargs)
                     held = native.hold(prepared)
-                    if type(held) is not int:
+                    caps = None
+                    if type(held) is tuple:
+                        held, caps = held
+                    elif type(held) is not int:
                         raise denied(held)  # type: ignore[arg-type]
+                    token = _caps_enter(caps)
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException:
                         _settlement_problem(fn, native.finish(held, True))
                         raise
+                    finally:
+                        if token is not None:
+                            _caps_exit(token)
                     _settlement_problem(fn, native.finish(held, False, actual, result, False, prepared))
                     return result
 
@@ -1296,13 +1337,20 @@ class Warden:
                 async def guarded_async(*args: Any, **kwargs: Any) -> Any:
                     prepared = prepare(args, kwargs)
                     held = await native.hold(prepared, True)
-                    if type(held) is not int:
+                    caps = None
+                    if type(held) is tuple:
+                        held, caps = held
+                    elif type(held) is not int:
                         raise denied(held)  # type: ignore[arg-type]
+                    token = _caps_enter(caps)
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException:
                         _settlement_problem(fn, await native.finish(held, True, None, None, True))
                         raise
+                    finally:
+                        if token is not None:
+                            _caps_exit(token)
                     _settlement_problem(fn, await native.finish(held, False, actual, result, True, prepared))
                     return result
 

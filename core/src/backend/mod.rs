@@ -26,7 +26,9 @@ mod redis;
 
 pub use fallback::{Fallback, OnBackendError};
 pub use memory::{MemoryBackend, MemoryStats};
-pub use redis::{IMPLICIT_OPERATION_MEMORY, KeyState, OPERATION_MEMORY, RedisBackend};
+pub use redis::{
+    IMPLICIT_OPERATION_MEMORY, KeyState, OPERATION_MEMORY, RedisBackend, prepare_for_fork,
+};
 
 /// What a decision does with an admitted request.
 #[derive(Debug, Clone, Copy)]

@@ -772,6 +772,15 @@ fn int(v: &Value) -> i64 {
 }
 
 /// An operation id sent again with another request.
+/// Computes now the process-wide tables the Redis backend otherwise makes on
+/// its first call (the hash tag of every cluster slot). A binding calls it
+/// when it loads, before any `fork()`: a child forked while another thread
+/// was making them would wait forever for that thread, which the child does
+/// not have.
+pub fn prepare_for_fork() {
+    let _ = slot_tag(0);
+}
+
 pub(crate) fn reused(op: OperationId) -> Error {
     Error::invalid(
         "operation",

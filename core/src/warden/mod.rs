@@ -122,6 +122,10 @@ struct Inner {
     outlets_done: tokio::sync::watch::Receiver<u64>,
     /// Since when decisions are degraded (µs), or `i64::MIN` while the backend answers.
     degraded_since: std::sync::atomic::AtomicI64,
+    /// Reservations held on a `shrink.fallback` model (`caps.model`): the
+    /// model, and until when (its lease). A governed call's usage is priced
+    /// on it when it settles here ([`Warden::finish`]).
+    fallbacks: Mutex<std::collections::HashMap<ReservationId, (Arc<str>, Micros)>>,
 }
 
 impl Inner {
@@ -184,6 +188,7 @@ impl Warden {
                 emitted: std::sync::atomic::AtomicU64::new(0),
                 outlets_done,
                 audit,
+                fallbacks: Mutex::default(),
             }),
         }
     }
@@ -778,9 +783,25 @@ impl Warden {
             )
             .await?;
         if self.may_shrink(request, &d) {
-            return Box::pin(self.shrunk(request, UsageMode::Reserve(lease), d)).await;
+            let d = Box::pin(self.shrunk(request, UsageMode::Reserve(lease), d)).await?;
+            if let (Some(model), Some(r)) = (&d.caps.model, &d.reservation) {
+                self.held_on(r.id, model, r.expires_at);
+            }
+            return Ok(d);
         }
         Ok(d)
+    }
+
+    /// Remembers that reservation `id` is held on the fallback `model` (until
+    /// `expires`, when it lapses by itself): its settlement prices usage there.
+    #[cold]
+    fn held_on(&self, id: ReservationId, model: &Arc<str>, expires: Micros) {
+        let mut held = self.inner.fallbacks.lock();
+        if held.len() >= 1024 {
+            let now = self.inner.clock.now();
+            held.retain(|_, (_, until)| *until > now);
+        }
+        held.insert(id, (Arc::clone(model), expires));
     }
 
     fn lease(&self, plan: &Plan<'_>, lease: Option<Duration>) -> Result<Micros> {
@@ -879,7 +900,7 @@ impl Warden {
     /// (or re-raises its error) unchanged.
     pub async fn finish(&self, id: ReservationId, outcome: CallOutcome) -> Settlement {
         use crate::settle::{Charged, Settled, charge_for};
-        let outcome = self.priced_outcome(outcome);
+        let outcome = self.priced_outcome(id, outcome);
         let (charged, settled, note) = match &outcome {
             CallOutcome::Failed => {
                 let settled = match self.inner.backend.release(id).await {

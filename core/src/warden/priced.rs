@@ -132,11 +132,15 @@ impl Warden {
 
     /// A governed call's outcome with a priced usage turned into its cost
     /// (or, when it cannot be priced, into an unreadable usage: the estimate
-    /// is charged and the reason reported).
-    pub(crate) fn priced_outcome(&self, outcome: CallOutcome) -> CallOutcome {
+    /// is charged and the reason reported). A reservation held on a
+    /// `shrink.fallback` model (`caps.model`) is priced there: the call was
+    /// made on it, whatever resource the guard names.
+    pub(crate) fn priced_outcome(&self, id: ReservationId, outcome: CallOutcome) -> CallOutcome {
+        let model = self.inner.fallbacks.lock().remove(&id).map(|(m, _)| m);
         match outcome {
             CallOutcome::Ran(Settled::Priced { resource, usage }) => {
-                CallOutcome::Ran(match self.priced_cost(&resource, &usage, false) {
+                let resource = model.as_deref().unwrap_or(&resource);
+                CallOutcome::Ran(match self.priced_cost(resource, &usage, false) {
                     Ok(cost) => Settled::Actual(cost),
                     Err(e) => Settled::Unreadable(format!("its usage could not be priced: {e}")),
                 })

@@ -2,7 +2,7 @@
 // of the package type-check against index.d.ts, with Express's own types.
 import express from 'express';
 import {
-  BudgetExceededError, ManualClock, RateLimitedError, Warden, WardenError, scope,
+  BudgetExceededError, ManualClock, RateLimitedError, Warden, WardenError, scope, currentCaps,
   type Decision, type LimitInfo, type Listener, type ListenerStats, type Priced, type Receipt, type UpstreamInfo, type Usage,
   type WardenEvent, type AuditRecord, type AuditStats, type OutletStats, type PolicyChanges,
 } from 'ratewarden';
@@ -128,3 +128,9 @@ function reloaded(): string[] {
   return [...changes.added, ...changes.removed, ...changes.changed, ...again.repriced];
 }
 void reloaded;
+
+function capsOfTheWrappedCall(): number {
+  const caps = currentCaps();
+  return (caps.maxTokens ?? 0) + (caps.model?.length ?? 0);
+}
+void capsOfTheWrappedCall;
