@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod inspect;
 mod plot;
 mod scenario;
+mod serve;
 
 /// Where the shared state lives (Redis), for the commands that use one.
 #[derive(clap::Args, Debug, Clone)]
@@ -43,6 +44,8 @@ enum Command {
     Simulate(simulate::Args),
     /// Live state on a Redis backend: limits, leases, grants, reservations.
     Inspect(inspect::Args),
+    /// The governor over HTTP: a JSON decision API for agents in any language.
+    Serve(serve::Args),
     /// One of several processes hammering a shared backend (tests, load generation).
     #[command(hide = true)]
     Worker(worker::Args),
@@ -64,6 +67,13 @@ fn main() -> ExitCode {
                 print!("{}", p.describe());
                 ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve(args) => match serve::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE

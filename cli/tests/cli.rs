@@ -3,13 +3,9 @@
 
 use std::process::Command;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ratewarden"))
-}
+mod common;
 
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::{PolicyFile, Redis, bin, root};
 
 #[test]
 fn check_prints_the_effective_limits() {
@@ -415,90 +411,6 @@ fn simulate_rejects_bad_options() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-}
-
-/// Starts throwaway Redis servers through the shared harness; stops them on drop.
-struct Redis(serde_json::Value);
-
-impl Redis {
-    fn start() -> Self {
-        Self::start_with(&[])
-    }
-
-    /// A standalone server and a 3-master cluster; [`Redis::url`] names the cluster.
-    fn start_cluster() -> Self {
-        Self::start_naming(&["--cluster"], "cluster_url")
-    }
-
-    /// A standalone server and a TLS-only one; [`Redis::url`] names the TLS one
-    /// (`rediss://`), `self.0["tls_ca"]` its CA certificate.
-    fn start_tls() -> Self {
-        Self::start_naming(&["--tls"], "tls_url")
-    }
-
-    fn start_naming(args: &[&str], url: &str) -> Self {
-        let mut r = Self::start_with(args);
-        r.0["url"] = r.0[url].clone();
-        r
-    }
-
-    fn start_with(args: &[&str]) -> Self {
-        let out = Command::new("python3")
-            .arg(root().join("scripts/redis_harness.py"))
-            .arg("start")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    fn url(&self) -> &str {
-        self.0["url"].as_str().unwrap()
-    }
-
-    /// `redis-cli -p PORT ARGS…`, trimmed output.
-    fn cli(&self, args: &[&str]) -> String {
-        let port = self.url().rsplit(':').next().unwrap();
-        let out = Command::new("redis-cli")
-            .args(["-p", port])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = Command::new("python3")
-            .arg(root().join("scripts/redis_harness.py"))
-            .arg("stop")
-            .arg(self.0["dir"].as_str().unwrap())
-            .status();
-    }
-}
-
-/// A policy file in its own temporary directory, removed on drop.
-struct PolicyFile(std::path::PathBuf);
-
-impl PolicyFile {
-    fn new(tag: &str, yaml: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("rw-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("policy.yaml"), yaml).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for PolicyFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// `ratewarden worker` against `redis` with `policy` for `scope`, plus `extra` options.

@@ -231,7 +231,8 @@ impl Error {
         d
     }
 
-    pub(crate) fn invalid(what: &'static str, message: impl Into<String>) -> Self {
+    /// [`Error::InvalidArgument`]: `what` (the argument) and what is wrong with it.
+    pub fn invalid(what: &'static str, message: impl Into<String>) -> Self {
         Self::InvalidArgument {
             what,
             message: message.into(),

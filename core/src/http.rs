@@ -234,6 +234,98 @@ pub fn denial_body(decision: &Decision) -> String {
     .to_string()
 }
 
+/// A decision as JSON, the shape `ratewarden serve` answers with and the
+/// Python binding's `Decision.to_dict()` has: `allowed`, `outcome`, `caps`
+/// (only those set), `retry_after` (seconds, `null` when waiting cannot
+/// help or when allowed), `reason`, `priority`, `degraded`, `reservation`
+/// (`{id, expires_at_ms}` or `null`) and `limits` (per limit: `name`, `kind`,
+/// `unit`, `limit`, `remaining`, `held`, `amount` in base units
+/// beside `remaining_text`, `reset` in seconds, `denied`).
+#[must_use]
+pub fn decision_json(d: &Decision) -> serde_json::Value {
+    use serde_json::json;
+    let mut caps = serde_json::Map::new();
+    if let Some(v) = d.caps.delay_ms {
+        caps.insert("delay_ms".into(), json!(v));
+    }
+    if let Some(v) = d.caps.max_tokens {
+        caps.insert("max_tokens".into(), json!(v));
+    }
+    if let Some(v) = &d.caps.model {
+        caps.insert("model".into(), json!(&**v));
+    }
+    if d.caps.sequential {
+        caps.insert("sequential".into(), json!(true));
+    }
+    if !d.caps.backpressure.is_empty() {
+        let stages: Vec<&str> = d.caps.backpressure.stages().iter().map(|s| &**s).collect();
+        caps.insert("backpressure".into(), json!(stages));
+    }
+    json!({
+        "allowed": d.allowed(),
+        "outcome": d.outcome.as_str(),
+        "caps": caps,
+        "retry_after": d.retry_after.map(|r| r.as_secs_f64()),
+        "reason": d.reason,
+        "priority": d.priority.as_str(),
+        "degraded": d.degraded.map(crate::decision::Degraded::as_str),
+        "reservation": d.reservation.as_ref().map(|r| json!({
+            "id": r.id.to_string(),
+            "expires_at_ms": r.expires_at.div_euclid(1000),
+        })),
+        "limits": d.limits.iter().map(|l| json!({
+            "name": l.name(),
+            "kind": l.kind(),
+            "unit": l.unit(),
+            "limit": l.limit(),
+            "remaining": l.remaining,
+            "remaining_text": crate::amount::format_base(l.remaining, l.decimals()),
+            "held": l.held,
+            "amount": l.amount,
+            "reset": l.reset.as_secs_f64(),
+            "denied": l.denied,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A commit's receipt as JSON: `reservation`, `duplicate` and per limit
+/// `name`, `unit`, `reserved`, `charged`, `uncharged`, `debt` (base units)
+/// with `charged_text`.
+#[must_use]
+pub fn receipt_json(r: &crate::decision::CommitReceipt) -> serde_json::Value {
+    serde_json::json!({
+        "reservation": r.id.to_string(),
+        "duplicate": r.duplicate,
+        "charges": r.charges.iter().map(|c| serde_json::json!({
+            "name": c.name(),
+            "unit": c.def.unit,
+            "reserved": c.reserved,
+            "charged": c.charged,
+            "charged_text": c.def.fmt_amount(c.charged),
+            "uncharged": c.uncharged,
+            "debt": c.debt,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A balance as JSON: `name`, `kind`, `unit`, `owner`, `limit`,
+/// `remaining`, `held` (base units) with `remaining_text`, and `reset`
+/// (seconds; `null` for lifetime budgets and concurrency).
+#[must_use]
+pub fn balance_json(b: &crate::decision::Balance) -> serde_json::Value {
+    serde_json::json!({
+        "name": b.name,
+        "kind": b.kind,
+        "unit": b.unit,
+        "owner": b.owner,
+        "limit": b.limit,
+        "remaining": b.remaining,
+        "remaining_text": crate::amount::format_base(b.remaining, b.decimals),
+        "held": b.held,
+        "reset": b.reset.map(|r| r.as_secs_f64()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -222,6 +222,10 @@ impl<B: Backend> Backend for Fallback<B> {
         self.primary.changes()
     }
 
+    fn ping(&self) -> Pending<'_, ()> {
+        self.primary.ping()
+    }
+
     fn credit<'a>(
         &'a self,
         limit: &'a crate::plan::PlannedLimit<'a>,

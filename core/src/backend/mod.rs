@@ -318,6 +318,12 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Whether the backend answers now: at once for the embedded engine, a
+    /// `PING` on Redis.
+    fn ping(&self) -> Pending<'_, ()> {
+        Pending::Ready(Ok(()))
+    }
+
     /// Applies `op` to an allocation of the pool limit `limit` (a quota or
     /// budget without `scope:`), atomically ([`crate::pool`]).
     fn allot<'a>(&'a self, limit: &'a PlannedLimit<'a>, op: AllotOp<'a>) -> Pending<'a, i64> {

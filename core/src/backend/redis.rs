@@ -923,6 +923,16 @@ impl Backend for RedisBackend {
         }))
     }
 
+    fn ping(&self) -> Pending<'_, ()> {
+        Pending::Future(Box::pin(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| backend_err(&e))
+        }))
+    }
+
     fn publish_events<'a>(
         &'a self,
         channel: &'a str,

@@ -274,6 +274,15 @@ impl Warden {
         Ok(changes)
     }
 
+    /// Whether the backend answers now (the embedded engine always does; a
+    /// `PING` on Redis), for readiness checks.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] when it does not answer.
+    pub async fn ping(&self) -> Result<()> {
+        self.inner.backend.ping().await
+    }
+
     /// The backend's name (`memory`, `redis`).
     #[must_use]
     pub fn backend_name(&self) -> &'static str {

@@ -1,0 +1,602 @@
+//! `ratewarden serve`: the governor over HTTP, for agents in any language.
+//!
+//! One warden (the embedded engine, or Redis / Redis Cluster with
+//! `--backend`) behind a small JSON API; every decision is the core's, this
+//! module only converts. Every response carries an `X-Request-Id`, every
+//! decision the IETF `RateLimit` headers. Bad input is a 400 naming what was
+//! wrong and changes nothing; a body over `--max-body` is a 413; a request
+//! past `--timeout` a 503. SIGTERM or SIGINT stop accepting connections and
+//! let requests in flight finish.
+//!
+//! The API (JSON bodies, snake case, amounts as numbers or decimal strings):
+//! - `POST /v1/check`, `/v1/acquire`, `/v1/reserve` — `{scope, resource?,
+//!   action?, cost?, usage?, priority?, lease_ms?}` → the decision
+//!   ([`ratewarden::http::decision_json`]), 200 whether allowed or not;
+//! - `POST /v1/reservations/{id}/commit` (`{actual?}` or `{usage, resource}`),
+//!   `/release`, `/extend` (`{lease_ms}`);
+//! - `GET /v1/balances?scope=…&resource=…`;
+//! - `GET /healthz` (the process answers), `GET /readyz` (the backend
+//!   answers), `GET /metrics` (Prometheus text).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderName, HeaderValue, Request as HttpRequest, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ratewarden::decision::{Decision, ReservationId};
+use ratewarden::http::{HeaderStyle, rate_limit_headers};
+use ratewarden::{Amount, Cost, Error, ErrorKind, Policy, Warden};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// `ratewarden serve`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The policy file (YAML, JSON or TOML).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// A Redis URL (`redis://…`, `redis+cluster://…`); the embedded engine when not given.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, default_value = "rw")]
+    pub namespace: String,
+    /// Where to listen (`127.0.0.1:0` picks a free port; the address is printed first).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The largest request body, bytes (larger: 413).
+    #[arg(long, default_value_t = 65_536)]
+    pub max_body: usize,
+    /// Each request's deadline, seconds (past it: 503).
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+/// What every handler shares.
+struct Served {
+    warden: Warden,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    allowed: AtomicU64,
+    capped: AtomicU64,
+    denied: AtomicU64,
+    degraded: AtomicU64,
+    errors: AtomicU64,
+    /// Request latency histogram: counts per bucket of [`BUCKETS`] (µs), and the sum.
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+/// Upper bounds of the latency buckets, µs.
+const BUCKETS: [u64; 10] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
+];
+
+impl Metrics {
+    fn decided(&self, d: &Decision) {
+        let counter = match d.outcome {
+            ratewarden::Outcome::Allow => &self.allowed,
+            ratewarden::Outcome::AllowWithCaps => &self.capped,
+            ratewarden::Outcome::Deny => &self.denied,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if d.degraded.is_some() {
+            self.degraded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn took(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if us <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        out.push_str("# HELP ratewarden_decisions_total Decisions made, by outcome.\n");
+        out.push_str("# TYPE ratewarden_decisions_total counter\n");
+        for (outcome, n) in [
+            ("allow", get(&self.allowed)),
+            ("allow_with_caps", get(&self.capped)),
+            ("deny", get(&self.denied)),
+        ] {
+            let _ = writeln!(
+                out,
+                "ratewarden_decisions_total{{outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP ratewarden_degraded_decisions_total Decisions made without the shared backend.\n");
+        out.push_str("# TYPE ratewarden_degraded_decisions_total counter\n");
+        let _ = writeln!(
+            out,
+            "ratewarden_degraded_decisions_total {}",
+            get(&self.degraded)
+        );
+        out.push_str("# HELP ratewarden_errors_total Requests answered with an error.\n");
+        out.push_str("# TYPE ratewarden_errors_total counter\n");
+        let _ = writeln!(out, "ratewarden_errors_total {}", get(&self.errors));
+        out.push_str("# HELP ratewarden_request_seconds Time to answer an API request.\n");
+        out.push_str("# TYPE ratewarden_request_seconds histogram\n");
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            #[allow(clippy::cast_precision_loss)]
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "ratewarden_request_seconds_bucket{{le=\"{le}\"}} {}",
+                get(&self.buckets[i])
+            );
+        }
+        let count = get(&self.count);
+        let _ = writeln!(
+            out,
+            "ratewarden_request_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        #[allow(clippy::cast_precision_loss)]
+        let sum = get(&self.sum_us) as f64 / 1e6;
+        let _ = writeln!(out, "ratewarden_request_seconds_sum {sum}");
+        let _ = writeln!(out, "ratewarden_request_seconds_count {count}");
+        out
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+///
+/// # Errors
+/// The policy cannot be read, the backend cannot be reached, or the address
+/// cannot be bound.
+pub fn run(args: &Args) -> Result<(), String> {
+    let policy = Policy::from_file(&args.policy).map_err(|e| e.to_string())?;
+    let timeout = ratewarden::ops::seconds(args.timeout, "timeout").map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        let setup = ratewarden::ops::Setup::new(args.backend.as_deref(), &args.namespace);
+        let warden = setup.connect(policy).await.map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        // First line of stdout: where it listens (tests and scripts read it).
+        println!("listening on http://{bound}");
+        let served = Arc::new(Served {
+            warden,
+            timeout,
+            metrics: Metrics::default(),
+        });
+        axum::serve(listener, router(served, args.max_body))
+            .with_graceful_shutdown(shutdown())
+            .await
+            .map_err(|e| format!("server error: {e}"))?;
+        eprintln!("ratewarden serve: stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown() {
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn router(served: Arc<Served>, max_body: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/check", post(check))
+        .route("/v1/acquire", post(acquire))
+        .route("/v1/reserve", post(reserve))
+        .route("/v1/reservations/{id}/commit", post(commit))
+        .route("/v1/reservations/{id}/release", post(release))
+        .route("/v1/reservations/{id}/extend", post(extend))
+        .route("/v1/balances", get(balances))
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(middleware::from_fn_with_state(Arc::clone(&served), around))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(served)
+}
+
+/// Around every request: its deadline, an `X-Request-Id`, an access log line
+/// (JSON on stderr) and the latency histogram.
+async fn around(
+    State(s): State<Arc<Served>>,
+    req: HttpRequest<axum::body::Body>,
+    next: Next,
+) -> Response {
+    // Latency is wall time on this host, not the warden's (test) clock.
+    #[allow(clippy::disallowed_methods)]
+    let started = Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let id = format!("{:032x}", fastrand::u128(..));
+    let mut res = match tokio::time::timeout(s.timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request took longer than the server's --timeout",
+        ),
+    };
+    let elapsed = started.elapsed();
+    if path.starts_with("/v1/") {
+        s.metrics.took(elapsed);
+    }
+    if res.status().is_client_error() || res.status().is_server_error() {
+        s.metrics.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    eprintln!(
+        "{}",
+        json!({
+            "request_id": id, "method": method.as_str(), "path": path,
+            "status": res.status().as_u16(), "micros": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        })
+    );
+    res
+}
+
+/// An error response: `{"error": code, "message": …}`.
+fn problem(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": code, "message": message})),
+    )
+        .into_response()
+}
+
+/// The response for a core error: bad input 400, unknown reservation 404,
+/// conflicts 409, expired 410, backend 503, anything else 500.
+fn failed(e: &Error) -> Response {
+    let status = match e.kind() {
+        ErrorKind::InvalidInput | ErrorKind::Policy => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound if e.code() == "reservation_expired" => StatusCode::GONE,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Backend => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    problem(status, e.code(), &e.to_string())
+}
+
+/// A JSON body, or the 400 / 413 / 415 naming what is wrong with it.
+#[allow(clippy::result_large_err)] // the error is the response itself
+fn body<T>(parsed: Result<axum::Json<T>, JsonRejection>) -> Result<T, Response> {
+    parsed.map(|axum::Json(v)| v).map_err(|r| {
+        let status = r.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_request"
+        };
+        problem(status, code, &r.body_text())
+    })
+}
+
+/// A decision request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ask {
+    scope: String,
+    resource: Option<String>,
+    action: Option<String>,
+    cost: Option<BTreeMap<String, Value>>,
+    usage: Option<BTreeMap<String, Value>>,
+    priority: Option<String>,
+    lease_ms: Option<u64>,
+}
+
+/// An amount given as a JSON number or a decimal string.
+fn amount(v: &Value, what: &'static str, at: &str) -> Result<Amount, Error> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        other => {
+            return Err(Error::invalid(
+                what,
+                format!("`{at}`: expected a number or a decimal string, got {other}"),
+            ));
+        }
+    };
+    Amount::parse(&text).map_err(|e| Error::invalid(what, format!("`{at}`: {e}")))
+}
+
+fn cost_of(c: &BTreeMap<String, Value>, field: &'static str) -> Result<Cost, Error> {
+    let mut cost = Cost::new();
+    for (unit, v) in c {
+        cost.set(unit, amount(v, field, &format!("{field}.{unit}"))?);
+    }
+    Ok(cost)
+}
+
+fn usage_of(u: &BTreeMap<String, Value>) -> Result<ratewarden::pricing::Usage, Error> {
+    let mut fields = Vec::with_capacity(u.len());
+    for (k, v) in u {
+        fields.push((k.as_str(), amount(v, "usage", &format!("usage.{k}"))?));
+    }
+    ratewarden::pricing::Usage::from_fields(fields)
+}
+
+impl Ask {
+    fn request(&self) -> Result<ratewarden::Request, Error> {
+        let cost = self.cost.as_ref().map(|c| cost_of(c, "cost")).transpose()?;
+        let mut r = ratewarden::ops::request(
+            &self.scope,
+            self.resource.as_deref(),
+            self.action.as_deref(),
+            cost,
+            self.priority.as_deref(),
+        )?;
+        if let Some(u) = &self.usage {
+            r = r.usage(usage_of(u)?);
+        }
+        Ok(r)
+    }
+
+    fn lease(&self) -> Result<Option<Duration>, Error> {
+        match self.lease_ms {
+            None => Ok(None),
+            Some(0) => Err(Error::invalid("lease_ms", "a lease is longer than zero")),
+            Some(ms) => Ok(Some(Duration::from_millis(ms))),
+        }
+    }
+}
+
+/// A decision with its `RateLimit` headers.
+fn decided(s: &Served, d: &Decision) -> Response {
+    s.metrics.decided(d);
+    let mut res = (
+        StatusCode::OK,
+        axum::Json(ratewarden::http::decision_json(d)),
+    )
+        .into_response();
+    for (name, value) in rate_limit_headers(d, HeaderStyle::Draft11) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            res.headers_mut().append(n, v);
+        }
+    }
+    res
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Check,
+    Acquire,
+    Reserve,
+}
+
+async fn decide(
+    s: Arc<Served>,
+    parsed: Result<axum::Json<Ask>, JsonRejection>,
+    op: Op,
+) -> Response {
+    let ask = match body(parsed) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let (request, lease) = match (ask.request(), ask.lease()) {
+        (Ok(r), Ok(l)) => (r, l),
+        (Err(e), _) | (_, Err(e)) => return failed(&e),
+    };
+    let d = match op {
+        Op::Check => s.warden.check(&request).await,
+        Op::Acquire => s.warden.acquire(&request).await,
+        Op::Reserve => s.warden.reserve(&request, lease).await,
+    };
+    match d {
+        Ok(d) => decided(&s, &d),
+        Err(e) => failed(&e),
+    }
+}
+
+async fn check(
+    State(s): State<Arc<Served>>,
+    b: Result<axum::Json<Ask>, JsonRejection>,
+) -> Response {
+    decide(s, b, Op::Check).await
+}
+
+async fn acquire(
+    State(s): State<Arc<Served>>,
+    b: Result<axum::Json<Ask>, JsonRejection>,
+) -> Response {
+    decide(s, b, Op::Acquire).await
+}
+
+async fn reserve(
+    State(s): State<Arc<Served>>,
+    b: Result<axum::Json<Ask>, JsonRejection>,
+) -> Response {
+    decide(s, b, Op::Reserve).await
+}
+
+#[allow(clippy::result_large_err)] // the error is the response itself
+fn reservation(id: &str) -> Result<ReservationId, Response> {
+    ReservationId::parse(id).map_err(|e| failed(&e))
+}
+
+/// A commit: `actual` (a cost), or `usage` priced on `resource`; neither
+/// charges what was reserved.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Settle {
+    actual: Option<BTreeMap<String, Value>>,
+    usage: Option<BTreeMap<String, Value>>,
+    resource: Option<String>,
+}
+
+async fn commit(
+    State(s): State<Arc<Served>>,
+    Path(id): Path<String>,
+    b: Result<axum::Json<Settle>, JsonRejection>,
+) -> Response {
+    let id = match reservation(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let settle = match b {
+        Err(JsonRejection::MissingJsonContentType(_)) => Settle::default(),
+        other => match body(other) {
+            Ok(v) => v,
+            Err(r) => return r,
+        },
+    };
+    let receipt = match (&settle.usage, &settle.resource, &settle.actual) {
+        (Some(_), _, Some(_)) => Err(Error::invalid(
+            "actual",
+            "give `actual` (a cost) or `usage` (priced on `resource`), not both",
+        )),
+        (Some(u), Some(resource), None) => match usage_of(u) {
+            Ok(usage) => s.warden.commit_usage(id, resource, &usage).await,
+            Err(e) => Err(e),
+        },
+        (Some(_), None, None) => Err(Error::invalid(
+            "resource",
+            "a commit by `usage` needs the `resource` whose prices apply",
+        )),
+        (None, _, actual) => match actual.as_ref().map(|a| cost_of(a, "actual")).transpose() {
+            Ok(cost) => s.warden.commit(id, &cost.unwrap_or_default()).await,
+            Err(e) => Err(e),
+        },
+    };
+    match receipt {
+        Ok(r) => (
+            StatusCode::OK,
+            axum::Json(ratewarden::http::receipt_json(&r)),
+        )
+            .into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+async fn release(State(s): State<Arc<Served>>, Path(id): Path<String>) -> Response {
+    let id = match reservation(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match s.warden.release(id).await {
+        Ok(released) => (StatusCode::OK, axum::Json(json!({"released": released}))).into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Extend {
+    lease_ms: u64,
+}
+
+async fn extend(
+    State(s): State<Arc<Served>>,
+    Path(id): Path<String>,
+    b: Result<axum::Json<Extend>, JsonRejection>,
+) -> Response {
+    let id = match reservation(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let ext = match body(b) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match s
+        .warden
+        .extend(id, Duration::from_millis(ext.lease_ms))
+        .await
+    {
+        Ok(until) => (
+            StatusCode::OK,
+            axum::Json(json!({"expires_at_ms": until.div_euclid(1000)})),
+        )
+            .into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalancesQuery {
+    scope: String,
+    resource: Option<String>,
+}
+
+async fn balances(
+    State(s): State<Arc<Served>>,
+    q: Result<Query<BalancesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(r) => return problem(StatusCode::BAD_REQUEST, "invalid_request", &r.body_text()),
+    };
+    let scope = match ratewarden::Scope::parse(&q.scope) {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
+    };
+    match s.warden.balances(&scope, q.resource.as_deref()).await {
+        Ok(list) => (
+            StatusCode::OK,
+            axum::Json(json!({
+                "scope": scope.as_str(),
+                "balances": list.iter().map(ratewarden::http::balance_json).collect::<Vec<_>>(),
+            })),
+        )
+            .into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+/// Ready when the backend answers (the embedded engine always does).
+async fn ready(State(s): State<Arc<Served>>) -> Response {
+    match s.warden.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &e.to_string()),
+    }
+}
+
+async fn metrics(State(s): State<Arc<Served>>) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
