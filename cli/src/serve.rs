@@ -189,6 +189,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             timeout,
             metrics: Metrics::default(),
         });
+        // Answers go out at once (no Nagle delay behind a client's ACK).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, router(served, args.max_body))
             .with_graceful_shutdown(shutdown())
             .await
