@@ -10,8 +10,9 @@
 //!
 //! The API (JSON bodies, snake case, amounts as numbers or decimal strings):
 //! - `POST /v1/check`, `/v1/acquire`, `/v1/reserve` — `{scope, resource?,
-//!   action?, cost?, usage?, priority?, lease_ms?}` → the decision
-//!   ([`ratewarden::http::decision_json`]), 200 whether allowed or not;
+//!   action?, cost?, usage?, priority?, lease_ms?, operation?}` → the
+//!   decision ([`ratewarden::http::decision_json`]), 200 whether allowed or
+//!   not; an `Idempotency-Key` header makes a retry answer as the first;
 //! - `POST /v1/reservations/{id}/commit` (`{actual?}` or `{usage, resource}`),
 //!   `/release`, `/extend` (`{lease_ms}`);
 //! - `GET /v1/balances?scope=…&resource=…`;
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderName, HeaderValue, Request as HttpRequest, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request as HttpRequest, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -324,6 +325,9 @@ struct Ask {
     usage: Option<BTreeMap<String, Value>>,
     priority: Option<String>,
     lease_ms: Option<u64>,
+    /// The operation (32 hex digits) a retry repeats; or the
+    /// `Idempotency-Key` header.
+    operation: Option<String>,
 }
 
 /// An amount given as a JSON number or a decimal string.
@@ -358,7 +362,7 @@ fn usage_of(u: &BTreeMap<String, Value>) -> Result<ratewarden::pricing::Usage, E
 }
 
 impl Ask {
-    fn request(&self) -> Result<ratewarden::Request, Error> {
+    fn request(&self, key: Option<&str>) -> Result<ratewarden::Request, Error> {
         let cost = self.cost.as_ref().map(|c| cost_of(c, "cost")).transpose()?;
         let mut r = ratewarden::ops::request(
             &self.scope,
@@ -369,6 +373,20 @@ impl Ask {
         )?;
         if let Some(u) = &self.usage {
             r = r.usage(usage_of(u)?);
+        }
+        let op = match (&self.operation, key) {
+            (Some(id), None) => Some(ratewarden::OperationId::parse(id)?),
+            (None, Some(k)) => Some(ratewarden::OperationId::of_key(k)?),
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "operation",
+                    "give `operation` in the body or an `Idempotency-Key` header, not both",
+                ));
+            }
+            (None, None) => None,
+        };
+        if let Some(op) = op {
+            r = r.operation(op);
         }
         Ok(r)
     }
@@ -410,6 +428,7 @@ enum Op {
 
 async fn decide(
     s: Arc<Served>,
+    headers: &HeaderMap,
     parsed: Result<axum::Json<Ask>, JsonRejection>,
     op: Op,
 ) -> Response {
@@ -417,7 +436,18 @@ async fn decide(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let (request, lease) = match (ask.request(), ask.lease()) {
+    let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(_)) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "the Idempotency-Key header is not visible ASCII",
+            );
+        }
+    };
+    let (request, lease) = match (ask.request(key), ask.lease()) {
         (Ok(r), Ok(l)) => (r, l),
         (Err(e), _) | (_, Err(e)) => return failed(&e),
     };
@@ -434,23 +464,26 @@ async fn decide(
 
 async fn check(
     State(s): State<Arc<Served>>,
+    headers: HeaderMap,
     b: Result<axum::Json<Ask>, JsonRejection>,
 ) -> Response {
-    decide(s, b, Op::Check).await
+    decide(s, &headers, b, Op::Check).await
 }
 
 async fn acquire(
     State(s): State<Arc<Served>>,
+    headers: HeaderMap,
     b: Result<axum::Json<Ask>, JsonRejection>,
 ) -> Response {
-    decide(s, b, Op::Acquire).await
+    decide(s, &headers, b, Op::Acquire).await
 }
 
 async fn reserve(
     State(s): State<Arc<Served>>,
+    headers: HeaderMap,
     b: Result<axum::Json<Ask>, JsonRejection>,
 ) -> Response {
-    decide(s, b, Op::Reserve).await
+    decide(s, &headers, b, Op::Reserve).await
 }
 
 #[allow(clippy::result_large_err)] // the error is the response itself

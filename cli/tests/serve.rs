@@ -100,11 +100,23 @@ fn raw(
     body: Option<&str>,
     content_type: &str,
 ) -> (u16, Vec<(String, String)>, String) {
+    raw_with(addr, method, path, body, content_type, "")
+}
+
+/// [`raw`] with `extra` header lines (each ending in `\r\n`).
+fn raw_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    content_type: &str,
+    extra: &str,
+) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -450,4 +462,56 @@ fn sigterm_under_load_loses_nothing_acknowledged() {
         i64::try_from(acked).unwrap(),
         "{b}"
     );
+}
+
+#[test]
+fn a_retry_with_the_same_idempotency_key_is_answered_as_the_first_and_charged_once() {
+    let policy = PolicyFile::new("serve-idem", POLICY);
+    let s = Server::start(&policy, &[]);
+    let post = |path: &str, body: &str, key: &str| {
+        let (status, _, text) = raw_with(
+            &s.addr,
+            "POST",
+            path,
+            Some(body),
+            "application/json",
+            &format!("Idempotency-Key: {key}\r\n"),
+        );
+        (status, serde_json::from_str::<Value>(&text).unwrap())
+    };
+    let one = r#"{"scope": "tenant:acme", "cost": {"usd": 1}}"#;
+    let (status, first) = post("/v1/acquire", one, "order-7");
+    assert_eq!(status, 200, "{first}");
+    let (_, again) = post("/v1/acquire", one, "order-7");
+    assert_eq!(again["limits"], first["limits"], "the first answer, again");
+    let (_, r1) = post("/v1/reserve", one, "order-8");
+    let (_, r2) = post("/v1/reserve", one, "order-8");
+    assert_eq!(r1["reservation"]["id"], r2["reservation"]["id"]);
+    // The key names one request: another request under it is refused.
+    let (status, e) = post(
+        "/v1/acquire",
+        r#"{"scope": "tenant:acme", "cost": {"usd": 2}}"#,
+        "order-7",
+    );
+    assert_eq!(status, 400, "{e}");
+    let (status, e) = post(
+        "/v1/acquire",
+        &format!(
+            r#"{{"scope": "tenant:acme", "operation": "{}"}}"#,
+            "a".repeat(32)
+        ),
+        "k",
+    );
+    assert_eq!(
+        (status, e["error"].clone()),
+        (400, json!("invalid_argument")),
+        "{e}"
+    );
+    let (status, e) = post("/v1/acquire", one, &"k".repeat(257));
+    assert_eq!(status, 400, "{e}");
+    // Charged once each: $1 acquired, $1 held.
+    let (_, _, text) = s.call("GET", "/v1/balances?scope=tenant:acme", None);
+    let b: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(remaining(&b, "tenant-usd"), 8_000_000, "{b}");
+    assert_eq!(remaining(&b, "tenant-daily"), 98, "{b}");
 }

@@ -238,6 +238,29 @@ pub struct ReservationInfo {
     pub expires_at: i64,
 }
 
+impl OperationId {
+    /// The operation id an idempotency key names: the first 128 bits of its
+    /// SHA-256, the same in every process and language, so a client that
+    /// retries with its own key (an HTTP `Idempotency-Key`) is answered as
+    /// the first time and charged once.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] for a key that is empty or longer
+    /// than 256 bytes.
+    pub fn of_key(key: &str) -> crate::Result<Self> {
+        if key.is_empty() || key.len() > 256 {
+            return Err(crate::Error::invalid(
+                "idempotency key",
+                format!("it is {} bytes; give 1 to 256", key.len()),
+            ));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        let mut first = [0_u8; 16];
+        first.copy_from_slice(&digest.as_ref()[..16]);
+        Ok(Self(u128::from_be_bytes(first).max(1)))
+    }
+}
+
 /// An id of 128 random bits, shown as 32 hex digits.
 macro_rules! hex_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
@@ -501,4 +524,24 @@ pub struct CommitReceipt {
     pub charges: Vec<Charge>,
     /// `true` if this id had already been committed: nothing was charged this time.
     pub duplicate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OperationId;
+
+    #[test]
+    fn an_idempotency_key_names_the_first_128_bits_of_its_sha256() {
+        // Python: hashlib.sha256(b"order-7").hexdigest()[:32]
+        let id = OperationId::of_key("order-7").unwrap();
+        assert_eq!(id.to_string(), "df8cf80227ec3237922df0ecd88385c5");
+        assert_eq!(
+            OperationId::of_key(&"k".repeat(256)).unwrap(),
+            OperationId::of_key(&"k".repeat(256)).unwrap()
+        );
+        for bad in [String::new(), "k".repeat(257)] {
+            let e = OperationId::of_key(&bad).unwrap_err().to_string();
+            assert!(e.contains("idempotency key"), "{e}");
+        }
+    }
 }
