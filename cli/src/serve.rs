@@ -13,6 +13,9 @@
 //!   action?, cost?, usage?, priority?, lease_ms?, operation?}` → the
 //!   decision ([`ratewarden::http::decision_json`]), 200 whether allowed or
 //!   not; an `Idempotency-Key` header makes a retry answer as the first;
+//! - `POST /v1/wait` — the same with `max_wait_ms` (≤ an hour) and
+//!   `reserve`: answered once admitted or when the wait is over (the last
+//!   denial);
 //! - `POST /v1/reservations/{id}/commit` (`{actual?}` or `{usage, resource}`),
 //!   `/release`, `/extend` (`{lease_ms}`);
 //! - `GET /v1/balances?scope=…&resource=…`;
@@ -82,6 +85,9 @@ struct Metrics {
     count: AtomicU64,
     sum_us: AtomicU64,
 }
+
+/// The longest `/v1/wait`.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// Upper bounds of the latency buckets, µs.
 const BUCKETS: [u64; 10] = [
@@ -227,6 +233,7 @@ fn router(served: Arc<Served>, max_body: usize) -> Router {
         .route("/v1/check", post(check))
         .route("/v1/acquire", post(acquire))
         .route("/v1/reserve", post(reserve))
+        .route("/v1/wait", post(wait))
         .route("/v1/reservations/{id}/commit", post(commit))
         .route("/v1/reservations/{id}/release", post(release))
         .route("/v1/reservations/{id}/extend", post(extend))
@@ -249,7 +256,13 @@ async fn around(
     let started = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let id = format!("{:032x}", fastrand::u128(..));
-    let mut res = match tokio::time::timeout(s.timeout, next.run(req)).await {
+    // A wait is bounded by its own `max_wait_ms` (at most an hour), not the deadline.
+    let deadline = if path == "/v1/wait" {
+        MAX_WAIT + s.timeout
+    } else {
+        s.timeout
+    };
+    let mut res = match tokio::time::timeout(deadline, next.run(req)).await {
         Ok(r) => r,
         Err(_) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -328,6 +341,10 @@ struct Ask {
     /// The operation (32 hex digits) a retry repeats; or the
     /// `Idempotency-Key` header.
     operation: Option<String>,
+    /// `/v1/wait` only: how long to wait for capacity, ms.
+    max_wait_ms: Option<u64>,
+    /// `/v1/wait` only: hold a reservation (else acquire) once admitted.
+    reserve: Option<bool>,
 }
 
 /// An amount given as a JSON number or a decimal string.
@@ -424,6 +441,7 @@ enum Op {
     Check,
     Acquire,
     Reserve,
+    Wait,
 }
 
 async fn decide(
@@ -451,15 +469,81 @@ async fn decide(
         (Ok(r), Ok(l)) => (r, l),
         (Err(e), _) | (_, Err(e)) => return failed(&e),
     };
+    if !matches!(op, Op::Wait) && (ask.max_wait_ms.is_some() || ask.reserve.is_some()) {
+        return failed(&Error::invalid(
+            "max_wait_ms",
+            "`max_wait_ms` and `reserve` belong to /v1/wait",
+        ));
+    }
     let d = match op {
         Op::Check => s.warden.check(&request).await,
         Op::Acquire => s.warden.acquire(&request).await,
         Op::Reserve => s.warden.reserve(&request, lease).await,
+        Op::Wait => {
+            let what = if ask.reserve.unwrap_or(false) {
+                ratewarden::WaitFor::Reserve(lease)
+            } else {
+                ratewarden::WaitFor::Acquire
+            };
+            let max_wait = Duration::from_millis(ask.max_wait_ms.unwrap_or(0));
+            if max_wait > MAX_WAIT {
+                return failed(&Error::invalid(
+                    "max_wait_ms",
+                    "wait at most an hour (3600000)",
+                ));
+            }
+            waited(&s, request, what, max_wait).await
+        }
     };
     match d {
         Ok(d) => decided(&s, &d),
         Err(e) => failed(&e),
     }
+}
+
+/// Waits on a task of its own, so a client that hangs up mid-wait cancels
+/// it cleanly: the wait stops at its next waiting point, and what it was
+/// admitted in the meantime is given back (a reservation released; an
+/// acquire, already spent, stays spent as the one answer nobody read).
+async fn waited(
+    s: &Arc<Served>,
+    request: ratewarden::Request,
+    what: ratewarden::WaitFor,
+    max_wait: Duration,
+) -> Result<Decision, Error> {
+    struct CancelOnDrop(Arc<ratewarden::WaitCancel>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.0.cancel();
+        }
+    }
+    let cancel = Arc::new(ratewarden::WaitCancel::default());
+    let _guard = CancelOnDrop(Arc::clone(&cancel));
+    let warden = s.warden.clone();
+    let task = tokio::spawn(async move {
+        let d = warden
+            .wait_cancellable(&request, what, max_wait, &cancel)
+            .await;
+        if cancel.is_cancelled() {
+            if let Ok(Some(r)) = d.as_ref().map(|d| d.reservation.as_ref()) {
+                let _ = warden.release(r.id).await;
+            }
+        }
+        d
+    });
+    task.await.unwrap_or_else(|e| {
+        Err(Error::Internal {
+            message: format!("the wait failed: {e}"),
+        })
+    })
+}
+
+async fn wait(
+    State(s): State<Arc<Served>>,
+    headers: HeaderMap,
+    b: Result<axum::Json<Ask>, JsonRejection>,
+) -> Response {
+    decide(s, &headers, b, Op::Wait).await
 }
 
 async fn check(

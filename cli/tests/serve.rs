@@ -515,3 +515,46 @@ fn a_retry_with_the_same_idempotency_key_is_answered_as_the_first_and_charged_on
     assert_eq!(remaining(&b, "tenant-usd"), 8_000_000, "{b}");
     assert_eq!(remaining(&b, "tenant-daily"), 98, "{b}");
 }
+
+#[test]
+fn a_wait_is_answered_once_admitted_or_with_its_last_denial() {
+    let policy = PolicyFile::new(
+        "serve-wait",
+        "scopes:\n  tenant:\n    limits:\n      - { name: rps, kind: rate, limit: 2, per: 1s }\n",
+    );
+    let s = Server::start(&policy, &[]);
+    for _ in 0..2 {
+        let (_, d) = s.json("POST", "/v1/acquire", &json!({"scope": "tenant:w"}));
+        assert_eq!(d["allowed"], true, "{d}");
+    }
+    // Spent: no wait denies at once, with when to come back.
+    let (status, d) = s.json(
+        "POST",
+        "/v1/wait",
+        &json!({"scope": "tenant:w", "max_wait_ms": 0}),
+    );
+    assert_eq!((status, d["allowed"].clone()), (200, json!(false)), "{d}");
+    assert!(d["retry_after"].as_f64().unwrap() > 0.0, "{d}");
+    // A wait longer than the refill is answered once a unit is back, and
+    // holds it as a reservation.
+    let (status, d) = s.json(
+        "POST",
+        "/v1/wait",
+        &json!({"scope": "tenant:w", "max_wait_ms": 5000, "reserve": true}),
+    );
+    assert_eq!((status, d["allowed"].clone()), (200, json!(true)), "{d}");
+    assert!(d["reservation"]["id"].is_string(), "{d}");
+    // Wait-only fields elsewhere, and an over-long wait, are refused.
+    let (status, e) = s.json(
+        "POST",
+        "/v1/acquire",
+        &json!({"scope": "tenant:w", "max_wait_ms": 5}),
+    );
+    assert_eq!(status, 400, "{e}");
+    let (status, e) = s.json(
+        "POST",
+        "/v1/wait",
+        &json!({"scope": "tenant:w", "max_wait_ms": 3_600_001}),
+    );
+    assert_eq!(status, 400, "{e}");
+}
