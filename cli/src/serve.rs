@@ -230,10 +230,7 @@ fn router(served: Arc<Served>, max_body: usize) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .route("/v1/check", post(check))
-        .route("/v1/acquire", post(acquire))
-        .route("/v1/reserve", post(reserve))
-        .route("/v1/wait", post(wait))
+        .route("/v1/{op}", post(decision))
         .route("/v1/reservations/{id}/commit", post(commit))
         .route("/v1/reservations/{id}/release", post(release))
         .route("/v1/reservations/{id}/extend", post(extend))
@@ -538,36 +535,21 @@ async fn waited(
     })
 }
 
-async fn wait(
+/// `POST /v1/check`, `/v1/acquire`, `/v1/reserve` and `/v1/wait`.
+async fn decision(
     State(s): State<Arc<Served>>,
+    Path(op): Path<String>,
     headers: HeaderMap,
     b: Result<axum::Json<Ask>, JsonRejection>,
 ) -> Response {
-    decide(s, &headers, b, Op::Wait).await
-}
-
-async fn check(
-    State(s): State<Arc<Served>>,
-    headers: HeaderMap,
-    b: Result<axum::Json<Ask>, JsonRejection>,
-) -> Response {
-    decide(s, &headers, b, Op::Check).await
-}
-
-async fn acquire(
-    State(s): State<Arc<Served>>,
-    headers: HeaderMap,
-    b: Result<axum::Json<Ask>, JsonRejection>,
-) -> Response {
-    decide(s, &headers, b, Op::Acquire).await
-}
-
-async fn reserve(
-    State(s): State<Arc<Served>>,
-    headers: HeaderMap,
-    b: Result<axum::Json<Ask>, JsonRejection>,
-) -> Response {
-    decide(s, &headers, b, Op::Reserve).await
+    let op = match op.as_str() {
+        "check" => Op::Check,
+        "acquire" => Op::Acquire,
+        "reserve" => Op::Reserve,
+        "wait" => Op::Wait,
+        _ => return problem(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+    };
+    decide(s, &headers, b, op).await
 }
 
 #[allow(clippy::result_large_err)] // the error is the response itself
