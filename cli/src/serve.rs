@@ -20,7 +20,8 @@
 //!   `/release`, `/extend` (`{lease_ms}`);
 //! - `GET /v1/balances?scope=…&resource=…`;
 //! - `GET /healthz` (the process answers), `GET /readyz` (the backend
-//!   answers), `GET /metrics` (Prometheus text).
+//!   answers), `GET /metrics` (Prometheus text), `GET /openapi.json` (this
+//!   API as an OpenAPI 3.1 document).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -230,6 +231,7 @@ fn router(served: Arc<Served>, max_body: usize) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { axum::Json(openapi()) }))
         .route("/v1/{op}", post(decision))
         .route("/v1/reservations/{id}/commit", post(commit))
         .route("/v1/reservations/{id}/release", post(release))
@@ -702,4 +704,82 @@ async fn metrics(State(s): State<Arc<Served>>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// This API as an OpenAPI 3.1 document (`GET /openapi.json`).
+fn openapi() -> Value {
+    let amounts = json!({"type": "object", "additionalProperties": {"type": ["number", "string"]},
+        "description": "unit → amount (a number or a decimal string, exact to the unit's decimals)"});
+    let ask = json!({
+        "type": "object", "required": ["scope"], "additionalProperties": false,
+        "properties": {
+            "scope": {"type": "string", "example": "tenant:acme/user:42"},
+            "resource": {"type": "string"}, "action": {"type": "string"},
+            "cost": amounts, "usage": {"type": "object", "additionalProperties": {"type": ["integer", "string"]}},
+            "priority": {"type": "string", "enum": ["critical", "standard", "background"]},
+            "lease_ms": {"type": "integer", "minimum": 1},
+            "operation": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
+            "max_wait_ms": {"type": "integer", "minimum": 0, "maximum": 3_600_000, "description": "/v1/wait only"},
+            "reserve": {"type": "boolean", "description": "/v1/wait only"}
+        }
+    });
+    let error = json!({"type": "object", "required": ["error", "message"],
+        "properties": {"error": {"type": "string"}, "message": {"type": "string"}}});
+    let answer = |what: &str, schema: &str| {
+        json!({
+            "200": {"description": what, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}},
+            "400": {"description": "bad input: nothing changed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "503": {"description": "the backend cannot be asked, or the deadline passed"}
+        })
+    };
+    let decide = |summary: &str| {
+        json!({
+            "summary": summary,
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 256},
+                "description": "a retry with the same key is answered as the first and charged once"}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Request"}}}},
+            "responses": answer("the decision (allowed or not), with RateLimit headers", "Decision")
+        })
+    };
+    let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]);
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "ratewarden serve", "version": env!("CARGO_PKG_VERSION")},
+        "paths": {
+            "/v1/check": {"post": decide("Evaluate a request without changing anything")},
+            "/v1/acquire": {"post": decide("Admit a request and consume its cost")},
+            "/v1/reserve": {"post": decide("Admit a request and hold its cost under a lease")},
+            "/v1/wait": {"post": decide("Wait up to max_wait_ms to be admitted, then acquire or reserve")},
+            "/v1/reservations/{id}/commit": {"post": {"summary": "Charge what was used and end the reservation", "parameters": id,
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false,
+                    "properties": {"actual": amounts, "usage": {"type": "object"}, "resource": {"type": "string"}}}}}},
+                "responses": answer("the receipt", "Receipt")}},
+            "/v1/reservations/{id}/release": {"post": {"summary": "End a reservation, returning what it holds", "parameters": id,
+                "responses": {"200": {"description": "`{released}`"}}}},
+            "/v1/reservations/{id}/extend": {"post": {"summary": "Renew a reservation's lease", "parameters": id,
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["lease_ms"],
+                    "properties": {"lease_ms": {"type": "integer", "minimum": 1}}}}}},
+                "responses": {"200": {"description": "`{expires_at_ms}`"}}}},
+            "/v1/balances": {"get": {"summary": "What is left of every limit a scope's requests touch",
+                "parameters": [{"name": "scope", "in": "query", "required": true, "schema": {"type": "string"}},
+                    {"name": "resource", "in": "query", "required": false, "schema": {"type": "string"}}],
+                "responses": answer("`{scope, balances}`", "Balances")}},
+            "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {"get": {"summary": "The backend answers", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}}
+        },
+        "components": {"schemas": {
+            "Request": ask,
+            "Error": error,
+            "Decision": {"type": "object", "required": ["allowed", "outcome", "limits"], "properties": {
+                "allowed": {"type": "boolean"}, "outcome": {"type": "string", "enum": ["allow", "allow_with_caps", "deny"]},
+                "caps": {"type": "object"}, "retry_after": {"type": ["number", "null"]}, "reason": {"type": ["string", "null"]},
+                "priority": {"type": "string"}, "degraded": {"type": ["string", "null"]},
+                "reservation": {"type": ["object", "null"]}, "limits": {"type": "array", "items": {"type": "object"}}}},
+            "Receipt": {"type": "object", "properties": {"reservation": {"type": "string"}, "duplicate": {"type": "boolean"},
+                "charges": {"type": "array", "items": {"type": "object"}}}},
+            "Balances": {"type": "object", "properties": {"scope": {"type": "string"}, "balances": {"type": "array", "items": {"type": "object"}}}}
+        }}
+    })
 }

@@ -558,3 +558,38 @@ fn a_wait_is_answered_once_admitted_or_with_its_last_denial() {
     );
     assert_eq!(status, 400, "{e}");
 }
+
+#[test]
+fn the_openapi_document_names_every_route_the_server_answers() {
+    let policy = PolicyFile::new("serve-openapi", POLICY);
+    let s = Server::start(&policy, &[]);
+    let (status, _, text) = s.call("GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert_eq!(paths.len(), 12, "{:?}", paths.keys());
+    let id = "00000000000000000000000000000001";
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            let concrete = path.replace("{id}", id);
+            let concrete = if concrete == "/v1/balances" {
+                "/v1/balances?scope=tenant:a".to_owned()
+            } else {
+                concrete
+            };
+            let body = (method == "post").then_some(r#"{"scope": "tenant:a", "lease_ms": 1000}"#);
+            let (status, _, text) = s.call(&method.to_uppercase(), &concrete, body);
+            // Served (any answer but "no such endpoint" / "method not allowed").
+            assert!(
+                status != 405 && !(status == 404 && text.contains("no such endpoint")),
+                "{method} {path}: {status} {text}"
+            );
+        }
+    }
+    // Every `$ref` resolves.
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = r.split('"').next().unwrap();
+        assert!(doc["components"]["schemas"][name].is_object(), "{name}");
+    }
+}
