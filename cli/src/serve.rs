@@ -468,6 +468,13 @@ async fn decide(
         (Ok(r), Ok(l)) => (r, l),
         (Err(e), _) | (_, Err(e)) => return failed(&e),
     };
+    let holds = matches!(op, Op::Reserve) || (matches!(op, Op::Wait) && ask.reserve == Some(true));
+    if !holds && ask.lease_ms.is_some() {
+        return failed(&Error::invalid(
+            "lease_ms",
+            "only a reservation has a lease: `lease_ms` belongs to /v1/reserve and to /v1/wait with `reserve: true`",
+        ));
+    }
     if !matches!(op, Op::Wait) && (ask.max_wait_ms.is_some() || ask.reserve.is_some()) {
         return failed(&Error::invalid(
             "max_wait_ms",

@@ -335,6 +335,21 @@ fn bad_input_is_a_400_naming_what_and_charges_nothing() {
             422,
             "lease_ms",
         ),
+        (
+            r#"{"scope": "tenant:acme", "lease_ms": 18446744073709551615}"#,
+            400,
+            "lease",
+        ),
+        (
+            r#"{"scope": "tenant:acme", "lease_ms": 18446744073709551616}"#,
+            422,
+            "lease_ms",
+        ),
+        (
+            r#"{"scope": "tenant:acme", "operation": "xyz"}"#,
+            400,
+            "operation",
+        ),
     ];
     for (body, status, says) in cases {
         for path in ["/v1/acquire", "/v1/reserve"] {
@@ -364,6 +379,28 @@ fn bad_input_is_a_400_naming_what_and_charges_nothing() {
         400
     );
     assert_eq!(s.call("GET", "/v1/balances", None).0, 400);
+    // Extending a live reservation: 1 ms is a lease; 0 and more than the
+    // longest lease are refused. Released after: nothing stays charged.
+    let (_, r) = s.json(
+        "POST",
+        "/v1/reserve",
+        &json!({"scope": "tenant:acme", "cost": {"usd": 1}}),
+    );
+    let id = r["reservation"]["id"].as_str().unwrap().to_owned();
+    for (lease, status) in [(0_u64, 400), (u64::MAX, 400), (1, 200)] {
+        let (got, e) = s.json(
+            "POST",
+            &format!("/v1/reservations/{id}/extend"),
+            &json!({"lease_ms": lease}),
+        );
+        assert_eq!(got, status, "lease_ms {lease}: {e}");
+    }
+    let (status, rel) = s.json(
+        "POST",
+        &format!("/v1/reservations/{id}/release"),
+        &json!({}),
+    );
+    assert_eq!(status, 200, "{rel}");
     // Nothing was charged by any of it.
     let (_, _, text) = s.call("GET", "/v1/balances?scope=tenant:acme", None);
     let b: Value = serde_json::from_str(&text).unwrap();
@@ -557,6 +594,17 @@ fn a_wait_is_answered_once_admitted_or_with_its_last_denial() {
         &json!({"scope": "tenant:w", "max_wait_ms": 3_600_001}),
     );
     assert_eq!(status, 400, "{e}");
+    // A lease on a wait that acquires would be ignored: refused instead.
+    let (status, e) = s.json(
+        "POST",
+        "/v1/wait",
+        &json!({"scope": "tenant:w", "max_wait_ms": 0, "lease_ms": 1000}),
+    );
+    assert_eq!(
+        (status, e["error"].clone()),
+        (400, json!("invalid_argument")),
+        "{e}"
+    );
 }
 
 #[test]
