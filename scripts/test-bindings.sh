@@ -27,9 +27,10 @@ fi
 export VIRTUAL_ENV="$PWD/.venv" PIP_DISABLE_PIP_VERSION_CHECK=1
 py=.venv/bin/python
 
-step "installing maturin, pytest, mypy, ruff, starlette, uvicorn, httpx, openai, anthropic, standardwebhooks"
+step "installing maturin, pytest, mypy, ruff, starlette, uvicorn, httpx, openai, anthropic, standardwebhooks, runcycles"
 $py -m pip install -q 'maturin>=1.9.4,<2' 'pytest>=8' 'mypy>=1.10' 'ruff>=0.6' \
-  'starlette>=0.37' 'uvicorn>=0.30' 'httpx>=0.27' 'openai>=1.40' 'anthropic>=0.40' 'standardwebhooks>=1.1'
+  'starlette>=0.37' 'uvicorn>=0.30' 'httpx>=0.27' 'openai>=1.40' 'anthropic>=0.40' 'standardwebhooks>=1.1' \
+  'runcycles>=0.5.3,<0.6'
 
 step "ruff (lint and format check)"
 .venv/bin/ruff check bindings-python/python tests/python tests/fakes examples/python bench/python scripts/redis_harness.py

@@ -120,7 +120,7 @@ fn run(addr: &str, clients: usize, secs: f64) -> (f64, Vec<Duration>) {
                     let (mut ops, mut lat) = (0_u64, Vec::new());
                     while Instant::now() < until {
                         let start = Instant::now();
-                        let r = c.post("/v1/reserve", &body);
+                        let r = c.post("/rw/v1/reserve", &body);
                         lat.push(start.elapsed());
                         let id = r
                             .split("\"id\":\"")
@@ -129,7 +129,7 @@ fn run(addr: &str, clients: usize, secs: f64) -> (f64, Vec<Duration>) {
                             .split('"')
                             .next()
                             .unwrap();
-                        c.post(&format!("/v1/reservations/{id}/commit"), "{}");
+                        c.post(&format!("/rw/v1/reservations/{id}/commit"), "{}");
                         ops += 1;
                     }
                     (ops, lat)

@@ -44,8 +44,15 @@ enum Command {
     Simulate(simulate::Args),
     /// Live state on a Redis backend: limits, leases, grants, reservations.
     Inspect(inspect::Args),
-    /// The governor over HTTP: a JSON decision API for agents in any language.
+    /// The governor over HTTP: its own JSON API and the Cycles runtime protocol.
     Serve(serve::Args),
+    /// Make an API key for `serve --api-keys`: prints the key (give it to the
+    /// tenant; it is not stored) and the line for the keys file (its hash).
+    ApiKey {
+        /// The tenant the key acts for.
+        #[arg(long)]
+        tenant: String,
+    },
     /// One of several processes hammering a shared backend (tests, load generation).
     #[command(hide = true)]
     Worker(worker::Args),
@@ -74,6 +81,17 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => match serve::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::ApiKey { tenant } => match serve::new_key(&tenant) {
+            Ok((key, line)) => {
+                println!("key:  {key}");
+                println!("line: {line}");
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE

@@ -9,16 +9,16 @@
 //! let requests in flight finish.
 //!
 //! The API (JSON bodies, snake case, amounts as numbers or decimal strings):
-//! - `POST /v1/check`, `/v1/acquire`, `/v1/reserve` — `{scope, resource?,
+//! - `POST /rw/v1/check`, `/rw/v1/acquire`, `/rw/v1/reserve` — `{scope, resource?,
 //!   action?, cost?, usage?, priority?, lease_ms?, operation?}` → the
 //!   decision ([`ratewarden::http::decision_json`]), 200 whether allowed or
 //!   not; an `Idempotency-Key` header makes a retry answer as the first;
-//! - `POST /v1/wait` — the same with `max_wait_ms` (≤ an hour) and
+//! - `POST /rw/v1/wait` — the same with `max_wait_ms` (≤ an hour) and
 //!   `reserve`: answered once admitted or when the wait is over (the last
 //!   denial);
-//! - `POST /v1/reservations/{id}/commit` (`{actual?}` or `{usage, resource}`),
+//! - `POST /rw/v1/reservations/{id}/commit` (`{actual?}` or `{usage, resource}`),
 //!   `/release`, `/extend` (`{lease_ms}`);
-//! - `GET /v1/balances?scope=…&resource=…`;
+//! - `GET /rw/v1/balances?scope=…&resource=…`;
 //! - `GET /healthz` (the process answers), `GET /readyz` (the backend
 //!   answers), `GET /metrics` (Prometheus text), `GET /openapi.json` (this
 //!   API as an OpenAPI 3.1 document).
@@ -43,6 +43,9 @@ use ratewarden::{Amount, Cost, Error, ErrorKind, Policy, Warden};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+mod cycles;
+pub(crate) use cycles::new_key;
+
 /// `ratewarden serve`'s flags.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -64,6 +67,11 @@ pub struct Args {
     /// Each request's deadline, seconds (past it: 503).
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
+    /// API keys (lines `<tenant> sha256:<hex>`, made by `ratewarden api-key`):
+    /// every `/v1` and `/rw/v1` request then needs an `X-Cycles-API-Key`
+    /// and acts for its tenant only. Without it, requests are trusted.
+    #[arg(long)]
+    pub api_keys: Option<PathBuf>,
 }
 
 /// What every handler shares.
@@ -71,6 +79,55 @@ struct Served {
     warden: Warden,
     timeout: Duration,
     metrics: Metrics,
+    cycles: cycles::Cycles,
+}
+
+/// The ids of one request, set by [`around`]: `X-Request-Id` and the trace
+/// id (`X-Cycles-Trace-Id`: an inbound W3C `traceparent`'s, else an inbound
+/// `X-Cycles-Trace-Id`, else new).
+#[derive(Clone)]
+struct RequestId {
+    id: String,
+    trace: String,
+}
+
+impl RequestId {
+    fn of(headers: &HeaderMap) -> Self {
+        let hex32 = |t: &str| {
+            t.len() == 32
+                && t.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                && t.bytes().any(|b| b != b'0')
+        };
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        // traceparent: 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
+        let parent = header("traceparent").and_then(|tp| {
+            let parts: Vec<&str> = tp.trim().split('-').collect();
+            match parts.as_slice() {
+                ["00", trace, span, flags]
+                    if hex32(trace)
+                        && span.len() == 16
+                        && span.bytes().all(|b| b.is_ascii_hexdigit())
+                        && span.bytes().any(|b| b != b'0')
+                        && flags.len() == 2 =>
+                {
+                    Some((*trace).to_owned())
+                }
+                _ => None,
+            }
+        });
+        let trace = parent
+            .or_else(|| {
+                header("x-cycles-trace-id")
+                    .filter(|t| hex32(t))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| format!("{:032x}", fastrand::u128(1..)));
+        Self {
+            id: format!("{:032x}", fastrand::u128(..)),
+            trace,
+        }
+    }
 }
 
 /// Counters for `/metrics`.
@@ -87,7 +144,7 @@ struct Metrics {
     sum_us: AtomicU64,
 }
 
-/// The longest `/v1/wait`.
+/// The longest `/rw/v1/wait`.
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// Upper bounds of the latency buckets, µs.
@@ -177,6 +234,7 @@ impl Metrics {
 pub fn run(args: &Args) -> Result<(), String> {
     let policy = Policy::from_file(&args.policy).map_err(|e| e.to_string())?;
     let timeout = ratewarden::ops::seconds(args.timeout, "timeout").map_err(|e| e.to_string())?;
+    let cycles = cycles::Cycles::new(args.api_keys.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -196,6 +254,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             warden,
             timeout,
             metrics: Metrics::default(),
+            cycles,
         });
         // Answers go out at once (no Nagle delay behind a client's ACK).
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -232,11 +291,23 @@ fn router(served: Arc<Served>, max_body: usize) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { axum::Json(openapi()) }))
-        .route("/v1/{op}", post(decision))
-        .route("/v1/reservations/{id}/commit", post(commit))
-        .route("/v1/reservations/{id}/release", post(release))
-        .route("/v1/reservations/{id}/extend", post(extend))
-        .route("/v1/balances", get(balances))
+        .route("/rw/v1/{op}", post(decision))
+        .route("/rw/v1/reservations/{id}/commit", post(commit))
+        .route("/rw/v1/reservations/{id}/release", post(release))
+        .route("/rw/v1/reservations/{id}/extend", post(extend))
+        .route("/rw/v1/balances", get(balances))
+        // The Cycles runtime protocol.
+        .route(
+            "/v1/reservations",
+            post(cycles::reserve).get(cycles::list_reservations),
+        )
+        .route("/v1/reservations/{id}", get(cycles::get_reservation))
+        .route("/v1/reservations/{id}/commit", post(cycles::commit))
+        .route("/v1/reservations/{id}/release", post(cycles::release))
+        .route("/v1/reservations/{id}/extend", post(cycles::extend))
+        .route("/v1/decide", post(cycles::decide))
+        .route("/v1/events", post(cycles::event))
+        .route("/v1/balances", get(cycles::balances))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(middleware::from_fn_with_state(Arc::clone(&served), around))
         .layer(DefaultBodyLimit::max(max_body))
@@ -254,9 +325,12 @@ async fn around(
     #[allow(clippy::disallowed_methods)]
     let started = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let id = format!("{:032x}", fastrand::u128(..));
+    let ids = RequestId::of(req.headers());
+    let mut req = req;
+    req.extensions_mut().insert(ids.clone());
+    let id = ids.id;
     // A wait is bounded by its own `max_wait_ms` (at most an hour), not the deadline.
-    let deadline = if path == "/v1/wait" {
+    let deadline = if path == "/rw/v1/wait" {
         MAX_WAIT + s.timeout
     } else {
         s.timeout
@@ -270,7 +344,7 @@ async fn around(
         ),
     };
     let elapsed = started.elapsed();
-    if path.starts_with("/v1/") {
+    if path.starts_with("/rw/v1/") || path.starts_with("/v1/") {
         s.metrics.took(elapsed);
     }
     if res.status().is_client_error() || res.status().is_server_error() {
@@ -279,10 +353,13 @@ async fn around(
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", v);
     }
+    if let Ok(v) = HeaderValue::from_str(&ids.trace) {
+        res.headers_mut().insert("x-cycles-trace-id", v);
+    }
     eprintln!(
         "{}",
         json!({
-            "request_id": id, "method": method.as_str(), "path": path,
+            "request_id": id, "trace_id": ids.trace, "method": method.as_str(), "path": path,
             "status": res.status().as_u16(), "micros": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         })
     );
@@ -326,6 +403,29 @@ fn body<T>(parsed: Result<axum::Json<T>, JsonRejection>) -> Result<T, Response> 
     })
 }
 
+/// With API keys (`--api-keys`), a request of our own API needs a key, and
+/// a scope it names must be under the key's tenant (`tenant:<t>/…`): else
+/// the 401 / 403, nothing done.
+#[allow(clippy::result_large_err)] // the error is the response itself
+fn authorized(s: &Served, headers: &HeaderMap, scope: Option<&str>) -> Result<(), Response> {
+    let tenant = s
+        .cycles
+        .tenant(headers)
+        .map_err(|p| problem(p.status(), "unauthorized", p.message()))?;
+    if let (Some(t), Some(scope)) = (tenant, scope) {
+        let own = ratewarden::Scope::parse(scope)
+            .is_ok_and(|sc| sc.depth() > 0 && sc.kind(0) == "tenant" && sc.id(0) == t);
+        if !own {
+            return Err(problem(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!("the API key acts for `tenant:{t}`; the scope `{scope}` is not under it"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A decision request.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -340,9 +440,9 @@ struct Ask {
     /// The operation (32 hex digits) a retry repeats; or the
     /// `Idempotency-Key` header.
     operation: Option<String>,
-    /// `/v1/wait` only: how long to wait for capacity, ms.
+    /// `/rw/v1/wait` only: how long to wait for capacity, ms.
     max_wait_ms: Option<u64>,
-    /// `/v1/wait` only: hold a reservation (else acquire) once admitted.
+    /// `/rw/v1/wait` only: hold a reservation (else acquire) once admitted.
     reserve: Option<bool>,
 }
 
@@ -453,6 +553,9 @@ async fn decide(
         Ok(a) => a,
         Err(r) => return r,
     };
+    if let Err(r) = authorized(&s, headers, Some(&ask.scope)) {
+        return r;
+    }
     let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
         None => None,
         Some(Ok(k)) => Some(k),
@@ -472,13 +575,13 @@ async fn decide(
     if !holds && ask.lease_ms.is_some() {
         return failed(&Error::invalid(
             "lease_ms",
-            "only a reservation has a lease: `lease_ms` belongs to /v1/reserve and to /v1/wait with `reserve: true`",
+            "only a reservation has a lease: `lease_ms` belongs to /rw/v1/reserve and to /rw/v1/wait with `reserve: true`",
         ));
     }
     if !matches!(op, Op::Wait) && (ask.max_wait_ms.is_some() || ask.reserve.is_some()) {
         return failed(&Error::invalid(
             "max_wait_ms",
-            "`max_wait_ms` and `reserve` belong to /v1/wait",
+            "`max_wait_ms` and `reserve` belong to /rw/v1/wait",
         ));
     }
     let d = match op {
@@ -544,7 +647,7 @@ async fn waited(
     })
 }
 
-/// `POST /v1/check`, `/v1/acquire`, `/v1/reserve` and `/v1/wait`.
+/// `POST /rw/v1/check`, `/rw/v1/acquire`, `/rw/v1/reserve` and `/rw/v1/wait`.
 async fn decision(
     State(s): State<Arc<Served>>,
     Path(op): Path<String>,
@@ -579,8 +682,12 @@ struct Settle {
 async fn commit(
     State(s): State<Arc<Served>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     b: Result<axum::Json<Settle>, JsonRejection>,
 ) -> Response {
+    if let Err(r) = authorized(&s, &headers, None) {
+        return r;
+    }
     let id = match reservation(&id) {
         Ok(id) => id,
         Err(r) => return r,
@@ -620,7 +727,14 @@ async fn commit(
     }
 }
 
-async fn release(State(s): State<Arc<Served>>, Path(id): Path<String>) -> Response {
+async fn release(
+    State(s): State<Arc<Served>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorized(&s, &headers, None) {
+        return r;
+    }
     let id = match reservation(&id) {
         Ok(id) => id,
         Err(r) => return r,
@@ -640,8 +754,12 @@ struct Extend {
 async fn extend(
     State(s): State<Arc<Served>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     b: Result<axum::Json<Extend>, JsonRejection>,
 ) -> Response {
+    if let Err(r) = authorized(&s, &headers, None) {
+        return r;
+    }
     let id = match reservation(&id) {
         Ok(id) => id,
         Err(r) => return r,
@@ -673,12 +791,16 @@ struct BalancesQuery {
 
 async fn balances(
     State(s): State<Arc<Served>>,
+    headers: HeaderMap,
     q: Result<Query<BalancesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Query(q) = match q {
         Ok(q) => q,
         Err(r) => return problem(StatusCode::BAD_REQUEST, "invalid_request", &r.body_text()),
     };
+    if let Err(r) = authorized(&s, &headers, Some(&q.scope)) {
+        return r;
+    }
     let scope = match ratewarden::Scope::parse(&q.scope) {
         Ok(s) => s,
         Err(e) => return failed(&e),
@@ -726,8 +848,8 @@ fn openapi() -> Value {
             "priority": {"type": "string", "enum": ["critical", "standard", "background"]},
             "lease_ms": {"type": "integer", "minimum": 1},
             "operation": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
-            "max_wait_ms": {"type": "integer", "minimum": 0, "maximum": 3_600_000, "description": "/v1/wait only"},
-            "reserve": {"type": "boolean", "description": "/v1/wait only"}
+            "max_wait_ms": {"type": "integer", "minimum": 0, "maximum": 3_600_000, "description": "/rw/v1/wait only"},
+            "reserve": {"type": "boolean", "description": "/rw/v1/wait only"}
         }
     });
     let error = json!({"type": "object", "required": ["error", "message"],
@@ -753,21 +875,21 @@ fn openapi() -> Value {
         "openapi": "3.1.0",
         "info": {"title": "ratewarden serve", "version": env!("CARGO_PKG_VERSION")},
         "paths": {
-            "/v1/check": {"post": decide("Evaluate a request without changing anything")},
-            "/v1/acquire": {"post": decide("Admit a request and consume its cost")},
-            "/v1/reserve": {"post": decide("Admit a request and hold its cost under a lease")},
-            "/v1/wait": {"post": decide("Wait up to max_wait_ms to be admitted, then acquire or reserve")},
-            "/v1/reservations/{id}/commit": {"post": {"summary": "Charge what was used and end the reservation", "parameters": id,
+            "/rw/v1/check": {"post": decide("Evaluate a request without changing anything")},
+            "/rw/v1/acquire": {"post": decide("Admit a request and consume its cost")},
+            "/rw/v1/reserve": {"post": decide("Admit a request and hold its cost under a lease")},
+            "/rw/v1/wait": {"post": decide("Wait up to max_wait_ms to be admitted, then acquire or reserve")},
+            "/rw/v1/reservations/{id}/commit": {"post": {"summary": "Charge what was used and end the reservation", "parameters": id,
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false,
                     "properties": {"actual": amounts, "usage": {"type": "object"}, "resource": {"type": "string"}}}}}},
                 "responses": answer("the receipt", "Receipt")}},
-            "/v1/reservations/{id}/release": {"post": {"summary": "End a reservation, returning what it holds", "parameters": id,
+            "/rw/v1/reservations/{id}/release": {"post": {"summary": "End a reservation, returning what it holds", "parameters": id,
                 "responses": {"200": {"description": "`{released}`"}}}},
-            "/v1/reservations/{id}/extend": {"post": {"summary": "Renew a reservation's lease", "parameters": id,
+            "/rw/v1/reservations/{id}/extend": {"post": {"summary": "Renew a reservation's lease", "parameters": id,
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["lease_ms"],
                     "properties": {"lease_ms": {"type": "integer", "minimum": 1}}}}}},
                 "responses": {"200": {"description": "`{expires_at_ms}`"}}}},
-            "/v1/balances": {"get": {"summary": "What is left of every limit a scope's requests touch",
+            "/rw/v1/balances": {"get": {"summary": "What is left of every limit a scope's requests touch",
                 "parameters": [{"name": "scope", "in": "query", "required": true, "schema": {"type": "string"}},
                     {"name": "resource", "in": "query", "required": false, "schema": {"type": "string"}}],
                 "responses": answer("`{scope, balances}`", "Balances")}},

@@ -157,7 +157,7 @@ fn decisions_and_settlements_over_http_are_the_cores_with_ratelimit_headers() {
     let s = Server::start(&policy, &[]);
     let (status, headers, text) = s.call(
         "POST",
-        "/v1/acquire",
+        "/rw/v1/acquire",
         Some(r#"{"scope": "tenant:acme", "cost": {"usd": "0.25"}}"#),
     );
     assert_eq!(status, 200, "{text}");
@@ -184,7 +184,7 @@ fn decisions_and_settlements_over_http_are_the_cores_with_ratelimit_headers() {
     // Reserve, commit less than held: the rest comes back.
     let (status, r) = s.json(
         "POST",
-        "/v1/reserve",
+        "/rw/v1/reserve",
         &json!({"scope": "tenant:acme", "cost": {"usd": 2}, "lease_ms": 60000}),
     );
     assert_eq!(status, 200, "{r}");
@@ -192,13 +192,13 @@ fn decisions_and_settlements_over_http_are_the_cores_with_ratelimit_headers() {
     assert!(r["reservation"]["expires_at_ms"].as_i64().unwrap() > 0);
     let (status, ext) = s.json(
         "POST",
-        &format!("/v1/reservations/{id}/extend"),
+        &format!("/rw/v1/reservations/{id}/extend"),
         &json!({"lease_ms": 120000}),
     );
     assert_eq!(status, 200, "{ext}");
     let (status, receipt) = s.json(
         "POST",
-        &format!("/v1/reservations/{id}/commit"),
+        &format!("/rw/v1/reservations/{id}/commit"),
         &json!({"actual": {"usd": "0.5"}}),
     );
     assert_eq!(status, 200, "{receipt}");
@@ -206,24 +206,24 @@ fn decisions_and_settlements_over_http_are_the_cores_with_ratelimit_headers() {
     // Committing again is a duplicate: charged once.
     let (_, again) = s.json(
         "POST",
-        &format!("/v1/reservations/{id}/commit"),
+        &format!("/rw/v1/reservations/{id}/commit"),
         &json!({"actual": {"usd": "0.5"}}),
     );
     assert_eq!(again["duplicate"], true);
     // Released: everything back.
     let (_, r2) = s.json(
         "POST",
-        "/v1/reserve",
+        "/rw/v1/reserve",
         &json!({"scope": "tenant:acme", "cost": {"usd": 1}}),
     );
     let id2 = r2["reservation"]["id"].as_str().unwrap().to_owned();
     let (status, rel) = s.json(
         "POST",
-        &format!("/v1/reservations/{id2}/release"),
+        &format!("/rw/v1/reservations/{id2}/release"),
         &json!({}),
     );
     assert_eq!((status, rel), (200, json!({"released": true})));
-    let (status, _, text) = s.call("GET", "/v1/balances?scope=tenant:acme", None);
+    let (status, _, text) = s.call("GET", "/rw/v1/balances?scope=tenant:acme", None);
     assert_eq!(status, 200, "{text}");
     let b: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(remaining(&b, "tenant-usd"), 10_000_000 - 250_000 - 500_000);
@@ -235,7 +235,7 @@ fn decisions_and_settlements_over_http_are_the_cores_with_ratelimit_headers() {
     // A denial is an answer (200, allowed: false) with a Retry-After.
     let (status, headers, text) = s.call(
         "POST",
-        "/v1/check",
+        "/rw/v1/check",
         Some(r#"{"scope": "tenant:acme", "cost": {"usd": 11}}"#),
     );
     let d: Value = serde_json::from_str(&text).unwrap();
@@ -249,7 +249,7 @@ fn decisions_and_settlements_over_http_are_the_cores_with_ratelimit_headers() {
     // Unknown reservations and endpoints.
     let (status, e) = s.json(
         "POST",
-        "/v1/reservations/00000000000000000000000000000001/commit",
+        "/rw/v1/reservations/00000000000000000000000000000001/commit",
         &json!({}),
     );
     assert_eq!(
@@ -352,7 +352,7 @@ fn bad_input_is_a_400_naming_what_and_charges_nothing() {
         ),
     ];
     for (body, status, says) in cases {
-        for path in ["/v1/acquire", "/v1/reserve"] {
+        for path in ["/rw/v1/acquire", "/rw/v1/reserve"] {
             let (got, _, text) = s.call("POST", path, Some(body));
             assert_eq!(got, status, "{path} {body}: {text}");
             assert!(text.contains(says), "{path} {body}: {text}");
@@ -365,44 +365,45 @@ fn bad_input_is_a_400_naming_what_and_charges_nothing() {
         r#"{{"scope": "tenant:acme", "resource": "{}"}}"#,
         "x".repeat(2000)
     );
-    assert_eq!(s.call("POST", "/v1/acquire", Some(&big)).0, 413);
+    assert_eq!(s.call("POST", "/rw/v1/acquire", Some(&big)).0, 413);
     let (status, _, _) = raw(
         &s.addr,
         "POST",
-        "/v1/acquire",
+        "/rw/v1/acquire",
         Some(r#"{"scope": "tenant:acme"}"#),
         "text/plain",
     );
     assert_eq!(status, 415);
     assert_eq!(
-        s.call("POST", "/v1/reservations/not-an-id/release", None).0,
+        s.call("POST", "/rw/v1/reservations/not-an-id/release", None)
+            .0,
         400
     );
-    assert_eq!(s.call("GET", "/v1/balances", None).0, 400);
+    assert_eq!(s.call("GET", "/rw/v1/balances", None).0, 400);
     // Extending a live reservation: 1 ms is a lease; 0 and more than the
     // longest lease are refused. Released after: nothing stays charged.
     let (_, r) = s.json(
         "POST",
-        "/v1/reserve",
+        "/rw/v1/reserve",
         &json!({"scope": "tenant:acme", "cost": {"usd": 1}}),
     );
     let id = r["reservation"]["id"].as_str().unwrap().to_owned();
     for (lease, status) in [(0_u64, 400), (u64::MAX, 400), (1, 200)] {
         let (got, e) = s.json(
             "POST",
-            &format!("/v1/reservations/{id}/extend"),
+            &format!("/rw/v1/reservations/{id}/extend"),
             &json!({"lease_ms": lease}),
         );
         assert_eq!(got, status, "lease_ms {lease}: {e}");
     }
     let (status, rel) = s.json(
         "POST",
-        &format!("/v1/reservations/{id}/release"),
+        &format!("/rw/v1/reservations/{id}/release"),
         &json!({}),
     );
     assert_eq!(status, 200, "{rel}");
     // Nothing was charged by any of it.
-    let (_, _, text) = s.call("GET", "/v1/balances?scope=tenant:acme", None);
+    let (_, _, text) = s.call("GET", "/rw/v1/balances?scope=tenant:acme", None);
     let b: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(remaining(&b, "tenant-usd"), 10_000_000, "{b}");
     assert_eq!(remaining(&b, "tenant-daily"), 100, "{b}");
@@ -416,7 +417,7 @@ fn exactly_the_limit(s: &Server) {
             t.spawn(|| {
                 for _ in 0..10 {
                     let (status, d) =
-                        s.json("POST", "/v1/acquire", &json!({"scope": "tenant:race"}));
+                        s.json("POST", "/rw/v1/acquire", &json!({"scope": "tenant:race"}));
                     assert_eq!(status, 200, "{d}");
                     if d["allowed"] == true {
                         admitted.fetch_add(1, Ordering::Relaxed);
@@ -466,7 +467,7 @@ fn sigterm_under_load_loses_nothing_acknowledged() {
                     let body = r#"{"scope": "tenant:term"}"#;
                     let sent = write!(
                         conn,
-                        "POST /v1/acquire HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        "POST /rw/v1/acquire HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                         body.len()
                     );
                     let mut out = String::new();
@@ -492,7 +493,7 @@ fn sigterm_under_load_loses_nothing_acknowledged() {
     assert!((20..=100).contains(&acked), "{acked}");
     // A fresh server on the same Redis: what was counted is what was acknowledged.
     let again = Server::start(&policy, &args);
-    let (_, _, text) = again.call("GET", "/v1/balances?scope=tenant:term", None);
+    let (_, _, text) = again.call("GET", "/rw/v1/balances?scope=tenant:term", None);
     let b: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
         100 - remaining(&b, "tenant-daily"),
@@ -517,22 +518,22 @@ fn a_retry_with_the_same_idempotency_key_is_answered_as_the_first_and_charged_on
         (status, serde_json::from_str::<Value>(&text).unwrap())
     };
     let one = r#"{"scope": "tenant:acme", "cost": {"usd": 1}}"#;
-    let (status, first) = post("/v1/acquire", one, "order-7");
+    let (status, first) = post("/rw/v1/acquire", one, "order-7");
     assert_eq!(status, 200, "{first}");
-    let (_, again) = post("/v1/acquire", one, "order-7");
+    let (_, again) = post("/rw/v1/acquire", one, "order-7");
     assert_eq!(again["limits"], first["limits"], "the first answer, again");
-    let (_, r1) = post("/v1/reserve", one, "order-8");
-    let (_, r2) = post("/v1/reserve", one, "order-8");
+    let (_, r1) = post("/rw/v1/reserve", one, "order-8");
+    let (_, r2) = post("/rw/v1/reserve", one, "order-8");
     assert_eq!(r1["reservation"]["id"], r2["reservation"]["id"]);
     // The key names one request: another request under it is refused.
     let (status, e) = post(
-        "/v1/acquire",
+        "/rw/v1/acquire",
         r#"{"scope": "tenant:acme", "cost": {"usd": 2}}"#,
         "order-7",
     );
     assert_eq!(status, 400, "{e}");
     let (status, e) = post(
-        "/v1/acquire",
+        "/rw/v1/acquire",
         &format!(
             r#"{{"scope": "tenant:acme", "operation": "{}"}}"#,
             "a".repeat(32)
@@ -544,10 +545,10 @@ fn a_retry_with_the_same_idempotency_key_is_answered_as_the_first_and_charged_on
         (400, json!("invalid_argument")),
         "{e}"
     );
-    let (status, e) = post("/v1/acquire", one, &"k".repeat(257));
+    let (status, e) = post("/rw/v1/acquire", one, &"k".repeat(257));
     assert_eq!(status, 400, "{e}");
     // Charged once each: $1 acquired, $1 held.
-    let (_, _, text) = s.call("GET", "/v1/balances?scope=tenant:acme", None);
+    let (_, _, text) = s.call("GET", "/rw/v1/balances?scope=tenant:acme", None);
     let b: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(remaining(&b, "tenant-usd"), 8_000_000, "{b}");
     assert_eq!(remaining(&b, "tenant-daily"), 98, "{b}");
@@ -561,13 +562,13 @@ fn a_wait_is_answered_once_admitted_or_with_its_last_denial() {
     );
     let s = Server::start(&policy, &[]);
     for _ in 0..2 {
-        let (_, d) = s.json("POST", "/v1/acquire", &json!({"scope": "tenant:w"}));
+        let (_, d) = s.json("POST", "/rw/v1/acquire", &json!({"scope": "tenant:w"}));
         assert_eq!(d["allowed"], true, "{d}");
     }
     // Spent: no wait denies at once, with when to come back.
     let (status, d) = s.json(
         "POST",
-        "/v1/wait",
+        "/rw/v1/wait",
         &json!({"scope": "tenant:w", "max_wait_ms": 0}),
     );
     assert_eq!((status, d["allowed"].clone()), (200, json!(false)), "{d}");
@@ -576,7 +577,7 @@ fn a_wait_is_answered_once_admitted_or_with_its_last_denial() {
     // holds it as a reservation.
     let (status, d) = s.json(
         "POST",
-        "/v1/wait",
+        "/rw/v1/wait",
         &json!({"scope": "tenant:w", "max_wait_ms": 5000, "reserve": true}),
     );
     assert_eq!((status, d["allowed"].clone()), (200, json!(true)), "{d}");
@@ -584,20 +585,20 @@ fn a_wait_is_answered_once_admitted_or_with_its_last_denial() {
     // Wait-only fields elsewhere, and an over-long wait, are refused.
     let (status, e) = s.json(
         "POST",
-        "/v1/acquire",
+        "/rw/v1/acquire",
         &json!({"scope": "tenant:w", "max_wait_ms": 5}),
     );
     assert_eq!(status, 400, "{e}");
     let (status, e) = s.json(
         "POST",
-        "/v1/wait",
+        "/rw/v1/wait",
         &json!({"scope": "tenant:w", "max_wait_ms": 3_600_001}),
     );
     assert_eq!(status, 400, "{e}");
     // A lease on a wait that acquires would be ignored: refused instead.
     let (status, e) = s.json(
         "POST",
-        "/v1/wait",
+        "/rw/v1/wait",
         &json!({"scope": "tenant:w", "max_wait_ms": 0, "lease_ms": 1000}),
     );
     assert_eq!(
@@ -621,8 +622,8 @@ fn the_openapi_document_names_every_route_the_server_answers() {
     for (path, item) in paths {
         for method in item.as_object().unwrap().keys() {
             let concrete = path.replace("{id}", id);
-            let concrete = if concrete == "/v1/balances" {
-                "/v1/balances?scope=tenant:a".to_owned()
+            let concrete = if concrete == "/rw/v1/balances" {
+                "/rw/v1/balances?scope=tenant:a".to_owned()
             } else {
                 concrete
             };
