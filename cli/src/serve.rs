@@ -871,6 +871,28 @@ fn openapi() -> Value {
         })
     };
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]);
+    // The Cycles endpoints: their schemas are the protocol's (named after
+    // its OpenAPI document, cycles-protocol-v0.yaml, v0.1.25).
+    let cycles_op = |summary: &str, request: &str, response: &str| {
+        let mut op = json!({
+            "summary": summary,
+            "tags": ["cycles"],
+            "parameters": [{"name": "X-Cycles-API-Key", "in": "header", "required": false, "schema": {"type": "string"},
+                "description": "required when the server has --api-keys: names the tenant"}],
+            "responses": {
+                "200": {"description": format!("Cycles {response}")},
+                "400": {"description": "INVALID_REQUEST or UNIT_MISMATCH: nothing changed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CyclesError"}}}},
+                "401": {"description": "UNAUTHORIZED"}, "403": {"description": "FORBIDDEN: another tenant"},
+                "404": {"description": "NOT_FOUND"}, "409": {"description": "BUDGET_EXCEEDED, RESERVATION_FINALIZED, IDEMPOTENCY_MISMATCH"},
+                "410": {"description": "RESERVATION_EXPIRED"}, "429": {"description": "LIMIT_EXCEEDED: a rate or concurrency limit (Retry-After)"}
+            }
+        });
+        if !request.is_empty() {
+            op["requestBody"] = json!({"required": true, "description": format!("Cycles {request}"),
+                "content": {"application/json": {"schema": {"type": "object"}}}});
+        }
+        op
+    };
     json!({
         "openapi": "3.1.0",
         "info": {"title": "ratewarden serve", "version": env!("CARGO_PKG_VERSION")},
@@ -893,6 +915,16 @@ fn openapi() -> Value {
                 "parameters": [{"name": "scope", "in": "query", "required": true, "schema": {"type": "string"}},
                     {"name": "resource", "in": "query", "required": false, "schema": {"type": "string"}}],
                 "responses": answer("`{scope, balances}`", "Balances")}},
+            "/v1/reservations": {
+                "post": cycles_op("Cycles: reserve an estimate (or evaluate it, dry_run)", "ReservationCreateRequest", "ReservationCreateResponse"),
+                "get": cycles_op("Cycles: list the tenant's reservations, newest first", "", "ReservationListResponse")},
+            "/v1/reservations/{id}": {"get": cycles_op("Cycles: one reservation (410 once expired)", "", "ReservationDetail")},
+            "/v1/reservations/{id}/commit": {"post": cycles_op("Cycles: charge the actual and end the reservation", "CommitRequest", "CommitResponse")},
+            "/v1/reservations/{id}/release": {"post": cycles_op("Cycles: end the reservation, returning its hold", "ReleaseRequest", "ReleaseResponse")},
+            "/v1/reservations/{id}/extend": {"post": cycles_op("Cycles: move the expiry by extend_by_ms", "ReservationExtendRequest", "ReservationExtendResponse")},
+            "/v1/decide": {"post": cycles_op("Cycles: evaluate without reserving", "DecisionRequest", "DecisionResponse")},
+            "/v1/events": {"post": cycles_op("Cycles: charge an actual without a reservation (201)", "EventCreateRequest", "EventCreateResponse")},
+            "/v1/balances": {"get": cycles_op("Cycles: the budgets of the scope the subject filters name", "", "BalanceResponse")},
             "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {"get": {"summary": "The backend answers", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
@@ -901,6 +933,9 @@ fn openapi() -> Value {
         "components": {"schemas": {
             "Request": ask,
             "Error": error,
+            "CyclesError": {"type": "object", "required": ["error", "message", "request_id"], "properties": {
+                "error": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"},
+                "trace_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"}, "details": {"type": "object"}}},
             "Decision": {"type": "object", "required": ["allowed", "outcome", "limits"], "properties": {
                 "allowed": {"type": "boolean"}, "outcome": {"type": "string", "enum": ["allow", "allow_with_caps", "deny"]},
                 "caps": {"type": "object"}, "retry_after": {"type": ["number", "null"]}, "reason": {"type": ["string", "null"]},

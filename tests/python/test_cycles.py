@@ -497,3 +497,82 @@ def test_an_oversized_body_is_413(tmp_path: Path) -> None:
         assert r.json()["error"] == "INVALID_REQUEST"
     finally:
         stop(s)
+
+
+CAPPED = """
+version: 1
+units:
+  usd: { decimals: 8 }
+scopes:
+  tenant:
+    limits:
+      - name: tenant-usd
+        kind: budget
+        unit: usd
+        limit: 10
+        caps:
+          - { when_remaining_below: 50%, model: gpt-4o-mini, max_tokens: 256 }
+"""
+
+
+def test_caps_come_as_cycles_caps_and_the_model_in_a_header(tmp_path: Path) -> None:
+    s = start(tmp_path, policy=CAPPED)
+    try:
+        with s.client() as c:
+            plain = c.create_reservation(reserve_body(USD, subject=Subject(tenant="acme")))
+            assert plain.body["decision"] == "ALLOW" and "caps" not in plain.body
+            r = httpx.post(
+                f"{s.url}/v1/reservations",
+                json=reserve_body(5 * USD, subject=Subject(tenant="acme")).model_dump(mode="json", exclude_none=True),
+            )
+            body = r.json()
+            assert r.status_code == 200, body
+            parsed = ReservationCreateResponse.model_validate_json(r.text, strict=True)
+            assert parsed.decision.value == "ALLOW_WITH_CAPS"
+            assert parsed.caps is not None and parsed.caps.max_tokens == 256
+            assert r.headers["x-ratewarden-model"] == "gpt-4o-mini"
+    finally:
+        stop(s)
+
+
+def test_the_readme_cycles_example_and_curl_exchange_run_as_shown(tmp_path: Path) -> None:
+    import re
+    import subprocess as sp
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    example = ROOT / "examples" / "python" / "cycles_client.py"
+    [block] = re.findall(r"```python cycles\n(.*?)```", readme, re.S)
+    assert block == example.read_text(), "the README shows examples/python/cycles_client.py as it is"
+    [shown] = re.findall(r"```python cycles\n.*?```\n\n```text\n(.*?)```", readme, re.S)
+    s = start(tmp_path, policy=(ROOT / "examples" / "agents.yaml").read_text())
+    try:
+        out = sp.run(
+            [sys.executable, str(example)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "CYCLES_BASE_URL": s.url},
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == shown.splitlines()
+
+        # The curl exchange: the same requests, the same answers (ids aside).
+        section = readme[readme.index("### The Cycles protocol") :]
+        [exchange] = re.findall(r"```text\n(\$ curl.*?)```", section, re.S)
+        sent = re.findall(r"(/v1/[^ ]+) .*?\n\s+-d '(.*?)'\n(.*?)\n", exchange, re.S)
+        assert len(sent) == 2
+        rid = ""
+        for path, body, answer in sent:
+            shown_id = re.search(r"reservations/([0-9a-f]{32})/", path)
+            path = path.replace(shown_id.group(1), rid) if shown_id else path
+            r = httpx.post(s.url + path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200, r.text
+            got, expected = r.json(), json.loads(answer)
+            rid = got.get("reservation_id", rid)
+            for volatile in ("reservation_id", "expires_at_ms"):
+                assert (volatile in got) == (volatile in expected)
+                got.pop(volatile, None), expected.pop(volatile, None)
+            assert got == expected
+    finally:
+        stop(s)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# Served over HTTP by test_asgi_example_*, or run against the fake upstream:
+# Served over HTTP by test_asgi_example_*, run against the fake upstream or
+# against `ratewarden serve` (test_cycles):
 # not run as plain scripts.
-SERVERS = {"asgi_app", "openai_agents"}
+SERVERS = {"asgi_app", "openai_agents", "cycles_client"}
 # Print their own story (tested below).
 OWN_OUTPUT = {"pricing", "webhook_receiver", "audit_and_events", "reload"}
 EXAMPLES = sorted(p for p in (ROOT / "examples" / "python").glob("*.py") if p.stem not in SERVERS | OWN_OUTPUT)

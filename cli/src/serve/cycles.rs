@@ -635,6 +635,18 @@ impl Mapped {
                 ),
             ));
         }
+        if let Some(d) = policy.unit(unit.policy_unit()).map(|u| u.decimals) {
+            let step = 10_i64.pow(u32::from(unit.scale().saturating_sub(d)));
+            if n % step != 0 {
+                return Err(Problem::invalid(format!(
+                    "`{at}.amount`: {n} {} is finer than the policy's `{}` holds ({d} decimals: whole multiples of {step}); give a multiple of {step}, or declare `{}: {{decimals: {}}}` in the policy",
+                    unit.name(),
+                    unit.policy_unit(),
+                    unit.policy_unit(),
+                    unit.scale()
+                )));
+            }
+        }
         let mut request = ratewarden::Request::new(scope.clone())
             .cost(Cost::new().with(unit.policy_unit(), unit.to_amount(n)));
         if policy.resource(&action.name).is_some() {
@@ -797,6 +809,16 @@ const fn decision_name(o: Outcome) -> &'static str {
     }
 }
 
+/// Adds `caps` (with `ALLOW_WITH_CAPS`) and the fallback model to an answer.
+fn put_caps(out: &mut Map<String, Value>, d: &Decision) {
+    if let Some(c) = caps_of(d) {
+        out.insert("caps".into(), c);
+    }
+    if let (Outcome::AllowWithCaps, Some(model)) = (d.outcome, &d.caps.model) {
+        out.insert(MODEL.into(), json!(&**model));
+    }
+}
+
 /// Cycles' caps: `max_tokens`, and the pacing delay as `cooldown_ms`.
 fn caps_of(d: &Decision) -> Option<Value> {
     (d.outcome == Outcome::AllowWithCaps).then(|| {
@@ -953,9 +975,25 @@ fn parse<T: serde::de::DeserializeOwned>(
 
 type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
 
+/// Where an answer carries its fallback model until [`done`] moves it into
+/// the `X-Ratewarden-Model` header (kept with the answer, so a replay
+/// repeats it; never sent as a field: the SDKs refuse unknown ones).
+const MODEL: &str = "\u{0}model";
+
 fn done(id: &RequestId, a: Answer) -> Response {
     match a {
-        Ok((status, v)) => (status, axum::Json(v)).into_response(),
+        Ok((status, mut v)) => {
+            let model = v.as_object_mut().and_then(|m| m.remove(MODEL));
+            let mut res = (status, axum::Json(v)).into_response();
+            if let Some(Ok(h)) = model
+                .as_ref()
+                .and_then(Value::as_str)
+                .map(HeaderValue::from_str)
+            {
+                res.headers_mut().insert("x-ratewarden-model", h);
+            }
+            res
+        }
         Err(p) => p.respond(id),
     }
 }
@@ -1020,9 +1058,7 @@ async fn reserve_answer(s: &Arc<Served>, headers: &HeaderMap, raw: Body) -> Answ
                 .map_err(|e| Problem::of(&e))?;
             s.metrics.decided(&d);
             out.insert("decision".into(), json!(decision_name(d.outcome)));
-            if let Some(c) = caps_of(&d) {
-                out.insert("caps".into(), c);
-            }
+            put_caps(&mut out, &d);
             if !d.allowed() {
                 out.insert("reason_code".into(), json!(reason_of(&d)));
                 if let Some(ms) = retry_ms(&d) {
@@ -1082,9 +1118,7 @@ async fn reserve_answer(s: &Arc<Served>, headers: &HeaderMap, raw: Body) -> Answ
         out.insert("expires_at_ms".into(), json!(expires_ms));
         out.insert("scope_path".into(), json!(m.scope.as_str()));
         out.insert("affected_scopes".into(), json!(affected));
-        if let Some(c) = caps_of(&d) {
-            out.insert("caps".into(), c);
-        }
+        put_caps(&mut out, &d);
         // No `balances` (optional): a reservation's decision does not
         // measure what is held, and reading it would cost a round trip.
         Ok((StatusCode::OK, Value::Object(out)))
@@ -1192,9 +1226,7 @@ async fn decide_answer(s: &Arc<Served>, headers: &HeaderMap, raw: Body) -> Answe
         s.metrics.decided(&d);
         let mut out = Map::new();
         out.insert("decision".into(), json!(decision_name(d.outcome)));
-        if let Some(c) = caps_of(&d) {
-            out.insert("caps".into(), c);
-        }
+        put_caps(&mut out, &d);
         if !d.allowed() {
             out.insert("reason_code".into(), json!(reason_of(&d)));
             if let Some(ms) = retry_ms(&d) {
