@@ -21,7 +21,11 @@
 //! - `GET /rw/v1/balances?scope=…&resource=…`;
 //! - `GET /healthz` (the process answers), `GET /readyz` (the backend
 //!   answers), `GET /metrics` (Prometheus text), `GET /openapi.json` (this
-//!   API as an OpenAPI 3.1 document).
+//!   API as an OpenAPI 3.1 document);
+//! - the Cycles runtime protocol under `/v1` ([`cycles`]).
+//!
+//! With `--api-keys`, every `/v1` and `/rw/v1` request needs an
+//! `X-Cycles-API-Key` and acts for that key's tenant only.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -72,6 +76,9 @@ pub struct Args {
     /// and acts for its tenant only. Without it, requests are trusted.
     #[arg(long)]
     pub api_keys: Option<PathBuf>,
+    /// Threads answering requests (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
 }
 
 /// What every handler shares.
@@ -80,6 +87,47 @@ struct Served {
     timeout: Duration,
     metrics: Metrics,
     cycles: cycles::Cycles,
+    log: AccessLog,
+}
+
+/// The access log: one JSON line per request on stderr, written by a
+/// thread of its own through a buffer flushed whenever no line is waiting
+/// (one write per burst, not several per line). Lines past a full queue
+/// (stderr blocked) are dropped and counted, never waited for.
+struct AccessLog {
+    lines: std::sync::mpsc::SyncSender<String>,
+    dropped: AtomicU64,
+}
+
+impl AccessLog {
+    fn start() -> (Self, std::thread::JoinHandle<()>) {
+        let (lines, rx) = std::sync::mpsc::sync_channel::<String>(65_536);
+        let writer = std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
+            while let Ok(line) = rx.recv() {
+                let _ = out.write_all(line.as_bytes());
+                while let Ok(more) = rx.try_recv() {
+                    let _ = out.write_all(more.as_bytes());
+                }
+                let _ = out.flush();
+            }
+        });
+        (
+            Self {
+                lines,
+                dropped: AtomicU64::new(0),
+            },
+            writer,
+        )
+    }
+
+    fn write(&self, mut line: String) {
+        line.push('\n');
+        if self.lines.try_send(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The ids of one request, set by [`around`]: `X-Request-Id` and the trace
@@ -235,7 +283,11 @@ pub fn run(args: &Args) -> Result<(), String> {
     let policy = Policy::from_file(&args.policy).map_err(|e| e.to_string())?;
     let timeout = ratewarden::ops::seconds(args.timeout, "timeout").map_err(|e| e.to_string())?;
     let cycles = cycles::Cycles::new(args.api_keys.as_deref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.workers > 0 {
+        rt.worker_threads(args.workers);
+    }
+    let rt = rt
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
@@ -250,11 +302,13 @@ pub fn run(args: &Args) -> Result<(), String> {
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
         // First line of stdout: where it listens (tests and scripts read it).
         println!("listening on http://{bound}");
+        let (log, writer) = AccessLog::start();
         let served = Arc::new(Served {
             warden,
             timeout,
             metrics: Metrics::default(),
             cycles,
+            log,
         });
         // Answers go out at once (no Nagle delay behind a client's ACK).
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -264,6 +318,9 @@ pub fn run(args: &Args) -> Result<(), String> {
             .with_graceful_shutdown(shutdown())
             .await
             .map_err(|e| format!("server error: {e}"))?;
+        // Every handle on the log is gone with the server: its last lines
+        // are written before the process says it stopped.
+        let _ = writer.join();
         eprintln!("ratewarden serve: stopped");
         Ok(())
     })
@@ -356,12 +413,12 @@ async fn around(
     if let Ok(v) = HeaderValue::from_str(&ids.trace) {
         res.headers_mut().insert("x-cycles-trace-id", v);
     }
-    eprintln!(
-        "{}",
+    s.log.write(
         json!({
             "request_id": id, "trace_id": ids.trace, "method": method.as_str(), "path": path,
             "status": res.status().as_u16(), "micros": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         })
+        .to_string(),
     );
     res
 }
@@ -830,7 +887,11 @@ async fn metrics(State(s): State<Arc<Served>>) -> Response {
     (
         StatusCode::OK,
         [("content-type", "text/plain; version=0.0.4")],
-        s.metrics.render(),
+        format!(
+            "{}# HELP ratewarden_access_log_dropped_total Access-log lines dropped (stderr blocked).\n# TYPE ratewarden_access_log_dropped_total counter\nratewarden_access_log_dropped_total {}\n",
+            s.metrics.render(),
+            s.log.dropped.load(Ordering::Relaxed)
+        ),
     )
         .into_response()
 }

@@ -57,11 +57,18 @@ use super::{RequestId, Served};
 /// Cycles' subject fields, in canonical order.
 const SUBJECT_FIELDS: [&str; 6] = ["tenant", "workspace", "app", "workflow", "agent", "toolset"];
 
-/// Reservation records and replies kept at most this long after they end.
-const KEEP_MS: i64 = 24 * 3600 * 1000;
+/// An ended reservation's record is kept this long after it ended…
+const KEEP_ENDED_MS: i64 = 3600 * 1000;
 
-/// Records kept before the ended ones are pruned.
-const PRUNE_AT: usize = 100_000;
+/// …and at most this many ended records (the oldest go first).
+const MAX_ENDED: usize = 100_000;
+
+/// Idempotent answers kept per generation: the last 100,000 to 200,000
+/// keys are answered as the first time.
+const REPLY_GENERATION: usize = 100_000;
+
+/// Reservations recorded between two prunings of the ended ones.
+const PRUNE_EVERY: usize = 50_000;
 
 /// The Cycles side of the server: API keys, reservation records, replies.
 pub(super) struct Cycles {
@@ -74,7 +81,12 @@ pub(super) struct Cycles {
 struct Ledger {
     reservations: HashMap<u128, Record>,
     /// (tenant, endpoint, idempotency key) → the first answer.
-    replies: HashMap<(String, String, String), Reply>,
+    /// Records at which the ended ones are pruned next.
+    prune_at: usize,
+    /// (tenant, endpoint, idempotency key) → the first answer, in two
+    /// generations: the current one, and the previous (dropped when the
+    /// current one fills).
+    replies: [HashMap<(String, String, String), Reply>; 2],
 }
 
 /// The first answer under an idempotency key.
@@ -83,7 +95,6 @@ struct Reply {
     body: [u8; 32],
     status: StatusCode,
     answer: Value,
-    at_ms: i64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -111,6 +122,34 @@ struct Record {
     idempotency_key: String,
     reject_overage: bool,
     metadata: Option<Value>,
+}
+
+impl Ledger {
+    /// Forgets ended reservations (committed, released, or past their
+    /// grace) more than [`KEEP_ENDED_MS`] ago, then the oldest ended ones
+    /// past [`MAX_ENDED`]; live ones are always kept. Runs every
+    /// [`PRUNE_EVERY`] new records.
+    fn prune(&mut self, now_ms: i64) {
+        let ended = |r: &Record| match r.status {
+            Status::Active => r.expires_ms + r.grace_ms,
+            _ => r.finalized_ms.unwrap_or(r.created_ms),
+        };
+        self.reservations
+            .retain(|_, r| r.status_at(now_ms) == "ACTIVE" || ended(r) + KEEP_ENDED_MS > now_ms);
+        let mut ends: Vec<i64> = self
+            .reservations
+            .values()
+            .filter(|r| r.status_at(now_ms) != "ACTIVE")
+            .map(ended)
+            .collect();
+        if ends.len() > MAX_ENDED {
+            let cut = ends.len() - MAX_ENDED;
+            let (_, &mut oldest_kept, _) = ends.select_nth_unstable(cut);
+            self.reservations
+                .retain(|_, r| r.status_at(now_ms) == "ACTIVE" || ended(r) >= oldest_kept);
+        }
+        self.prune_at = self.reservations.len() + PRUNE_EVERY;
+    }
 }
 
 impl Record {
@@ -919,8 +958,15 @@ where
 {
     let body = sha256(raw);
     let slot = (tenant.to_owned(), endpoint, key.to_owned());
-    if let Some(r) = s.cycles.ledger().replies.get(&slot) {
-        if r.body != body {
+    let found = {
+        let ledger = s.cycles.ledger();
+        ledger.replies[0]
+            .get(&slot)
+            .or_else(|| ledger.replies[1].get(&slot))
+            .map(|r| (r.body, r.status, r.answer.clone()))
+    };
+    if let Some((first, status, answer)) = found {
+        if first != body {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
                 "IDEMPOTENCY_MISMATCH",
@@ -929,19 +975,20 @@ where
                 ),
             ));
         }
-        return Ok((r.status, r.answer.clone()));
+        return Ok((status, answer));
     }
     let (status, answer) = answer.await?;
-    let at_ms = now_ms(s);
     let mut ledger = s.cycles.ledger();
-    if ledger.replies.len() >= PRUNE_AT {
-        ledger.replies.retain(|_, r| r.at_ms + KEEP_MS > at_ms);
+    if ledger.replies[0].len() >= REPLY_GENERATION {
+        ledger.replies[1] = std::mem::take(&mut ledger.replies[0]);
     }
-    let kept = ledger.replies.entry(slot).or_insert(Reply {
+    if let Some(r) = ledger.replies[1].get(&slot) {
+        return Ok((r.status, r.answer.clone()));
+    }
+    let kept = ledger.replies[0].entry(slot).or_insert(Reply {
         body,
         status,
         answer,
-        at_ms,
     });
     Ok((kept.status, kept.answer.clone()))
 }
@@ -1104,10 +1151,8 @@ async fn reserve_answer(s: &Arc<Served>, headers: &HeaderMap, raw: Body) -> Answ
         };
         {
             let mut ledger = s.cycles.ledger();
-            if ledger.reservations.len() >= PRUNE_AT {
-                ledger.reservations.retain(|_, r| {
-                    r.finalized_ms.map_or(r.expires_ms + r.grace_ms, |f| f) + KEEP_MS > created_ms
-                });
+            if ledger.reservations.len() >= ledger.prune_at {
+                ledger.prune(created_ms);
             }
             // A replay from another process made the same id: keep the first record.
             ledger.reservations.entry(r.id.0).or_insert(record);
@@ -1758,4 +1803,95 @@ fn balance_states(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        KEEP_ENDED_MS, Ledger, MAX_ENDED, PRUNE_EVERY, Record, Status, Unit, parse_keys, sha256,
+    };
+    use serde_json::json;
+
+    fn record(created_ms: i64, status: Status, finalized_ms: Option<i64>) -> Record {
+        Record {
+            tenant: "acme".into(),
+            subject: json!({"tenant": "acme"}),
+            action: json!({"kind": "k", "name": "n"}),
+            unit: Unit::UsdMicrocents,
+            reserved: 1,
+            scope_path: "tenant:acme".into(),
+            affected: vec!["tenant:acme".into()],
+            created_ms,
+            expires_ms: created_ms + 60_000,
+            grace_ms: 5_000,
+            status,
+            committed: None,
+            finalized_ms,
+            idempotency_key: "k".into(),
+            reject_overage: false,
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_live_reservations_and_the_newest_ended_ones() {
+        let now = 10 * KEEP_ENDED_MS;
+        let mut l = Ledger::default();
+        // Live, however old its creation: kept.
+        l.reservations
+            .insert(1, record(now - 30_000, Status::Active, None));
+        // Ended just now and an hour ago (+1 ms): the first kept.
+        l.reservations
+            .insert(2, record(0, Status::Committed, Some(now - 1)));
+        l.reservations.insert(
+            3,
+            record(0, Status::Released, Some(now - KEEP_ENDED_MS - 1)),
+        );
+        // Lapsed (its lease and grace over) more than an hour ago: gone.
+        l.reservations
+            .insert(4, record(now - 2 * KEEP_ENDED_MS, Status::Active, None));
+        l.prune(now);
+        let mut kept: Vec<u128> = l.reservations.keys().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(kept, [1, 2]);
+        assert_eq!(l.prune_at, 2 + PRUNE_EVERY);
+
+        // Past MAX_ENDED ended records, the oldest go.
+        let mut l = Ledger::default();
+        let total = MAX_ENDED + 10;
+        for i in 0..total {
+            let ended = now - 1_000_000 + i64::try_from(i).unwrap();
+            l.reservations
+                .insert(i as u128, record(0, Status::Committed, Some(ended)));
+        }
+        l.reservations
+            .insert(u128::MAX, record(now, Status::Active, None));
+        l.prune(now);
+        assert_eq!(l.reservations.len(), MAX_ENDED + 1);
+        assert!(l.reservations.contains_key(&u128::MAX));
+        assert!(!l.reservations.contains_key(&9) && l.reservations.contains_key(&10));
+    }
+
+    #[test]
+    fn a_keys_file_holds_hashes_and_names_a_bad_line() {
+        let hash: String = sha256(b"secret")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let keys = parse_keys(&format!("# keys\n\nacme sha256:{hash}  # ops\n")).unwrap();
+        assert_eq!(
+            keys.get(&sha256(b"secret")).map(String::as_str),
+            Some("acme")
+        );
+        for bad in [
+            "acme".to_owned(),
+            format!("acme {hash}"),
+            format!("acme sha256:{}", &hash[..62]),
+            format!("ac/me sha256:{hash}"),
+            format!("acme sha256:{}zz", &hash[..62]),
+        ] {
+            let e = parse_keys(&format!("# first\n{bad}\n")).unwrap_err();
+            assert!(e.starts_with("line 2:"), "{bad}: {e}");
+        }
+    }
 }
